@@ -1,0 +1,175 @@
+"""What every metric shares: input validation, the name registry, class grouping.
+
+A metric is a plain function
+
+    fn(student_feats, teacher_feats, labels=None, student_logits=None, teacher_logits=None, *, **options)
+        -> 0-dim tensor
+
+decorated with :func:`metric`, which registers it under a name and checks its inputs, so a
+direct call and a call through :func:`get` fail the same clear way on bad input.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+_REGISTRY: dict[str, "MetricSpec"] = {}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    fn: Callable[..., Tensor]
+    needs_labels: bool
+    same_dim: bool
+    needs_logits: bool
+    options: tuple[str, ...]
+
+
+def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
+                 needs_labels: bool = False, same_dim: bool = True, needs_logits: bool = False) -> None:
+    """Raise a ValueError/TypeError that names the problem; never let a bad batch become a NaN loss."""
+    for what, x in (("student_feats", s), ("teacher_feats", t)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: {what} must have shape (n, d), got {tuple(x.shape)} "
+                             "(flatten or pool conv maps first, e.g. with kd2m.features.FeatureTap)")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: {what} must be floating point, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: {what} is an empty batch")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{name}: {what} contains {bad} NaN/inf value(s); refusing to compute a loss from it")
+    if same_dim and s.shape[1] != t.shape[1]:
+        raise ValueError(f"{name}: feature dims differ: student d={s.shape[1]}, teacher d={t.shape[1]} "
+                         "(use KD2MLoss(projector=True) or the 'gw2' metric, which compares across dims)")
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got "
+                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"{name}: labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape[0] != s.shape[0] or labels.shape[0] != t.shape[0]:
+            raise ValueError(f"{name}: labels has length {labels.shape[0]} but student has n={s.shape[0]} "
+                             f"and teacher n={t.shape[0]} samples")
+    elif needs_labels:
+        raise ValueError(f"{name}: this metric is class-conditional and needs labels=(n,) integer tensor")
+    for what, lg, feats in (("student_logits", s_logits, s), ("teacher_logits", t_logits, t)):
+        if lg is None:
+            continue
+        if not isinstance(lg, Tensor) or lg.dim() != 2 or lg.shape[0] != feats.shape[0]:
+            raise ValueError(f"{name}: {what} must have shape (n, C) with n={feats.shape[0]}, got "
+                             f"{tuple(lg.shape) if isinstance(lg, Tensor) else type(lg).__name__}")
+        if not bool(torch.isfinite(lg).all()):
+            raise ValueError(f"{name}: {what} contains NaN/inf values")
+    if s_logits is not None and t_logits is not None and s_logits.shape[1] != t_logits.shape[1]:
+        raise ValueError(f"{name}: logit widths differ: student C={s_logits.shape[1]}, teacher C={t_logits.shape[1]}")
+    if needs_logits and (s_logits is None or t_logits is None):
+        raise ValueError(f"{name}: this setting needs student_logits and teacher_logits")
+
+
+def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True):
+    """Register ``fn`` under ``name`` and wrap it with :func:`check_inputs`.
+
+    ``needs_labels``: the metric is class-conditional. ``same_dim``: student and teacher
+    features must have the same width (every metric but Gromov-Wasserstein).
+    """
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        options = tuple(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+        @functools.wraps(fn)
+        def checked(student_feats, teacher_feats, labels=None, student_logits=None, teacher_logits=None, **opts):
+            check_inputs(name, student_feats, teacher_feats, labels, student_logits, teacher_logits,
+                         needs_labels=needs_labels, same_dim=same_dim)
+            return fn(student_feats, teacher_feats, labels, student_logits, teacher_logits, **opts)
+
+        if name in _REGISTRY:
+            raise RuntimeError(f"metric name {name!r} registered twice")
+        _REGISTRY[name] = MetricSpec(name, checked, needs_labels, same_dim, False, options)
+        checked.metric_name = name
+        return checked
+    return decorate
+
+
+class Metric:
+    """A registered metric with its options bound: ``Metric(s, t, labels, s_logits, t_logits)``."""
+
+    def __init__(self, spec: MetricSpec, options: dict):
+        self.spec = spec
+        self.options = dict(options)
+        self.__doc__ = spec.fn.__doc__
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.spec.needs_labels
+
+    @property
+    def same_dim(self) -> bool:
+        return self.spec.same_dim
+
+    def __call__(self, student_feats, teacher_feats, labels=None, student_logits=None, teacher_logits=None):
+        return self.spec.fn(student_feats, teacher_feats, labels, student_logits, teacher_logits, **self.options)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"Metric({self.name!r}{', ' if opts else ''}{opts})"
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`get`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **options) -> Metric:
+    """Return the metric ``name`` with ``options`` bound (e.g. ``get("sinkhorn", eps=0.1)``).
+
+    Raises ValueError listing the valid names / options when either is unknown.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(available())}")
+    spec = _REGISTRY[name]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(spec.options) or "none"
+        raise ValueError(f"metric {name!r} has no option(s) {', '.join(unknown)}; its options: {valid}")
+    return Metric(spec, options)
+
+
+def spec(name: str) -> MetricSpec:
+    get(name)  # same error for unknown names
+    return _REGISTRY[name]
+
+
+def class_indices(labels: Tensor) -> list[Tensor]:
+    """Index tensors, one per class present in ``labels`` (sorted by class)."""
+    order = torch.argsort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    return list(torch.split(order, counts.tolist()))
+
+
+def class_mean(fn: Callable[[Tensor, Tensor], Tensor], s: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+    """(1/C) Σ_c fn(s[y=c], t[y=c]) over the C classes present in the batch."""
+    terms = [fn(s[idx], t[idx]) for idx in class_indices(labels)]
+    return torch.stack(terms).mean()
+
+
+def sqdist(x: Tensor, y: Tensor) -> Tensor:
+    """Pairwise squared Euclidean distances, (n, d) x (m, d) -> (n, m), clamped at 0.
+
+    Uses ‖x‖² + ‖y‖² − 2xᵀy (one GEMM); the clamp removes tiny negatives from cancellation.
+    """
+    xx = (x * x).sum(1, keepdim=True)
+    yy = (y * y).sum(1, keepdim=True).T
+    return (xx + yy - 2.0 * x @ y.T).clamp_min(0.0)
