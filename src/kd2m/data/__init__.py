@@ -1,0 +1,16 @@
+"""Datasets by name: ``build_dataset(name, data_root=None, download=False, augment=True)``.
+
+    >>> from kd2m.data import build_dataset
+    >>> bundle = build_dataset("digits")
+    >>> len(bundle.train), len(bundle.test), bundle.num_classes, bundle.in_channels, bundle.image_size
+    (1437, 360, 10, 1, 8)
+
+Modules: ``registry`` (``DataBundle``, the registry, default data root), ``digits`` (embedded
+8×8 digits), ``torchvision_sets`` (cifar10, cifar100, svhn), ``imagefolder`` (your own images).
+"""
+from .registry import (DEFAULT_DATA_ROOT, DataBundle, DatasetNotFoundError, available_datasets,  # noqa: F401
+                       build_dataset, register_dataset, resolve_root)
+from . import digits, imagefolder, torchvision_sets  # noqa: F401,E402  (registers the datasets)
+
+__all__ = ["build_dataset", "available_datasets", "register_dataset", "resolve_root", "DataBundle",
+           "DatasetNotFoundError", "DEFAULT_DATA_ROOT"]

@@ -1,0 +1,78 @@
+"""Your own images: ``data_root/train/<class>/*.png`` and ``data_root/test/<class>/*.png``.
+
+The layout is torchvision's ``ImageFolder`` (one sub-folder per class, sorted names give the
+labels). Everything else is read from the data:
+
+- channels: 1 if the first training image is grayscale, else 3 (every image is converted to match);
+- size: the first training image's height; every image is resized to ``size × size``, so mixed
+  sizes work;
+- normalisation: per-channel mean/std over (up to :data:`STATS_SAMPLE` evenly spaced) training images.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import datasets, transforms as T
+
+from .registry import DataBundle, DatasetNotFoundError, register_dataset
+from .torchvision_sets import image_transforms
+
+#: How many training images the mean/std are computed from (evenly spaced, deterministic).
+STATS_SAMPLE = 512
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+LAYOUT = "expected DATA_ROOT/train/<class>/<image> and DATA_ROOT/test/<class>/<image> (torchvision ImageFolder layout)"
+
+
+def _load(path: str, mode: str) -> Image.Image:
+    """Open an image in ``mode`` ('L' or 'RGB'); a module-level function so DataLoader workers can pickle it."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
+
+
+def _folder(root: Path, split: str, loader=datasets.folder.default_loader, transform=None) -> datasets.ImageFolder:
+    path = root / split
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"dataset 'imagefolder': no {split}/ directory in {root}; {LAYOUT}")
+    try:
+        return datasets.ImageFolder(str(path), loader=loader, transform=transform)
+    except FileNotFoundError as err:  # no class folders, or class folders without images
+        reason = str(err).splitlines()[0]
+        raise DatasetNotFoundError(f"dataset 'imagefolder': {path} holds no usable images ({reason}); {LAYOUT}") from err
+
+
+def channel_stats(paths: list[str], loader, size: int, sample: int = STATS_SAMPLE) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the pixels (in [0, 1]) of up to ``sample`` evenly spaced images."""
+    to_tensor = T.Compose([T.Resize((size, size)), T.ToTensor()])
+    step = max(1, len(paths) // sample)
+    pixels = torch.cat([to_tensor(loader(p)).flatten(1) for p in paths[::step]], dim=1)  # (c, n·h·w)
+    std = pixels.std(dim=1)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # a constant channel: centre it, don't divide by 0
+    return pixels.mean(dim=1).tolist(), std.tolist()
+
+
+@register_dataset("imagefolder")
+def imagefolder(data_root=None, download=False, augment=True) -> DataBundle:
+    """Images in ImageFolder layout under ``data_root`` (required); crop + flip augmentation."""
+    if data_root is None:
+        raise DatasetNotFoundError(f"dataset 'imagefolder' needs --data-root; {LAYOUT}")
+    root = Path(data_root).expanduser().resolve()
+    probe = _folder(root, "train")
+    with Image.open(probe.samples[0][0]) as first:
+        mode = "L" if first.mode in GRAYSCALE_MODES else "RGB"
+        size = first.height
+    loader = functools.partial(_load, mode=mode)
+    resize = T.Resize((size, size))
+    stats = channel_stats([path for path, _ in probe.samples], loader, size)
+
+    train = _folder(root, "train", loader, T.Compose([resize, image_transforms(stats, augment, flip=True, size=size)]))
+    test = _folder(root, "test", loader, T.Compose([resize, image_transforms(stats, False, flip=True, size=size)]))
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise ValueError(f"dataset 'imagefolder' in {root}: train/ and test/ class folders differ "
+                         f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
+    return DataBundle(train=train, test=test, num_classes=len(train.classes), in_channels=1 if mode == "L" else 3,
+                      image_size=size, name="imagefolder", classes=list(train.classes))

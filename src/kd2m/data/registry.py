@@ -1,0 +1,93 @@
+"""The dataset registry: a name → a builder returning a :class:`DataBundle`.
+
+A new dataset is one function plus one decorator line::
+
+    @register_dataset("mnist")
+    def mnist(data_root, download, augment) -> DataBundle: ...
+
+``data_root`` is what the user gave (``None`` when they gave nothing); a builder that reads
+files calls :func:`resolve_root` to get the default, ``$KD2M_DATA_ROOT`` or
+``~/.cache/kd2m/data``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+#: Where datasets live when no ``data_root`` is given (``$KD2M_DATA_ROOT`` overrides it).
+DEFAULT_DATA_ROOT = Path("~/.cache/kd2m/data")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where we looked; the message (one line) says where and what to do."""
+
+
+@dataclass
+class DataBundle:
+    """Train and test splits plus what a model needs to know about them.
+
+    Items of ``train``/``test`` are ``(image, label)``: a float32 tensor ``(in_channels,
+    image_size, image_size)``, normalised, and an ``int`` in ``[0, num_classes)``.
+    """
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    name: str
+    classes: list[str] | None = None  # class names in label order, where the data has them
+
+
+Builder = Callable[[str | os.PathLike | None, bool, bool], DataBundle]
+_DATASETS: dict[str, Builder] = {}
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(data_root, download, augment)`` available as ``name``."""
+
+    def add(builder: Builder) -> Builder:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _DATASETS[name] = builder
+        return builder
+
+    return add
+
+
+def available_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(_DATASETS)
+
+
+def resolve_root(data_root: str | os.PathLike | None) -> Path:
+    """``data_root`` as an absolute path; the default is ``$KD2M_DATA_ROOT`` or ``~/.cache/kd2m/data``."""
+    if data_root is None:
+        data_root = os.environ.get("KD2M_DATA_ROOT") or DEFAULT_DATA_ROOT
+    return Path(data_root).expanduser().resolve()
+
+
+def build_dataset(name: str, data_root: str | os.PathLike | None = None, download: bool = False,
+                  augment: bool = True) -> DataBundle:
+    """Build the train/test splits of dataset ``name``.
+
+    Args:
+        name: one of :func:`available_datasets`.
+        data_root: directory holding the data (ignored by ``digits``); see :func:`resolve_root`.
+        download: fetch the files into ``data_root`` if missing (torchvision datasets only).
+        augment: random crop (+ flip where the classes allow it) on the train split; the test
+            split is never augmented.
+
+    Raises:
+        ValueError: unknown ``name``.
+        DatasetNotFoundError: the files are missing; the message names the directory.
+    """
+    try:
+        builder = _DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}") from None
+    return builder(data_root, download, augment)
