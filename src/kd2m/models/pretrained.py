@@ -1,0 +1,71 @@
+"""Load weights from a file into a built model, safely and with a useful error."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+#: Wrapper keys under which checkpoints commonly nest the weights.
+NESTED_KEYS = ("model", "state_dict")
+SHOWN = 5  # how many offending keys an error message lists
+
+
+def _short(keys: list[str]) -> str:
+    more = f" (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else ""
+    return ", ".join(keys[:SHOWN]) + more
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[str] = ()) -> nn.Module:
+    """Copy the weights stored at ``path`` into ``model`` (in place) and return ``model``.
+
+    The file is read with ``torch.load(..., weights_only=True)``: tensors and plain containers
+    only, never code. It may hold a raw ``state_dict`` or a dict with the weights under
+    ``"model"`` or ``"state_dict"``; a ``"module."`` prefix (DataParallel/DDP) is stripped.
+
+    Args:
+        ignore: key prefixes to leave at their fresh initialisation (e.g. ``("fc.",)`` to load an
+            ImageNet backbone under a new classifier head).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unreadable/corrupt file, or weights that do not fit the architecture (names
+            the file and the first missing, unexpected and shape-mismatched keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} do not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: the file is not a safe checkpoint
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {reason})") from None
+    if isinstance(obj, dict):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state_dict (names → tensors), optionally under 'model' or 'state_dict'")
+    state = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+
+    def kept(k: str) -> bool:
+        return not any(k.startswith(p) for p in ignore)
+
+    state = {k: v for k, v in state.items() if kept(k)}
+    expected = {k: v for k, v in model.state_dict().items() if kept(k)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [f"{label}: {_short(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", mismatched))
+                    if keys]
+        raise ValueError(f"{path}: weights do not fit {type(model).__name__} ({'; '.join(problems)})")
+    model.load_state_dict(state, strict=not ignore)
+    return model

@@ -1,0 +1,53 @@
+"""The model registry: a name → ``builder(num_classes, in_channels, image_size) -> nn.Module``.
+
+A new model is one function plus one decorator line::
+
+    @register_model("my_net")
+    def my_net(num_classes, in_channels=3, image_size=32) -> nn.Module: ...
+
+Contract every registered model keeps (the engine and :mod:`kd2m.features` rely on it): it
+returns logits ``(n, num_classes)``, its last module is an ``nn.Linear`` named ``fc`` whose
+input is the penultimate feature vector ``(n, feature_dim)``, and it has an int attribute
+``feature_dim``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+Builder = Callable[..., nn.Module]
+_MODELS: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``builder(num_classes, in_channels, image_size)`` available as ``name``."""
+
+    def add(builder: Builder) -> Builder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = builder
+        return builder
+
+    return add
+
+
+def available_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """A freshly initialised model ``name`` for ``(in_channels, image_size, image_size)`` inputs.
+
+    Raises:
+        ValueError: unknown ``name`` or a non-positive size.
+    """
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}") from None
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        if int(value) < 1:
+            raise ValueError(f"build_model({name!r}): {key} must be ≥ 1, got {value}")
+    return builder(num_classes=int(num_classes), in_channels=int(in_channels), image_size=int(image_size))
