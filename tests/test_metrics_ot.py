@@ -1,0 +1,416 @@
+"""Optimal-transport metrics (exact, Gromov, entropic, sliced) against POT oracles.
+
+Every value is checked against an independent POT computation on the same float64 data,
+every gradient with torch.autograd.gradcheck (or against POT's own autograd for GW).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from kd2m import metrics
+from kd2m.metrics.entropic import entropic_ot, sinkhorn
+from kd2m.metrics.exact import cw2, exact_plan, jw2, w2
+from kd2m.metrics.gromov import gw2
+from kd2m.metrics.sliced import random_projections, sliced_w2, sliced_w2_projections
+
+F64 = torch.float64
+OT_METRICS = ["w2", "cw2", "jw2", "gw2", "sinkhorn", "sliced_w2"]
+
+
+def randn(*shape, seed=0, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64) * scale + shift
+
+
+def emd2(x: torch.Tensor, y: torch.Tensor, M=None) -> float:
+    """POT's exact W2² between uniform empirical measures (squared Euclidean cost)."""
+    if M is None:
+        M = ot.dist(x.numpy(), y.numpy())
+    return float(ot.emd2(ot.unif(len(M)), ot.unif(M.shape[1]), M, numItermax=10_000_000))
+
+
+def softmax(u: torch.Tensor) -> np.ndarray:
+    return torch.softmax(u, 1).numpy()
+
+
+def call(name, s, t, labels=None, sl=None, tl=None, **opts):
+    return metrics.get(name, **opts)(s, t, labels, sl, tl)
+
+
+# ----------------------------------------------------------------------------- exact OT
+@pytest.mark.parametrize("n_s,n_t,d,seed", [(30, 30, 5, 0), (64, 64, 20, 1), (1, 1, 3, 2),
+                                           (17, 29, 4, 3), (40, 13, 8, 4), (1, 7, 3, 5), (100, 150, 10, 6)])
+def test_w2_matches_pot_emd2(n_s, n_t, d, seed):
+    s, t = randn(n_s, d, seed=seed), randn(n_t, d, seed=seed + 100, scale=1.5, shift=0.3)
+    assert w2(s, t).item() == pytest.approx(emd2(s, t), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_s,n_t", [(12, 12), (9, 14)])
+def test_exact_plan_is_an_optimal_coupling(n_s, n_t):
+    M = ot.dist(randn(n_s, 3, seed=1).numpy(), randn(n_t, 3, seed=2).numpy())
+    rows, cols, w = exact_plan(torch.from_numpy(M))
+    G = np.zeros((n_s, n_t))
+    np.add.at(G, (rows.numpy(), cols.numpy()), w.numpy())
+    np.testing.assert_allclose(G.sum(1), 1.0 / n_s, atol=1e-12)
+    np.testing.assert_allclose(G.sum(0), 1.0 / n_t, atol=1e-12)
+    assert len(w) <= n_s + n_t - 1
+    assert (G * M).sum() == pytest.approx(emd2(None, None, M), rel=1e-12)
+    # invariant to row/column constants (what w2 relies on when it passes −2⟨s, t⟩)
+    shifted = M + np.arange(n_s)[:, None] * 10.0 - np.arange(n_t)[None, :] * 3.0
+    r2, c2, w2_ = exact_plan(torch.from_numpy(shifted))
+    G2 = np.zeros((n_s, n_t))
+    np.add.at(G2, (r2.numpy(), c2.numpy()), w2_.numpy())
+    assert (G2 * M).sum() == pytest.approx((G * M).sum(), rel=1e-12)
+
+
+def test_cw2_is_the_mean_of_per_class_emd2():
+    n, d = 60, 6
+    s, t = randn(n, d, seed=0), randn(n, d, seed=1, shift=0.5)
+    y = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(2))
+    y[0] = 7  # a 1-sample class
+    ref = np.mean([emd2(s[y == c], t[y == c]) for c in torch.unique(y)])
+    assert cw2(s, t, y).item() == pytest.approx(ref, rel=1e-10)
+
+
+@pytest.mark.parametrize("label_cost", ["labels", "sqeuclidean", "kl"])
+@pytest.mark.parametrize("beta", [0.5, 3.0])
+def test_jw2_matches_emd2_on_the_joint_cost(label_cost, beta):
+    n, d, C = 40, 5, 4
+    s, t = randn(n, d, seed=0), randn(n, d, seed=1, shift=0.2)
+    sl, tl = randn(n, C, seed=2, scale=2.0), randn(n, C, seed=3, scale=2.0)
+    y = torch.randint(0, C, (n,), generator=torch.Generator().manual_seed(4))
+    M = ot.dist(s.numpy(), t.numpy())
+    if label_cost == "labels":
+        L = 2.0 * (y.numpy()[:, None] != y.numpy()[None, :])
+    elif label_cost == "sqeuclidean":
+        L = ot.dist(softmax(sl), softmax(tl))
+    else:
+        ps, pt = softmax(sl), softmax(tl)
+        L = (pt * np.log(pt)).sum(1)[None, :] - np.log(ps) @ pt.T
+    got = jw2(s, t, y, sl, tl, beta=beta, label_cost=label_cost).item()
+    assert got == pytest.approx(emd2(None, None, M + beta * L), rel=1e-10)
+    # beta = 0 is plain W2
+    assert jw2(s, t, y, sl, tl, beta=0.0, label_cost=label_cost).item() == pytest.approx(emd2(s, t), rel=1e-10)
+
+
+def test_jw2_gradient_reaches_student_feats():
+    """The reference code's JW2 cut the feature gradient; ours must carry it."""
+    n, d, C = 10, 4, 3
+    s = randn(n, d, seed=0).requires_grad_()
+    t = randn(n, d, seed=1)
+    sl = randn(n, C, seed=2).requires_grad_()
+    tl = randn(n, C, seed=3)
+    y = torch.tensor([0, 1, 2] * 3 + [0])
+    for label_cost in ("labels", "kl"):
+        loss = jw2(s, t, y, sl, tl, beta=2.0, label_cost=label_cost)
+        g_s, = torch.autograd.grad(loss, s)
+        assert g_s.abs().sum() > 1e-3
+        # it equals the gradient of Σ γ_ij ‖s_i − t_j‖² at the joint plan (built here with POT)
+        M = ot.dist(s.detach().numpy(), t.numpy())
+        L = (2.0 * (y.numpy()[:, None] != y.numpy()[None, :]) if label_cost == "labels" else
+             (softmax(tl) * np.log(softmax(tl))).sum(1)[None, :] - np.log(softmax(sl.detach())) @ softmax(tl).T)
+        G = torch.from_numpy(ot.emd(ot.unif(n), ot.unif(n), M + 2.0 * L))
+        feat_term = (G * ((s[:, None, :] - t[None, :, :]) ** 2).sum(-1)).sum()
+        g_ref, = torch.autograd.grad(feat_term, s)
+        torch.testing.assert_close(g_s, g_ref, rtol=1e-10, atol=1e-12)
+    loss = jw2(s, t, y, sl, tl, beta=2.0, label_cost="kl")
+    g_l, = torch.autograd.grad(loss, sl)
+    assert g_l.abs().sum() > 1e-6
+
+
+def test_jw2_missing_inputs_are_clear_errors():
+    s, t = randn(6, 3, seed=0), randn(6, 3, seed=1)
+    with pytest.raises(ValueError, match="needs labels"):
+        jw2(s, t)
+    with pytest.raises(ValueError, match="needs student_logits and teacher_logits"):
+        jw2(s, t, label_cost="kl")
+    with pytest.raises(ValueError, match="label_cost must be one of"):
+        jw2(s, t, torch.zeros(6, dtype=torch.long), label_cost="hinge")
+    with pytest.raises(ValueError, match="beta"):
+        jw2(s, t, torch.zeros(6, dtype=torch.long), beta=-1.0)
+
+
+# ----------------------------------------------------------------------------- Gromov-Wasserstein
+@pytest.mark.parametrize("n_s,n_t,d_s,d_t,seed", [(20, 20, 3, 3, 0), (15, 22, 4, 6, 1)])
+def test_gw2_matches_pot_gromov_wasserstein2(n_s, n_t, d_s, d_t, seed):
+    s, t = randn(n_s, d_s, seed=seed), randn(n_t, d_t, seed=seed + 10)
+    C1, C2 = ot.dist(s.numpy(), s.numpy()), ot.dist(t.numpy(), t.numpy())
+    ref = ot.gromov.gromov_wasserstein2(C1, C2, ot.unif(n_s), ot.unif(n_t), "square_loss")  # same init a bᵀ
+    assert gw2(s, t).item() == pytest.approx(float(ref), rel=1e-8)
+    ref_n = ot.gromov.gromov_wasserstein2(C1 / C1.mean(), C2 / C2.mean(), ot.unif(n_s), ot.unif(n_t))
+    assert gw2(s, t, normalize=True).item() == pytest.approx(float(ref_n), rel=1e-8)
+
+
+def test_gw2_is_zero_for_an_isometric_copy_across_dims():
+    s = randn(25, 4, seed=3)
+    Q, _ = torch.linalg.qr(randn(4, 4, seed=4))
+    copy = s @ Q + torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    padded = torch.cat([copy, torch.zeros(25, 3, dtype=F64)], 1)[torch.randperm(25, generator=torch.Generator().manual_seed(5))]
+    scale = gw2(s, randn(25, 7, seed=6)).item()
+    assert scale > 1.0
+    assert call("gw2", s, padded).item() == pytest.approx(0.0, abs=1e-9 * scale)
+    # and it is not blind to scale unless asked to be
+    assert gw2(s, 2.0 * s).item() > 1.0
+    assert gw2(s, 2.0 * s, normalize=True).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_gw2_gradient_matches_pot_torch_backend():
+    s = randn(8, 3, seed=0).requires_grad_()
+    t = randn(10, 5, seed=1)
+    g_ours, = torch.autograd.grad(gw2(s, t), s)
+    s2 = s.detach().clone().requires_grad_()
+    C1 = ((s2[:, None] - s2[None]) ** 2).sum(-1)
+    C2 = ((t[:, None] - t[None]) ** 2).sum(-1)
+    ref = ot.gromov.gromov_wasserstein2(C1, C2, torch.full((8,), 1 / 8, dtype=F64), torch.full((10,), 1 / 10, dtype=F64))
+    g_pot, = torch.autograd.grad(ref, s2)
+    torch.testing.assert_close(g_ours, g_pot, rtol=1e-7, atol=1e-9)
+
+
+def test_gw2_gradcheck():
+    """GW's FW solution is a vertex-like plan, locally constant in the data: finite differences agree."""
+    s = randn(6, 3, seed=0).requires_grad_()
+    t = randn(7, 2, seed=1)
+    assert torch.autograd.gradcheck(lambda x: gw2(x, t), (s,), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Sinkhorn
+def _pot_entropic(x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """POT oracle: ⟨γ, C⟩ + ε KL(γ ‖ a⊗b) at POT's log-domain Sinkhorn plan (checked converged)."""
+    a, b, M = ot.unif(len(x)), ot.unif(len(y)), ot.dist(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        G = ot.bregman.sinkhorn_log(a, b, M, eps, numItermax=5_000, stopThr=1e-13)
+    assert np.abs(G.sum(1) - a).sum() + np.abs(G.sum(0) - b).sum() < 1e-11, "the POT oracle did not converge"
+    return float((G * M).sum() + eps * (G * np.log(G / np.outer(a, b))).sum())
+
+
+@pytest.mark.parametrize("n_s,n_t,eps", [(20, 20, 0.5), (15, 24, 1.0), (30, 10, 0.2), (12, 18, 0.1), (40, 30, 0.3)])
+def test_entropic_ot_matches_pot_oracle(n_s, n_t, eps):
+    s, t = randn(n_s, 3, seed=1), randn(n_t, 3, seed=2, shift=0.4)
+    got = entropic_ot(s, t, eps, tol=1e-12, max_iter=100_000).item()
+    assert got == pytest.approx(_pot_entropic(s.numpy(), t.numpy(), eps), rel=1e-9)
+
+
+@pytest.mark.parametrize("n_s,n_t,eps", [(20, 20, 3.0), (15, 24, 4.0), (30, 10, 2.0)])
+def test_sinkhorn_divergence_matches_pot_oracle(n_s, n_t, eps):
+    # POT's plain alternation crawls on the symmetric self terms unless ε is large against the
+    # nearest-neighbour gaps, hence these ε; smaller ε for the self terms is checked below.
+    s, t = randn(n_s, 3, seed=1), randn(n_t, 3, seed=2, shift=0.4)
+    x, y = s.numpy(), t.numpy()
+    ref = _pot_entropic(x, y, eps) - 0.5 * _pot_entropic(x, x, eps) - 0.5 * _pot_entropic(y, y, eps)
+    got = sinkhorn(s, t, eps=eps, tol=1e-12, max_iter=100_000).item()
+    assert got == pytest.approx(ref, rel=1e-8, abs=1e-11)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_sinkhorn_self_term_two_solvers_agree(eps):
+    """The symmetric self-term solver against the general (Anderson-alternating) one."""
+    from kd2m.metrics._base import sqdist
+    from kd2m.metrics.entropic import _entropic_ot_cost
+    x = randn(15, 3, seed=7)
+    C = sqdist(x, x)
+    sym = _entropic_ot_cost(C, eps, 100_000, 1e-12, symmetric=True).item()
+    gen = _entropic_ot_cost(C, eps, 100_000, 1e-12, symmetric=False).item()
+    assert sym == pytest.approx(gen, rel=1e-10)
+    assert entropic_ot(x, None, eps, tol=1e-12).item() == pytest.approx(sym, rel=1e-12)
+
+
+def test_sinkhorn_tends_to_w2_for_small_eps():
+    s, t = randn(12, 2, seed=3), randn(12, 2, seed=4, shift=1.0)
+    exact = emd2(s, t)
+    big = sinkhorn(s, t, eps=1.0, tol=1e-9, max_iter=100_000).item()
+    small = sinkhorn(s, t, eps=0.01, tol=1e-9, max_iter=100_000).item()
+    assert abs(small - exact) < abs(big - exact)
+    assert small == pytest.approx(exact, rel=0.05)
+
+
+def test_sinkhorn_warns_when_not_converged():
+    s, t = randn(20, 3, seed=0), randn(25, 3, seed=1)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        sinkhorn(s, t, eps=1e-3, max_iter=5)
+
+
+def test_sinkhorn_default_eps_is_scale_aware():
+    s, t = randn(30, 4, seed=0), randn(30, 4, seed=1, shift=0.5)
+    v = sinkhorn(s, t).item()
+    # scaling the data by k scales every term (and the default ε) by k², so S by k²
+    assert sinkhorn(10.0 * s, 10.0 * t).item() == pytest.approx(100.0 * v, rel=1e-6)
+    # a common translation changes nothing
+    assert sinkhorn(s + 5.0, t + 5.0).item() == pytest.approx(v, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- sliced
+@pytest.mark.parametrize("n_s,n_t", [(32, 32), (20, 35), (7, 3), (1, 5)])
+def test_sliced_w2_matches_pot(n_s, n_t):
+    s, t = randn(n_s, 6, seed=0), randn(n_t, 6, seed=1, scale=2.0, shift=0.3)
+    theta = random_projections(6, 40, seed=3, dtype=F64)
+    ref = ot.sliced.sliced_wasserstein_distance(s.numpy(), t.numpy(), projections=theta.numpy(), p=2) ** 2
+    assert sliced_w2_projections(s, t, theta).item() == pytest.approx(float(ref), rel=1e-10)
+
+
+def test_sliced_w2_seeding():
+    s, t = randn(20, 5, seed=0), randn(20, 5, seed=1)
+    assert sliced_w2(s, t, seed=4).item() == sliced_w2(s, t, seed=4).item()
+    assert sliced_w2(s, t, seed=4).item() != sliced_w2(s, t, seed=5).item()
+    torch.manual_seed(0)
+    a = sliced_w2(s, t).item()
+    torch.manual_seed(0)
+    assert sliced_w2(s, t).item() == a
+    # the seeded estimate is the explicit-direction one with the same directions
+    theta = random_projections(5, 128, seed=4, dtype=F64)
+    assert sliced_w2(s, t, seed=4).item() == pytest.approx(sliced_w2_projections(s, t, theta).item(), rel=1e-12)
+
+
+def test_sliced_w2_is_exact_in_one_dimension():
+    s, t = randn(15, 1, seed=0), randn(22, 1, seed=1)
+    assert sliced_w2(s, t, n_projections=3).item() == pytest.approx(emd2(s, t), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- identities
+@pytest.mark.parametrize("name", OT_METRICS)
+def test_distance_to_itself_is_zero(name):
+    n, d = 24, 5
+    s = randn(n, d, seed=0)
+    y = torch.arange(n) % 3
+    logits = randn(n, 3, seed=1)
+    opts = {"seed": 0} if name == "sliced_w2" else {}
+    v = call(name, s, s.clone(), y, logits, logits.clone(), **opts).item()
+    assert abs(v) <= 1e-9 * (1 + s.pow(2).sum().item())
+
+
+@pytest.mark.parametrize("name,opts", [("w2", {}), ("sliced_w2", {"seed": 1}), ("sinkhorn", {"eps": 0.3, "tol": 1e-12})])
+def test_symmetric(name, opts):
+    s, t = randn(18, 4, seed=0), randn(23, 4, seed=1, shift=0.5)
+    assert call(name, s, t, **opts).item() == pytest.approx(call(name, t, s, **opts).item(), rel=1e-9)
+
+
+def test_w2_invariant_to_permutations():
+    s, t = randn(50, 6, seed=0), randn(50, 6, seed=1)
+    g = torch.Generator().manual_seed(2)
+    v = w2(s, t).item()
+    assert w2(s[torch.randperm(50, generator=g)], t[torch.randperm(50, generator=g)]).item() == pytest.approx(v, rel=1e-12)
+    assert w2(s, t[:37]).item() == pytest.approx(w2(s[torch.randperm(50, generator=g)], t[:37].flip(0)).item(), rel=1e-12)
+
+
+def test_w2_positive_and_translation_formula():
+    """W2²(P, P + δ) = ‖δ‖² exactly (the identity coupling is optimal for a translation)."""
+    s = randn(40, 5, seed=0)
+    delta = torch.tensor([0.3, -1.0, 2.0, 0.0, 0.5], dtype=F64)
+    assert w2(s, s + delta).item() == pytest.approx(delta.pow(2).sum().item(), rel=1e-12)
+    assert w2(s, randn(40, 5, seed=1)).item() > 0
+
+
+# ----------------------------------------------------------------------------- gradients
+def _leaf(x):
+    return x.clone().requires_grad_()
+
+
+@pytest.mark.parametrize("n_s,n_t", [(6, 6), (5, 8)])
+def test_w2_gradcheck(n_s, n_t):
+    s, t = _leaf(randn(n_s, 3, seed=0)), _leaf(randn(n_t, 3, seed=1))
+    assert torch.autograd.gradcheck(lambda a, b: w2(a, b), (s, t))
+
+
+def test_cw2_gradcheck():
+    s, t = _leaf(randn(8, 3, seed=0)), _leaf(randn(8, 3, seed=1))
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1])
+    assert torch.autograd.gradcheck(lambda a, b: cw2(a, b, y), (s, t))
+
+
+@pytest.mark.parametrize("label_cost", ["labels", "sqeuclidean", "kl"])
+def test_jw2_gradcheck(label_cost):
+    s, t = _leaf(randn(7, 3, seed=0)), randn(7, 3, seed=1)
+    sl, tl = _leaf(randn(7, 4, seed=2)), randn(7, 4, seed=3)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    assert torch.autograd.gradcheck(lambda a, u: jw2(a, t, y, u, tl, beta=1.5, label_cost=label_cost), (s, sl))
+
+
+@pytest.mark.parametrize("n_s,n_t", [(6, 6), (5, 8)])
+def test_sliced_gradcheck(n_s, n_t):
+    s, t = _leaf(randn(n_s, 3, seed=0)), _leaf(randn(n_t, 3, seed=1))
+    theta = random_projections(3, 5, seed=2, dtype=F64)
+    assert torch.autograd.gradcheck(lambda a, b: sliced_w2_projections(a, b, theta), (s, t))
+
+
+@pytest.mark.parametrize("n_s,n_t", [(6, 6), (5, 7)])
+def test_sinkhorn_gradcheck(n_s, n_t):
+    s, t = _leaf(randn(n_s, 3, seed=0)), _leaf(randn(n_t, 3, seed=1, shift=0.3))
+    fn = lambda a, b: sinkhorn(a, b, eps=0.5, tol=1e-14, max_iter=100_000)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (s, t), atol=1e-6, rtol=1e-5)
+
+
+def test_gradients_flow_in_float32():
+    """The training path: float32 features requiring grad, every metric differentiable and finite."""
+    n, d = 32, 16
+    s = randn(n, d, seed=0).float().requires_grad_()
+    t = randn(n, d, seed=1).float()
+    y = torch.arange(n) % 4
+    sl, tl = randn(n, 4, seed=2).float().requires_grad_(), randn(n, 4, seed=3).float()
+    for name in OT_METRICS:
+        s.grad = None
+        v = call(name, s, t, y, sl, tl)
+        assert v.dtype == torch.float32 and v.dim() == 0
+        v.backward()
+        assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------- degenerate batches
+@pytest.mark.parametrize("name", OT_METRICS)
+@pytest.mark.parametrize("case", ["n1", "n_lt_d", "constant_channel", "singleton_class", "identical_points"])
+def test_finite_on_degenerate_batches(name, case):
+    n, d = {"n1": (1, 4), "n_lt_d": (5, 40)}.get(case, (12, 6))
+    s, t = _leaf(randn(n, d, seed=0)), randn(n, d, seed=1)
+    y = torch.arange(n) % 3
+    if case == "constant_channel":
+        s = _leaf(torch.cat([s.detach()[:, :3], torch.full((n, 3), 2.0, dtype=F64)], 1))
+        t[:, 3:] = 2.0
+    if case == "singleton_class":
+        y[0] = 99
+    if case == "identical_points":
+        s = _leaf(torch.ones(n, d, dtype=F64))
+    logits = randn(n, 3, seed=2)
+    v = call(name, s, t, y, logits, logits + 1.0)
+    v.backward()
+    assert torch.isfinite(v) and torch.isfinite(s.grad).all()
+    assert v.item() >= -1e-9
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_metric_lists_the_available_names():
+    with pytest.raises(ValueError, match="available: .*w2"):
+        metrics.get("wasserstein")
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(ValueError, match="its options: beta, label_cost"):
+        metrics.get("jw2", gamma=1.0)
+
+
+@pytest.mark.parametrize("name", [m for m in OT_METRICS if m != "gw2"])
+def test_feature_dims_must_agree(name):
+    with pytest.raises(ValueError, match=r"d=5.*d=7"):
+        call(name, randn(10, 5), randn(10, 7), torch.zeros(10, dtype=torch.long))
+
+
+def test_gw2_accepts_different_dims():
+    assert torch.isfinite(call("gw2", randn(10, 5), randn(12, 7)))
+
+
+@pytest.mark.parametrize("name", ["cw2", "jw2"])
+def test_labels_length_must_match(name):
+    with pytest.raises(ValueError, match="labels has length 9"):
+        call(name, randn(10, 3), randn(10, 3), torch.zeros(9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", OT_METRICS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input_is_refused(name, bad):
+    s = randn(10, 3)
+    s[3, 1] = bad
+    with pytest.raises(ValueError, match="NaN/inf"):
+        call(name, s, randn(10, 3, seed=1), torch.zeros(10, dtype=torch.long))
