@@ -1,0 +1,63 @@
+"""Atomic file writes and safe checkpoint loading: a crash or a full disk never leaves a torn file.
+
+Every write goes to a temporary file in the same directory, is flushed and fsync'ed, then
+``os.replace``-d over the target (atomic on POSIX). If anything fails, the temporary file is
+removed and the previous version of the target is untouched.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """``torch.save`` into memory, then an atomic write (the old checkpoint survives any failure)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # unpickling errors, truncated zip, foreign objects
+        raise ValueError(f"checkpoint {path} is corrupt or not a kd2m/torch weights file "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state

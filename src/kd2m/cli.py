@@ -1,0 +1,198 @@
+"""The ``kd2m`` command: ``run`` (default grid on digits), ``bench`` (a YAML grid), ``report``, ``bound``, ``metrics``.
+
+Every failure the user can fix is printed as one line ``kd2m: error: …`` with exit code 2
+(``--debug`` or ``KD2M_DEBUG=1`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+# (flag, type, help) — shared by `run` and `bench`; each maps to the RunConfig field of the same name.
+RUN_OPTIONS = [
+    ("--dataset", str, "digits (embedded, default), cifar10, cifar100, svhn, imagefolder"),
+    ("--data-root", str, "where datasets live (imagefolder: a dir with train/ and test/)"),
+    ("--teacher", str, "teacher model name (see `kd2m metrics --models`)"),
+    ("--student", str, "student model name"),
+    ("--metrics", str, "comma list of distribution metrics, e.g. w2,cw2,gauss_kl"),
+    ("--baselines", str, "comma list among ce,kd (default both)"),
+    ("--weight", float, "λ, the distillation weight"),
+    ("--epochs", int, "student epochs"),
+    ("--teacher-epochs", int, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)"),
+    ("--seeds", str, "number of seeds (e.g. 3) or a comma list (e.g. 0,1,2)"),
+    ("--batch-size", int, "batch size per process"),
+    ("--lr", float, "initial learning rate (cosine to --lr-min)"),
+    ("--lr-min", float, "final learning rate"),
+    ("--weight-decay", float, "SGD weight decay"),
+    ("--kd-temperature", float, "Hinton KD temperature"),
+    ("--device", str, "auto (default), cpu, cuda, cuda:1"),
+    ("--out", str, "output directory (default runs/<dataset>)"),
+    ("--num-workers", int, "data loader workers"),
+    ("--threads", int, "CPU threads for torch (0 = torch's default; digits defaults to 1)"),
+    ("--student-layer", str, "student layer to match (module path; default penultimate)"),
+    ("--teacher-layer", str, "teacher layer to match (module path; default penultimate)"),
+    ("--match", str, "global (default: gather features over ranks) or local"),
+    ("--amp", str, "none (default), bf16 or fp16 autocast for the networks (metrics stay fp32/fp64)"),
+    ("--pretrained-teacher", str, "local weights file for the teacher (loaded with weights_only=True)"),
+    ("--pretrained-student", str, "local weights file for the student initialisation"),
+    ("--max-pairwise-mb", float, "refuse O(n²) metrics whose buffers would exceed this (MiB)"),
+]
+FLAGS = [("--download", "download the dataset if missing"), ("--channels-last", "channels_last memory format"),
+         ("--compile", "torch.compile the student")]
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    for flag, typ, help_ in RUN_OPTIONS:
+        p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_)
+    for flag, help_ in FLAGS:
+        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bars")
+    p.add_argument("--config", type=str, help="YAML file with the same keys (command-line options override it)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kd2m", description="Knowledge distillation through distribution matching.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the grid (default: digits, 3 seeds, every paper metric + baselines)")
+    _add_run_options(run)
+    bench = sub.add_parser("bench", help="run a benchmark grid from a YAML config (e.g. configs/paper/cifar10.yaml)")
+    bench.add_argument("config_file", nargs="?", help="YAML config")
+    _add_run_options(bench)
+    bench.add_argument("--sweep", type=str, help="KEY=v1,v2,... e.g. weight=1e-7,1e-6,1e-5,1e-4")
+    rep = sub.add_parser("report", help="plots + report.md for a finished run directory")
+    rep.add_argument("run_dir")
+    rep.add_argument("--no-embedding", action="store_true", help="skip the t-SNE feature embedding")
+    rep.add_argument("--device", default="auto")
+    bnd = sub.add_parser("bound", help="evaluate Theorem 1's terms on held-out data for trained pairs")
+    bnd.add_argument("run_dir")
+    bnd.add_argument("--samples", type=int, default=1000, help="held-out samples N for exact OT (default 1000)")
+    bnd.add_argument("--device", default="auto")
+    bnd.add_argument("--data-root", default=None)
+    met = sub.add_parser("metrics", help="list metrics, models and datasets")
+    met.add_argument("--models", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import RunConfig, from_mapping, load_yaml
+    cfg = RunConfig()
+    config_file = getattr(args, "config_file", None) or getattr(args, "config", None)
+    if getattr(args, "config_file", None) and getattr(args, "config", None):
+        raise ValueError("give the YAML config once: positionally or with --config")
+    if config_file:
+        cfg = load_yaml(config_file, cfg)
+    overrides = {}
+    for flag, _, _ in RUN_OPTIONS:
+        key = flag[2:].replace("-", "_")
+        if hasattr(args, key):
+            value = getattr(args, key)
+            if key == "seeds":
+                value = int(value) if value.strip().isdigit() else value
+            overrides[key] = value
+    for flag, _ in FLAGS:
+        key = flag[2:].replace("-", "_")
+        if hasattr(args, key):
+            overrides[key] = True
+    if hasattr(args, "progress"):
+        overrides["progress"] = False
+    return from_mapping(overrides, cfg, source="command line")
+
+
+def parse_sweep(text: str | None):
+    if not text:
+        return None
+    key, sep, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not values:
+        raise ValueError(f"--sweep expects KEY=v1,v2,..., got {text!r}")
+    if key not in ("weight", "lr", "kd_temperature"):
+        raise ValueError(f"--sweep supports weight, lr, kd_temperature; got {key!r}")
+    try:
+        return key, [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sweep values must be numbers, got {values!r}") from None
+
+
+def cmd_run(args) -> int:
+    from . import distributed as D
+    from .bench import run_grid
+    cfg = config_from_args(args)
+    sweep = parse_sweep(getattr(args, "sweep", None))
+    resolved = cfg.resolved()
+    if D.is_main() or not D.launched_by_torchrun():
+        print(f"kd2m: {resolved.dataset}: teacher {resolved.teacher} → student {resolved.student}; "
+              f"methods {', '.join(resolved.baselines + resolved.metrics)}; seeds {resolved.seeds}; "
+              f"output {resolved.out}", flush=True)
+    try:
+        rows = run_grid(cfg, sweep=sweep, log=lambda m: D.is_main() and print(m, flush=True))
+        if D.is_main():
+            from .results import markdown_table
+            print()
+            print(markdown_table(rows, resolved.dataset))
+            out = Path(resolved.out)
+            print(f"results: {out / 'results.csv'} (one row per method × seed), {out / 'results.md'}"
+                  + (f", {out / 'sweep.png'}" if sweep else ""))
+    finally:
+        D.teardown()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+    path = make_report(args.run_dir, embedding=not args.no_embedding, device=args.device)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_bound(args) -> int:
+    from .bound import evaluate_run
+    table, path = evaluate_run(args.run_dir, samples=args.samples, device=args.device, data_root=args.data_root)
+    print(table)
+    print(f"bound results: {path}")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from . import metrics
+    from .data import available_datasets
+    from .models import available_models
+    print("metrics: " + ", ".join(metrics.available()))
+    print("models: " + ", ".join(available_models()))
+    print("datasets: " + ", ".join(available_datasets()))
+    return 0
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(143)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("KD2M_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    handler = {"run": cmd_run, "bench": cmd_run, "report": cmd_report, "bound": cmd_bound,
+               "metrics": cmd_metrics}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("kd2m: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if e.code == 143:
+            print("kd2m: terminated; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        raise
+    except Exception as e:  # noqa: BLE001 — one readable line for every user-fixable failure
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"kd2m: error: {msg}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, TypeError, OSError, KeyError)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

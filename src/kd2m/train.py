@@ -1,0 +1,289 @@
+"""The engine: one training loop for teachers, CE-only students and distilled students.
+
+Every student of a seed shares the same initial weights, data order, optimizer and schedule;
+only the loss differs (CE, CE + Hinton KD, or CE + λ·D(features)). Each epoch ends with an
+atomic checkpoint; a killed run resumes from the last one and, on CPU with deterministic
+algorithms, finishes bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import distributed as D
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .features import FeatureTap
+from .loss import KD2MLoss, hinton_kd
+from .models import build_model, load_pretrained
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a run optimises. ``key`` names its directory and its results rows."""
+    key: str
+    metric: str | None = None      # a kd2m metric name, or None
+    weight: float = 0.0            # λ
+    kd_weight: float = 0.0         # Hinton KD weight (0 = off)
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.key == "teacher"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device):
+    """Train loader with a seeded shuffle (DistributedSampler under torchrun) and a test loader."""
+    g = torch.Generator().manual_seed(seed)
+    pin = device.type == "cuda"
+    workers = cfg.num_workers or 0
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    if D.is_distributed():
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed)
+        train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, generator=g, **common)
+        test_sampler = DistributedSampler(bundle.test, shuffle=False, drop_last=False)
+        test = DataLoader(bundle.test, batch_size=512, sampler=test_sampler, **common)
+    else:
+        train = DataLoader(bundle.train, batch_size=cfg.batch_size, shuffle=True, generator=g, **common)
+        test = DataLoader(bundle.test, batch_size=512, shuffle=False, **common)
+    return train, test
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> float:
+    """Accuracy counted over every test sample (not a mean of per-batch accuracies).
+
+    Under DDP the DistributedSampler pads the test set to a multiple of the world size; the
+    few duplicated samples are counted, as torch's own reference scripts do.
+    """
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += int(y.numel())
+    correct, total = D.all_reduce_sum([correct, total], device)
+    return correct / max(total, 1)
+
+
+def _to(x, device, channels_last=False):
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _rng_state(loader) -> dict:
+    # numpy's state as a tensor: weights_only loading accepts tensors, not numpy arrays
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]), "python": json.dumps(random.getstate()),
+            "loader": loader.generator.get_state() if loader.generator is not None else None}
+
+
+def _set_rng_state(state: dict, loader) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if state.get("loader") is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
+
+
+def build_student(cfg: RunConfig, bundle, seed: int) -> nn.Module:
+    """The seed's student initialisation: identical for every method of that seed."""
+    torch.manual_seed(1_000_003 * (seed + 1))
+    model = build_model(cfg.student, bundle.num_classes, bundle.in_channels, bundle.image_size)
+    if cfg.pretrained_student:
+        load_pretrained(model, cfg.pretrained_student, new_head="fc.")
+    return model
+
+
+def build_teacher(cfg: RunConfig, bundle, seed: int) -> nn.Module:
+    torch.manual_seed(2_000_003 * (seed + 1))
+    model = build_model(cfg.teacher, bundle.num_classes, bundle.in_channels, bundle.image_size)
+    if cfg.pretrained_teacher:
+        load_pretrained(model, cfg.pretrained_teacher, new_head="fc.")
+    return model
+
+
+def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run_dir: Path,
+        device: torch.device, teacher: nn.Module | None = None, epochs: int | None = None,
+        desc: str = "") -> dict:
+    """Train ``model`` for ``epochs`` with ``method``'s loss; resume from ``run_dir`` if a checkpoint is there.
+
+    Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
+    epoch), ``run_dir/model.pt`` (final weights) and ``run_dir/final.json`` (the result; its presence
+    marks the run finished). Returns the result dict.
+    """
+    run_dir = Path(run_dir)
+    epochs = cfg.epochs if epochs is None else epochs
+    final_path = run_dir / "final.json"
+    if final_path.exists():  # finished earlier: load its weights (a teacher is reused) and its result
+        if (run_dir / "model.pt").exists():
+            model.load_state_dict(load_checkpoint(run_dir / "model.pt"))
+        model.to(device)
+        return json.loads(final_path.read_text())
+    seed_everything(seed + 1000 * D.rank())  # augmentation differs per rank; DDP syncs the initial weights
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, test_loader = make_loaders(bundle, cfg, seed, device)
+
+    distill = None
+    if method.metric:
+        distill = KD2MLoss(method.metric, method.weight, student_dim=getattr(model, "feature_dim", None),
+                           teacher_dim=getattr(teacher, "feature_dim", None), match=cfg.match,
+                           **cfg.metric_options.get(method.metric, {})).to(device)
+    params = list(model.parameters()) + (list(distill.parameters()) if distill is not None else [])
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # Cosine from lr to lr_min over all epochs, stepped per epoch (identical for every method).
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=min(cfg.lr_min, cfg.lr))
+
+    history, start, elapsed = [], 0, 0.0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if distill is not None and state.get("distill") is not None:
+            distill.load_state_dict(state["distill"])
+        _set_rng_state(state["rng"], train_loader)
+        history, start, elapsed = json.loads(state["history"]), state["epoch"], state["elapsed"]
+
+    net = model
+    if D.is_distributed():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    s_tap = FeatureTap(model, cfg.student_layer) if (distill is not None) else None
+    t_tap = FeatureTap(teacher, cfg.teacher_layer) if (teacher is not None and distill is not None) else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    show = cfg.progress and D.is_main()
+    bar = _progress(range(start, epochs), desc, total=epochs, initial=start, disable=not show)
+    try:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            sums = _train_epoch(net, teacher, train_loader, opt, method, distill, s_tap, t_tap, cfg,
+                                device, amp_dtype, epoch)
+            sched.step()
+            acc = evaluate(net, test_loader, device, cfg.channels_last)
+            elapsed += time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "test_acc": acc, "lr": opt.param_groups[0]["lr"], "seconds": elapsed, **sums}
+            history.append(row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(acc=f"{acc:.4f}", loss=f"{sums['loss']:.3f}")
+            if D.is_main():
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "distill": distill.state_dict() if distill is not None else None,
+                    "rng": _rng_state(train_loader), "epoch": epoch + 1, "elapsed": elapsed,
+                    "history": json.dumps(history)})
+                atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    finally:
+        for tap in (s_tap, t_tap):
+            if tap is not None:
+                tap.remove()
+    result = {"method": method.key, "metric": method.metric, "weight": method.weight, "seed": seed,
+              "test_acc": history[-1]["test_acc"] if history else evaluate(net, test_loader, device),
+              "epochs": epochs, "seconds": round(elapsed, 3)}
+    if D.is_main():
+        save_checkpoint(run_dir / "model.pt", model.state_dict())
+        atomic_write_json(final_path, result)
+        try:  # the resume state is no longer needed once the final weights are written
+            os.remove(ckpt_path)
+        except FileNotFoundError:
+            pass
+    D.barrier()  # no rank starts the next run before rank 0 has written this one
+    return result
+
+
+def _progress(it, desc, total, initial, disable):
+    if disable:
+        return it
+    from tqdm.auto import tqdm
+    # disable=None: bars on a terminal only, no carriage-return noise in logs and CI output
+    return tqdm(it, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_tap, cfg, device, amp_dtype, epoch):
+    net.train()
+    totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "kd": 0.0}
+    seen = 0
+    for step, (x, y) in enumerate(loader):
+        x, y = _to(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = net(x)
+            ce = F.cross_entropy(logits.float(), y)
+            loss = ce
+            t_logits = None
+            if teacher is not None and (distill is not None or method.kd_weight > 0):
+                with torch.no_grad():
+                    t_logits = teacher(x)
+        d = kd = None
+        if distill is not None:
+            d = distill.distance(s_tap.feature, t_tap.feature, y, logits, t_logits)
+            loss = loss + distill.weight * d
+        if method.kd_weight > 0:
+            kd = hinton_kd(logits, t_logits, cfg.kd_temperature)
+            loss = loss + method.kd_weight * kd
+        if not torch.isfinite(loss):
+            parts = f"ce={float(ce):.4g}" + (f", distill={float(d):.4g}" if d is not None else "") \
+                    + (f", kd={float(kd):.4g}" if kd is not None else "")
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({parts}); "
+                                     "the last good checkpoint is kept — lower --lr or --weight and rerun")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if distill is not None and distill.projector is not None:
+            D.average_gradients(distill.projector)  # outside DDP: average its gradients like DDP does
+        opt.step()
+        n = y.shape[0]
+        seen += n
+        totals["loss"] += float(loss.detach()) * n
+        totals["ce"] += float(ce.detach()) * n
+        totals["distill"] += (float(d.detach()) if d is not None else 0.0) * n
+        totals["kd"] += (float(kd.detach()) if kd is not None else 0.0) * n
+    keys = list(totals)
+    summed = D.all_reduce_sum([totals[k] for k in keys] + [seen], device)
+    return {k: v / max(summed[-1], 1) for k, v in zip(keys, summed[:-1])}
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+

@@ -1,0 +1,168 @@
+"""The engine and the `kd2m` command end to end on the embedded digits data."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd2m.checkpoint import load_checkpoint
+from kd2m.cli import main
+from kd2m.config import PAPER_METRICS, RunConfig, load_yaml
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def kd2m_cmd(*args):
+    return [sys.executable, "-m", "kd2m", *args]
+
+
+def test_run_one_epoch_every_paper_metric(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = read_csv(out / "results.csv")
+    methods = [r["method"] for r in rows]
+    assert methods == ["teacher", "ce", "kd", *PAPER_METRICS]
+    for r in rows:
+        assert 0.0 <= float(r["test_acc"]) <= 1.0
+        assert (out / r["run_dir"] / "final.json").exists()
+        assert (out / r["run_dir"] / "model.pt").exists()
+        assert not (out / r["run_dir"] / "checkpoint.pt").exists()  # resume state removed once final
+        log = [json.loads(line) for line in (out / r["run_dir"] / "log.jsonl").read_text().splitlines()]
+        assert len(log) == 1 and log[0]["epoch"] == 1
+        if r["method"] in PAPER_METRICS:
+            assert log[0]["distill"] > 0  # the distance was really computed and logged
+    printed = capsys.readouterr().out
+    assert "| W2 (E) |" in printed and "| teacher |" in printed and "results.csv" in printed
+    assert (out / "results.md").read_text().count("\n|") >= 10
+
+
+def test_accuracy_is_counted_over_all_test_samples(tmp_path):
+    from kd2m.data import build_dataset
+    from kd2m.models import build_model
+    from kd2m.train import evaluate
+    bundle = build_dataset("digits")
+    model = build_model("digits_mlp", bundle.num_classes, bundle.in_channels, bundle.image_size)
+    loader = torch.utils.data.DataLoader(bundle.test, batch_size=97)  # uneven last batch
+    acc = evaluate(model, loader, torch.device("cpu"))
+    x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))])
+    y = torch.tensor([bundle.test[i][1] for i in range(len(bundle.test))])
+    with torch.no_grad():
+        assert acc == pytest.approx(float((model(x).argmax(1) == y).double().mean()), abs=1e-12)
+
+
+def test_students_share_initialisation_and_teacher_is_reused(tmp_path):
+    from kd2m.data import build_dataset
+    from kd2m.train import build_student
+    cfg = RunConfig().resolved()
+    bundle = build_dataset("digits")
+    a, b = build_student(cfg, bundle, 0), build_student(cfg, bundle, 0)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    c = build_student(cfg, bundle, 1)
+    assert not all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    # a second grid in the same output directory trains no new teacher and no finished student
+    out = tmp_path / "r"
+    main(["run", "--epochs", "1", "--seeds", "1", "--metrics", "cw2", "--out", str(out), "--no-progress"])
+    stamp = (out / "teacher/seed0/model.pt").stat().st_mtime_ns
+    main(["run", "--epochs", "1", "--seeds", "1", "--metrics", "cw2,w2", "--out", str(out), "--no-progress"])
+    assert (out / "teacher/seed0/model.pt").stat().st_mtime_ns == stamp
+    rows = read_csv(out / "results.csv")
+    assert sorted(r["method"] for r in rows) == ["ce", "cw2", "kd", "teacher", "w2"]
+
+
+def _wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _ckpt_epoch(path):
+    try:
+        return load_checkpoint(path)["epoch"]
+    except Exception:
+        return 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_identical_result(tmp_path, sig):
+    args = ["run", "--metrics", "cw2", "--baselines", "ce", "--seeds", "1", "--epochs", "6", "--no-progress"]
+    ref = tmp_path / "ref"
+    subprocess.run(kd2m_cmd(*args, "--out", str(ref)), check=True, env=ENV, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(kd2m_cmd(*args, "--out", str(out)), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = out / "cw2/seed0/checkpoint.pt"
+    assert _wait_for(lambda: ckpt.exists() and _ckpt_epoch(ckpt) >= 2, proc), "run ended before it could be killed"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    if sig == signal.SIGTERM:
+        assert "rerun the same command to resume" in err
+    assert not (out / "cw2/seed0/final.json").exists()
+    done = subprocess.run(kd2m_cmd(*args, "--out", str(out)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    want = {r["method"]: r["test_acc"] for r in read_csv(ref / "results.csv")}
+    got = {r["method"]: r["test_acc"] for r in read_csv(out / "results.csv")}
+    assert got == want
+    a = load_checkpoint(ref / "cw2/seed0/model.pt")
+    b = load_checkpoint(out / "cw2/seed0/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights after the resume
+    log = (out / "cw2/seed0/log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_yaml_config_and_command_line_override(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("dataset: digits\nmetrics: [w2, gauss_kl]\nepochs: 7\nseeds: [3, 4]\nweight: 0.5\n"
+                        "metric_options:\n  gauss_kl: {diagonal: true}\n")
+    from kd2m.cli import build_parser, config_from_args
+    args = build_parser().parse_args(["run", "--config", str(cfg_file), "--epochs", "2", "--metrics", "cw2,w2"])
+    cfg = config_from_args(args)
+    assert cfg.epochs == 2 and cfg.metrics == ["cw2", "w2"] and cfg.seeds == [3, 4] and cfg.weight == 0.5
+    file_only = load_yaml(cfg_file)
+    assert file_only.metric_options == {"gauss_kl": {"diagonal": True}}
+    assert file_only.resolved().teacher == "digits_cnn"
+
+
+def test_python_dash_m_lists_components():
+    r = subprocess.run(kd2m_cmd("metrics"), capture_output=True, text=True, env=ENV, check=True)
+    assert "cw2" in r.stdout and "cifar_resnet18" in r.stdout and "imagefolder" in r.stdout
+
+
+@pytest.mark.slow
+def test_full_default_run_distillation_helps(tmp_path):
+    """`kd2m run` with no options: distilled students, on average, beat the CE-only student."""
+    out = tmp_path / "default"
+    t0 = time.time()
+    r = subprocess.run(kd2m_cmd("run", "--out", str(out), "--no-progress"), env=ENV, capture_output=True, text=True)
+    elapsed = time.time() - t0
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(out / "results.csv")
+    by = {}
+    for row in rows:
+        by.setdefault(row["method"], []).append(float(row["test_acc"]))
+    assert all(len(v) == 3 for v in by.values())
+    mean = {k: sum(v) / len(v) for k, v in by.items()}
+    distilled = [mean[m] for m in PAPER_METRICS]
+    print(r.stdout)
+    print(f"default run took {elapsed:.1f}s")
+    assert sum(distilled) / len(distilled) >= mean["ce"]
+    assert max(mean["cw2"], mean["gauss_cw2"]) >= mean["ce"]  # label-aware matching helps
+    assert mean["teacher"] > mean["ce"]
