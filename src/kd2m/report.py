@@ -1,0 +1,347 @@
+"""Plots and a Markdown report for a finished run directory (``kd2m report RUN_DIR``).
+
+:func:`make_report` writes into ``RUN_DIR/report/``:
+
+- ``accuracy.png``: test accuracy per method, mean ± sample std over seeds (each seed a dot),
+  the teacher and the CE-only student drawn apart (dark / hatched bars, dashed reference lines);
+- ``curves.png``: test accuracy per epoch and the distillation loss D per epoch (log scale),
+  mean over seeds, one line per method;
+- ``embedding.png``: a joint 2-D embedding (UMAP if ``umap`` is importable, else scikit-learn's
+  t-SNE) of the penultimate *features* of the teacher, the CE-only student and the best
+  distilled student (highest mean accuracy among the feature-distillation methods), first
+  seed, on a fixed subset of ≤ 500 test samples, coloured by label; one panel per model,
+  the three fitted together so the panels share coordinates;
+- ``report.md``: the results table (:func:`kd2m.results.markdown_table`) and the figures
+  (and Theorem 1's table when ``kd2m bound`` has written ``RUN_DIR/bound.md``).
+
+Figures are drawn with matplotlib's Agg canvas on ``Figure`` objects (no pyplot, no global
+backend switch), so this works headless and inside a user's interactive session alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import results as R
+from .checkpoint import atomic_write_text
+
+__all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_embedding", "embedding_features",
+           "best_distilled", "EMBED_SAMPLES"]
+
+#: Test samples embedded per model (a fixed seeded subset of the test set).
+EMBED_SAMPLES = 500
+EMBED_SEED = 0
+
+TEACHER_COLOR = "#333333"
+CE_COLOR = "#bbbbbb"
+
+
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    import io
+    from .checkpoint import atomic_write_bytes
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _order(methods: list[str]) -> list[str]:
+    """teacher, ce, kd first, then the rest in first-seen order."""
+    head = [m for m in ("teacher", "ce", "kd") if m in methods]
+    return head + [m for m in methods if m not in head]
+
+
+def _colors(methods: list[str]) -> dict[str, str]:
+    import matplotlib
+    cmap = matplotlib.colormaps["tab10"]
+    out, i = {}, 0
+    for m in methods:
+        if m == "teacher":
+            out[m] = TEACHER_COLOR
+        elif m == "ce":
+            out[m] = CE_COLOR
+        else:
+            out[m] = matplotlib.colors.to_hex(cmap(i % 10))
+            i += 1
+    return out
+
+
+def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
+    """Bar per method: mean accuracy (%) ± sample std over seeds, seeds as dots, zoomed y-range."""
+    stats = {s["method"]: s for s in R.summarize(rows)}
+    methods = _order(list(stats))
+    colors = _colors(methods)
+    fig = _figure((max(5.0, 0.8 * len(methods) + 2), 4.2))
+    ax = fig.add_subplot()
+    xs = np.arange(len(methods))
+    lo, hi = math.inf, -math.inf
+    for x, m in zip(xs, methods):
+        s = stats[m]
+        std = 0.0 if math.isnan(s["std"]) else s["std"]
+        ax.bar(x, s["mean"], yerr=std, capsize=4, color=colors[m], edgecolor="black", linewidth=0.6,
+               hatch="//" if m == "ce" else None, zorder=2)
+        ax.scatter(np.full(len(s["accs"]), x) + np.linspace(-0.15, 0.15, len(s["accs"])), s["accs"], s=10,
+                   color="black", alpha=0.6, zorder=3)
+        ax.annotate(f"{s['mean']:.1f}", (x, s["mean"] + std), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=7)
+        lo = min(lo, s["mean"] - std, *s["accs"])
+        hi = max(hi, s["mean"] + std, *s["accs"])
+    for m, style, name in (("teacher", "-", "teacher"), ("ce", "--", "CE only")):
+        if m in stats:
+            y = stats[m]["mean"]
+            ax.axhline(y, color="black" if m == "teacher" else "gray", ls=style, lw=0.8, zorder=1)
+            ax.annotate(name, (1.0, y), xycoords=("axes fraction", "data"), xytext=(2, 0),
+                        textcoords="offset points", va="center", ha="left", fontsize=7,
+                        color="black" if m == "teacher" else "dimgray", annotation_clip=False)
+    pad = max(0.5, 0.15 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + 1.5 * pad))
+    ax.set_xticks(xs)
+    ax.set_xticklabels([R.label(m) for m in methods], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "accuracy: mean ± std over seeds", fontsize=10)
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def read_logs(run_dir: Path, rows: list[dict]) -> dict[str, list[list[dict]]]:
+    """method -> one epoch list per seed (from ``log.jsonl``; missing logs are skipped)."""
+    logs: dict[str, list[list[dict]]] = {}
+    for r in rows:
+        path = run_dir / (r.get("run_dir") or f"{r['method']}/seed{r['seed']}") / "log.jsonl"
+        if path.is_file():
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if lines:
+                logs.setdefault(r["method"], []).append(lines)
+    return logs
+
+
+def _mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for e in run:
+            v = e.get(key)
+            if v is not None and math.isfinite(float(v)):
+                by_epoch.setdefault(int(e["epoch"]), []).append(float(v))
+    epochs = sorted(by_epoch)
+    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
+
+
+def plot_curves(logs: dict[str, list[list[dict]]], path: Path) -> None:
+    """Test accuracy per epoch and the distillation loss D per epoch (log scale), mean over seeds."""
+    methods = _order(list(logs))
+    colors = _colors(methods)
+    fig = _figure((11, 4))
+    ax_acc, ax_d = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    any_distill = False
+    for m in methods:
+        ep, acc = _mean_curve(logs[m], "test_acc")
+        style = dict(color=colors[m], lw=2.0 if m in ("teacher", "ce") else 1.3,
+                     ls="--" if m == "ce" else "-", label=R.label(m))
+        ax_acc.plot(ep, [100 * a for a in acc], **style)
+        ep, d = _mean_curve(logs[m], "distill")
+        if d and any(v > 0 for v in d):
+            pos = [(e, v) for e, v in zip(ep, d) if v > 0]
+            ax_d.plot([e for e, _ in pos], [v for _, v in pos], **style)
+            any_distill = True
+    from matplotlib.ticker import MaxNLocator
+    for ax in (ax_acc, ax_d):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_title("test accuracy (mean over seeds)", fontsize=10)
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=7)
+    ax_d.set_xlabel("epoch")
+    ax_d.set_ylabel("distillation loss D (train, per sample)")
+    ax_d.set_title("distillation loss (mean over seeds)", fontsize=10)
+    if any_distill:
+        ax_d.set_yscale("log")
+        ax_d.legend(fontsize=7)
+    else:
+        ax_d.text(0.5, 0.5, "no feature-distillation runs", ha="center", va="center", transform=ax_d.transAxes)
+    ax_d.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def best_distilled(rows: list[dict]) -> str | None:
+    """The feature-distillation method (a row with a ``metric``) with the highest mean accuracy; else ``kd``."""
+    stats = R.summarize(rows)
+    metric_methods = {r["method"] for r in rows if r.get("metric")}
+    cands = [s for s in stats if s["method"] in metric_methods] or [s for s in stats if s["method"] == "kd"]
+    return max(cands, key=lambda s: s["mean"])["method"] if cands else None
+
+
+@torch.no_grad()
+def embedding_features(model, dataset, indices, device, layer: str = "penultimate") -> np.ndarray:
+    """Features of ``model`` (eval mode) at ``layer`` for ``dataset[indices]``, as an (N, d) float32 array."""
+    from .features import FeatureTap
+    x = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
+    was = model.training
+    model.eval()
+    try:
+        with FeatureTap(model, layer) as tap:
+            feats = []
+            for i in range(0, len(x), 256):
+                model(x[i:i + 256])
+                feats.append(tap.feature.detach().float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(feats).numpy()
+
+
+def _embed(z: np.ndarray) -> tuple[np.ndarray, str]:
+    """2-D embedding of the rows of ``z``: UMAP if installed, else t-SNE (both seeded)."""
+    try:
+        import umap  # type: ignore
+        return umap.UMAP(n_components=2, random_state=EMBED_SEED).fit_transform(z), "UMAP"
+    except ImportError:
+        pass
+    from sklearn.manifold import TSNE
+    perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=EMBED_SEED).fit_transform(z), "t-SNE"
+
+
+def plot_embedding(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, path: Path,
+                   class_names: list[str] | None = None, what: str = "penultimate features") -> str:
+    """Embed the stacked features of ``panels`` [(title, (N, d) feats)] jointly; one panel each.
+
+    If the feature widths differ, each model is embedded on its own (panels then do not share
+    coordinates, and the titles say so). Returns the embedding method's name.
+    """
+    import matplotlib
+    dims = {f.shape[1] for _, f in panels}
+    if len(dims) == 1:
+        coords, method = _embed(np.concatenate([f for _, f in panels]))
+        parts = np.split(coords, len(panels))
+        shared = True
+    else:
+        res = [_embed(f) for _, f in panels]
+        parts, method, shared = [c for c, _ in res], res[0][1], False
+    k = int(labels.max()) + 1 if len(labels) else 1
+    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20" if k <= 20 else "nipy_spectral"]
+    fig = _figure((4.2 * len(panels), 4.4))
+    axes = []
+    for i, ((title, _), xy) in enumerate(zip(panels, parts)):
+        share = axes[0] if (axes and shared) else None
+        ax = fig.add_subplot(1, len(panels), i + 1, sharex=share, sharey=share)
+        axes.append(ax)
+        ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=6, alpha=0.8, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if k <= 20:
+        from matplotlib.lines import Line2D
+        names = class_names or [str(c) for c in range(k)]
+        handles = [Line2D([], [], marker="o", ls="", color=cmap(c), markersize=5, label=names[c]) for c in range(k)]
+        fig.legend(handles=handles, loc="lower center", ncol=min(k, 10), fontsize=7, frameon=False)
+    note = "joint fit, shared coordinates" if shared else "feature dims differ: separate fits"
+    fig.suptitle(f"{method} of {what} ({len(labels)} test samples, {note})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if k <= 20 else 0, 1, 0.95))
+    _save(fig, path)
+    return method
+
+
+def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: str,
+               samples: int = EMBED_SAMPLES) -> str:
+    """Draw embedding.png; returns a one-line description for report.md."""
+    from .bound import load_model
+    from .data import build_dataset
+    from .train import resolve_device
+    dev = resolve_device(device)
+    best = best_distilled(rows)
+    seeds = sorted({r["seed"] for r in rows if r["method"] == "teacher"})
+    if not seeds:
+        raise ValueError("no teacher row in results.csv")
+    seed = seeds[0]
+    chosen = [m for m in ("teacher", "ce", best) if m is not None]
+    by_key = {(r["method"], r["seed"]): r for r in rows}
+    missing = [m for m in chosen if (m, seed) not in by_key]
+    chosen = [m for m in chosen if (m, seed) in by_key]
+    bundle = build_dataset(cfg["dataset"], data_root=cfg.get("data_root"), download=False, augment=False)
+    n = len(bundle.test)
+    g = torch.Generator().manual_seed(EMBED_SEED)
+    idx = torch.randperm(n, generator=g)[:min(samples, n)].sort().values
+    labels = np.array([int(bundle.test[int(i)][1]) for i in idx])
+    accs = {s["method"]: s for s in R.summarize([r for r in rows if r["seed"] == seed])}
+    panels = []
+    for m in chosen:
+        arch = cfg["teacher"] if m == "teacher" else cfg["student"]
+        layer = cfg.get("teacher_layer" if m == "teacher" else "student_layer") or "penultimate"
+        model = load_model(run_dir, by_key[(m, seed)], arch, bundle, dev)
+        feats = embedding_features(model, bundle.test, idx, dev, layer)
+        role = "teacher" if m == "teacher" else "CE-only student" if m == "ce" else f"{R.label(m)} student"
+        panels.append((f"{role} ({arch})\nacc {accs[m]['mean']:.2f}%", feats))
+    layers = {cfg.get("teacher_layer") or "penultimate", cfg.get("student_layer") or "penultimate"}
+    what = f"{'/'.join(sorted(layers))} features"
+    method = plot_embedding(panels, labels, out / "embedding.png", bundle.classes, what)
+    text = (f"{method} of the {what} of {', '.join(R.label(m) for m in chosen)} (seed {seed}, "
+            f"{len(idx)} fixed test samples, fitted jointly), coloured by label.")
+    if best is not None and best != "kd":
+        text += f" Distilled student shown: the best feature-distillation method by mean accuracy, {R.label(best)}."
+    if missing:
+        text += f" Not shown (no seed-{seed} run): {', '.join(missing)}."
+    return text
+
+
+def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_samples: int = EMBED_SAMPLES) -> Path:
+    """Write accuracy.png, curves.png, embedding.png (unless ``embedding=False``) and report.md into
+    ``run_dir/report/``; return the path of report.md.
+
+    ``embed_samples``: test samples embedded per model (a fixed seeded subset; default 500).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no results.csv (not a kd2m run directory).
+    """
+    from .bound import load_run
+    run_dir = Path(run_dir)
+    cfg, rows = load_run(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = cfg.get("dataset", "")
+    plot_accuracy(rows, out / "accuracy.png", title=f"{dataset}: test accuracy, mean ± std over seeds")
+    plot_curves(read_logs(run_dir, rows), out / "curves.png")
+    embed_text = None
+    if embedding:
+        from .data import DatasetNotFoundError
+        try:
+            embed_text = _embedding(run_dir, cfg, rows, out, device, embed_samples)
+        except (DatasetNotFoundError, FileNotFoundError) as e:
+            embed_text = f"embedding skipped: {e}"
+            warnings.warn(embed_text, stacklevel=2)
+            (out / "embedding.png").unlink(missing_ok=True)
+    seeds = sorted({r["seed"] for r in rows})
+    md = [f"# kd2m report: {dataset}", "",
+          f"teacher `{cfg.get('teacher')}` → student `{cfg.get('student')}`, {cfg.get('epochs')} epochs "
+          f"(teacher {cfg.get('teacher_epochs')}), batch {cfg.get('batch_size')}, lr {cfg.get('lr')} cosine → "
+          f"{cfg.get('lr_min')}, λ = {cfg.get('weight')}, seeds {seeds}. Accuracy on the full test set, "
+          "mean ± sample std over seeds.", "",
+          "## Results", "", R.markdown_table(rows, dataset), "![accuracy per method](accuracy.png)", "",
+          "## Training curves", "",
+          "Test accuracy and the distillation loss D (per training sample, log scale) per epoch, mean over seeds.",
+          "", "![training curves](curves.png)", ""]
+    if embed_text is not None:
+        md += ["## Feature embedding", "", embed_text, ""]
+        if (out / "embedding.png").exists():
+            md += ["![feature embedding](embedding.png)", ""]
+    bound_md = run_dir / "bound.md"
+    if bound_md.is_file():
+        body = bound_md.read_text().split("\n", 1)[-1].lstrip()
+        md += ["## Theorem 1 on held-out data (`kd2m bound`)", "", body]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(md).rstrip() + "\n")
+    return path
