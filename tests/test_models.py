@@ -172,3 +172,24 @@ def test_digits_teacher_learns_and_beats_student():
     assert teacher > 0.9
     assert student > 0.8
     assert teacher > student
+
+
+def test_imagenet_style_head_is_replaced_only_when_its_shape_differs(tmp_path):
+    """A 1000-class checkpoint loads its backbone under a fresh 10-class head (the paper's
+    ImageNet setting); a same-task checkpoint loads whole, head included."""
+    import torch
+    from kd2m.models import build_model, load_pretrained
+    src = build_model("digits_mlp", 1000, 1, 8)
+    path = tmp_path / "imagenet_like.pt"
+    torch.save(src.state_dict(), path)
+    dst = build_model("digits_mlp", 10, 1, 8)
+    head_before = dst.fc.weight.clone()
+    load_pretrained(dst, path, new_head="fc.")
+    body = [k for k in src.state_dict() if not k.startswith("fc.")]
+    assert all(torch.equal(src.state_dict()[k], dst.state_dict()[k]) for k in body)
+    assert torch.equal(dst.fc.weight, head_before)
+    same = build_model("digits_mlp", 10, 1, 8)
+    torch.save(same.state_dict(), tmp_path / "same.pt")
+    fresh = build_model("digits_mlp", 10, 1, 8)
+    load_pretrained(fresh, tmp_path / "same.pt", new_head="fc.")
+    assert torch.equal(fresh.fc.weight, same.fc.weight)

@@ -18,7 +18,8 @@ def _short(keys: list[str]) -> str:
     return ", ".join(keys[:SHOWN]) + more
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[str] = ()) -> nn.Module:
+def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[str] = (),
+                    new_head: str | None = None) -> nn.Module:
     """Copy the weights stored at ``path`` into ``model`` (in place) and return ``model``.
 
     The file is read with ``torch.load(..., weights_only=True)``: tensors and plain containers
@@ -28,6 +29,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
     Args:
         ignore: key prefixes to leave at their fresh initialisation (e.g. ``("fc.",)`` to load an
             ImageNet backbone under a new classifier head).
+        new_head: a key prefix (e.g. ``"fc."``) that is ignored only when the file's weights under it
+            have other shapes than the model's: an ImageNet (1000-class) checkpoint then loads its
+            backbone under this model's fresh head, while a checkpoint of the same task loads whole.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -52,6 +56,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
     state = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+
+    if new_head:
+        own = model.state_dict()
+        head = [k for k in state if k.startswith(new_head)]
+        if any(k in own and state[k].shape != own[k].shape for k in head):
+            ignore = tuple(ignore) + (new_head,)
 
     def kept(k: str) -> bool:
         return not any(k.startswith(p) for p in ignore)
