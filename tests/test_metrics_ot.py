@@ -11,6 +11,8 @@ import numpy as np
 import ot
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kd2m import metrics
 from kd2m.metrics.entropic import entropic_ot, sinkhorn
@@ -50,6 +52,18 @@ def test_w2_matches_pot_emd2(n_s, n_t, d, seed):
     assert w2(s, t).item() == pytest.approx(emd2(s, t), rel=1e-10, abs=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_s=st.integers(1, 12), n_t=st.integers(1, 12), d=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_w2_and_1d_sliced_match_emd2_with_ties(n_s, n_t, d, seed):
+    """Small integer grids make many equal costs (degenerate plans): still the exact optimum."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(-2, 3, (n_s, d), generator=g).to(F64)
+    t = torch.randint(-2, 3, (n_t, d), generator=g).to(F64)
+    assert w2(s, t).item() == pytest.approx(emd2(s, t), rel=1e-12, abs=1e-12)
+    assert sliced_w2(s[:, :1], t[:, :1], n_projections=1).item() == pytest.approx(emd2(s[:, :1], t[:, :1]),
+                                                                                  rel=1e-12, abs=1e-12)
+
+
 @pytest.mark.parametrize("n_s,n_t", [(12, 12), (9, 14)])
 def test_exact_plan_is_an_optimal_coupling(n_s, n_t):
     M = ot.dist(randn(n_s, 3, seed=1).numpy(), randn(n_t, 3, seed=2).numpy())
@@ -66,6 +80,19 @@ def test_exact_plan_is_an_optimal_coupling(n_s, n_t):
     G2 = np.zeros((n_s, n_t))
     np.add.at(G2, (r2.numpy(), c2.numpy()), w2_.numpy())
     assert (G2 * M).sum() == pytest.approx((G * M).sum(), rel=1e-12)
+
+
+def test_non_optimal_simplex_is_an_error_not_a_wrong_loss(monkeypatch):
+    real_emd = ot.emd
+
+    def stopped_early(a, b, M, **kw):
+        G, log = real_emd(a, b, M, **kw)
+        log.update(warning="numItermax reached before optimality. Try to increase numItermax.", result_code=2)
+        return G, log
+
+    monkeypatch.setattr(ot, "emd", stopped_early)
+    with pytest.raises(RuntimeError, match="did not reach the optimum"):
+        w2(randn(5, 2), randn(7, 2, seed=1))
 
 
 def test_cw2_is_the_mean_of_per_class_emd2():

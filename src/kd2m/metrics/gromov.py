@@ -118,7 +118,7 @@ def gw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logit
 
     Returns
     -------
-    Tensor, 0-dim, in the features' dtype.
+    Tensor, 0-dim, in the features' dtype (the objective is evaluated in float64).
 
     Cost: :math:`O(n^2 d)` for the distance matrices, then per Frank-Wolfe iteration an
     :math:`O(n^3)` product and an exact OT problem; :math:`O(n^3)` for the loss and backward.
@@ -129,5 +129,7 @@ def gw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logit
     if normalize:
         C_s, C_t = _normalized(C_s), _normalized(C_t)
     plan = gw_plan(C_s, C_t, max_iter=max_iter, tol=tol)
-    dtype = torch.promote_types(C_s.dtype, C_t.dtype)
-    return gw_objective(C_s.to(dtype), C_t.to(dtype), plan)
+    out_dtype = torch.promote_types(C_s.dtype, C_t.dtype)
+    # float64: the objective is a difference of terms of size ~C², which float32 would leave
+    # with no correct digit when the two geometries nearly agree
+    return gw_objective(C_s.to(torch.float64), C_t.to(torch.float64), plan).to(out_dtype)
