@@ -41,12 +41,12 @@ def test_projector_for_mismatched_dims_is_learnable():
     loss = KD2MLoss("cw2", weight=1.0, student_dim=5, teacher_dim=8)
     assert isinstance(loss.projector, nn.Linear) and loss.projector.weight.shape == (8, 5)
     opt = torch.optim.SGD(list(loss.parameters()), lr=0.05)
-    first = float(loss(s, t, y))
+    first = float(loss(s, t, y).detach())
     for _ in range(30):
         opt.zero_grad()
         loss(s, t, y).backward()
         opt.step()
-    assert float(loss(s, t, y)) < first  # the projector itself learns to match
+    assert float(loss(s, t, y).detach()) < first  # the projector itself learns to match
 
 
 def test_mismatched_dims_without_projector_is_a_clear_error():
