@@ -43,8 +43,8 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
     if cfg.threads:  # 0 = torch's default
         torch.set_num_threads(cfg.threads)
     device = resolve_device(D.setup(None if cfg.device == "auto" else cfg.device))
+    _check_pairwise_memory(cfg)  # before loading any data: fail fast
     bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
-    _check_pairwise_memory(cfg)
 
     variants = [(cfg, "")]
     if sweep is not None:
@@ -129,8 +129,9 @@ def _check_pairwise_memory(cfg: RunConfig) -> None:
         need = pairwise_bytes(m, n) / 2**20
         if need > cfg.max_pairwise_mb:
             raise ValueError(f"metric {m!r} at global batch n={n} needs ~{need:.0f} MiB of O(n²) buffers, over "
-                             f"max_pairwise_mb={cfg.max_pairwise_mb:g}; use a smaller batch, --match local, or a "
-                             "linear-memory metric (sliced_w2, gauss_w2, gauss_kl, mmd_linear)")
+                             f"--max-pairwise-mb {cfg.max_pairwise_mb:g}; use a smaller --batch-size, --match local, "
+                             "or a linear-memory metric: sliced_w2, or the Gaussian ones (gauss_w2, gauss_cw2, "
+                             "gauss_kl, gauss_ckl); sinkhorn is no lighter here (it also holds n×n matrices)")
 
 
 def plot_sweep(rows: list[dict], key: str, path: Path) -> None:

@@ -25,11 +25,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno is not None:  # e.g. ENOSPC: say which file could not be written
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} (the previous version, if any, "
+                                   "is unchanged)") from e
         raise
 
 
@@ -56,8 +59,28 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise
     except Exception as e:  # unpickling errors, truncated zip, foreign objects
-        raise ValueError(f"checkpoint {path} is corrupt or not a kd2m/torch weights file "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(f"checkpoint {path} is corrupt or not a kd2m/torch weights file; "
+                         f"{describe_load_error(e)}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation of torch.load")
+
+
+def describe_load_error(err: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``.
+
+    torch's weights-only error starts with a paragraph suggesting ``weights_only=False`` (which
+    would run the file's code); keep only the specific reason (e.g. "Unsupported operand 222"
+    for random bytes, "unsupported GLOBAL posix.system" for a pickle that would run code).
+    """
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if text.startswith("Weights only load failed"):
+        reason = next((ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)
+                       and not ln.startswith("WeightsUnpickler error")), "")
+        head = "the safe loader (weights_only=True, tensors only, never code) refused it"
+        return f"{head}: {reason}" if reason else head
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

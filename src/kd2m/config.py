@@ -79,6 +79,9 @@ class RunConfig:
     def resolved(self) -> "RunConfig":
         """A copy with dataset-dependent defaults filled in and every value checked."""
         c = dataclasses.replace(self)
+        from .data import available_datasets
+        if c.dataset not in available_datasets():  # checked before anything is written or loaded
+            raise ConfigError(f"dataset: unknown {c.dataset!r}; available: {', '.join(available_datasets())}")
         defaults = dict(DATASET_DEFAULTS.get(c.dataset, IMAGE_DEFAULTS))
         # Per-metric λ defaults apply only while the user set no λ at all: an explicit --weight
         # means "this λ for every metric".
@@ -91,6 +94,11 @@ class RunConfig:
         for key, value in defaults.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
+        from .models import available_models
+        for key in ("teacher", "student"):
+            if getattr(c, key) not in available_models():
+                raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; "
+                                  f"available: {', '.join(available_models())}")
         if c.teacher_epochs is None:
             c.teacher_epochs = c.epochs
         if c.out is None:

@@ -29,7 +29,7 @@ from .models import build_model, load_pretrained
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the last good checkpoint is kept."""
+    """The training loss (or the matched features) became NaN/inf; the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,13 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
                     "rng": _rng_state(train_loader), "epoch": epoch + 1, "elapsed": elapsed,
                     "history": json.dumps(history)})
                 atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    except NonFiniteLossError as e:  # say which run diverged and how to go on
+        if ckpt_path.exists():
+            advice = (f"the last good checkpoint {ckpt_path} is kept: lower --weight and rerun to resume from it, "
+                      "or delete it and rerun with a lower --lr (a resumed run keeps its learning-rate schedule)")
+        else:
+            advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
+        raise NonFiniteLossError(f"{desc or run_dir}: {e}; {advice}") from None
     finally:
         for tap in (s_tap, t_tap):
             if tap is not None:
@@ -255,16 +262,18 @@ def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_ta
                     t_logits = teacher(x)
         d = kd = None
         if distill is not None:
+            for who, feats in (("student", s_tap.feature), ("teacher", t_tap.feature)):
+                if not bool(torch.isfinite(feats.detach()).all()):  # the metric would refuse it without the step
+                    raise NonFiniteLossError(f"non-finite {who} features at epoch {epoch + 1}, step {step + 1}")
             d = distill.distance(s_tap.feature, t_tap.feature, y, logits, t_logits)
             loss = loss + distill.weight * d
         if method.kd_weight > 0:
             kd = hinton_kd(logits, t_logits, cfg.kd_temperature)
             loss = loss + method.kd_weight * kd
         if not torch.isfinite(loss):
-            parts = f"ce={float(ce):.4g}" + (f", distill={float(d):.4g}" if d is not None else "") \
-                    + (f", kd={float(kd):.4g}" if kd is not None else "")
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({parts}); "
-                                     "the last good checkpoint is kept — lower --lr or --weight and rerun")
+            parts = f"ce={float(ce.detach()):.4g}" + (f", distill={float(d.detach()):.4g}" if d is not None else "") \
+                    + (f", kd={float(kd.detach()):.4g}" if kd is not None else "")
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({parts})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if distill is not None and distill.projector is not None:

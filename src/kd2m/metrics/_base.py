@@ -49,7 +49,8 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
             raise ValueError(f"{name}: {what} contains {bad} NaN/inf value(s); refusing to compute a loss from it")
     if same_dim and s.shape[1] != t.shape[1]:
         raise ValueError(f"{name}: feature dims differ: student d={s.shape[1]}, teacher d={t.shape[1]} "
-                         "(use KD2MLoss(projector=True) or the 'gw2' metric, which compares across dims)")
+                         "(give KD2MLoss student_dim= and teacher_dim= for a learnable projector, or use the "
+                         "'gw2' metric, which compares across dims)")
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dim() != 1:
             raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got "
@@ -168,8 +169,16 @@ def class_mean(fn: Callable[[Tensor, Tensor], Tensor], s: Tensor, t: Tensor, lab
 def sqdist(x: Tensor, y: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances, (n, d) x (m, d) -> (n, m), clamped at 0.
 
-    Uses ‖x‖² + ‖y‖² − 2xᵀy (one GEMM); the clamp removes tiny negatives from cancellation.
+    Uses ‖x‖² + ‖y‖² − 2xᵀy (one GEMM) after subtracting the pooled mean of x and y (detached:
+    distances are translation-invariant, so neither the value nor the gradient changes); without
+    it, features sharing a large offset lose most of their digits to cancellation (float32 at
+    offset 100 and spread 0.01 leaves nothing), which a metric that normalises the distances
+    (gw2) or fits a bandwidth to them then amplifies. The clamp removes tiny negatives.
     """
+    same = y is x
+    c = x.detach().mean(0) if same else (x.detach().sum(0) + y.detach().sum(0)) / (x.shape[0] + y.shape[0])
+    x = x - c
+    y = x if same else y - c
     xx = (x * x).sum(1, keepdim=True)
     yy = (y * y).sum(1, keepdim=True).T
     return (xx + yy - 2.0 * x @ y.T).clamp_min(0.0)
