@@ -464,3 +464,15 @@ def test_killed_bench_grid_resumes_without_redoing_or_duplicating(tmp_path):
     keys = [(row["method"], int(row["seed"])) for row in _read_csv(out / "results.csv")]
     assert sorted(keys) == sorted({(m, s) for m in ("teacher", "cw2", "gauss_w2") for s in (0, 1)})
     assert len(keys) == len(set(keys)) == 6
+
+
+def test_atomic_writes_make_ordinary_readable_files(tmp_path):
+    """mkstemp creates 0600 files; results and checkpoints must get the usual umask-based mode."""
+    import os
+    import stat
+    from kd2m.checkpoint import atomic_write_text
+    target = tmp_path / "results.md"
+    atomic_write_text(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
