@@ -22,16 +22,6 @@ from kd2m.data.torchvision_sets import CIFAR10_STATS, CIFAR100_STATS, SVHN_STATS
 from kd2m.models import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on busy cores OpenMP's spin-waiting
-    makes them 5-50× slower; run these tests single-threaded and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 

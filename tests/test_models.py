@@ -13,16 +13,6 @@ from kd2m.models import available_models, build_model, load_pretrained
 ALL = ["cifar_resnet18", "cifar_resnet34", "digits_cnn", "digits_mlp", "resnet18", "resnet34"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on busy cores OpenMP's spin-waiting
-    makes them 5-50× slower; run these tests single-threaded and restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

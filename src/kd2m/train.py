@@ -120,21 +120,26 @@ def _set_rng_state(state: dict, loader) -> None:
         loader.generator.set_state(state["loader"])
 
 
-def build_student(cfg: RunConfig, bundle, seed: int) -> nn.Module:
-    """The seed's student initialisation: identical for every method of that seed."""
-    torch.manual_seed(1_000_003 * (seed + 1))
-    model = build_model(cfg.student, bundle.num_classes, bundle.in_channels, bundle.image_size)
-    if cfg.pretrained_student:
-        load_pretrained(model, cfg.pretrained_student, new_head="fc.")
+_INIT_SEED = {"student": 1_000_003, "teacher": 2_000_003}
+
+
+def build_net(cfg: RunConfig, bundle, seed: int, role: str) -> nn.Module:
+    """The seed's ``role`` ("student" or "teacher") network, freshly initialised (or from its
+    ``pretrained_<role>`` file): the same weights for every method of that seed."""
+    torch.manual_seed(_INIT_SEED[role] * (seed + 1))
+    model = build_model(getattr(cfg, role), bundle.num_classes, bundle.in_channels, bundle.image_size)
+    weights = getattr(cfg, f"pretrained_{role}")
+    if weights:
+        load_pretrained(model, weights, new_head="fc.")
     return model
+
+
+def build_student(cfg: RunConfig, bundle, seed: int) -> nn.Module:
+    return build_net(cfg, bundle, seed, "student")
 
 
 def build_teacher(cfg: RunConfig, bundle, seed: int) -> nn.Module:
-    torch.manual_seed(2_000_003 * (seed + 1))
-    model = build_model(cfg.teacher, bundle.num_classes, bundle.in_channels, bundle.image_size)
-    if cfg.pretrained_teacher:
-        load_pretrained(model, cfg.pretrained_teacher, new_head="fc.")
-    return model
+    return build_net(cfg, bundle, seed, "teacher")
 
 
 def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run_dir: Path,

@@ -18,6 +18,8 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
+from ..registry import registrar
+
 #: Where datasets live when no ``data_root`` is given (``$KD2M_DATA_ROOT`` overrides it).
 DEFAULT_DATA_ROOT = Path("~/.cache/kd2m/data")
 
@@ -47,16 +49,8 @@ Builder = Callable[[str | os.PathLike | None, bool, bool], DataBundle]
 _DATASETS: dict[str, Builder] = {}
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(data_root, download, augment)`` available as ``name``."""
-
-    def add(builder: Builder) -> Builder:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = builder
-        return builder
-
-    return add
+#: Decorator: ``@register_dataset(name)`` makes ``builder(data_root, download, augment)`` available.
+register_dataset = registrar(_DATASETS, "dataset")
 
 
 def available_datasets() -> list[str]:

@@ -16,20 +16,14 @@ from typing import Callable
 
 from torch import nn
 
+from ..registry import registrar
+
 Builder = Callable[..., nn.Module]
 _MODELS: dict[str, Builder] = {}
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: make ``builder(num_classes, in_channels, image_size)`` available as ``name``."""
-
-    def add(builder: Builder) -> Builder:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = builder
-        return builder
-
-    return add
+#: Decorator: ``@register_model(name)`` makes ``builder(num_classes, in_channels, image_size)`` available.
+register_model = registrar(_MODELS, "model")
 
 
 def available_models() -> list[str]:
