@@ -191,3 +191,13 @@ def test_imagefolder_tree_through_the_cli(tmp_path):
     rows = {r["method"]: float(r["test_acc"]) for r in read_csv(out / "results.csv")}
     assert set(rows) == {"teacher", "ce", "cw2"}
     assert rows["teacher"] > 0.5  # 3 classes: chance is 1/3
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    """The GPU-path options also run on CPU: networks under bf16 autocast, distances in fp32."""
+    out = tmp_path / "amp"
+    code = main(["run", "--epochs", "2", "--teacher-epochs", "2", "--seeds", "1", "--metrics", "cw2,gauss_w2",
+                 "--baselines", "ce", "--amp", "bf16", "--channels-last", "--out", str(out), "--no-progress"])
+    assert code == 0
+    rows = {r["method"]: float(r["test_acc"]) for r in read_csv(out / "results.csv")}
+    assert rows["teacher"] > 0.5 and all(0.1 < v <= 1.0 for v in rows.values())
