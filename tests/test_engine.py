@@ -201,3 +201,19 @@ def test_bf16_autocast_and_channels_last_run(tmp_path):
     assert code == 0
     rows = {r["method"]: float(r["test_acc"]) for r in read_csv(out / "results.csv")}
     assert rows["teacher"] > 0.5 and all(0.1 < v <= 1.0 for v in rows.values())
+
+
+def test_changed_settings_never_reuse_old_runs(tmp_path, capsys):
+    """`kd2m run --epochs 1` then `kd2m run --epochs 2` into the same directory must not report
+    the 1-epoch results as 2-epoch ones: the stored settings are compared, and a mismatch is a
+    clear error."""
+    out = str(tmp_path / "r")
+    base = ["run", "--teacher-epochs", "1", "--seeds", "1", "--metrics", "cw2", "--baselines", "ce",
+            "--out", out, "--no-progress"]
+    assert main(base + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings" in err and "epochs 1 there, 2 now" in err
+    assert main(base + ["--epochs", "1"]) == 0  # the same settings: everything reused
+    assert "(finished earlier)" in capsys.readouterr().out

@@ -55,7 +55,6 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
                     for v in values]
     csv_path = out / "results.csv"
     rows = R.read_rows(csv_path)
-    done = {R.row_key(r) for r in rows}
     students, seen = [], set()
     for vcfg, suffix in variants:
         kd_suffix = suffix if sweep is not None and sweep[0] != "weight" else ""
@@ -65,29 +64,26 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
                 students.append((vcfg, m))
     t_start = time.perf_counter()
     for seed in cfg.seeds:
-        todo = [(v, m) for v, m in students if (m.key, seed) not in done]
-        if not todo and ("teacher", seed) in done:
-            continue
+        # Every run goes through fit(): a finished one returns its final.json at once after
+        # checking that it was made with the same settings (so a resumed grid redoes nothing,
+        # and a changed config never silently reuses old results).
         teacher = build_teacher(cfg, bundle, seed)
-        runs = [(cfg, Method("teacher"))] + todo
-        for vcfg, method in runs:
+        for vcfg, method in [(cfg, Method("teacher"))] + students:
+            run_dir = out / ("teacher" if method.is_teacher else method.key) / f"seed{seed}"
+            earlier = (run_dir / "final.json").exists()
             if method.is_teacher:
-                res = fit(teacher, bundle, cfg, method, seed, out / "teacher" / f"seed{seed}", device,
-                          epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")
+                res = fit(teacher, bundle, cfg, method, seed, run_dir, device, epochs=cfg.teacher_epochs,
+                          desc=f"teacher s{seed}")
                 freeze(teacher)
             else:
-                model = build_student(vcfg, bundle, seed)
-                res = fit(model, bundle, vcfg, method, seed, out / method.key / f"seed{seed}", device,
+                res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
                           teacher=teacher, desc=f"{method.key} s{seed}")
-            if (method.key, seed) in done:
-                continue
             row = {**res, "dataset": cfg.dataset, "label": R.label(method.key),
-                   "run_dir": str(Path(method.key) / f"seed{seed}")}
-            if D.is_main():
+                   "run_dir": str(run_dir.relative_to(out))}
+            if D.is_main() and not any(R.row_key(r) == R.row_key(row) for r in rows):
                 rows = R.upsert(csv_path, row)
-            done.add((method.key, seed))
             log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {R.label(method.key):<24} "
-                f"acc {100 * res['test_acc']:.2f}%")
+                f"acc {100 * res['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
     keys = {"teacher"} | {m.key for _, m in students}
     own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] if D.is_main() else rows
     if D.is_main():

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed as D
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .features import FeatureTap
 from .loss import KD2MLoss, hinton_kd
 from .models import build_model, load_pretrained
@@ -142,6 +142,33 @@ def build_teacher(cfg: RunConfig, bundle, seed: int) -> nn.Module:
     return build_net(cfg, bundle, seed, "teacher")
 
 
+def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher=None) -> dict:
+    """Everything that decides a run's result; stored with it so that a resume or a skip never
+    silently reuses a run made with other settings (e.g. `kd2m run --epochs 1`, then `kd2m run`)."""
+    role = "teacher" if method.is_teacher else "student"
+    s = {"dataset": cfg.dataset, "model": getattr(cfg, role), "pretrained": getattr(cfg, f"pretrained_{role}"),
+         "epochs": epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_min": cfg.lr_min,
+         "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "amp": cfg.amp, "seed": seed,
+         "world_size": D.world_size()}
+    if teacher is not None:
+        s.update(teacher=cfg.teacher, teacher_epochs=cfg.teacher_epochs, kd_weight=method.kd_weight,
+                 kd_temperature=cfg.kd_temperature if method.kd_weight else None)
+    if method.metric:
+        s.update(metric=method.metric, weight=method.weight, metric_options=cfg.metric_options.get(method.metric, {}),
+                 student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer, match=cfg.match)
+    return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
+
+
+def check_settings(run_dir: Path, stored: dict | None, current: dict) -> None:
+    if stored is None:
+        return
+    diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if diff:
+        what = "; ".join(f"{k} {stored.get(k)!r} there, {current.get(k)!r} now" for k in diff[:4])
+        raise ConfigError(f"{run_dir} holds a run made with other settings ({what}); "
+                          "use another --out, or delete that directory to redo it")
+
+
 def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run_dir: Path,
         device: torch.device, teacher: nn.Module | None = None, epochs: int | None = None,
         desc: str = "") -> dict:
@@ -154,11 +181,14 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     run_dir = Path(run_dir)
     epochs = cfg.epochs if epochs is None else epochs
     final_path = run_dir / "final.json"
+    settings = run_settings(cfg, method, seed, epochs, teacher)
     if final_path.exists():  # finished earlier: load its weights (a teacher is reused) and its result
+        result = json.loads(final_path.read_text())
+        check_settings(run_dir, result.get("settings"), settings)
         if (run_dir / "model.pt").exists():
             model.load_state_dict(load_checkpoint(run_dir / "model.pt"))
         model.to(device)
-        return json.loads(final_path.read_text())
+        return result
     seed_everything(seed + 1000 * D.rank())  # augmentation differs per rank; DDP syncs the initial weights
     model.to(device)
     if cfg.channels_last:
@@ -179,6 +209,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        check_settings(run_dir, json.loads(state["settings"]) if "settings" in state else None, settings)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -216,6 +247,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "distill": distill.state_dict() if distill is not None else None,
                     "rng": _rng_state(train_loader), "epoch": epoch + 1, "elapsed": elapsed,
+                    "settings": json.dumps(settings),
                     "history": json.dumps(history)})
                 atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     except NonFiniteLossError as e:  # say which run diverged and how to go on
@@ -231,7 +263,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
                 tap.remove()
     result = {"method": method.key, "metric": method.metric, "weight": method.weight, "seed": seed,
               "test_acc": history[-1]["test_acc"] if history else evaluate(net, test_loader, device),
-              "epochs": epochs, "seconds": round(elapsed, 3)}
+              "epochs": epochs, "seconds": round(elapsed, 3), "settings": settings}
     if D.is_main():
         save_checkpoint(run_dir / "model.pt", model.state_dict())
         atomic_write_json(final_path, result)
