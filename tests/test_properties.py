@@ -118,17 +118,14 @@ def test_non_negative(name, opts, n, d, scale, seed, mode):
 @SETTINGS
 @given(**shapes)
 def test_zero_on_identical_batches(name, opts, n, d, scale, seed, mode):
-    # gw2's Frank-Wolfe starts from the product coupling, which is stationary when the batch has
-    # repeated points: a local minimum above 0 (see the xfail test below)
-    assume(not (name == "gw2" and mode == "duplicates"))
+    # gw2 included: its second Frank-Wolfe start (i <-> i) reaches 0 even with repeated points
     s, _, y, sl, _ = make_batch(n, d, scale, seed, mode)
     value, _, _ = evaluate(name, opts, s, s.clone(), y, sl, sl.clone())
     assert abs(float(value)) <= 1e-5 * unit(name, s, s, opts) + 1e-9, float(value)
 
 
-@pytest.mark.xfail(strict=True, reason="gw2 is a local solver started at the product coupling, which is a "
-                   "stationary point when the batch has repeated points: GW(x, x) > 0 there")
 def test_gw2_is_zero_on_identical_batches_with_repeated_points():
+    """The product coupling is a stationary point here; the second start (i <-> i) finds 0."""
     x = torch.tensor([[1.4726], [-0.2804], [1.4726], [-0.2804]])
     assert float(metrics.get("gw2")(x, x.clone())) <= 1e-6
 

@@ -11,8 +11,9 @@ invariant to rotations and translations of either cloud.
 
 How it is computed
 * The plan comes from POT's :func:`ot.gromov.gromov_wasserstein` (conditional gradient /
-  Frank-Wolfe with exact line search, started from :math:`a b^\top`, every linear step an
-  exact OT problem) on detached float64 copies of the two matrices, without gradient. The
+  Frank-Wolfe with exact line search, started from :math:`a b^\top` and, for equal batch
+  sizes, also from the sample-wise coupling :math:`\gamma_{ii} = 1/n` — the best of the two is
+  kept; every linear step an exact OT problem) on detached float64 copies of the two matrices, without gradient. The
   problem is a non-convex quadratic programme: the solver returns a **local** minimiser (a
   stationary point), so the value is an upper bound on the true GW discrepancy.
 * The objective is then evaluated in torch with the plan fixed,
@@ -65,13 +66,21 @@ def gw_plan(C_s: Tensor, C_t: Tensor, *, max_iter: int = 10000, tol: float = 1e-
     n_s, n_t = A.shape[0], B.shape[0]
     p = np.full(n_s, 1.0 / n_s)
     q = np.full(n_t, 1.0 / n_t)
-    G, log = ot.gromov.gromov_wasserstein(A, B, p, q, loss_fun="square_loss", symmetric=True, log=True,
-                                          max_iter=int(max_iter), tol_rel=float(tol), tol_abs=float(tol),
-                                          numItermaxEmd=max(100_000, 50 * n_s * n_t))
-    if log.get("result_code", 1) != 1 or log.get("warning") is not None:
-        raise RuntimeError(f"gw2: an exact OT step of the Gromov-Wasserstein solver stopped early "
-                           f"({log.get('warning')!r}); the plan would not be a stationary point")
-    return torch.as_tensor(G, dtype=torch.float64).to(C_s.device)
+    # The product coupling is a stationary point for batches with repeated points (GW(x, x) > 0
+    # there). For equal sizes the solver also starts from the sample-wise coupling i <-> i, which
+    # in distillation pairs the two features of the same input; the lower objective wins.
+    starts = [None] + ([np.eye(n_s) / n_s] if n_s == n_t else [])
+    best, best_value = None, np.inf
+    for G0 in starts:
+        G, log = ot.gromov.gromov_wasserstein(A, B, p, q, loss_fun="square_loss", symmetric=True, log=True, G0=G0,
+                                              max_iter=int(max_iter), tol_rel=float(tol), tol_abs=float(tol),
+                                              numItermaxEmd=max(100_000, 50 * n_s * n_t))
+        if log.get("result_code", 1) != 1 or log.get("warning") is not None:
+            raise RuntimeError(f"gw2: an exact OT step of the Gromov-Wasserstein solver stopped early "
+                               f"({log.get('warning')!r}); the plan would not be a stationary point")
+        if log["gw_dist"] < best_value:
+            best, best_value = G, log["gw_dist"]
+    return torch.as_tensor(best, dtype=torch.float64).to(C_s.device)
 
 
 def gw_objective(C_s: Tensor, C_t: Tensor, plan: Tensor) -> Tensor:
