@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     bnd.add_argument("--samples", type=int, default=1000, help="held-out samples N for exact OT (default 1000)")
     bnd.add_argument("--device", default="auto")
     bnd.add_argument("--data-root", default=None)
+    tab = sub.add_parser("table", help="the paper's table over several run directories (datasets as columns)")
+    tab.add_argument("run_dirs", nargs="+")
+    tab.add_argument("--out", help="also write the Markdown table to this file")
     met = sub.add_parser("metrics", help="list metrics, models and datasets")
     met.add_argument("--models", action="store_true")
     return p
@@ -157,6 +160,25 @@ def cmd_bound(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from .checkpoint import atomic_write_text
+    from .results import paper_table, read_rows
+    runs = {}
+    for d in args.run_dirs:
+        rows = read_rows(Path(d) / "results.csv")
+        if not rows:
+            raise FileNotFoundError(f"{Path(d) / 'results.csv'} does not exist or is empty: is {d} a kd2m run directory?")
+        dataset = rows[0].get("dataset") or Path(d).name
+        if dataset in runs:
+            raise ValueError(f"two run directories hold dataset {dataset!r}; give one per dataset")
+        runs[dataset] = rows
+    table = paper_table(runs)
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, table)
+    return 0
+
+
 def cmd_metrics(args) -> int:
     from . import metrics
     from .data import available_datasets
@@ -176,7 +198,7 @@ def main(argv=None) -> int:
     debug = args.debug or os.environ.get("KD2M_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"run": cmd_run, "bench": cmd_run, "report": cmd_report, "bound": cmd_bound,
-               "metrics": cmd_metrics}[args.command]
+               "table": cmd_table, "metrics": cmd_metrics}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -133,3 +133,35 @@ def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: s
     atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table)
     atomic_write_json(out_dir / "results.json", {"dataset": dataset, "rows": rows, "summary": summarize(rows)})
     return table
+
+
+def paper_table(runs: dict[str, list[dict]]) -> str:
+    """The paper's layout over several datasets: methods as rows, one column per dataset with
+    our mean ± std (best student per column in bold), then the paper's one-seed numbers.
+
+    ``runs`` maps a dataset name to its results rows (e.g. from several run directories).
+    """
+    stats = {ds: {s["method"]: s for s in summarize(rows)} for ds, rows in runs.items()}
+    methods: list[str] = []
+    for per in stats.values():
+        methods += [m for m in per if m not in methods]
+    order = list(LABELS)
+    methods.sort(key=lambda m: (order.index(m.partition("@")[0]) if m.partition("@")[0] in order else len(order), m))
+    best = {ds: max((s["mean"] for m, s in per.items() if m != "teacher"), default=None) for ds, per in stats.items()}
+    paper_cols = [ds for ds in runs if ds in PAPER]
+    head = "| method | " + " | ".join(f"{ds} (ours)" for ds in runs) + "".join(f" | {ds} (paper)" for ds in paper_cols) + " |"
+    lines = [head, "|---" * (1 + len(runs) + len(paper_cols)) + "|"]
+    for m in methods:
+        cells = []
+        for ds, per in stats.items():
+            s = per.get(m)
+            if s is None:
+                cells.append("—")
+                continue
+            cell = fmt(s["mean"], s["std"])
+            cells.append(f"**{cell}**" if m != "teacher" and s["mean"] == best[ds] else cell)
+        for ds in paper_cols:
+            p = PAPER[ds].get(m)
+            cells.append(f"{p:.2f}" if p is not None else "—")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

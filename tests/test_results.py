@@ -1,0 +1,44 @@
+"""Results tables: mean ± sample std over seeds, best student in bold, the paper's layout."""
+import statistics
+
+import pytest
+
+from kd2m import results as R
+from kd2m.cli import main
+
+
+def rows(dataset, accs):
+    return [{"dataset": dataset, "method": m, "seed": s, "test_acc": a, "weight": 0.0}
+            for m, per_seed in accs.items() for s, a in enumerate(per_seed)]
+
+
+def test_summary_is_mean_and_sample_std_in_percent():
+    stats = {s["method"]: s for s in R.summarize(rows("x", {"ce": [0.90, 0.92, 0.97]}))}
+    assert stats["ce"]["mean"] == pytest.approx(93.0)
+    assert stats["ce"]["std"] == pytest.approx(statistics.stdev([90.0, 92.0, 97.0]))
+
+
+def test_paper_table_has_datasets_as_columns_and_bold_best_student():
+    runs = {"cifar10": rows("cifar10", {"teacher": [0.99, 0.99], "ce": [0.80, 0.82], "cw2": [0.85, 0.87]}),
+            "svhn": rows("svhn", {"teacher": [0.97, 0.97], "ce": [0.93, 0.95], "cw2": [0.90, 0.92]})}
+    table = R.paper_table(runs)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| method | cifar10 (ours) | svhn (ours) | cifar10 (paper) | svhn (paper) |"
+    by = {ln.split("|")[1].strip(): ln for ln in lines[2:]}
+    assert list(by) == ["teacher", "student (CE only)", "CW2 (E)"]  # the paper's row order
+    assert "**86.00 ± 1.41**" in by["CW2 (E)"] and "**94.00 ± 1.41**" in by["student (CE only)"]
+    assert "99.00 ± 0.00" in by["teacher"] and "**" not in by["teacher"]
+    assert by["CW2 (E)"].rstrip(" |").endswith("86.54 | 94.06")  # the paper's published numbers
+
+
+def test_table_command_reads_run_directories(tmp_path, capsys):
+    for ds in ("cifar10", "svhn"):
+        d = tmp_path / ds
+        d.mkdir()
+        R.write_rows(d / "results.csv", rows(ds, {"ce": [0.8, 0.9], "w2": [0.85, 0.95]}))
+    out = tmp_path / "table.md"
+    assert main(["table", str(tmp_path / "cifar10"), str(tmp_path / "svhn"), "--out", str(out)]) == 0
+    assert "| W2 (E) | **90.00 ± 7.07** | **90.00 ± 7.07** | 86.45 | 94.00 |" in out.read_text()
+    assert main(["table", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kd2m: error:") and "missing/results.csv does not exist" in err
