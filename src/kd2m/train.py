@@ -25,6 +25,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, s
 from .config import ConfigError, RunConfig
 from .features import FeatureTap
 from .loss import KD2MLoss, hinton_kd
+from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
 
 
@@ -299,10 +300,10 @@ def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_ta
                     t_logits = teacher(x)
         d = kd = None
         if distill is not None:
-            for who, feats in (("student", s_tap.feature), ("teacher", t_tap.feature)):
-                if not bool(torch.isfinite(feats.detach()).all()):  # the metric would refuse it without the step
-                    raise NonFiniteLossError(f"non-finite {who} features at epoch {epoch + 1}, step {step + 1}")
-            d = distill.distance(s_tap.feature, t_tap.feature, y, logits, t_logits)
+            try:  # the metric itself refuses NaN/inf features; say where training diverged
+                d = distill.distance(s_tap.feature, t_tap.feature, y, logits, t_logits)
+            except NonFiniteInputError as e:
+                raise NonFiniteLossError(f"non-finite {e.who} features at epoch {epoch + 1}, step {step + 1}") from None
             loss = loss + distill.weight * d
         if method.kd_weight > 0:
             kd = hinton_kd(logits, t_logits, cfg.kd_temperature)

@@ -27,12 +27,19 @@ class MetricSpec:
     fn: Callable[..., Tensor]
     needs_labels: bool
     same_dim: bool
-    needs_logits: bool
     options: tuple[str, ...]
 
 
+class NonFiniteInputError(ValueError):
+    """Features with NaN/inf; ``who`` is "student" or "teacher" (the engine adds epoch and step)."""
+
+    def __init__(self, message: str, who: str):
+        super().__init__(message)
+        self.who = who
+
+
 def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
-                 needs_labels: bool = False, same_dim: bool = True, needs_logits: bool = False) -> None:
+                 needs_labels: bool = False, same_dim: bool = True) -> None:
     """Raise a ValueError/TypeError that names the problem; never let a bad batch become a NaN loss."""
     for what, x in (("student_feats", s), ("teacher_feats", t)):
         if not isinstance(x, Tensor):
@@ -46,7 +53,8 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
             raise ValueError(f"{name}: {what} is an empty batch")
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"{name}: {what} contains {bad} NaN/inf value(s); refusing to compute a loss from it")
+            raise NonFiniteInputError(f"{name}: {what} contains {bad} NaN/inf value(s); refusing to compute a loss "
+                                      "from it", who=what.split("_")[0])
     if same_dim and s.shape[1] != t.shape[1]:
         raise ValueError(f"{name}: feature dims differ: student d={s.shape[1]}, teacher d={t.shape[1]} "
                          "(give KD2MLoss student_dim= and teacher_dim= for a learnable projector, or use the "
@@ -72,8 +80,6 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
             raise ValueError(f"{name}: {what} contains NaN/inf values")
     if s_logits is not None and t_logits is not None and s_logits.shape[1] != t_logits.shape[1]:
         raise ValueError(f"{name}: logit widths differ: student C={s_logits.shape[1]}, teacher C={t_logits.shape[1]}")
-    if needs_logits and (s_logits is None or t_logits is None):
-        raise ValueError(f"{name}: this setting needs student_logits and teacher_logits")
 
 
 def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True):
@@ -94,7 +100,7 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True):
 
         if name in _REGISTRY:
             raise RuntimeError(f"metric name {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(name, checked, needs_labels, same_dim, False, options)
+        _REGISTRY[name] = MetricSpec(name, checked, needs_labels, same_dim, options)
         checked.metric_name = name
         return checked
     return decorate
@@ -158,12 +164,6 @@ def class_indices(labels: Tensor) -> list[Tensor]:
     order = torch.argsort(labels, stable=True)
     classes, counts = torch.unique_consecutive(labels[order], return_counts=True)
     return list(torch.split(order, counts.tolist()))
-
-
-def class_mean(fn: Callable[[Tensor, Tensor], Tensor], s: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-    """(1/C) Σ_c fn(s[y=c], t[y=c]) over the C classes present in the batch."""
-    terms = [fn(s[idx], t[idx]) for idx in class_indices(labels)]
-    return torch.stack(terms).mean()
 
 
 def sqdist(x: Tensor, y: Tensor) -> Tensor:
