@@ -92,6 +92,24 @@ def np_median_sigma(s, t):
     return dist[(len(dist) - 1) // 2]  # lower median, as torch.median
 
 
+@pytest.mark.parametrize("m", [2, 3, 4, 7, 10, 33])
+def test_median_bandwidth_is_the_lower_median_pairwise_distance(m):
+    z = torch.randn(m, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    if m >= 4:
+        z[m // 2] = z[0]  # a tie, so distinct values and the doubled off-diagonal list are not the same thing
+    sq = torch.cdist(z, z) ** 2
+    got = float(mmd.median_bandwidth(sq))
+    assert got == pytest.approx(np_median_sigma(z[:1].numpy(), z[1:].numpy()), rel=1e-12)
+
+
+def test_median_bandwidth_falls_back_to_the_mean_when_most_pairs_coincide():
+    z = torch.zeros(6, 3, dtype=torch.float64)
+    z[0] = torch.tensor([3.0, 4.0, 0.0])  # 5 of 15 pairs at distance 5, 10 at 0: median 0
+    sq = torch.cdist(z, z) ** 2
+    assert float(mmd.median_bandwidth(sq)) == pytest.approx(math.sqrt(5 * 25 / 15), rel=1e-12)
+    assert float(mmd.median_bandwidth(torch.zeros(4, 4))) == 1.0
+
+
 def np_mmd(s, t, sigma, mults=(1.0,), unbiased=False):
     def k(a, b):
         return np.mean([math.exp(-np.sum((a - b) ** 2) / (2 * (sigma * m) ** 2)) for m in mults])
