@@ -91,12 +91,14 @@ def test_gather_is_identity_when_not_distributed():
     assert gather_with_grad(x) is x
 
 
-def test_torchrun_two_processes_on_digits(tmp_path):
+@pytest.mark.parametrize("cache", ["0", "1"])
+def test_torchrun_two_processes_on_digits(tmp_path, cache):
+    """...also with the teacher cache: each rank looks its own shard's keys up in its own copy."""
     out = tmp_path / "ddp_run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kd2m", "run", "--epochs", "4", "--seeds", "1", "--metrics", "cw2", "--baselines", "ce",
-           "--out", str(out), "--no-progress", "--device", "cpu"]
+           "--out", str(out), "--no-progress", "--device", "cpu", "--teacher-cache", cache]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "results.csv", newline="") as f:

@@ -62,7 +62,7 @@ def test_accuracy_is_counted_over_all_test_samples(tmp_path):
         assert acc == pytest.approx(float((model(x).argmax(1) == y).double().mean()), abs=1e-12)
 
 
-def test_students_share_initialisation_and_teacher_is_reused(tmp_path):
+def test_students_share_initialisation_and_teacher_is_reused(tmp_path, monkeypatch):
     from kd2m.data import build_dataset
     from kd2m.train import build_student
     cfg = RunConfig().resolved()
@@ -75,8 +75,14 @@ def test_students_share_initialisation_and_teacher_is_reused(tmp_path):
     out = tmp_path / "r"
     main(["run", "--epochs", "1", "--seeds", "1", "--metrics", "cw2", "--out", str(out), "--no-progress"])
     stamp = (out / "teacher/seed0/model.pt").stat().st_mtime_ns
+    import kd2m.train
+    loaded = []
+    real_load = kd2m.train.load_checkpoint
+    monkeypatch.setattr(kd2m.train, "load_checkpoint", lambda p: loaded.append(p) or real_load(p))
     main(["run", "--epochs", "1", "--seeds", "1", "--metrics", "cw2,w2", "--out", str(out), "--no-progress"])
     assert (out / "teacher/seed0/model.pt").stat().st_mtime_ns == stamp
+    # of the finished runs only the teacher's weights are read back (students' results come from final.json)
+    assert [p.relative_to(out).as_posix() for p in loaded] == ["teacher/seed0/model.pt"]
     rows = read_csv(out / "results.csv")
     assert sorted(r["method"] for r in rows) == ["ce", "cw2", "kd", "teacher", "w2"]
 

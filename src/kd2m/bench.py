@@ -68,6 +68,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
         # checking that it was made with the same settings (so a resumed grid redoes nothing,
         # and a changed config never silently reuses old results).
         teacher = build_teacher(cfg, bundle, seed)
+        caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
         for vcfg, method in [(cfg, Method("teacher"))] + students:
             run_dir = out / ("teacher" if method.is_teacher else method.key) / f"seed{seed}"
             earlier = (run_dir / "final.json").exists()
@@ -77,7 +78,8 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
                 freeze(teacher)
             else:
                 res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
-                          teacher=teacher, desc=f"{method.key} s{seed}")
+                          teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
+                          teacher_caches=caches)
             row = {**res, "dataset": cfg.dataset, "label": R.label(method.key),
                    "run_dir": str(run_dir.relative_to(out))}
             if D.is_main() and not any(R.row_key(r) == R.row_key(row) for r in rows):

@@ -38,6 +38,8 @@ RUN_OPTIONS = [
     ("--amp", str, "none (default), bf16 or fp16 autocast for the networks (metrics stay fp32/fp64)"),
     ("--pretrained-teacher", str, "local weights file for the teacher (loaded with weights_only=True)"),
     ("--pretrained-student", str, "local weights file for the student initialisation"),
+    ("--teacher-cache", int, "K > 0: compute the teacher's outputs once for K fixed views of each training image "
+                              "and look them up each step (offline distillation; 1 is exact without augmentation)"),
     ("--max-pairwise-mb", float, "refuse O(n²) metrics whose buffers would exceed this (MiB)"),
 ]
 FLAGS = [("--download", "download the dataset if missing"), ("--channels-last", "channels_last memory format"),

@@ -70,6 +70,7 @@ class RunConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    teacher_cache: int = 0
     pretrained_teacher: str | None = None
     pretrained_student: str | None = None
     max_pairwise_mb: float = 2048.0
@@ -105,7 +106,8 @@ class RunConfig:
             c.out = str(Path("runs") / c.dataset)
         if isinstance(c.seeds, int):
             if c.seeds < 1:
-                raise ConfigError(f"seeds: need at least 1, got {c.seeds}")
+                raise ConfigError(f"seeds: a count must be at least 1, got {c.seeds} "
+                                  "(to run seed 0 alone give a list: --seeds 0, or seeds: [0])")
             c.seeds = list(range(c.seeds))
         elif isinstance(c.seeds, str):
             c.seeds = _int_list("seeds", c.seeds)
@@ -128,7 +130,7 @@ class RunConfig:
         unknown_opts = sorted(set(c.metric_options) - set(c.metrics))
         if unknown_opts:
             raise ConfigError(f"metric_options: given for {', '.join(unknown_opts)}, which is not in metrics")
-        for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1)):
+        for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0)):
             if getattr(c, key) < low:
                 raise ConfigError(f"{key}: must be ≥ {low}, got {getattr(c, key)}")
         for key in ("lr", "weight", "lr_min", "max_pairwise_mb"):

@@ -27,6 +27,7 @@ from .features import FeatureTap
 from .loss import KD2MLoss, hinton_kd
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
+from .teacher_cache import FixedViews, build_teacher_cache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,20 +64,23 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device):
-    """Train loader with a seeded shuffle (DistributedSampler under torchrun) and a test loader."""
+def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, train_set=None):
+    """Train loader with a seeded shuffle (DistributedSampler under torchrun) and a test loader.
+
+    ``train_set`` replaces ``bundle.train`` (the teacher cache's :class:`FixedViews` wrapper)."""
+    train_set = bundle.train if train_set is None else train_set
     g = torch.Generator().manual_seed(seed)
     pin = device.type == "cuda"
     workers = cfg.num_workers or 0
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     if D.is_distributed():
         from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed)
-        train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, generator=g, **common)
+        sampler = DistributedSampler(train_set, shuffle=True, seed=seed)
+        train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=g, **common)
         test_sampler = DistributedSampler(bundle.test, shuffle=False, drop_last=False)
         test = DataLoader(bundle.test, batch_size=512, sampler=test_sampler, **common)
     else:
-        train = DataLoader(bundle.train, batch_size=cfg.batch_size, shuffle=True, generator=g, **common)
+        train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g, **common)
         test = DataLoader(bundle.test, batch_size=512, shuffle=False, **common)
     return train, test
 
@@ -154,6 +158,8 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
     if teacher is not None:
         s.update(teacher=cfg.teacher, teacher_epochs=cfg.teacher_epochs, kd_weight=method.kd_weight,
                  kd_temperature=cfg.kd_temperature if method.kd_weight else None)
+    if teacher is not None and cfg.teacher_cache and (method.metric or method.kd_weight):
+        s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
     if method.metric:
         s.update(metric=method.metric, weight=method.weight, metric_options=cfg.metric_options.get(method.metric, {}),
                  student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer, match=cfg.match)
@@ -172,12 +178,17 @@ def check_settings(run_dir: Path, stored: dict | None, current: dict) -> None:
 
 def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run_dir: Path,
         device: torch.device, teacher: nn.Module | None = None, epochs: int | None = None,
-        desc: str = "") -> dict:
+        desc: str = "", load_finished: bool = True, teacher_caches: dict | None = None) -> dict:
     """Train ``model`` for ``epochs`` with ``method``'s loss; resume from ``run_dir`` if a checkpoint is there.
 
     Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
     epoch), ``run_dir/model.pt`` (final weights) and ``run_dir/final.json`` (the result; its presence
     marks the run finished). Returns the result dict.
+
+    A finished run is not retrained: its result is returned, and its weights are loaded into
+    ``model`` when ``load_finished`` (a teacher that students need). With ``cfg.teacher_cache``
+    = K > 0 the teacher's outputs come from a :class:`~kd2m.teacher_cache.TeacherCache`;
+    ``teacher_caches`` (a dict) lets several runs of one teacher share it.
     """
     run_dir = Path(run_dir)
     epochs = cfg.epochs if epochs is None else epochs
@@ -186,7 +197,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     if final_path.exists():  # finished earlier: load its weights (a teacher is reused) and its result
         result = json.loads(final_path.read_text())
         check_settings(run_dir, result.get("settings"), settings)
-        if (run_dir / "model.pt").exists():
+        if load_finished and (run_dir / "model.pt").exists():
             model.load_state_dict(load_checkpoint(run_dir / "model.pt"))
         model.to(device)
         return result
@@ -194,7 +205,13 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, test_loader = make_loaders(bundle, cfg, seed, device)
+    cache = None
+    if teacher is not None and cfg.teacher_cache and (method.metric or method.kd_weight):
+        views = FixedViews(bundle.train, cfg.teacher_cache, seed)
+        cache = _teacher_cache(teacher, views, cfg, device, teacher_caches)
+        train_loader, test_loader = make_loaders(bundle, cfg, seed, device, train_set=views)
+    else:
+        train_loader, test_loader = make_loaders(bundle, cfg, seed, device)
 
     distill = None
     if method.metric:
@@ -225,7 +242,8 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     if cfg.compile:
         net = torch.compile(net)
     s_tap = FeatureTap(model, cfg.student_layer) if (distill is not None) else None
-    t_tap = FeatureTap(teacher, cfg.teacher_layer) if (teacher is not None and distill is not None) else None
+    t_tap = FeatureTap(teacher, cfg.teacher_layer) if (teacher is not None and distill is not None
+                                                        and cache is None) else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     show = cfg.progress and D.is_main()
     bar = _progress(range(start, epochs), desc, total=epochs, initial=start, disable=not show)
@@ -235,7 +253,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
             sums = _train_epoch(net, teacher, train_loader, opt, method, distill, s_tap, t_tap, cfg,
-                                device, amp_dtype, epoch)
+                                device, amp_dtype, epoch, cache)
             sched.step()
             acc = evaluate(net, test_loader, device, cfg.channels_last)
             elapsed += time.perf_counter() - t0
@@ -284,24 +302,43 @@ def _progress(it, desc, total, initial, disable):
     return tqdm(it, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_tap, cfg, device, amp_dtype, epoch):
+def _teacher_cache(teacher, views: FixedViews, cfg: RunConfig, device, memo: dict | None):
+    key = (id(teacher), views.views, views.seed, cfg.teacher_layer, cfg.amp, cfg.channels_last)
+    if memo is not None and key in memo:
+        return memo[key]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    with torch.random.fork_rng(devices=[]):  # building draws no randomness the training run would see
+        cache = build_teacher_cache(teacher, views, cfg.teacher_layer, device, amp_dtype=amp_dtype,
+                                    channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
+                                    progress=cfg.progress and D.is_main())
+    if memo is not None:
+        memo[key] = cache
+    return cache
+
+
+def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_tap, cfg, device, amp_dtype, epoch,
+                 cache=None):
     net.train()
     totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "kd": 0.0}
     seen = 0
-    for step, (x, y) in enumerate(loader):
-        x, y = _to(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+    for step, batch in enumerate(loader):
+        x, y = _to(batch[0], device, cfg.channels_last), batch[1].to(device, non_blocking=True)
+        t_feats = t_logits = None
+        if cache is not None:  # (image, label, key): the teacher's outputs are looked up, not computed
+            t_feats, t_logits = cache.lookup(batch[2].to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = net(x)
             ce = F.cross_entropy(logits.float(), y)
             loss = ce
-            t_logits = None
-            if teacher is not None and (distill is not None or method.kd_weight > 0):
+            if cache is None and teacher is not None and (distill is not None or method.kd_weight > 0):
                 with torch.no_grad():
                     t_logits = teacher(x)
+                if t_tap is not None:
+                    t_feats = t_tap.feature
         d = kd = None
         if distill is not None:
             try:  # the metric itself refuses NaN/inf features; say where training diverged
-                d = distill.distance(s_tap.feature, t_tap.feature, y, logits, t_logits)
+                d = distill.distance(s_tap.feature, t_feats, y, logits, t_logits)
             except NonFiniteInputError as e:
                 raise NonFiniteLossError(f"non-finite {e.who} features at epoch {epoch + 1}, step {step + 1}") from None
             loss = loss + distill.weight * d
