@@ -240,6 +240,10 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     if D.is_distributed():
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        # Dynamo does not guard on module hooks by default: without a reset, a graph compiled
+        # for an earlier run's un-hooked student (same class, same code) is reused and this
+        # run's FeatureTap never fires.
+        torch._dynamo.reset()
         net = torch.compile(net)
     s_tap = FeatureTap(model, cfg.student_layer) if (distill is not None) else None
     t_tap = FeatureTap(teacher, cfg.teacher_layer) if (teacher is not None and distill is not None
