@@ -40,6 +40,7 @@ RUN_OPTIONS = [
     ("--pretrained-student", str, "local weights file for the student initialisation"),
     ("--teacher-cache", int, "K > 0: compute the teacher's outputs once for K fixed views of each training image "
                               "and look them up each step (offline distillation; 1 is exact without augmentation)"),
+    ("--max-cache-mb", float, "refuse a --teacher-cache table larger than this (MiB, default 8192)"),
     ("--max-pairwise-mb", float, "refuse O(n²) metrics whose buffers would exceed this (MiB)"),
 ]
 FLAGS = [("--download", "download the dataset if missing"), ("--channels-last", "channels_last memory format"),

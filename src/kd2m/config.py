@@ -71,6 +71,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     teacher_cache: int = 0
+    max_cache_mb: float = 8192.0
     pretrained_teacher: str | None = None
     pretrained_student: str | None = None
     max_pairwise_mb: float = 2048.0
@@ -133,7 +134,7 @@ class RunConfig:
         for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0)):
             if getattr(c, key) < low:
                 raise ConfigError(f"{key}: must be ≥ {low}, got {getattr(c, key)}")
-        for key in ("lr", "weight", "lr_min", "max_pairwise_mb"):
+        for key in ("lr", "weight", "lr_min", "max_pairwise_mb", "max_cache_mb"):
             if getattr(c, key) < 0:
                 raise ConfigError(f"{key}: must be ≥ 0, got {getattr(c, key)}")
         if c.match not in ("global", "local"):

@@ -112,11 +112,13 @@ class TeacherCache:
 @torch.no_grad()
 def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, device: torch.device,
                         batch_size: int = 512, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                        num_workers: int = 0, progress: bool = False) -> TeacherCache:
+                        num_workers: int = 0, progress: bool = False, max_mb: float | None = None) -> TeacherCache:
     """Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
 
     The same autocast as the training step (``amp_dtype``) is used, so the cached outputs are what
-    an online step would have computed; they are stored in float32.
+    an online step would have computed; they are stored in float32. A table larger than
+    ``max_mb`` MiB is refused (ValueError naming its size) once the first batch has shown the
+    widths, before it is allocated.
     """
     teacher.eval()
     loader = DataLoader(_AllViews(views), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -136,6 +138,12 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
                 out = teacher(x)
             f = tap.feature.float()
             if feats is None:  # sizes are known after the first batch
+                need = n * (f.shape[1] + out.shape[1]) * 4 / 2**20
+                if max_mb is not None and need > max_mb:
+                    raise ValueError(
+                        f"teacher_cache: {views.views} view(s) of {len(views)} images × ({f.shape[1]} features + "
+                        f"{out.shape[1]} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
+                        "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
                 feats = torch.empty(n, f.shape[1], device=device)
                 logits = torch.empty(n, out.shape[1], device=device)
             key = key.to(device)

@@ -314,7 +314,7 @@ def _teacher_cache(teacher, views: FixedViews, cfg: RunConfig, device, memo: dic
     with torch.random.fork_rng(devices=[]):  # building draws no randomness the training run would see
         cache = build_teacher_cache(teacher, views, cfg.teacher_layer, device, amp_dtype=amp_dtype,
                                     channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
-                                    progress=cfg.progress and D.is_main())
+                                    progress=cfg.progress and D.is_main(), max_mb=cfg.max_cache_mb)
     if memo is not None:
         memo[key] = cache
     return cache
