@@ -52,9 +52,21 @@ def _worker(rank, init_file, out_dir):
         allx = gather_with_grad(s)
         (allx ** 2 * torch.arange(1, allx.shape[0] + 1, dtype=torch.float64)[:, None]).sum().backward()
         results["gather"] = {"x": allx.detach(), "grad": s.grad.clone()}
+        cache = _cache()  # each rank computes half the batches; one all-reduce completes the table
+        results["cache"] = {"features": cache.features, "logits": cache.logits}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _cache():
+    from kd2m.models import build_model
+    from kd2m.teacher_cache import FixedViews, build_teacher_cache
+    g = torch.Generator().manual_seed(3)
+    items = [(torch.randn(1, 8, 8, generator=g), i % 4) for i in range(15)]
+    torch.manual_seed(1)
+    teacher = build_model("digits_cnn", 4, 1, 8)
+    return build_teacher_cache(teacher, FixedViews(items, 2, 0), "penultimate", torch.device("cpu"), batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +96,14 @@ def test_gather_with_grad_concatenates_and_sums_gradients(ranks):
         assert torch.equal(ranks[r]["gather"]["x"], full)
         # every rank's identical loss contributes: W copies of 2·w·x on this rank's slice
         assert torch.allclose(ranks[r]["gather"]["grad"], WORLD * 2 * w[r * 12:(r + 1) * 12] * parts[r])
+
+
+def test_teacher_cache_built_across_ranks_equals_single_process_table(ranks):
+    single = _cache()  # 30 keys in 4 batches of 8: rank 0 computes batches 0 and 2, rank 1 batches 1 and 3
+    for r in range(WORLD):
+        assert torch.equal(ranks[r]["cache"]["features"], single.features)
+        assert torch.equal(ranks[r]["cache"]["logits"], single.logits)
+    assert single.features.abs().sum(1).min() > 0  # no row left at its zero start
 
 
 def test_gather_is_identity_when_not_distributed():

@@ -97,8 +97,9 @@ def test_training_runs_no_teacher_forward_per_step(tmp_path):
         assert res["settings"]["teacher_cache"] == 3
         log = [json.loads(line) for line in (tmp_path / method.key / "log.jsonl").read_text().splitlines()]
         assert len(log) == 3 and all(e["distill"] > 0 or e["kd"] > 0 for e in log)
-    # 48 images × 3 views = 144 teacher inputs, once, for both students; none during their 2×3 epochs
-    assert sum(calls) == 144 and len(caches) == 1
+    # 48 images × 3 views = 144 teacher inputs (+1 that probes the widths), once, for both
+    # students; none during their 2×3 epochs
+    assert sum(calls) == 144 + 1 and len(caches) == 1
 
 
 def test_cached_run_matches_online_run_without_augmentation(tmp_path):

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import distributed as D
 from .features import FeatureTap
 
 _M64 = 2**64 - 1
@@ -117,38 +119,51 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
 
     The same autocast as the training step (``amp_dtype``) is used, so the cached outputs are what
     an online step would have computed; they are stored in float32. A table larger than
-    ``max_mb`` MiB is refused (ValueError naming its size) once the first batch has shown the
-    widths, before it is allocated.
+    ``max_mb`` MiB is refused (ValueError naming its size) before it is allocated.
+
+    Under torch.distributed the batches are dealt round-robin to the ranks, each fills its rows
+    of a zero table and one all-reduce sums them: every rank ends with the whole table after
+    1/W of the work, and the batches are those of a single process (the same values).
     """
     teacher.eval()
-    loader = DataLoader(_AllViews(views), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    feats = logits = None
-    n = len(loader.dataset)
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(loader, desc=f"teacher cache ×{views.views}", leave=False, dynamic_ncols=True, disable=None)
+    all_views = _AllViews(views)
+    n = len(all_views)
+    if n == 0:
+        raise ValueError("teacher_cache: the training set is empty")
+
+    def forward(x):
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = teacher(x)
+        return tap.feature.float(), out.float()
+
     with FeatureTap(teacher, layer) as tap:
+        f, out = forward(all_views[0][0].unsqueeze(0))  # the widths, before allocating
+        need = n * (f.shape[1] + out.shape[1]) * 4 / 2**20
+        if max_mb is not None and need > max_mb:
+            raise ValueError(
+                f"teacher_cache: {views.views} view(s) of {len(views)} images × ({f.shape[1]} features + "
+                f"{out.shape[1]} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
+                "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
+        feats = torch.zeros(n, f.shape[1], device=device)
+        logits = torch.zeros(n, out.shape[1], device=device)
+        world, rank = D.world_size(), D.rank()
+        mine = [k for k in range(n) if (k // batch_size) % world == rank]  # whole batches, round-robin
+        loader = DataLoader(Subset(all_views, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        batches = loader
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(loader, desc=f"teacher cache ×{views.views}", leave=False, dynamic_ncols=True,
+                           disable=None)
         for x, _, key in batches:
-            x = x.to(device, non_blocking=True)
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = teacher(x)
-            f = tap.feature.float()
-            if feats is None:  # sizes are known after the first batch
-                need = n * (f.shape[1] + out.shape[1]) * 4 / 2**20
-                if max_mb is not None and need > max_mb:
-                    raise ValueError(
-                        f"teacher_cache: {views.views} view(s) of {len(views)} images × ({f.shape[1]} features + "
-                        f"{out.shape[1]} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
-                        "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
-                feats = torch.empty(n, f.shape[1], device=device)
-                logits = torch.empty(n, out.shape[1], device=device)
+            f, out = forward(x)
             key = key.to(device)
             feats.index_copy_(0, key, f)
-            logits.index_copy_(0, key, out.float())
-    if feats is None:
-        raise ValueError("teacher_cache: the training set is empty")
+            logits.index_copy_(0, key, out)
+    if world > 1:
+        dist.all_reduce(feats)
+        dist.all_reduce(logits)
     return TeacherCache(feats, logits, views.views)
