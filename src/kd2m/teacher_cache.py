@@ -2,15 +2,16 @@
 
 The teacher is frozen and in eval mode, so its features and logits for a given image never
 change. A teacher forward costs about two thirds of a student's train step when the teacher
-is twice the student (ResNet-34 → ResNet-18), which caps online distillation at ~0.6× the
-speed of plain training whatever the metric. With ``teacher_cache: K`` the engine computes
+is twice the student (ResNet-34 → ResNet-18), which caps online distillation at 0.6–0.7× the
+speed of plain training whatever the metric (measured on CPU, README "Speed"). With ``teacher_cache: K`` the engine computes
 the teacher's outputs once, for K fixed *views* of every training image, and each step looks
 them up by key instead of running the teacher: a distillation step then costs what a CE step
 costs plus the distance.
 
 Views. View ``v`` of image ``i`` is the dataset's own transform run with the torch RNG seeded
 from ``(seed, i, v)``, so it is the same image every time it is drawn. Each epoch every image
-is shown in one of its K views, drawn uniformly (from the loader's RNG, so resumes replay it).
+is shown in one of its K views, drawn uniformly from the loading process's torch RNG (with
+``num_workers=0`` that RNG is in the checkpoint, so a resumed run draws the same views).
 Without random augmentation (the digits) K=1 is exact: the student sees what it would see
 online and gets the teacher's outputs to float rounding. With augmentation, K views replace
 a fresh crop per epoch: fewer distinct augmentations (the price offline distillation pays),
@@ -24,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
 import torch.distributed as dist
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import distributed as D
