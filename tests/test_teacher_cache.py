@@ -10,7 +10,7 @@ from kd2m.config import ConfigError, RunConfig
 from kd2m.data import DataBundle, build_dataset
 from kd2m.features import FeatureTap
 from kd2m.models import build_model
-from kd2m.teacher_cache import FixedViews, build_teacher_cache
+from kd2m.teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 from kd2m.train import Method, fit, freeze
 
 
@@ -41,15 +41,23 @@ def test_a_view_is_the_same_image_every_time_and_leaves_the_rng_alone():
     assert not any(torch.equal(a, o) for o in others)  # other views, other seeds: other crops
 
 
-def test_items_cycle_through_exactly_k_views():
-    views = FixedViews(Augmented(), views=2, seed=0)
-    seen = {}
-    for _ in range(40):
-        x, y, key = views[3]
-        assert key // 2 == 3 and y == 3 % 4
-        seen.setdefault(key, x)
-        assert torch.equal(seen[key], x)  # a key always names the same image
-    assert sorted(seen) == [6, 7]
+def test_keys_name_views_and_each_epoch_shows_every_image_once_in_one_view():
+    views = FixedViews(Augmented(n=40), views=3, seed=0)
+    assert len(views) == 120 and views.images == 40
+    x, y, key = views[3 * 3 + 2]
+    assert key == 11 and y == 3 % 4 and torch.equal(x, views.view(3, 2)[0])
+    sampler = ViewSampler(torch.utils.data.RandomSampler(range(40), generator=torch.Generator().manual_seed(1)), 3, 0)
+    per_epoch = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert sorted(k // 3 for k in keys) == list(range(40))  # every image once
+        per_epoch.append({k // 3: k % 3 for k in keys})
+    sampler.set_epoch(2)  # a resumed run: the epoch alone decides the views, no RNG state
+    assert {k // 3: k % 3 for k in sampler} == per_epoch[2]
+    assert per_epoch[0] != per_epoch[1]
+    counts = [sum(per_epoch[e][i] == v for e in range(6) for i in range(40)) for v in range(3)]
+    assert all(55 <= c <= 105 for c in counts), counts  # 240 picks, about uniform over the 3 views
 
 
 def test_cached_outputs_are_the_teachers_outputs_on_those_views():
@@ -126,15 +134,18 @@ def test_teacher_cache_must_be_non_negative():
         RunConfig(teacher_cache=-1).resolved()
 
 
-def test_interrupted_cached_run_resumes_bit_identical(tmp_path, monkeypatch):
-    """With K=3 views of augmented data: the views drawn after a resume, and the rebuilt table,
-    are those of the uninterrupted run, so the final weights are bit-identical."""
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("views", [0, 3])
+def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monkeypatch, workers, views):
+    """Augmented data, online (views=0) or cached with K=3 views, in the main process or with 2
+    loader workers: the crops (or views) drawn after a resume, and a rebuilt table, are those of
+    the uninterrupted run, so the final weights are bit-identical."""
     import kd2m.train
     from kd2m.checkpoint import load_checkpoint
     bundle = DataBundle(train=Augmented(n=48), test=Augmented(n=16), num_classes=4, in_channels=3, image_size=10,
                         name="aug")
     cfg = RunConfig(dataset="digits", teacher="digits_cnn", student="digits_mlp", epochs=4, batch_size=16,
-                    teacher_cache=3, progress=False).resolved()
+                    teacher_cache=views, progress=False, num_workers=workers).resolved()
     torch.manual_seed(5)
     teacher = freeze(build_model("digits_cnn", 4, 3, 10))
     method = Method("cw2", metric="cw2", weight=0.1)

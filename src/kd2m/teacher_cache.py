@@ -10,8 +10,8 @@ costs plus the distance.
 
 Views. View ``v`` of image ``i`` is the dataset's own transform run with the torch RNG seeded
 from ``(seed, i, v)``, so it is the same image every time it is drawn. Each epoch every image
-is shown in one of its K views, drawn uniformly from the loading process's torch RNG (with
-``num_workers=0`` that RNG is in the checkpoint, so a resumed run draws the same views).
+is shown in one of its K views, a hash of (seed, epoch, image) (:class:`ViewSampler`): no RNG
+state, so a resumed run, any number of loader workers and every rank draw the same views.
 Without random augmentation (the digits) K=1 is exact: the student sees what it would see
 online and gets the teacher's outputs to float rounding. With augmentation, K views replace
 a fresh crop per epoch: fewer distinct augmentations (the price offline distillation pays),
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from . import distributed as D
 from .features import FeatureTap
@@ -48,7 +48,10 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 
 class FixedViews(Dataset):
-    """``base`` with K reproducible views per item; items are ``(image, label, key)``, ``key = index·K + view``.
+    """Every view of every item of ``base``: key ``index·K + view`` → ``(image, label, key)``.
+
+    ``len`` is N·K; a training epoch does not read them all but one key per image, chosen by
+    :class:`ViewSampler`.
 
     Args:
         base: a dataset of ``(image, label)`` whose transform draws from torch's RNG.
@@ -61,8 +64,12 @@ class FixedViews(Dataset):
             raise ValueError(f"teacher_cache: need at least 1 view per image, got {views}")
         self.base, self.views, self.seed = base, int(views), int(seed)
 
-    def __len__(self) -> int:
+    @property
+    def images(self) -> int:
         return len(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base) * self.views
 
     def view(self, index: int, view: int):
         """View ``view`` of item ``index``: ``(image, label)``, identical on every call."""
@@ -75,24 +82,36 @@ class FixedViews(Dataset):
         finally:
             gen.set_state(state)
 
-    def __getitem__(self, index: int):
-        v = int(torch.randint(self.views, ())) if self.views > 1 else 0
-        x, y = self.view(index, v)
-        return x, y, index * self.views + v
+    def __getitem__(self, key: int):
+        x, y = self.view(key // self.views, key % self.views)
+        return x, y, key
 
 
-class _AllViews(Dataset):
-    """Every (item, view) pair of a :class:`FixedViews`, in key order (to fill the cache)."""
+class ViewSampler(Sampler):
+    """One key of :class:`FixedViews` per image per epoch: the images in ``base``'s order (a
+    shuffling sampler over the N images, e.g. RandomSampler or DistributedSampler), each in view
+    ``splitmix64(seed, epoch, index) mod K``.
 
-    def __init__(self, views: FixedViews):
-        self.v = views
+    The view is a pure function of (seed, epoch, index), drawn in the main process: a resumed
+    run, any number of loader workers and every rank agree on it without any RNG state.
+    """
+
+    def __init__(self, base: Sampler, views: int, seed: int):
+        self.base, self.views, self.seed, self.epoch = base, int(views), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        k = self.views
+        salt = _splitmix64((self.seed & _M64) ^ _splitmix64(self.epoch))
+        for index in self.base:
+            yield index * k + (_splitmix64(salt ^ index) % k if k > 1 else 0)
 
     def __len__(self) -> int:
-        return len(self.v) * self.v.views
-
-    def __getitem__(self, key: int):
-        x, y = self.v.view(key // self.v.views, key % self.v.views)
-        return x, y, key
+        return len(self.base)
 
 
 @dataclass
@@ -127,7 +146,7 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
     1/W of the work, and the batches are those of a single process (the same values).
     """
     teacher.eval()
-    all_views = _AllViews(views)
+    all_views = views  # every key, in order
     n = len(all_views)
     if n == 0:
         raise ValueError("teacher_cache: the training set is empty")
@@ -145,7 +164,7 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
         need = n * (f.shape[1] + out.shape[1]) * 4 / 2**20
         if max_mb is not None and need > max_mb:
             raise ValueError(
-                f"teacher_cache: {views.views} view(s) of {len(views)} images × ({f.shape[1]} features + "
+                f"teacher_cache: {views.views} view(s) of {views.images} images × ({f.shape[1]} features + "
                 f"{out.shape[1]} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
                 "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
         feats = torch.zeros(n, f.shape[1], device=device)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from . import distributed as D
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
@@ -27,7 +27,7 @@ from .features import FeatureTap
 from .loss import KD2MLoss, hinton_kd
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
-from .teacher_cache import FixedViews, build_teacher_cache
+from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,24 +64,33 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, train_set=None):
+def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, views: FixedViews | None = None):
     """Train loader with a seeded shuffle (DistributedSampler under torchrun) and a test loader.
 
-    ``train_set`` replaces ``bundle.train`` (the teacher cache's :class:`FixedViews` wrapper)."""
-    train_set = bundle.train if train_set is None else train_set
+    With ``views`` (the teacher cache) the loader reads keys of those views instead of images:
+    the same image order, each image in the view :class:`ViewSampler` picks for the epoch."""
     g = torch.Generator().manual_seed(seed)
     pin = device.type == "cuda"
     workers = cfg.num_workers or 0
-    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    # Workers are not persistent: a DataLoader iterator draws its workers' base seed when it is
+    # created (train: from `g`; test: from the global RNG, which also drives dropout). Created
+    # every epoch, those draws are the same in a resumed run as in the uninterrupted one; a
+    # persistent iterator draws once, in the first epoch a process runs, so after a resume every
+    # later shuffle, crop and dropout mask would shift. Costs a worker start per epoch.
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
     if D.is_distributed():
         from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(train_set, shuffle=True, seed=seed)
-        train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, generator=g, **common)
+        sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed)
         test_sampler = DistributedSampler(bundle.test, shuffle=False, drop_last=False)
         test = DataLoader(bundle.test, batch_size=512, sampler=test_sampler, **common)
     else:
-        train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g, **common)
+        sampler = RandomSampler(bundle.train, generator=g)  # what shuffle=True builds
         test = DataLoader(bundle.test, batch_size=512, shuffle=False, **common)
+    if views is not None:
+        train = DataLoader(views, batch_size=cfg.batch_size, sampler=ViewSampler(sampler, views.views, views.seed),
+                           generator=g, **common)
+    else:
+        train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, generator=g, **common)
     return train, test
 
 
@@ -209,7 +218,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     if teacher is not None and cfg.teacher_cache and (method.metric or method.kd_weight):
         views = FixedViews(bundle.train, cfg.teacher_cache, seed)
         cache = _teacher_cache(teacher, views, cfg, device, teacher_caches)
-        train_loader, test_loader = make_loaders(bundle, cfg, seed, device, train_set=views)
+        train_loader, test_loader = make_loaders(bundle, cfg, seed, device, views=views)
     else:
         train_loader, test_loader = make_loaders(bundle, cfg, seed, device)
 
