@@ -173,3 +173,25 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
     assert got["test_acc"] == ref["test_acc"]
     a, b = load_checkpoint(tmp_path / "ref" / "model.pt"), load_checkpoint(tmp_path / "killed" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_readme_own_loop_snippet_runs():
+    """The README's teacher-cache snippet, as written, with a real loss in place of its '...'."""
+    import re
+    from pathlib import Path
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from kd2m import FeatureTap, KD2MLoss
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "ViewSampler" in c)
+    code = code.replace("        ...", "        losses.append(float(loss_fn(tap(x), t_feats, y).detach()))")
+    train_set, K, seed, epochs, device = Augmented(n=20), 2, 0, 2, torch.device("cpu")
+    teacher = build_model("digits_cnn", 4, 3, 10).eval()
+    student = build_model("digits_mlp", 4, 3, 10)
+    s_tap = FeatureTap(student)
+    scope = dict(FixedViews=FixedViews, ViewSampler=ViewSampler, build_teacher_cache=build_teacher_cache,
+                 DataLoader=DataLoader, RandomSampler=RandomSampler, train_set=train_set, K=K, seed=seed,
+                 epochs=epochs, device=device, teacher=teacher, losses=[], loss_fn=KD2MLoss("w2", weight=1.0),
+                 tap=lambda x: (student(x), s_tap.feature)[1])
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["losses"]) == epochs and all(v > 0 for v in scope["losses"])
