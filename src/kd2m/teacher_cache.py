@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from . import distributed as D
 from .features import FeatureTap
+from .runtime import autocast, progress, to_device
 
 _M64 = 2**64 - 1
 
@@ -120,21 +121,16 @@ class TeacherCache:
 
     features: Tensor
     logits: Tensor
-    views: int
 
     def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Features and logits of the items with these keys (a ``(n,)`` int64 tensor on the cache's device)."""
         return self.features.index_select(0, keys), self.logits.index_select(0, keys)
 
-    @property
-    def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size() + self.logits.numel() * self.logits.element_size()
-
 
 @torch.no_grad()
 def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, device: torch.device,
                         batch_size: int = 512, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                        num_workers: int = 0, progress: bool = False, max_mb: float | None = None) -> TeacherCache:
+                        num_workers: int = 0, show_progress: bool = False, max_mb: float | None = None) -> TeacherCache:
     """Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
 
     The same autocast as the training step (``amp_dtype``) is used, so the cached outputs are what
@@ -146,21 +142,17 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
     1/W of the work, and the batches are those of a single process (the same values).
     """
     teacher.eval()
-    all_views = views  # every key, in order
-    n = len(all_views)
+    n = len(views)  # every key, in order
     if n == 0:
         raise ValueError("teacher_cache: the training set is empty")
 
     def forward(x):
-        x = x.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = teacher(x)
+        with autocast(device, amp_dtype):
+            out = teacher(to_device(x, device, channels_last))
         return tap.feature.float(), out.float()
 
     with FeatureTap(teacher, layer) as tap:
-        f, out = forward(all_views[0][0].unsqueeze(0))  # the widths, before allocating
+        f, out = forward(views[0][0].unsqueeze(0))  # the widths, before allocating
         need = n * (f.shape[1] + out.shape[1]) * 4 / 2**20
         if max_mb is not None and need > max_mb:
             raise ValueError(
@@ -171,14 +163,9 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
         logits = torch.zeros(n, out.shape[1], device=device)
         world, rank = D.world_size(), D.rank()
         mine = [k for k in range(n) if (k // batch_size) % world == rank]  # whole batches, round-robin
-        loader = DataLoader(Subset(all_views, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        loader = DataLoader(Subset(views, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
-        batches = loader
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(loader, desc=f"teacher cache ×{views.views}", leave=False, dynamic_ncols=True,
-                           disable=None)
-        for x, _, key in batches:
+        for x, _, key in progress(loader, f"teacher cache ×{views.views}", enabled=show_progress):
             f, out = forward(x)
             key = key.to(device)
             feats.index_copy_(0, key, f)
@@ -186,4 +173,4 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
     if world > 1:
         dist.all_reduce(feats)
         dist.all_reduce(logits)
-    return TeacherCache(feats, logits, views.views)
+    return TeacherCache(feats, logits)

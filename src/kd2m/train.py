@@ -27,6 +27,7 @@ from .features import FeatureTap
 from .loss import KD2MLoss, hinton_kd
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
+from .runtime import amp_dtype, autocast, progress, to_device
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 
@@ -41,6 +42,11 @@ class Method:
     metric: str | None = None      # a kd2m metric name, or None
     weight: float = 0.0            # λ
     kd_weight: float = 0.0         # Hinton KD weight (0 = off)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """A student whose loss needs the teacher's outputs (feature metric or Hinton KD)."""
+        return bool(self.metric) or self.kd_weight > 0
 
     @property
     def is_teacher(self) -> bool:
@@ -104,18 +110,11 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> f
     model.eval()
     correct = total = 0
     for x, y in loader:
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         correct += int((model(x).argmax(1) == y).sum())
         total += int(y.numel())
     correct, total = D.all_reduce_sum([correct, total], device)
     return correct / max(total, 1)
-
-
-def _to(x, device, channels_last=False):
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _rng_state(loader) -> dict:
@@ -167,7 +166,7 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
     if teacher is not None:
         s.update(teacher=cfg.teacher, teacher_epochs=cfg.teacher_epochs, kd_weight=method.kd_weight,
                  kd_temperature=cfg.kd_temperature if method.kd_weight else None)
-    if teacher is not None and cfg.teacher_cache and (method.metric or method.kd_weight):
+    if _cache_views(cfg, method, teacher):
         s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
     if method.metric:
         s.update(metric=method.metric, weight=method.weight, metric_options=cfg.metric_options.get(method.metric, {}),
@@ -215,7 +214,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     cache = None
-    if teacher is not None and cfg.teacher_cache and (method.metric or method.kd_weight):
+    if _cache_views(cfg, method, teacher):
         views = FixedViews(bundle.train, cfg.teacher_cache, seed)
         cache = _teacher_cache(teacher, views, cfg, device, teacher_caches)
         train_loader, test_loader = make_loaders(bundle, cfg, seed, device, views=views)
@@ -257,16 +256,15 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     s_tap = FeatureTap(model, cfg.student_layer) if (distill is not None) else None
     t_tap = FeatureTap(teacher, cfg.teacher_layer) if (teacher is not None and distill is not None
                                                         and cache is None) else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    show = cfg.progress and D.is_main()
-    bar = _progress(range(start, epochs), desc, total=epochs, initial=start, disable=not show)
+    amp = amp_dtype(cfg.amp)
+    bar = progress(range(start, epochs), desc, total=epochs, initial=start, enabled=cfg.progress and D.is_main())
     try:
         for epoch in bar:
             t0 = time.perf_counter()
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
             sums = _train_epoch(net, teacher, train_loader, opt, method, distill, s_tap, t_tap, cfg,
-                                device, amp_dtype, epoch, cache)
+                                device, amp, epoch, cache)
             sched.step()
             acc = evaluate(net, test_loader, device, cfg.channels_last)
             elapsed += time.perf_counter() - t0
@@ -307,43 +305,39 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     return result
 
 
-def _progress(it, desc, total, initial, disable):
-    if disable:
-        return it
-    from tqdm.auto import tqdm
-    # disable=None: bars on a terminal only, no carriage-return noise in logs and CI output
-    return tqdm(it, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True, disable=None)
+def _cache_views(cfg: RunConfig, method: Method, teacher) -> int:
+    """K when this run reads the teacher's outputs from a cache of K views, else 0."""
+    return cfg.teacher_cache if teacher is not None and method.uses_teacher else 0
 
 
 def _teacher_cache(teacher, views: FixedViews, cfg: RunConfig, device, memo: dict | None):
     key = (id(teacher), views.views, views.seed, cfg.teacher_layer, cfg.amp, cfg.channels_last)
     if memo is not None and key in memo:
         return memo[key]
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     with torch.random.fork_rng(devices=[]):  # building draws no randomness the training run would see
-        cache = build_teacher_cache(teacher, views, cfg.teacher_layer, device, amp_dtype=amp_dtype,
+        cache = build_teacher_cache(teacher, views, cfg.teacher_layer, device, amp_dtype=amp_dtype(cfg.amp),
                                     channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
-                                    progress=cfg.progress and D.is_main(), max_mb=cfg.max_cache_mb)
+                                    show_progress=cfg.progress and D.is_main(), max_mb=cfg.max_cache_mb)
     if memo is not None:
         memo[key] = cache
     return cache
 
 
-def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_tap, cfg, device, amp_dtype, epoch,
+def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_tap, cfg, device, amp, epoch,
                  cache=None):
     net.train()
     totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "kd": 0.0}
     seen = 0
     for step, batch in enumerate(loader):
-        x, y = _to(batch[0], device, cfg.channels_last), batch[1].to(device, non_blocking=True)
+        x, y = to_device(batch[0], device, cfg.channels_last), batch[1].to(device, non_blocking=True)
         t_feats = t_logits = None
         if cache is not None:  # (image, label, key): the teacher's outputs are looked up, not computed
             t_feats, t_logits = cache.lookup(batch[2].to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp):
             logits = net(x)
             ce = F.cross_entropy(logits.float(), y)
             loss = ce
-            if cache is None and teacher is not None and (distill is not None or method.kd_weight > 0):
+            if cache is None and teacher is not None and method.uses_teacher:
                 with torch.no_grad():
                     t_logits = teacher(x)
                 if t_tap is not None:
