@@ -186,22 +186,14 @@ def best_distilled(rows: list[dict]) -> str | None:
     return max(cands, key=lambda s: s["mean"])["method"] if cands else None
 
 
-@torch.no_grad()
 def embedding_features(model, dataset, indices, device, layer: str = "penultimate") -> np.ndarray:
     """Features of ``model`` (eval mode) at ``layer`` for ``dataset[indices]``, as an (N, d) float32 array."""
-    from .features import FeatureTap
-    x = torch.stack([dataset[int(i)][0] for i in indices]).to(device)
-    was = model.training
-    model.eval()
-    try:
-        with FeatureTap(model, layer) as tap:
-            feats = []
-            for i in range(0, len(x), 256):
-                model(x[i:i + 256])
-                feats.append(tap.feature.detach().float().cpu())
-    finally:
-        model.train(was)
-    return torch.cat(feats).numpy()
+    from torch.utils.data import Subset
+
+    from .bound import model_outputs  # the one held-out pass, also used by `kd2m bound`
+    out = model_outputs(model, Subset(dataset, [int(i) for i in indices]), samples=len(indices), device=device,
+                        layer=layer)
+    return out.feats.float().numpy()
 
 
 def _embed(z: np.ndarray) -> tuple[np.ndarray, str]:
