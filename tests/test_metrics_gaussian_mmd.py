@@ -147,11 +147,14 @@ def test_gauss_w2_low_rank_route_is_exact(ns, nt, d, monkeypatch):
     assert low == pytest.approx(np_gauss("w2", s.numpy(), t.numpy(), 1e-2), rel=1e-8)
 
 
-def test_gauss_w2_diagonal_closed_form():
-    s, t = _pair(50, 40, 7, seed=2)
+@pytest.mark.parametrize("kind,ns,nt,d,seed", [("w2", 50, 40, 7, 2), ("kl", 30, 20, 6, 6)])
+def test_gauss_diagonal_closed_form(kind, ns, nt, d, seed):
+    """Diagonal covariances: gauss_w2 and gauss_kl against their elementwise closed forms."""
+    s, t = _pair(ns, nt, d, seed=seed)
+    fn = {"w2": gaussian.gauss_w2, "kl": gaussian.gauss_kl}[kind]
     for rho in (0.0, 1e-2):
-        got = float(gaussian.gauss_w2(s, t, diagonal=True, ridge=rho))
-        assert got == pytest.approx(np_gauss("w2", s.numpy(), t.numpy(), rho, diagonal=True), rel=1e-12)
+        got = float(fn(s, t, diagonal=True, ridge=rho))
+        assert got == pytest.approx(np_gauss(kind, s.numpy(), t.numpy(), rho, diagonal=True), rel=1e-12)
 
 
 def test_gauss_w2_point_masses_give_squared_mean_distance():
@@ -196,13 +199,6 @@ def test_gauss_kl_low_rank_route_is_exact(monkeypatch):
     low = float(gaussian.gauss_kl(s, t, ridge=1e-2))
     monkeypatch.setattr(linalg, "LOWRANK_FRACTION", 0.0)
     assert low == pytest.approx(float(gaussian.gauss_kl(s, t, ridge=1e-2)), rel=1e-9)
-
-
-def test_gauss_kl_diagonal_elementwise_formula():
-    s, t = _pair(30, 20, 6, seed=6)
-    for rho in (0.0, 1e-2):
-        got = float(gaussian.gauss_kl(s, t, diagonal=True, ridge=rho))
-        assert got == pytest.approx(np_gauss("kl", s.numpy(), t.numpy(), rho, diagonal=True), rel=1e-12)
 
 
 def test_gauss_kl_nonnegative_and_asymmetric():
