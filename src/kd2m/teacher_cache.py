@@ -74,7 +74,7 @@ class FixedViews(Dataset):
 
     def view(self, index: int, view: int):
         """View ``view`` of item ``index``: ``(image, label)``, identical on every call."""
-        # The CPU generator alone (torch.manual_seed would also seed CUDA: 25x slower per item).
+        # The CPU generator alone: torch.manual_seed would also (lazily) seed every CUDA device, per item.
         gen = torch.default_generator
         state = gen.get_state()
         gen.manual_seed(view_seed(self.seed, index, view))
