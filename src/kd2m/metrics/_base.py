@@ -28,6 +28,8 @@ class MetricSpec:
     needs_labels: bool
     same_dim: bool
     options: tuple[str, ...]
+    label: str = ""              # how the paper's table writes it, e.g. "CW2 (E)"
+    pairwise_factor: int = 0     # float64 n×n buffers at the peak of forward+backward (kd2m.metrics.memory)
 
 
 class NonFiniteInputError(ValueError):
@@ -82,11 +84,14 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
         raise ValueError(f"{name}: logit widths differ: student C={s_logits.shape[1]}, teacher C={t_logits.shape[1]}")
 
 
-def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True):
+def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, label: str = "",
+           pairwise_factor: int = 0):
     """Register ``fn`` under ``name`` and wrap it with :func:`check_inputs`.
 
     ``needs_labels``: the metric is class-conditional. ``same_dim``: student and teacher
-    features must have the same width (every metric but Gromov-Wasserstein).
+    features must have the same width (every metric but Gromov-Wasserstein). ``label``: its
+    name in a results table. ``pairwise_factor``: how many float64 n×n buffers one forward +
+    backward holds at its peak (measured by ``benchmarks/memory.py``; 0 for O(n·d) memory).
     """
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -100,7 +105,8 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True):
 
         if name in _REGISTRY:
             raise RuntimeError(f"metric name {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(name, checked, needs_labels, same_dim, options)
+        _REGISTRY[name] = MetricSpec(name, checked, needs_labels, same_dim, options, label or name,
+                                     pairwise_factor)
         checked.metric_name = name
         return checked
     return decorate

@@ -207,7 +207,7 @@ def default_eps(C_ss: Tensor, C_tt: Tensor) -> float:
     return EPS_FRACTION * scale if scale > 0 else 1.0
 
 
-@metric("sinkhorn")
+@metric("sinkhorn", label="Sinkhorn (E)", pairwise_factor=14)
 def sinkhorn(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
              *, eps: float | None = None, max_iter: int = 1000, tol: float = 1e-6) -> Tensor:
     r"""Debiased Sinkhorn divergence with squared Euclidean cost.

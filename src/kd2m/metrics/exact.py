@@ -147,7 +147,7 @@ def plan_cost(s: Tensor, t: Tensor, rows: Tensor, cols: Tensor, weights: Tensor)
 
 
 # ----------------------------------------------------------------------------- metrics
-@metric("w2")
+@metric("w2", label="W2 (E)", pairwise_factor=4)
 def w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None) -> Tensor:
     r"""Exact squared 2-Wasserstein distance between the two empirical feature measures.
 
@@ -181,7 +181,7 @@ def w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits
     return plan_cost(s, t, rows, cols, w)
 
 
-@metric("cw2", needs_labels=True)
+@metric("cw2", needs_labels=True, label="CW2 (E)", pairwise_factor=4)
 def cw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None) -> Tensor:
     r"""Class-conditional exact W2²: mean over the classes present in the batch.
 
@@ -247,7 +247,7 @@ def _label_cost_dense(kind: str, labels, s_logits, t_logits) -> Tensor:
         return (pt * log_pt).sum(1)[None, :] - log_ps @ pt.T
 
 
-@metric("jw2")
+@metric("jw2", label="JW2 (E)", pairwise_factor=6)
 def jw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
         *, beta: float = 1.0, label_cost: str = "labels") -> Tensor:
     r"""Exact OT on the joint feature-label space, :math:`\hat P(Z\times Y)`.

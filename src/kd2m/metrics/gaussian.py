@@ -76,7 +76,7 @@ def _kl(mu_s, Zs, mu_t, Zt, r, diagonal: bool, who: str) -> Tensor:
     return gaussian_kl(mu_s, Zs, mu_t, Zt, r, who)
 
 
-@metric("gauss_w2")
+@metric("gauss_w2", label="W2 (G)")
 def gauss_w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
              *, diagonal: bool = False, ridge: float = DEFAULT_RIDGE) -> Tensor:
     r"""Squared 2-Wasserstein (Bures-Wasserstein) distance between Gaussians fitted to the batches.
@@ -124,7 +124,7 @@ def gauss_w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_
     return _w2(mu_s, Zs, mu_t, Zt, r, diagonal, "gauss_w2", out).clamp_min(0.0).to(out)
 
 
-@metric("gauss_cw2", needs_labels=True)
+@metric("gauss_cw2", needs_labels=True, label="CW2 (G)")
 def gauss_cw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
               *, diagonal: bool = False, ridge: float = DEFAULT_RIDGE) -> Tensor:
     r"""Class-conditional Bures-Wasserstein: mean of :func:`gauss_w2` over the classes present.
@@ -155,7 +155,7 @@ def gauss_cw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student
     return _w2(mu_s, Zs, mu_t, Zt, r, diagonal, "gauss_cw2", out).clamp_min(0.0).mean().to(out)
 
 
-@metric("gauss_kl")
+@metric("gauss_kl", label="KL (G)")
 def gauss_kl(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
              *, diagonal: bool = False, ridge: float = DEFAULT_RIDGE) -> Tensor:
     r"""KL divergence KL(N_S ‖ N_T) between Gaussians fitted to the batches.
@@ -199,7 +199,7 @@ def gauss_kl(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_
     return _kl(mu_s, Zs, mu_t, Zt, r, diagonal, "gauss_kl").clamp_min(0.0).to(out)
 
 
-@metric("gauss_ckl", needs_labels=True)
+@metric("gauss_ckl", needs_labels=True, label="CKL (G)")
 def gauss_ckl(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
               *, diagonal: bool = False, ridge: float = DEFAULT_RIDGE) -> Tensor:
     r"""Class-conditional Gaussian KL: mean of :func:`gauss_kl` over the classes present.

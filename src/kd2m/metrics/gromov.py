@@ -98,7 +98,7 @@ def gw_objective(C_s: Tensor, C_t: Tensor, plan: Tensor) -> Tensor:
     return (term_s + term_t - 2.0 * cross).clamp_min(0.0)
 
 
-@metric("gw2", same_dim=False)
+@metric("gw2", same_dim=False, label="GW (E)", pairwise_factor=20)
 def gw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
         *, normalize: bool = False, max_iter: int = 10000, tol: float = 1e-9) -> Tensor:
     r"""Gromov-Wasserstein discrepancy (square loss) between intra-batch squared distances.

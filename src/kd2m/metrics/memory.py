@@ -10,7 +10,8 @@ The factors are calibrated on measurements, and are conservative: ``pairwise_byt
 peak resident memory measured by ``benchmarks/memory.py`` (fresh process per metric, peak RSS
 minus RSS before the call, float32 inputs, d = 512, CPU) at n = 2048 and n = 4096, with default
 options, one class or ten, and the heavier option variants (jw2 ``label_cost="sqeuclidean"``,
-gw2 ``normalize=True``). Measured at n = 4096 (MiB; model in brackets): w2 417 [512],
+gw2 ``normalize=True``). The factor of each metric is on its ``@metric`` line
+(``pairwise_factor``). Measured at n = 4096 (MiB; model in brackets): w2 417 [512],
 cw2 47 with 10 classes, 429 with one [512], jw2 409, 526 with the softmax label cost [768],
 gw2 2050, 2146 normalised [2560], sinkhorn 1470 [1792], mmd_rbf 1374 [1664], cmmd_rbf 1370
 [1664]. Below n ≈ 1024 fixed overheads of a few tens of MiB (not modelled) dominate, far below
@@ -21,17 +22,13 @@ solvers (w2, cw2, jw2, gw2) still run on the host.
 """
 from __future__ import annotations
 
-#: number of float64-sized n×n buffers at the peak (measured, rounded up; see module doc)
-_FACTORS = {
-    "w2": 4, "cw2": 4, "jw2": 6,
-    "gw2": 20, "sinkhorn": 14,
-    "mmd_rbf": 13, "cmmd_rbf": 13,
-}
-
 
 def pairwise_bytes(name: str, n: int) -> int:
-    """Bytes of n×n buffers for metric ``name`` at batch ``n`` (0 for linear-memory metrics).
+    """Bytes of n×n buffers for term ``name`` at batch ``n`` (0 for linear-memory terms).
 
     Conservative: ≥ the measured peak of a forward + backward at n = 2048 and 4096 (module doc).
+    The factor is a fact of the term's registration (``pairwise_factor``); an unknown name is an
+    error, never "free".
     """
-    return _FACTORS.get(name, 0) * 8 * n * n
+    from ..losses import spec
+    return spec(name).pairwise_factor * 8 * n * n

@@ -21,7 +21,7 @@ from torch import Tensor
 from ._base import metric, sqdist
 
 
-@metric("mmd_linear")
+@metric("mmd_linear", label="MMD (linear)")
 def mmd_linear(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None,
                teacher_logits=None) -> Tensor:
     r"""MMD² with the linear kernel k(x, y) = xᵀy: the squared distance between the batch means.
@@ -118,7 +118,7 @@ def _mmd_from_sums(sss: Tensor, stt: Tensor, sst: Tensor, dss: Tensor, dtt: Tens
     return torch.where((ns > 1) & (nt > 1), u, biased)
 
 
-@metric("mmd_rbf")
+@metric("mmd_rbf", label="MMD (RBF)", pairwise_factor=13)
 def mmd_rbf(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
             *, bandwidth: float | None = None, multipliers: Sequence[float] = (1.0,),
             unbiased: bool = False) -> Tensor:
@@ -166,7 +166,7 @@ def mmd_rbf(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_l
                           ns, nt, unbiased)
 
 
-@metric("cmmd_rbf", needs_labels=True)
+@metric("cmmd_rbf", needs_labels=True, label="CMMD (RBF)", pairwise_factor=13)
 def cmmd_rbf(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
              *, bandwidth: float | None = None, multipliers: Sequence[float] = (1.0,),
              unbiased: bool = False) -> Tensor:

@@ -112,7 +112,7 @@ def sliced_w2_projections(student_feats: Tensor, teacher_feats: Tensor, projecti
     return wasserstein_1d_sq(student_feats @ theta, teacher_feats.to(theta.dtype) @ theta).mean()
 
 
-@metric("sliced_w2")
+@metric("sliced_w2", label="SW2 (E)")
 def sliced_w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
               *, n_projections: int = 128, seed: int | None = None) -> Tensor:
     r"""Monte-Carlo sliced squared 2-Wasserstein distance with L random directions.

@@ -1,0 +1,15 @@
+"""Every distillation term, one door: ``get(name, ctx, **options)``, ``available()``, ``spec(name)``.
+
+    >>> from kd2m import losses
+    >>> term = losses.get("dkd", beta=8.0)                                         # doctest: +SKIP
+    >>> value = term(student_logits=zs, teacher_logits=zt, labels=y)              # doctest: +SKIP
+
+The KD²M distances (family ``"kd2m"``, :mod:`kd2m.losses.distances`) and the field's baselines
+(family ``"baseline"``) share one registry (:mod:`kd2m.losses.registry`) whose entries carry
+their facts: table label, the inputs they need, their O(n²) memory factor, their paper.
+"""
+from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_spec, available, get,  # noqa: F401
+                       register_term, spec)
+from . import distances  # noqa: F401,E402  (registers the 13 KD²M distances)
+
+__all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS"]

@@ -1,0 +1,163 @@
+"""The one registry of distillation terms: the KD²M distances and the field's baselines.
+
+A term is one class (an ``nn.Module`` when it holds parameters: projectors, regressors,
+embeddings, memory banks) or one function, plus one registration line that carries its facts::
+
+    @register_term("dkd", label="DKD", needs=("logits", "labels"), paper="Zhao et al., CVPR 2022")
+    class DKD(Term):
+        def __init__(self, ctx: TermContext, *, alpha=1.0, beta=8.0, temperature=4.0): ...
+        def forward(self, *, student_logits, teacher_logits, labels, **_): ...
+
+    @register_term("kd", label="KD", needs=("logits",), paper="Hinton et al., 2015")
+    def kd(*, student_logits, teacher_logits, temperature=4.0, **_): ...
+
+Every term is called with keywords only,
+
+    term(student_feats=, teacher_feats=, labels=, student_logits=, teacher_logits=, index=) -> 0-dim tensor
+
+and reads what its ``needs`` names (the engine passes ``None`` for the rest):
+
+- ``"feats"``: pooled features ``(n, d)`` at the term's layer (default: the penultimate);
+- ``"maps"``: feature maps ``(n, c, h, w)`` at the term's layer (default: the last 4-D map
+  before global pooling), passed in ``student_feats`` / ``teacher_feats``;
+- ``"logits"``: ``student_logits``, ``teacher_logits`` ``(n, C)``;
+- ``"labels"``: ``labels`` ``(n,)`` int;
+- ``"index"``: ``index`` ``(n,)`` int, each sample's index in the training set (CRD's memory bank).
+
+The teacher's inputs arrive detached (it is frozen); a term returns its *unweighted* value and
+the engine composes ``CE + Σ_k λ_k · term_k``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor, nn
+
+#: what a term may ask the engine for (see the module docstring)
+INPUTS = ("feats", "maps", "logits", "labels", "index")
+
+
+@dataclass(frozen=True)
+class TermContext:
+    """What a term may need to build its parameters, known before training starts.
+
+    ``student_shape`` / ``teacher_shape``: the per-sample shape at the term's layer, ``(d,)`` for
+    pooled features, ``(c, h, w)`` for maps. ``num_classes``: logit width. ``num_data``: the
+    training set's size (memory banks keyed by sample index).
+    """
+    student_shape: tuple[int, ...] | None = None
+    teacher_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    num_data: int | None = None
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """A registered term and its facts: every consumer (engine, tables, memory guard) reads them here."""
+    name: str
+    label: str                   # how the field writes it in a results table
+    builder: Callable            # a Term subclass, or a function computing the value
+    needs: frozenset             # subset of INPUTS
+    options: tuple[str, ...]     # keyword options and their defaults are the builder's signature
+    pairwise_factor: int = 0     # float64 n×n buffers at the peak of forward+backward (0: O(n·d) memory)
+    family: str = "baseline"     # "kd2m" (a distribution distance) or "baseline"
+    paper: str = ""              # where it comes from
+    defaults: tuple = ()         # ((option, default), ...)
+    factory: Callable | None = None  # factory(ctx, **options) -> nn.Module; None: bind options to ``builder``
+
+    @property
+    def needs_maps(self) -> bool:
+        return "maps" in self.needs
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.needs & {"feats", "maps", "logits"})
+
+
+class Term(nn.Module):
+    """Base class of class-based terms: ``__init__(self, ctx, *, option=default, ...)`` and a
+    keyword-only ``forward`` returning the unweighted value."""
+
+    def __init__(self, ctx: TermContext | None = None):
+        super().__init__()
+        self.ctx = ctx or TermContext()
+
+
+class FunctionTerm(Term):
+    """A registered function with its options bound, as a module (no parameters)."""
+
+    def __init__(self, spec: TermSpec, ctx: TermContext | None, options: dict):
+        super().__init__(ctx)
+        self.spec = spec
+        self.options = dict(options)
+
+    def forward(self, **inputs) -> Tensor:
+        return self.spec.builder(**inputs, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.name}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+_TERMS: dict[str, TermSpec] = {}
+
+
+def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
+    fn = obj.__init__ if isinstance(obj, type) else obj
+    params = inspect.signature(fn).parameters.values()
+    return tuple((p.name, p.default) for p in params if p.kind is p.KEYWORD_ONLY
+                 and (isinstance(obj, type) or p.name not in ("student_feats", "teacher_feats", "labels",
+                                                              "student_logits", "teacher_logits", "index")))
+
+
+def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, family: str = "baseline",
+                  paper: str = ""):
+    """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts."""
+    needs = frozenset(needs)
+    bad = needs - set(INPUTS)
+    if bad:
+        raise ValueError(f"term {name!r}: unknown needs {sorted(bad)}; valid: {INPUTS}")
+
+    def add(obj):
+        defaults = _keyword_options(obj)
+        factory = obj if isinstance(obj, type) else None
+        add_spec(TermSpec(name, label, obj, needs, tuple(k for k, _ in defaults), pairwise_factor, family,
+                          paper, defaults, factory))
+        return obj
+    return add
+
+
+def add_spec(s: "TermSpec") -> None:
+    """Register a fully described term (what :func:`register_term` does after reading the signature)."""
+    if s.name in _TERMS:
+        raise RuntimeError(f"loss term {s.name!r} registered twice")
+    _TERMS[s.name] = s
+
+
+def available(family: str | None = None) -> list[str]:
+    """Registered term names, sorted (``family="kd2m"`` or ``"baseline"`` to filter)."""
+    return sorted(n for n, s in _TERMS.items() if family is None or s.family == family)
+
+
+def spec(name: str) -> TermSpec:
+    """The registered facts of ``name``; ValueError listing the names when unknown."""
+    if not isinstance(name, str) or name not in _TERMS:
+        raise ValueError(f"unknown loss term {name!r}; available: {', '.join(available())}")
+    return _TERMS[name]
+
+
+def get(name: str, ctx: TermContext | None = None, **options) -> nn.Module:
+    """The term ``name`` with ``options`` bound, as an ``nn.Module`` (put its parameters in your
+    optimizer); ``ctx`` gives the shapes a term with parameters needs.
+
+    Raises ValueError naming the term and listing its options when an option is unknown.
+    """
+    s = spec(name)
+    unknown = sorted(set(options) - set(s.options))
+    if unknown:
+        raise ValueError(f"loss term {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(s.options) or 'none'}")
+    if s.factory is not None:
+        return s.factory(ctx or TermContext(), **options)
+    return FunctionTerm(s, ctx, options)
