@@ -58,6 +58,9 @@ class RunConfig:
     batch_size: int = 128
     lr: float | None = None
     lr_min: float = 1e-4
+    lr_schedule: str = "cosine"      # "cosine" (lr -> lr_min over the epochs) or "multistep"
+    lr_milestones: list = field(default_factory=list)  # multistep: epochs where lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     device: str = "auto"
@@ -137,6 +140,15 @@ class RunConfig:
         for key in ("lr", "weight", "lr_min", "max_pairwise_mb", "max_cache_mb"):
             if getattr(c, key) < 0:
                 raise ConfigError(f"{key}: must be ≥ 0, got {getattr(c, key)}")
+        if c.lr_schedule not in ("cosine", "multistep"):
+            raise ConfigError(f"lr_schedule: 'cosine' or 'multistep', got {c.lr_schedule!r}")
+        if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
+            c.lr_milestones = _int_list("lr_milestones", ",".join(c.lr_milestones))
+        if c.lr_schedule == "multistep":
+            ms = c.lr_milestones
+            if not (ms and all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in ms)
+                    and ms == sorted(set(ms))):
+                raise ConfigError(f"lr_milestones: expected increasing epochs ≥ 1 for lr_schedule multistep, got {ms!r}")
         if c.match not in ("global", "local"):
             raise ConfigError(f"match: 'global' or 'local', got {c.match!r}")
         if c.amp not in ("none", "bf16", "fp16"):

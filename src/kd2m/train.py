@@ -161,6 +161,7 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
     role = "teacher" if method.is_teacher else "student"
     s = {"dataset": cfg.dataset, "model": getattr(cfg, role), "pretrained": getattr(cfg, f"pretrained_{role}"),
          "epochs": epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_min": cfg.lr_min,
+         "lr_schedule": cfg.lr_schedule, "lr_milestones": cfg.lr_milestones, "lr_gamma": cfg.lr_gamma,
          "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "amp": cfg.amp, "seed": seed,
          "world_size": D.world_size()}
     if teacher is not None:
@@ -172,6 +173,14 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
         s.update(metric=method.metric, weight=method.weight, metric_options=cfg.metric_options.get(method.metric, {}),
                  student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer, match=cfg.match)
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
+
+
+def make_scheduler(opt, cfg: RunConfig, epochs: int):
+    """The run's learning-rate schedule, stepped once per epoch (identical for every method of a grid):
+    cosine from lr to lr_min over all epochs, or ×lr_gamma at each of lr_milestones (the CRD protocol)."""
+    if cfg.lr_schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=min(cfg.lr_min, cfg.lr))
 
 
 def check_settings(run_dir: Path, stored: dict | None, current: dict) -> None:
@@ -228,8 +237,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
                            **cfg.metric_options.get(method.metric, {})).to(device)
     params = list(model.parameters()) + (list(distill.parameters()) if distill is not None else [])
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    # Cosine from lr to lr_min over all epochs, stepped per epoch (identical for every method).
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=min(cfg.lr_min, cfg.lr))
+    sched = make_scheduler(opt, cfg, epochs)
 
     history, start, elapsed = [], 0, 0.0
     ckpt_path = run_dir / "checkpoint.pt"
