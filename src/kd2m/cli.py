@@ -11,53 +11,34 @@ import signal
 import sys
 from pathlib import Path
 
-# (flag, type, help) — shared by `run` and `bench`; each maps to the RunConfig field of the same name.
-RUN_OPTIONS = [
-    ("--dataset", str, "digits (embedded, default), cifar10, cifar100, svhn, imagefolder"),
-    ("--data-root", str, "where datasets live (imagefolder: a dir with train/ and test/)"),
-    ("--teacher", str, "teacher model name (see `kd2m metrics --models`)"),
-    ("--student", str, "student model name"),
-    ("--metrics", str, "comma list of distribution metrics, e.g. w2,cw2,gauss_kl"),
-    ("--baselines", str, "comma list among ce,kd (default both)"),
-    ("--weight", float, "λ, the distillation weight"),
-    ("--epochs", int, "student epochs"),
-    ("--teacher-epochs", int, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)"),
-    ("--seeds", str, "number of seeds (e.g. 3) or a comma list (e.g. 0,1,2)"),
-    ("--batch-size", int, "batch size per process"),
-    ("--lr", float, "initial learning rate (cosine to --lr-min)"),
-    ("--lr-min", float, "final learning rate"),
-    ("--lr-schedule", str, "cosine (default) or multistep"),
-    ("--lr-milestones", str, "multistep: comma list of epochs where lr is multiplied by --lr-gamma"),
-    ("--lr-gamma", float, "multistep factor (default 0.1)"),
-    ("--weight-decay", float, "SGD weight decay"),
-    ("--kd-temperature", float, "Hinton KD temperature"),
-    ("--device", str, "auto (default), cpu, cuda, cuda:1"),
-    ("--out", str, "output directory (default runs/<dataset>)"),
-    ("--num-workers", int, "data loader workers"),
-    ("--threads", int, "CPU threads for torch (0 = torch's default; digits defaults to 1)"),
-    ("--student-layer", str, "student layer to match (module path; default penultimate)"),
-    ("--teacher-layer", str, "teacher layer to match (module path; default penultimate)"),
-    ("--match", str, "global (default: gather features over ranks) or local"),
-    ("--amp", str, "none (default), bf16 or fp16 autocast for the networks (metrics stay fp32/fp64)"),
-    ("--pretrained-teacher", str, "local weights file for the teacher (loaded with weights_only=True)"),
-    ("--pretrained-student", str, "local weights file for the student initialisation"),
-    ("--teacher-cache", int, "K > 0: compute the teacher's outputs once for K fixed views of each training image "
-                              "and look them up each step (offline distillation; 1 is exact without augmentation)"),
-    ("--max-cache-mb", float, "refuse a --teacher-cache table larger than this (MiB, default 8192)"),
-    ("--max-pairwise-mb", float, "refuse O(n²) metrics whose buffers would exceed this (MiB)"),
-]
-FLAGS = [("--download", "download the dataset if missing"), ("--channels-last", "channels_last memory format"),
-         ("--compile", "torch.compile the student")]
-
-
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    for flag, typ, help_ in RUN_OPTIONS:
-        p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_)
-    for flag, help_ in FLAGS:
-        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                   help="no progress bars")
+    """One option per field of RunConfig (its help is on the field): the CLI cannot drift from the config."""
+    import dataclasses
+    from .config import RunConfig
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                           help=meta["help"])
+        elif meta.get("flag"):
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=meta["help"])
+        else:
+            p.add_argument(flag, type=_cli_type(f), default=argparse.SUPPRESS, help=meta["help"])
     p.add_argument("--config", type=str, help="YAML file with the same keys (command-line options override it)")
+
+
+def _cli_type(f):
+    """The command-line parser of a field: numbers as numbers, everything else as text (lists are
+    comma lists, seeds a count or a list: RunConfig.resolved() reads them)."""
+    hint = str(f.type)
+    if hint.startswith("int"):
+        return int
+    if hint.startswith("float"):
+        return float
+    return str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
+    import dataclasses
     from .config import RunConfig, from_mapping, load_yaml
     cfg = RunConfig()
     config_file = getattr(args, "config_file", None) or getattr(args, "config", None)
@@ -96,19 +78,13 @@ def config_from_args(args: argparse.Namespace):
     if config_file:
         cfg = load_yaml(config_file, cfg)
     overrides = {}
-    for flag, _, _ in RUN_OPTIONS:
-        key = flag[2:].replace("-", "_")
-        if hasattr(args, key):
-            value = getattr(args, key)
-            if key == "seeds":
-                value = int(value) if value.strip().isdigit() else value
-            overrides[key] = value
-    for flag, _ in FLAGS:
-        key = flag[2:].replace("-", "_")
-        if hasattr(args, key):
-            overrides[key] = True
-    if hasattr(args, "progress"):
-        overrides["progress"] = False
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata.get("cli") is False or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.name == "seeds":
+            value = int(value) if value.strip().isdigit() else value
+        overrides[f.name] = value
     return from_mapping(overrides, cfg, source="command line")
 
 
@@ -119,8 +95,9 @@ def parse_sweep(text: str | None):
     key = key.strip().replace("-", "_")
     if not sep or not values:
         raise ValueError(f"--sweep expects KEY=v1,v2,..., got {text!r}")
-    if key not in ("weight", "lr", "kd_temperature"):
-        raise ValueError(f"--sweep supports weight, lr, kd_temperature; got {key!r}")
+    from .grid import SWEEPABLE
+    if key not in SWEEPABLE:
+        raise ValueError(f"--sweep supports {', '.join(SWEEPABLE)}; got {key!r}")
     try:
         return key, [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
@@ -129,22 +106,25 @@ def parse_sweep(text: str | None):
 
 def cmd_run(args) -> int:
     from . import distributed as D
-    from .bench import run_grid
+    from .grid import run_grid
     cfg = config_from_args(args)
     sweep = parse_sweep(getattr(args, "sweep", None))
     resolved = cfg.resolved()
     if D.is_main() or not D.launched_by_torchrun():
         print(f"kd2m: {resolved.dataset}: teacher {resolved.teacher} → student {resolved.student}; "
-              f"methods {', '.join(resolved.baselines + resolved.metrics)}; seeds {resolved.seeds}; "
+              f"methods {', '.join(m.key for m in resolved.methods())}; seeds {resolved.seeds}; "
               f"output {resolved.out}", flush=True)
     try:
         rows = run_grid(cfg, sweep=sweep, log=lambda m: D.is_main() and print(m, flush=True))
         if D.is_main():
             from .results import markdown_table
             print()
-            print(markdown_table(rows, resolved.dataset))
+            print(markdown_table(rows, resolved.dataset, len(resolved.seeds)))
+            from .results import NOTE
+            print(NOTE)
             out = Path(resolved.out)
-            print(f"results: {out / 'results.csv'} (one row per method × seed), {out / 'results.md'}"
+            print(f"results: {out / 'results.csv'} (one row per method × seed), {out / 'summary.csv'} (one row per "
+                  f"method, paired Δ vs CE), {out / 'results.md'}"
                   + (f", {out / 'sweep.png'}" if sweep else ""))
     finally:
         D.teardown()

@@ -1,11 +1,15 @@
 """One experiment's settings: a dataclass, filled from defaults < YAML file < command line.
 
-Unknown keys and wrongly typed values are refused with a message naming the key, so a typo
-in a config never silently runs the default.
+Every field is a YAML key and (except the mappings) a command-line option of ``kd2m run`` /
+``kd2m bench`` with the same name (``lr_min`` ↔ ``--lr-min``); its help text lives on the field.
+Unknown keys and wrongly typed values are refused with a message naming the key, and
+:meth:`RunConfig.resolved` checks every value before anything is trained, so a typo in a config
+never silently runs the default.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +19,8 @@ import yaml
 #: The paper's grid (its Table) plus MMD, in table order.
 PAPER_METRICS = ["w2", "cw2", "jw2", "gauss_w2", "gauss_cw2", "gauss_kl", "mmd_rbf"]
 
-#: Per-dataset defaults, used where the user left a field unset (None).
+#: Per-dataset defaults, used where the user left a field unset (None). The YAML files in
+#: configs/ write these out; tests/test_engine.py checks that configs/digits.yaml agrees.
 DATASET_DEFAULTS = {
     # Tiny models: one CPU thread is as fast as two when idle and 10-100x faster when the cores
     # are shared (OpenMP barriers spin against the other load).
@@ -28,7 +33,7 @@ DATASET_DEFAULTS = {
                    weight=0.01, num_workers=0, threads=1,
                    weights={"w2": 0.01, "cw2": 0.1, "jw2": 0.001, "gauss_w2": 0.01, "gauss_cw2": 0.1,
                             "gauss_kl": 0.03, "gauss_ckl": 0.03, "mmd_rbf": 10.0, "cmmd_rbf": 10.0},
-                   metric_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}}),
+                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}}),
 }
 IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs=15, lr=1e-2, weight=1e-4,
                       num_workers=2, threads=0)
@@ -38,47 +43,66 @@ class ConfigError(ValueError):
     """A config file or option is wrong; the message names the key."""
 
 
+def _opt(default, help: str, **kw):
+    """A config field with its command-line help (``cli=False``: YAML only, e.g. mappings)."""
+    factory = kw.pop("factory", None)
+    meta = {"help": help, **kw}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunConfig:
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    teacher: str | None = None
-    student: str | None = None
-    metrics: list = field(default_factory=lambda: list(PAPER_METRICS))
-    baselines: list = field(default_factory=lambda: ["ce", "kd"])
-    weight: float | None = None
-    weights: dict | None = None
-    metric_options: dict | None = None
-    kd_temperature: float = 4.0
-    kd_weight: float = 1.0
-    epochs: int | None = None
-    teacher_epochs: int | None = None
-    seeds: typing.Any = 3
-    batch_size: int = 128
-    lr: float | None = None
-    lr_min: float = 1e-4
-    lr_schedule: str = "cosine"      # "cosine" (lr -> lr_min over the epochs) or "multistep"
-    lr_milestones: list = field(default_factory=list)  # multistep: epochs where lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    device: str = "auto"
-    out: str | None = None
-    num_workers: int | None = None
-    threads: int | None = None
-    student_layer: str = "penultimate"
-    teacher_layer: str = "penultimate"
-    match: str = "global"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    teacher_cache: int = 0
-    max_cache_mb: float = 8192.0
-    pretrained_teacher: str | None = None
-    pretrained_student: str | None = None
-    max_pairwise_mb: float = 2048.0
-    progress: bool = True
+    dataset: str = _opt("digits", "digits (embedded, default), mnist1d (generated locally), cifar10, cifar100, "
+                                  "svhn, imagefolder")
+    data_root: str | None = _opt(None, "where datasets live (imagefolder: a dir with train/ and test/)")
+    download: bool = _opt(False, "download the dataset if missing", flag=True)
+    image_size: int | None = _opt(None, "imagefolder: resize every image to this size (default: the most common size)")
+    teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME)")
+    student: str | None = _opt(None, "student model")
+    metrics: list = _opt(None, "comma list of KD²M distances, one student each (e.g. w2,cw2,gauss_kl)",
+                         factory=lambda: list(PAPER_METRICS))
+    baselines: list = _opt(None, "comma list: ce (the CE-only student) and/or baseline terms, one student each "
+                                 "(e.g. ce,kd,dkd,dist,pkt,rkd,crd)", factory=lambda: ["ce", "kd"])
+    students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
+                                       "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
+    distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
+    weight: float | None = _opt(None, "λ for every KD²M distance without an entry in `weights`")
+    weights: dict | None = _opt(None, "λ per term name (distances and baselines)", cli=False)
+    term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4}}",
+                                     cli=False)
+    kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
+    epochs: int | None = _opt(None, "student epochs")
+    teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
+    seeds: typing.Any = _opt(3, "number of seeds (e.g. 3) or a comma list (e.g. 0,1,2)")
+    batch_size: int = _opt(128, "batch size per process")
+    lr: float | None = _opt(None, "initial learning rate")
+    lr_min: float = _opt(1e-4, "final learning rate of the cosine schedule")
+    lr_schedule: str = _opt("cosine", "cosine (lr → lr-min) or multistep (×lr-gamma at lr-milestones)")
+    lr_milestones: list = _opt(None, "multistep: comma list of epochs where lr is multiplied by --lr-gamma",
+                               factory=list)
+    lr_gamma: float = _opt(0.1, "multistep factor")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "SGD weight decay")
+    device: str = _opt("auto", "auto (default), cpu, cuda, cuda:1")
+    out: str | None = _opt(None, "output directory (default runs/<dataset>)")
+    num_workers: int | None = _opt(None, "data loader workers")
+    threads: int | None = _opt(None, "CPU threads for torch (0 = torch's default; digits defaults to 1)")
+    student_layer: str = _opt("penultimate", "student layer the distances match (module path; default penultimate)")
+    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path; default penultimate)")
+    match: str = _opt("global", "global (default: gather features over ranks) or local")
+    amp: str = _opt("none", "none (default), bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
+    channels_last: bool = _opt(False, "channels_last memory format", flag=True)
+    compile: bool = _opt(False, "torch.compile the student", flag=True)
+    teacher_cache: int = _opt(0, "K > 0: compute the teacher's outputs once for K fixed views of each training "
+                                 "image and look them up each step (offline distillation; 1 is exact without "
+                                 "augmentation)")
+    max_cache_mb: float = _opt(8192.0, "refuse a --teacher-cache table larger than this (MiB)")
+    pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True)")
+    pretrained_student: str | None = _opt(None, "local weights file for the student initialisation")
+    max_pairwise_mb: float = _opt(2048.0, "refuse O(n²) distances whose buffers would exceed this (MiB)")
+    progress: bool = _opt(True, "progress bars (--no-progress: none)", flag=True)
 
     # ------------------------------------------------------------------
     def resolved(self) -> "RunConfig":
@@ -88,82 +112,210 @@ class RunConfig:
         if c.dataset not in available_datasets():  # checked before anything is written or loaded
             raise ConfigError(f"dataset: unknown {c.dataset!r}; available: {', '.join(available_datasets())}")
         defaults = dict(DATASET_DEFAULTS.get(c.dataset, IMAGE_DEFAULTS))
-        # Per-metric λ defaults apply only while the user set no λ at all: an explicit --weight
+        # Per-term λ defaults apply only while the user set no λ at all: an explicit --weight
         # means "this λ for every metric".
         default_weights = defaults.pop("weights", {})
         if c.weights is None:
             c.weights = dict(default_weights) if c.weight is None else {}
-        default_options = defaults.pop("metric_options", {})
-        if c.metric_options is None:
-            c.metric_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics}
+        default_options = defaults.pop("term_options", {})
+        if c.term_options is None:
+            c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics}
         for key, value in defaults.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
         from .models import available_models
         for key in ("teacher", "student"):
-            if getattr(c, key) not in available_models():
-                raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; "
-                                  f"available: {', '.join(available_models())}")
+            name = getattr(c, key)
+            if not (name in available_models() or str(name).startswith(("timm:", "torchvision:"))):
+                raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
+                                  f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME)")
         if c.teacher_epochs is None:
             c.teacher_epochs = c.epochs
         if c.out is None:
             c.out = str(Path("runs") / c.dataset)
-        if isinstance(c.seeds, int):
-            if c.seeds < 1:
-                raise ConfigError(f"seeds: a count must be at least 1, got {c.seeds} "
-                                  "(to run seed 0 alone give a list: --seeds 0, or seeds: [0])")
-            c.seeds = list(range(c.seeds))
-        elif isinstance(c.seeds, str):
-            c.seeds = _int_list("seeds", c.seeds)
-        elif not (isinstance(c.seeds, list) and all(isinstance(s, int) for s in c.seeds) and c.seeds):
-            raise ConfigError(f"seeds: expected a count or a list of integers, got {c.seeds!r}")
+        if not str(c.out).strip():
+            raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
+        c.seeds = _seed_list(c.seeds)
         c.metrics = _str_list("metrics", c.metrics)
         c.baselines = _str_list("baselines", c.baselines)
-        bad = sorted(set(c.baselines) - {"ce", "kd"})
-        if bad:
-            raise ConfigError(f"baselines: unknown {', '.join(bad)}; valid: ce, kd")
-        from . import metrics
-        for m in c.metrics:
-            try:
-                metrics.get(m, **c.metric_options.get(m, {}))
-            except ValueError as e:
-                raise ConfigError(f"metrics: {e}") from None
-        for m, w in c.weights.items():
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
-                raise ConfigError(f"weights: λ for {m!r} must be a number ≥ 0, got {w!r}")
-        unknown_opts = sorted(set(c.metric_options) - set(c.metrics))
-        if unknown_opts:
-            raise ConfigError(f"metric_options: given for {', '.join(unknown_opts)}, which is not in metrics")
-        for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0)):
-            if getattr(c, key) < low:
-                raise ConfigError(f"{key}: must be ≥ {low}, got {getattr(c, key)}")
-        for key in ("lr", "weight", "lr_min", "max_pairwise_mb", "max_cache_mb"):
-            if getattr(c, key) < 0:
-                raise ConfigError(f"{key}: must be ≥ 0, got {getattr(c, key)}")
-        if c.lr_schedule not in ("cosine", "multistep"):
-            raise ConfigError(f"lr_schedule: 'cosine' or 'multistep', got {c.lr_schedule!r}")
         if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
             c.lr_milestones = _int_list("lr_milestones", ",".join(c.lr_milestones))
-        if c.lr_schedule == "multistep":
-            ms = c.lr_milestones
-            if not (ms and all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in ms)
-                    and ms == sorted(set(ms))):
-                raise ConfigError(f"lr_milestones: expected increasing epochs ≥ 1 for lr_schedule multistep, got {ms!r}")
-        if c.match not in ("global", "local"):
-            raise ConfigError(f"match: 'global' or 'local', got {c.match!r}")
-        if c.amp not in ("none", "bf16", "fp16"):
-            raise ConfigError(f"amp: 'none', 'bf16' or 'fp16', got {c.amp!r}")
+        _check_numbers(c)
+        from . import losses
+        kd2m_terms, baseline_terms = losses.available("kd2m"), losses.available("baseline")
+        for m in c.metrics:
+            if m not in kd2m_terms:
+                hint = " (a baseline: put it in baselines)" if m in baseline_terms else ""
+                raise ConfigError(f"metrics: unknown distance {m!r}{hint}; available: {', '.join(kd2m_terms)}")
+        for b in c.baselines:
+            if b != "ce" and b not in baseline_terms:
+                hint = " (a KD²M distance: put it in metrics)" if b in kd2m_terms else ""
+                raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(baseline_terms)}")
+        if c.weight is None:
+            c.weight = 1.0
+        used = set(c.metrics) | set(c.baselines)
+        for m, w in c.weights.items():
+            if m not in losses.available():
+                raise ConfigError(f"weights: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"weights: λ for {m!r} must be a finite number ≥ 0, got {w!r}")
+        for m, opts in c.term_options.items():
+            if m not in losses.available():
+                raise ConfigError(f"term_options: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
+            if not isinstance(opts, dict):
+                raise ConfigError(f"term_options: options of {m!r} must be a mapping, got {opts!r:.60}")
+        students = dict(c.students or {})
+        if c.distill is not None:
+            if not isinstance(c.distill, list) or not c.distill:
+                raise ConfigError("distill: expected a non-empty list of terms")
+            students.setdefault("+".join(_entry_name(e) for e in c.distill), c.distill)
+        if not isinstance(students, dict):
+            raise ConfigError("students: expected a mapping of names to lists of terms")
+        c.students = {}
+        for name, entries in students.items():
+            if not isinstance(name, str) or not name or "/" in name or "@" in name or name in ("teacher", "ce"):
+                raise ConfigError(f"students: {name!r} cannot name a student (no '/', '@', 'teacher' or 'ce')")
+            if not isinstance(entries, list) or not entries:
+                raise ConfigError(f"students: {name}: expected a non-empty list of terms")
+            c.students[name] = entries
+            used |= {_entry_name(e) for e in entries}
+        unused = sorted(set(c.term_options) - used)
+        if unused:
+            raise ConfigError(f"term_options: given for {', '.join(unused)}, which no student uses")
+        try:
+            self_methods = c.methods()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        keys = [m.key for m in self_methods]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ConfigError(f"students: {', '.join(dup)} named twice (metrics, baselines and students share names)")
+        if not self_methods:
+            raise ConfigError("nothing to train: metrics, baselines and students are all empty")
+        if c.teacher_epochs == 0 and not c.pretrained_teacher and any(m.uses_teacher for m in self_methods):
+            raise ConfigError("teacher_epochs: 0 trains no teacher, and no --pretrained-teacher was given: the "
+                              "students would learn from a random network; give --pretrained-teacher FILE or "
+                              "--teacher-epochs N")
         return c
 
-    def weight_for(self, metric: str) -> float:
-        """λ for ``metric``: its entry in ``weights``, else ``weight``."""
-        return float((self.weights or {}).get(metric, self.weight))
+    def weight_for(self, name: str) -> float:
+        """λ for term ``name``: its entry in ``weights``, else ``weight`` (distances) or the term's
+        registered default (baselines)."""
+        from . import losses
+        if name in (self.weights or {}):
+            return float(self.weights[name])
+        spec = losses.spec(name)
+        if spec.family == "kd2m":
+            return float(self.weight if self.weight is not None else 1.0)
+        return float(getattr(spec, "weight", 1.0))
+
+    def options_for(self, name: str) -> dict:
+        opts = dict((self.term_options or {}).get(name, {}))
+        if name == "kd":
+            opts.setdefault("temperature", self.kd_temperature)
+        return opts
+
+    def term(self, name: str) -> "TermConfig":
+        """The single-term entry of a ``metrics`` or ``baselines`` name with this config's λ, options, layers."""
+        from .methods import term_from_entry
+        from . import losses
+        entry = {"term": name, "weight": self.weight_for(name)}
+        if losses.spec(name).family == "kd2m":
+            entry.update(student_layer=self.student_layer, teacher_layer=self.teacher_layer)
+        return term_from_entry(entry, name, options=self.options_for(name))
+
+    def methods(self) -> list:
+        """The students of this configuration, in table order: baselines, metrics, named students."""
+        from .methods import Method, term_from_entry
+        out = [Method("ce") if b == "ce" else Method(b, (self.term(b),)) for b in self.baselines]
+        out += [Method(m, (self.term(m),)) for m in self.metrics]
+        for name, entries in (self.students or {}).items():
+            terms = []
+            for i, e in enumerate(entries):
+                tname = _entry_name(e)
+                defaults = dict(student_layer=self.student_layer, teacher_layer=self.teacher_layer) \
+                    if isinstance(tname, str) and tname in _kd2m_names() else {}
+                entry = {**defaults, **({"term": e} if isinstance(e, str) else e)}
+                if isinstance(tname, str) and tname in _all_names() and "weight" not in entry:
+                    entry["weight"] = self.weight_for(tname)
+                terms.append(term_from_entry(entry, f"students: {name}[{i}]",
+                                             options=self.options_for(tname) if tname in _all_names() else {}))
+            out.append(Method(name, tuple(terms)))
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def _kd2m_names():
+    from . import losses
+    return losses.available("kd2m")
+
+
+def _all_names():
+    from . import losses
+    return losses.available()
+
+
+def _entry_name(entry):
+    if isinstance(entry, dict):
+        return entry.get("term", entry.get("metric"))
+    return entry
+
+
+def _seed_list(seeds) -> list:
+    if isinstance(seeds, bool):
+        raise ConfigError(f"seeds: expected a count or a list of integers, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"seeds: a count must be at least 1, got {seeds} "
+                              "(to run seed 0 alone give a list: --seeds 0, or seeds: [0])")
+        return list(range(seeds))
+    if isinstance(seeds, str):
+        seeds = _int_list("seeds", seeds)
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"seeds: expected a count or a non-empty list of integers, got {seeds!r:.60}")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: expected distinct integers ≥ 0, got {seeds!r:.60}")
+    return seeds
+
+
+def _check_numbers(c: "RunConfig") -> None:
+    """Every number in range, NaN and inf refused (NaN passes every `x < 0` check)."""
+    for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0),
+                     ("num_workers", 0), ("threads", 0)):
+        v = getattr(c, key)
+        if v is not None and v < low:
+            raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
+    if c.image_size is not None and c.image_size < 1:
+        raise ConfigError(f"image_size: must be ≥ 1, got {c.image_size}")
+    for key in ("lr", "weight", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",
+                "lr_gamma", "kd_temperature"):
+        v = getattr(c, key)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{key}: must be a finite number ≥ 0, got {v}")
+    if c.kd_temperature <= 0:
+        raise ConfigError(f"kd_temperature: must be > 0, got {c.kd_temperature}")
+    if c.lr is not None and c.lr <= 0:
+        raise ConfigError(f"lr: must be > 0, got {c.lr}")
+    if c.lr_schedule not in ("cosine", "multistep"):
+        raise ConfigError(f"lr_schedule: 'cosine' or 'multistep', got {c.lr_schedule!r}")
+    if c.lr_schedule == "multistep":
+        ms = c.lr_milestones
+        if not (ms and all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in ms)
+                and ms == sorted(set(ms))):
+            raise ConfigError(f"lr_milestones: expected increasing epochs ≥ 1 for lr_schedule multistep, got {ms!r}")
+    if c.match not in ("global", "local"):
+        raise ConfigError(f"match: 'global' or 'local', got {c.match!r}")
+    if c.amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"amp: 'none', 'bf16' or 'fp16', got {c.amp!r}")
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+#: older key names still read from YAML files
+ALIASES = {"metric_options": "term_options"}
 
 
 def _str_list(key, value) -> list:
@@ -219,6 +371,7 @@ def from_mapping(values: dict, base: RunConfig | None = None, source: str = "con
     cfg = dataclasses.replace(base) if base is not None else RunConfig()
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
+        key = ALIASES.get(key, key)
         if key not in FIELDS:
             raise ConfigError(f"{source}: unknown key {raw_key!r}; valid keys: {', '.join(FIELDS)}")
         setattr(cfg, key, _check_value(key, value))

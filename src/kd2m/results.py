@@ -1,7 +1,13 @@
-"""Results rows -> CSV/JSON on disk and Markdown tables (mean ± std over seeds).
+"""Results rows -> CSV/JSON on disk and Markdown tables, with paired statistics over seeds.
 
-``results.csv`` holds one row per (method, weight, seed); it is rewritten atomically after
-every finished run, keyed so a resumed grid never duplicates a row.
+``results.csv`` holds one row per (method, seed); it is rewritten atomically after every
+finished run, keyed so a resumed grid never duplicates a row. ``summary.csv`` holds one row
+per method: accuracy mean ± sample std, and Δ vs the CE-only student as a *paired* quantity
+(every student of a seed shares initial weights, data order and schedule with the CE-only
+student of that seed): mean Δ, its 95% Student-t interval over seeds (n−1 degrees of freedom),
+the two-sided paired t-test p-value and the number of seeds where the method beat CE.
+Accuracies are those of the last epoch (the honest number: no early stopping on the test set);
+``best_acc`` (best epoch) is kept in results.csv for reference only.
 """
 from __future__ import annotations
 
@@ -12,26 +18,7 @@ import statistics
 from pathlib import Path
 
 from .checkpoint import atomic_write_json, atomic_write_text
-
-#: Display names, in the paper's row order (ours add MMD, GW, Sinkhorn, sliced, KL variants).
-LABELS = {
-    "teacher": "teacher",
-    "ce": "student (CE only)",
-    "kd": "Hinton KD",
-    "w2": "W2 (E)",
-    "cw2": "CW2 (E)",
-    "jw2": "JW2 (E)",
-    "gauss_w2": "W2 (G)",
-    "gauss_cw2": "CW2 (G)",
-    "gauss_kl": "KL (G)",
-    "gauss_ckl": "CKL (G)",
-    "mmd_linear": "MMD (linear)",
-    "mmd_rbf": "MMD (RBF)",
-    "cmmd_rbf": "CMMD (RBF)",
-    "gw2": "GW (E)",
-    "sinkhorn": "Sinkhorn (E)",
-    "sliced_w2": "SW2 (E)",
-}
+from .methods import method_label
 
 #: The paper's reported accuracies (%), one seed (from shared/PAPER.md).
 PAPER = {
@@ -43,13 +30,31 @@ PAPER = {
                  "gauss_cw2": 61.43, "gauss_kl": 60.66},
 }
 
-FIELDS = ["dataset", "method", "label", "metric", "weight", "seed", "test_acc", "epochs", "seconds", "run_dir"]
+FIELDS = ["dataset", "method", "label", "metric", "weight", "seed", "test_acc", "best_acc", "best_epoch", "epochs",
+          "seconds", "run_dir"]
+SUMMARY_FIELDS = ["method", "label", "n_seeds", "mean", "std", "delta", "delta_ci_low", "delta_ci_high", "p_value",
+                  "wins"]
+_NUMBERS = {"seed": int, "test_acc": float, "best_acc": float, "best_epoch": int, "epochs": int, "seconds": float,
+            "weight": float}
 
 
 def label(method: str) -> str:
-    base, _, weight = method.partition("@")
-    name = LABELS.get(base, base)
-    return f"{name} λ={weight}" if weight else name
+    """The table label of a method key (``"cw2"`` → ``"CW2 (E)"``, ``"cw2@0.1"`` → ``"CW2 (E) λ=0.1"``)."""
+    return method_label(method)
+
+
+def table_order(methods) -> list[str]:
+    """teacher, CE-only, then the baselines, then the distances in the paper's order, then the rest
+    (first-seen order), each sweep value after its base."""
+    from . import losses
+    from .config import PAPER_METRICS
+    order = ["teacher", "ce"] + losses.available("baseline") + PAPER_METRICS + losses.available("kd2m")
+    seen = list(dict.fromkeys(methods))
+
+    def rank(m):
+        base = m.partition("@")[0]
+        return (order.index(base) if base in order else len(order), seen.index(m))
+    return sorted(seen, key=rank)
 
 
 def row_key(row: dict) -> tuple:
@@ -63,9 +68,10 @@ def read_rows(path: str | Path) -> list[dict]:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        r["seed"] = int(r["seed"])
-        r["test_acc"] = float(r["test_acc"])
-        r["weight"] = float(r["weight"]) if r.get("weight") not in (None, "") else 0.0
+        for key, cast in _NUMBERS.items():
+            r[key] = cast(r[key]) if r.get(key) not in (None, "") else None
+        if r["weight"] is None:
+            r["weight"] = 0.0
     return rows
 
 
@@ -87,52 +93,195 @@ def upsert(path: str | Path, row: dict) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per method (first-seen order): mean and sample std of accuracy over seeds, in %."""
-    groups: dict[str, list[float]] = {}
+    """Per method (table order): accuracy mean and sample std over seeds in %, and the paired Δ vs
+    the CE-only student of the same seeds (see :func:`paired_delta`)."""
+    groups: dict[str, dict[int, float]] = {}
     for r in rows:
-        groups.setdefault(r["method"], []).append(100.0 * float(r["test_acc"]))
+        groups.setdefault(r["method"], {})[int(r["seed"])] = 100.0 * float(r["test_acc"])
     out = []
-    for method, accs in groups.items():
+    for method in table_order(list(groups)):
+        per_seed = groups[method]
+        accs = list(per_seed.values())
         std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-        out.append({"method": method, "label": label(method), "mean": statistics.fmean(accs), "std": std,
-                    "n": len(accs), "accs": accs})
+        row = {"method": method, "label": label(method), "mean": statistics.fmean(accs), "std": std,
+               "n": len(accs), "accs": accs}
+        partner = _ce_partner(method, groups)
+        if partner is not None:
+            row.update(paired_delta(per_seed, groups[partner]))
+        out.append(row)
     return out
+
+
+def _ce_partner(method: str, groups: dict) -> str | None:
+    """The CE-only run a method is paired with: ``ce`` (or ``ce@key=v`` for a student of an ``lr``
+    sweep value, which trained with that lr)."""
+    if method in ("teacher",) or method.partition("@")[0] == "ce":
+        return None
+    variant = method.partition("@")[2]
+    if "=" in variant and f"ce@{variant}" in groups:
+        return f"ce@{variant}"
+    return "ce" if "ce" in groups else None
+
+
+def paired_delta(method_accs: dict, ce_accs: dict) -> dict:
+    """Δ = method − CE (accuracy points) over the seeds both have.
+
+    Returns ``delta`` (mean Δ), ``delta_ci_low/high`` (95% paired Student-t interval, n−1 degrees
+    of freedom: mean ± t₀.₉₇₅,ₙ₋₁ · sd/√n), ``p_value`` (two-sided paired t-test), ``wins`` (seeds
+    with Δ > 0) and ``n_pairs``. With one pair the interval and p are NaN; with n ≥ 2 identical
+    differences the interval is that point and p is 0 (or 1 when Δ = 0).
+    """
+    from scipy import stats
+    seeds = sorted(set(method_accs) & set(ce_accs))
+    d = [method_accs[s] - ce_accs[s] for s in seeds]
+    n = len(d)
+    out = {"n_pairs": n, "wins": sum(x > 0 for x in d)}
+    if n == 0:
+        return {**out, "delta": float("nan"), "delta_ci_low": float("nan"), "delta_ci_high": float("nan"),
+                "p_value": float("nan")}
+    mean = statistics.fmean(d)
+    if n == 1:
+        return {**out, "delta": mean, "delta_ci_low": float("nan"), "delta_ci_high": float("nan"),
+                "p_value": float("nan")}
+    sd = statistics.stdev(d)
+    if sd == 0.0:
+        return {**out, "delta": mean, "delta_ci_low": mean, "delta_ci_high": mean,
+                "p_value": 1.0 if mean == 0 else 0.0}
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.975, n - 1)) * se
+    p = float(2 * stats.t.sf(abs(mean / se), n - 1))
+    return {**out, "delta": mean, "delta_ci_low": mean - half, "delta_ci_high": mean + half, "p_value": p}
+
+
+def verdict(s: dict) -> str:
+    """"better" / "worse" than CE only when the paired interval excludes 0, else "—"."""
+    lo, hi = s.get("delta_ci_low", float("nan")), s.get("delta_ci_high", float("nan"))
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "—"
 
 
 def fmt(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown_table(rows: list[dict], dataset: str | None = None) -> str:
-    """Methods × (accuracy mean ± std, seeds, Δ vs CE[, paper]) with the best student in bold."""
+def fmt_delta(s: dict) -> str:
+    if "delta" not in s or math.isnan(s["delta"]):
+        return ""
+    if math.isnan(s["delta_ci_low"]):
+        return f"{s['delta']:+.2f}"
+    return f"{s['delta']:+.2f} [{s['delta_ci_low']:+.2f}, {s['delta_ci_high']:+.2f}]"
+
+
+def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds: int | None = None) -> str:
+    """Methods × (accuracy mean ± std, seeds, paired Δ vs CE with its 95% interval, p, wins,
+    verdict[, paper]); the best student (highest mean; never the teacher) in bold. With
+    ``expected_seeds``, methods with fewer finished seeds are flagged and listed below the table."""
     stats = summarize(rows)
-    ce = next((s["mean"] for s in stats if s["method"] == "ce"), None)
     students = [s for s in stats if s["method"] != "teacher"]
     best = max((s["mean"] for s in students), default=None)
     paper = PAPER.get(dataset or "", {})
-    head = "| method | accuracy (%) | seeds | Δ vs CE |" + (" paper (1 seed) |" if paper else "")
-    sep = "|---|---|---|---|" + ("---|" if paper else "")
+    head = "| method | accuracy (%) | seeds | Δ vs CE [95% CI] | p | wins | vs CE |" + \
+        (" paper (1 seed) |" if paper else "")
+    sep = "|---|---|---|---|---|---|---|" + ("---|" if paper else "")
     lines = [head, sep]
+    short = []
     for s in stats:
         cell = fmt(s["mean"], s["std"])
         if s["method"] != "teacher" and best is not None and s["mean"] == best:
             cell = f"**{cell}**"
-        delta = "" if ce is None or s["method"] in ("ce", "teacher") else f"{s['mean'] - ce:+.2f}"
-        line = f"| {s['label']} | {cell} | {s['n']} | {delta} |"
+        n = f"{s['n']}"
+        if expected_seeds and s["n"] < expected_seeds:
+            n += " (!)"
+            short.append(f"{s['label']} ({s['n']}/{expected_seeds})")
+        if "delta" in s:
+            p = "" if math.isnan(s["p_value"]) else f"{s['p_value']:.3f}"
+            extra = f" {fmt_delta(s)} | {p} | {s['wins']}/{s['n_pairs']} | {verdict(s)} |"
+        else:
+            extra = " | | | |"
+        line = f"| {s['label']} | {cell} | {n} |{extra}"
         if paper:
-            p = paper.get(s["method"].partition("@")[0])
-            line += f" {p:.2f} |" if p is not None else " — |"
+            pv = paper.get(s["method"].partition("@")[0])
+            line += f" {pv:.2f} |" if pv is not None else " — |"
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if short:
+        text += f"\n(!) unfinished: {', '.join(short)} seeds; their means are over fewer seeds than the others.\n"
+    return text
 
 
-def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "") -> str:
-    """results.md and results.json beside results.csv; returns the Markdown table."""
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """``summary.csv``'s rows: one per method (Δ columns empty for the teacher and CE)."""
+    out = []
+    for s in summarize(rows):
+        r = {"method": s["method"], "label": s["label"], "n_seeds": s["n"], "mean": s["mean"], "std": s["std"]}
+        for k in ("delta", "delta_ci_low", "delta_ci_high", "p_value", "wins"):
+            r[k] = s.get(k, "")
+        out.append(r)
+    return out
+
+
+NOTE = ("Accuracy: last epoch, full test set, mean ± sample std over seeds. Δ vs CE: paired over seeds "
+        "(each student shares initial weights, data order and schedule with the CE-only student of its seed), "
+        "mean [95% Student-t interval]; p: two-sided paired t-test; wins: seeds where the method beat CE; "
+        "vs CE says better/worse only when the interval excludes 0.")
+
+
+def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "",
+                  expected_seeds: int | None = None) -> str:
+    """results.md, results.json and summary.csv beside results.csv; returns the Markdown table.
+
+    results.json holds exactly the rows results.md was computed from (``kd2m report`` and
+    ``kd2m table`` read them from there, so every view shows the same numbers)."""
     out_dir = Path(out_dir)
-    table = markdown_table(rows, dataset)
-    atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table)
-    atomic_write_json(out_dir / "results.json", {"dataset": dataset, "rows": rows, "summary": summarize(rows)})
+    table = markdown_table(rows, dataset, expected_seeds)
+    atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
+    clean = [{k: r.get(k) for k in FIELDS} for r in rows]
+    atomic_write_json(out_dir / "results.json", {"dataset": dataset, "header": header, "expected_seeds": expected_seeds,
+                                                 "rows": clean, "summary": _json_safe(summarize(rows))})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    w.writeheader()
+    for r in summary_rows(rows):
+        w.writerow(r)
+    atomic_write_text(out_dir / "summary.csv", buf.getvalue())
     return table
+
+
+def _json_safe(obj):
+    """NaN → None (JSON has no NaN)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
+    """The rows results.md was made from (results.json), and that file's metadata. Falls back to
+    results.csv for directories written before results.json held them."""
+    run_dir = Path(run_dir)
+    js = run_dir / "results.json"
+    if js.exists():
+        import json
+        data = json.loads(js.read_text())
+        rows = data.get("rows") or []
+        if rows and isinstance(rows[0], dict) and "method" in rows[0]:
+            for r in rows:
+                for key, cast in _NUMBERS.items():
+                    if r.get(key) not in (None, ""):
+                        r[key] = cast(r[key])
+                if r.get("weight") is None:
+                    r["weight"] = 0.0
+            return rows, data
+    csv_path = run_dir / "results.csv"
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} does not exist: is {run_dir} a kd2m run directory?")
+    return read_rows(csv_path), {}
 
 
 def paper_table(runs: dict[str, list[dict]]) -> str:
@@ -145,8 +294,7 @@ def paper_table(runs: dict[str, list[dict]]) -> str:
     methods: list[str] = []
     for per in stats.values():
         methods += [m for m in per if m not in methods]
-    order = list(LABELS)
-    methods.sort(key=lambda m: (order.index(m.partition("@")[0]) if m.partition("@")[0] in order else len(order), m))
+    methods = table_order(methods)
     best = {ds: max((s["mean"] for m, s in per.items() if m != "teacher"), default=None) for ds, per in stats.items()}
     paper_cols = [ds for ds in runs if ds in PAPER]
     head = "| method | " + " | ".join(f"{ds} (ours)" for ds in runs) + "".join(f" | {ds} (paper)" for ds in paper_cols) + " |"

@@ -1,9 +1,14 @@
 """The engine: one training loop for teachers, CE-only students and distilled students.
 
-Every student of a seed shares the same initial weights, data order, optimizer and schedule;
-only the loss differs (CE, CE + Hinton KD, or CE + λ·D(features)). Each epoch ends with an
-atomic checkpoint; a killed run resumes from the last one and, on CPU with deterministic
-algorithms, finishes bit-identical to an uninterrupted run.
+A run optimises ``CE + Σ_k λ_k(epoch) · term_k`` (:class:`~kd2m.methods.Method`, terms from the
+one registry :mod:`kd2m.losses`). Every student of a seed shares the same initial weights, data
+order, optimizer and schedule; only the terms differ. Each epoch ends with an atomic
+checkpoint; a killed run resumes from the last one and, on CPU with deterministic algorithms,
+finishes bit-identical to an uninterrupted run.
+
+Pieces: :class:`TeacherOutputs` (the teacher's features and logits for a batch, online or from
+the :mod:`~kd2m.teacher_cache`), :class:`Trainer` (one run's state: model, terms, optimizer,
+schedule, taps, loaders) and :func:`fit` (train or resume one run, return its result).
 """
 from __future__ import annotations
 
@@ -11,20 +16,20 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from . import distributed as D
+from . import distributed as dist_ctx
+from . import losses
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
-from .features import FeatureTap
-from .loss import KD2MLoss, hinton_kd
+from .features import PENULTIMATE, FeatureTap, last_linear_name
+from .methods import Method, TermConfig
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
 from .runtime import amp_dtype, autocast, progress, to_device
@@ -33,24 +38,6 @@ from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 class NonFiniteLossError(RuntimeError):
     """The training loss (or the matched features) became NaN/inf; the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class Method:
-    """What a run optimises. ``key`` names its directory and its results rows."""
-    key: str
-    metric: str | None = None      # a kd2m metric name, or None
-    weight: float = 0.0            # λ
-    kd_weight: float = 0.0         # Hinton KD weight (0 = off)
-
-    @property
-    def uses_teacher(self) -> bool:
-        """A student whose loss needs the teacher's outputs (feature metric or Hinton KD)."""
-        return bool(self.metric) or self.kd_weight > 0
-
-    @property
-    def is_teacher(self) -> bool:
-        return self.key == "teacher"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,11 +57,28 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, views: FixedViews | None = None):
-    """Train loader with a seeded shuffle (DistributedSampler under torchrun) and a test loader.
+class IndexedDataset(Dataset):
+    """``(x, y)`` items as ``(x, y, index)``: the key the engine passes on (CRD's memory bank),
+    the same item shape as :class:`~kd2m.teacher_cache.FixedViews` (whose key is ``index·K + view``)."""
 
-    With ``views`` (the teacher cache) the loader reads keys of those views instead of images:
-    the same image order, each image in the view :class:`ViewSampler` picks for the epoch."""
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index]
+        return x, y, index
+
+
+def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, views: FixedViews | None = None):
+    """Train loader of ``(x, y, key)`` with a seeded shuffle (DistributedSampler under torchrun)
+    and a test loader of ``(x, y)``.
+
+    With ``views`` (the teacher cache) the keys are those of the views (``index·K + view``): the
+    same image order, each image in the view :class:`ViewSampler` picks for the epoch; without,
+    the key is the image's index."""
     g = torch.Generator().manual_seed(seed)
     pin = device.type == "cuda"
     workers = cfg.num_workers or 0
@@ -84,7 +88,7 @@ def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, views:
     # persistent iterator draws once, in the first epoch a process runs, so after a resume every
     # later shuffle, crop and dropout mask would shift. Costs a worker start per epoch.
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=False)
-    if D.is_distributed():
+    if dist_ctx.is_distributed():
         from torch.utils.data.distributed import DistributedSampler
         sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed)
         test_sampler = DistributedSampler(bundle.test, shuffle=False, drop_last=False)
@@ -96,7 +100,8 @@ def make_loaders(bundle, cfg: RunConfig, seed: int, device: torch.device, views:
         train = DataLoader(views, batch_size=cfg.batch_size, sampler=ViewSampler(sampler, views.views, views.seed),
                            generator=g, **common)
     else:
-        train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, generator=g, **common)
+        train = DataLoader(IndexedDataset(bundle.train), batch_size=cfg.batch_size, sampler=sampler, generator=g,
+                           **common)
     return train, test
 
 
@@ -113,7 +118,7 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> f
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         correct += int((model(x).argmax(1) == y).sum())
         total += int(y.numel())
-    correct, total = D.all_reduce_sum([correct, total], device)
+    correct, total = dist_ctx.all_reduce_sum([correct, total], device)
     return correct / max(total, 1)
 
 
@@ -143,7 +148,7 @@ def build_net(cfg: RunConfig, bundle, seed: int, role: str) -> nn.Module:
     model = build_model(getattr(cfg, role), bundle.num_classes, bundle.in_channels, bundle.image_size)
     weights = getattr(cfg, f"pretrained_{role}")
     if weights:
-        load_pretrained(model, weights, new_head="fc.")
+        load_pretrained(model, weights, new_head=last_linear_name(model) + ".")
     return model
 
 
@@ -155,6 +160,13 @@ def build_teacher(cfg: RunConfig, bundle, seed: int) -> nn.Module:
     return build_net(cfg, bundle, seed, "teacher")
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher=None) -> dict:
     """Everything that decides a run's result; stored with it so that a resume or a skip never
     silently reuses a run made with other settings (e.g. `kd2m run --epochs 1`, then `kd2m run`)."""
@@ -163,15 +175,14 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
          "epochs": epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_min": cfg.lr_min,
          "lr_schedule": cfg.lr_schedule, "lr_milestones": cfg.lr_milestones, "lr_gamma": cfg.lr_gamma,
          "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "amp": cfg.amp, "seed": seed,
-         "world_size": D.world_size()}
-    if teacher is not None:
-        s.update(teacher=cfg.teacher, teacher_epochs=cfg.teacher_epochs, kd_weight=method.kd_weight,
-                 kd_temperature=cfg.kd_temperature if method.kd_weight else None)
-    if _cache_views(cfg, method, teacher):
-        s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
-    if method.metric:
-        s.update(metric=method.metric, weight=method.weight, metric_options=cfg.metric_options.get(method.metric, {}),
-                 student_layer=cfg.student_layer, teacher_layer=cfg.teacher_layer, match=cfg.match)
+         "world_size": dist_ctx.world_size(), "image_size": cfg.image_size}
+    if teacher is not None and method.uses_teacher:
+        s.update(teacher=cfg.teacher, teacher_epochs=cfg.teacher_epochs, pretrained_teacher=cfg.pretrained_teacher,
+                 match=cfg.match, terms=[t.describe() for t in method.terms])
+        if cfg.teacher_cache:
+            s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
+    elif method.terms:
+        s.update(terms=[t.describe() for t in method.terms])
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
 
 
@@ -188,9 +199,438 @@ def check_settings(run_dir: Path, stored: dict | None, current: dict) -> None:
         return
     diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if diff:
-        what = "; ".join(f"{k} {stored.get(k)!r} there, {current.get(k)!r} now" for k in diff[:4])
+        what = "; ".join(f"{k} {stored.get(k)!r:.60} there, {current.get(k)!r:.60} now" for k in diff[:4])
         raise ConfigError(f"{run_dir} holds a run made with other settings ({what}); "
                           "use another --out, or delete that directory to redo it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers and terms
+
+
+def map_layer(model: nn.Module, example: Tensor) -> str:
+    """The default layer of a map term: the model's last 4-D feature map (found by hooks)."""
+    from .features import last_map_layer
+    return last_map_layer(model, example)
+
+
+class BoundTerm:
+    """One term of a run: its config, its module, the layers it reads, and the key it is logged under."""
+
+    def __init__(self, config: TermConfig, module: nn.Module, student_layer: str, teacher_layer: str, key: str):
+        self.config, self.module, self.key = config, module, key
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.needs = config.spec.needs
+        self.raw = config.uses_maps  # reads raw maps/tokens, not pooled features
+
+    def inputs(self, s_feats: dict, t_feats: dict, y: Tensor, logits: Tensor, t_logits, index) -> dict:
+        kw = {}
+        if self.needs & {"feats", "maps"}:
+            kw["student_feats"] = s_feats[(self.student_layer, self.raw)]
+            kw["teacher_feats"] = t_feats[(self.teacher_layer, self.raw)].detach()
+        if "logits" in self.needs:
+            kw["student_logits"], kw["teacher_logits"] = logits, t_logits.detach()
+        if "labels" in self.needs:
+            kw["labels"] = y
+        if "index" in self.needs:
+            kw["index"] = index
+        return kw
+
+
+def _layers(model: nn.Module, example: Tensor, terms, side: str) -> dict:
+    """The layer each term reads on ``side`` ("student" or "teacher"), resolved to a module path."""
+    out, found_map = {}, None
+    for t in terms:
+        layer = getattr(t, f"{side}_layer")
+        if layer is None:
+            if t.uses_maps:
+                found_map = found_map or map_layer(model, example)
+                layer = found_map
+            else:
+                layer = PENULTIMATE
+        out[id(t)] = layer
+    return out
+
+
+class Taps:
+    """Forward hooks on the layers a run's terms read: pooled ``(n, d)`` and raw (maps, tokens) by layer."""
+
+    def __init__(self, model: nn.Module, wanted: set):
+        pooled = sorted({layer for layer, raw in wanted if not raw})
+        raw = sorted({layer for layer, raw in wanted if raw})
+        self.pooled = FeatureTap(model, pooled) if pooled else None
+        self.raw = FeatureTap(model, raw, pool="none") if raw else None
+
+    def features(self) -> dict:
+        out = {}
+        for tap, raw in ((self.pooled, False), (self.raw, True)):
+            if tap is None:
+                continue
+            for layer in tap.layers:
+                if layer not in tap.features:
+                    raise RuntimeError("no features recorded yet: run a forward pass first")
+                out[(layer, raw)] = tap.features[layer]
+        return out
+
+    def remove(self) -> None:
+        for tap in (self.pooled, self.raw):
+            if tap is not None:
+                tap.remove()
+
+
+def _shape(x: Tensor) -> tuple:
+    return tuple(x.shape[1:])
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, x: Tensor, wanted: set) -> tuple[dict, Tensor]:
+    """Features and logits of one eval-mode forward on ``x``, leaving the RNG and BN statistics alone."""
+    was_training = model.training
+    taps = Taps(model, wanted)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()
+            logits = model(x)
+        return taps.features(), logits
+    finally:
+        taps.remove()
+        model.train(was_training)
+
+
+def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, example: Tensor,
+               num_classes: int, num_data: int) -> list[BoundTerm]:
+    """Build ``method``'s term modules with the shapes they need (from one probe forward on
+    ``example``), each with its resolved layers; any error names the method and the term."""
+    if not method.terms:
+        return []
+    if teacher is None:
+        raise ConfigError(f"{method.key}: its terms need a teacher")
+    s_layers = _layers(student, example, method.terms, "student")
+    t_layers = _layers(teacher, example, method.terms, "teacher")
+    s_want = {(s_layers[id(t)], t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
+    t_want = {(t_layers[id(t)], t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
+    s_feats, _ = _probe(student, example, s_want)
+    t_feats, _ = _probe(teacher, example, t_want)
+    head = dict(teacher.named_modules())[last_linear_name(teacher)].weight.detach()
+    bound, names = [], [t.name for t in method.terms]
+    for t in method.terms:
+        sl, tl = s_layers[id(t)], t_layers[id(t)]
+        s_x, t_x = s_feats.get((sl, t.uses_maps)), t_feats.get((tl, t.uses_maps))
+        if t.spec.needs_maps and s_x is not None and (s_x.dim() != 4 or t_x.dim() != 4):
+            raise ConfigError(f"{method.key}: term {t.name!r} needs (n, c, h, w) feature maps; layer {sl!r} of the "
+                              f"student gives {tuple(s_x.shape)} and layer {tl!r} of the teacher {tuple(t_x.shape)}")
+        ctx_fields = dict(student_shape=_shape(s_x) if s_x is not None else None,
+                          teacher_shape=_shape(t_x) if t_x is not None else None,
+                          num_classes=num_classes, num_data=num_data)
+        if "teacher_head" in losses.TermContext.__dataclass_fields__:
+            ctx_fields["teacher_head"] = head
+        options = t.option_dict
+        if t.spec.family == "kd2m" and "match" in t.spec.options:
+            options.setdefault("match", "global")
+        if t.unit != "batch":
+            options["unit"] = t.unit
+        try:
+            module = losses.get(t.name, losses.TermContext(**ctx_fields), **options)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{method.key}: {e}") from None
+        key = t.name if names.count(t.name) == 1 else f"{t.name}@{sl}"
+        bound.append(BoundTerm(t, module, sl, tl, key))
+    return bound
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher's outputs
+
+
+class TeacherOutputs:
+    """The teacher's features (by layer) and logits for a batch: run online, or looked up in a cache."""
+
+    def __call__(self, x: Tensor, key: Tensor) -> tuple[dict, Tensor]:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        pass
+
+
+class OnlineTeacher(TeacherOutputs):
+    """Runs the frozen teacher on every batch (under the run's autocast) and reads its taps."""
+
+    def __init__(self, teacher: nn.Module, wanted: set):
+        self.teacher = teacher
+        self.taps = Taps(teacher, wanted)
+
+    def __call__(self, x, key):
+        with torch.no_grad():
+            logits = self.teacher(x)
+        return self.taps.features(), logits
+
+    def remove(self) -> None:
+        self.taps.remove()
+
+
+class CachedTeacher(TeacherOutputs):
+    """Looks the teacher's outputs up by key in a :class:`~kd2m.teacher_cache.TeacherCache`."""
+
+    def __init__(self, cache, layer: str):
+        self.cache, self.layer = cache, layer
+
+    def __call__(self, x, key):
+        feats, logits = self.cache.lookup(key)
+        return {(self.layer, False): feats}, logits
+
+
+def _cached_layer(cfg: RunConfig, method: Method, bound: list[BoundTerm]) -> str:
+    """The one pooled teacher layer a cache holds; a method that needs more is refused up front."""
+    if any(b.raw for b in bound):
+        raise ConfigError(f"{method.key}: --teacher-cache stores pooled features and logits; terms on feature maps "
+                          "or spatial positions need the online teacher (teacher_cache: 0)")
+    layers = {b.teacher_layer for b in bound if b.needs & {"feats"}}
+    if len(layers) > 1:
+        raise ConfigError(f"{method.key}: --teacher-cache holds one teacher layer, these terms read "
+                          f"{', '.join(sorted(layers))}; use teacher_cache: 0")
+    return layers.pop() if layers else cfg.teacher_layer
+
+
+def _teacher_cache(teacher, views: FixedViews, layer: str, cfg: RunConfig, device, memo: dict | None):
+    key = (id(teacher), views.views, views.seed, layer, cfg.amp, cfg.channels_last)
+    if memo is not None and key in memo:
+        return memo[key]
+    with torch.random.fork_rng(devices=[]):  # building draws no randomness the training run would see
+        cache = build_teacher_cache(teacher, views, layer, device, amp_dtype=amp_dtype(cfg.amp),
+                                    channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
+                                    show_progress=cfg.progress and dist_ctx.is_main(), max_mb=cfg.max_cache_mb)
+    if memo is not None:
+        memo[key] = cache
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+
+
+class Trainer:
+    """One run's state: the model, its terms, optimizer, schedule, loaders and the teacher's outputs.
+
+    ``Trainer(...).fit()`` trains (or resumes) and returns the result; see :func:`fit`.
+    """
+
+    def __init__(self, model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run_dir: Path,
+                 device: torch.device, teacher: nn.Module | None = None, epochs: int | None = None,
+                 desc: str = "", teacher_caches: dict | None = None):
+        self.model, self.bundle, self.cfg, self.method, self.seed = model, bundle, cfg, method, seed
+        self.run_dir, self.device, self.desc = Path(run_dir), device, desc
+        self.teacher = teacher if method.uses_teacher else None
+        self.epochs = cfg.epochs if epochs is None else epochs
+        self.teacher_caches = teacher_caches
+        self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher)
+        self.final_path = self.run_dir / "final.json"
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.log_path = self.run_dir / "log.jsonl"
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, device, model = self.cfg, self.device, self.model
+        seed_everything(self.seed + 1000 * dist_ctx.rank())  # augmentation differs per rank; DDP syncs weights
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        example = self.bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * self.bundle.train[0][0].dim()))
+        example = to_device(example, device, cfg.channels_last)
+        self.terms = bind_terms(self.method, model, self.teacher, example, self.bundle.num_classes,
+                                len(self.bundle.train))
+        for b in self.terms:
+            b.module.to(device)
+        cache = None
+        self.views = 1
+        if self.teacher is not None and cfg.teacher_cache:
+            layer = _cached_layer(cfg, self.method, self.terms)
+            views = FixedViews(self.bundle.train, cfg.teacher_cache, self.seed)
+            cache = _teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches)
+            self.train_loader, self.test_loader = make_loaders(self.bundle, cfg, self.seed, device, views=views)
+            self.teacher_out = CachedTeacher(cache, layer)
+            self.views = cfg.teacher_cache
+        else:
+            self.train_loader, self.test_loader = make_loaders(self.bundle, cfg, self.seed, device)
+            want = {(b.teacher_layer, b.raw) for b in self.terms if b.needs & {"feats", "maps"}}
+            self.teacher_out = OnlineTeacher(self.teacher, want) if self.teacher is not None else None
+        params = list(model.parameters()) + [p for b in self.terms for p in b.module.parameters()]
+        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.sched = make_scheduler(self.opt, cfg, self.epochs)
+        want = {(b.student_layer, b.raw) for b in self.terms if b.needs & {"feats", "maps"}}
+        self.s_taps = Taps(model, want) if want else None
+
+    def _resume(self) -> tuple[list, int, float]:
+        if not self.ckpt_path.exists():
+            return [], 0, 0.0
+        state = load_checkpoint(self.ckpt_path)
+        check_settings(self.run_dir, json.loads(state["settings"]) if "settings" in state else None, self.settings)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        for b, sd in zip(self.terms, state.get("terms") or []):
+            b.module.load_state_dict(sd)
+        _set_rng_state(state["rng"], self.train_loader)
+        history = json.loads(state["history"])
+        self._write_log(history)  # a kill between checkpoint and log left the log one epoch short
+        return history, state["epoch"], state["elapsed"]
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _epoch(self, net: nn.Module, epoch: int) -> dict:
+        cfg, device = self.cfg, self.device
+        amp = amp_dtype(cfg.amp)
+        lam = [b.config.weight_at(epoch, self.epochs) for b in self.terms]
+        net.train()
+        sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0}
+        term_sums = {b.key: 0.0 for b in self.terms}
+        seen = 0
+        for step, (x, y, key) in enumerate(self.train_loader):
+            x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+            key = key.to(device, non_blocking=True)
+            t_feats, t_logits = {}, None
+            if isinstance(self.teacher_out, CachedTeacher):
+                t_feats, t_logits = self.teacher_out(x, key)
+            with autocast(device, amp):
+                logits = net(x)
+                ce = F.cross_entropy(logits.float(), y)
+                if isinstance(self.teacher_out, OnlineTeacher):
+                    t_feats, t_logits = self.teacher_out(x, key)
+            s_feats = self.s_taps.features() if self.s_taps is not None else {}
+            distill = ce.new_zeros(())
+            values = []
+            for b, w in zip(self.terms, lam):
+                try:  # the distances refuse NaN/inf features; say where training diverged
+                    v = b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, key // self.views))
+                except NonFiniteInputError as e:
+                    raise NonFiniteLossError(f"non-finite {e.who} features at epoch {epoch + 1}, step {step + 1}") \
+                        from None
+                values.append(v)
+                distill = distill + w * v.float()
+            loss = ce + distill
+            if not torch.isfinite(loss):
+                parts = ", ".join([f"ce={float(ce.detach()):.4g}"] +
+                                  [f"{b.key}={float(v.detach()):.4g}" for b, v in zip(self.terms, values)])
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({parts})")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for b in self.terms:  # term parameters live outside DDP: average their gradients as DDP does
+                if any(True for _ in b.module.parameters()):
+                    dist_ctx.average_gradients(b.module)
+            self.opt.step()
+            n = y.shape[0]
+            seen += n
+            sums["loss"] += float(loss.detach()) * n
+            sums["ce"] += float(ce.detach()) * n
+            sums["distill"] += float(distill.detach()) * n
+            for b, v in zip(self.terms, values):
+                term_sums[b.key] += float(v.detach()) * n
+        keys = list(sums) + list(term_sums)
+        totals = dist_ctx.all_reduce_sum([sums[k] for k in sums] + [term_sums[k] for k in term_sums] + [seen], device)
+        mean = {k: v / max(totals[-1], 1) for k, v in zip(keys, totals[:-1])}
+        row = {k: mean[k] for k in sums}
+        if self.terms:
+            row["terms"] = {b.key: mean[b.key] for b in self.terms}
+            row["weights"] = {b.key: w for b, w in zip(self.terms, lam)}
+        return row
+
+    def _write_log(self, history: list) -> None:
+        if dist_ctx.is_main():
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def _finished(self, load_finished: bool) -> dict:
+        result = json.loads(self.final_path.read_text())
+        if not isinstance(result, dict) or "test_acc" not in result:
+            raise ConfigError(f"{self.final_path} is not a kd2m result (expected a JSON object with test_acc); "
+                              "delete that run directory to redo it")
+        check_settings(self.run_dir, result.get("settings"), self.settings)
+        weights = self.run_dir / "model.pt"
+        if load_finished:
+            if not weights.exists():
+                raise ConfigError(f"{self.final_path} marks this run finished but {weights} is missing; "
+                                  f"delete {self.run_dir} to retrain it")
+            self.model.load_state_dict(load_checkpoint(weights))
+        if dist_ctx.is_main():  # a kill after final.json left the resume state behind: drop it now
+            _remove(self.ckpt_path)
+        self.model.to(self.device)
+        return result
+
+    def fit(self, load_finished: bool = True) -> dict:
+        if self.final_path.exists():  # finished earlier: its result (and, for a teacher, its weights)
+            return self._finished(load_finished)
+        self._setup()
+        history, start, elapsed = self._resume()
+        cfg = self.cfg
+        net = self.model
+        if dist_ctx.is_distributed():
+            net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            # Dynamo does not guard on module hooks by default: without a reset, a graph compiled
+            # for an earlier run's un-hooked student (same class, same code) is reused and this
+            # run's FeatureTap never fires.
+            torch._dynamo.reset()
+            net = torch.compile(net)
+        bar = progress(range(start, self.epochs), self.desc, total=self.epochs, initial=start,
+                       enabled=cfg.progress and dist_ctx.is_main())
+        try:
+            for epoch in bar:
+                t0 = time.perf_counter()
+                if hasattr(self.train_loader.sampler, "set_epoch"):
+                    self.train_loader.sampler.set_epoch(epoch)
+                lr = self.opt.param_groups[0]["lr"]  # the rate this epoch trains with
+                sums = self._epoch(net, epoch)
+                self.sched.step()
+                acc = evaluate(net, self.test_loader, self.device, cfg.channels_last)
+                elapsed += time.perf_counter() - t0
+                history.append({"epoch": epoch + 1, "test_acc": acc, "lr": lr, "seconds": elapsed, **sums})
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(acc=f"{acc:.4f}", loss=f"{sums['loss']:.3f}")
+                if dist_ctx.is_main():
+                    save_checkpoint(self.ckpt_path, {
+                        "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict(), "terms": [b.module.state_dict() for b in self.terms],
+                        "rng": _rng_state(self.train_loader), "epoch": epoch + 1, "elapsed": elapsed,
+                        "settings": json.dumps(self.settings), "history": json.dumps(history)})
+                    self._write_log(history)
+        except NonFiniteLossError as e:  # say which run diverged and how to go on
+            if self.ckpt_path.exists():
+                advice = (f"the last good checkpoint {self.ckpt_path} is kept: lower --weight and rerun to resume "
+                          "from it, or delete it and rerun with a lower --lr (a resumed run keeps its learning-rate "
+                          "schedule)")
+            else:
+                advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
+            raise NonFiniteLossError(f"{self.desc or self.run_dir}: {e}; {advice}") from None
+        finally:
+            for hooks in (self.s_taps, self.teacher_out):
+                if hooks is not None:
+                    hooks.remove()
+        return self._finish(net, history, elapsed)
+
+    def _finish(self, net, history: list, elapsed: float) -> dict:
+        if history:
+            last = history[-1]["test_acc"]
+            best = max(history, key=lambda r: r["test_acc"])
+        else:
+            last = evaluate(net, self.test_loader, self.device)
+            best = {"test_acc": last, "epoch": 0}
+        m = self.method
+        result = {"method": m.key, "metric": "+".join(t.name for t in m.terms) or None,
+                  "weight": m.terms[0].weight if len(m.terms) == 1 else None, "seed": self.seed,
+                  "test_acc": last, "best_acc": best["test_acc"], "best_epoch": best["epoch"],
+                  "epochs": self.epochs, "seconds": round(elapsed, 3), "settings": self.settings}
+        if dist_ctx.is_main():
+            self._write_log(history)
+            save_checkpoint(self.run_dir / "model.pt", self.model.state_dict())
+            atomic_write_json(self.final_path, result)
+            _remove(self.ckpt_path)  # the resume state is no longer needed once the final weights are written
+        dist_ctx.barrier()  # no rank starts the next run before rank 0 has written this one
+        return result
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run_dir: Path,
@@ -199,190 +639,16 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     """Train ``model`` for ``epochs`` with ``method``'s loss; resume from ``run_dir`` if a checkpoint is there.
 
     Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
-    epoch), ``run_dir/model.pt`` (final weights) and ``run_dir/final.json`` (the result; its presence
-    marks the run finished). Returns the result dict.
+    epoch: test accuracy, the lr it trained with, loss = ce + distill, each term's unweighted value
+    under ``terms`` and its λ under ``weights``), ``run_dir/model.pt`` (final weights) and
+    ``run_dir/final.json`` (the result: last- and best-epoch accuracy; its presence marks the run
+    finished). Returns the result dict.
 
     A finished run is not retrained: its result is returned, and its weights are loaded into
-    ``model`` when ``load_finished`` (a teacher that students need). With ``cfg.teacher_cache``
-    = K > 0 the teacher's outputs come from a :class:`~kd2m.teacher_cache.TeacherCache`;
-    ``teacher_caches`` (a dict) lets several runs of one teacher share it.
+    ``model`` when ``load_finished`` (a teacher that students need; a missing ``model.pt`` is then
+    an error, never a random teacher). With ``cfg.teacher_cache`` = K > 0 the teacher's outputs
+    come from a :class:`~kd2m.teacher_cache.TeacherCache`; ``teacher_caches`` (a dict) lets
+    several runs of one teacher share it.
     """
-    run_dir = Path(run_dir)
-    epochs = cfg.epochs if epochs is None else epochs
-    final_path = run_dir / "final.json"
-    settings = run_settings(cfg, method, seed, epochs, teacher)
-    if final_path.exists():  # finished earlier: load its weights (a teacher is reused) and its result
-        result = json.loads(final_path.read_text())
-        check_settings(run_dir, result.get("settings"), settings)
-        if load_finished and (run_dir / "model.pt").exists():
-            model.load_state_dict(load_checkpoint(run_dir / "model.pt"))
-        model.to(device)
-        return result
-    seed_everything(seed + 1000 * D.rank())  # augmentation differs per rank; DDP syncs the initial weights
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    cache = None
-    if _cache_views(cfg, method, teacher):
-        views = FixedViews(bundle.train, cfg.teacher_cache, seed)
-        cache = _teacher_cache(teacher, views, cfg, device, teacher_caches)
-        train_loader, test_loader = make_loaders(bundle, cfg, seed, device, views=views)
-    else:
-        train_loader, test_loader = make_loaders(bundle, cfg, seed, device)
-
-    distill = None
-    if method.metric:
-        distill = KD2MLoss(method.metric, method.weight, student_dim=getattr(model, "feature_dim", None),
-                           teacher_dim=getattr(teacher, "feature_dim", None), match=cfg.match,
-                           **cfg.metric_options.get(method.metric, {})).to(device)
-    params = list(model.parameters()) + (list(distill.parameters()) if distill is not None else [])
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(opt, cfg, epochs)
-
-    history, start, elapsed = [], 0, 0.0
-    ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        check_settings(run_dir, json.loads(state["settings"]) if "settings" in state else None, settings)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if distill is not None and state.get("distill") is not None:
-            distill.load_state_dict(state["distill"])
-        _set_rng_state(state["rng"], train_loader)
-        history, start, elapsed = json.loads(state["history"]), state["epoch"], state["elapsed"]
-
-    net = model
-    if D.is_distributed():
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        # Dynamo does not guard on module hooks by default: without a reset, a graph compiled
-        # for an earlier run's un-hooked student (same class, same code) is reused and this
-        # run's FeatureTap never fires.
-        torch._dynamo.reset()
-        net = torch.compile(net)
-    s_tap = FeatureTap(model, cfg.student_layer) if (distill is not None) else None
-    t_tap = FeatureTap(teacher, cfg.teacher_layer) if (teacher is not None and distill is not None
-                                                        and cache is None) else None
-    amp = amp_dtype(cfg.amp)
-    bar = progress(range(start, epochs), desc, total=epochs, initial=start, enabled=cfg.progress and D.is_main())
-    try:
-        for epoch in bar:
-            t0 = time.perf_counter()
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
-            sums = _train_epoch(net, teacher, train_loader, opt, method, distill, s_tap, t_tap, cfg,
-                                device, amp, epoch, cache)
-            sched.step()
-            acc = evaluate(net, test_loader, device, cfg.channels_last)
-            elapsed += time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "test_acc": acc, "lr": opt.param_groups[0]["lr"], "seconds": elapsed, **sums}
-            history.append(row)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{acc:.4f}", loss=f"{sums['loss']:.3f}")
-            if D.is_main():
-                save_checkpoint(ckpt_path, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "distill": distill.state_dict() if distill is not None else None,
-                    "rng": _rng_state(train_loader), "epoch": epoch + 1, "elapsed": elapsed,
-                    "settings": json.dumps(settings),
-                    "history": json.dumps(history)})
-                atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    except NonFiniteLossError as e:  # say which run diverged and how to go on
-        if ckpt_path.exists():
-            advice = (f"the last good checkpoint {ckpt_path} is kept: lower --weight and rerun to resume from it, "
-                      "or delete it and rerun with a lower --lr (a resumed run keeps its learning-rate schedule)")
-        else:
-            advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
-        raise NonFiniteLossError(f"{desc or run_dir}: {e}; {advice}") from None
-    finally:
-        for tap in (s_tap, t_tap):
-            if tap is not None:
-                tap.remove()
-    result = {"method": method.key, "metric": method.metric, "weight": method.weight, "seed": seed,
-              "test_acc": history[-1]["test_acc"] if history else evaluate(net, test_loader, device),
-              "epochs": epochs, "seconds": round(elapsed, 3), "settings": settings}
-    if D.is_main():
-        save_checkpoint(run_dir / "model.pt", model.state_dict())
-        atomic_write_json(final_path, result)
-        try:  # the resume state is no longer needed once the final weights are written
-            os.remove(ckpt_path)
-        except FileNotFoundError:
-            pass
-    D.barrier()  # no rank starts the next run before rank 0 has written this one
-    return result
-
-
-def _cache_views(cfg: RunConfig, method: Method, teacher) -> int:
-    """K when this run reads the teacher's outputs from a cache of K views, else 0."""
-    return cfg.teacher_cache if teacher is not None and method.uses_teacher else 0
-
-
-def _teacher_cache(teacher, views: FixedViews, cfg: RunConfig, device, memo: dict | None):
-    key = (id(teacher), views.views, views.seed, cfg.teacher_layer, cfg.amp, cfg.channels_last)
-    if memo is not None and key in memo:
-        return memo[key]
-    with torch.random.fork_rng(devices=[]):  # building draws no randomness the training run would see
-        cache = build_teacher_cache(teacher, views, cfg.teacher_layer, device, amp_dtype=amp_dtype(cfg.amp),
-                                    channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
-                                    show_progress=cfg.progress and D.is_main(), max_mb=cfg.max_cache_mb)
-    if memo is not None:
-        memo[key] = cache
-    return cache
-
-
-def _train_epoch(net, teacher, loader, opt, method: Method, distill, s_tap, t_tap, cfg, device, amp, epoch,
-                 cache=None):
-    net.train()
-    totals = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "kd": 0.0}
-    seen = 0
-    for step, batch in enumerate(loader):
-        x, y = to_device(batch[0], device, cfg.channels_last), batch[1].to(device, non_blocking=True)
-        t_feats = t_logits = None
-        if cache is not None:  # (image, label, key): the teacher's outputs are looked up, not computed
-            t_feats, t_logits = cache.lookup(batch[2].to(device, non_blocking=True))
-        with autocast(device, amp):
-            logits = net(x)
-            ce = F.cross_entropy(logits.float(), y)
-            loss = ce
-            if cache is None and teacher is not None and method.uses_teacher:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                if t_tap is not None:
-                    t_feats = t_tap.feature
-        d = kd = None
-        if distill is not None:
-            try:  # the metric itself refuses NaN/inf features; say where training diverged
-                d = distill.distance(s_tap.feature, t_feats, y, logits, t_logits)
-            except NonFiniteInputError as e:
-                raise NonFiniteLossError(f"non-finite {e.who} features at epoch {epoch + 1}, step {step + 1}") from None
-            loss = loss + distill.weight * d
-        if method.kd_weight > 0:
-            kd = hinton_kd(logits, t_logits, cfg.kd_temperature)
-            loss = loss + method.kd_weight * kd
-        if not torch.isfinite(loss):
-            parts = f"ce={float(ce.detach()):.4g}" + (f", distill={float(d.detach()):.4g}" if d is not None else "") \
-                    + (f", kd={float(kd.detach()):.4g}" if kd is not None else "")
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({parts})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if distill is not None and distill.projector is not None:
-            D.average_gradients(distill.projector)  # outside DDP: average its gradients like DDP does
-        opt.step()
-        n = y.shape[0]
-        seen += n
-        totals["loss"] += float(loss.detach()) * n
-        totals["ce"] += float(ce.detach()) * n
-        totals["distill"] += (float(d.detach()) if d is not None else 0.0) * n
-        totals["kd"] += (float(kd.detach()) if kd is not None else 0.0) * n
-    keys = list(totals)
-    summed = D.all_reduce_sum([totals[k] for k in keys] + [seen], device)
-    return {k: v / max(summed[-1], 1) for k, v in zip(keys, summed[:-1])}
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
+    return Trainer(model, bundle, cfg, method, seed, run_dir, device, teacher, epochs, desc,
+                   teacher_caches).fit(load_finished)

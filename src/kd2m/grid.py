@@ -1,0 +1,224 @@
+"""The experiment grid: seeds × (teacher, then one student per method of the configuration).
+
+Used by ``kd2m run`` (defaults: the embedded digits data) and ``kd2m bench CONFIG`` (a grid from
+a YAML file). Everything the grid will need is checked before the first epoch (:func:`preflight`);
+finished runs are skipped (their ``final.json`` is the marker), and every finished run is written
+to ``results.csv`` at once, so a killed grid resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist_ctx
+from . import results as R
+from .checkpoint import atomic_write_json
+from .config import ConfigError, RunConfig
+from .data import build_dataset
+from .methods import Method, method_label
+from .train import bind_terms, build_student, build_teacher, fit, freeze, resolve_device
+
+#: keys ``--sweep`` may vary, and the check each value must pass
+SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
+             "kd_temperature": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, "≥ 0")}
+
+
+def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple[RunConfig, Method]]:
+    """The students of a grid as (their config, their method).
+
+    A ``weight`` sweep varies λ of the distances only: the baselines and named students run once.
+    Any other key (``lr``, ...) changes every student, so every student — the CE-only one
+    included, or its Δ would compare against another lr — runs once per value (keys
+    ``method@key=value``). The teacher always trains with the base settings."""
+    if sweep is None:
+        return [(cfg, m) for m in cfg.methods()]
+    key, values = sweep
+    check, bound = SWEEPABLE[key]
+    out, seen = [], set()
+    for v in values:
+        if not math.isfinite(v) or not check(v):
+            raise ConfigError(f"--sweep {key}: every value must be a finite number {bound}, got {v:g}")
+        extra = {"weights": {k: w for k, w in cfg.weights.items() if k not in cfg.metrics}} if key == "weight" else {}
+        vcfg = dataclasses.replace(cfg, **{key: v}, **extra)
+        for m in vcfg.methods():
+            swept = key != "weight" or m.key in cfg.metrics
+            if swept:
+                m = dataclasses.replace(m, key=f"{m.key}@{v:g}" if key == "weight" else f"{m.key}@{key}={v:g}")
+            if m.key not in seen:
+                seen.add(m.key)
+                out.append((vcfg, m))
+    return out
+
+
+def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, device) -> None:
+    """Check, before anything trains, what would otherwise fail after the teacher trained: the
+    pretrained files load into the models, every term's layers exist and have the shape it needs,
+    its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see."""
+    from .metrics.memory import pairwise_bytes
+    n = cfg.batch_size * (dist_ctx.world_size() if cfg.match == "global" else 1)
+    for _, method in students:  # before loading any weights: fail fast
+        for t in method.terms:
+            need = pairwise_bytes(t.name, n) / 2**20
+            if need > cfg.max_pairwise_mb:
+                raise ValueError(
+                    f"{method.key}: term {t.name!r} at global batch n={n} needs ~{need:.0f} MiB of O(n²) buffers, "
+                    f"over --max-pairwise-mb {cfg.max_pairwise_mb:g}; use a smaller --batch-size, --match local, or "
+                    "a linear-memory metric: sliced_w2, or the Gaussian ones (gauss_w2, gauss_cw2, gauss_kl, "
+                    "gauss_ckl); sinkhorn is no lighter here (it also holds n×n matrices)")
+    if not any(m.terms for _, m in students):
+        with torch.random.fork_rng(devices=[]):
+            build_teacher(cfg, bundle, cfg.seeds[0])
+            build_student(cfg, bundle, cfg.seeds[0])
+        return
+    with torch.random.fork_rng(devices=[]):
+        teacher = build_teacher(cfg, bundle, cfg.seeds[0]).to(device).eval()
+        k = min(8, len(bundle.train))
+        items = [bundle.train[i] for i in range(k)]
+        x = torch.stack([it[0] for it in items]).to(device)
+        y = torch.tensor([int(it[1]) for it in items], device=device)
+        for vcfg, method in students:
+            if not method.terms:
+                continue
+            student = build_student(vcfg, bundle, cfg.seeds[0]).to(device).eval()
+            bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train))
+            _probe_values(method, bound, student, teacher, x, y)
+
+
+def _probe_values(method: Method, bound, student, teacher, x, y) -> None:
+    from .train import Taps
+    s_want = {(b.student_layer, b.raw) for b in bound if b.needs & {"feats", "maps"}}
+    t_want = {(b.teacher_layer, b.raw) for b in bound if b.needs & {"feats", "maps"}}
+    s_taps, t_taps = Taps(student, s_want), Taps(teacher, t_want)
+    try:
+        with torch.no_grad():
+            logits, t_logits = student(x), teacher(x)
+            s_feats, t_feats = s_taps.features(), t_taps.features()
+            for b in bound:
+                try:
+                    v = b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits,
+                                            torch.arange(x.shape[0], device=x.device)))
+                except (ValueError, TypeError, RuntimeError) as e:
+                    raise ConfigError(f"{method.key}: term {b.config.name!r} fails on a probe batch: "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                if not torch.isfinite(v).all():
+                    raise ConfigError(f"{method.key}: term {b.config.name!r} with options {b.config.option_dict} "
+                                      f"gives {float(v):g} on a probe batch; check its options")
+    finally:
+        s_taps.remove()
+        t_taps.remove()
+
+
+def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -> list[dict]:
+    """Run (or resume) the whole grid; return the results rows of this configuration."""
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    if cfg.threads:  # 0 = torch's default
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(dist_ctx.setup(None if cfg.device == "auto" else cfg.device))
+    students = sweep_variants(cfg, sweep)
+    bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
+    preflight(cfg, students, bundle, device)
+    if dist_ctx.is_main():
+        _prepare_out(out)
+        atomic_write_json(out / "config.json", cfg.to_dict())
+    csv_path = out / "results.csv"
+    rows = R.read_rows(csv_path)
+    t_start = time.perf_counter()
+    for seed in cfg.seeds:
+        # Every run goes through fit(): a finished one returns its final.json at once after
+        # checking that it was made with the same settings (so a resumed grid redoes nothing,
+        # and a changed config never silently reuses old results).
+        teacher = build_teacher(cfg, bundle, seed)
+        caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
+        for vcfg, method in [(cfg, Method("teacher"))] + students:
+            run_dir = out / ("teacher" if method.is_teacher else method.key) / f"seed{seed}"
+            earlier = (run_dir / "final.json").exists()
+            if method.is_teacher:
+                res = fit(teacher, bundle, cfg, method, seed, run_dir, device, epochs=cfg.teacher_epochs,
+                          desc=f"teacher s{seed}")
+                freeze(teacher)
+            else:
+                res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
+                          teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
+                          teacher_caches=caches)
+            row = {**res, "dataset": cfg.dataset, "label": method.label, "run_dir": str(run_dir.relative_to(out))}
+            if dist_ctx.is_main() and not any(R.row_key(r) == R.row_key(row) for r in rows):
+                rows = R.upsert(csv_path, row)
+            log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {method.label:<24} "
+                f"acc {100 * res['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
+    keys = {"teacher"} | {m.key for _, m in students}
+    own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] \
+        if dist_ctx.is_main() else rows
+    if dist_ctx.is_main():
+        R.write_reports(out, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds))
+        if sweep is not None:
+            plot_sweep(own, sweep[0], out / "sweep.png")
+    return own
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+
+
+def _header(cfg: RunConfig) -> str:
+    sched = (f"cosine → {cfg.lr_min:g}" if cfg.lr_schedule == "cosine" else
+             f"×{cfg.lr_gamma:g} at epochs {', '.join(map(str, cfg.lr_milestones))}")
+    return (f"# kd2m results: {cfg.dataset}\n\nteacher `{cfg.teacher}` → student `{cfg.student}`, "
+            f"{cfg.epochs} epochs (teacher {cfg.teacher_epochs}), batch {cfg.batch_size}, lr {cfg.lr:g} {sched}, "
+            f"λ: {_weights_text(cfg)}, seeds {cfg.seeds}.")
+
+
+def _weights_text(cfg: RunConfig) -> str:
+    """Every student's λ, as it trained (one λ when they share it)."""
+    parts = []
+    for m in cfg.methods():
+        if m.terms:
+            parts.append(f"{m.key} " + " + ".join(f"{t.weight:g}" for t in m.terms))
+    lams = {p.split(" ", 1)[1] for p in parts}
+    if len(lams) == 1:
+        return lams.pop()
+    return ", ".join(parts)
+
+
+def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
+    """Accuracy (mean ± std over seeds) against the swept value, one line per metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, dict[float, list[float]]] = {}
+    ce = [100 * r["test_acc"] for r in rows if r["method"] == "ce"]
+    for r in rows:
+        base, _, val = r["method"].partition("@")
+        if not val:
+            continue
+        v = float(val.split("=")[-1])
+        lines.setdefault(base, {}).setdefault(v, []).append(100 * r["test_acc"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    import statistics
+    for base, pts in sorted(lines.items()):
+        xs = sorted(pts)
+        ys = [statistics.fmean(pts[x]) for x in xs]
+        es = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method_label(base))
+    if ce:
+        ax.axhline(statistics.fmean(ce), color="gray", ls="--", label="student (CE only)")
+    ax.set_xscale("log")
+    ax.set_xlabel(key if key != "weight" else "λ (distillation weight)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""What a run optimises: ``CE + Σ_k λ_k(epoch) · term_k``, described as data.
+
+A :class:`Method` is a named list of :class:`TermConfig` (empty for the CE-only student); the
+grid builds one student per method, and the engine (:mod:`kd2m.train`) composes the loss from
+it, so "CW2 + KD" or "DKD + W2 (G)" is a config entry, not code::
+
+    students:
+      cw2+kd: [{term: cw2, weight: 0.1}, {term: kd, weight: 1.0}]
+      two_layers: [{term: gauss_w2, student_layer: layer2, teacher_layer: layer3, unit: spatial, weight: 0.1},
+                   {term: cw2, weight: 1.0}]
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from . import losses
+
+#: how λ_k moves over the epochs (per term), after the optional warm-up
+SCHEDULES = ("constant", "linear_up", "linear_down")
+#: the keys a term entry may have in a config
+TERM_KEYS = ("term", "weight", "options", "student_layer", "teacher_layer", "unit", "warmup", "schedule")
+
+
+@dataclass(frozen=True)
+class TermConfig:
+    """One weighted term of a student's loss.
+
+    ``weight``: λ. ``options``: the term's keyword options (see ``kd2m.losses.spec(name).options``).
+    ``student_layer`` / ``teacher_layer``: module paths, ``"penultimate"`` (the classifier's input),
+    or ``None`` for the term's default (penultimate for pooled features, the last 4-D map for map
+    terms). ``unit``: what one sample of the distribution is (``"batch"``: an image;
+    ``"spatial"``: a position or token of one image's map). ``warmup``: epochs over which λ grows
+    linearly from 0 (DKD's schedule; ``None`` = the term's registered default). ``schedule``:
+    ``"constant"``, ``"linear_up"`` (0 → λ over the run) or ``"linear_down"`` (λ → 0).
+    """
+    name: str
+    weight: float = 1.0
+    options: tuple = ()                 # ((key, value), ...) sorted: hashable and stable on disk
+    student_layer: str | None = None
+    teacher_layer: str | None = None
+    unit: str = "batch"
+    warmup: int | None = None
+    schedule: str = "constant"
+
+    @property
+    def spec(self) -> losses.TermSpec:
+        return losses.spec(self.name)
+
+    @property
+    def option_dict(self) -> dict:
+        return dict(self.options)
+
+    @property
+    def uses_maps(self) -> bool:
+        """Its inputs are raw maps/tokens (a map term, or a distance over spatial positions)."""
+        return self.spec.needs_maps or self.unit == "spatial"
+
+    @property
+    def warmup_epochs(self) -> int:
+        return int(self.warmup if self.warmup is not None else getattr(self.spec, "warmup", 0))
+
+    def weight_at(self, epoch: int, epochs: int) -> float:
+        """λ during (0-based) ``epoch`` of ``epochs``: warm-up factor min((epoch+1)/warmup, 1) as in
+        mdistiller's DKD, times the schedule's factor."""
+        w = self.weight
+        if self.warmup_epochs > 0:
+            w *= min((epoch + 1) / self.warmup_epochs, 1.0)
+        if self.schedule == "linear_up":
+            w *= (epoch + 1) / max(epochs, 1)
+        elif self.schedule == "linear_down":
+            w *= 1.0 - epoch / max(epochs, 1)
+        return w
+
+    def describe(self) -> dict:
+        """Plain data for run settings and logs."""
+        return json.loads(json.dumps({"term": self.name, "weight": self.weight, "options": self.option_dict,
+                                      "student_layer": self.student_layer, "teacher_layer": self.teacher_layer,
+                                      "unit": self.unit, "warmup": self.warmup_epochs,
+                                      "schedule": self.schedule}))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A student's loss: CE plus ``terms``. ``key`` names its directory and its results rows
+    (``"teacher"`` is the teacher's run, ``"ce"`` the CE-only student)."""
+    key: str
+    terms: tuple = field(default_factory=tuple)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(t.spec.needs_teacher for t in self.terms)
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.key == "teacher"
+
+    @property
+    def label(self) -> str:
+        return method_label(self.key, self.terms)
+
+
+def method_label(key: str, terms=()) -> str:
+    """How a results table names a method: the field's label of each term, joined by " + "."""
+    base, _, variant = key.partition("@")
+    if base == "teacher":
+        name = "teacher"
+    elif base == "ce":
+        name = "student (CE only)"
+    elif terms:
+        name = " + ".join(t.spec.label for t in terms)
+    else:
+        parts = base.split("+")
+        name = " + ".join(losses.spec(p).label if p in losses.available() else p for p in parts)
+    if variant:
+        name += f" ({variant})" if "=" in variant else f" λ={variant}"
+    return name
+
+
+def term_from_entry(entry, where: str, default_weight: float | None = None, options: dict | None = None) -> TermConfig:
+    """A :class:`TermConfig` from a config entry: a name, or a mapping with :data:`TERM_KEYS`
+    (``metric`` is accepted for ``term``). Raises ValueError naming ``where`` and the bad key."""
+    if isinstance(entry, str):
+        entry = {"term": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: a term is a name or a mapping with keys {', '.join(TERM_KEYS)}, got {entry!r:.80}")
+    entry = dict(entry)
+    if "metric" in entry and "term" not in entry:
+        entry["term"] = entry.pop("metric")
+    unknown = sorted(set(entry) - set(TERM_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(TERM_KEYS)}")
+    name = entry.get("term")
+    try:
+        spec = losses.spec(name)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    weight = entry.get("weight", default_weight if default_weight is not None else getattr(spec, "weight", 1.0))
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{where}: weight (λ) of {name!r} must be a finite number ≥ 0, got {weight!r:.40}")
+    opts = {**(options or {}), **(entry.get("options") or {})}
+    if not isinstance(opts, dict):
+        raise ValueError(f"{where}: options of {name!r} must be a mapping")
+    unknown = sorted(set(opts) - set(spec.options))
+    if unknown:
+        raise ValueError(f"{where}: loss term {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(spec.options) or 'none'}")
+    unit = entry.get("unit", "batch")
+    if unit not in ("batch", "spatial"):
+        raise ValueError(f"{where}: unit of {name!r} must be 'batch' or 'spatial', got {unit!r:.40}")
+    if unit == "spatial" and spec.family != "kd2m":
+        raise ValueError(f"{where}: unit 'spatial' applies to the distribution distances, not to {name!r}")
+    warmup = entry.get("warmup")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise ValueError(f"{where}: warmup of {name!r} must be a number of epochs ≥ 0, got {warmup!r:.40}")
+    schedule = entry.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{where}: schedule of {name!r} must be one of {', '.join(SCHEDULES)}, got {schedule!r:.40}")
+    for key in ("student_layer", "teacher_layer"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise ValueError(f"{where}: {key} of {name!r} must be a module path (a string)")
+    return TermConfig(name, float(weight), tuple(sorted(opts.items())), entry.get("student_layer"),
+                      entry.get("teacher_layer"), unit, warmup, schedule)
