@@ -144,7 +144,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
     cfg = config_from_args(args)
     assert cfg.epochs == 2 and cfg.metrics == ["cw2", "w2"] and cfg.seeds == [3, 4] and cfg.weight == 0.5
     file_only = load_yaml(cfg_file)
-    assert file_only.metric_options == {"gauss_kl": {"diagonal": True}}
+    assert file_only.term_options == {"gauss_kl": {"diagonal": True}}
     assert file_only.resolved().teacher == "digits_cnn"
 
 

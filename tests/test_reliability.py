@@ -147,11 +147,11 @@ def test_unknown_names_are_refused_before_anything_is_written(tmp_path, capsys, 
 
 
 def test_pairwise_memory_refusal_is_fast_and_suggests_linear_metrics(tmp_path, capsys, monkeypatch):
-    import kd2m.bench
+    import kd2m.grid
 
     def no_data(*a, **k):
         raise AssertionError("the dataset was loaded before the memory check")
-    monkeypatch.setattr(kd2m.bench, "build_dataset", no_data)
+    monkeypatch.setattr(kd2m.grid, "build_dataset", no_data)
     t0 = time.perf_counter()
     code, _, err = run_cli(["run", "--metrics", "w2", "--batch-size", "4096", "--max-pairwise-mb", "100",
                             "--out", tmp_path / "o", "--no-progress"], capsys)

@@ -11,7 +11,8 @@ from kd2m.data import DataBundle, build_dataset
 from kd2m.features import FeatureTap
 from kd2m.models import build_model
 from kd2m.teacher_cache import FixedViews, ViewSampler, build_teacher_cache
-from kd2m.train import Method, fit, freeze
+from kd2m.methods import Method, TermConfig
+from kd2m.train import Trainer, fit, freeze
 
 
 class Augmented(Dataset):
@@ -98,16 +99,16 @@ def test_training_runs_no_teacher_forward_per_step(tmp_path):
     calls = []
     teacher.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     caches = {}
-    for method in (Method("cw2", metric="cw2", weight=0.1), Method("kd", kd_weight=1.0)):
+    for method in (Method("cw2", (TermConfig("cw2", 0.1),)), Method("kd", (TermConfig("kd", 1.0),))):
         student = build_model("digits_mlp", 4, 3, 10)
         res = fit(student, bundle, cfg, method, 0, tmp_path / method.key, torch.device("cpu"), teacher=teacher,
                   teacher_caches=caches)
         assert res["settings"]["teacher_cache"] == 3
         log = [json.loads(line) for line in (tmp_path / method.key / "log.jsonl").read_text().splitlines()]
-        assert len(log) == 3 and all(e["distill"] > 0 or e["kd"] > 0 for e in log)
+        assert len(log) == 3 and all(e["distill"] > 0 and e["terms"][method.key] > 0 for e in log)
     # 48 images × 3 views = 144 teacher inputs (+1 that probes the widths), once, for both
-    # students; none during their 2×3 epochs
-    assert sum(calls) == 144 + 1 and len(caches) == 1
+    # students, and one 2-image probe of the layer cw2 reads (its shapes); none during their 2×3 epochs
+    assert sum(calls) == 144 + 1 + 2 and len(caches) == 1
 
 
 def test_cached_run_matches_online_run_without_augmentation(tmp_path):
@@ -119,7 +120,7 @@ def test_cached_run_matches_online_run_without_augmentation(tmp_path):
     out = {}
     for k in (0, 1):
         cfg = RunConfig(teacher_cache=k, **base).resolved()
-        for method in (Method("gauss_w2", metric="gauss_w2", weight=0.01), Method("kd", kd_weight=1.0)):
+        for method in (Method("gauss_w2", (TermConfig("gauss_w2", 0.01),)), Method("kd", (TermConfig("kd", 1.0),))):
             out[k, method.key] = _train(tmp_path, cfg, bundle, teacher, method, f"{method.key}{k}")
     for key in ("gauss_w2", "kd"):
         assert out[1, key]["test_acc"] == out[0, key]["test_acc"]
@@ -148,7 +149,7 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
                     teacher_cache=views, progress=False, num_workers=workers).resolved()
     torch.manual_seed(5)
     teacher = freeze(build_model("digits_cnn", 4, 3, 10))
-    method = Method("cw2", metric="cw2", weight=0.1)
+    method = Method("cw2", (TermConfig("cw2", 0.1),))
 
     def run(name):
         torch.manual_seed(0)
@@ -156,18 +157,18 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
         return fit(student, bundle, cfg, method, 0, tmp_path / name, torch.device("cpu"), teacher=teacher)
 
     ref = run("ref")
-    real_epoch = kd2m.train._train_epoch
+    real_epoch = Trainer._epoch
 
-    def dies_in_epoch_3(*args, **kw):
-        if args[-2] == 2:  # epoch index: the checkpoint of epoch 2 is on disk
+    def dies_in_epoch_3(self, net, epoch):
+        if epoch == 2:  # epoch index: the checkpoint of epoch 2 is on disk
             raise KeyboardInterrupt
-        return real_epoch(*args, **kw)
+        return real_epoch(self, net, epoch)
 
-    monkeypatch.setattr(kd2m.train, "_train_epoch", dies_in_epoch_3)
+    monkeypatch.setattr(Trainer, "_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         run("killed")
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 2
-    monkeypatch.setattr(kd2m.train, "_train_epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "_epoch", real_epoch)
     torch.rand(7)  # a new process would start from another global RNG state
     got = run("killed")
     assert got["test_acc"] == ref["test_acc"]

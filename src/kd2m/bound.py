@@ -247,7 +247,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
                                 "(make one with `kd2m run --out DIR` or `kd2m bench CONFIG`)")
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {run_dir} has results but no config.json")
-    rows = R.read_rows(csv_path)
+    rows, _ = R.read_reported(run_dir)  # the rows results.md was made from, not stale ones of other settings
     if not rows:
         raise ValueError(f"{csv_path} has no results rows yet")
     return json.loads(cfg_path.read_text()), rows

@@ -148,17 +148,21 @@ def cmd_bound(args) -> int:
 
 def cmd_table(args) -> int:
     from .checkpoint import atomic_write_text
-    from .results import paper_table, read_rows
-    runs = {}
+    from .results import paper_table, read_reported, summarize
+    runs, notes = {}, []
     for d in args.run_dirs:
-        rows = read_rows(Path(d) / "results.csv")
+        rows, meta = read_reported(d)  # the rows each results.md was made from
         if not rows:
-            raise FileNotFoundError(f"{Path(d) / 'results.csv'} does not exist or is empty: is {d} a kd2m run directory?")
+            raise FileNotFoundError(f"{Path(d) / 'results.csv'} is empty: is {d} a finished kd2m run directory?")
         dataset = rows[0].get("dataset") or Path(d).name
         if dataset in runs:
             raise ValueError(f"two run directories hold dataset {dataset!r}; give one per dataset")
         runs[dataset] = rows
-    table = paper_table(runs)
+        want = meta.get("expected_seeds")
+        short = [f"{s['label']} {s['n']}/{want}" for s in summarize(rows) if want and s["n"] < want]
+        if short:
+            notes.append(f"{dataset}: unfinished ({', '.join(short)} seeds)")
+    table = paper_table(runs) + "".join(f"\n(!) {n}" for n in notes) + ("\n" if notes else "")
     print(table)
     if args.out:
         atomic_write_text(args.out, table)

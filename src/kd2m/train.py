@@ -285,6 +285,8 @@ def _shape(x: Tensor) -> tuple:
 @torch.no_grad()
 def _probe(model: nn.Module, x: Tensor, wanted: set) -> tuple[dict, Tensor]:
     """Features and logits of one eval-mode forward on ``x``, leaving the RNG and BN statistics alone."""
+    if not wanted:
+        return {}, None
     was_training = model.training
     taps = Taps(model, wanted)
     try:

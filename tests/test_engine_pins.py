@@ -1,0 +1,105 @@
+"""Pins on the engine and the tables: each test here fails on a realistic one-line bug that the
+rest of the suite let through (a mutation test found them): λ ignored, the cosine schedule off
+by an epoch, the Δ-vs-CE sign flipped, the teacher shown as the best student, a teacher's logits
+not detached."""
+import json
+import math
+
+import pytest
+import torch
+
+from kd2m import losses
+from kd2m import results as R
+from kd2m.cli import main
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_is_ce_plus_weighted_terms_and_lr_follows_the_cosine(tmp_path):
+    """Non-default λ for two terms of one student: every epoch's logged loss is CE + Σ λ_k·term_k
+    with the configured λ (not 1, not the other term's), and the lr each epoch trained with is the
+    cosine closed form lr_min + (lr − lr_min)(1 + cos(π e/E))/2, reaching lr_min after E epochs."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {tmp_path / 'r'}\nepochs: 4\nteacher_epochs: 1\nseeds: [0]\nbaselines: []\nmetrics: []\n"
+                   "lr: 0.08\nlr_min: 0.001\nprogress: false\n"
+                   "students:\n  combo: [{term: gauss_w2, weight: 0.3}, {term: kd, weight: 0.7, options: {temperature: 2.0}}]\n")
+    assert main(["bench", str(cfg)]) == 0
+    log = _log(tmp_path / "r/combo/seed0/log.jsonl")
+    assert [e["epoch"] for e in log] == [1, 2, 3, 4]
+    for e in log:
+        assert e["weights"] == {"gauss_w2": 0.3, "kd": 0.7}
+        assert e["terms"]["gauss_w2"] > 0 and e["terms"]["kd"] > 0
+        want = e["ce"] + 0.3 * e["terms"]["gauss_w2"] + 0.7 * e["terms"]["kd"]
+        assert e["loss"] == pytest.approx(want, rel=1e-6)
+        assert e["distill"] == pytest.approx(want - e["ce"], rel=1e-6)
+    E = 4
+    lrs = [0.001 + (0.08 - 0.001) * (1 + math.cos(math.pi * e / E)) / 2 for e in range(E + 1)]
+    assert [e["lr"] for e in log] == pytest.approx(lrs[:E], rel=1e-9)
+    assert lrs[E] == pytest.approx(0.001)
+
+
+def test_multistep_schedule_decays_at_the_milestones(tmp_path):
+    out = tmp_path / "m"
+    assert main(["run", "--epochs", "4", "--teacher-epochs", "1", "--seeds", "0", "--baselines", "ce", "--metrics", "",
+                 "--lr", "0.1", "--lr-schedule", "multistep", "--lr-milestones", "2,3", "--lr-gamma", "0.5",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert [e["lr"] for e in _log(out / "ce/seed0/log.jsonl")] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+
+
+def _rows(accs):
+    return [{"dataset": "x", "method": m, "seed": s, "test_acc": a, "weight": 0.0}
+            for m, per in accs.items() for s, a in enumerate(per)]
+
+
+def test_golden_markdown_table_with_hand_computed_paired_deltas():
+    rows = _rows({"teacher": [0.99, 0.99, 0.99], "ce": [0.80, 0.82, 0.81], "cw2": [0.85, 0.86, 0.88],
+                  "w2": [0.79, 0.80, 0.80], "gauss_w2": [0.81, 0.81, 0.83]})
+    # cw2 − ce per seed: +5, +4, +7 points: mean 5.333…, sd 1.5275…, t(0.975, 2) = 4.302652729911275
+    t2 = 4.302652729911275
+    d = [5.0, 4.0, 7.0]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    lo, hi = mean - t2 * sd / math.sqrt(3), mean + t2 * sd / math.sqrt(3)
+    table = R.markdown_table(rows, "x")
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines()[2:] if ln.startswith("|")}
+    assert list(lines) == ["teacher", "student (CE only)", "W2 (E)", "CW2 (E)", "W2 (G)"]
+    assert lines["CW2 (E)"] == (f"| CW2 (E) | **86.33 ± 1.53** | 3 | +{mean:.2f} [+{lo:.2f}, +{hi:.2f}] | "
+                                f"{_p(d):.3f} | 3/3 | better |")
+    # w2 − ce: −1, −2, −1: below CE on every seed; the interval excludes 0
+    assert "| W2 (E) | 79.67 ± 0.58 | 3 | -1.33 [" in lines["W2 (E)"] and lines["W2 (E)"].endswith("| 0/3 | worse |")
+    # gauss_w2 − ce: +1, −1, +2: the interval straddles 0, no verdict
+    assert lines["W2 (G)"].endswith("| 2/3 | — |")
+    assert "**" not in lines["teacher"]  # the teacher is never the best student
+
+
+def _p(d):
+    from scipy import stats
+    return stats.ttest_1samp(d, 0.0).pvalue
+
+
+def test_summary_csv_matches_the_hand_computation(tmp_path):
+    rows = _rows({"ce": [0.50, 0.60, 0.55, 0.58], "dkd": [0.52, 0.61, 0.58, 0.57]})
+    R.write_reports(tmp_path, rows, "x")
+    import csv
+    got = {r["method"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
+    d = [2.0, 1.0, 3.0, -1.0]
+    from scipy import stats
+    ci = stats.t.interval(0.95, 3, loc=sum(d) / 4, scale=stats.sem(d))
+    assert float(got["dkd"]["delta"]) == pytest.approx(1.25)
+    assert float(got["dkd"]["delta_ci_low"]) == pytest.approx(ci[0])
+    assert float(got["dkd"]["delta_ci_high"]) == pytest.approx(ci[1])
+    assert float(got["dkd"]["p_value"]) == pytest.approx(stats.ttest_rel([52, 61, 58, 57], [50, 60, 55, 58]).pvalue)
+    assert got["dkd"]["wins"] == "3" and got["ce"]["delta"] == ""
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd", "dist"])
+def test_logit_terms_never_send_gradient_into_the_teacher(name):
+    zs = torch.randn(8, 5, requires_grad=True)
+    zt = torch.randn(8, 5, requires_grad=True)
+    y = torch.arange(8) % 5
+    v = losses.get(name)(student_logits=zs, teacher_logits=zt, labels=y)
+    v.backward()
+    assert zs.grad is not None and zs.grad.abs().sum() > 0
+    assert zt.grad is None or float(zt.grad.abs().sum()) == 0.0
