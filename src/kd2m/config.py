@@ -68,7 +68,9 @@ class RunConfig:
     students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
                                        "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
     distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
-    weight: float | None = _opt(None, "λ for every KD²M distance without an entry in `weights`")
+    weight: str | float | None = _opt(None, "λ for every KD²M distance without an entry in `weights`: a number, or "
+                                            "auto (calibrated: at initialisation the term pulls the student as hard "
+                                            "as CE) or auto*K (K times that)")
     weights: dict | None = _opt(None, "λ per term name (distances and baselines)", cli=False)
     term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4}}",
                                      cli=False)
@@ -151,14 +153,25 @@ class RunConfig:
             if b != "ce" and b not in baseline_terms:
                 hint = " (a KD²M distance: put it in metrics)" if b in kd2m_terms else ""
                 raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(baseline_terms)}")
+        from .methods import parse_weight
         if c.weight is None:
             c.weight = 1.0
+        try:
+            if parse_weight(c.weight)[1]:
+                c.weight = str(c.weight).strip().lower().replace(" ", "")
+            else:
+                c.weight = parse_weight(c.weight)[0]
+        except ValueError:
+            raise ConfigError(f"weight: must be a finite number ≥ 0, 'auto' or 'auto*K', got {c.weight!r:.40}") from None
         used = set(c.metrics) | set(c.baselines)
         for m, w in c.weights.items():
             if m not in losses.available():
                 raise ConfigError(f"weights: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise ConfigError(f"weights: λ for {m!r} must be a finite number ≥ 0, got {w!r}")
+            try:
+                parse_weight(w)
+            except ValueError:
+                raise ConfigError(f"weights: λ for {m!r} must be a finite number ≥ 0, 'auto' or 'auto*K', "
+                                  f"got {w!r:.40}") from None
         for m, opts in c.term_options.items():
             if m not in losses.available():
                 raise ConfigError(f"term_options: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
@@ -198,15 +211,15 @@ class RunConfig:
                               "--teacher-epochs N")
         return c
 
-    def weight_for(self, name: str) -> float:
-        """λ for term ``name``: its entry in ``weights``, else ``weight`` (distances) or the term's
-        registered default (baselines)."""
+    def weight_for(self, name: str):
+        """λ for term ``name`` as written (a number, or "auto"/"auto*K"): its entry in ``weights``,
+        else ``weight`` (distances) or the term's registered default (baselines)."""
         from . import losses
         if name in (self.weights or {}):
-            return float(self.weights[name])
+            return self.weights[name]
         spec = losses.spec(name)
         if spec.family == "kd2m":
-            return float(self.weight if self.weight is not None else 1.0)
+            return self.weight if self.weight is not None else 1.0
         return float(getattr(spec, "weight", 1.0))
 
     def options_for(self, name: str) -> dict:
@@ -289,7 +302,7 @@ def _check_numbers(c: "RunConfig") -> None:
             raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
     if c.image_size is not None and c.image_size < 1:
         raise ConfigError(f"image_size: must be ≥ 1, got {c.image_size}")
-    for key in ("lr", "weight", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",
+    for key in ("lr", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",
                 "lr_gamma", "kd_temperature"):
         v = getattr(c, key)
         if v is None:

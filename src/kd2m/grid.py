@@ -23,14 +23,14 @@ from .methods import Method, method_label
 from .train import bind_terms, build_student, build_teacher, fit, freeze, resolve_device
 
 #: keys ``--sweep`` may vary, and the check each value must pass
-SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
+SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
              "kd_temperature": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, "≥ 0")}
 
 
 def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple[RunConfig, Method]]:
     """The students of a grid as (their config, their method).
 
-    A ``weight`` sweep varies λ of the distances only: the baselines and named students run once.
+    A ``weight`` (or ``auto_weight``: the factor K of ``auto*K``) sweep varies λ of the distances only: the baselines and named students run once.
     Any other key (``lr``, ...) changes every student, so every student — the CE-only one
     included, or its Δ would compare against another lr — runs once per value (keys
     ``method@key=value``). The teacher always trains with the base settings."""
@@ -42,12 +42,17 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
     for v in values:
         if not math.isfinite(v) or not check(v):
             raise ConfigError(f"--sweep {key}: every value must be a finite number {bound}, got {v:g}")
-        extra = {"weights": {k: w for k, w in cfg.weights.items() if k not in cfg.metrics}} if key == "weight" else {}
-        vcfg = dataclasses.replace(cfg, **{key: v}, **extra)
+        lam = key in ("weight", "auto_weight")
+        extra = {"weights": {k: w for k, w in cfg.weights.items() if k not in cfg.metrics}} if lam else {}
+        if key == "auto_weight":
+            vcfg = dataclasses.replace(cfg, weight=f"auto*{v:g}", **extra)
+        else:
+            vcfg = dataclasses.replace(cfg, **{key: v}, **extra)
+        tag = {"weight": f"{v:g}", "auto_weight": f"auto*{v:g}"}.get(key, f"{key}={v:g}")
         for m in vcfg.methods():
-            swept = key != "weight" or m.key in cfg.metrics
+            swept = not lam or m.key in cfg.metrics
             if swept:
-                m = dataclasses.replace(m, key=f"{m.key}@{v:g}" if key == "weight" else f"{m.key}@{key}={v:g}")
+                m = dataclasses.replace(m, key=f"{m.key}@{tag}")
             if m.key not in seen:
                 seen.add(m.key)
                 out.append((vcfg, m))
@@ -183,7 +188,7 @@ def _weights_text(cfg: RunConfig) -> str:
     parts = []
     for m in cfg.methods():
         if m.terms:
-            parts.append(f"{m.key} " + " + ".join(f"{t.weight:g}" for t in m.terms))
+            parts.append(f"{m.key} " + " + ".join(("auto×" if t.auto else "") + f"{t.weight:g}" for t in m.terms))
     lams = {p.split(" ", 1)[1] for p in parts}
     if len(lams) == 1:
         return lams.pop()
@@ -202,7 +207,7 @@ def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
         base, _, val = r["method"].partition("@")
         if not val:
             continue
-        v = float(val.split("=")[-1])
+        v = float(val.split("=")[-1].replace("auto*", ""))
         lines.setdefault(base, {}).setdefault(v, []).append(100 * r["test_acc"])
     fig, ax = plt.subplots(figsize=(6, 4))
     import statistics

@@ -34,6 +34,8 @@ class TermConfig:
     ``"spatial"``: a position or token of one image's map). ``warmup``: epochs over which λ grows
     linearly from 0 (DKD's schedule; ``None`` = the term's registered default). ``schedule``:
     ``"constant"``, ``"linear_up"`` (0 → λ over the run) or ``"linear_down"`` (λ → 0).
+    ``auto``: λ is ``weight`` × a scale calibrated on the initial student (:mod:`kd2m.auto_weight`):
+    at initialisation the term then pulls the student's weights ``weight`` times as hard as CE.
     """
     name: str
     weight: float = 1.0
@@ -43,6 +45,7 @@ class TermConfig:
     unit: str = "batch"
     warmup: int | None = None
     schedule: str = "constant"
+    auto: bool = False
 
     @property
     def spec(self) -> losses.TermSpec:
@@ -78,7 +81,7 @@ class TermConfig:
         return json.loads(json.dumps({"term": self.name, "weight": self.weight, "options": self.option_dict,
                                       "student_layer": self.student_layer, "teacher_layer": self.teacher_layer,
                                       "unit": self.unit, "warmup": self.warmup_epochs,
-                                      "schedule": self.schedule}))
+                                      "schedule": self.schedule, "auto": self.auto}))
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,11 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     weight = entry.get("weight", default_weight if default_weight is not None else getattr(spec, "weight", 1.0))
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{where}: weight (λ) of {name!r} must be a finite number ≥ 0, got {weight!r:.40}")
+    try:
+        weight, auto = parse_weight(weight)
+    except ValueError:
+        raise ValueError(f"{where}: weight (λ) of {name!r} must be a finite number ≥ 0, 'auto' or 'auto*K', "
+                         f"got {weight!r:.40}") from None
     opts = {**(options or {}), **(entry.get("options") or {})}
     if not isinstance(opts, dict):
         raise ValueError(f"{where}: options of {name!r} must be a mapping")
@@ -161,4 +167,20 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise ValueError(f"{where}: {key} of {name!r} must be a module path (a string)")
     return TermConfig(name, float(weight), tuple(sorted(opts.items())), entry.get("student_layer"),
-                      entry.get("teacher_layer"), unit, warmup, schedule)
+                      entry.get("teacher_layer"), unit, warmup, schedule, auto)
+
+
+def parse_weight(value) -> tuple[float, bool]:
+    """A λ as written in a config: a number ≥ 0, ``"auto"`` (calibrated, factor 1) or ``"auto*K"``
+    (calibrated, factor K). Returns (number or factor, auto). ValueError otherwise."""
+    auto = False
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text == "auto":
+            return 1.0, True
+        if text.startswith("auto*"):
+            text, auto = text[5:], True
+        value = float(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"bad weight {value!r}")
+    return float(value), auto

@@ -460,6 +460,8 @@ class Trainer:
         self.sched = make_scheduler(self.opt, cfg, self.epochs)
         want = {(b.student_layer, b.raw) for b in self.terms if b.needs & {"feats", "maps"}}
         self.s_taps = Taps(model, want) if want else None
+        from .auto_weight import calibrate
+        self.scales = calibrate(self)  # λ multipliers of `weight: auto` terms (1 for the others)
 
     def _resume(self) -> tuple[list, int, float]:
         if not self.ckpt_path.exists():
@@ -480,7 +482,7 @@ class Trainer:
     def _epoch(self, net: nn.Module, epoch: int) -> dict:
         cfg, device = self.cfg, self.device
         amp = amp_dtype(cfg.amp)
-        lam = [b.config.weight_at(epoch, self.epochs) for b in self.terms]
+        lam = [b.config.weight_at(epoch, self.epochs) * scale for b, scale in zip(self.terms, self.scales)]
         net.train()
         sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0}
         term_sums = {b.key: 0.0 for b in self.terms}
@@ -619,6 +621,8 @@ class Trainer:
                   "weight": m.terms[0].weight if len(m.terms) == 1 else None, "seed": self.seed,
                   "test_acc": last, "best_acc": best["test_acc"], "best_epoch": best["epoch"],
                   "epochs": self.epochs, "seconds": round(elapsed, 3), "settings": self.settings}
+        if any(b.config.auto for b in self.terms):
+            result["auto_scales"] = {b.key: s for b, s in zip(self.terms, self.scales)}
         if dist_ctx.is_main():
             self._write_log(history)
             save_checkpoint(self.run_dir / "model.pt", self.model.state_dict())

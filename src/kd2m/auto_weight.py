@@ -1,0 +1,97 @@
+"""λ without hand-tuning: calibrate a term's weight against CE on the initial student.
+
+The distances differ by orders of magnitude in scale (W2² in the hundreds on the digits
+features, MMD below 1), so one λ means something different for every metric, layer and
+dataset. With ``weight: auto*K`` (``auto`` = ``auto*1``) the engine sets, before the first step,
+
+    λ_k = K · E_b ‖∇_θ CE(b)‖ / E_b ‖∇_θ term_k(b)‖
+
+with θ the student's parameters and b the first few training batches (in index order, the
+student at its initial weights, train mode, no update). **λ = K then means: at initialisation
+the term pulls the student's weights K times as hard as the labels do.** It is invariant to any
+rescaling of the term (a term multiplied by c gets λ/c), of the features it is computed on
+(after the change of the term's value), and needs no held-out seeds.
+
+Why gradients and not values: two terms with equal values can pull with very different force
+(a squared distance grows quadratically in the feature scale, its gradient linearly), and the
+balance that matters for training is the one between the forces on θ (as in GradNorm, Chen et
+al., ICML 2018, which balances gradient norms of task losses; here once, at initialisation, so
+the objective is fixed for the whole run and the schedule of each term is unchanged).
+
+Calibration draws no randomness the run sees (``torch.random.fork_rng``), restores every buffer
+it touches (batch-norm statistics, memory banks), and is deterministic: a resumed run computes
+the same λ again.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import distributed as dist_ctx
+from .config import ConfigError
+from .runtime import to_device
+
+#: training batches the calibration averages over
+CALIBRATION_BATCHES = 4
+
+
+def calibrate(trainer) -> list[float]:
+    """One scale per bound term of ``trainer``: the λ multiplier above for ``auto`` terms, 1 for the rest."""
+    terms = trainer.terms
+    auto = [b.config.auto for b in terms]
+    if not any(auto):
+        return [1.0] * len(terms)
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_terms = [copy.deepcopy(b.module.state_dict()) for b in terms]
+    from .train import IndexedDataset
+    loader = DataLoader(IndexedDataset(trainer.bundle.train), batch_size=trainer.cfg.batch_size, shuffle=False)
+    ce_norm, term_norm = 0.0, [0.0] * len(terms)
+    batches = 0
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+            model.train()
+            for x, y, index in loader:
+                if batches == CALIBRATION_BATCHES:
+                    break
+                x = to_device(x, trainer.device, trainer.cfg.channels_last)
+                y, index = y.to(trainer.device), index.to(trainer.device)
+                t_feats, t_logits = trainer.teacher_out(x, index * trainer.views)  # view 0 of a cached table
+                logits = model(x)
+                s_feats = trainer.s_taps.features() if trainer.s_taps is not None else {}
+                ce = F.cross_entropy(logits.float(), y)
+                ce_norm += _grad_norm(ce, params)
+                for k, b in enumerate(terms):
+                    if auto[k]:
+                        v = b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, index))
+                        term_norm[k] += _grad_norm(v, params)
+                batches += 1
+    finally:
+        model.load_state_dict(saved_model)
+        for b, sd in zip(terms, saved_terms):
+            b.module.load_state_dict(sd)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    sums = dist_ctx.all_reduce_sum([ce_norm] + term_norm, trainer.device)
+    ce_norm, term_norm = sums[0], sums[1:]
+    scales = []
+    for k, b in enumerate(terms):
+        if not auto[k]:
+            scales.append(1.0)
+            continue
+        if not term_norm[k] > 0 or not math.isfinite(term_norm[k]):
+            raise ConfigError(f"{trainer.method.key}: weight auto for term {b.config.name!r}: its gradient on the "
+                              f"initial student is {term_norm[k]:g}, so no λ balances it against CE; give a number")
+        scales.append(ce_norm / term_norm[k])
+    return scales
+
+
+def _grad_norm(value: torch.Tensor, params) -> float:
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    return math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads if g is not None))
