@@ -23,7 +23,9 @@ def _cosine_conditional(x: Tensor, eps: float) -> Tensor:
     return k / k.sum(dim=1, keepdim=True)
 
 
-@register_term("pkt", label="PKT", needs=("feats",), paper="Passalis & Tefas, ECCV 2018", pairwise_factor=6)
+# pairwise_factor: measured peak of forward + backward (float32, d = 512, CPU): 6.3 float64 n×n
+# buffers at n = 2048, 4.1 at n = 4096 (peak VmHWM - VmRSS, the method of benchmarks/memory.py)
+@register_term("pkt", label="PKT", needs=("feats",), paper="Passalis & Tefas, ECCV 2018", pairwise_factor=7)
 @in_full_precision
 def pkt(*, student_feats: Tensor, teacher_feats: Tensor, eps: float = 1e-7, **_) -> Tensor:
     r"""Probabilistic knowledge transfer: KL between the teacher's and student's conditional
@@ -78,7 +80,10 @@ def _rkd_angles(x: Tensor) -> Tensor:
     return torch.bmm(e, e.transpose(1, 2)).reshape(-1)
 
 
-@register_term("rkd", label="RKD", needs=("feats",), paper="Park et al., CVPR 2019", pairwise_factor=8)
+# pairwise_factor: RKD's memory is not a multiple of n²: its angle relation holds n×n×d differences
+# and n³ cosines. Measured peak (float32, d = 512, CPU): 216 MiB at n = 128, 768 MiB at n = 256, i.e.
+# ≈ 3·d float64 n×n buffers at d = 512 plus an n³ part; 1800 covers d ≤ 512 up to n ≈ 256 only.
+@register_term("rkd", label="RKD", needs=("feats",), paper="Park et al., CVPR 2019", pairwise_factor=1800)
 @in_full_precision
 def rkd(*, student_feats: Tensor, teacher_feats: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0,
         eps: float = 1e-12, squared: bool = False, **_) -> Tensor:
@@ -109,8 +114,9 @@ def rkd(*, student_feats: Tensor, teacher_feats: Tensor, distance_weight: float 
     -------
     0-dim Tensor ≥ 0.
 
-    Cost: O(n²d + n³) time and memory: the angle relation holds n×n×d differences and n³ cosines,
-    which ``pairwise_factor`` (n×n buffers) does not cover; at n = 256 the n³ tensors are 64 MiB each.
+    Cost: O(n²d + n³) time and memory: the angle relation holds n×n×d differences and n³ cosines
+    (as the authors' code); at n = 256, d = 512 one forward + backward peaks at ≈ 770 MiB. Its
+    ``pairwise_factor`` (a constant number of n×n buffers) is only right for d ≤ 512, n ≲ 256.
     """
     check_nonnegative("rkd", distance_weight=distance_weight, angle_weight=angle_weight)
     check_positive("rkd", eps=eps)
