@@ -75,12 +75,12 @@ def _f32(x):
 
 
 def hinton_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """Hinton et al. (2015) logit distillation: T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), batch mean.
+    """Hinton et al. (2015) logit distillation: T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), batch mean,
+    computed in float32: the ``"kd"`` term of :mod:`kd2m.losses` (:func:`kd2m.losses.logit.kd`).
 
     KL(teacher ‖ student) — the direction of the original paper (the reference code of KD²M used
     the reverse).
     """
-    t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * t * t
+    from .losses.logit import kd  # here, not at the top: kd2m.losses imports this module
+    return kd(student_logits=student_logits.float(), teacher_logits=teacher_logits.detach().float(),
+              temperature=temperature)

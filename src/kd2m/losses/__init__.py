@@ -5,11 +5,15 @@
     >>> value = term(student_logits=zs, teacher_logits=zt, labels=y)              # doctest: +SKIP
 
 The KD²M distances (family ``"kd2m"``, :mod:`kd2m.losses.distances`) and the field's baselines
-(family ``"baseline"``) share one registry (:mod:`kd2m.losses.registry`) whose entries carry
-their facts: table label, the inputs they need, their O(n²) memory factor, their paper.
+(family ``"baseline"``: logit terms in :mod:`kd2m.losses.logit`, feature-map terms in
+:mod:`kd2m.losses.maps`, relational and contrastive terms in :mod:`kd2m.losses.relational`)
+share one registry (:mod:`kd2m.losses.registry`) whose entries carry their facts: table label,
+the inputs they need, their O(n²) memory factor, their paper, a warm-up schedule (DKD).
 """
 from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_spec, available, get,  # noqa: F401
                        register_term, spec)
 from . import distances  # noqa: F401,E402  (registers the 13 KD²M distances)
+# the baselines: kd dkd dist wkd_l (logit), fitnet at nst (maps), pkt rkd crd (relational)
+from . import logit, maps, relational  # noqa: F401,E402
 
 __all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS"]

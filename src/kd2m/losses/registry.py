@@ -30,7 +30,7 @@ the engine composes ``CE + Σ_k λ_k · term_k``.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import Tensor, nn
@@ -45,12 +45,16 @@ class TermContext:
 
     ``student_shape`` / ``teacher_shape``: the per-sample shape at the term's layer, ``(d,)`` for
     pooled features, ``(c, h, w)`` for maps. ``num_classes``: logit width. ``num_data``: the
-    training set's size (memory banks keyed by sample index).
+    training set's size (memory banks keyed by sample index). ``teacher_head``: the weight
+    ``(C, d)`` of the teacher's last ``nn.Linear`` (its class prototypes; WKD-L builds its
+    class-to-class cost from them), or None.
     """
     student_shape: tuple[int, ...] | None = None
     teacher_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     num_data: int | None = None
+    # a tensor: left out of == and hash (comparing tensors elementwise has no single truth value)
+    teacher_head: Tensor | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class TermSpec:
     paper: str = ""              # where it comes from
     defaults: tuple = ()         # ((option, default), ...)
     factory: Callable | None = None  # factory(ctx, **options) -> nn.Module; None: bind options to ``builder``
+    warmup: int = 0              # epochs over which the engine ramps λ linearly: λ·min(epoch/warmup, 1), epoch ≥ 1
 
     @property
     def needs_maps(self) -> bool:
@@ -112,18 +117,24 @@ def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
 
 
 def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, family: str = "baseline",
-                  paper: str = ""):
-    """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts."""
+                  paper: str = "", warmup: int = 0):
+    """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts.
+
+    ``warmup``: a schedule, not part of the term's value: the engine multiplies the term's λ by
+    ``min(epoch / warmup, 1)`` (epochs counted from 1, as mdistiller's trainer does); 0: no warm-up.
+    """
     needs = frozenset(needs)
     bad = needs - set(INPUTS)
     if bad:
         raise ValueError(f"term {name!r}: unknown needs {sorted(bad)}; valid: {INPUTS}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"term {name!r}: warmup must be an int ≥ 0 (epochs), got {warmup!r}")
 
     def add(obj):
         defaults = _keyword_options(obj)
         factory = obj if isinstance(obj, type) else None
         add_spec(TermSpec(name, label, obj, needs, tuple(k for k, _ in defaults), pairwise_factor, family,
-                          paper, defaults, factory))
+                          paper, defaults, factory, warmup))
         return obj
     return add
 
