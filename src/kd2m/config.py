@@ -33,7 +33,8 @@ DATASET_DEFAULTS = {
                    weight=0.01, num_workers=0, threads=1,
                    weights={"w2": 0.01, "cw2": 0.1, "jw2": 0.001, "gauss_w2": 0.01, "gauss_cw2": 0.1,
                             "gauss_kl": 0.03, "gauss_ckl": 0.03, "mmd_rbf": 10.0, "cmmd_rbf": 10.0},
-                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}}),
+                   # DKD warms its λ up over 20 of mdistiller's 240 epochs: the same share of 10 is 1 epoch
+                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}, "dkd": {"warmup": 1}}),
 }
 IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs=15, lr=1e-2, weight=1e-4,
                       num_workers=2, threads=0)
@@ -64,7 +65,7 @@ class RunConfig:
     metrics: list = _opt(None, "comma list of KD²M distances, one student each (e.g. w2,cw2,gauss_kl)",
                          factory=lambda: list(PAPER_METRICS))
     baselines: list = _opt(None, "comma list: ce (the CE-only student) and/or baseline terms, one student each "
-                                 "(e.g. ce,kd,dkd,dist,pkt,rkd,crd)", factory=lambda: ["ce", "kd"])
+                                 "(e.g. ce,kd,dkd,dist,pkt,rkd,crd)", factory=lambda: ["ce", "kd", "dkd", "dist"])
     students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
                                        "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
     distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
@@ -72,8 +73,8 @@ class RunConfig:
                                             "auto (calibrated: at initialisation the term pulls the student as hard "
                                             "as CE) or auto*K (K times that)")
     weights: dict | None = _opt(None, "λ per term name (distances and baselines)", cli=False)
-    term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4}}",
-                                     cli=False)
+    term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4, "
+                                           "warmup: 2}} (warmup/schedule set the term's λ schedule)", cli=False)
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
     teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
@@ -121,7 +122,7 @@ class RunConfig:
             c.weights = dict(default_weights) if c.weight is None else {}
         default_options = defaults.pop("term_options", {})
         if c.term_options is None:
-            c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics}
+            c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics or m in c.baselines}
         for key, value in defaults.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
@@ -232,10 +233,11 @@ class RunConfig:
         """The single-term entry of a ``metrics`` or ``baselines`` name with this config's λ, options, layers."""
         from .methods import term_from_entry
         from . import losses
-        entry = {"term": name, "weight": self.weight_for(name)}
+        opts, schedule = _split_schedule(self.options_for(name))
+        entry = {"term": name, "weight": self.weight_for(name), **schedule}
         if losses.spec(name).family == "kd2m":
             entry.update(student_layer=self.student_layer, teacher_layer=self.teacher_layer)
-        return term_from_entry(entry, name, options=self.options_for(name))
+        return term_from_entry(entry, name, options=opts)
 
     def methods(self) -> list:
         """The students of this configuration, in table order: baselines, metrics, named students."""
@@ -248,16 +250,23 @@ class RunConfig:
                 tname = _entry_name(e)
                 defaults = dict(student_layer=self.student_layer, teacher_layer=self.teacher_layer) \
                     if isinstance(tname, str) and tname in _kd2m_names() else {}
-                entry = {**defaults, **({"term": e} if isinstance(e, str) else e)}
-                if isinstance(tname, str) and tname in _all_names() and "weight" not in entry:
+                known = isinstance(tname, str) and tname in _all_names()
+                opts, schedule = _split_schedule(self.options_for(tname) if known else {})
+                entry = {**defaults, **schedule, **({"term": e} if isinstance(e, str) else e)}
+                if known and "weight" not in entry:
                     entry["weight"] = self.weight_for(tname)
-                terms.append(term_from_entry(entry, f"students: {name}[{i}]",
-                                             options=self.options_for(tname) if tname in _all_names() else {}))
+                terms.append(term_from_entry(entry, f"students: {name}[{i}]", options=opts))
             out.append(Method(name, tuple(terms)))
         return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _split_schedule(opts: dict) -> tuple[dict, dict]:
+    """A term's options without the schedule keys (``warmup``, ``schedule``) that may be given among them."""
+    sched = {k: opts.pop(k) for k in ("warmup", "schedule") if k in opts}
+    return opts, sched
 
 
 def _kd2m_names():

@@ -43,12 +43,16 @@ def label(method: str) -> str:
     return method_label(method)
 
 
+#: the baselines in the order the field's tables list them: logit methods, then feature methods
+BASELINE_ORDER = ["kd", "dkd", "dist", "wkd_l", "fitnet", "at", "nst", "pkt", "rkd", "crd"]
+
+
 def table_order(methods) -> list[str]:
     """teacher, CE-only, then the baselines, then the distances in the paper's order, then the rest
     (first-seen order), each sweep value after its base."""
     from . import losses
     from .config import PAPER_METRICS
-    order = ["teacher", "ce"] + losses.available("baseline") + PAPER_METRICS + losses.available("kd2m")
+    order = ["teacher", "ce"] + BASELINE_ORDER + losses.available("baseline") + PAPER_METRICS + losses.available("kd2m")
     seen = list(dict.fromkeys(methods))
 
     def rank(m):

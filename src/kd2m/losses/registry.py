@@ -71,6 +71,7 @@ class TermSpec:
     defaults: tuple = ()         # ((option, default), ...)
     factory: Callable | None = None  # factory(ctx, **options) -> nn.Module; None: bind options to ``builder``
     warmup: int = 0              # epochs over which the engine ramps λ linearly: λ·min(epoch/warmup, 1), epoch ≥ 1
+    weight: float = 1.0          # the authors' λ (the loss weight of their released configs), the default
 
     @property
     def needs_maps(self) -> bool:
@@ -117,8 +118,11 @@ def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
 
 
 def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, family: str = "baseline",
-                  paper: str = "", warmup: int = 0):
+                  paper: str = "", warmup: int = 0, weight: float = 1.0):
     """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts.
+
+    ``weight``: the default λ, as the authors' released configs weight the term against CE
+    (e.g. mdistiller's ``FEAT_WEIGHT``); a config's ``weights:`` overrides it.
 
     ``warmup``: a schedule, not part of the term's value: the engine multiplies the term's λ by
     ``min(epoch / warmup, 1)`` (epochs counted from 1, as mdistiller's trainer does); 0: no warm-up.
@@ -134,7 +138,7 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
         defaults = _keyword_options(obj)
         factory = obj if isinstance(obj, type) else None
         add_spec(TermSpec(name, label, obj, needs, tuple(k for k, _ in defaults), pairwise_factor, family,
-                          paper, defaults, factory, warmup))
+                          paper, defaults, factory, warmup, float(weight)))
         return obj
     return add
 

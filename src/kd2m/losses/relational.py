@@ -25,7 +25,7 @@ def _cosine_conditional(x: Tensor, eps: float) -> Tensor:
 
 # pairwise_factor: measured peak of forward + backward (float32, d = 512, CPU): 6.3 float64 n×n
 # buffers at n = 2048, 4.1 at n = 4096 (peak VmHWM - VmRSS, the method of benchmarks/memory.py)
-@register_term("pkt", label="PKT", needs=("feats",), paper="Passalis & Tefas, ECCV 2018", pairwise_factor=7)
+@register_term("pkt", label="PKT", needs=("feats",), paper="Passalis & Tefas, ECCV 2018", pairwise_factor=7, weight=30000)
 @in_full_precision
 def pkt(*, student_feats: Tensor, teacher_feats: Tensor, eps: float = 1e-7, **_) -> Tensor:
     r"""Probabilistic knowledge transfer: KL between the teacher's and student's conditional
@@ -136,7 +136,7 @@ def rkd(*, student_feats: Tensor, teacher_feats: Tensor, distance_weight: float 
 CRD_EPS = 1e-7
 
 
-@register_term("crd", label="CRD", needs=("feats", "index"), paper="Tian, Krishnan & Isola, ICLR 2020")
+@register_term("crd", label="CRD", needs=("feats", "index"), paper="Tian, Krishnan & Isola, ICLR 2020", weight=0.8)
 class CRD(Term):
     r"""Contrastive representation distillation with a memory bank of negatives (NCE form).
 
