@@ -48,7 +48,7 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     """Input ``(N, in_channels, H, W)``; ``feature_dim = 1280``. ``mobile_half`` has 0.81M
-    parameters at 100 classes and costs ≈ 6 MFLOPs per 32×32 image (multiply-adds)."""
+    parameters at 100 classes and costs ≈ 6.5 M multiply-adds per 32×32 image."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width_mult: float = 0.5):
         super().__init__()

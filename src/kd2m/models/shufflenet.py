@@ -58,7 +58,7 @@ class ShuffleV1Bottleneck(nn.Module):
 
 
 class ShuffleNetV1(nn.Module):
-    """Input ``(N, in_channels, H, W)``; ``feature_dim = 960``."""
+    """Input ``(N, in_channels, H, W)``; ``feature_dim = 960``; ≈ 39 M multiply-adds per 32×32 image."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, widths=(240, 480, 960), blocks=(4, 8, 4),
                  groups: int = 3):
@@ -130,7 +130,7 @@ class ShuffleV2DownBlock(nn.Module):
 
 
 class ShuffleNetV2(nn.Module):
-    """Input ``(N, in_channels, H, W)``; ``feature_dim = 1024``."""
+    """Input ``(N, in_channels, H, W)``; ``feature_dim = 1024``; ≈ 45 M multiply-adds per 32×32 image."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, widths=(116, 232, 464, 1024), blocks=(3, 7, 3)):
         super().__init__()

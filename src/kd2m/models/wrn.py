@@ -57,7 +57,7 @@ class NetworkBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-widen: input ``(N, in_channels, H, W)``, ``feature_dim = 64·widen``.
 
-    Cost per 32×32 image: wrn_40_2 ≈ 0.33 GFLOPs, wrn_16_2 ≈ 0.10 GFLOPs (multiply-adds).
+    Cost per 32×32 image: wrn_40_2 ≈ 0.33 G, wrn_16_2 ≈ 0.10 G multiply-adds.
     """
 
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3):
