@@ -243,3 +243,30 @@ def test_new_head_true_finds_the_classifier(tmp_path, name):
     whole = load_pretrained(build_model(name, 10), tmp_path / "same.pth", new_head=True)
     same_state = same.state_dict()
     assert all(torch.equal(v, same_state[k]) for k, v in whole.state_dict().items())
+
+
+# ------------------------------------------------ configs/crd and configs/imagenet
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("resnet56", "resnet20"), ("resnet110", "resnet32"),
+             ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV2"),
+             ("resnet32x4", "ShuffleV1"), ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1")]
+
+
+def test_crd_configs_follow_the_protocol():
+    from kd2m.config import load_yaml
+    files = sorted((CONFIGS / "crd").glob("*.yaml"))
+    assert sorted(f.stem for f in files) == sorted(f"{t}_{s}" for t, s in CRD_PAIRS)
+    for teacher, student in CRD_PAIRS:
+        c = load_yaml(CONFIGS / "crd" / f"{teacher}_{student}.yaml").resolved()
+        assert (c.dataset, c.teacher, c.student) == ("cifar100", teacher, student)
+        assert (c.epochs, c.teacher_epochs, c.batch_size, c.momentum, c.weight_decay) == (240, 240, 64, 0.9, 5e-4)
+        assert (c.lr_schedule, c.lr_milestones, c.lr_gamma) == ("multistep", [150, 180, 210], 0.1)
+        assert c.lr == (0.01 if student in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
+
+
+def test_imagenet_config_is_the_torchvision_recipe():
+    from kd2m.config import load_yaml
+    c = load_yaml(CONFIGS / "imagenet" / "resnet34_resnet18.yaml").resolved()
+    assert (c.dataset, c.teacher, c.student, c.epochs, c.batch_size, c.lr) == ("imagefolder", "resnet34", "resnet18",
+                                                                                 90, 256, 0.1)
+    assert (c.lr_schedule, c.lr_milestones, c.lr_gamma, c.weight_decay) == ("multistep", [30, 60], 0.1, 1e-4)
