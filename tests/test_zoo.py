@@ -270,3 +270,18 @@ def test_imagenet_config_is_the_torchvision_recipe():
     assert (c.dataset, c.teacher, c.student, c.epochs, c.batch_size, c.lr) == ("imagefolder", "resnet34", "resnet18",
                                                                                  90, 256, 0.1)
     assert (c.lr_schedule, c.lr_milestones, c.lr_gamma, c.weight_decay) == ("multistep", [30, 60], 0.1, 1e-4)
+
+
+# ------------------------------------------------ kd2m.published
+def test_published_numbers_cover_the_crd_pairs():
+    from kd2m.published import CIFAR100, METHODS, missing
+    assert sorted(CIFAR100) == sorted(CRD_PAIRS)
+    for pair, numbers in CIFAR100.items():
+        assert {"teacher", "student", "kd", "crd", "dkd"} <= set(numbers) <= set(METHODS), pair
+        assert all(0 < n.accuracy < 100 and n.source for n in numbers.values())
+        assert numbers["teacher"].accuracy > numbers["student"].accuracy, pair
+        assert set(missing()[pair]) == set(METHODS) - set(numbers)
+    # spot checks against the READMEs (RepDistiller table 1, mdistiller DKD table, DIST_KD table)
+    assert CIFAR100[("resnet32x4", "resnet8x4")]["crd"].accuracy == 75.51
+    assert CIFAR100[("wrn_40_2", "ShuffleV1")]["dkd"].accuracy == 76.70
+    assert (CIFAR100[("resnet56", "resnet20")]["dist"].accuracy, CIFAR100[("resnet56", "resnet20")]["dist"].std) == (71.75, 0.30)
