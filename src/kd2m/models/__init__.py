@@ -17,6 +17,7 @@ mnist1d_mlp: 1-D inputs ``(n, c, L)``).
 """
 from .registry import available_models, build_model, register_model  # noqa: F401
 from .pretrained import load_pretrained  # noqa: F401
-from . import cifar_resnet, mnist1d, mobilenet, resnet, shufflenet, small, vgg, wrn  # noqa: F401,E402  (registers the models)
+# importing the modules registers their models
+from . import cifar_resnet, mnist1d, mobilenet, resnet, shufflenet, small, vgg, wrn  # noqa: F401,E402
 
 __all__ = ["build_model", "available_models", "register_model", "load_pretrained"]
