@@ -95,8 +95,8 @@ def check_items(bundle: DataBundle, channels: int, size: int):
 
 
 def test_available_and_unknown():
-    assert available_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "svhn"]
-    with pytest.raises(ValueError, match="available: cifar10, cifar100, digits, imagefolder, svhn"):
+    assert available_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "mnist1d", "svhn"]
+    with pytest.raises(ValueError, match="available: cifar10, cifar100, digits, imagefolder, mnist1d, svhn"):
         build_dataset("mnist")
 
 

@@ -17,9 +17,15 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+#: Registered elsewhere, tested in test_zoo.py (RepDistiller's CIFAR zoo) and test_mnist1d.py.
+ZOO = ["MobileNetV2", "ShuffleV1", "ShuffleV2", "resnet110", "resnet20", "resnet32", "resnet32x4", "resnet56",
+       "resnet8", "resnet8x4", "vgg13", "vgg8", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+MNIST1D = ["mnist1d_cnn", "mnist1d_mlp"]
+
+
 def test_available_and_unknown():
-    assert available_models() == ALL
-    with pytest.raises(ValueError, match="available: cifar_resnet18, cifar_resnet34, digits_cnn"):
+    assert available_models() == sorted(ALL + ZOO + MNIST1D)
+    with pytest.raises(ValueError, match="available: MobileNetV2, ShuffleV1, ShuffleV2, cifar_resnet18, cifar_resnet34, digits_cnn"):
         build_model("vgg16", 10)
     with pytest.raises(ValueError, match="num_classes must be ≥ 1"):
         build_model("digits_mlp", 0)

@@ -6,11 +6,12 @@
     (1437, 360, 10, 1, 8)
 
 Modules: ``registry`` (``DataBundle``, the registry, default data root), ``digits`` (embedded
-8×8 digits), ``torchvision_sets`` (cifar10, cifar100, svhn), ``imagefolder`` (your own images).
+8×8 digits), ``mnist1d`` (MNIST-1D, generated locally: 1-D signals ``(1, 40)``; ``image_size`` is
+the sequence length), ``torchvision_sets`` (cifar10, cifar100, svhn), ``imagefolder`` (your own images).
 """
 from .registry import (DEFAULT_DATA_ROOT, DataBundle, DatasetNotFoundError, available_datasets,  # noqa: F401
                        build_dataset, register_dataset, resolve_root)
-from . import digits, imagefolder, torchvision_sets  # noqa: F401,E402  (registers the datasets)
+from . import digits, imagefolder, mnist1d, torchvision_sets  # noqa: F401,E402  (registers the datasets)
 
 __all__ = ["build_dataset", "available_datasets", "register_dataset", "resolve_root", "DataBundle",
            "DatasetNotFoundError", "DEFAULT_DATA_ROOT"]

@@ -6,12 +6,18 @@
     >>> tuple(net(torch.zeros(2, 1, 8, 8)).shape), net.feature_dim, type(net.fc).__name__
     ((2, 10), 64, 'Linear')
 
-Every model's last module is ``fc`` (``nn.Linear``), fed the ``feature_dim``-d penultimate
-features the paper matches. Modules: ``registry``, ``resnet`` (resnet18/34, cifar_resnet18/34),
-``small`` (digits_cnn, digits_mlp), ``pretrained`` (``load_pretrained``).
+Every model's last ``nn.Linear`` is its classifier, fed the ``feature_dim``-d penultimate
+features the paper matches (``fc`` here; the RepDistiller zoo keeps its authors' names).
+Modules: ``registry``, ``resnet`` (resnet18/34, cifar_resnet18/34), ``small`` (digits_cnn,
+digits_mlp), ``pretrained`` (``load_pretrained``), and the CIFAR model zoo of RepDistiller /
+mdistiller with their names and checkpoint layouts: ``cifar_resnet`` (resnet8/20/32/56/110,
+resnet8x4, resnet32x4), ``wrn`` (wrn_16_2, wrn_40_1, wrn_40_2), ``vgg`` (vgg8, vgg13),
+``mobilenet`` (MobileNetV2), ``shufflenet`` (ShuffleV1, ShuffleV2); ``mnist1d`` (mnist1d_cnn,
+mnist1d_mlp: 1-D inputs ``(n, c, L)``).
 """
 from .registry import available_models, build_model, register_model  # noqa: F401
 from .pretrained import load_pretrained  # noqa: F401
-from . import resnet, small  # noqa: F401,E402  (registers the models)
+# importing the modules registers their models
+from . import cifar_resnet, mnist1d, mobilenet, resnet, shufflenet, small, vgg, wrn  # noqa: F401,E402
 
 __all__ = ["build_model", "available_models", "register_model", "load_pretrained"]

@@ -19,7 +19,7 @@ def _short(keys: list[str]) -> str:
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[str] = (),
-                    new_head: str | None = None) -> nn.Module:
+                    new_head: str | bool | None = None) -> nn.Module:
     """Copy the weights stored at ``path`` into ``model`` (in place) and return ``model``.
 
     The file is read with ``torch.load(..., weights_only=True)``: tensors and plain containers
@@ -32,6 +32,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
         new_head: a key prefix (e.g. ``"fc."``) that is ignored only when the file's weights under it
             have other shapes than the model's: an ImageNet (1000-class) checkpoint then loads its
             backbone under this model's fresh head, while a checkpoint of the same task loads whole.
+            ``True`` means the model's classifier, its last ``nn.Linear`` whatever its name
+            (``fc.``, ``classifier.``, ``linear.``, ``classifier.0.``: see
+            :func:`kd2m.features.last_linear_name`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -57,6 +60,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
 
+    if new_head is True:
+        from ..features import last_linear_name
+        new_head = last_linear_name(model) + "."
     if new_head:
         own = model.state_dict()
         head = [k for k in state if k.startswith(new_head)]

@@ -6,9 +6,13 @@ A new model is one function plus one decorator line::
     def my_net(num_classes, in_channels=3, image_size=32) -> nn.Module: ...
 
 Contract every registered model keeps (the engine and :mod:`kd2m.features` rely on it): it
-returns logits ``(n, num_classes)``, its last module is an ``nn.Linear`` named ``fc`` whose
-input is the penultimate feature vector ``(n, feature_dim)``, and it has an int attribute
-``feature_dim``.
+returns logits ``(n, num_classes)`` only; its penultimate features ``(n, feature_dim)`` are the
+input of its last ``nn.Linear`` (the classifier, whatever its name: ``fc``, ``classifier``,
+``linear``, ``classifier.0``; :func:`kd2m.features.last_linear_name` finds it); and it has an
+int attribute ``feature_dim``. Models reproduced from other code keep that code's parameter
+names, so its checkpoints load unchanged.
+
+For 1-D data (``mnist1d``) ``image_size`` is the sequence length and inputs are ``(n, c, L)``.
 """
 from __future__ import annotations
 

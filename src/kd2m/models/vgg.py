@@ -1,0 +1,82 @@
+"""The CIFAR VGGs (with BatchNorm) of RepDistiller / mdistiller: vgg8, vgg13.
+
+Five blocks of 3×3 conv (with bias) + BN + ReLU, the last ReLU of each block left out of the
+block (the forward applies it, as the authors do), 2×2 max-pools after blocks 0-2 (and after
+block 3 only for 64×64 inputs, as there), global average pooling and ``classifier``: 512 →
+classes. ``vgg8`` = config "S" ``[[64], [128], [256], [512], [512]]``; ``vgg13`` = config "B"
+``[[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]``; both with ``batch_norm=True``
+(RepDistiller's ``model_dict`` maps "vgg8"/"vgg13" to ``vgg8_bn``/``vgg13_bn``). Names and
+shapes (``block0.0.weight``, ``block0.1.running_mean``, ``classifier.weight``) follow
+``mdistiller/models/cifar/vgg.py``, checked against that file. Logits only.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .registry import register_model
+
+#: Per-block conv widths (RepDistiller's ``cfg`` "S" and "B").
+VGG_CONFIGS = {"vgg8": [[64], [128], [256], [512], [512]],
+               "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]}
+FEATURE_DIM = 512
+
+
+def _block(widths: list[int], in_channels: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers[:-1])  # ends in BN: the pre-activation is the block's output
+
+
+class CifarVGG(nn.Module):
+    """Input ``(N, in_channels, H, W)``; ``feature_dim = 512``. Cost per 32×32 image: vgg13 ≈
+    0.28 G, vgg8 ≈ 0.10 G multiply-adds (torch.utils.flop_counter)."""
+
+    def __init__(self, config: list[list[int]], num_classes: int, in_channels: int = 3):
+        super().__init__()
+        ins = [in_channels] + [widths[-1] for widths in config[:-1]]
+        self.block0, self.block1, self.block2, self.block3, self.block4 = (
+            _block(widths, c) for widths, c in zip(config, ins))
+        self.pool0, self.pool1, self.pool2, self.pool3 = (nn.MaxPool2d(kernel_size=2, stride=2) for _ in range(4))
+        self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
+        self.classifier = nn.Linear(FEATURE_DIM, num_classes)
+        self.feature_dim = FEATURE_DIM
+        for m in self.modules():  # the authors' init
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[2]
+        x = self.pool0(F.relu(self.block0(x)))
+        x = self.pool1(F.relu(self.block1(x)))
+        x = self.pool2(F.relu(self.block2(x)))
+        x = F.relu(self.block3(x))
+        if size == 64:  # the authors pool a fourth time only for 64×64 inputs (Tiny-ImageNet)
+            x = self.pool3(x)
+        x = F.relu(self.block4(x))
+        return self.classifier(self.pool4(x).flatten(1))
+
+
+def _register(name: str) -> None:
+    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+        return CifarVGG(VGG_CONFIGS[name], num_classes, in_channels)
+    build.__name__ = name
+    build.__doc__ = f"RepDistiller's {name} (= {name}_bn), conv widths {VGG_CONFIGS[name]}."
+    register_model(name)(build)
+
+
+for _name in VGG_CONFIGS:
+    _register(_name)

@@ -1,0 +1,78 @@
+"""Published CIFAR-100 top-1 accuracies (%) for the usual RepDistiller teacher → student pairs.
+
+``CIFAR100[(teacher, student)][method]`` is a :class:`Published` number with its source, for
+``method`` in :data:`METHODS`: ``teacher`` and ``student`` (each trained alone with CE), ``kd``,
+``dkd``, ``crd``, ``dist``, ``wkd_l`` and ``wkd_f``. Model names are kd2m's registry names
+(configs/crd/ has one config per pair). Only numbers read in the sources below are here;
+:func:`missing` lists the rest:
+
+- RepDistiller README ("Benchmark Results on CIFAR-100", tables 1 and 2): teacher, student, KD
+  and CRD (Tian et al., *Contrastive Representation Distillation*, ICLR 2020; mean of their runs).
+- mdistiller README ("Decoupled Knowledge Distillation — Main Benchmark Results", CIFAR-100):
+  DKD (Zhao et al., CVPR 2022). Its KD row repeats RepDistiller's KD values.
+- hunto/DIST_KD README (CIFAR-100 table): DIST (Huang et al., *Knowledge Distillation from A
+  Stronger Teacher*, NeurIPS 2022), mean ± std.
+- WKD (Lv, Yang & Li, *Wasserstein Distance Rivals Kullback-Leibler Divergence for Knowledge
+  Distillation*, NeurIPS 2024): its CIFAR-100 table could not be read here, so no WKD-L / WKD-F
+  number is recorded.
+
+    >>> from kd2m.published import CIFAR100
+    >>> CIFAR100[("resnet32x4", "resnet8x4")]["crd"].accuracy
+    75.51
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("teacher", "student", "kd", "dkd", "crd", "dist", "wkd_l", "wkd_f")
+
+REPDISTILLER_SAME = "Tian et al., CRD (ICLR 2020): RepDistiller README, CIFAR-100 table 1 (same architecture type)"
+REPDISTILLER_DIFF = "Tian et al., CRD (ICLR 2020): RepDistiller README, CIFAR-100 table 2 (different architecture type)"
+MDISTILLER = "Zhao et al., DKD (CVPR 2022): mdistiller README, 'Main Benchmark Results' on CIFAR-100"
+MDISTILLER_SHUFFLEV2 = (MDISTILLER + "; the README labels this column 'ResNet32x4 / MobileNet-V2', but its KD "
+                        "value 74.45 is RepDistiller's resnet32x4 -> ShuffleNetV2 KD and the same README's DOT "
+                        "table names that pair ResNet32x4 / ShuffleNet-V2")
+DIST = "Huang et al., DIST (NeurIPS 2022): hunto/DIST_KD README, CIFAR-100 table"
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published top-1 accuracy (%) on the CIFAR-100 test set, with its source."""
+
+    accuracy: float
+    source: str
+    std: float | None = None  # where the source gives mean ± std
+
+
+def _repdistiller(teacher: float, student: float, kd: float, crd: float, source: str) -> dict[str, Published]:
+    return {"teacher": Published(teacher, source), "student": Published(student, source),
+            "kd": Published(kd, source), "crd": Published(crd, source)}
+
+
+CIFAR100: dict[tuple[str, str], dict[str, Published]] = {
+    ("resnet32x4", "resnet8x4"): {**_repdistiller(79.42, 72.50, 73.33, 75.51, REPDISTILLER_SAME),
+                                  "dkd": Published(76.32, MDISTILLER), "dist": Published(76.31, DIST, 0.19)},
+    ("resnet56", "resnet20"): {**_repdistiller(72.34, 69.06, 70.66, 71.16, REPDISTILLER_SAME),
+                               "dkd": Published(71.97, MDISTILLER), "dist": Published(71.75, DIST, 0.30)},
+    ("resnet110", "resnet32"): {**_repdistiller(74.31, 71.14, 73.08, 73.48, REPDISTILLER_SAME),
+                                "dkd": Published(74.11, MDISTILLER)},
+    ("wrn_40_2", "wrn_16_2"): {**_repdistiller(75.61, 73.26, 74.92, 75.48, REPDISTILLER_SAME),
+                               "dkd": Published(76.23, MDISTILLER)},
+    ("wrn_40_2", "wrn_40_1"): {**_repdistiller(75.61, 71.98, 73.54, 74.14, REPDISTILLER_SAME),
+                               "dkd": Published(74.81, MDISTILLER), "dist": Published(74.43, DIST, 0.24)},
+    ("vgg13", "vgg8"): {**_repdistiller(74.64, 70.36, 72.98, 73.94, REPDISTILLER_SAME),
+                        "dkd": Published(74.68, MDISTILLER)},
+    ("resnet32x4", "ShuffleV2"): {**_repdistiller(79.42, 71.82, 74.45, 75.65, REPDISTILLER_DIFF),
+                                  "dkd": Published(77.07, MDISTILLER_SHUFFLEV2), "dist": Published(77.35, DIST, 0.25)},
+    ("resnet32x4", "ShuffleV1"): {**_repdistiller(79.42, 70.50, 74.07, 75.11, REPDISTILLER_DIFF),
+                                  "dkd": Published(76.45, MDISTILLER), "dist": Published(76.34, DIST, 0.18)},
+    ("vgg13", "MobileNetV2"): {**_repdistiller(74.64, 64.60, 67.37, 69.73, REPDISTILLER_DIFF),
+                               "dkd": Published(69.71, MDISTILLER)},
+    ("wrn_40_2", "ShuffleV1"): {**_repdistiller(75.61, 70.50, 74.83, 76.05, REPDISTILLER_DIFF),
+                                "dkd": Published(76.70, MDISTILLER)},
+}
+
+
+def missing() -> dict[tuple[str, str], list[str]]:
+    """For each pair, the methods of :data:`METHODS` with no recorded number."""
+    return {pair: [m for m in METHODS if m not in numbers] for pair, numbers in CIFAR100.items()}
