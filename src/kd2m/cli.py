@@ -119,7 +119,9 @@ def cmd_run(args) -> int:
         if D.is_main():
             from .results import markdown_table
             print()
-            print(markdown_table(rows, resolved.dataset, len(resolved.seeds)))
+            from .results import reference_numbers
+            print(markdown_table(rows, resolved.dataset, len(resolved.seeds),
+                                 reference_numbers(resolved.dataset, resolved.teacher, resolved.student)))
             from .results import NOTE
             print(NOTE)
             out = Path(resolved.out)

@@ -81,6 +81,7 @@ class RunConfig:
     seeds: typing.Any = _opt(3, "number of seeds (e.g. 3) or a comma list (e.g. 0,1,2)")
     batch_size: int = _opt(128, "batch size per process")
     lr: float | None = _opt(None, "initial learning rate")
+    teacher_lr: float | None = _opt(None, "learning rate of the teacher's training (default: --lr)")
     lr_min: float = _opt(1e-4, "final learning rate of the cosine schedule")
     lr_schedule: str = _opt("cosine", "cosine (lr → lr-min) or multistep (×lr-gamma at lr-milestones)")
     lr_milestones: list = _opt(None, "multistep: comma list of epochs where lr is multiplied by --lr-gamma",
@@ -212,6 +213,10 @@ class RunConfig:
                               "--teacher-epochs N")
         return c
 
+    def teacher_config(self) -> "RunConfig":
+        """The settings the teacher trains with: these, with ``teacher_lr`` where given."""
+        return dataclasses.replace(self, lr=self.teacher_lr) if self.teacher_lr else self
+
     def weight_for(self, name: str):
         """λ for term ``name`` as written (a number, or "auto"/"auto*K"): its entry in ``weights``,
         else ``weight`` (distances) or the term's registered default (baselines)."""
@@ -311,7 +316,7 @@ def _check_numbers(c: "RunConfig") -> None:
             raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
     if c.image_size is not None and c.image_size < 1:
         raise ConfigError(f"image_size: must be ≥ 1, got {c.image_size}")
-    for key in ("lr", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",
+    for key in ("lr", "teacher_lr", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",
                 "lr_gamma", "kd_temperature"):
         v = getattr(c, key)
         if v is None:

@@ -143,7 +143,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
             run_dir = out / ("teacher" if method.is_teacher else method.key) / f"seed{seed}"
             earlier = (run_dir / "final.json").exists()
             if method.is_teacher:
-                res = fit(teacher, bundle, cfg, method, seed, run_dir, device, epochs=cfg.teacher_epochs,
+                res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device, epochs=cfg.teacher_epochs,
                           desc=f"teacher s{seed}")
                 freeze(teacher)
             else:
@@ -159,7 +159,8 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
     own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] \
         if dist_ctx.is_main() else rows
     if dist_ctx.is_main():
-        R.write_reports(out, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds))
+        R.write_reports(out, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds),
+                        reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student))
         if sweep is not None:
             plot_sweep(own, sweep[0], out / "sweep.png")
     return own

@@ -179,16 +179,36 @@ def fmt_delta(s: dict) -> str:
     return f"{s['delta']:+.2f} [{s['delta_ci_low']:+.2f}, {s['delta_ci_high']:+.2f}]"
 
 
-def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds: int | None = None) -> str:
+def reference_numbers(dataset: str, teacher: str | None = None, student: str | None = None) -> dict:
+    """Published accuracies (%) to print beside ours: ``{"title": ..., "numbers": {method: acc}}``.
+
+    The KD²M paper's one-seed table for its datasets (svhn, cifar10, cifar100 with its ResNets);
+    for a CIFAR-100 pair of the RepDistiller zoo, the field's published numbers of that pair
+    (:mod:`kd2m.published`: teacher, student, KD, DKD, CRD, DIST where found)."""
+    from .published import CIFAR100
+    if dataset == "cifar100" and (teacher, student) in CIFAR100:
+        pub = CIFAR100[(teacher, student)]
+        return {"title": "published", "numbers": {("ce" if m == "student" else m): v.accuracy for m, v in pub.items()}}
+    if dataset in PAPER:
+        return {"title": "paper (1 seed)", "numbers": PAPER[dataset]}
+    return {}
+
+
+def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds: int | None = None,
+                   reference: dict | None = None) -> str:
     """Methods × (accuracy mean ± std, seeds, paired Δ vs CE with its 95% interval, p, wins,
-    verdict[, paper]); the best student (highest mean; never the teacher) in bold. With
-    ``expected_seeds``, methods with fewer finished seeds are flagged and listed below the table."""
+    verdict[, published]); the best student (highest mean; never the teacher) in bold. With
+    ``expected_seeds``, methods with fewer finished seeds are flagged and listed below the table.
+    ``reference``: published numbers for a last column (:func:`reference_numbers`; default: the
+    KD²M paper's for ``dataset``)."""
     stats = summarize(rows)
     students = [s for s in stats if s["method"] != "teacher"]
     best = max((s["mean"] for s in students), default=None)
-    paper = PAPER.get(dataset or "", {})
+    if reference is None:
+        reference = reference_numbers(dataset or "")
+    paper = reference.get("numbers") or {}
     head = "| method | accuracy (%) | seeds | Δ vs CE [95% CI] | p | wins | vs CE |" + \
-        (" paper (1 seed) |" if paper else "")
+        (f" {reference.get('title')} |" if paper else "")
     sep = "|---|---|---|---|---|---|---|" + ("---|" if paper else "")
     lines = [head, sep]
     short = []
@@ -234,17 +254,17 @@ NOTE = ("Accuracy: last epoch, full test set, mean ± sample std over seeds. Δ 
 
 
 def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "",
-                  expected_seeds: int | None = None) -> str:
+                  expected_seeds: int | None = None, reference: dict | None = None) -> str:
     """results.md, results.json and summary.csv beside results.csv; returns the Markdown table.
 
     results.json holds exactly the rows results.md was computed from (``kd2m report`` and
     ``kd2m table`` read them from there, so every view shows the same numbers)."""
     out_dir = Path(out_dir)
-    table = markdown_table(rows, dataset, expected_seeds)
+    table = markdown_table(rows, dataset, expected_seeds, reference)
     atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
     clean = [{k: r.get(k) for k in FIELDS} for r in rows]
     atomic_write_json(out_dir / "results.json", {"dataset": dataset, "header": header, "expected_seeds": expected_seeds,
-                                                 "rows": clean, "summary": _json_safe(summarize(rows))})
+                                                 "reference": reference, "rows": clean, "summary": _json_safe(summarize(rows))})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     w.writeheader()

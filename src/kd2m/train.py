@@ -148,7 +148,7 @@ def build_net(cfg: RunConfig, bundle, seed: int, role: str) -> nn.Module:
     model = build_model(getattr(cfg, role), bundle.num_classes, bundle.in_channels, bundle.image_size)
     weights = getattr(cfg, f"pretrained_{role}")
     if weights:
-        load_pretrained(model, weights, new_head=last_linear_name(model) + ".")
+        load_pretrained(model, weights, new_head=True)  # a new head when the class count differs
     return model
 
 
