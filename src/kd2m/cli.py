@@ -82,8 +82,8 @@ def config_from_args(args: argparse.Namespace):
         if f.metadata.get("cli") is False or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if f.name == "seeds":
-            value = int(value) if value.strip().isdigit() else value
+        if f.name == "seeds":  # "3": three seeds 0,1,2; "0" (a count of none): seed 0; "5,7" or "5,": a list
+            value = int(value) if value.strip().isdigit() and value.strip() != "0" else value
         overrides[f.name] = value
     return from_mapping(overrides, cfg, source="command line")
 

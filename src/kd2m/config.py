@@ -296,7 +296,7 @@ def _seed_list(seeds) -> list:
     if isinstance(seeds, int):
         if seeds < 1:
             raise ConfigError(f"seeds: a count must be at least 1, got {seeds} "
-                              "(to run seed 0 alone give a list: --seeds 0, or seeds: [0])")
+                              "(to run one seed N alone give a list: --seeds N, — with the comma — or seeds: [N])")
         return list(range(seeds))
     if isinstance(seeds, str):
         seeds = _int_list("seeds", seeds)

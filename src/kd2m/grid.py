@@ -59,10 +59,9 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
     return out
 
 
-def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, device) -> None:
-    """Check, before anything trains, what would otherwise fail after the teacher trained: the
-    pretrained files load into the models, every term's layers exist and have the shape it needs,
-    its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see."""
+def check_memory(cfg: RunConfig, students: list[tuple[RunConfig, Method]]) -> None:
+    """Refuse a term whose O(n²) buffers at the global batch would exceed ``max_pairwise_mb``
+    (before any data is loaded: fail fast, not when the OS kills us)."""
     from .metrics.memory import pairwise_bytes
     n = cfg.batch_size * (dist_ctx.world_size() if cfg.match == "global" else 1)
     for _, method in students:  # before loading any weights: fail fast
@@ -74,6 +73,12 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
                     f"over --max-pairwise-mb {cfg.max_pairwise_mb:g}; use a smaller --batch-size, --match local, or "
                     "a linear-memory metric: sliced_w2, or the Gaussian ones (gauss_w2, gauss_cw2, gauss_kl, "
                     "gauss_ckl); sinkhorn is no lighter here (it also holds n×n matrices)")
+
+
+def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, device) -> None:
+    """Check, before anything trains, what would otherwise fail after the teacher trained: the
+    pretrained files load into the models, every term's layers exist and have the shape it needs,
+    its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see."""
     if not any(m.terms for _, m in students):
         with torch.random.fork_rng(devices=[]):
             build_teacher(cfg, bundle, cfg.seeds[0])
@@ -125,6 +130,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
         torch.set_num_threads(cfg.threads)
     device = resolve_device(dist_ctx.setup(None if cfg.device == "auto" else cfg.device))
     students = sweep_variants(cfg, sweep)
+    check_memory(cfg, students)
     bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
     preflight(cfg, students, bundle, device)
     if dist_ctx.is_main():

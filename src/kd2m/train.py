@@ -36,8 +36,9 @@ from .runtime import amp_dtype, autocast, progress, to_device
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss (or the matched features) became NaN/inf; the last good checkpoint is kept."""
+class NonFiniteLossError(ValueError):
+    """The training loss (or the matched features) became NaN/inf; the last good checkpoint is kept.
+    A ValueError: the user fixes it (a lower lr or λ), so the CLI exits 2 with one line."""
 
 
 def resolve_device(name: str) -> torch.device:
