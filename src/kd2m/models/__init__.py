@@ -8,10 +8,11 @@
 
 Every model's last module is ``fc`` (``nn.Linear``), fed the ``feature_dim``-d penultimate
 features the paper matches. Modules: ``registry``, ``resnet`` (resnet18/34, cifar_resnet18/34),
-``small`` (digits_cnn, digits_mlp), ``pretrained`` (``load_pretrained``).
+``small`` (digits_cnn, digits_mlp), ``pretrained`` (``load_pretrained``), ``external``
+(``"timm:NAME"`` / ``"torchvision:NAME"``: any model of those libraries, random init).
 """
-from .registry import available_models, build_model, register_model  # noqa: F401
+from .registry import available_models, build_model, describe_models, register_model  # noqa: F401
 from .pretrained import load_pretrained  # noqa: F401
 from . import resnet, small  # noqa: F401,E402  (registers the models)
 
-__all__ = ["build_model", "available_models", "register_model", "load_pretrained"]
+__all__ = ["build_model", "available_models", "describe_models", "register_model", "load_pretrained"]
