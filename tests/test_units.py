@@ -22,7 +22,7 @@ def _maps(n=3, c=5, h=3, w=4, seed=0, shift=0.7, teacher_hw=None):
 def _per_image(name, s, t, **options):
     """The oracle: metrics.get(name) between image i's (h·w, c) student and teacher samples, averaged."""
     m = metrics.get(name, **options)
-    pos = lambda x, i: x[i].flatten(1).T if x.dim() == 4 else x[i]  # noqa: E731
+    pos = lambda x, i: x[i].flatten(1).T.contiguous() if x.dim() == 4 else x[i]  # noqa: E731
     return torch.stack([m(pos(s, i), pos(t, i)) for i in range(s.shape[0])]).mean()
 
 
@@ -53,7 +53,9 @@ def test_spatial_unit_equals_per_image_loop(name, options, c, teacher_hw):
     (expected_grad,) = torch.autograd.grad(expected, s2)
     assert value.dtype == torch.float64
     assert torch.allclose(value, expected, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(grad, expected_grad, rtol=1e-8, atol=1e-12)
+    # relative to the gradient's scale: gauss_kl with 6 teacher samples in 24 dims is ridge-dominated
+    # (value ~1e6, condition ~1/ρ), where entries of different size share round-off
+    assert torch.allclose(grad, expected_grad, rtol=1e-8, atol=1e-10 * float(expected_grad.abs().max()))
 
 
 @pytest.mark.parametrize("name", ["gauss_w2", "gauss_kl", "mmd_rbf", "sliced_w2", "mmd_linear"])
@@ -209,3 +211,15 @@ def test_metric_term_takes_unit_and_reads_maps():
     assert torch.allclose(term(student_feats=s, teacher_feats=t), expected)
     assert losses.get("w2").needs == losses.spec("w2").needs
     assert "unit" in losses.spec("mmd_rbf").options and "mean_weight" in losses.spec("gauss_w2").options
+
+
+def test_spatial_benchmark_child_measures_both_modes():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "spatial.py"
+    spec = importlib.util.spec_from_file_location("bench_spatial", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for mode in ("batched", "loop"):
+        row = bench.child("gauss_w2", {"diagonal": True}, mode, n=3, c=4, h=2, w=2, repeats=1)
+        assert row["seconds"] > 0 and row["peak_mib"] >= 0

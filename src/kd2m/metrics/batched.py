@@ -18,8 +18,8 @@ solver takes one problem per call. Class-conditional metrics are not defined per
 position of an image has the image's label): see :data:`CLASS_AWARE`.
 
 Per-set ridge. A Gaussian metric called on set i alone uses the ridge r_i = ρ·τ_i, τ_i the mean
-channel variance of that set's pooled student+teacher samples. The batched Cholesky/eigh take
-one scalar ridge, so each set is divided by √τ_i first and the result multiplied back: with
+channel variance of that set's pooled student+teacher samples. The diagonal forms add r_i
+elementwise; the batched Cholesky/eigh take one scalar ridge, so each set is divided by √τ_i first and the result multiplied back: with
 Σ + ρτ_iI = τ_i(Σ/τ_i + ρI), W₂² is 1-homogeneous in the covariances and the means² and the
 KL divergence 0-homogeneous, so the values (and, τ_i being detached, the gradients) are those of
 the per-set calls, exactly.
@@ -108,16 +108,17 @@ def set_gauss_w2(s: Tensor, t: Tensor, *, diagonal: bool = False, ridge: float =
     correction = _check_correction(correction, min(s.shape[-2], t.shape[-2]))
     out = torch.promote_types(s.dtype, t.dtype)
     tau, r = _set_scale(s, t, ridge, abs_ridge)
+    if diagonal:  # elementwise: the per-set ridge τ_i·r broadcasts, no rescaling needed
+        mu_s, Zs = _set_factors(s.to(torch.float64), correction)
+        mu_t, Zt = _set_factors(t.to(torch.float64), correction)
+        ri = (tau * r)[:, None]
+        covs = ((Zs.square().sum(-2) + ri).sqrt() - (Zt.square().sum(-2) + ri).sqrt()).square().sum(-1)
+        return (float(mean_weight) * (mu_s - mu_t).square().sum(-1) + covs).clamp_min(0.0).to(out)
     root = tau.sqrt()[:, None, None]
     mu_s, Zs = _set_factors(s.to(torch.float64) / root, correction)
     mu_t, Zt = _set_factors(t.to(torch.float64) / root, correction)
     means = float(mean_weight) * (mu_s - mu_t).square().sum(-1)
-    if diagonal:
-        vs = Zs.square().sum(-2) + r
-        vt = Zt.square().sum(-2) + r
-        covs = (vs.sqrt() - vt.sqrt()).square().sum(-1)
-    else:
-        covs = bures_trace(Zs, Zt, r, "gauss_w2", torch.promote_types(out, torch.float32))
+    covs = bures_trace(Zs, Zt, r, "gauss_w2", torch.promote_types(out, torch.float32))
     return ((means + covs) * tau).clamp_min(0.0).to(out)
 
 
@@ -132,14 +133,17 @@ def set_gauss_kl(s: Tensor, t: Tensor, *, diagonal: bool = False, ridge: float =
         raise TypeError(f"gauss_kl: diagonal must be True or False, got {diagonal!r}")
     out = torch.promote_types(s.dtype, t.dtype)
     tau, r = _set_scale(s, t, ridge, None)
-    root = tau.sqrt()[:, None, None]
-    mu_s, Zs = _set_factors(s.to(torch.float64) / root, 0)
-    mu_t, Zt = _set_factors(t.to(torch.float64) / root, 0)
-    if diagonal:
-        vs = Zs.square().sum(-2) + r
-        vt = Zt.square().sum(-2) + r
+    if diagonal:  # elementwise: the per-set ridge τ_i·r broadcasts
+        mu_s, Zs = _set_factors(s.to(torch.float64), 0)
+        mu_t, Zt = _set_factors(t.to(torch.float64), 0)
+        ri = (tau * r)[:, None]
+        vs = Zs.square().sum(-2) + ri
+        vt = Zt.square().sum(-2) + ri
         kl = 0.5 * (vs / vt + (mu_t - mu_s).square() / vt - 1.0 + vt.log() - vs.log()).sum(-1)
     else:
+        root = tau.sqrt()[:, None, None]
+        mu_s, Zs = _set_factors(s.to(torch.float64) / root, 0)
+        mu_t, Zt = _set_factors(t.to(torch.float64) / root, 0)
         kl = gaussian_kl(mu_s, Zs, mu_t, Zt, r, "gauss_kl")
     return kl.clamp_min(0.0).to(out)
 
