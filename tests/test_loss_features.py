@@ -135,3 +135,144 @@ def test_to_matrix_rejects_vectors():
 def test_public_api():
     assert kd2m.KD2MLoss is KD2MLoss and kd2m.FeatureTap is FeatureTap
     assert len(kd2m.metrics.available()) >= 13
+
+
+# --- layouts: tokens, channels-first sequences, tuple/dict outputs (issue #11) ---
+
+def _tiny_vit(**kw):
+    from torchvision.models import VisionTransformer
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=32,
+                             num_classes=5, **kw)
+
+
+def test_feature_tap_on_vit_block_pools_tokens_not_channels():
+    # regression: a transformer block's (n, L, d) output was averaged over d, giving (n, 17)
+    net = _tiny_vit().eval()
+    x = torch.randn(3, 3, 16, 16)
+    tokens = {}
+    net.encoder.layers.encoder_layer_1.register_forward_hook(lambda m, i, o: tokens.setdefault("t", o))
+    with FeatureTap(net, ["encoder.layers.encoder_layer_1"]) as tap:
+        net(x)
+        feats = tap.feature
+    assert tokens["t"].shape == (3, 17, 64)
+    assert feats.shape == (3, 64)
+    assert torch.allclose(feats, tokens["t"].mean(1))
+    with FeatureTap(net, "encoder.layers.encoder_layer_1", pool="cls") as tap:
+        net(x)
+        assert torch.allclose(tap.feature, tokens["t"][:, 0])
+    with FeatureTap(net, "encoder.layers.encoder_layer_1", pool="none") as tap:
+        net(x)
+        assert torch.equal(tap.feature, tokens["t"])
+    assert tap.layouts == {"encoder.layers.encoder_layer_1": "tokens"}
+
+
+def test_feature_tap_penultimate_of_vit_is_class_token_before_head():
+    net = _tiny_vit().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with FeatureTap(net) as tap:
+        logits = net(x)
+        assert tap.feature.shape == (2, 64)
+        assert torch.allclose(net.heads.head(tap.feature), logits, atol=1e-6)
+
+
+class Seq1d(nn.Module):
+    """An MNIST-1D style CNN: Conv1d blocks, channels-first (n, c, L) outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv1d(8, 6, 3, padding=1), nn.ReLU())
+        self.bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.block(torch.relu(self.conv1(x)))).mean(-1))
+
+
+def test_feature_tap_channels_first_sequences_pool_over_length():
+    net = Seq1d().eval()
+    x = torch.randn(4, 1, 20)
+    with FeatureTap(net, ["conv1", "block", "bn"]) as tap:
+        net(x)
+    assert tap.layouts == {"conv1": "channels_first", "block": "channels_first", "bn": "channels_first"}
+    assert torch.allclose(tap.features["conv1"], net.conv1(x).mean(-1))
+    assert tap.features["block"].shape == (4, 6) and tap.features["bn"].shape == (4, 6)
+    with FeatureTap(net, "conv1", pool="none") as tap:
+        net(x)
+    assert torch.equal(tap.feature, net.conv1(x).transpose(1, 2))  # positions as tokens (n, L, c)
+    # the override: read the same output as tokens
+    with FeatureTap(net, "conv1", layout="tokens") as tap:
+        net(x)
+    assert torch.allclose(tap.feature, net.conv1(x).mean(1))
+
+
+class HFStyle(nn.Module):
+    """Blocks returning a (hidden_states, attentions) tuple and a dict with last_hidden_state."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.tuple_block(x)[0]
+        out = self.dict_block(h)
+        return self.fc(out["last_hidden_state"].mean(1))
+
+
+class _TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.lin(x), torch.ones(x.shape[0], 2, 5, 5)
+
+
+class _DictBlock(nn.Module):
+    def forward(self, h):
+        return {"attentions": torch.ones(1), "last_hidden_state": 2 * h}
+
+
+def test_feature_tap_reads_tuple_and_dict_outputs():
+    net = HFStyle()
+    net.tuple_block, net.dict_block = _TupleBlock(), _DictBlock()
+    x = torch.randn(3, 5, 4)
+    with FeatureTap(net, ["tuple_block", "dict_block"]) as tap:
+        net(x)
+    h = net.tuple_block.lin(x)
+    assert torch.allclose(tap.features["tuple_block"], h.mean(1))
+    assert torch.allclose(tap.features["dict_block"], 2 * h.mean(1))
+
+
+def test_feature_tap_rejects_unknown_pool_and_layout():
+    with pytest.raises(ValueError, match="unknown pool 'max'"):
+        FeatureTap(Tiny(), "conv", pool="max")
+    with pytest.raises(ValueError, match="unknown layout 'nlc'"):
+        FeatureTap(Tiny(), "conv", layout="nlc")
+
+
+@pytest.mark.parametrize("name, size, expected, shape", [
+    ("cifar_resnet18", 32, "layer4", (512, 4, 4)),
+    ("resnet18", 32, "layer3", (256, 2, 2)),   # ImageNet stem: layer4 is 1×1 at 32×32
+    ("resnet18", 64, "layer4", (512, 2, 2)),
+    ("digits_cnn", 8, "features.10", (32, 4, 4)),  # the (identity) pool right before the flatten
+])
+def test_last_map_layer(name, size, expected, shape):
+    from kd2m.features import last_map_layer
+    from kd2m.models import build_model
+    cin = 1 if name.startswith("digits") else 3
+    net = build_model(name, num_classes=4, in_channels=cin, image_size=size).train()
+    x = torch.randn(2, cin, size, size)
+    assert last_map_layer(net, x) == expected
+    assert net.training  # mode restored
+    with FeatureTap(net, expected, pool="none") as tap:
+        net(x)
+    assert tap.feature.shape == (2, *shape)
+
+
+def test_last_map_layer_refuses_an_mlp():
+    from kd2m.features import last_map_layer
+    from kd2m.models import build_model
+    net = build_model("digits_mlp", num_classes=4, in_channels=1, image_size=8)
+    with pytest.raises(ValueError, match="DigitsMLP has no 4-D feature map .*name a layer"):
+        last_map_layer(net, torch.randn(2, 1, 8, 8))

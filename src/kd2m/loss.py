@@ -12,37 +12,84 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import metrics
+from .metrics import batched
+from .projectors import build_projector
+
+
+UNITS = ("batch", "spatial", "class")
 
 
 class KD2MLoss(nn.Module):
-    """λ · D(g_S♯P̂, g_T♯P̂) on a batch.
+    """λ · D(g_S♯P̂, g_T♯P̂) on a batch, where the unit of "sample" is chosen by ``unit``.
+
+    Units:
+
+    - ``"batch"`` (default, the paper): one sample per image, pooled features ``(n, d)``; D
+      between the batch's student and teacher distributions.
+    - ``"spatial"``: per image, its h·w position vectors of a map ``(n, c, h, w)`` (or its L
+      tokens ``(n, L, d)``) form the distribution; D is computed per image and averaged over
+      the n images (:func:`kd2m.metrics.batched.spatial_distance`: batched for ``gauss_w2``,
+      ``gauss_kl``, ``mmd_rbf``, ``mmd_linear``, ``sliced_w2``; exact OT ``w2``, ``gw2`` and
+      ``sinkhorn`` loop over the images). Class-conditional metrics are refused (every position
+      of an image shares its label). With ``gauss_w2, diagonal=True`` this is WKD-F's feature
+      loss (Lv et al., NeurIPS 2024); its conventions are the options ``mean_weight=`` (their
+      mean/cov ratio), ``correction=1`` (unbiased variance) and ``abs_ridge=`` (their eps).
+      Global-batch matching does not apply (images are independent: local = global).
+    - ``"class"``: one distribution per class, i.e. what the class-conditional metrics
+      (``cw2``, ``gauss_cw2``, ``gauss_ckl``, ``cmmd_rbf``) already do on pooled features; the
+      unit only checks that the metric is one of them.
 
     Args:
         metric: a name from ``kd2m.metrics.available()`` (default ``"cw2"``, the paper's best family:
             label-aware).
         weight: λ.
-        student_dim, teacher_dim: feature widths. When both are given and differ, a learnable
-            linear projector ``student_dim -> teacher_dim`` is applied to the student features
-            (put ``loss.parameters()`` in your optimizer). Not needed for ``gw2``.
+        unit: ``"batch"``, ``"spatial"`` or ``"class"`` (above).
+        student_shape, teacher_shape: per-sample shapes at the tapped layers, ``(d,)``,
+            ``(c, h, w)`` or ``(L, d)``. When they differ in width (or, maps with
+            ``unit="spatial"``, in grid) a learnable projector is applied to the student side
+            (:func:`kd2m.projectors.build_projector`; put ``loss.parameters()`` in your
+            optimizer). Not built for ``gw2``.
+        student_dim, teacher_dim: shorthand for ``student_shape=(student_dim,)`` etc.
         match: ``"global"`` (default) gathers features from all ranks under torch.distributed so
             the metric sees the global batch; ``"local"`` uses each rank's batch. A no-op when not
-            distributed.
+            distributed, and for ``unit="spatial"``.
         **metric_options: passed to ``metrics.get`` (e.g. ``eps=0.1`` for sinkhorn).
 
-    Shapes: feats ``(n, d)``, labels ``(n,)`` int, logits ``(n, C)``; returns a 0-dim tensor.
+    Shapes: feats ``(n, d)`` (``unit="spatial"``: ``(n, c, h, w)`` or ``(n, L, d)``), labels
+    ``(n,)`` int, logits ``(n, C)``; returns a 0-dim tensor.
     """
 
-    def __init__(self, metric: str = "cw2", weight: float = 1.0, *, student_dim: int | None = None,
-                 teacher_dim: int | None = None, match: str = "global", **metric_options):
+    def __init__(self, metric: str = "cw2", weight: float = 1.0, *, unit: str = "batch",
+                 student_dim: int | None = None, teacher_dim: int | None = None,
+                 student_shape: tuple[int, ...] | None = None, teacher_shape: tuple[int, ...] | None = None,
+                 match: str = "global", **metric_options):
         super().__init__()
-        self.metric = metrics.get(metric, **metric_options)
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+        self.unit = unit
+        own = dict(metric_options)
+        set_options = {}
+        if unit == "spatial":
+            batched.check_set_metric(metric, metric_options)
+            set_options = {k: own.pop(k) for k in list(own) if k in batched.GAUSS_W2_SET_OPTIONS}
+        elif metric == "gauss_w2" and set(own) & set(batched.GAUSS_W2_SET_OPTIONS):
+            raise ValueError(f"gauss_w2: {', '.join(sorted(set(own) & set(batched.GAUSS_W2_SET_OPTIONS)))} "
+                             "are options of unit='spatial' (WKD-F's conventions)")
+        self.metric = metrics.get(metric, **own)
+        self.set_options = set_options
+        if unit == "class" and not self.metric.needs_labels:
+            classwise = [m for m in metrics.available() if metrics.spec(m).needs_labels]
+            raise ValueError(f"unit='class' needs a class-conditional metric ({', '.join(classwise)}); "
+                             f"{metric!r} is not one")
         self.weight = float(weight)
         if match not in ("global", "local"):
             raise ValueError(f"match must be 'global' or 'local', got {match!r}")
         self.match = match
-        self.projector = None
-        if student_dim and teacher_dim and student_dim != teacher_dim and self.metric.same_dim:
-            self.projector = nn.Linear(student_dim, teacher_dim, bias=False)
+        if student_shape is None and student_dim:
+            student_shape = (int(student_dim),)
+        if teacher_shape is None and teacher_dim:
+            teacher_shape = (int(teacher_dim),)
+        self.projector = build_projector(student_shape, teacher_shape, unit) if self.metric.same_dim else None
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor | None = None,
                 student_logits: Tensor | None = None, teacher_logits: Tensor | None = None) -> Tensor:
@@ -51,6 +98,8 @@ class KD2MLoss(nn.Module):
     def distance(self, student_feats, teacher_feats, labels=None, student_logits=None, teacher_logits=None) -> Tensor:
         """D itself, unweighted (what the engine logs)."""
         teacher_feats = teacher_feats.detach()
+        if self.unit == "spatial":
+            return self._spatial(student_feats, teacher_feats)
         teacher_logits = teacher_logits.detach() if teacher_logits is not None else None
         if self.projector is not None:
             student_feats = self.projector(student_feats)
@@ -64,8 +113,45 @@ class KD2MLoss(nn.Module):
             return self.metric(_f32(student_feats), _f32(teacher_feats), labels,
                                _f32(student_logits), _f32(teacher_logits))
 
+    def _spatial(self, s: Tensor, t: Tensor) -> Tensor:
+        name = self.metric.name
+        for who, x in (("student_feats", s), ("teacher_feats", t)):
+            if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name}: unit='spatial' needs {who} as maps (n, c, h, w) or tokens (n, L, d), "
+                                 f"got {shape}; tap the layer with FeatureTap(..., pool='none')")
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(f"{name}: unit='spatial' pairs images: student has n={s.shape[0]}, "
+                             f"teacher n={t.shape[0]}")
+        if self.projector is not None:
+            s = self.projector(s)
+        s, t = spatial_sets(s, t)
+        metrics.check_inputs(name, s.flatten(0, 1), t.flatten(0, 1), None, None, None,
+                             same_dim=self.metric.same_dim)
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            values = batched.spatial_distance(name, _f32(s), _f32(t), **self.metric.options, **self.set_options)
+        return values.mean()
+
     def extra_repr(self) -> str:
-        return f"metric={self.metric!r}, weight={self.weight:g}, match={self.match!r}"
+        opts = "".join(f", {k}={v!r}" for k, v in self.set_options.items())
+        return f"metric={self.metric!r}, weight={self.weight:g}, unit={self.unit!r}, match={self.match!r}{opts}"
+
+
+def spatial_sets(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image sets of position vectors: maps (n, c, h, w) → (n, h·w, c); tokens (n, L, d) as they are.
+
+    When one side is tokens and the other a map with L = h·w + 1, the first token (a ViT's class
+    token, a summary rather than a position) is dropped so both sets hold the same positions.
+    """
+    def positions(x):  # contiguous: elementwise ops on the strided transpose run ~10× slower
+        return x.flatten(2).transpose(1, 2).contiguous() if x.dim() == 4 else x
+
+    if student.dim() != teacher.dim():
+        tokens, grid = (student, teacher) if student.dim() == 3 else (teacher, student)
+        if tokens.shape[1] == grid.shape[2] * grid.shape[3] + 1:
+            tokens = tokens[:, 1:]
+        student, teacher = (tokens, grid) if student.dim() == 3 else (grid, tokens)
+    return positions(student), positions(teacher)
 
 
 def _f32(x):

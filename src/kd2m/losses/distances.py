@@ -2,8 +2,9 @@
 
 Each metric's facts (label, class-conditional or not, memory factor) are on its ``@metric``
 line; this module only makes them terms: a :class:`~kd2m.loss.KD2MLoss` with weight 1 (the
-engine applies λ), a learnable projector when the student's and teacher's widths differ, and
-``match`` (global-batch matching under torchrun) as an option next to the metric's own.
+engine applies λ), a learnable projector when the student's and teacher's widths (or grids)
+differ, and two options next to the metric's own: ``match`` (global-batch matching under
+torchrun) and ``unit`` (what one sample is: ``"batch"``, ``"spatial"``, ``"class"``).
 """
 from __future__ import annotations
 
@@ -12,21 +13,39 @@ import functools
 from torch import Tensor
 
 from .. import metrics
+from ..metrics import batched
 from ..loss import KD2MLoss
-from .registry import Term, TermContext, TermSpec, add_spec
+from .registry import Term, TermContext, TermSpec, add_spec, spec
 
 #: options every distance term takes besides its metric's own
-COMMON_OPTIONS = (("match", "global"),)
+COMMON_OPTIONS = (("match", "global"), ("unit", "batch"))
+
+#: options only some terms take, beyond their metric's own (WKD-F's conventions, unit="spatial")
+EXTRA_OPTIONS = {"gauss_w2": tuple(batched.GAUSS_W2_SET_OPTIONS.items())}
 
 
 class MetricTerm(Term):
-    """D(student features, teacher features) for one metric, unweighted."""
+    """D(student features, teacher features) for one metric, unweighted.
 
-    def __init__(self, ctx: TermContext, *, metric: str, match: str = "global", **metric_options):
+    ``unit``: ``"batch"`` (pooled ``(n, d)`` features, the paper), ``"spatial"`` (per image,
+    the positions of a map ``(n, c, h, w)`` or its tokens ``(n, L, d)``; D averaged over the
+    images) or ``"class"`` (class-conditional metrics); see :class:`kd2m.loss.KD2MLoss`.
+    A projector is built from ``ctx.student_shape`` / ``ctx.teacher_shape`` when widths (or,
+    spatial maps, grids) differ (:mod:`kd2m.projectors`). :attr:`needs` says what the engine
+    must pass: ``"maps"`` (raw per-position features) instead of ``"feats"`` when spatial.
+    """
+
+    def __init__(self, ctx: TermContext, *, metric: str, match: str = "global", unit: str = "batch",
+                 **metric_options):
         super().__init__(ctx)
-        s_dim = ctx.student_shape[0] if ctx.student_shape and len(ctx.student_shape) == 1 else None
-        t_dim = ctx.teacher_shape[0] if ctx.teacher_shape and len(ctx.teacher_shape) == 1 else None
-        self.loss = KD2MLoss(metric, 1.0, student_dim=s_dim, teacher_dim=t_dim, match=match, **metric_options)
+        self.loss = KD2MLoss(metric, 1.0, unit=unit, student_shape=ctx.student_shape,
+                             teacher_shape=ctx.teacher_shape, match=match, **metric_options)
+        base = spec(metric).needs
+        self.needs = (base - {"feats"}) | {"maps"} if unit == "spatial" else base
+
+    @property
+    def unit(self) -> str:
+        return self.loss.unit
 
     @property
     def projector(self):
@@ -42,7 +61,7 @@ def _register(name: str) -> None:
     needs = {"feats", "logits"} | ({"labels"} if m.needs_labels else set())
     if name == "jw2":
         needs.add("labels")  # its label cost reads labels (or logits) when given
-    defaults = tuple((o, None) for o in m.options) + COMMON_OPTIONS
+    defaults = tuple((o, None) for o in m.options) + EXTRA_OPTIONS.get(name, ()) + COMMON_OPTIONS
     add_spec(TermSpec(name, m.label, m.fn, frozenset(needs), tuple(k for k, _ in defaults), m.pairwise_factor,
                       "kd2m", "Montesuma, GSI 2025 (KD²M)", defaults,
                       factory=functools.partial(MetricTerm, metric=name)))

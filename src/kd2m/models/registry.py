@@ -5,6 +5,9 @@ A new model is one function plus one decorator line::
     @register_model("my_net")
     def my_net(num_classes, in_channels=3, image_size=32) -> nn.Module: ...
 
+Names with a ``timm:`` or ``torchvision:`` prefix build any model of those libraries
+(:mod:`kd2m.models.external`), randomly initialised.
+
 Contract every registered model keeps (the engine and :mod:`kd2m.features` rely on it): it
 returns logits ``(n, num_classes)`` only; its penultimate features ``(n, feature_dim)`` are the
 input of its last ``nn.Linear`` (the classifier, whatever its name: ``fc``, ``classifier``,
@@ -13,9 +16,12 @@ int attribute ``feature_dim``. Models reproduced from other code keep that code'
 names, so its checkpoints load unchanged.
 
 For 1-D data (``mnist1d``) ``image_size`` is the sequence length and inputs are ``(n, c, L)``.
+External models keep the same contract: their last ``nn.Linear`` is the classifier and
+``feature_dim`` its input width.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from torch import nn
@@ -38,14 +44,34 @@ def available_models() -> list[str]:
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """A freshly initialised model ``name`` for ``(in_channels, image_size, image_size)`` inputs.
 
+    ``name``: a registered name (:func:`available_models`), ``"timm:NAME"`` or
+    ``"torchvision:NAME"`` (:mod:`kd2m.models.external`).
+
     Raises:
         ValueError: unknown ``name`` or a non-positive size.
     """
-    try:
-        builder = _MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}") from None
+    from .external import build_external, is_external
+    if is_external(name):
+        builder = functools.partial(build_external, name)
+    else:
+        try:
+            builder = _MODELS[name]
+        except KeyError:
+            raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}, "
+                             "or timm:NAME / torchvision:NAME (see `kd2m metrics --models`)") from None
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if int(value) < 1:
             raise ValueError(f"build_model({name!r}): {key} must be ≥ 1, got {value}")
     return builder(num_classes=int(num_classes), in_channels=int(in_channels), image_size=int(image_size))
+
+
+def describe_models() -> str:
+    """What ``kd2m metrics --models`` prints: kd2m's own models (one line each, from their
+    docstrings) and the ``timm:`` / ``torchvision:`` prefixes."""
+    from .external import describe_external
+    width = max(len(n) for n in _MODELS)
+    lines = ["kd2m's own models (feature_dim: the classifier's input width):"]
+    for name in available_models():
+        doc = (_MODELS[name].__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<{width}}  {doc[0] if doc else ''}")
+    return "\n".join(lines) + "\n" + describe_external()
