@@ -175,8 +175,14 @@ def cmd_metrics(args) -> int:
     from . import metrics
     from .data import available_datasets
     from .models import available_models
-    print("metrics: " + ", ".join(metrics.available()))
-    print("models: " + ", ".join(available_models()))
+    from . import losses
+    print("distances (--metrics): " + ", ".join(losses.available("kd2m")))
+    print("baselines (--baselines): ce, " + ", ".join(losses.available("baseline")))
+    if args.models:
+        from .models import describe_models
+        print(describe_models())
+    else:
+        print("models: " + ", ".join(available_models()) + " (and timm:NAME, torchvision:NAME; kd2m metrics --models)")
     print("datasets: " + ", ".join(available_datasets()))
     return 0
 

@@ -62,6 +62,9 @@ class RunConfig:
     image_size: int | None = _opt(None, "imagefolder: resize every image to this size (default: the most common size)")
     teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME)")
     student: str | None = _opt(None, "student model")
+    teacher_options: dict | None = _opt(None, "keyword options of the teacher's constructor, e.g. {patch_size: 2} "
+                                              "for a timm ViT on 8×8 images", cli=False)
+    student_options: dict | None = _opt(None, "keyword options of the student's constructor", cli=False)
     metrics: list = _opt(None, "comma list of KD²M distances, one student each (e.g. w2,cw2,gauss_kl)",
                          factory=lambda: list(PAPER_METRICS))
     baselines: list = _opt(None, "comma list: ce (the CE-only student) and/or baseline terms, one student each "

@@ -100,14 +100,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per method (table order): accuracy mean and sample std over seeds in %, and the paired Δ vs
     the CE-only student of the same seeds (see :func:`paired_delta`)."""
     groups: dict[str, dict[int, float]] = {}
+    labels: dict[str, str] = {}
     for r in rows:
         groups.setdefault(r["method"], {})[int(r["seed"])] = 100.0 * float(r["test_acc"])
+        if r.get("label"):
+            labels.setdefault(r["method"], r["label"])
     out = []
     for method in table_order(list(groups)):
         per_seed = groups[method]
         accs = list(per_seed.values())
         std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-        row = {"method": method, "label": label(method), "mean": statistics.fmean(accs), "std": std,
+        row = {"method": method, "label": labels.get(method) or label(method), "mean": statistics.fmean(accs), "std": std,
                "n": len(accs), "accs": accs}
         partner = _ce_partner(method, groups)
         if partner is not None:

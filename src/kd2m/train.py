@@ -146,7 +146,8 @@ def build_net(cfg: RunConfig, bundle, seed: int, role: str) -> nn.Module:
     """The seed's ``role`` ("student" or "teacher") network, freshly initialised (or from its
     ``pretrained_<role>`` file): the same weights for every method of that seed."""
     torch.manual_seed(_INIT_SEED[role] * (seed + 1))
-    model = build_model(getattr(cfg, role), bundle.num_classes, bundle.in_channels, bundle.image_size)
+    model = build_model(getattr(cfg, role), bundle.num_classes, bundle.in_channels, bundle.image_size,
+                        **(getattr(cfg, f"{role}_options") or {}))
     weights = getattr(cfg, f"pretrained_{role}")
     if weights:
         load_pretrained(model, weights, new_head=True)  # a new head when the class count differs
@@ -173,12 +174,14 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
     silently reuses a run made with other settings (e.g. `kd2m run --epochs 1`, then `kd2m run`)."""
     role = "teacher" if method.is_teacher else "student"
     s = {"dataset": cfg.dataset, "model": getattr(cfg, role), "pretrained": getattr(cfg, f"pretrained_{role}"),
+         "model_options": getattr(cfg, f"{role}_options"),
          "epochs": epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_min": cfg.lr_min,
          "lr_schedule": cfg.lr_schedule, "lr_milestones": cfg.lr_milestones, "lr_gamma": cfg.lr_gamma,
          "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "amp": cfg.amp, "seed": seed,
          "world_size": dist_ctx.world_size(), "image_size": cfg.image_size}
     if teacher is not None and method.uses_teacher:
-        s.update(teacher=cfg.teacher, teacher_epochs=cfg.teacher_epochs, pretrained_teacher=cfg.pretrained_teacher,
+        s.update(teacher=cfg.teacher, teacher_options=cfg.teacher_options, teacher_epochs=cfg.teacher_epochs,
+                 pretrained_teacher=cfg.pretrained_teacher, teacher_lr=cfg.teacher_lr,
                  match=cfg.match, terms=[t.describe() for t in method.terms])
         if cfg.teacher_cache:
             s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online

@@ -33,7 +33,7 @@ def is_external(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIXES)
 
 
-def build_external(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+def build_external(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **options) -> nn.Module:
     """A freshly initialised ``"timm:NAME"`` or ``"torchvision:NAME"`` model with ``feature_dim`` set.
 
     Raises ValueError (one line) for an unknown name, saying how to list the names.
@@ -42,9 +42,9 @@ def build_external(name: str, num_classes: int, in_channels: int = 3, image_size
     if not arch:
         raise ValueError(f"model {name!r}: give a name after the prefix, e.g. 'timm:resnet10t'")
     if source == "timm":
-        model = _timm(arch, num_classes, in_channels, image_size)
+        model = _timm(arch, num_classes, in_channels, image_size, **options)
     else:
-        model = _torchvision(arch, num_classes, in_channels, image_size)
+        model = _torchvision(arch, num_classes, in_channels, image_size, **options)
     model.feature_dim = classifier_width(model, name)
     return model
 
@@ -58,12 +58,12 @@ def classifier_width(model: nn.Module, name: str) -> int:
     return int(linears[-1].in_features)
 
 
-def _timm(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def _timm(arch: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     import timm
     if not timm.is_model(arch):
         raise ValueError(f"unknown timm model {arch!r}; list names with timm.list_models('*{arch[:6]}*') "
                          "(random init only)")
-    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    kwargs = dict(pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
     try:
         return timm.create_model(arch, img_size=image_size, **kwargs)
     except TypeError as err:  # a model without a fixed input grid takes no img_size
@@ -72,13 +72,14 @@ def _timm(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.
     return timm.create_model(arch, **kwargs)
 
 
-def _torchvision(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def _torchvision(arch: str, num_classes: int, in_channels: int, image_size: int, **options) -> nn.Module:
     import torchvision
     names = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if arch not in names:
         raise ValueError(f"unknown torchvision model {arch!r}; list names with "
                          "torchvision.models.list_models(module=torchvision.models) (random init only)")
     kwargs = {"image_size": image_size} if arch.startswith("vit_") else {}
+    kwargs.update(options)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         _replace_first_conv(model, in_channels)

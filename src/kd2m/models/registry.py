@@ -41,11 +41,14 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **options) -> nn.Module:
     """A freshly initialised model ``name`` for ``(in_channels, image_size, image_size)`` inputs.
 
     ``name``: a registered name (:func:`available_models`), ``"timm:NAME"`` or
-    ``"torchvision:NAME"`` (:mod:`kd2m.models.external`).
+    ``"torchvision:NAME"`` (:mod:`kd2m.models.external`). ``options``: keyword arguments of the
+    model's constructor (``timm.create_model`` / ``torchvision.models.get_model`` for external
+    models, e.g. ``patch_size=2`` for a ViT on 8×8 images; config keys ``teacher_options`` and
+    ``student_options``).
 
     Raises:
         ValueError: unknown ``name`` or a non-positive size.
@@ -62,7 +65,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if int(value) < 1:
             raise ValueError(f"build_model({name!r}): {key} must be ≥ 1, got {value}")
-    return builder(num_classes=int(num_classes), in_channels=int(in_channels), image_size=int(image_size))
+    try:
+        return builder(num_classes=int(num_classes), in_channels=int(in_channels), image_size=int(image_size),
+                       **options)
+    except TypeError as e:
+        if options and "unexpected keyword" in str(e):
+            raise ValueError(f"model {name!r} takes no option(s) {', '.join(sorted(options))}: {e}") from None
+        raise
 
 
 def describe_models() -> str:
