@@ -480,3 +480,21 @@ def test_atomic_writes_make_ordinary_readable_files(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """Without the directory's fsync a power loss can undo the rename (the new name never reached the disk)."""
+    import stat
+    target = tmp_path / "sub" / "final.json"
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino, target.exists()))
+        return real_fsync(fd)
+    monkeypatch.setattr(ckpt_mod.os, "fsync", spy)
+    atomic_write_bytes(target, b"{}")
+    directory = target.parent.stat().st_ino
+    assert synced[0][0] is False                     # the data file first
+    assert synced[-1] == (True, directory, True)     # then its directory, after the rename
