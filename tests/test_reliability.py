@@ -560,3 +560,57 @@ def test_seed_everything_repeats_every_rng():
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+# ----------------------------------------------------------------------------- the command line itself
+@pytest.mark.parametrize("argv, needles", [
+    (["run", "--epochs", "x"], ["--epochs", "invalid int value: 'x'", "kd2m run --help"]),
+    (["run", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["frob"], ["invalid choice: 'frob'", "kd2m --help"]),
+    ([], ["required: command"]),
+    (["bench", "--sweep"], ["--sweep", "expected one argument"]),
+    (["run", "--threads", "-3"], ["--threads", "≥ 0", "-3", "kd2m run --help"]),
+    (["bench", "--num-workers", "-1"], ["--num-workers", "≥ 0", "-1"]),
+], ids=["bad-int", "unknown-option", "unknown-command", "no-command", "missing-value", "negative-threads",
+        "negative-workers"])
+def test_bad_command_line_is_one_line_exit_2(argv, needles, capsys, tmp_path, monkeypatch):
+    import kd2m.bench
+    monkeypatch.setattr(kd2m.bench, "run_grid", lambda *a, **k: pytest.fail("the grid started"))
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--out", str(tmp_path / "o")] if argv[:1] in (["run"], ["bench"]) and "--sweep" not in argv
+             else argv)
+    assert info.value.code == 2
+    one_line_error(2, capsys.readouterr().err, *needles)
+
+
+def test_help_still_prints_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kd2m run") and "--batch-size" in out
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                              "allocate 20.00 GiB\nmore")],
+                         ids=["MemoryError", "cuda-OOM"])
+def test_out_of_memory_is_one_line_with_advice(error, capsys, monkeypatch):
+    import kd2m.cli
+
+    def oom(args):
+        raise error
+    monkeypatch.setattr(kd2m.cli, "cmd_metrics", oom)
+    code, _, err = run_cli(["metrics"], capsys)
+    assert code == 2
+    one_line_error(code, err, "out of memory", type(error).__name__, "smaller --batch-size")
+
+
+def test_error_messages_are_capped(capsys, monkeypatch):
+    import kd2m.cli
+
+    def huge(args):
+        raise ValueError("seeds: got [" + "x, " * 1_000_000 + "]")
+    monkeypatch.setattr(kd2m.cli, "cmd_metrics", huge)
+    code, _, err = run_cli(["metrics"], capsys)
+    line = one_line_error(code, err, "seeds: got [x, x")
+    assert code == 2 and len(line) <= len("kd2m: error: ") + 300 and line.endswith("…")
