@@ -78,6 +78,14 @@ def _yaml(tmp, text):
     return ["bench", p]
 
 
+def _alias_bomb(levels, width, key="seeds"):
+    """A YAML list whose aliases nest ``levels`` deep, ``width`` wide: ``width**levels`` leaves."""
+    names = "abcdefghijklmnop"
+    items = [f"&a [{', '.join(['x'] * width)}]"]
+    items += [f"&{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]" for i in range(1, levels)]
+    return f"{key}: [{', '.join(items)}]\n"
+
+
 def _file_in_the_way(tmp):
     (tmp / "afile").write_text("x")
     return tmp / "afile" / "sub"
@@ -111,6 +119,14 @@ BAD_CLI = [
     ("yaml-not-a-mapping", lambda tmp, out: _yaml(tmp, "- w2\n- cw2\n"), ["c.yaml", "mapping"]),
     ("yaml-invalid", lambda tmp, out: _yaml(tmp, "epochs: [1, 2\n"), ["c.yaml", "not valid YAML"]),
     ("yaml-missing", lambda tmp, out: ["bench", tmp / "nope.yaml"], ["nope.yaml", "does not exist"]),
+    ("yaml-alias-bomb", lambda tmp, out: _yaml(tmp, f"out: {out}\n" + _alias_bomb(4, 12, "epochs")),
+     ["c.yaml", "aliases", "more than 10000 values", "write the values out"]),
+    ("yaml-recursive-alias", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: &s [1, *s]\n"),
+     ["c.yaml", "recursive"]),
+    ("yaml-too-deep", lambda tmp, out: _yaml(tmp, "epochs: " + "[" * 20000 + "]" * 20000 + "\n"),
+     ["c.yaml", "nested too deeply"]),
+    ("yaml-seeds-bool", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: [true]\n"), ["seeds", "integers", "True"]),
+    ("nan-weight", lambda tmp, out: ["run", "--weight", "nan", "--out", out], ["weight", "NaN"]),
     ("negative-lambda", lambda tmp, out: ["run", "--weight", "-1", "--out", out], ["weight", "-1"]),
     ("zero-epochs", lambda tmp, out: ["run", "--epochs", "0", "--out", out], ["epochs", "≥ 1"]),
     ("negative-teacher-cache", lambda tmp, out: ["run", "--teacher-cache", "-2", "--out", out], ["teacher_cache", "≥ 0"]),
@@ -614,3 +630,29 @@ def test_error_messages_are_capped(capsys, monkeypatch):
     code, _, err = run_cli(["metrics"], capsys)
     line = one_line_error(code, err, "seeds: got [x, x")
     assert code == 2 and len(line) <= len("kd2m: error: ") + 300 and line.endswith("…")
+
+
+def test_a_444_byte_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """9**9 (387 million) leaves: expanded or printed, that was an 800 MB error message and 3 GB of memory."""
+    text = _alias_bomb(9, 9)
+    assert len(text) < 460
+    t0 = time.perf_counter()
+    code, _, err = run_cli(_yaml(tmp_path, text), capsys)
+    assert time.perf_counter() - t0 < 5
+    one_line_error(code, err, "aliases", "more than 10000 values")
+
+
+def test_config_errors_quote_a_bounded_part_of_the_value(tmp_path, capsys):
+    items = ", ".join(str(i) for i in range(5000))
+    code, _, err = run_cli(_yaml(tmp_path, f"epochs: [{items}]\n"), capsys)
+    line = one_line_error(code, err, "epochs", "int", "[0, 1, 2")
+    assert len(line) < 250
+
+
+def test_yaml_anchors_of_a_real_config_still_work(tmp_path):
+    from kd2m.config import load_yaml
+    p = tmp_path / "c.yaml"
+    p.write_text("metrics: [gauss_kl, gauss_ckl]\nmetric_options: {gauss_kl: &r {ridge: 0.1}, gauss_ckl: *r}\n"
+                 "seeds: [0, 1]\n")
+    cfg = load_yaml(p)
+    assert cfg.metric_options == {"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}} and cfg.seeds == [0, 1]
