@@ -656,3 +656,50 @@ def test_yaml_anchors_of_a_real_config_still_work(tmp_path):
                  "seeds: [0, 1]\n")
     cfg = load_yaml(p)
     assert cfg.metric_options == {"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}} and cfg.seeds == [0, 1]
+
+
+# ----------------------------------------------------------------------------- imagefolder sizes
+def _pngs(root, sizes, mode="L"):
+    """train/<class>/ and test/<class>/ PNGs; ``sizes`` are the train images' (width, height), cycled over 2 classes."""
+    import numpy as np
+    from PIL import Image
+    for split, wanted in (("train", sizes), ("test", [(8, 8)] * 2)):
+        for i, (w, h) in enumerate(wanted):
+            folder = root / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            channels = () if mode == "L" else (3,)
+            Image.fromarray(np.full((h, w, *channels), 40 * i % 256, dtype=np.uint8), mode=mode).save(
+                folder / f"{i}.png")
+
+
+def test_imagefolder_size_is_the_majority_not_the_first_image(tmp_path):
+    """One 6000 px image (sorted first) among 8 px ones used to upscale everything to 6000 px."""
+    from kd2m.data import build_dataset
+    from kd2m.data.imagefolder import ImageSizeWarning
+    _pngs(tmp_path, [(6000, 6000)] + [(8, 8)] * 5)
+    with pytest.warns(ImageSizeWarning, match=r"1 of 6 training images are not 8×8.*resized to 8×8"):
+        bundle = build_dataset("imagefolder", data_root=tmp_path, augment=False)
+    assert bundle.image_size == 8
+    assert tuple(bundle.train[0][0].shape) == (1, 8, 8)   # the big one, downscaled
+
+
+def test_imagefolder_explicit_size_and_majority_channels(tmp_path):
+    import warnings
+    from kd2m.data.imagefolder import imagefolder
+    _pngs(tmp_path, [(8, 8)] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # same-size images: nothing to say
+        bundle = imagefolder(tmp_path, augment=False, image_size=5)
+    assert bundle.image_size == 5 and tuple(bundle.train[1][0].shape) == (1, 5, 5)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            imagefolder(tmp_path, image_size=bad)
+    from PIL import Image
+    mixed = tmp_path / "mixed"
+    for split in ("train", "test"):
+        (mixed / split / "c0").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(mixed / "train" / "c0" / "0.png")      # the first image is RGB,
+    for i in range(1, 4):                                                 # the other three grayscale
+        Image.new("L", (8, 8)).save(mixed / "train" / "c0" / f"{i}.png")
+    Image.new("L", (8, 8)).save(mixed / "test" / "c0" / "0.png")
+    assert imagefolder(mixed, augment=False).in_channels == 1
