@@ -56,17 +56,36 @@ def row_key(row: dict) -> tuple:
     return (str(row["method"]), int(row["seed"]))
 
 
+#: The numeric columns of a results row and their types (CSV holds every cell as text).
+NUMBER_FIELDS = {"seed": int, "test_acc": float, "weight": float, "epochs": int, "seconds": float}
+
+
+def _typed(row: dict) -> dict:
+    """A copy of ``row`` with its numeric columns as numbers (``weight`` missing or empty: 0.0;
+    ``epochs``/``seconds`` missing or empty: None). Raises ValueError naming a bad cell."""
+    out = dict(row)
+    for key, typ in NUMBER_FIELDS.items():
+        value = out.get(key)
+        if value is None or value == "":
+            if key in ("seed", "test_acc"):
+                raise ValueError(f"results row of {out.get('method')!r} has no {key}")
+            out[key] = 0.0 if key == "weight" else None
+            continue
+        try:
+            out[key] = typ(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"results row of {out.get('method')!r}: {key} {str(value)[:40]!r} is not "
+                             f"{'an integer' if typ is int else 'a number'}") from None
+    return out
+
+
 def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a ``results.csv``, numeric columns (:data:`NUMBER_FIELDS`) as numbers; [] if missing."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["seed"] = int(r["seed"])
-        r["test_acc"] = float(r["test_acc"])
-        r["weight"] = float(r["weight"]) if r.get("weight") not in (None, "") else 0.0
-    return rows
+        return [_typed(r) for r in csv.DictReader(f)]
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
@@ -129,9 +148,13 @@ def markdown_table(rows: list[dict], dataset: str | None = None) -> str:
 def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "") -> str:
     """results.md and results.json beside results.csv; returns the Markdown table."""
     out_dir = Path(out_dir)
+    rows = [_typed(r) for r in rows]  # numbers in JSON, whoever built the rows
     table = markdown_table(rows, dataset)
     atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table)
-    atomic_write_json(out_dir / "results.json", {"dataset": dataset, "rows": rows, "summary": summarize(rows)})
+    # NaN (the std of one seed) is not JSON: null
+    summary = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in s.items()}
+               for s in summarize(rows)]
+    atomic_write_json(out_dir / "results.json", {"dataset": dataset, "rows": rows, "summary": summary})
     return table
 
 
