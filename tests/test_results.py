@@ -60,3 +60,22 @@ def test_results_json_holds_numbers_and_valid_json(tmp_path):
     assert data["summary"][0]["std"] is None and data["summary"][0]["mean"] == pytest.approx(95.83)
     with pytest.raises(ValueError, match="epochs 'ten' is not an integer"):
         R.write_reports(tmp_path, [{**row, "epochs": "ten"}], "digits")
+
+
+def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
+    """It called matplotlib.use("Agg"): a notebook's inline backend was switched off by a sweep."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from kd2m.bench import plot_sweep
+    rows = [{"method": m, "seed": s, "test_acc": a} for s in (0, 1)
+            for m, a in (("ce", 0.90), ("cw2@1e-05", 0.91 + s / 100), ("cw2@0.001", 0.93))]
+    before = matplotlib.get_backend()
+    matplotlib.use("template")  # a backend the plot must not replace
+    try:
+        plot_sweep(rows, "weight", tmp_path / "sweep.png")
+        assert matplotlib.get_backend() == "template"
+        assert plt.get_fignums() == []   # no figure left in pyplot's registry either
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
