@@ -78,6 +78,14 @@ def _yaml(tmp, text):
     return ["bench", p]
 
 
+def _alias_bomb(levels, width, key="seeds"):
+    """A YAML list whose aliases nest ``levels`` deep, ``width`` wide: ``width**levels`` leaves."""
+    names = "abcdefghijklmnop"
+    items = [f"&a [{', '.join(['x'] * width)}]"]
+    items += [f"&{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]" for i in range(1, levels)]
+    return f"{key}: [{', '.join(items)}]\n"
+
+
 def _file_in_the_way(tmp):
     (tmp / "afile").write_text("x")
     return tmp / "afile" / "sub"
@@ -111,6 +119,14 @@ BAD_CLI = [
     ("yaml-not-a-mapping", lambda tmp, out: _yaml(tmp, "- w2\n- cw2\n"), ["c.yaml", "mapping"]),
     ("yaml-invalid", lambda tmp, out: _yaml(tmp, "epochs: [1, 2\n"), ["c.yaml", "not valid YAML"]),
     ("yaml-missing", lambda tmp, out: ["bench", tmp / "nope.yaml"], ["nope.yaml", "does not exist"]),
+    ("yaml-alias-bomb", lambda tmp, out: _yaml(tmp, f"out: {out}\n" + _alias_bomb(4, 12, "epochs")),
+     ["c.yaml", "aliases", "more than 10000 values", "write the values out"]),
+    ("yaml-recursive-alias", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: &s [1, *s]\n"),
+     ["c.yaml", "recursive"]),
+    ("yaml-too-deep", lambda tmp, out: _yaml(tmp, "epochs: " + "[" * 20000 + "]" * 20000 + "\n"),
+     ["c.yaml", "nested too deeply"]),
+    ("yaml-seeds-bool", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: [true]\n"), ["seeds", "integers", "True"]),
+    ("nan-weight", lambda tmp, out: ["run", "--weight", "nan", "--out", out], ["weight", "NaN"]),
     ("negative-lambda", lambda tmp, out: ["run", "--weight", "-1", "--out", out], ["weight", "-1"]),
     ("zero-epochs", lambda tmp, out: ["run", "--epochs", "0", "--out", out], ["epochs", "≥ 1"]),
     ("negative-teacher-cache", lambda tmp, out: ["run", "--teacher-cache", "-2", "--out", out], ["teacher_cache", "≥ 0"]),
@@ -480,3 +496,210 @@ def test_atomic_writes_make_ordinary_readable_files(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """Without the directory's fsync a power loss can undo the rename (the new name never reached the disk)."""
+    import stat
+    target = tmp_path / "sub" / "final.json"
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino, target.exists()))
+        return real_fsync(fd)
+    monkeypatch.setattr(ckpt_mod.os, "fsync", spy)
+    atomic_write_bytes(target, b"{}")
+    directory = target.parent.stat().st_ino
+    assert synced[0][0] is False                     # the data file first
+    assert synced[-1] == (True, directory, True)     # then its directory, after the rename
+
+
+# ----------------------------------------------------------------------------- --device
+def _fake_accelerators(monkeypatch, cuda=0, mps=False, xpu=0):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: xpu > 0)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: xpu)
+
+
+@pytest.mark.parametrize("name, machine, expected", [
+    ("auto", {}, "cpu"), (None, {}, "cpu"), ("auto", {"cuda": 1}, "cuda"), ("cpu", {"cuda": 2}, "cpu"),
+    ("cuda", {"cuda": 1}, "cuda"), ("cuda:1", {"cuda": 2}, "cuda:1"), ("mps", {"mps": True}, "mps"),
+    ("xpu:0", {"xpu": 1}, "xpu:0"),
+])
+def test_resolve_device_accepts_what_the_machine_has(monkeypatch, name, machine, expected):
+    from kd2m.runtime import resolve_device
+    _fake_accelerators(monkeypatch, **machine)
+    assert resolve_device(name) == torch.device(expected)
+
+
+@pytest.mark.parametrize("name, machine, needles", [
+    ("cuda", {}, ["CUDA is not available", "--device cpu"]),
+    ("cuda:2", {"cuda": 2}, ["2 CUDA device(s)", "cuda:0 to cuda:1"]),
+    ("mps", {}, ["MPS", "not available"]),
+    ("xpu", {}, ["XPU is not available"]),
+    ("xpu:1", {"xpu": 1}, ["1 XPU device(s)"]),
+    ("meta", {"cuda": 1}, ["'meta'", "valid: auto, cpu, cuda, cuda:N, mps"]),
+    ("quantum", {}, ["'quantum'", "valid: auto, cpu, cuda, cuda:N, mps"]),
+    ("cuda:x", {"cuda": 1}, ["'cuda:x'", "valid:"]),
+])
+def test_resolve_device_refuses_what_the_machine_lacks(monkeypatch, name, machine, needles):
+    from kd2m.runtime import resolve_device
+    _fake_accelerators(monkeypatch, **machine)
+    with pytest.raises(ValueError) as info:
+        resolve_device(name)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+def test_seed_everything_repeats_every_rng():
+    import random
+
+    import numpy as np
+
+    from kd2m.runtime import seed_everything
+
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        seed_everything(2**32 + 5)          # numpy takes seed mod 2^32
+        first = draw()
+        seed_everything(2**32 + 5)
+        assert draw() == first
+        seed_everything(5)
+        again = draw()
+        assert again[1] == first[1] and again[0] != first[0]   # (torch's CPU generator, too, keeps 32 bits)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+# ----------------------------------------------------------------------------- the command line itself
+@pytest.mark.parametrize("argv, needles", [
+    (["run", "--epochs", "x"], ["--epochs", "invalid int value: 'x'", "kd2m run --help"]),
+    (["run", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["frob"], ["invalid choice: 'frob'", "kd2m --help"]),
+    ([], ["required: command"]),
+    (["bench", "--sweep"], ["--sweep", "expected one argument"]),
+    (["run", "--threads", "-3"], ["--threads", "≥ 0", "-3", "kd2m run --help"]),
+    (["bench", "--num-workers", "-1"], ["--num-workers", "≥ 0", "-1"]),
+], ids=["bad-int", "unknown-option", "unknown-command", "no-command", "missing-value", "negative-threads",
+        "negative-workers"])
+def test_bad_command_line_is_one_line_exit_2(argv, needles, capsys, tmp_path, monkeypatch):
+    import kd2m.bench
+    monkeypatch.setattr(kd2m.bench, "run_grid", lambda *a, **k: pytest.fail("the grid started"))
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--out", str(tmp_path / "o")] if argv[:1] in (["run"], ["bench"]) and "--sweep" not in argv
+             else argv)
+    assert info.value.code == 2
+    one_line_error(2, capsys.readouterr().err, *needles)
+
+
+def test_help_still_prints_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kd2m run") and "--batch-size" in out
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to "
+                                                                              "allocate 20.00 GiB\nmore")],
+                         ids=["MemoryError", "cuda-OOM"])
+def test_out_of_memory_is_one_line_with_advice(error, capsys, monkeypatch):
+    import kd2m.cli
+
+    def oom(args):
+        raise error
+    monkeypatch.setattr(kd2m.cli, "cmd_metrics", oom)
+    code, _, err = run_cli(["metrics"], capsys)
+    assert code == 2
+    one_line_error(code, err, "out of memory", type(error).__name__, "smaller --batch-size")
+
+
+def test_error_messages_are_capped(capsys, monkeypatch):
+    import kd2m.cli
+
+    def huge(args):
+        raise ValueError("seeds: got [" + "x, " * 1_000_000 + "]")
+    monkeypatch.setattr(kd2m.cli, "cmd_metrics", huge)
+    code, _, err = run_cli(["metrics"], capsys)
+    line = one_line_error(code, err, "seeds: got [x, x")
+    assert code == 2 and len(line) <= len("kd2m: error: ") + 300 and line.endswith("…")
+
+
+def test_a_444_byte_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """9**9 (387 million) leaves: expanded or printed, that was an 800 MB error message and 3 GB of memory."""
+    text = _alias_bomb(9, 9)
+    assert len(text) < 460
+    t0 = time.perf_counter()
+    code, _, err = run_cli(_yaml(tmp_path, text), capsys)
+    assert time.perf_counter() - t0 < 5
+    one_line_error(code, err, "aliases", "more than 10000 values")
+
+
+def test_config_errors_quote_a_bounded_part_of_the_value(tmp_path, capsys):
+    items = ", ".join(str(i) for i in range(5000))
+    code, _, err = run_cli(_yaml(tmp_path, f"epochs: [{items}]\n"), capsys)
+    line = one_line_error(code, err, "epochs", "int", "[0, 1, 2")
+    assert len(line) < 250
+
+
+def test_yaml_anchors_of_a_real_config_still_work(tmp_path):
+    from kd2m.config import load_yaml
+    p = tmp_path / "c.yaml"
+    p.write_text("metrics: [gauss_kl, gauss_ckl]\nmetric_options: {gauss_kl: &r {ridge: 0.1}, gauss_ckl: *r}\n"
+                 "seeds: [0, 1]\n")
+    cfg = load_yaml(p)
+    assert cfg.metric_options == {"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}} and cfg.seeds == [0, 1]
+
+
+# ----------------------------------------------------------------------------- imagefolder sizes
+def _pngs(root, sizes, mode="L"):
+    """train/<class>/ and test/<class>/ PNGs; ``sizes`` are the train images' (width, height), cycled over 2 classes."""
+    import numpy as np
+    from PIL import Image
+    for split, wanted in (("train", sizes), ("test", [(8, 8)] * 2)):
+        for i, (w, h) in enumerate(wanted):
+            folder = root / split / f"c{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            channels = () if mode == "L" else (3,)
+            Image.fromarray(np.full((h, w, *channels), 40 * i % 256, dtype=np.uint8), mode=mode).save(
+                folder / f"{i}.png")
+
+
+def test_imagefolder_size_is_the_majority_not_the_first_image(tmp_path):
+    """One 6000 px image (sorted first) among 8 px ones used to upscale everything to 6000 px."""
+    from kd2m.data import build_dataset
+    from kd2m.data.imagefolder import ImageSizeWarning
+    _pngs(tmp_path, [(6000, 6000)] + [(8, 8)] * 5)
+    with pytest.warns(ImageSizeWarning, match=r"1 of 6 training images are not 8×8.*resized to 8×8"):
+        bundle = build_dataset("imagefolder", data_root=tmp_path, augment=False)
+    assert bundle.image_size == 8
+    assert tuple(bundle.train[0][0].shape) == (1, 8, 8)   # the big one, downscaled
+
+
+def test_imagefolder_explicit_size_and_majority_channels(tmp_path):
+    import warnings
+    from kd2m.data.imagefolder import imagefolder
+    _pngs(tmp_path, [(8, 8)] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # same-size images: nothing to say
+        bundle = imagefolder(tmp_path, augment=False, image_size=5)
+    assert bundle.image_size == 5 and tuple(bundle.train[1][0].shape) == (1, 5, 5)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            imagefolder(tmp_path, image_size=bad)
+    from PIL import Image
+    mixed = tmp_path / "mixed"
+    for split in ("train", "test"):
+        (mixed / split / "c0").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(mixed / "train" / "c0" / "0.png")      # the first image is RGB,
+    for i in range(1, 4):                                                 # the other three grayscale
+        Image.new("L", (8, 8)).save(mixed / "train" / "c0" / f"{i}.png")
+    Image.new("L", (8, 8)).save(mixed / "test" / "c0" / "0.png")
+    assert imagefolder(mixed, augment=False).in_channels == 1

@@ -42,3 +42,40 @@ def test_table_command_reads_run_directories(tmp_path, capsys):
     assert main(["table", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kd2m: error:") and "missing/results.csv does not exist" in err
+
+
+def test_results_json_holds_numbers_and_valid_json(tmp_path):
+    """Rows read back from results.csv had epochs and seconds as strings in results.json, and the std of
+    a single seed was written as NaN (not JSON)."""
+    import json
+    row = {"dataset": "digits", "method": "cw2", "label": "CW2 (E)", "metric": "cw2", "weight": 0.1, "seed": 0,
+           "test_acc": 0.9583, "epochs": 10, "seconds": 1.25, "run_dir": "cw2/seed0"}
+    R.write_rows(tmp_path / "results.csv", [row, {**row, "method": "teacher", "metric": "", "weight": "",
+                                                   "seed": 1}])
+    R.write_reports(tmp_path, R.read_rows(tmp_path / "results.csv"), "digits")
+    text = (tmp_path / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert data["rows"][0] == row
+    assert data["rows"][1]["weight"] == 0.0 and data["rows"][1]["seed"] == 1
+    assert data["summary"][0]["std"] is None and data["summary"][0]["mean"] == pytest.approx(95.83)
+    with pytest.raises(ValueError, match="epochs 'ten' is not an integer"):
+        R.write_reports(tmp_path, [{**row, "epochs": "ten"}], "digits")
+
+
+def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
+    """It called matplotlib.use("Agg"): a notebook's inline backend was switched off by a sweep."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from kd2m.bench import plot_sweep
+    rows = [{"method": m, "seed": s, "test_acc": a} for s in (0, 1)
+            for m, a in (("ce", 0.90), ("cw2@1e-05", 0.91 + s / 100), ("cw2@0.001", 0.93))]
+    before = matplotlib.get_backend()
+    matplotlib.use("template")  # a backend the plot must not replace
+    try:
+        plot_sweep(rows, "weight", tmp_path / "sweep.png")
+        assert matplotlib.get_backend() == "template"
+        assert plt.get_fignums() == []   # no figure left in pyplot's registry either
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from . import results as R
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 from .features import FeatureTap
+from .rundir import MODEL_PT, RunDir
 
 __all__ = ["bound_terms", "model_outputs", "terms_from_outputs", "evaluate_run", "ModelOutputs", "TOL"]
 
@@ -240,8 +241,8 @@ def bound_terms(teacher: nn.Module, student: nn.Module, loader_or_tensors, sampl
 # ----------------------------------------------------------------------------- a run directory
 def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     """(config dict, results rows) of a run directory; a clear error if it is not one."""
-    run_dir = Path(run_dir)
-    csv_path, cfg_path = run_dir / "results.csv", run_dir / "config.json"
+    layout = RunDir(run_dir)
+    run_dir, csv_path, cfg_path = layout.root, layout.results_csv, layout.config_json
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path} not found: {run_dir} is not a finished kd2m run directory "
                                 "(make one with `kd2m run --out DIR` or `kd2m bench CONFIG`)")
@@ -256,8 +257,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 def load_model(run_dir: Path, row: dict, name: str, bundle, device) -> nn.Module:
     """Rebuild model ``name`` and load the weights of the results row ``row``."""
     from .models import build_model
-    rel = row.get("run_dir") or f"{row['method']}/seed{row['seed']}"
-    path = run_dir / rel / "model.pt"
+    path = RunDir(run_dir).run_of_row(row) / MODEL_PT
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the run of {row['method']} seed {row['seed']} has no weights)")
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size)
@@ -359,9 +359,9 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
               f"`{cfg['student']}`; risks on the n = {n} test samples, transport terms on N = {n_ot} of them "
               f"(features: teacher `{t_layer}`, student `{s_layer}`).\n\n")
     md = header + table + "\n" + NOTES + "".join(f"\nSkipped: {s}\n" for s in skipped)
-    json_path = run_dir / "bound.json"
+    json_path = RunDir(run_dir).bound_json
     atomic_write_json(json_path, {"run_dir": str(run_dir), "dataset": cfg["dataset"], "samples": samples,
                                   "n_test": n, "n_transport": n_ot, "teacher_layer": t_layer,
                                   "student_layer": s_layer, "tolerance": TOL, "pairs": pairs, "summary": summary})
-    atomic_write_text(run_dir / "bound.md", md)
+    atomic_write_text(RunDir(run_dir).bound_md, md)
     return table, json_path

@@ -1,11 +1,13 @@
 """Atomic file writes and safe checkpoint loading: a crash or a full disk never leaves a torn file.
 
 Every write goes to a temporary file in the same directory, is flushed and fsync'ed, then
-``os.replace``-d over the target (atomic on POSIX). If anything fails, the temporary file is
-removed and the previous version of the target is untouched.
+``os.replace``-d over the target (atomic on POSIX), and the directory is fsync'ed so the rename
+itself survives a power loss. If anything fails before the rename, the temporary file is removed
+and the previous version of the target is untouched.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -44,6 +46,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} (the previous version, if any, "
                                    "is unchanged)") from e
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """``fsync`` a directory, so a rename or new file in it reaches the disk (POSIX; a file's own
+    fsync does not cover its directory entry). A no-op where directories cannot be opened
+    (Windows) or the filesystem does not support it (EINVAL/ENOTSUP, e.g. some network mounts)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError):  # Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise OSError(e.errno, f"cannot sync directory {directory}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -11,6 +11,28 @@ import signal
 import sys
 from pathlib import Path
 
+#: Longest error message printed (a hostile input must not become a huge message).
+MAX_ERROR_CHARS = 300
+#: Integer options that must not be negative (argparse's ``type=int`` takes "-3").
+NON_NEGATIVE = {"threads": "0 = torch's default", "num_workers": "0 = load in the main process"}
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """The first non-empty line of ``text``, cut to ``limit`` characters (ending "…" when cut)."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with kd2m's error contract: a bad command line is one ``kd2m: error: …`` line and exit
+    code 2 (argparse prints the whole usage block first); ``--help`` is unchanged. Sub-commands
+    get this class too (``add_subparsers`` builds them with the parent's class)."""
+
+    def error(self, message: str):
+        hint = f" (see {self.prog} --help)"
+        self.exit(2, f"kd2m: error: {one_line(message, MAX_ERROR_CHARS - len(hint))}{hint}\n")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """One option per field of RunConfig (its help is on the field): the CLI cannot drift from the config."""
     import dataclasses
@@ -42,7 +64,7 @@ def _cli_type(f):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kd2m", description="Knowledge distillation through distribution matching.")
+    p = Parser(prog="kd2m", description="Knowledge distillation through distribution matching.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the grid (default: digits, 3 seeds, every paper metric + baselines)")
@@ -191,8 +213,19 @@ def _on_sigterm(signum, frame):
     raise SystemExit(143)
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse's types cannot say: option values that are never valid."""
+    for key, meaning in NON_NEGATIVE.items():
+        value = getattr(args, key, None)
+        if value is not None and value < 0:
+            parser.exit(2, f"kd2m: error: argument --{key.replace('_', '-')}: must be ≥ 0 ({meaning}), got {value} "
+                           f"(see kd2m {args.command} --help)\n")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     debug = args.debug or os.environ.get("KD2M_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"run": cmd_run, "bench": cmd_run, "report": cmd_report, "bound": cmd_bound,
@@ -209,9 +242,19 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 — one readable line for every user-fixable failure
         if debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _out_of_memory(e):
+            print(f"kd2m: error: out of memory ({one_line(f'{type(e).__name__}: {e}', 120)}); use a smaller "
+                  "--batch-size (O(n²) metrics: also a lower --max-pairwise-mb, or a linear-memory metric such as "
+                  "sliced_w2 or gauss_w2)", file=sys.stderr)
+            return 2
+        msg = one_line(str(e)) or type(e).__name__
         print(f"kd2m: error: {msg}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, TypeError, OSError, KeyError)) else 1
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, or torch's (CUDA/MPS) OutOfMemoryError (a RuntimeError: no torch import needed)."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
 
 
 if __name__ == "__main__":

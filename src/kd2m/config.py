@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +353,7 @@ def _str_list(key, value) -> list:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of names or a comma list, got {value!r}")
+        raise ConfigError(f"{key}: expected a list of names or a comma list, got {_quote(value)}")
     return value
 
 
@@ -384,12 +385,32 @@ def _check_value(name: str, value):
     if value is None and type(None) in types:
         return value
     if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{name}: expected {_type_names(types)}, got a boolean {value!r}")
+        raise ConfigError(f"{name}: expected {_type_names(types)}, got a boolean {_quote(value)}")
     if not isinstance(value, types):
-        raise ConfigError(f"{name}: expected {_type_names(types)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{name}: expected {_type_names(types)}, got {type(value).__name__} {_quote(value)}")
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name}: got NaN; give a number")
+    if name == "seeds" and isinstance(value, list) and any(isinstance(s, bool) or not isinstance(s, int)
+                                                           for s in value):
+        # bool is an int in Python: [true] would silently run seed 1
+        raise ConfigError(f"seeds: a list must hold integers, got {_quote(value)}")
     return value
+
+
+#: How much of a value an error message quotes: a few items, a few levels, short strings.
+_QUOTE = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 60, 60
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
+MAX_QUOTE_CHARS = 100
+
+
+def _quote(value) -> str:
+    """``repr(value)`` for an error message, bounded in time and length (never the whole of a huge
+    value: a YAML alias bomb's repr runs to gigabytes)."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= MAX_QUOTE_CHARS else text[:MAX_QUOTE_CHARS - 1] + "…"
 
 
 def _type_names(types) -> str:
@@ -403,19 +424,89 @@ def from_mapping(values: dict, base: RunConfig | None = None, source: str = "con
         key = str(raw_key).replace("-", "_")
         key = ALIASES.get(key, key)
         if key not in FIELDS:
-            raise ConfigError(f"{source}: unknown key {raw_key!r}; valid keys: {', '.join(FIELDS)}")
+            raise ConfigError(f"{source}: unknown key {_quote(raw_key)}; valid keys: {', '.join(FIELDS)}")
         setattr(cfg, key, _check_value(key, value))
     return cfg
 
 
+#: A kd2m config is a few hundred bytes and nodes; these bounds are far above any real one.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand it beyond
+    :data:`MAX_YAML_NODES` nodes, or that refers to itself, before constructing anything.
+
+    An alias (``*a``) is a reference to an anchored node, so a 444-byte file of nested aliases
+    (``a: &a [x, x, ...]``, ``b: &b [*a, *a, ...]``, …) composes to a small graph that expands
+    to billions of nodes: cheap to load, but any walk over it (a deep copy, an error message's
+    ``repr``) runs out of memory. The size is counted on the composed graph, each shared node
+    once (memoised): O(graph size), not O(expansion).
+    """
+
+    def construct_document(self, node):
+        _check_expansion(node, MAX_YAML_NODES)
+        return super().construct_document(node)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root, limit: int) -> int:
+    """Number of nodes of ``root`` with every alias expanded; a ConfigError beyond ``limit`` or on
+    a cycle. Iterative depth-first walk (no recursion limit), each distinct node sized once."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > limit:
+                raise ConfigError(f"the YAML's aliases (*name) expand it to more than {limit} values "
+                                  f"(at line {node.start_mark.line + 1}); a kd2m config needs far fewer: "
+                                  "write the values out")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ConfigError(f"a YAML alias at line {node.start_mark.line + 1} refers to a value that contains "
+                              "it (a recursive structure); write the values out")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """``base`` updated from the YAML mapping in ``path`` (see :func:`from_mapping`).
+
+    Refuses, with a ConfigError naming ``path``: a missing file, one over :data:`MAX_YAML_BYTES`,
+    invalid YAML, aliases that expand beyond :data:`MAX_YAML_NODES` values (an alias bomb), a
+    document that is not a mapping, unknown keys and wrongly typed values.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is not a kd2m config (the limit is {MAX_YAML_BYTES} bytes)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_bytes(), Loader=_BoundedLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: nested too deeply to be a kd2m config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
     return from_mapping(data, base, source=str(path))

@@ -204,9 +204,9 @@ def _weights_text(cfg: RunConfig) -> str:
 
 def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
     """Accuracy (mean ± std over seeds) against the swept value, one line per metric."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     lines: dict[str, dict[float, list[float]]] = {}
     ce = [100 * r["test_acc"] for r in rows if r["method"] == "ce"]
@@ -216,7 +216,9 @@ def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
             continue
         v = float(val.split("=")[-1].replace("auto*", ""))
         lines.setdefault(base, {}).setdefault(v, []).append(100 * r["test_acc"])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     import statistics
     for base, pts in sorted(lines.items()):
         xs = sorted(pts)
@@ -233,4 +235,3 @@ def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -30,6 +30,7 @@ import torch
 
 from . import results as R
 from .checkpoint import atomic_write_text
+from .rundir import LOG_JSONL, RunDir
 
 __all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_embedding", "embedding_features",
            "best_distilled", "EMBED_SAMPLES"]
@@ -143,7 +144,7 @@ def read_logs(run_dir: Path, rows: list[dict]) -> dict[str, list[list[dict]]]:
     """method -> one epoch list per seed (from ``log.jsonl``; missing logs are skipped)."""
     logs: dict[str, list[list[dict]]] = {}
     for r in rows:
-        path = run_dir / (r.get("run_dir") or f"{r['method']}/seed{r['seed']}") / "log.jsonl"
+        path = RunDir(run_dir).run_of_row(r) / LOG_JSONL
         if path.is_file():
             lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             if lines:
@@ -324,7 +325,7 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     from .bound import load_run
     run_dir = Path(run_dir)
     cfg, rows = load_run(run_dir)
-    out = run_dir / "report"
+    out = RunDir(run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
     dataset = cfg.get("dataset", "")
     plot_accuracy(rows, out / "accuracy.png", title=f"{dataset}: test accuracy, mean ± std over seeds")
@@ -350,7 +351,7 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
         md += ["## Feature embedding", "", embed_text, ""]
         if (out / "embedding.png").exists():
             md += ["![feature embedding](embedding.png)", ""]
-    bound_md = run_dir / "bound.md"
+    bound_md = RunDir(run_dir).bound_md
     if bound_md.is_file():
         body = bound_md.read_text().split("\n", 1)[-1].lstrip()
         md += ["## Theorem 1 on held-out data (`kd2m bound`)", "", body]

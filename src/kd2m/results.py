@@ -34,8 +34,6 @@ FIELDS = ["dataset", "method", "label", "metric", "weight", "seed", "test_acc", 
           "seconds", "run_dir"]
 SUMMARY_FIELDS = ["method", "label", "n_seeds", "mean", "std", "delta", "delta_ci_low", "delta_ci_high", "p_value",
                   "wins"]
-_NUMBERS = {"seed": int, "test_acc": float, "best_acc": float, "best_epoch": int, "epochs": int, "seconds": float,
-            "weight": float}
 
 
 def label(method: str) -> str:
@@ -65,18 +63,37 @@ def row_key(row: dict) -> tuple:
     return (str(row["method"]), int(row["seed"]))
 
 
+#: The numeric columns of a results row and their types (CSV holds every cell as text).
+NUMBER_FIELDS = {"seed": int, "test_acc": float, "best_acc": float, "best_epoch": int, "weight": float, "epochs": int,
+                 "seconds": float}
+
+
+def _typed(row: dict) -> dict:
+    """A copy of ``row`` with its numeric columns as numbers (``weight`` missing or empty: 0.0;
+    ``epochs``/``seconds`` missing or empty: None). Raises ValueError naming a bad cell."""
+    out = dict(row)
+    for key, typ in NUMBER_FIELDS.items():
+        value = out.get(key)
+        if value is None or value == "":
+            if key in ("seed", "test_acc"):
+                raise ValueError(f"results row of {out.get('method')!r} has no {key}")
+            out[key] = 0.0 if key == "weight" else None
+            continue
+        try:
+            out[key] = typ(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"results row of {out.get('method')!r}: {key} {str(value)[:40]!r} is not "
+                             f"{'an integer' if typ is int else 'a number'}") from None
+    return out
+
+
 def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a ``results.csv``, numeric columns (:data:`NUMBER_FIELDS`) as numbers; [] if missing."""
     path = Path(path)
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for key, cast in _NUMBERS.items():
-            r[key] = cast(r[key]) if r.get(key) not in (None, "") else None
-        if r["weight"] is None:
-            r["weight"] = 0.0
-    return rows
+        return [_typed(r) for r in csv.DictReader(f)]
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
@@ -263,6 +280,7 @@ def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: s
     results.json holds exactly the rows results.md was computed from (``kd2m report`` and
     ``kd2m table`` read them from there, so every view shows the same numbers)."""
     out_dir = Path(out_dir)
+    rows = [_typed(r) for r in rows]  # numbers in JSON, whoever built the rows
     table = markdown_table(rows, dataset, expected_seeds, reference)
     atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
     clean = [{k: r.get(k) for k in FIELDS} for r in rows]
@@ -298,13 +316,7 @@ def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
         data = json.loads(js.read_text())
         rows = data.get("rows") or []
         if rows and isinstance(rows[0], dict) and "method" in rows[0]:
-            for r in rows:
-                for key, cast in _NUMBERS.items():
-                    if r.get(key) not in (None, ""):
-                        r[key] = cast(r[key])
-                if r.get("weight") is None:
-                    r["weight"] = 0.0
-            return rows, data
+            return [_typed(r) for r in rows], data
     csv_path = run_dir / "results.csv"
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path} does not exist: is {run_dir} a kd2m run directory?")

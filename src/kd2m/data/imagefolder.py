@@ -3,14 +3,18 @@
 The layout is torchvision's ``ImageFolder`` (one sub-folder per class, sorted names give the
 labels). Everything else is read from the data:
 
-- channels: 1 if the first training image is grayscale, else 3 (every image is converted to match);
-- size: the first training image's height; every image is resized to ``size × size``, so mixed
-  sizes work;
+- channels: 1 if most training images are grayscale, else 3 (every image is converted to match);
+- size: the height of the most common (width, height) among the training images (or the
+  ``image_size`` argument); every image is resized to ``size × size``, so mixed sizes work, and
+  a warning names the chosen size and how many images differ (one 6000 px photo among 8 px
+  images no longer decides the size of them all);
 - normalisation: per-channel mean/std over (up to :data:`STATS_SAMPLE` evenly spaced) training images.
 """
 from __future__ import annotations
 
+import collections
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +26,8 @@ from .torchvision_sets import image_transforms
 
 #: How many training images the mean/std are computed from (evenly spaced, deterministic).
 STATS_SAMPLE = 512
+#: How many training images' headers the size and channels are read from (evenly spaced).
+SHAPE_SAMPLE = 4096
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 LAYOUT = "expected DATA_ROOT/train/<class>/<image> and DATA_ROOT/test/<class>/<image> (torchvision ImageFolder layout)"
 
@@ -43,6 +49,29 @@ def _folder(root: Path, split: str, loader=datasets.folder.default_loader, trans
         raise DatasetNotFoundError(f"dataset 'imagefolder': {path} holds no usable images ({reason}); {LAYOUT}") from err
 
 
+class ImageSizeWarning(UserWarning):
+    """The training images do not all have the size the dataset resizes them to."""
+
+
+def common_shape(paths: list[str], sample: int = SHAPE_SAMPLE) -> tuple[tuple[int, int], str, int, int]:
+    """The most common (width, height) and mode ('L' or 'RGB') among up to ``sample`` evenly spaced
+    images, read from their headers (``PIL.Image.open`` decodes no pixels).
+
+    Returns:
+        ((width, height), mode, how many of the checked images have another size, how many were checked).
+        Ties go to the size seen first.
+    """
+    step = max(1, -(-len(paths) // sample))
+    sizes, modes = collections.Counter(), collections.Counter()
+    for path in paths[::step]:
+        with Image.open(path) as im:
+            sizes[im.size] += 1
+            modes["L" if im.mode in GRAYSCALE_MODES else "RGB"] += 1
+    (size, count), = sizes.most_common(1)
+    checked = sum(sizes.values())
+    return size, modes.most_common(1)[0][0], checked - count, checked
+
+
 def channel_stats(paths: list[str], loader, size: int, sample: int = STATS_SAMPLE) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the pixels (in [0, 1]) of up to ``sample`` evenly spaced images."""
     to_tensor = T.Compose([T.Resize((size, size)), T.ToTensor()])
@@ -54,15 +83,27 @@ def channel_stats(paths: list[str], loader, size: int, sample: int = STATS_SAMPL
 
 
 @register_dataset("imagefolder")
-def imagefolder(data_root=None, download=False, augment=True) -> DataBundle:
-    """Images in ImageFolder layout under ``data_root`` (required); crop + flip augmentation."""
+def imagefolder(data_root=None, download=False, augment=True, image_size: int | None = None) -> DataBundle:
+    """Images in ImageFolder layout under ``data_root`` (required); crop + flip augmentation.
+
+    ``image_size``: resize every image to this × this; default the height of the most common
+    training image size (see :func:`common_shape`). When the training images' sizes differ, an
+    :class:`ImageSizeWarning` names the size used and how many images have another.
+    """
     if data_root is None:
         raise DatasetNotFoundError(f"dataset 'imagefolder' needs --data-root; {LAYOUT}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise ValueError(f"dataset 'imagefolder': image_size must be a positive integer, got {image_size!r}")
     root = Path(data_root).expanduser().resolve()
     probe = _folder(root, "train")
-    with Image.open(probe.samples[0][0]) as first:
-        mode = "L" if first.mode in GRAYSCALE_MODES else "RGB"
-        size = first.height
+    (width, height), mode, differ, checked = common_shape([path for path, _ in probe.samples])
+    size = image_size or height
+    if differ:
+        warnings.warn(f"dataset 'imagefolder' in {root}: {differ} of {checked} training images are not "
+                      f"{width}×{height}, the most common size; every image is resized to {size}×{size}"
+                      + (" (image_size)" if image_size else " (set image_size to choose)"), ImageSizeWarning,
+                      stacklevel=2)
     loader = functools.partial(_load, mode=mode)
     resize = T.Resize((size, size))
     stats = channel_stats([path for path, _ in probe.samples], loader, size)
