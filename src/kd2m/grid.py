@@ -7,9 +7,11 @@ to ``results.csv`` at once, so a killed grid resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +22,9 @@ from .checkpoint import atomic_write_json
 from .config import ConfigError, RunConfig
 from .data import build_dataset
 from .methods import Method, method_label
-from .train import bind_terms, build_student, build_teacher, fit, freeze, resolve_device
+from .rundir import TEACHER, RunDir, clean_temp_files
+from .runtime import resolve_device
+from .train import bind_terms, build_student, build_teacher, fit, freeze
 
 #: keys ``--sweep`` may vary, and the check each value must pass
 SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
@@ -123,20 +127,36 @@ def _probe_values(method: Method, bound, student, teacher, x, y) -> None:
 
 
 def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -> list[dict]:
-    """Run (or resume) the whole grid; return the results rows of this configuration."""
+    """Run (or resume) the whole grid; return the results rows of this configuration.
+
+    Everything is checked before anything is written (the config, the memory guard, the data,
+    :func:`preflight`); rank 0 then holds the output directory's lock for the whole grid, so a
+    second process into the same ``--out`` is refused at once."""
     cfg = cfg.resolved()
-    out = Path(cfg.out)
+    out = RunDir(cfg.out)
     if cfg.threads:  # 0 = torch's default
         torch.set_num_threads(cfg.threads)
     device = resolve_device(dist_ctx.setup(None if cfg.device == "auto" else cfg.device))
     students = sweep_variants(cfg, sweep)
     check_memory(cfg, students)
-    bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download)
-    preflight(cfg, students, bundle, device)
     if dist_ctx.is_main():
-        _prepare_out(out)
-        atomic_write_json(out / "config.json", cfg.to_dict())
-    csv_path = out / "results.csv"
+        out.check_usable()  # a foreign or newer directory is refused before any data is read
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download, image_size=cfg.image_size)
+    for w in caught:  # e.g. imagefolder's chosen size: one line, not a Python warning
+        log(f"kd2m: note: {w.message}")
+    preflight(cfg, students, bundle, device)
+    lock = out.locked() if dist_ctx.is_main() else contextlib.nullcontext()
+    with lock:
+        if dist_ctx.is_main():
+            clean_temp_files(out.root)  # what a killed atomic write left behind
+            atomic_write_json(out.config_json, cfg.to_dict())
+        return _run_seeds(cfg, students, bundle, device, out, sweep, log)
+
+
+def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[dict]:
+    csv_path = out.results_csv
     rows = R.read_rows(csv_path)
     t_start = time.perf_counter()
     for seed in cfg.seeds:
@@ -145,41 +165,32 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
         # and a changed config never silently reuses old results).
         teacher = build_teacher(cfg, bundle, seed)
         caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
-        for vcfg, method in [(cfg, Method("teacher"))] + students:
-            run_dir = out / ("teacher" if method.is_teacher else method.key) / f"seed{seed}"
+        for vcfg, method in [(cfg, Method(TEACHER))] + students:
+            run_dir = out.run(method.key, seed)
             earlier = (run_dir / "final.json").exists()
             if method.is_teacher:
-                res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device, epochs=cfg.teacher_epochs,
-                          desc=f"teacher s{seed}")
+                res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device,
+                          epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")
                 freeze(teacher)
             else:
                 res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
                           teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
                           teacher_caches=caches)
-            row = {**res, "dataset": cfg.dataset, "label": method.label, "run_dir": str(run_dir.relative_to(out))}
+            row = {**res, "dataset": cfg.dataset, "label": method.label,
+                   "run_dir": str(run_dir.relative_to(out.root))}
             if dist_ctx.is_main() and not any(R.row_key(r) == R.row_key(row) for r in rows):
                 rows = R.upsert(csv_path, row)
             log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {method.label:<24} "
                 f"acc {100 * res['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
-    keys = {"teacher"} | {m.key for _, m in students}
+    keys = {TEACHER} | {m.key for _, m in students}
     own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] \
         if dist_ctx.is_main() else rows
     if dist_ctx.is_main():
-        R.write_reports(out, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds),
+        R.write_reports(out.root, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds),
                         reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student))
         if sweep is not None:
-            plot_sweep(own, sweep[0], out / "sweep.png")
+            plot_sweep(own, sweep[0], out.sweep_png)
     return own
-
-
-def _prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"cannot write to output directory {out}: {e.strerror or e}") from None
 
 
 def _header(cfg: RunConfig) -> str:

@@ -32,30 +32,13 @@ from .features import PENULTIMATE, FeatureTap, last_linear_name
 from .methods import Method, TermConfig
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
-from .runtime import amp_dtype, autocast, progress, to_device
+from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 
 class NonFiniteLossError(ValueError):
     """The training loss (or the matched features) became NaN/inf; the last good checkpoint is kept.
     A ValueError: the user fixes it (a lower lr or λ), so the CLI exits 2 with one line."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
-    return dev
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class IndexedDataset(Dataset):

@@ -66,7 +66,7 @@ def resolve_root(data_root: str | os.PathLike | None) -> Path:
 
 
 def build_dataset(name: str, data_root: str | os.PathLike | None = None, download: bool = False,
-                  augment: bool = True) -> DataBundle:
+                  augment: bool = True, image_size: int | None = None) -> DataBundle:
     """Build the train/test splits of dataset ``name``.
 
     Args:
@@ -75,6 +75,8 @@ def build_dataset(name: str, data_root: str | os.PathLike | None = None, downloa
         download: fetch the files into ``data_root`` if missing (torchvision datasets only).
         augment: random crop (+ flip where the classes allow it) on the train split; the test
             split is never augmented.
+        image_size: resize every image to this size (``imagefolder`` only; default: the most
+            common size among its files).
 
     Raises:
         ValueError: unknown ``name``.
@@ -84,4 +86,8 @@ def build_dataset(name: str, data_root: str | os.PathLike | None = None, downloa
         builder = _DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}") from None
+    if image_size is not None:
+        if name != "imagefolder":
+            raise ValueError(f"image_size applies to imagefolder data, not to {name!r} (its size is fixed)")
+        return builder(data_root, download, augment, image_size=image_size)
     return builder(data_root, download, augment)
