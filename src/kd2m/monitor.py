@@ -38,7 +38,8 @@ from .bound import model_outputs, terms_from_outputs
 from .config import ConfigError
 from .metrics.exact import exact_plan
 
-__all__ = ["plan_mass", "FeatureGapProbe", "TensorBoardLog", "Monitor", "require_tensorboard", "row_scalars",
+__all__ = ["plan_mass", "fixed_batch", "FeatureGapProbe", "TensorBoardLog", "Monitor", "backfill_tensorboard",
+           "require_tensorboard", "row_scalars",
            "DIAG_SAMPLES", "INSTALL_HINT", "TB_DIR"]
 
 #: Held-out samples of the diagnostics batch: the first min(DIAG_SAMPLES, len(test)) test images.

@@ -657,7 +657,8 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
 
     Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
     epoch: test accuracy, the lr it trained with, loss = ce + distill, each term's unweighted value
-    under ``terms`` and its λ under ``weights``), ``run_dir/model.pt`` (final weights) and
+    under ``terms`` and its λ under ``weights``; a student's feature gap to its teacher under ``diag``,
+    see :mod:`kd2m.monitor`), ``run_dir/model.pt`` (final weights) and
     ``run_dir/final.json`` (the result: last- and best-epoch accuracy; its presence marks the run
     finished). Returns the result dict.
 
