@@ -93,8 +93,9 @@ def _train(tmp_path, cfg, bundle, teacher, method, name):
 def test_training_runs_no_teacher_forward_per_step(tmp_path):
     data = Augmented(n=48)
     bundle = DataBundle(train=data, test=Augmented(n=16), num_classes=4, in_channels=3, image_size=10, name="aug")
+    # diagnostics off: their probe runs the teacher once per student on the test batch; counted here is training
     cfg = RunConfig(dataset="digits", teacher="digits_cnn", student="digits_mlp", epochs=3, batch_size=16,
-                    teacher_cache=3, progress=False).resolved()
+                    teacher_cache=3, progress=False, diagnostics=False).resolved()
     teacher = freeze(build_model("digits_cnn", 4, 3, 10))
     calls = []
     teacher.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))

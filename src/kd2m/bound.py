@@ -177,8 +177,11 @@ def model_outputs(model: nn.Module, data, samples: int = 1000, device: str | tor
     return ModelOutputs(torch.cat(correct), torch.cat(ce), torch.cat(labels), feats, subset)
 
 
-def terms_from_outputs(teacher: ModelOutputs, student: ModelOutputs) -> dict:
-    """Theorem 1's terms from two :func:`model_outputs` on the same data (see :func:`bound_terms`)."""
+def terms_from_outputs(teacher: ModelOutputs, student: ModelOutputs, w2_sq: float | None = None) -> dict:
+    """Theorem 1's terms from two :func:`model_outputs` on the same data (see :func:`bound_terms`).
+
+    ``w2_sq``: the exact W2² of the two feature sets when the caller has already solved their
+    transport plan (:mod:`kd2m.monitor` reads the plan itself); solved here otherwise."""
     if teacher.n != student.n or not torch.equal(teacher.labels, student.labels):
         raise ValueError("bound_terms: teacher and student outputs are not on the same held-out data")
     if not torch.equal(teacher.subset, student.subset):
@@ -197,7 +200,7 @@ def terms_from_outputs(teacher: ModelOutputs, student: ModelOutputs) -> dict:
                           "W2 and ‖g_S − g_T‖ need features in the same space")
         return out
     from . import metrics
-    w2_sq = max(float(metrics.get("w2")(zs, zt)), 0.0)
+    w2_sq = max(float(metrics.get("w2")(zs, zt) if w2_sq is None else w2_sq), 0.0)
     l2 = math.sqrt(float(((zs - zt) ** 2).sum(1).mean()))
     w2 = math.sqrt(w2_sq)
     out.update(w2=w2, w2_sq=w2_sq, l2=l2, coupling_holds=bool(w2 <= l2 * (1 + TOL) + TOL),

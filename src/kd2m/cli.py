@@ -42,9 +42,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         if meta.get("cli") is False:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                           help=meta["help"])
+        if meta.get("flag") and f.default is True:  # on by default: the option turns it off
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                           default=argparse.SUPPRESS, help=meta["help"])
         elif meta.get("flag"):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=meta["help"])
         else:

@@ -111,6 +111,12 @@ class RunConfig:
     pretrained_student: str | None = _opt(None, "local weights file for the student initialisation")
     max_pairwise_mb: float = _opt(2048.0, "refuse O(n²) distances whose buffers would exceed this (MiB)")
     progress: bool = _opt(True, "progress bars (--no-progress: none)", flag=True)
+    # kd2m.monitor (neither changes what a run trains, so neither is part of a run's settings)
+    tensorboard: bool = _opt(False, "TensorBoard event files for every run in <run_dir>/tb/ (tensorboard --logdir "
+                                    "OUT); needs pip install -e \".[tensorboard]\"", flag=True)
+    diagnostics: bool = _opt(True, "each epoch, a student's exact W2 to its teacher, the share of the OT plan "
+                                   "within a class and Theorem 1's terms on a fixed test batch (log.jsonl `diag`; "
+                                   "--no-diagnostics: off)", flag=True)
 
     # ------------------------------------------------------------------
     def resolved(self) -> "RunConfig":
@@ -211,6 +217,9 @@ class RunConfig:
             raise ConfigError(f"students: {', '.join(dup)} named twice (metrics, baselines and students share names)")
         if not self_methods:
             raise ConfigError("nothing to train: metrics, baselines and students are all empty")
+        if c.tensorboard:  # refused now, not after the teacher has trained
+            from .monitor import require_tensorboard
+            require_tensorboard()
         if c.teacher_epochs == 0 and not c.pretrained_teacher and any(m.uses_teacher for m in self_methods):
             raise ConfigError("teacher_epochs: 0 trains no teacher, and no --pretrained-teacher was given: the "
                               "students would learn from a random network; give --pretrained-teacher FILE or "

@@ -6,6 +6,9 @@
   the teacher and the CE-only student drawn apart (dark / hatched bars, dashed reference lines);
 - ``curves.png``: test accuracy per epoch and the distillation loss D per epoch (log scale),
   mean over seeds, one line per method;
+- ``diagnostics.png`` (when the runs logged them, :mod:`kd2m.monitor`): per epoch, the exact W2
+  between student and teacher features on a fixed test batch, and the share of its optimal
+  plan's mass that pairs samples of the same class (chance level dashed), mean over seeds;
 - ``embedding.png``: a joint 2-D embedding (UMAP if ``umap`` is importable, else scikit-learn's
   t-SNE) of the penultimate *features* of the teacher, the CE-only student and the best
   distilled student (highest mean accuracy among the feature-distillation methods), first
@@ -32,7 +35,7 @@ from . import results as R
 from .checkpoint import atomic_write_text
 from .rundir import LOG_JSONL, RunDir
 
-__all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_embedding", "embedding_features",
+__all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_diagnostics", "plot_embedding", "embedding_features",
            "best_distilled", "EMBED_SAMPLES"]
 
 #: Test samples embedded per model (a fixed seeded subset of the test set).
@@ -201,6 +204,68 @@ def plot_curves(logs: dict[str, list[list[dict]]], path: Path) -> None:
     _save(fig, path)
 
 
+#: the diagnostics drawn by plot_diagnostics: (log.jsonl `diag` key, axis label, panel title)
+DIAG_PANELS = (("w2", "W2 to the teacher (feature units)", "student ↔ teacher feature W2"),
+               ("same_class_mass", "share of the OT plan within a class", "OT plan mass on same-class pairs"))
+
+
+def diagnostic_curves(logs: dict[str, list[list[dict]]], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """method -> (epochs, mean over seeds of ``row["diag"][key]``), for methods that logged it."""
+    out = {}
+    for m, runs in logs.items():
+        flat = [[{"epoch": e["epoch"], key: (e.get("diag") or {}).get(key)} for e in run] for run in runs]
+        ep, vals = _mean_curve(flat, key)
+        if ep:
+            out[m] = (ep, vals)
+    return out
+
+
+def plot_diagnostics(logs: dict[str, list[list[dict]]], path: Path) -> dict | None:
+    """W2 to the teacher and the same-class share of the OT plan per epoch (mean over seeds), one
+    line per method; the share a random pairing would give (Σ_c p_c²) dashed. Returns the curves
+    drawn ({diag key: {method: (epochs, means)}}), or None (nothing drawn) when no run logged them."""
+    curves = {key: diagnostic_curves(logs, key) for key, _, _ in DIAG_PANELS}
+    if not any(curves.values()):
+        return None
+    methods = _order(list(logs))
+    colors = _colors(methods)
+    fig = _figure((11, 4))
+    from matplotlib.ticker import MaxNLocator
+    for i, (key, ylabel, title) in enumerate(DIAG_PANELS):
+        ax = fig.add_subplot(1, len(DIAG_PANELS), i + 1)
+        for m in methods:
+            if m in curves[key]:
+                ep, vals = curves[key][m]
+                ax.plot(ep, vals, color=colors[m], lw=2.0 if m == "ce" else 1.3, ls="--" if m == "ce" else "-",
+                        label=R.label(m))
+        if key == "same_class_mass":
+            chance = [v for c in diagnostic_curves(logs, "chance_same_class").values() for v in c[1]]
+            if chance:
+                ax.axhline(statistics.fmean(chance), color="gray", ls=":", lw=1.0, label="random pairing")
+            ax.set_ylim(0.0, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} (mean over seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return curves
+
+
+def _diagnostics_text(logs: dict[str, list[list[dict]]]) -> str:
+    diags = [e["diag"] for runs in logs.values() for run in runs for e in run if e.get("diag")]
+    n = diags[0].get("n") if diags else "?"
+    text = (f"Each epoch, on a fixed batch of the first {n} test images (the same for every epoch, method and "
+            "seed), teacher and student in eval mode: the exact W2 between the student's and the teacher's "
+            "features, and the share of its optimal transport plan that pairs samples of the same class (dotted: "
+            "what a random pairing gives). A label-free distance pulls each student feature towards the teacher "
+            "feature it is paired with, of whatever class. Mean over seeds; the CE-only student is the reference.")
+    skipped = sorted({d["skipped"] for d in diags if d.get("skipped")})
+    return text + "".join(f" Skipped: {s}." for s in skipped)
+
+
 def best_distilled(rows: list[dict]) -> str | None:
     """The feature-distillation method (a row with a ``metric``) with the highest mean accuracy; else ``kd``."""
     stats = R.summarize(rows)
@@ -329,7 +394,11 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     out.mkdir(parents=True, exist_ok=True)
     dataset = cfg.get("dataset", "")
     plot_accuracy(rows, out / "accuracy.png", title=f"{dataset}: test accuracy, mean ± std over seeds")
-    plot_curves(read_logs(run_dir, rows), out / "curves.png")
+    logs = read_logs(run_dir, rows)
+    plot_curves(logs, out / "curves.png")
+    diagnostics = plot_diagnostics(logs, out / "diagnostics.png")
+    if diagnostics is None:
+        (out / "diagnostics.png").unlink(missing_ok=True)  # not left over from an earlier report
     embed_text = None
     if embedding:
         from .data import DatasetNotFoundError
@@ -347,6 +416,9 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
           "## Training curves", "",
           "Test accuracy and the distillation loss D (per training sample, log scale) per epoch, mean over seeds.",
           "", "![training curves](curves.png)", ""]
+    if diagnostics is not None:
+        md += ["## Feature gap during training", "", _diagnostics_text(logs), "",
+               "![W2 to the teacher and same-class plan mass per epoch](diagnostics.png)", ""]
     if embed_text is not None:
         md += ["## Feature embedding", "", embed_text, ""]
         if (out / "embedding.png").exists():

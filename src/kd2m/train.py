@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from . import distributed as dist_ctx
 from . import losses
+from . import monitor as watch
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .features import PENULTIMATE, FeatureTap, last_linear_name
@@ -409,6 +410,7 @@ class Trainer:
         self.model, self.bundle, self.cfg, self.method, self.seed = model, bundle, cfg, method, seed
         self.run_dir, self.device, self.desc = Path(run_dir), device, desc
         self.teacher = teacher if method.uses_teacher else None
+        self.reference_teacher = teacher  # what kd2m.monitor compares every student with (CE-only included)
         self.epochs = cfg.epochs if epochs is None else epochs
         self.teacher_caches = teacher_caches
         self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher)
@@ -546,9 +548,15 @@ class Trainer:
 
     def fit(self, load_finished: bool = True) -> dict:
         if self.final_path.exists():  # finished earlier: its result (and, for a teacher, its weights)
-            return self._finished(load_finished)
+            result = self._finished(load_finished)
+            watch.backfill_tensorboard(self.cfg, self.run_dir, self._title(), self.settings)
+            return result
         self._setup()
         history, start, elapsed = self._resume()
+        # kd2m.monitor: diagnostics into each row, TensorBoard; None when neither is wanted
+        self.monitor = watch.Monitor.for_run(self.cfg, "teacher" if self.method.is_teacher else "student",
+                                             self.run_dir, self._title(), self.settings, history,
+                                             self.reference_teacher, self.bundle.test, self.device)
         cfg = self.cfg
         net = self.model
         if dist_ctx.is_distributed():
@@ -573,6 +581,8 @@ class Trainer:
                 acc = evaluate(net, self.test_loader, self.device, cfg.channels_last)
                 elapsed += time.perf_counter() - t0
                 history.append({"epoch": epoch + 1, "test_acc": acc, "lr": lr, "seconds": elapsed, **sums})
+                if self.monitor is not None:  # kd2m.monitor: adds row["diag"] (before the checkpoint), TensorBoard
+                    self.monitor.epoch_end(self.model, history[-1])
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(acc=f"{acc:.4f}", loss=f"{sums['loss']:.3f}")
                 if dist_ctx.is_main():
@@ -594,7 +604,12 @@ class Trainer:
             for hooks in (self.s_taps, self.teacher_out):
                 if hooks is not None:
                     hooks.remove()
+            if self.monitor is not None:
+                self.monitor.close()
         return self._finish(net, history, elapsed)
+
+    def _title(self) -> str:
+        return f"{self.method.label} ({self.method.key}), seed {self.seed}"
 
     def _finish(self, net, history: list, elapsed: float) -> dict:
         if history:
@@ -633,7 +648,8 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
 
     Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
     epoch: test accuracy, the lr it trained with, loss = ce + distill, each term's unweighted value
-    under ``terms`` and its λ under ``weights``), ``run_dir/model.pt`` (final weights) and
+    under ``terms`` and its λ under ``weights``; a student's feature gap to its teacher under ``diag``,
+    see :mod:`kd2m.monitor`), ``run_dir/model.pt`` (final weights) and
     ``run_dir/final.json`` (the result: last- and best-epoch accuracy; its presence marks the run
     finished). Returns the result dict.
 
