@@ -102,7 +102,7 @@ BAD_CLI = [
     ("unknown-student", lambda tmp, out: ["run", "--student", "mlp9", "--out", out, *TINY],
      ["student", "'mlp9'", "available:", "digits_mlp"]),
     ("unknown-baseline", lambda tmp, out: ["run", "--baselines", "ce,fitnets", "--out", out],
-     ["fitnets", "ce, kd"]),
+     ["fitnets", "ce, kd, dkd"]),
     ("unknown-metric-option", lambda tmp, out: _yaml(tmp, f"out: {out}\nmetrics: [sinkhorn]\n"
                                                       "metric_options: {sinkhorn: {epsilon: 0.1}}\n"),
      ["sinkhorn", "epsilon", "eps"]),
@@ -126,7 +126,7 @@ BAD_CLI = [
     ("yaml-too-deep", lambda tmp, out: _yaml(tmp, "epochs: " + "[" * 20000 + "]" * 20000 + "\n"),
      ["c.yaml", "nested too deeply"]),
     ("yaml-seeds-bool", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: [true]\n"), ["seeds", "integers", "True"]),
-    ("nan-weight", lambda tmp, out: ["run", "--weight", "nan", "--out", out], ["weight", "NaN"]),
+    ("nan-weight", lambda tmp, out: ["run", "--weight", "nan", "--out", out], ["weight", "nan"]),
     ("negative-lambda", lambda tmp, out: ["run", "--weight", "-1", "--out", out], ["weight", "-1"]),
     ("zero-epochs", lambda tmp, out: ["run", "--epochs", "0", "--out", out], ["epochs", "≥ 1"]),
     ("negative-teacher-cache", lambda tmp, out: ["run", "--teacher-cache", "-2", "--out", out], ["teacher_cache", "≥ 0"]),
@@ -332,13 +332,12 @@ def test_nan_metric_at_epoch_two_keeps_the_epoch_one_checkpoint(tmp_path, capsys
 
 def test_non_finite_student_features_name_the_epoch_and_step(tmp_path, capsys, monkeypatch):
     """Features that blow up reach the engine's check (with epoch and step), not the metric's."""
-    from kd2m.features import FeatureTap
-    real = FeatureTap.feature
+    from kd2m.train import Taps
+    real = Taps.features
 
     def poisoned(self):
-        f = real.fget(self)
-        return f * float("inf") if f.requires_grad else f   # the student's tap only
-    monkeypatch.setattr(FeatureTap, "feature", property(poisoned))
+        return {k: f * float("inf") if f.requires_grad else f for k, f in real(self).items()}  # the student's taps
+    monkeypatch.setattr(Taps, "features", poisoned)
     code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "cw2 s0: non-finite student features at epoch 1, step 1")
 
@@ -431,6 +430,8 @@ def test_pickle_that_runs_code_is_refused_as_pretrained_student(tmp_path, capsys
 
 def test_pickle_that_runs_code_is_refused_as_a_run_checkpoint(tmp_path, capsys):
     marker = tmp_path / "PWNED"
+    from kd2m.rundir import RunDir
+    RunDir(tmp_path / "o").mark()
     run_dir = tmp_path / "o" / "cw2" / "seed0"
     run_dir.mkdir(parents=True)
     _evil_pickle(run_dir / "checkpoint.pt", marker)
@@ -445,6 +446,8 @@ def test_pickle_that_runs_code_is_refused_as_a_run_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", None], ids=["empty", "bad-pickle", "random"])
 def test_corrupt_run_checkpoint_is_a_clear_error(tmp_path, capsys, content):
+    from kd2m.rundir import RunDir
+    RunDir(tmp_path / "o").mark()  # a kd2m output directory whose run checkpoint got corrupted
     run_dir = tmp_path / "o" / "cw2" / "seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(os.urandom(2048) if content is None else content)
@@ -590,8 +593,8 @@ def test_seed_everything_repeats_every_rng():
 ], ids=["bad-int", "unknown-option", "unknown-command", "no-command", "missing-value", "negative-threads",
         "negative-workers"])
 def test_bad_command_line_is_one_line_exit_2(argv, needles, capsys, tmp_path, monkeypatch):
-    import kd2m.bench
-    monkeypatch.setattr(kd2m.bench, "run_grid", lambda *a, **k: pytest.fail("the grid started"))
+    import kd2m.grid
+    monkeypatch.setattr(kd2m.grid, "run_grid", lambda *a, **k: pytest.fail("the grid started"))
     with pytest.raises(SystemExit) as info:
         main(argv + ["--out", str(tmp_path / "o")] if argv[:1] in (["run"], ["bench"]) and "--sweep" not in argv
              else argv)
@@ -655,7 +658,7 @@ def test_yaml_anchors_of_a_real_config_still_work(tmp_path):
     p.write_text("metrics: [gauss_kl, gauss_ckl]\nmetric_options: {gauss_kl: &r {ridge: 0.1}, gauss_ckl: *r}\n"
                  "seeds: [0, 1]\n")
     cfg = load_yaml(p)
-    assert cfg.metric_options == {"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}} and cfg.seeds == [0, 1]
+    assert cfg.term_options == {"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}} and cfg.seeds == [0, 1]
 
 
 # ----------------------------------------------------------------------------- imagefolder sizes

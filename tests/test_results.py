@@ -55,7 +55,7 @@ def test_results_json_holds_numbers_and_valid_json(tmp_path):
     R.write_reports(tmp_path, R.read_rows(tmp_path / "results.csv"), "digits")
     text = (tmp_path / "results.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
-    assert data["rows"][0] == row
+    assert data["rows"][0] == {**row, "best_acc": None, "best_epoch": None}
     assert data["rows"][1]["weight"] == 0.0 and data["rows"][1]["seed"] == 1
     assert data["summary"][0]["std"] is None and data["summary"][0]["mean"] == pytest.approx(95.83)
     with pytest.raises(ValueError, match="epochs 'ten' is not an integer"):
@@ -67,7 +67,7 @@ def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from kd2m.bench import plot_sweep
+    from kd2m.grid import plot_sweep
     rows = [{"method": m, "seed": s, "test_acc": a} for s in (0, 1)
             for m, a in (("ce", 0.90), ("cw2@1e-05", 0.91 + s / 100), ("cw2@0.001", 0.93))]
     before = matplotlib.get_backend()

@@ -164,7 +164,10 @@ class RunConfig:
         for b in c.baselines:
             if b != "ce" and b not in baseline_terms:
                 hint = " (a KD²M distance: put it in metrics)" if b in kd2m_terms else ""
-                raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(baseline_terms)}")
+                from .results import BASELINE_ORDER
+                order = [n for n in BASELINE_ORDER if n in baseline_terms] + \
+                    [n for n in baseline_terms if n not in BASELINE_ORDER]
+                raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(order)}")
         from .methods import parse_weight
         if c.weight is None:
             c.weight = 1.0
