@@ -52,6 +52,35 @@ def test_w2_matches_pot_emd2(n_s, n_t, d, seed):
     assert w2(s, t).item() == pytest.approx(emd2(s, t), rel=1e-10, abs=1e-12)
 
 
+def _linprog_w2(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """W2² and plan by scipy's HiGHS LP solver: an oracle independent of POT and of our solver."""
+    from scipy.optimize import linprog
+    n, m = len(x), len(y)
+    M = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    rows = np.kron(np.eye(n), np.ones((1, m)))          # Σ_j γ_ij = 1/n
+    cols = np.kron(np.ones((1, n)), np.eye(m))          # Σ_i γ_ij = 1/m
+    res = linprog(M.ravel(), A_eq=np.vstack([rows, cols]), b_eq=np.r_[np.full(n, 1 / n), np.full(m, 1 / m)],
+                  bounds=(0, None), method="highs")
+    assert res.status == 0
+    return float(res.fun), res.x.reshape(n, m)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-6, 1e-3, 1.0, 1e3, 1e6])
+@pytest.mark.parametrize("n_s,n_t,seed", [(7, 11, 0), (13, 5, 1), (9, 9, 2)])
+def test_w2_is_exact_at_every_feature_scale(scale, n_s, n_t, seed):
+    """The network simplex has absolute tolerances: on raw costs of features x 1e-6 the value was
+    3e-3 off, x 1e-8 9.5x off, and the gradient followed the wrong plan. Oracle: scipy's LP on the
+    unit-scale problem (W2²(cX, cY) = c² W2²(X, Y), ∇ at cX = c ∇ at X)."""
+    x, y = randn(n_s, 3, seed=seed).numpy(), randn(n_t, 3, seed=seed + 50, scale=1.3, shift=0.2).numpy()
+    want, plan = _linprog_w2(x, y)
+    s = (scale * torch.from_numpy(x)).requires_grad_()
+    v = w2(s, scale * torch.from_numpy(y))
+    assert v.item() == pytest.approx(scale**2 * want, rel=1e-9)
+    v.backward()
+    grad = 2 * scale * (plan.sum(1)[:, None] * x - plan @ y)   # ∂/∂s_i Σ_j γ_ij ‖s_i − t_j‖²
+    np.testing.assert_allclose(s.grad.numpy(), grad, rtol=1e-7, atol=1e-9 * np.abs(grad).max())
+
+
 @settings(max_examples=40, deadline=None)
 @given(n_s=st.integers(1, 12), n_t=st.integers(1, 12), d=st.integers(1, 4), seed=st.integers(0, 10_000))
 def test_w2_and_1d_sliced_match_emd2_with_ties(n_s, n_t, d, seed):
@@ -171,6 +200,61 @@ def test_gw2_matches_pot_gromov_wasserstein2(n_s, n_t, d_s, d_t, seed):
     assert gw2(s, t).item() == pytest.approx(float(ref), rel=1e-8)
     ref_n = ot.gromov.gromov_wasserstein2(C1 / C1.mean(), C2 / C2.mean(), ot.unif(n_s), ot.unif(n_t))
     assert gw2(s, t, normalize=True).item() == pytest.approx(float(ref_n), rel=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-3, 1e-2, 10.0, 1e3])
+@pytest.mark.parametrize("n_s,n_t,seed", [(12, 12, 0), (10, 14, 1)])
+def test_gw2_is_4_homogeneous(scale, n_s, n_t, seed):
+    """gw2(cX, cY) = c⁴ gw2(X, Y). POT's absolute tolerance stopped Frank-Wolfe early once the
+    objective fell below ~1e-6 (76 % error at features x 1e-3)."""
+    s, t = randn(n_s, 3, seed=seed), randn(n_t, 5, seed=seed + 7)
+    ref = gw2(s, t).item()
+    assert gw2(scale * s, scale * t).item() == pytest.approx(scale**4 * ref, rel=1e-9)
+
+
+def _gw_exact_by_permutations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Exact square-loss GW for n_s = n_t ≤ 7 (and the identity coupling's objective).
+
+    With C_ik = ‖x_i − x_k‖², the objective at fixed marginals is const − 2⟨γ, C^S γ C^T⟩, and
+    for any direction H with zero row and column sums ⟨H, C^S H C^T⟩ = 4‖XᵀHY‖²_F ≥ 0 (the
+    ‖x‖²1ᵀ and 1‖x‖²ᵀ parts of C are killed by H1 = 0, Hᵀ1 = 0). So the objective is concave on
+    the transport polytope, its minimum is at a vertex, and for uniform equal weights the
+    vertices are the permutation matrices / n (Birkhoff): the minimum over the n! permutations
+    is the exact global optimum.
+    """
+    import itertools
+    n = len(x)
+    A = ((x[:, None] - x[None]) ** 2).sum(-1)
+    B = ((y[:, None] - y[None]) ** 2).sum(-1)
+    values = [((A - B[np.ix_(p, p)]) ** 2).mean() for p in itertools.permutations(range(n))]
+    return float(min(values)), float(values[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 6), d_s=st.integers(1, 4), d_t=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_gw2_against_the_exact_permutation_optimum(n, d_s, d_t, seed):
+    """gw2 is a local minimiser: never below the exact optimum (it is the objective of a feasible
+    plan) and never above the sample-wise coupling it starts from."""
+    x, y = randn(n, d_s, seed=seed).numpy(), randn(n, d_t, seed=seed + 1).numpy()
+    exact, identity = _gw_exact_by_permutations(x, y)
+    got = gw2(torch.from_numpy(x), torch.from_numpy(y)).item()
+    assert got >= exact * (1 - 1e-9) - 1e-12
+    assert got <= identity * (1 + 1e-9) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gw2_finds_zero_on_permuted_isometric_copies(seed):
+    """An isometric copy of a permuted X (rotation, translation, zero-padded to another width):
+    the exact optimum is 0, attained by the inverse permutation, and gw2 finds it."""
+    n = 6
+    x = randn(n, 3, seed=seed)
+    Q, _ = torch.linalg.qr(randn(3, 3, seed=seed + 100))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    y = torch.cat([x[perm] @ Q + 2.0, torch.zeros(n, 2, dtype=F64)], 1)
+    exact, _ = _gw_exact_by_permutations(x.numpy(), y.numpy())
+    scale = _gw_exact_by_permutations(x.numpy(), randn(n, 5, seed=seed + 200).numpy())[0]
+    assert exact == pytest.approx(0.0, abs=1e-12 * scale)
+    assert gw2(x, y).item() == pytest.approx(0.0, abs=1e-9 * scale)
 
 
 def test_gw2_is_zero_for_an_isometric_copy_across_dims():
@@ -380,10 +464,54 @@ def test_gradients_flow_in_float32():
     sl, tl = randn(n, 4, seed=2).float().requires_grad_(), randn(n, 4, seed=3).float()
     for name in OT_METRICS:
         s.grad = None
-        v = call(name, s, t, y, sl, tl)
+        opts = {"seed": 0} if name == "sliced_w2" else {}
+        v = call(name, s, t, y, sl, tl, **opts)
         assert v.dtype == torch.float32 and v.dim() == 0
         v.backward()
-        assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
+        # the float64 value and gradient on the same (float32-rounded) inputs
+        s64, sl64 = s.detach().double().requires_grad_(), sl.detach().double().requires_grad_()
+        v64 = call(name, s64, t.double(), y, sl64, tl.double(), **opts)
+        v64.backward()
+        assert v.item() == pytest.approx(v64.item(), rel=1e-5), name
+        assert s.grad.dtype == torch.float32
+        torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-5 * float(s64.grad.abs().max()))
+
+
+# ----------------------------------------------------------------------------- half precision
+HALF_TOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}   # two units in the last place
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", metrics.available())
+def test_every_metric_computes_half_inputs_in_float32(name, dtype):
+    """Half-precision features (and logits): the value is the float32 value on the same rounded
+    inputs, returned in the input dtype; the gradient comes back in it. Before: mmd_rbf returned
+    exactly 0 in bf16 (true 0.004) and w2 overflowed to inf in fp16."""
+    n, d = 24, 16
+    s = randn(n, d, seed=0).to(dtype)
+    t = (randn(n, d, seed=0) + 0.05 * randn(n, d, seed=1)).to(dtype)   # a student close to its teacher
+    y = torch.arange(n) % 3
+    sl, tl = randn(n, 4, seed=2).to(dtype), randn(n, 4, seed=3).to(dtype)
+    opts = {"seed": 0} if name == "sliced_w2" else {}
+    if name == "jw2":
+        opts = {"label_cost": "kl"}
+    s_leaf = s.clone().requires_grad_()
+    got = call(name, s_leaf, t, y, sl, tl, **opts)
+    want = call(name, s.float(), t.float(), y, sl.float(), tl.float(), **opts)
+    assert got.dtype == dtype
+    assert float(got.detach()) == pytest.approx(float(want), rel=HALF_TOL[dtype], abs=1e-30), name
+    got.backward()
+    assert s_leaf.grad.dtype == dtype and torch.isfinite(s_leaf.grad).all()
+
+
+def test_half_precision_regressions_of_the_issue():
+    s = randn(64, 32, seed=0).float()
+    t = s + 0.1 * randn(64, 32, seed=1).float()
+    ref = call("mmd_rbf", s, t).item()
+    assert call("mmd_rbf", s.bfloat16(), t.bfloat16()).item() == pytest.approx(ref, rel=0.05)   # was exactly 0
+    big_s, big_t = 10 * s, 10 * t[:50]
+    ref = call("w2", big_s, big_t).item()
+    assert call("w2", big_s.half(), big_t.half()).item() == pytest.approx(ref, rel=3e-3)        # was inf
 
 
 # ----------------------------------------------------------------------------- degenerate batches
@@ -425,7 +553,10 @@ def test_feature_dims_must_agree(name):
 
 
 def test_gw2_accepts_different_dims():
-    assert torch.isfinite(call("gw2", randn(10, 5), randn(12, 7)))
+    s, t = randn(10, 5), randn(12, 7, seed=1)
+    C1, C2 = ot.dist(s.numpy(), s.numpy()), ot.dist(t.numpy(), t.numpy())
+    ref = ot.gromov.gromov_wasserstein2(C1, C2, ot.unif(10), ot.unif(12), "square_loss")   # same init a bᵀ
+    assert call("gw2", s, t).item() == pytest.approx(float(ref), rel=1e-8)
 
 
 @pytest.mark.parametrize("name", ["cw2", "jw2"])
