@@ -504,6 +504,20 @@ def test_every_metric_computes_half_inputs_in_float32(name, dtype):
     assert s_leaf.grad.dtype == dtype and torch.isfinite(s_leaf.grad).all()
 
 
+@pytest.mark.parametrize("name", ["w2", "mmd_rbf", "gw2"])
+def test_direct_call_under_autocast_has_the_float32_value(name):
+    """Called directly under bf16 autocast (not through KD2MLoss), a metric still computes in
+    float32: ReLU'd class clusters, student near teacher, where a bf16 cost moves w2 by 4 %."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(128) % 10
+    t = torch.relu(5 * torch.randn(10, 64, generator=g)[y] + 0.3 * torch.randn(128, 64, generator=g))
+    s = torch.relu(t + 0.3 * torch.randn(128, 64, generator=g))
+    ref = call(name, s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(name, s, t)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_half_precision_regressions_of_the_issue():
     s = randn(64, 32, seed=0).float()
     t = s + 0.1 * randn(64, 32, seed=1).float()
