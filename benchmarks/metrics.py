@@ -5,6 +5,7 @@
     python benchmarks/metrics.py --out results/metrics_bench.md --device cuda
     python benchmarks/metrics.py --threads 1     # steadier numbers on a small, shared CPU box
     python benchmarks/metrics.py --features correlated   # student ≈ teacher, as late in training
+    python benchmarks/metrics.py --threads 1 --metrics sinkhorn --sizes 512 1024   # ours vs POT and geomloss
 
 Each cell: float32 student features (n, d) requiring grad, float32 teacher features (two
 independent Gaussian clouds, the teacher's shifted and anisotropic; with ``--features
@@ -28,6 +29,15 @@ POT counterparts (forward + backward through POT's torch backend):
              (ours timed through sliced_w2_projections with that θ)
   gauss_w2   ot.gaussian.empirical_bures_wasserstein_distance(s, t, reg=r)², r = our ridge
   gauss_cw2  mean over classes of the above
+
+geomloss counterpart (an extra row per n for sinkhorn, "sinkhorn vs geomloss"):
+  geomloss.SamplesLoss("sinkhorn", p=2, blur=√(ε/2), scaling=σ, debias=True, backend="tensorized"),
+  value × 2. geomloss's cost is ‖x−y‖²/2 and its temperature blur^p, and
+  OT_{ε/2}(C/2) = ½ OT_ε(C) for the same plan, so 2·geomloss(blur = √(ε/2)) is our S_ε with
+  C = ‖x−y‖². geomloss runs a fixed ε-scaling schedule (from diameter² down by σ² per
+  iteration) with no convergence check, so its accuracy is set by σ: the row uses the
+  coarsest σ in GEOMLOSS_SCALINGS whose value is within 1e-7 (relative) of our converged
+  value (tol 1e-12, float64; computed once per cell, untimed), and names σ and the difference.
 """
 from __future__ import annotations
 
@@ -154,6 +164,50 @@ def shared_options(name: str, batch) -> dict:
     return {}
 
 
+# ----------------------------------------------------------------------------- geomloss counterpart
+GEOMLOSS_SCALINGS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
+GEOMLOSS_MATCH = 1e-7
+
+
+def geomloss_counterpart(batch, opts: dict):
+    """(callable, scaling, relative difference) for geomloss's debiased Sinkhorn at our ε.
+
+    The scaling is the coarsest that brings geomloss within GEOMLOSS_MATCH of our converged value
+    (or the finest tried, with its difference, when none does)."""
+    from geomloss import SamplesLoss
+    from kd2m.metrics.entropic import sinkhorn
+    s, t = batch[0], batch[1]
+    eps = opts["eps"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = float(sinkhorn(s.detach().double(), t.double(), eps=eps, tol=1e-12, max_iter=100_000))
+    for scaling in GEOMLOSS_SCALINGS:
+        loss = SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=scaling, debias=True, backend="tensorized")
+        with torch.no_grad():
+            diff = abs(2.0 * float(loss(s, t)) / ref - 1.0)
+        if diff <= GEOMLOSS_MATCH:
+            break
+    return (lambda: 2.0 * loss(s, t)), scaling, diff
+
+
+def bench_geomloss_cell(n: int, repeats: int, budget_s: float, device: str,
+                        features: str = "independent") -> tuple[str, str, str, str]:
+    """Our sinkhorn against geomloss at the same ε and matched accuracy, timed interleaved."""
+    batch = make_batch(n, seed=n, device=device, features=features)
+    leaves = (batch[0],)
+    opts = shared_options("sinkhorn", batch)
+    f_ours = ours("sinkhorn", batch, opts)
+    f_geo, scaling, diff = geomloss_counterpart(batch, opts)
+    warm = timed(f_ours, leaves, device) + timed(f_geo, leaves, device)
+    reps = max(3, min(repeats, int(budget_s / max(warm, 1e-9))))
+    t_ours, t_geo = [], []
+    for _ in range(reps):
+        t_ours.append(timed(f_ours, leaves, device))
+        t_geo.append(timed(f_geo, leaves, device))
+    mo, mg = 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_geo)
+    return f"sinkhorn vs geomloss (scaling {scaling}, value diff {diff:.1e})", f"{mo:.2f}", f"{mg:.2f}", f"{mo / mg:.2f}"
+
+
 # ----------------------------------------------------------------------------- driver
 def bench_cell(name: str, n: int, repeats: int, budget_s: float, device: str,
                features: str = "independent") -> tuple[str, str, str]:
@@ -177,6 +231,11 @@ def bench_cell(name: str, n: int, repeats: int, budget_s: float, device: str,
     return f"{mo:.2f}", f"{mp:.2f}", f"{mo / mp:.2f}"
 
 
+def _has_geomloss() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("geomloss") is not None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="n in {128, 256} and fewer repeats")
@@ -188,10 +247,11 @@ def main(argv=None) -> int:
                     "descheduled worker, adding 5-50 ms stalls to both sides at random")
     ap.add_argument("--features", choices=["independent", "correlated"], default="independent",
                     help="teacher features independent of the student's (default) or student + 0.3·noise")
+    ap.add_argument("--sizes", type=int, nargs="*", help="batch sizes n (default 128 256 512 1024)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [128, 256] if args.quick else [128, 256, 512, 1024]
+    sizes = args.sizes or ([128, 256] if args.quick else [128, 256, 512, 1024])
     repeats, budget = (3, 2.0) if args.quick else (9, 8.0)
 
     names = args.metrics or sorted(set(EXPECTED) | set(metrics.available()), key=lambda m: (
@@ -200,6 +260,8 @@ def main(argv=None) -> int:
     header = (f"Forward+backward time per call, d = {D}, float32 features on {args.device}, "
               f"{args.features} student/teacher features, {torch.get_num_threads()} torch threads; median of interleaved repeats "
               f"(torch {torch.__version__}, POT {ot.__version__}).\n\n"
+              "Rows 'sinkhorn vs geomloss': the counterpart column is geomloss at matched accuracy "
+              "(module doc).\n\n"
               "| metric | n | ours ms | POT ms | ours/POT |\n|---|---:|---:|---:|---:|")
     rows = []
     warnings.simplefilter("once")
@@ -215,6 +277,14 @@ def main(argv=None) -> int:
             row = f"| {name} | {n} | {cells[0]} | {cells[1]} | {cells[2]} |"
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
+            if name == "sinkhorn" and name in registered and _has_geomloss():
+                try:
+                    label, *cells = bench_geomloss_cell(n, repeats, budget, args.device, args.features)
+                except Exception as err:
+                    label, cells = "sinkhorn vs geomloss", (f"error: {type(err).__name__}: {err}"[:120], "—", "—")
+                row = f"| {label} | {n} | {cells[0]} | {cells[1]} | {cells[2]} |"
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
     table = header + "\n" + "\n".join(rows) + "\n"
     print(table)
     if args.out:

@@ -127,3 +127,50 @@ def test_torchrun_two_processes_on_digits(tmp_path, cache):
     assert all(0.3 < float(row["test_acc"]) <= 1.0 for row in rows)  # chance is 0.1
     assert r.stdout.count("| CW2 (E) |") == 1  # the table is printed once, by rank 0
     assert not list(out.glob("**/checkpoint.pt"))
+
+
+UNEQUAL = (5, 7)   # per-rank batch sizes: the last batch of an epoch split unevenly
+
+
+def _unequal_part(r):
+    return torch.randn(UNEQUAL[r], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + r))
+
+
+def _unequal_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        s = _unequal_part(rank).requires_grad_()
+        allx = gather_with_grad(s)
+        (allx ** 2 * torch.arange(1, allx.shape[0] + 1, dtype=torch.float64)[:, None]).sum().backward()
+        # and a metric on the gathered global batch (rank sizes differ, the global batch does not)
+        s2 = _unequal_part(rank).requires_grad_()
+        t_all = torch.cat([_unequal_part(r) for r in range(WORLD)]) + 0.5
+        w2 = KD2MLoss("w2", weight=1.0, match="global")
+        off = sum(UNEQUAL[:rank])
+        loss = w2(s2, t_all[off:off + UNEQUAL[rank]])
+        loss.backward()
+        torch.save({"x": allx.detach(), "grad": s.grad.clone(), "loss": loss.detach(), "w2_grad": s2.grad.clone()},
+                   os.path.join(out_dir, f"unequal{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_grad_with_unequal_per_rank_batches(tmp_path):
+    """Ranks holding 5 and 7 samples: padded, gathered, trimmed to the 12 true rows in rank order,
+    and each rank gets back the summed gradient of exactly its own rows."""
+    mp.spawn(_unequal_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    out = [torch.load(tmp_path / f"unequal{r}.pt", weights_only=True) for r in range(WORLD)]
+    parts = [_unequal_part(r) for r in range(WORLD)]
+    full = torch.cat(parts)
+    w = torch.arange(1, full.shape[0] + 1, dtype=torch.float64)[:, None]
+    # single-process global-batch w2 and its gradient, as the oracle for match="global"
+    s_all = full.clone().requires_grad_()
+    ref = KD2MLoss("w2", weight=1.0, match="local")(s_all, full + 0.5)
+    ref.backward()
+    for r in range(WORLD):
+        lo, hi = sum(UNEQUAL[:r]), sum(UNEQUAL[:r + 1])
+        assert out[r]["x"].shape == (12, 4) and torch.equal(out[r]["x"], full)
+        assert torch.allclose(out[r]["grad"], WORLD * 2 * w[lo:hi] * parts[r])
+        assert torch.allclose(out[r]["loss"], ref.detach(), rtol=1e-12)
+        # each rank's copy of L sends W × ∂L/∂(its rows) (DDP would then average by W)
+        assert torch.allclose(out[r]["w2_grad"], WORLD * s_all.grad[lo:hi], rtol=1e-10, atol=1e-12)

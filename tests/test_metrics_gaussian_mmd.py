@@ -106,8 +106,64 @@ def test_median_bandwidth_falls_back_to_the_mean_when_most_pairs_coincide():
     z = torch.zeros(6, 3, dtype=torch.float64)
     z[0] = torch.tensor([3.0, 4.0, 0.0])  # 5 of 15 pairs at distance 5, 10 at 0: median 0
     sq = torch.cdist(z, z) ** 2
-    assert float(mmd.median_bandwidth(sq)) == pytest.approx(math.sqrt(5 * 25 / 15), rel=1e-12)
+    # the documented fallback: the mean pairwise *distance* (5 pairs at 5, 10 at 0), not √(mean d²)
+    assert float(mmd.median_bandwidth(sq)) == pytest.approx(5 * 5 / 15, rel=1e-12)
     assert float(mmd.median_bandwidth(torch.zeros(4, 4))) == 1.0
+
+
+def _mostly_coinciding(seed: int, dtype):
+    """Student and teacher share 15 copies of one point (56 % of the 780 pooled pairs coincide),
+    plus 5 distinct points each; offset and scale so the copies do not cancel exactly."""
+    x = torch.randn(11, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 3 + 1
+    return torch.cat([x[:1].repeat(15, 1), x[1:6]]), torch.cat([x[:1].repeat(15, 1), x[6:11]])
+
+
+def _mean_pairwise_distance(z: np.ndarray) -> float:
+    dist = [np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))]
+    return float(np.mean(dist))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(6))
+def test_mmd_rbf_mean_fallback_survives_round_off_of_coinciding_pairs(seed, dtype):
+    """The expansion ‖x‖² + ‖y‖² − 2xᵀy leaves ~1e-16 for coinciding points: the median was
+    "positive", σ ≈ 2e-8 and the biased MMD² negative. Oracle: σ = mean pairwise distance from
+    explicit differences (exactly 0 for copies), MMD² by the double loop."""
+    s, t = _mostly_coinciding(seed, dtype)
+    z = torch.cat([s, t]).double().numpy()
+    sigma = _mean_pairwise_distance(z)
+    K = mmd._pooled_kernel(s, t, None, (1.0,))
+    assert float(-2.0 * math.log(float(K[0, 15])) * sigma**2) == pytest.approx(
+        float(((z[0] - z[15]) ** 2).sum()), rel=1e-4)           # the kernel used σ = the mean distance
+    got = float(mmd.mmd_rbf(s, t))
+    want = np_mmd(s.double().numpy(), t.double().numpy(), sigma)
+    assert got >= 0.0
+    assert got == pytest.approx(want, rel=1e-9 if dtype == torch.float64 else 1e-4)
+    got_c = float(mmd.cmmd_rbf(s, t, torch.zeros(20, dtype=torch.long)))
+    assert got_c == pytest.approx(want, rel=1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def _coinciding_case(seed: int):
+    """k copies of one point on both sides plus r distinct points each, random width, scale, offset."""
+    g = torch.Generator().manual_seed(seed)
+    d = int(torch.randint(1, 64, (1,), generator=g))
+    k = int(torch.randint(8, 30, (1,), generator=g))
+    r = int(torch.randint(0, 6, (1,), generator=g))
+    dt = torch.float64 if seed % 2 else torch.float32
+    x = (torch.randn(2 * r + 1, d, generator=g, dtype=dt) * 10 ** float(torch.randint(-3, 4, (1,), generator=g))
+         + float(torch.randn(1, generator=g)) * 10)
+    return torch.cat([x[:1].repeat(k, 1), x[1:r + 1]]), torch.cat([x[:1].repeat(k, 1), x[r + 1:]])
+
+
+@pytest.mark.parametrize("seed", [3, 37, 43, 135, 157])   # biased MMD² was -0.18, -0.015, -0.051, -0.078, -0.12
+def test_biased_mmd_is_never_negative_and_matches_the_oracle(seed):
+    """Biased MMD² is a squared RKHS norm; before the fix these batches gave negative values."""
+    s, t = _coinciding_case(seed)
+    z = torch.cat([s, t]).numpy()
+    want = np_mmd(s.numpy(), t.numpy(), _mean_pairwise_distance(z))
+    for got in (float(mmd.mmd_rbf(s, t)), float(mmd.cmmd_rbf(s, t, torch.zeros(len(s), dtype=torch.long)))):
+        assert got >= 0.0
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
 
 
 def np_mmd(s, t, sigma, mults=(1.0,), unbiased=False):
@@ -419,12 +475,61 @@ def test_scale_awareness_of_the_ridge():
         assert float(_call(name, 1e3 * s, 1e3 * t, y)) == pytest.approx(float(_call(name, s, t, y)), rel=1e-7)
 
 
-def test_kl_dead_channel_is_finite_and_ridge_dominated():
-    """The reference code took log of an unfloored std here; with the ridge it is finite."""
-    s, t, _ = DEGENERATE["dead_channel"]
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_kl_dead_channel_matches_the_ridged_oracle(diagonal):
+    """The reference code took log of an unfloored std here; with the ridge it is finite, and it
+    is the closed form at the ridged covariances (the dead channel contributes ~ (3-0)²/(2r))."""
+    s, t, y = DEGENERATE["dead_channel"]
+    rho = linalg.DEFAULT_RIDGE
+    v = float(gaussian.gauss_kl(s, t, diagonal=diagonal))
+    assert v == pytest.approx(np_gauss("kl", s.numpy(), t.numpy(), rho, diagonal), rel=1e-8)
+    v = float(gaussian.gauss_ckl(s, t, y, diagonal=diagonal))
+    assert v == pytest.approx(np_class_gauss("kl", s.numpy(), t.numpy(), y.numpy(), rho, diagonal), rel=1e-8)
+
+
+@pytest.mark.parametrize("name", GAUSS)
+@pytest.mark.parametrize("case", ["dead_channel", "one_sample_class"])
+def test_ridge_zero_singular_is_the_same_clear_error_full_and_diagonal(name, case):
+    """ridge=0 on a singular covariance: the diagonal route returned NaN/inf where the full one
+    raised; both now raise the same ValueError."""
+    s, t, y = DEGENERATE[case]
+    if case == "one_sample_class" and name not in LABELLED:
+        s, t = s[:1].repeat(3, 1) + 0 * s[:3], t[:3]   # a one-point student: every variance 0
+    messages = []
     for diagonal in (False, True):
-        v = float(gaussian.gauss_kl(s, t, diagonal=diagonal))
-        assert math.isfinite(v) and v > 0
+        with pytest.raises(ValueError, match="singular.*ridge > 0") as err:
+            _call(name, s, t, y, diagonal=diagonal, ridge=0.0)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("name", GAUSS)
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_ridge_scale_tau_is_detached_in_the_gradient(name, diagonal):
+    """The gradient is that of the metric at a fixed ridge r = ρ·τ (τ detached, module doc).
+
+    On raw (non-standardised) data, compare autograd with central finite differences of the
+    metric with r frozen at its value on the unperturbed data: equal only if τ is detached
+    (with ρ = 0.3, τ's own derivative would add a term of the same order)."""
+    s, t = _pair(7, 7, 3, seed=21)
+    s = s * 2.5 + 1.0
+    y = torch.arange(7) % 2 if name in LABELLED else None
+    rho = 0.3
+    r_fixed = linalg.ridge_scale(s, t, rho)
+    import unittest.mock as mock
+    frozen = lambda student, teacher, ridge: r_fixed  # noqa: E731
+    with mock.patch.object(gaussian, "ridge_scale", frozen):
+        def f(a):
+            return float(_call(name, a, t, y, diagonal=diagonal, ridge=rho))
+        h = 1e-6
+        fd = torch.zeros_like(s)
+        for idx in np.ndindex(*s.shape):
+            e = torch.zeros_like(s)
+            e[idx] = h
+            fd[idx] = (f(s + e) - f(s - e)) / (2 * h)
+    a = s.clone().requires_grad_()
+    _call(name, a, t, y, diagonal=diagonal, ridge=rho).backward()
+    assert torch.allclose(a.grad, fd, rtol=1e-6, atol=1e-8 * float(fd.abs().max()))
 
 
 # ------------------------------------------------------------------------------------------ precision

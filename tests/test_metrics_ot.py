@@ -52,6 +52,35 @@ def test_w2_matches_pot_emd2(n_s, n_t, d, seed):
     assert w2(s, t).item() == pytest.approx(emd2(s, t), rel=1e-10, abs=1e-12)
 
 
+def _linprog_w2(x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """W2² and plan by scipy's HiGHS LP solver: an oracle independent of POT and of our solver."""
+    from scipy.optimize import linprog
+    n, m = len(x), len(y)
+    M = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    rows = np.kron(np.eye(n), np.ones((1, m)))          # Σ_j γ_ij = 1/n
+    cols = np.kron(np.ones((1, n)), np.eye(m))          # Σ_i γ_ij = 1/m
+    res = linprog(M.ravel(), A_eq=np.vstack([rows, cols]), b_eq=np.r_[np.full(n, 1 / n), np.full(m, 1 / m)],
+                  bounds=(0, None), method="highs")
+    assert res.status == 0
+    return float(res.fun), res.x.reshape(n, m)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-6, 1e-3, 1.0, 1e3, 1e6])
+@pytest.mark.parametrize("n_s,n_t,seed", [(7, 11, 0), (13, 5, 1), (9, 9, 2)])
+def test_w2_is_exact_at_every_feature_scale(scale, n_s, n_t, seed):
+    """The network simplex has absolute tolerances: on raw costs of features x 1e-6 the value was
+    3e-3 off, x 1e-8 9.5x off, and the gradient followed the wrong plan. Oracle: scipy's LP on the
+    unit-scale problem (W2²(cX, cY) = c² W2²(X, Y), ∇ at cX = c ∇ at X)."""
+    x, y = randn(n_s, 3, seed=seed).numpy(), randn(n_t, 3, seed=seed + 50, scale=1.3, shift=0.2).numpy()
+    want, plan = _linprog_w2(x, y)
+    s = (scale * torch.from_numpy(x)).requires_grad_()
+    v = w2(s, scale * torch.from_numpy(y))
+    assert v.item() == pytest.approx(scale**2 * want, rel=1e-9)
+    v.backward()
+    grad = 2 * scale * (plan.sum(1)[:, None] * x - plan @ y)   # ∂/∂s_i Σ_j γ_ij ‖s_i − t_j‖²
+    np.testing.assert_allclose(s.grad.numpy(), grad, rtol=1e-7, atol=1e-9 * np.abs(grad).max())
+
+
 @settings(max_examples=40, deadline=None)
 @given(n_s=st.integers(1, 12), n_t=st.integers(1, 12), d=st.integers(1, 4), seed=st.integers(0, 10_000))
 def test_w2_and_1d_sliced_match_emd2_with_ties(n_s, n_t, d, seed):
@@ -173,6 +202,61 @@ def test_gw2_matches_pot_gromov_wasserstein2(n_s, n_t, d_s, d_t, seed):
     assert gw2(s, t, normalize=True).item() == pytest.approx(float(ref_n), rel=1e-8)
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e-3, 1e-2, 10.0, 1e3])
+@pytest.mark.parametrize("n_s,n_t,seed", [(12, 12, 0), (10, 14, 1)])
+def test_gw2_is_4_homogeneous(scale, n_s, n_t, seed):
+    """gw2(cX, cY) = c⁴ gw2(X, Y). POT's absolute tolerance stopped Frank-Wolfe early once the
+    objective fell below ~1e-6 (76 % error at features x 1e-3)."""
+    s, t = randn(n_s, 3, seed=seed), randn(n_t, 5, seed=seed + 7)
+    ref = gw2(s, t).item()
+    assert gw2(scale * s, scale * t).item() == pytest.approx(scale**4 * ref, rel=1e-9)
+
+
+def _gw_exact_by_permutations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Exact square-loss GW for n_s = n_t ≤ 7 (and the identity coupling's objective).
+
+    With C_ik = ‖x_i − x_k‖², the objective at fixed marginals is const − 2⟨γ, C^S γ C^T⟩, and
+    for any direction H with zero row and column sums ⟨H, C^S H C^T⟩ = 4‖XᵀHY‖²_F ≥ 0 (the
+    ‖x‖²1ᵀ and 1‖x‖²ᵀ parts of C are killed by H1 = 0, Hᵀ1 = 0). So the objective is concave on
+    the transport polytope, its minimum is at a vertex, and for uniform equal weights the
+    vertices are the permutation matrices / n (Birkhoff): the minimum over the n! permutations
+    is the exact global optimum.
+    """
+    import itertools
+    n = len(x)
+    A = ((x[:, None] - x[None]) ** 2).sum(-1)
+    B = ((y[:, None] - y[None]) ** 2).sum(-1)
+    values = [((A - B[np.ix_(p, p)]) ** 2).mean() for p in itertools.permutations(range(n))]
+    return float(min(values)), float(values[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 6), d_s=st.integers(1, 4), d_t=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_gw2_against_the_exact_permutation_optimum(n, d_s, d_t, seed):
+    """gw2 is a local minimiser: never below the exact optimum (it is the objective of a feasible
+    plan) and never above the sample-wise coupling it starts from."""
+    x, y = randn(n, d_s, seed=seed).numpy(), randn(n, d_t, seed=seed + 1).numpy()
+    exact, identity = _gw_exact_by_permutations(x, y)
+    got = gw2(torch.from_numpy(x), torch.from_numpy(y)).item()
+    assert got >= exact * (1 - 1e-9) - 1e-12
+    assert got <= identity * (1 + 1e-9) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gw2_finds_zero_on_permuted_isometric_copies(seed):
+    """An isometric copy of a permuted X (rotation, translation, zero-padded to another width):
+    the exact optimum is 0, attained by the inverse permutation, and gw2 finds it."""
+    n = 6
+    x = randn(n, 3, seed=seed)
+    Q, _ = torch.linalg.qr(randn(3, 3, seed=seed + 100))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    y = torch.cat([x[perm] @ Q + 2.0, torch.zeros(n, 2, dtype=F64)], 1)
+    exact, _ = _gw_exact_by_permutations(x.numpy(), y.numpy())
+    scale = _gw_exact_by_permutations(x.numpy(), randn(n, 5, seed=seed + 200).numpy())[0]
+    assert exact == pytest.approx(0.0, abs=1e-12 * scale)
+    assert gw2(x, y).item() == pytest.approx(0.0, abs=1e-9 * scale)
+
+
 def test_gw2_is_zero_for_an_isometric_copy_across_dims():
     s = randn(25, 4, seed=3)
     Q, _ = torch.linalg.qr(randn(4, 4, seed=4))
@@ -254,6 +338,67 @@ def test_sinkhorn_tends_to_w2_for_small_eps():
     small = sinkhorn(s, t, eps=0.01, tol=1e-9, max_iter=100_000).item()
     assert abs(small - exact) < abs(big - exact)
     assert small == pytest.approx(exact, rel=0.05)
+
+
+def _clusters(seed, sizes_s, sizes_t, d, eps_fraction):
+    """Cross cost between two clouds of the same Gaussian clusters with different cluster sizes,
+    and ε = eps_fraction x the mean squared intra-cloud distance (small ε: a near-permutation plan)."""
+    from kd2m.metrics._base import sqdist
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(len(sizes_s), d, generator=g, dtype=F64) * 4
+    s = torch.cat([c[i] + 0.5 * torch.randn(k, d, generator=g, dtype=F64) for i, k in enumerate(sizes_s)])
+    t = torch.cat([c[i] + 0.5 * torch.randn(k, d, generator=g, dtype=F64) + 0.3 for i, k in enumerate(sizes_t)])
+    eps = eps_fraction * 0.5 * float(sqdist(s, s).mean() + sqdist(t, t).mean())
+    return sqdist(s, t), eps
+
+
+@pytest.mark.parametrize("case,max_iter", [((1, (50, 10, 20), (20, 40, 20), 2, 1e-3), 1000),
+                                           ((5, (45, 5), (5, 45), 2, 1e-3), 6000),
+                                           ((7, (80, 20), (20, 80), 2, 3e-4), 6000)])
+def test_sinkhorn_small_eps_unequal_clusters_converges(case, max_iter):
+    """Small ε, unequal cluster sizes: pure Anderson needed 1418, 10497 and 7568 iterations here
+    (plain alternation 28892 and > 40000); racing the two modes takes 818, 4719 and 4593."""
+    from kd2m.metrics.entropic import _potentials
+    C, eps = _clusters(*case)
+    _, it, err = _potentials(C, eps, max_iter, 1e-6, False)
+    assert err <= 1e-6 and it < max_iter
+
+
+@pytest.mark.parametrize("case", [(0, (30, 10), (10, 30), 2, 1e-3), (3, (40, 40), (70, 10), 2, 2e-3),
+                                  (4, (30, 10), (10, 30), 2, 1e-2),
+                                  (112, (10, 21), (32, 9), 2, 0.0027539387810975313)])
+def test_sinkhorn_is_never_much_slower_than_plain_alternation(case, monkeypatch):
+    """Anderson is used only while it beats plain alternation: iterations at most those of plain
+    alternation plus the probing overhead, and the same converged potential. (Case 112, found
+    by a random search: pure Anderson 2109 iterations, plain 1103, raced 1165.)"""
+    from kd2m.metrics import entropic
+    C, eps = _clusters(*case)
+    g, it, err = entropic._potentials(C, eps, 20000, 1e-6, False)
+    monkeypatch.setattr(entropic, "ANDERSON_MEMORY", 0)
+    g_plain, it_plain, err_plain = entropic._potentials(C, eps, 20000, 1e-6, False)
+    assert err <= 1e-6 and err_plain <= 1e-6
+    assert it <= 1.25 * it_plain + 100
+    # potentials are defined up to a constant; the semi-dual values agree
+    from kd2m.metrics.entropic import _softmin
+    n_s, n_t = C.shape
+    log_b = torch.full((n_t,), -np.log(n_t), dtype=F64)
+    val = lambda pot: float(_softmin(eps, C, log_b + pot / eps).mean() + pot.mean())  # noqa: E731
+    assert val(g) == pytest.approx(val(g_plain), rel=1e-8)
+
+
+@pytest.mark.parametrize("n_s,n_t,eps", [(40, 40, 4.0), (30, 45, 4.0)])
+def test_sinkhorn_matches_geomloss(n_s, n_t, eps):
+    """geomloss's debiased Sinkhorn has cost ‖x−y‖²/2 and temperature blur², and
+    OT_{ε/2}(C/2) = ½ OT_ε(C): so S_ε = 2·SamplesLoss(blur=√(ε/2)). geomloss runs a fixed
+    ε-annealing schedule with one iteration per ε (no convergence check), so it agrees to 1e-7
+    only with a fine schedule (scaling 0.999 here; at 0.99 it is 1e-6 off)."""
+    geomloss = pytest.importorskip("geomloss")
+    s, t = randn(n_s, 3, seed=1), randn(n_t, 3, seed=2, scale=1.2, shift=0.4)
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=(eps / 2) ** 0.5, scaling=0.999, debias=True,
+                                backend="tensorized")
+    want = 2.0 * float(loss(s, t))
+    got = float(sinkhorn(s, t, eps=eps, tol=1e-12, max_iter=100_000))
+    assert got == pytest.approx(want, rel=1e-7)
 
 
 def test_sinkhorn_warns_when_not_converged():
@@ -380,10 +525,68 @@ def test_gradients_flow_in_float32():
     sl, tl = randn(n, 4, seed=2).float().requires_grad_(), randn(n, 4, seed=3).float()
     for name in OT_METRICS:
         s.grad = None
-        v = call(name, s, t, y, sl, tl)
+        opts = {"seed": 0} if name == "sliced_w2" else {}
+        v = call(name, s, t, y, sl, tl, **opts)
         assert v.dtype == torch.float32 and v.dim() == 0
         v.backward()
-        assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
+        # the float64 value and gradient on the same (float32-rounded) inputs
+        s64, sl64 = s.detach().double().requires_grad_(), sl.detach().double().requires_grad_()
+        v64 = call(name, s64, t.double(), y, sl64, tl.double(), **opts)
+        v64.backward()
+        assert v.item() == pytest.approx(v64.item(), rel=1e-5), name
+        assert s.grad.dtype == torch.float32
+        torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-5 * float(s64.grad.abs().max()))
+
+
+# ----------------------------------------------------------------------------- half precision
+HALF_TOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}   # two units in the last place
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", metrics.available())
+def test_every_metric_computes_half_inputs_in_float32(name, dtype):
+    """Half-precision features (and logits): the value is the float32 value on the same rounded
+    inputs, returned in the input dtype; the gradient comes back in it. Before: mmd_rbf returned
+    exactly 0 in bf16 (true 0.004) and w2 overflowed to inf in fp16."""
+    n, d = 24, 16
+    s = randn(n, d, seed=0).to(dtype)
+    t = (randn(n, d, seed=0) + 0.05 * randn(n, d, seed=1)).to(dtype)   # a student close to its teacher
+    y = torch.arange(n) % 3
+    sl, tl = randn(n, 4, seed=2).to(dtype), randn(n, 4, seed=3).to(dtype)
+    opts = {"seed": 0} if name == "sliced_w2" else {}
+    if name == "jw2":
+        opts = {"label_cost": "kl"}
+    s_leaf = s.clone().requires_grad_()
+    got = call(name, s_leaf, t, y, sl, tl, **opts)
+    want = call(name, s.float(), t.float(), y, sl.float(), tl.float(), **opts)
+    assert got.dtype == dtype
+    assert float(got.detach()) == pytest.approx(float(want), rel=HALF_TOL[dtype], abs=1e-30), name
+    got.backward()
+    assert s_leaf.grad.dtype == dtype and torch.isfinite(s_leaf.grad).all()
+
+
+@pytest.mark.parametrize("name", ["w2", "mmd_rbf", "gw2"])
+def test_direct_call_under_autocast_has_the_float32_value(name):
+    """Called directly under bf16 autocast (not through KD2MLoss), a metric still computes in
+    float32: ReLU'd class clusters, student near teacher, where a bf16 cost moves w2 by 4 %."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(128) % 10
+    t = torch.relu(5 * torch.randn(10, 64, generator=g)[y] + 0.3 * torch.randn(128, 64, generator=g))
+    s = torch.relu(t + 0.3 * torch.randn(128, 64, generator=g))
+    ref = call(name, s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(name, s, t)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_half_precision_regressions_of_the_issue():
+    s = randn(64, 32, seed=0).float()
+    t = s + 0.1 * randn(64, 32, seed=1).float()
+    ref = call("mmd_rbf", s, t).item()
+    assert call("mmd_rbf", s.bfloat16(), t.bfloat16()).item() == pytest.approx(ref, rel=0.05)   # was exactly 0
+    big_s, big_t = 10 * s, 10 * t[:50]
+    ref = call("w2", big_s, big_t).item()
+    assert call("w2", big_s.half(), big_t.half()).item() == pytest.approx(ref, rel=3e-3)        # was inf
 
 
 # ----------------------------------------------------------------------------- degenerate batches
@@ -425,7 +628,10 @@ def test_feature_dims_must_agree(name):
 
 
 def test_gw2_accepts_different_dims():
-    assert torch.isfinite(call("gw2", randn(10, 5), randn(12, 7)))
+    s, t = randn(10, 5), randn(12, 7, seed=1)
+    C1, C2 = ot.dist(s.numpy(), s.numpy()), ot.dist(t.numpy(), t.numpy())
+    ref = ot.gromov.gromov_wasserstein2(C1, C2, ot.unif(10), ot.unif(12), "square_loss")   # same init a bᵀ
+    assert call("gw2", s, t).item() == pytest.approx(float(ref), rel=1e-8)
 
 
 @pytest.mark.parametrize("name", ["cw2", "jw2"])

@@ -200,3 +200,45 @@ def test_every_config_loads_and_resolves(path):
             ("cifar_resnet34", "cifar_resnet18", 15, 128, 0.01, 1e-4)
         assert cfg.dataset == path.stem and cfg.out == f"runs/paper/{path.stem}"
         assert cfg.metrics == ["w2", "cw2", "jw2", "gauss_w2", "gauss_cw2", "gauss_kl"]
+
+
+# ----------------------------------------------------------------------------- W2 against POT
+def _emd2(a: torch.Tensor, b: torch.Tensor) -> float:
+    import ot
+    M = ot.dist(a.double().numpy(), b.double().numpy())
+    return float(ot.emd2(ot.unif(len(a)), ot.unif(len(b)), M, numItermax=10_000_000))
+
+
+def test_terms_from_outputs_w2_is_the_exact_ot_value():
+    """`kd2m bound`'s W2 is the exact OT value (ot.emd2), not the sample-wise (identity) coupling,
+    which equals ‖g_S − g_T‖ and was caught only by an accuracy threshold."""
+    from kd2m.bound import ModelOutputs, terms_from_outputs
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    labels = torch.arange(n) % 4
+    zt = torch.randn(n, 5, generator=g, dtype=torch.float64) + 3.0 * torch.nn.functional.one_hot(labels % 5, 5)
+    zs = zt[torch.randperm(n, generator=g)] + 0.1 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+
+    def outputs(feats):
+        return ModelOutputs(torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.float64), labels,
+                            feats, torch.arange(n))
+    terms = terms_from_outputs(outputs(zt), outputs(zs))
+    want = _emd2(zs, zt)
+    identity = float(((zs - zt) ** 2).sum(1).mean())
+    assert want < 0.5 * identity                     # the two couplings are far apart here
+    assert terms["w2_sq"] == pytest.approx(want, rel=1e-10)
+    assert terms["l2"] ** 2 == pytest.approx(identity, rel=1e-10)
+    assert terms["w2"] == pytest.approx(want ** 0.5, rel=1e-10) and terms["coupling_holds"]
+
+
+def test_bound_terms_w2_matches_emd2_on_the_penultimate_features():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(50, 6)
+    y = torch.arange(50) % 3
+    terms = bound_terms(teacher, student, (x, y), samples=1000)
+    with torch.no_grad():
+        ft, fs = teacher[:2](x), student[:2](x)   # the inputs of the last nn.Linear
+    assert terms["w2_sq"] == pytest.approx(_emd2(fs, ft), rel=1e-6)
+    assert terms["l2"] == pytest.approx(float(((fs - ft).double() ** 2).sum(1).mean()) ** 0.5, rel=1e-6)

@@ -6,7 +6,9 @@ A metric is a plain function
         -> 0-dim tensor
 
 decorated with :func:`metric`, which registers it under a name and checks its inputs, so a
-direct call and a call through :func:`get` fail the same clear way on bad input.
+direct call and a call through :func:`get` fail the same clear way on bad input. The wrapper
+also runs every metric in at least float32 (half-precision features and logits are upcast,
+autocast is off inside) and returns the value in the features' dtype.
 """
 from __future__ import annotations
 
@@ -84,9 +86,26 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
         raise ValueError(f"{name}: logit widths differ: student C={s_logits.shape[1]}, teacher C={t_logits.shape[1]}")
 
 
+def _at_least_float32(x):
+    """x upcast to float32 when it is a half-precision (bf16/fp16) tensor, else x itself.
+
+    Half precision keeps 3-4 significant digits and fp16 overflows at 65504: squared distances
+    of 512-d features overflow (w2 = inf), and an RBF kernel's exp(−d²/2σ²) rounds to 1 for
+    every pair, so mmd_rbf is exactly 0. Every metric therefore computes in at least float32
+    (as ``KD2MLoss`` does); the cast is in the graph, so the gradient returns in the input's dtype.
+    """
+    if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
 def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, label: str = "",
            pairwise_factor: int = 0):
-    """Register ``fn`` under ``name`` and wrap it with :func:`check_inputs`.
+    """Register ``fn`` under ``name`` and wrap it with :func:`check_inputs` and a precision floor.
+
+    The wrapped function sees half-precision features/logits upcast to float32 (see
+    :func:`_at_least_float32`), runs with autocast disabled, and its value is cast back to the
+    promoted feature dtype.
 
     ``needs_labels``: the metric is class-conditional. ``same_dim``: student and teacher
     features must have the same width (every metric but Gromov-Wasserstein). ``label``: its
@@ -101,7 +120,12 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, labe
         def checked(student_feats, teacher_feats, labels=None, student_logits=None, teacher_logits=None, **opts):
             check_inputs(name, student_feats, teacher_feats, labels, student_logits, teacher_logits,
                          needs_labels=needs_labels, same_dim=same_dim)
-            return fn(student_feats, teacher_feats, labels, student_logits, teacher_logits, **opts)
+            out_dtype = torch.promote_types(student_feats.dtype, teacher_feats.dtype)
+            s, t, sl, tl = (_at_least_float32(x) for x in (student_feats, teacher_feats, student_logits, teacher_logits))
+            # and no autocast inside: a bf16 GEMM in an OT cost or a kernel's distances changes the
+            # value (w2 +4 % on clustered features), as half-precision inputs would
+            with torch.autocast(device_type=s.device.type, enabled=False):
+                return fn(s, t, labels, sl, tl, **opts).to(out_dtype)
 
         if name in _REGISTRY:
             raise RuntimeError(f"metric name {name!r} registered twice")

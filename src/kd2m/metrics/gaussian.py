@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._base import metric
 from .linalg import (DEFAULT_RIDGE, bures_trace, class_gaussian_factors, gaussian_factor, gaussian_kl,
-                     ridge_scale)
+                     ridge_scale, singular_covariance_message)
 
 
 def _prepare(name: str, s: Tensor, t: Tensor, diagonal, ridge) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
@@ -47,16 +47,28 @@ def _prepare(name: str, s: Tensor, t: Tensor, diagonal, ridge) -> tuple[Tensor, 
     return s.to(torch.float64), t.to(torch.float64), r, out_dtype
 
 
-def _diag_w2(mu_s: Tensor, Zs: Tensor, mu_t: Tensor, Zt: Tensor, r: Tensor) -> Tensor:
+def _diag_variances(Z: Tensor, r: Tensor, who: str) -> Tensor:
+    """Per-channel variances + ridge, (..., d); the full route's singular-covariance error if one is 0.
+
+    Only reachable with ridge=0 (r > 0 otherwise): a dead channel or a one-sample class gives a
+    zero variance, whose log (KL) is −inf and whose square root (W2) has an infinite derivative.
+    """
+    v = Z.square().sum(-2) + r
+    if float(r) == 0.0 and not bool((v > 0).all()):
+        raise ValueError(singular_covariance_message(who))
+    return v
+
+
+def _diag_w2(mu_s: Tensor, Zs: Tensor, mu_t: Tensor, Zt: Tensor, r: Tensor, who: str) -> Tensor:
     # variances + ridge, then Σ_j (√σ²_S − √σ²_T)²: the Bures term for commuting (diagonal) Σ
-    vs = Zs.square().sum(-2) + r
-    vt = Zt.square().sum(-2) + r
+    vs = _diag_variances(Zs, r, who)
+    vt = _diag_variances(Zt, r, who)
     return (mu_s - mu_t).square().sum(-1) + (vs.sqrt() - vt.sqrt()).square().sum(-1)
 
 
-def _diag_kl(mu_s: Tensor, Zs: Tensor, mu_t: Tensor, Zt: Tensor, r: Tensor) -> Tensor:
-    vs = Zs.square().sum(-2) + r
-    vt = Zt.square().sum(-2) + r
+def _diag_kl(mu_s: Tensor, Zs: Tensor, mu_t: Tensor, Zt: Tensor, r: Tensor, who: str) -> Tensor:
+    vs = _diag_variances(Zs, r, who)
+    vt = _diag_variances(Zt, r, who)
     # log of the ridged variances, never of an unfloored std (the reference code's NaN)
     terms = vs / vt + (mu_t - mu_s).square() / vt - 1.0 + vt.log() - vs.log()
     return 0.5 * terms.sum(-1)
@@ -64,7 +76,7 @@ def _diag_kl(mu_s: Tensor, Zs: Tensor, mu_t: Tensor, Zt: Tensor, r: Tensor) -> T
 
 def _w2(mu_s, Zs, mu_t, Zt, r, diagonal: bool, who: str, out: torch.dtype) -> Tensor:
     if diagonal:
-        return _diag_w2(mu_s, Zs, mu_t, Zt, r)
+        return _diag_w2(mu_s, Zs, mu_t, Zt, r, who)
     # the gradient leaves in the inputs' dtype, so its last product may run in it (at least float32)
     grad_dtype = torch.promote_types(out, torch.float32)
     return (mu_s - mu_t).square().sum(-1) + bures_trace(Zs, Zt, r, who, grad_dtype)
@@ -72,7 +84,7 @@ def _w2(mu_s, Zs, mu_t, Zt, r, diagonal: bool, who: str, out: torch.dtype) -> Te
 
 def _kl(mu_s, Zs, mu_t, Zt, r, diagonal: bool, who: str) -> Tensor:
     if diagonal:
-        return _diag_kl(mu_s, Zs, mu_t, Zt, r)
+        return _diag_kl(mu_s, Zs, mu_t, Zt, r, who)
     return gaussian_kl(mu_s, Zs, mu_t, Zt, r, who)
 
 

@@ -96,13 +96,17 @@ def class_gaussian_factors(xs: tuple[Tensor, ...], labels: Tensor) -> tuple[list
     return out, counts
 
 
+def singular_covariance_message(who: str) -> str:
+    """The error text for a singular covariance with ridge=0 (full and diagonal routes alike)."""
+    return (f"{who}: a covariance is singular (n <= d, a constant channel, a one-sample class or "
+            "duplicate samples); use ridge > 0")
+
+
 def _cholesky(S: Tensor, who: str) -> Tensor:
     try:
         return torch.linalg.cholesky(S)
     except torch.linalg.LinAlgError as err:  # only reachable with ridge=0 (the ridge makes Σ definite)
-        raise ValueError(
-            f"{who}: a covariance is singular (n <= d, a constant channel or duplicate samples); "
-            "use ridge > 0") from err
+        raise ValueError(singular_covariance_message(who)) from err
 
 
 def _reduce(factors: list[Tensor]) -> tuple[list[Tensor], int]:

@@ -60,31 +60,45 @@ def _check_options(name: str, bandwidth, multipliers, unbiased) -> tuple[float, 
     return mults
 
 
-def median_bandwidth(sq: Tensor) -> Tensor:
+#: Squared distances below ``_ROUNDOFF_FACTOR · √d · eps(dtype) · max sq`` are round-off of
+#: coinciding points (‖x‖² + ‖y‖² − 2xᵀy leaves ~eps·‖x‖² for x = y, growing like √d with the
+#: length of the dot products), not a distance: a median below it counts as 0.
+_ROUNDOFF_FACTOR = 16.0
+
+
+def median_bandwidth(sq: Tensor, d: int = 1) -> Tensor:
     """Median heuristic σ from the pooled squared-distance matrix ``sq`` (m, m), detached.
 
     σ = lower median of the m(m−1)/2 distances ‖z_i − z_j‖, i < j (``torch.median`` returns
-    the lower of the two middle values). If that is 0 (more than half the pairs coincide) the
-    mean pairwise distance is used, and if all points coincide σ = 1 (then MMD² = 0 for any σ).
+    the lower of the two middle values). If that median is 0 (more than half the pairs
+    coincide) σ is the mean pairwise distance (1/#pairs) Σ_{i<j} ‖z_i − z_j‖, and if all points
+    coincide σ = 1 (then MMD² = 0 for any σ). "0" is relative to the data: a squared median
+    below 16·√d·eps·max(sq) (``d`` the feature width, eps of sq's dtype) is the round-off that
+    the expansion ‖x‖² + ‖y‖² − 2xᵀy leaves for coinciding points, and counts as 0 (else σ
+    comes out ~1e-8, the kernel degenerates to the identity and the biased MMD² goes negative).
     """
     m = sq.shape[0]
     if m < 2:  # a single pooled point cannot happen (n_s, n_t ≥ 1), kept for safety
         return sq.new_ones(())
     pairs = m * (m - 1) // 2
+    sq = sq.detach()
     # The off-diagonal entries hold every pair twice, and the lower median of a list with every
     # value doubled is the lower median of the list. Setting ceil(m/2) diagonal entries to -inf and
     # the rest to +inf puts that element exactly at the lower median of all m² entries, so one
     # median over a copy of sq finds it: no m²/2 index pairs (8·m² bytes) and no gathered triangle.
-    d = sq.detach().clone()
-    diag = d.diagonal()
+    dm = sq.clone()
+    diag = dm.diagonal()
     diag.fill_(float("inf"))
     diag[: (m + 1) // 2] = float("-inf")
-    med = d.median()
-    del d
-    mean = (sq.detach().sum() - sq.detach().diagonal().sum()) / (2 * pairs)
-    # sqrt after choosing: the median of distances is the sqrt of the median of squared distances
-    sigma2 = torch.where(med > 0, med, torch.where(mean > 0, mean, torch.ones_like(mean)))
-    return sigma2.sqrt()
+    med = float(dm.median())
+    del dm
+    floor = _ROUNDOFF_FACTOR * math.sqrt(max(d, 1)) * torch.finfo(sq.dtype).eps * float(sq.max())
+    if med > floor:
+        # sqrt after choosing: the median of distances is the sqrt of the median of squared distances
+        return sq.new_tensor(med).sqrt()
+    # the mean distance, with round-off of coinciding pairs counted as 0 (diagonal included: 0)
+    mean = float(torch.where(sq > floor, sq, 0.0).sqrt_().sum()) / (2 * pairs)
+    return sq.new_tensor(mean if mean > 0 else 1.0)
 
 
 def _pooled_kernel(s: Tensor, t: Tensor, bandwidth, mults: tuple[float, ...]) -> Tensor:
@@ -93,8 +107,8 @@ def _pooled_kernel(s: Tensor, t: Tensor, bandwidth, mults: tuple[float, ...]) ->
     # distances are translation-invariant: centring first avoids cancellation in ‖x‖²+‖y‖²−2xᵀy
     # when features share a large offset (the detached shift changes neither value nor gradient)
     z = z - z.detach().mean(0)
-    sq = sqdist(z, z)
-    sigma = median_bandwidth(sq) if bandwidth is None else sq.new_tensor(float(bandwidth))
+    sq = sqdist(z, z)   # clamped at 0
+    sigma = median_bandwidth(sq, z.shape[1]) if bandwidth is None else sq.new_tensor(float(bandwidth))
     return torch.stack([torch.exp(-sq / (2.0 * (sigma * m) ** 2)) for m in mults]).mean(0)
 
 
@@ -108,7 +122,8 @@ def _mmd_from_sums(sss: Tensor, stt: Tensor, sst: Tensor, dss: Tensor, dtt: Tens
     """MMD² from within/cross kernel sums (ss, tt, st), kernel-diagonal sums and sample counts."""
     ns = torch.as_tensor(ns, dtype=sss.dtype, device=sss.device)
     nt = torch.as_tensor(nt, dtype=sss.dtype, device=sss.device)
-    biased = sss / ns**2 + stt / nt**2 - 2.0 * sst / (ns * nt)
+    # A squared RKHS norm: ≥ 0 in exact arithmetic; the clamp removes round-off below 0.
+    biased = (sss / ns**2 + stt / nt**2 - 2.0 * sst / (ns * nt)).clamp_min(0.0)
     if not unbiased:
         return biased
     # U-statistic: drop the i == i' terms; where a side has one sample it is undefined, and the
@@ -140,11 +155,13 @@ def mmd_rbf(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_l
     labels, student_logits, teacher_logits : ignored
     bandwidth : float or None, default None
         σ; None = median heuristic: the (lower) median pairwise distance of the pooled
-        student+teacher batch, detached (mean distance if that median is 0).
+        student+teacher batch, detached (the mean pairwise distance if that median is 0 up to
+        round-off; see :func:`median_bandwidth`).
     multipliers : sequence of float, default (1.0,)
         M; the kernel is the mean of RBF kernels at σ·m, e.g. (0.25, 0.5, 1, 2, 4).
     unbiased : bool, default False
-        False: biased V-statistic (≥ 0); True: U-statistic, needs n_s ≥ 2 and n_t ≥ 2.
+        False: biased V-statistic (≥ 0, clamped against round-off); True: U-statistic, needs
+        n_s ≥ 2 and n_t ≥ 2.
 
     Returns
     -------
