@@ -194,7 +194,6 @@ def cmd_table(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from . import metrics
     from .data import available_datasets
     from .models import available_models
     from . import losses

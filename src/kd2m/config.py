@@ -258,7 +258,7 @@ class RunConfig:
             opts.setdefault("temperature", self.kd_temperature)
         return opts
 
-    def term(self, name: str) -> "TermConfig":
+    def term(self, name: str):
         """The single-term entry of a ``metrics`` or ``baselines`` name with this config's λ, options, layers."""
         from .methods import term_from_entry
         from . import losses

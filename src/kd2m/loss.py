@@ -8,7 +8,6 @@ metric of :mod:`kd2m.metrics`. The teacher's inputs are detached (it is frozen).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import metrics

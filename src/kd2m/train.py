@@ -33,7 +33,7 @@ from .features import PENULTIMATE, FeatureTap, last_linear_name
 from .methods import Method, TermConfig
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
-from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401
+from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 

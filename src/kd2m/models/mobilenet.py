@@ -11,10 +11,10 @@ average pool (equal at 32×32, where the last map is 2×2), so any input size wo
 """
 from __future__ import annotations
 
-import math
 
 from torch import Tensor, nn
 
+from .authors_init import init_like_authors
 from .registry import register_model
 
 #: (expansion t, output channels c, blocks n, first stride s) before width scaling.
@@ -67,16 +67,7 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = last
-        for m in self.modules():  # the authors' init
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_like_authors(self, linear=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv1(x)

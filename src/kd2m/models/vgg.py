@@ -11,11 +11,11 @@ shapes (``block0.0.weight``, ``block0.1.running_mean``, ``classifier.weight``) f
 """
 from __future__ import annotations
 
-import math
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .authors_init import init_like_authors
 from .registry import register_model
 
 #: Per-block conv widths (RepDistiller's ``cfg`` "S" and "B").
@@ -46,17 +46,7 @@ class CifarVGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(FEATURE_DIM, num_classes)
         self.feature_dim = FEATURE_DIM
-        for m in self.modules():  # the authors' init
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_like_authors(self, linear=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[2]

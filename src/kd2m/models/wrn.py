@@ -9,11 +9,11 @@ adaptive average pool (equal at 32×32, where the last map is 8×8). Dropout rat
 """
 from __future__ import annotations
 
-import math
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .authors_init import init_like_authors
 from .registry import register_model
 
 
@@ -74,15 +74,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
-        for m in self.modules():  # the authors' init: N(0, 2/(k²·out)) convs, zero Linear bias
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_like_authors(self, linear="zero_bias")
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
