@@ -266,7 +266,9 @@ def test_crd_configs_follow_the_protocol():
 
 def test_imagenet_config_is_the_torchvision_recipe():
     from kd2m.config import load_yaml
-    c = load_yaml(CONFIGS / "imagenet" / "resnet34_resnet18.yaml").resolved()
+    c = load_yaml(CONFIGS / "imagenet" / "resnet34_resnet18.yaml")
+    c.pretrained_teacher = "resnet34.pth"  # the config expects the released teacher on the command line
+    c = c.resolved()
     assert (c.dataset, c.teacher, c.student, c.epochs, c.batch_size, c.lr) == ("imagefolder", "resnet34", "resnet18",
                                                                                  90, 256, 0.1)
     assert (c.lr_schedule, c.lr_milestones, c.lr_gamma, c.weight_decay) == ("multistep", [30, 60], 0.1, 1e-4)

@@ -122,10 +122,10 @@ class FeatureGapProbe:
 
     def __init__(self, teacher: nn.Module, test_set, device: torch.device, student_layer: str = "penultimate",
                  teacher_layer: str = "penultimate", samples: int = DIAG_SAMPLES):
-        x, y = fixed_batch(test_set, samples)
         self.device, self.student_layer = torch.device(device), student_layer
-        self.batch = (x.to(self.device), y.to(self.device))
-        with self._quiet():
+        with self._quiet():  # reading items may draw randomness (a dataset that augments): none leaks out
+            x, y = fixed_batch(test_set, samples)
+            self.batch = (x.to(self.device), y.to(self.device))
             self.teacher_out = model_outputs(teacher, self.batch, len(y), self.device, teacher_layer)
 
     def _quiet(self):

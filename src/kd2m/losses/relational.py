@@ -171,8 +171,9 @@ class CRD(Term):
     work (RepDistiller would draw 16384 negatives with repeats). The banks update only in
     training mode (``term.train()``, the default), so evaluation calls leave them unchanged.
 
-    Memory: two N × feat_dim float32 banks (N = 50 000: 49 MiB), n × (K+1) × feat_dim gathered
-    rows per call. Cost: O(nK·feat_dim).
+    Memory: two N × feat_dim float32 banks (N = 50 000: 49 MiB) and two N × n score matrices per
+    call. Cost: O(N·n·feat_dim) (one GEMM against each bank; the authors' gather of the drawn
+    rows costs O(nK·feat_dim) arithmetic but copies n·(K+1)·feat_dim floats).
     """
 
     def __init__(self, ctx: TermContext, *, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
@@ -231,10 +232,13 @@ class CRD(Term):
         v_s = F.normalize(self.embed_s(s.to(dtype)), dim=1, eps=0.0)
         v_t = F.normalize(self.embed_t(t.detach().to(dtype)), dim=1, eps=0.0)
         idx = self.contrast_index(index)
-        rows_t = self.memory_t[idx].detach()                               # (n, K+1, f)
-        rows_s = self.memory_s[idx].detach()
-        h_s = torch.exp(torch.bmm(rows_t, v_s[:, :, None]).squeeze(2) / self.nce_t)
-        h_t = torch.exp(torch.bmm(rows_s, v_t[:, :, None]).squeeze(2) / self.nce_t)
+        # ⟨m_{j_k}, v_i⟩ for the drawn rows: one (N, n) GEMM against the whole bank, then a gather of
+        # the (n, K+1) scores. The authors gather the (n, K+1, f) rows first; the same numbers, but
+        # that copy is n·(K+1)·f floats (200 MB at n=100, K=3999) and made a CPU step take seconds.
+        # The banks are copied: the GEMM's backward reads them after the in-place momentum update below.
+        cols = idx.T                                                        # (K+1, n)
+        h_s = torch.exp((self.memory_t.detach().clone() @ v_s.T).gather(0, cols).T / self.nce_t)
+        h_t = torch.exp((self.memory_s.detach().clone() @ v_t.T).gather(0, cols).T / self.nce_t)
         if self.z_s < 0:
             self.z_s.fill_(float(h_s.detach().mean()) * self.num_data)
         if self.z_t < 0:
