@@ -104,3 +104,16 @@ def test_logit_terms_never_send_gradient_into_the_teacher(name):
     v.backward()
     assert zs.grad is not None and zs.grad.abs().sum() > 0
     assert zt.grad is None or float(zt.grad.abs().sum()) == 0.0
+
+
+def test_compare_is_the_paired_difference_of_two_methods(tmp_path, capsys):
+    rows = _rows({"ce": [0.50, 0.60, 0.55], "cw2": [0.52, 0.61, 0.58], "cw2@auto*1": [0.55, 0.62, 0.57]})
+    R.write_reports(tmp_path, rows, "x")
+    assert main(["compare", str(tmp_path), "--suffix", "@auto*1"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| CW2 (E) λ=auto*1")][0]
+    d = [3.0, 1.0, -1.0]  # auto − swept per seed
+    from scipy import stats
+    lo, hi = stats.t.interval(0.95, 2, loc=1.0, scale=stats.sem(d))
+    assert line == (f"| CW2 (E) λ=auto*1 | CW2 (E) | 3 | 58.00 | 57.00 | +1.00 [{lo:+.2f}, {hi:+.2f}] | "
+                    f"{stats.ttest_rel([55, 62, 57], [52, 61, 58]).pvalue:.3f} | 2/3 | — |")
+    assert main(["compare", str(tmp_path), "cw2:nope"]) == 2

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     tab = sub.add_parser("table", help="the paper's table over several run directories (datasets as columns)")
     tab.add_argument("run_dirs", nargs="+")
     tab.add_argument("--out", help="also write the Markdown table to this file")
+    cmp_ = sub.add_parser("compare", help="paired Δ between methods of one run directory (e.g. weight auto vs swept λ)")
+    cmp_.add_argument("run_dir")
+    cmp_.add_argument("pairs", nargs="*", help="A:B pairs of method keys (Δ = A − B)")
+    cmp_.add_argument("--suffix", help="compare every method KEY+SUFFIX with KEY, e.g. --suffix '@auto*1'")
+    cmp_.add_argument("--out", help="also write the Markdown table to this file")
     met = sub.add_parser("metrics", help="list metrics, models and datasets")
     met.add_argument("--models", action="store_true")
     return p
@@ -193,6 +198,29 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .checkpoint import atomic_write_text
+    from .results import compare_table, read_reported
+    rows, _ = read_reported(args.run_dir)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    pairs = []
+    for text in args.pairs:
+        a, sep, b = text.partition(":")
+        if not sep or not a or not b:
+            raise ValueError(f"compare: expected A:B (two method keys), got {text!r}")
+        pairs.append((a, b))
+    if args.suffix:
+        pairs += [(m + args.suffix, m) for m in methods if m + args.suffix in methods]
+    if not pairs:
+        raise ValueError("compare: give A:B pairs or --suffix SUFFIX matching methods of the run; methods: "
+                         + ", ".join(methods))
+    table = compare_table(rows, pairs)
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, table)
+    return 0
+
+
 def cmd_metrics(args) -> int:
     from .data import available_datasets
     from .models import available_models
@@ -228,7 +256,7 @@ def main(argv=None) -> int:
     debug = args.debug or os.environ.get("KD2M_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"run": cmd_run, "bench": cmd_run, "report": cmd_report, "bound": cmd_bound,
-               "table": cmd_table, "metrics": cmd_metrics}[args.command]
+               "table": cmd_table, "compare": cmd_compare, "metrics": cmd_metrics}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

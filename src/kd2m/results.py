@@ -256,6 +256,29 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     return text
 
 
+def compare_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Paired Δ = A − B (accuracy points) for each (A, B) of ``pairs``, over the seeds both have:
+    mean [95% t-interval], p, wins of A; "A better"/"B better" only when the interval excludes 0.
+    E.g. every distance trained with ``weight: auto`` against the same distance with its swept λ."""
+    groups: dict[str, dict[int, float]] = {}
+    for r in rows:
+        groups.setdefault(r["method"], {})[int(r["seed"])] = 100.0 * float(r["test_acc"])
+    lines = ["| A | B | seeds | A (%) | B (%) | Δ A − B [95% CI] | p | A wins | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        if a not in groups or b not in groups:
+            raise ValueError(f"compare: no rows for {a if a not in groups else b!r}; methods: {', '.join(groups)}")
+        d = paired_delta(groups[a], groups[b])
+        seeds = sorted(set(groups[a]) & set(groups[b]))
+        mean_a = statistics.fmean(groups[a][s] for s in seeds)
+        mean_b = statistics.fmean(groups[b][s] for s in seeds)
+        v = verdict(d)
+        v = "A better" if v == "better" else "B better" if v == "worse" else "—"
+        p = "" if math.isnan(d["p_value"]) else f"{d['p_value']:.3f}"
+        lines.append(f"| {label(a)} | {label(b)} | {d['n_pairs']} | {mean_a:.2f} | {mean_b:.2f} | {fmt_delta(d)} | {p} | "
+                     f"{d['wins']}/{d['n_pairs']} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
     """``summary.csv``'s rows: one per method (Δ columns empty for the teacher and CE)."""
     out = []
