@@ -33,3 +33,33 @@ def test_paper_cifar10_config_runs_online_and_cached(tmp_path, monkeypatch):
         assert final["settings"].get("teacher_cache", 0) == int(cache)
         log = json.loads((out / "gauss_w2/seed0/log.jsonl").read_text().splitlines()[0])
         assert log["distill"] > 0
+
+
+def test_crd_protocol_config_with_a_released_style_teacher(tmp_path, monkeypatch):
+    """`kd2m bench configs/crd/resnet32x4_resnet8x4.yaml --pretrained-teacher ckpt --teacher-epochs 0`
+    on tiny CIFAR-100 files: the teacher checkpoint in RepDistiller's `{"model": state_dict}` form
+    loads unchanged, the multistep schedule, baselines of every input kind (logits, pooled features
+    with indices, maps) and a distance train, and results.md shows the published numbers."""
+    import torch
+    from kd2m.data.torchvision_sets import CIFAR100_STATS
+    from kd2m.models import build_model
+    write_cifar(tmp_path, datasets.CIFAR100, 100, "fine_labels", CIFAR100_STATS)
+    register_checksums(monkeypatch, tmp_path, datasets.CIFAR100)
+    ckpt = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": build_model("resnet32x4", 100).state_dict(), "epoch": 240}, ckpt)
+    config = CONFIG.parents[1] / "crd" / "resnet32x4_resnet8x4.yaml"
+    out = tmp_path / "crd"
+    assert main(["bench", str(config), "--data-root", str(tmp_path), "--pretrained-teacher", str(ckpt),
+                 "--teacher-epochs", "0", "--epochs", "1", "--seeds", "0", "--baselines", "ce,dkd,crd,fitnet",
+                 "--metrics", "cw2", "--batch-size", "16", "--num-workers", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"teacher", "ce", "dkd", "crd", "fitnet", "cw2"}
+    final = json.loads((out / "crd/seed0/final.json").read_text())["settings"]
+    assert (final["model"], final["teacher"], final["lr_schedule"], final["lr_milestones"]) == \
+        ("resnet8x4", "resnet32x4", "multistep", [150, 180, 210])
+    fit = json.loads((out / "fitnet/seed0/log.jsonl").read_text().splitlines()[0])
+    assert fit["terms"]["fitnet"] > 0 and fit["weights"]["fitnet"] == 100.0  # the authors' λ
+    md = (out / "results.md").read_text()
+    assert "published |" in md and "| 79.42 |" in md  # RepDistiller's resnet32x4 teacher, beside ours
