@@ -178,8 +178,8 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
                           teacher_caches=caches)
             row = {**res, "dataset": cfg.dataset, "label": method.label,
                    "run_dir": str(run_dir.relative_to(out.root))}
-            if dist_ctx.is_main() and not any(R.row_key(r) == R.row_key(row) for r in rows):
-                rows = R.upsert(csv_path, row)
+            if dist_ctx.is_main() and not any(r == {**r, **_csv_view(row)} for r in rows):
+                rows = R.upsert(csv_path, row)  # new, or its row changed (a run redone after its directory was deleted)
             log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {method.label:<24} "
                 f"acc {100 * res['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
     keys = {TEACHER} | {m.key for _, m in students}
@@ -191,6 +191,11 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         if sweep is not None:
             plot_sweep(own, sweep[0], out.sweep_png)
     return own
+
+
+def _csv_view(row: dict) -> dict:
+    """``row`` as results.csv reads it back (its columns, numbers as numbers)."""
+    return R._typed({k: row.get(k) for k in R.FIELDS})
 
 
 def _header(cfg: RunConfig) -> str:
