@@ -117,3 +117,17 @@ def test_compare_is_the_paired_difference_of_two_methods(tmp_path, capsys):
     assert line == (f"| CW2 (E) λ=auto*1 | CW2 (E) | 3 | 58.00 | 57.00 | +1.00 [{lo:+.2f}, {hi:+.2f}] | "
                     f"{stats.ttest_rel([55, 62, 57], [52, 61, 58]).pvalue:.3f} | 2/3 | — |")
     assert main(["compare", str(tmp_path), "cw2:nope"]) == 2
+
+
+@pytest.mark.parametrize("match", ["global", "local"])
+def test_the_engine_builds_distances_with_the_configured_match(tmp_path, match):
+    """--match local reached the config but not the terms (they always gathered the global batch)."""
+    from kd2m.config import RunConfig
+    from kd2m.data import build_dataset
+    from kd2m.train import Trainer, build_student, build_teacher
+    cfg = RunConfig(metrics=["cw2"], baselines=[], match=match, epochs=1, progress=False).resolved()
+    bundle = build_dataset("digits")
+    tr = Trainer(build_student(cfg, bundle, 0), bundle, cfg, cfg.methods()[0], 0, tmp_path / "r",
+                 torch.device("cpu"), teacher=build_teacher(cfg, bundle, 0))
+    tr._setup()
+    assert [b.module.loss.match for b in tr.terms] == [match]

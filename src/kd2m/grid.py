@@ -98,7 +98,7 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
             if not method.terms:
                 continue
             student = build_student(vcfg, bundle, cfg.seeds[0]).to(device).eval()
-            bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train))
+            bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train), vcfg.match)
             _probe_values(method, bound, student, teacher, x, y)
 
 

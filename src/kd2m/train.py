@@ -288,9 +288,10 @@ def _probe(model: nn.Module, x: Tensor, wanted: set) -> tuple[dict, Tensor]:
 
 
 def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, example: Tensor,
-               num_classes: int, num_data: int) -> list[BoundTerm]:
+               num_classes: int, num_data: int, match: str = "global") -> list[BoundTerm]:
     """Build ``method``'s term modules with the shapes they need (from one probe forward on
-    ``example``), each with its resolved layers; any error names the method and the term."""
+    ``example``), each with its resolved layers; any error names the method and the term.
+    ``match``: where the distances see the batch under torchrun ("global" or "local")."""
     if not method.terms:
         return []
     if teacher is None:
@@ -316,7 +317,7 @@ def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, ex
             ctx_fields["teacher_head"] = head
         options = t.option_dict
         if t.spec.family == "kd2m" and "match" in t.spec.options:
-            options.setdefault("match", "global")
+            options.setdefault("match", match)
         if t.unit != "batch":
             options["unit"] = t.unit
         try:
@@ -428,7 +429,7 @@ class Trainer:
         example = self.bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * self.bundle.train[0][0].dim()))
         example = to_device(example, device, cfg.channels_last)
         self.terms = bind_terms(self.method, model, self.teacher, example, self.bundle.num_classes,
-                                len(self.bundle.train))
+                                len(self.bundle.train), cfg.match)
         for b in self.terms:
             b.module.to(device)
         cache = None
