@@ -42,8 +42,11 @@ How it is computed
 * Speed (``benchmarks/metrics.py --threads 1 --metrics sinkhorn --sizes 512 1024
   [--features correlated]``, d = 512, float32 features, forward + backward, one thread):
   against geomloss's tensorized ``SamplesLoss("sinkhorn")`` at the same ε and at matched
-  accuracy (values within 1e-7), ours/geomloss was measured RATIOS_HERE.
-  Most of the remaining time is the three float64 cost GEMMs.
+  accuracy (values within 1e-7), ours/geomloss was measured 0.72-0.97 (n = 512) and 0.38
+  (n = 1024) on correlated features, 0.11 and 0.09 on independent ones (medians of
+  interleaved repeats, several runs on a loaded 2-core machine; before the kernel form and the
+  written-out gradient: 1.48-1.85 and 0.89). Most of the remaining time is the three float64
+  cost GEMMs.
 
 References
 ----------
