@@ -19,19 +19,34 @@ which is >= 0, = 0 iff α = β, and tends to :math:`W_2^2` as ε → 0 (to an MM
 :math:`-\|x-y\|^2` as ε → ∞).
 
 How it is computed
-* Sinkhorn iterations on the dual potentials in the log domain (``logsumexp`` soft-min, the
-  ε-C-transform :math:`T_C(g)_i = -\varepsilon\log\sum_j b_j e^{(g_j - C_{ij})/\varepsilon}`),
-  so any ε is stable; float64; without gradient. The cross term uses alternating updates,
+* The three cost matrices in float64 (float32 GEMMs, as exact OT uses, were measured up to
+  2e-7 relative off in the value for a student that follows its teacher, and 1e-5 off at
+  10x the default ε: the debiased value cancels the terms' digits), without gradient.
+* Sinkhorn iterations on the dual potentials (the soft-min, or ε-C-transform,
+  :math:`T_C(g)_i = -\varepsilon\log\sum_j b_j e^{(g_j - C_{ij})/\varepsilon}`), float64,
+  stable for any ε: at moderate ε (the default) a product with the kernel
+  :math:`e^{-(C_{ij} - \min_k C_{ik})/\varepsilon}` formed once per problem, at small ε a
+  logsumexp (:class:`_CTransform`). The cross term uses alternating updates,
   Anderson-accelerated while that is faster (plain alternation otherwise, see
   :func:`_potentials`), the self terms the symmetric update :math:`f \leftarrow \frac12(f + T_C(f))`;
   both stop on the ℓ1 marginal error ``tol``. At the default ε both converge in 2-7
   iterations (d = 512, n = 512-1024); small ε needs hundreds to thousands.
-* Gradient by the envelope theorem: with the converged potential :math:`\bar g` detached,
-  the value is the semi-dual :math:`\langle a, T_C(\bar g)\rangle + \langle b, \bar g\rangle`
-  (one more C-transform, in the graph, through C only). Its gradient w.r.t. C is the plan
-  :math:`\gamma_{ij} = a_i b_j e^{(f_i + \bar g_j - C_{ij})/\varepsilon}`, which is
-  :math:`\partial\mathrm{OT}_\varepsilon/\partial C` at convergence; the semi-dual is also a
-  valid lower bound of :math:`\mathrm{OT}_\varepsilon` before it.
+* The value is the semi-dual :math:`\langle a, T_C(\bar g)\rangle + \langle b, \bar g\rangle`
+  at the converged potential :math:`\bar g`, a valid lower bound of
+  :math:`\mathrm{OT}_\varepsilon` for any :math:`\bar g`. Gradient by the envelope theorem:
+  w.r.t. C it is the plan :math:`\gamma_{ij} = a_i b_j e^{(f_i + \bar g_j - C_{ij})/\varepsilon}`
+  (:math:`f = T_C(\bar g)`), which is :math:`\partial\mathrm{OT}_\varepsilon/\partial C` at
+  convergence, and w.r.t. the points :math:`2\sum_j\gamma_{ij}(x_i - y_j)`: written out
+  (:class:`_PointCloudOT`), one GEMM per cloud that needs a gradient, in the features'
+  precision, instead of a graph through the n² cost. (Second derivatives treat γ as fixed.)
+* Speed (``benchmarks/metrics.py --threads 1 --metrics sinkhorn --sizes 512 1024
+  [--features correlated]``, d = 512, float32 features, forward + backward, one thread):
+  against geomloss's tensorized ``SamplesLoss("sinkhorn")`` at the same ε and at matched
+  accuracy (values within 1e-7), ours/geomloss was measured 0.72-0.97 (n = 512) and 0.38
+  (n = 1024) on correlated features, 0.11 and 0.09 on independent ones (medians of
+  interleaved repeats, several runs on a loaded 2-core machine; before the kernel form and the
+  written-out gradient: 1.48-1.85 and 0.89). Most of the remaining time is the three float64
+  cost GEMMs.
 
 References
 ----------
@@ -57,8 +72,72 @@ EPS_FRACTION = 0.05
 
 
 def _softmin(eps: float, C: Tensor, h: Tensor) -> Tensor:
-    """T_i = −ε log Σ_j exp(h_j − C_ij/ε): the ε-C-transform with h = log b + g/ε."""
+    """T_i = −ε log Σ_j exp(h_j − C_ij/ε): the ε-C-transform with h = log b + g/ε.
+
+    The plain reference form (one logsumexp); the solver uses :class:`_CTransform`, which
+    computes the same numbers with C/ε formed once and, at moderate ε, one matrix-vector product.
+    """
     return -eps * torch.logsumexp(h[None, :] - C / eps, dim=1)
+
+
+#: Largest row range of C/ε (max_ij (C_ij − min_k C_ik)/ε) for which the soft-min runs as a
+#: kernel product in float64. Then the largest term of every sum is >= e^-600, far above the
+#: underflow (e^-708), and the terms that do underflow are < e^-100 of it (see _CTransform).
+_KERNEL_SPAN = 600.0
+
+
+class _CTransform:
+    r"""The two ε-C-transforms of a fixed cost C (float64, no gradient) and the plan they define.
+
+    ``rows(h)_i = −ε log Σ_j exp(h_j − C_ij/ε)`` (:math:`T_C`, h = log b + g/ε) and
+    ``cols(h)_j = −ε log Σ_i exp(h_i − C_ij/ε)`` (:math:`T_{C^\top}`, h = log a + f/ε).
+
+    With the row minima m_i = min_j C_ij split off, K = −(C − m)/ε <= 0 has a 0 in every row.
+    When its span max(−K) is at most ``_KERNEL_SPAN`` (ε not small against the cost's row
+    ranges: the default ε), the soft-min is a matrix-vector product with the kernel
+    E = exp(K), formed once per problem, and the vector exp(h − max h), whose largest entry is
+    1: the largest term of every sum is then >= exp(−span) (that of the maximising index), so
+    nothing that matters underflows and the result is as accurate as logsumexp, for one read
+    of E instead of five n² passes and two n² temporaries per soft-min. Otherwise (small ε)
+    each soft-min is the logsumexp of :func:`_softmin` over C/ε formed once (bitwise the same
+    numbers as :func:`_softmin`: the iteration counts quoted in :func:`_potentials` are of
+    that form). Cost: O(n_s n_t) once, then O(n_s n_t) per transform.
+    """
+
+    def __init__(self, C: Tensor, eps: float):
+        self.eps = eps
+        self.shift = C.amin(1) if C.numel() else C.new_zeros(C.shape[0])
+        K = (C - self.shift[:, None]).mul_(-1.0 / eps)
+        self.use_kernel = not K.numel() or float(-K.min()) <= _KERNEL_SPAN
+        if self.use_kernel:
+            self.E = K.exp_()
+        else:
+            self.C_eps = C / eps
+            self.C_eps_T = self.C_eps.T.contiguous()
+
+    def rows(self, h: Tensor) -> Tensor:
+        """T_C, reduced over j: with the kernel, h_j − C_ij/ε = K_ij + h_j − m_i/ε."""
+        if self.use_kernel:
+            top = h.max()
+            return self.shift - self.eps * (torch.mv(self.E, (h - top).exp_()).log_() + top)
+        return -self.eps * torch.logsumexp(h[None, :] - self.C_eps, dim=1)
+
+    def cols(self, h: Tensor) -> Tensor:
+        """T_Cᵀ, reduced over i: with the kernel, h_i − C_ij/ε = K_ij + (h_i − m_i/ε)."""
+        if self.use_kernel:
+            h = h - self.shift / self.eps
+            top = h.max()
+            return -self.eps * (torch.mv(self.E.T, (h - top).exp_()).log_() + top)
+        return -self.eps * torch.logsumexp(h[None, :] - self.C_eps_T, dim=1)
+
+    def plan(self, log_a: Tensor, h: Tensor) -> Tensor:
+        r"""γ_ij = a_i b_j exp((f_i + g_j − C_ij)/ε) with f = T_C(g), h = log b + g/ε: the plan
+        whose rows sum exactly to a (the gradient of the semi-dual w.r.t. C). Shape (n_s, n_t)."""
+        if self.use_kernel:
+            w = (h - h.max()).exp_()
+            return (self.E * w[None, :]).mul_((log_a.exp() / torch.mv(self.E, w))[:, None])
+        L = h[None, :] - self.C_eps
+        return L.sub_(torch.logsumexp(L, dim=1, keepdim=True) - log_a[:, None]).exp_()
 
 
 #: Anderson acceleration memory (number of past residuals mixed) for the cross term.
@@ -72,7 +151,8 @@ _PROBE_EVERY = 4
 _ANDERSON_SLACK = 1.5
 
 
-def _potentials(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: bool) -> tuple[Tensor, int, float]:
+def _potentials(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: bool,
+                transform: _CTransform | None = None) -> tuple[Tensor, int, float]:
     """Converged dual potential ḡ (the target-side one), iterations used, final marginal error.
 
     ``symmetric`` (C symmetric, a = b): the averaged update f ← ½(f + T_C(f)) of Feydy et al.
@@ -102,13 +182,14 @@ def _potentials(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: boo
     γ(f, g) with f = T_C(g) has exact row sums and column sums b_j exp((g − G(g))_j / ε).
     """
     n_s, n_t = C.shape
+    T = _CTransform(C, eps) if transform is None else transform
     log_a = torch.full((n_s,), -math.log(n_s), dtype=C.dtype, device=C.device)
     log_b = torch.full((n_t,), -math.log(n_t), dtype=C.dtype, device=C.device)
     err = float("inf")
     if symmetric:
-        f = _softmin(eps, C, log_a)           # T_C(0)
+        f = T.rows(log_a)                     # T_C(0)
         for it in range(1, max_iter + 1):
-            Tf = _softmin(eps, C, log_a + f / eps)
+            Tf = T.rows(log_a + f / eps)
             # γ(f, f) has row (= column) sums a_i exp((f − T_C(f))_i / ε): count both marginals
             err = 2.0 * float((log_a.exp() * torch.expm1((f - Tf) / eps).abs()).sum())
             if err <= tol:
@@ -116,11 +197,10 @@ def _potentials(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: boo
             f = 0.5 * (f + Tf)
         return f, max_iter, err
 
-    CT = C.T.contiguous()
     b = log_b.exp()
 
     def G(g: Tensor) -> Tensor:
-        return _softmin(eps, CT, log_a + _softmin(eps, C, log_b + g / eps) / eps)
+        return T.cols(log_a + T.rows(log_b + g / eps) / eps)
 
     g = G(torch.zeros(n_t, dtype=C.dtype, device=C.device))
     xs: list[Tensor] = []
@@ -206,37 +286,109 @@ def entropic_ot(x: Tensor, y: Tensor | None, eps: float, *, max_iter: int = 1000
     Tensor, 0-dim, float64. Cost :math:`O(n m d)` for C, :math:`O(n m)` per iteration.
     Warns (RuntimeWarning) if the marginal error is still above ``tol`` after ``max_iter``.
     """
-    x64 = x.to(torch.float64)
-    C = sqdist(x64, x64 if y is None else y.to(torch.float64))
-    return _entropic_ot_cost(C, eps, max_iter, tol, symmetric=y is None or _same(x, y))
+    with torch.no_grad():
+        x64 = x.detach().to(torch.float64)
+        C = sqdist(x64, x64 if y is None else y.detach().to(torch.float64))
+    symmetric = y is None or _same(x, y)
+    return _PointCloudOT.apply(x, y, C, float(eps), int(max_iter), float(tol), symmetric)
 
 
 def _same(x: Tensor, y: Tensor) -> bool:
     return x.shape == y.shape and bool(torch.equal(x.detach(), y.detach().to(x.dtype)))
 
 
-def _entropic_ot_cost(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: bool) -> Tensor:
-    """OT_ε for a cost matrix C (in the graph) and uniform weights, via the semi-dual at ḡ.
+def _solve(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: bool) -> tuple[Tensor, _CTransform, Tensor, Tensor]:
+    """OT_ε for a detached cost C: (value, its C-transform, log a, h = log b + ḡ/ε), no gradient.
 
-    ``symmetric``: the problem is symmetric (a self term, or a cross term whose two point
-    sets are equal); the solver then gets the exactly symmetrised detached matrix (a GEMM
-    need not be bitwise symmetric) and the averaged update, which converges where plain
-    alternation crawls. The graph always uses C itself.
+    The value is the semi-dual ⟨a, T_C(ḡ)⟩ + ⟨b, ḡ⟩ at the converged ḡ (module doc).
+    ``symmetric`` (a self term, or a cross term whose two point sets are equal): the solver
+    gets the exactly symmetrised matrix (a GEMM need not be bitwise symmetric) and the
+    averaged update, which converges where plain alternation crawls.
     """
     n_s, n_t = C.shape
     with torch.no_grad():
-        Cd = C.detach()
+        C = C.detach()
         if symmetric:
-            Cd = 0.5 * (Cd + Cd.T)
-        pot, it, err = _potentials(Cd, eps, max_iter, tol, symmetric)
-    if err > tol:
-        # Fixed text (no per-call numbers) so Python's once-per-message filter keeps a
-        # training loop from printing it at every step.
-        warnings.warn(f"sinkhorn: not converged within max_iter={max_iter} iterations (marginal error "
-                      f"> tol={tol:g}); raise max_iter or eps, or loosen tol", RuntimeWarning, stacklevel=4)
-    log_b = torch.full((n_t,), -math.log(n_t), dtype=C.dtype, device=C.device)
-    f = _softmin(eps, C, log_b + pot / eps)     # in the graph, through C only
-    return f.mean() + pot.mean()                # ⟨a, T_C(ḡ)⟩ + ⟨b, ḡ⟩, uniform a, b
+            C = 0.5 * (C + C.T)
+        T = _CTransform(C, eps)
+        pot, it, err = _potentials(C, eps, max_iter, tol, symmetric, T)
+        if err > tol:
+            # Fixed text (no per-call numbers) so Python's once-per-message filter keeps a
+            # training loop from printing it at every step.
+            warnings.warn(f"sinkhorn: not converged within max_iter={max_iter} iterations (marginal error "
+                          f"> tol={tol:g}); raise max_iter or eps, or loosen tol", RuntimeWarning, stacklevel=5)
+        log_a = torch.full((n_s,), -math.log(n_s), dtype=C.dtype, device=C.device)
+        h = -math.log(n_t) + pot / eps
+        value = T.rows(h).mean() + pot.mean()   # ⟨a, T_C(ḡ)⟩ + ⟨b, ḡ⟩, uniform a, b
+    return value, T, log_a, h
+
+
+class _CostOT(torch.autograd.Function):
+    """OT_ε of a cost matrix C; gradient w.r.t. C: the plan γ at ḡ (envelope theorem)."""
+
+    @staticmethod
+    def forward(ctx, C, eps, max_iter, tol, symmetric):
+        value, T, log_a, h = _solve(C, eps, max_iter, tol, symmetric)
+        ctx.plan = lambda: T.plan(log_a, h)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.plan().to(grad.dtype), None, None, None, None
+
+
+class _PointCloudOT(torch.autograd.Function):
+    r"""OT_ε between clouds x and y (y None: OT_ε(x, x)) from their float64 cost C = ‖x_i − y_j‖².
+
+    Backward: the envelope-theorem gradient, written out instead of taken through a graph of C
+    (which would keep n² temporaries and take two GEMMs for a self term):
+
+    .. math::
+        \partial_{x_i} = 2\sum_j\gamma_{ij}(x_i - y_j),\quad
+        \partial_{y_j} = 2\sum_i\gamma_{ij}(y_j - x_i),\quad
+        \partial_{x_i}\mathrm{OT}_\varepsilon(x, x) = 2\sum_j(\gamma_{ij}+\gamma_{ji})(x_i - x_j),
+
+    one (n × m) @ (m × d) product each, in the features' precision (float32 for float32
+    features: the gradient is returned in float32 anyway; float64 in gradcheck), on centred
+    coordinates (an offset shared by both clouds would cancel digits). The value stays float64.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, C, eps, max_iter, tol, symmetric):
+        value, T, log_a, h = _solve(C, eps, max_iter, tol, symmetric)
+        ctx.plan = lambda: T.plan(log_a, h)
+        ctx.save_for_backward(x, y)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        need_x, need_y = ctx.needs_input_grad[:2]
+        gx = gy = None
+        if not (need_x or need_y):
+            return gx, gy, None, None, None, None, None
+        gamma = ctx.plan()
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        g2 = 2.0 * grad
+        if y is None:
+            # x enters C(x, x) twice: ∂ = 2((γ + γᵀ)1 ⊙ x − (γ + γᵀ) x)
+            P = gamma + gamma.T
+            xc = x.detach() - x.detach().mean(0)
+            gx = (P.sum(1).to(dtype)[:, None] * xc.to(dtype) - P.to(dtype) @ xc.to(dtype)) * g2
+            return gx.to(x.dtype), None, None, None, None, None, None
+        c = (x.detach().sum(0) + y.detach().sum(0).to(x.dtype)) / (x.shape[0] + y.shape[0])
+        xc, yc = (x.detach() - c).to(dtype), (y.detach() - c.to(y.dtype)).to(dtype)
+        if need_x:
+            gx = ((gamma.sum(1).to(dtype)[:, None] * xc - gamma.to(dtype) @ yc) * g2).to(x.dtype)
+        if need_y:
+            gy = ((gamma.sum(0).to(dtype)[:, None] * yc - gamma.T.to(dtype) @ xc) * g2).to(y.dtype)
+        return gx, gy, None, None, None, None, None
+
+
+def _entropic_ot_cost(C: Tensor, eps: float, max_iter: int, tol: float, symmetric: bool) -> Tensor:
+    """OT_ε for a cost matrix C and uniform weights, via the semi-dual at ḡ; differentiable in
+    C (gradient: the plan). ``symmetric``: see :func:`_solve`."""
+    return _CostOT.apply(C, float(eps), int(max_iter), float(tol), symmetric)
 
 
 def default_eps(C_ss: Tensor, C_tt: Tensor) -> float:
@@ -281,8 +433,9 @@ def sinkhorn(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_
     -------
     Tensor, 0-dim, in the features' dtype (computed in float64).
 
-    Cost: :math:`O((n_s + n_t)^2 d)` for the three cost matrices, :math:`O((n_s+n_t)^2)` per
-    iteration. Gradient: envelope theorem on the converged potentials (module doc).
+    Cost: :math:`O((n_s + n_t)^2 d)` for the three cost matrices (float64 GEMMs) and the
+    gradient (GEMMs in the features' precision), :math:`O((n_s+n_t)^2)` per iteration.
+    Gradient: envelope theorem on the converged potentials (module doc).
     Reference: Feydy et al. (2019), AISTATS.
     """
     if eps is not None and not (float(eps) > 0 and math.isfinite(float(eps))):
@@ -290,14 +443,15 @@ def sinkhorn(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_
     if int(max_iter) < 1 or not float(tol) > 0:
         raise ValueError(f"sinkhorn: need max_iter >= 1 and tol > 0, got max_iter={max_iter}, tol={tol}")
     out_dtype = torch.promote_types(student_feats.dtype, teacher_feats.dtype)
-    s = student_feats.to(torch.float64)
-    t = teacher_feats.to(torch.float64)
-    C_st, C_ss, C_tt = sqdist(s, t), sqdist(s, s), sqdist(t, t)
+    with torch.no_grad():
+        s = student_feats.detach().to(torch.float64)
+        t = teacher_feats.detach().to(torch.float64)
+        C_st, C_ss, C_tt = sqdist(s, t), sqdist(s, s), sqdist(t, t)
     e = default_eps(C_ss, C_tt) if eps is None else float(eps)
     args = (e, int(max_iter), float(tol))
     # When the two batches are equal, the cross term is the same symmetric problem as the
     # self terms, solved identically, so S_ε(P, P) is exactly 0.
-    ot_st = _entropic_ot_cost(C_st, *args, symmetric=_same(s, t))
-    ot_ss = _entropic_ot_cost(C_ss, *args, symmetric=True)
-    ot_tt = _entropic_ot_cost(C_tt, *args, symmetric=True)
+    ot_st = _PointCloudOT.apply(student_feats, teacher_feats, C_st, *args, _same(s, t))
+    ot_ss = _PointCloudOT.apply(student_feats, None, C_ss, *args, True)
+    ot_tt = _PointCloudOT.apply(teacher_feats, None, C_tt, *args, True)
     return (ot_st - 0.5 * (ot_ss + ot_tt)).to(out_dtype)
