@@ -26,7 +26,11 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` all or nothing. ``durable=False`` skips the two fsyncs (file and
+    directory): still atomic against a crash of the process, but a power loss may keep the old
+    version — for files rebuilt from a durable one (a run's log.jsonl, rewritten from its
+    checkpoint on resume), where the fsyncs cost more than the write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,7 +38,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
         os.replace(tmp, path)
     except BaseException as e:
@@ -46,7 +51,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e} (the previous version, if any, "
                                    "is unchanged)") from e
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:
@@ -66,8 +72,8 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
 def atomic_write_json(path, obj) -> None:

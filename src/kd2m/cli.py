@@ -200,8 +200,11 @@ def cmd_table(args) -> int:
 
 def cmd_compare(args) -> int:
     from .checkpoint import atomic_write_text
-    from .results import compare_table, read_reported
-    rows, _ = read_reported(args.run_dir)
+    from .results import compare_table, read_rows
+    csv_path = Path(args.run_dir) / "results.csv"  # every run of the directory: the pairs are named explicitly
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} does not exist: is {args.run_dir} a kd2m run directory?")
+    rows = read_rows(csv_path)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     pairs = []
     for text in args.pairs:

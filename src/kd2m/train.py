@@ -528,7 +528,8 @@ class Trainer:
 
     def _write_log(self, history: list) -> None:
         if dist_ctx.is_main():
-            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in history))
+            # not fsync'ed: the checkpoint (durable) holds the same history, and a resume rewrites the log from it
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in history), durable=False)
 
     def _finished(self, load_finished: bool) -> dict:
         result = json.loads(self.final_path.read_text())
