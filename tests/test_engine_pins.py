@@ -108,7 +108,7 @@ def test_logit_terms_never_send_gradient_into_the_teacher(name):
 
 def test_compare_is_the_paired_difference_of_two_methods(tmp_path, capsys):
     rows = _rows({"ce": [0.50, 0.60, 0.55], "cw2": [0.52, 0.61, 0.58], "cw2@auto*1": [0.55, 0.62, 0.57]})
-    R.write_reports(tmp_path, rows, "x")
+    R.write_rows(tmp_path / "results.csv", rows)
     assert main(["compare", str(tmp_path), "--suffix", "@auto*1"]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| CW2 (E) λ=auto*1")][0]
     d = [3.0, 1.0, -1.0]  # auto − swept per seed
