@@ -85,7 +85,7 @@ def make_step(net, teacher_out, s_taps, terms, opt, x, y, keys, amp_dtype):
             loss = F.cross_entropy(logits.float(), y)
             if isinstance(teacher_out, OnlineTeacher):
                 t_feats, t_logits = teacher_out(x, keys)
-        s_feats = s_taps.features() if terms else {}
+        s_feats = s_taps.features() if s_taps is not None else {}
         for b in terms:
             loss = loss + b.config.weight * b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, keys)).float()
         opt.zero_grad(set_to_none=True)
@@ -150,7 +150,10 @@ def main(argv=None):
 
     bound = {}  # row name -> its bound term, built as the engine builds it
     for name, term in wanted:
-        (b,) = bind_terms(Method(name, (term,)), student, teacher, x[:2], a.classes, a.num_data)
+        try:  # e.g. a map term on a model without 4-D maps: one line naming the row
+            (b,) = bind_terms(Method(name, (term,)), student, teacher, x[:2], a.classes, a.num_data)
+        except ValueError as e:
+            p.error(f"{e} (leave the row out: --metrics / --baselines / --spatial)")
         b.module.to(device)
         bound[name] = b
     # one set of taps for every row, as one run's taps serve all its terms

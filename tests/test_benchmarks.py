@@ -34,12 +34,15 @@ def test_throughput_rows_per_term_and_mode(tmp_path):
     assert float(rows[0][2]) == 1.0 and float(rows[1][3]) == 1.0  # ratios to their own reference
 
 
-def test_throughput_refuses_unknown_terms_and_spatial_baselines(capsys):
+def test_throughput_refuses_unknown_terms_spatial_baselines_and_maps_of_an_mlp(capsys):
     bench = load("throughput")
     for flag, value, said in (("--baselines", "kd,nosuch", "unknown loss term 'nosuch'"),
-                              ("--spatial", "kd", "'kd' is not a KD²M distance")):
+                              ("--spatial", "kd", "'kd' is not a KD²M distance"),
+                              ("--baselines", "at", "leave the row out")):  # an MLP student has no maps
         with pytest.raises(SystemExit) as e:
-            bench.main(["--student", "digits_mlp", "--teacher", "digits_cnn", flag, value])
+            bench.main(["--student", "digits_mlp", "--teacher", "digits_cnn", "--image-size", "8", "--channels", "1",
+                        "--metrics", "", "--baselines", "kd", "--spatial", "", "--batch-size", "8",
+                        flag, value])  # the later flag wins
         assert e.value.code == 2
         assert said in capsys.readouterr().err
 
