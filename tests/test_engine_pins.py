@@ -131,3 +131,26 @@ def test_the_engine_builds_distances_with_the_configured_match(tmp_path, match):
                  torch.device("cpu"), teacher=build_teacher(cfg, bundle, 0))
     tr._setup()
     assert [b.module.loss.match for b in tr.terms] == [match]
+
+
+def test_term_schedules_warmup_and_linear():
+    """λ_k(epoch): DKD's warm-up min((e+1)/w, 1) (epochs counted from 1, as mdistiller), then
+    linear growth or decay over the run; the engine logs exactly these per epoch."""
+    from kd2m.methods import TermConfig
+    dkd = TermConfig("dkd", 2.0)  # registered warm-up: 20 epochs
+    assert [dkd.weight_at(e, 240) for e in (0, 9, 19, 100)] == pytest.approx([0.1, 1.0, 2.0, 2.0])
+    up = TermConfig("cw2", 1.0, schedule="linear_up")
+    down = TermConfig("cw2", 1.0, schedule="linear_down", warmup=2)
+    assert [up.weight_at(e, 4) for e in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert [down.weight_at(e, 4) for e in range(4)] == pytest.approx([0.5 * 1.0, 1.0 * 0.75, 0.5, 0.25])
+
+
+def test_logged_weights_follow_the_schedule(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {tmp_path / 'r'}\nepochs: 3\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce]\nmetrics: []\n"
+                   "progress: false\nstudents:\n  s: [{term: dkd, weight: 0.3, warmup: 2}, "
+                   "{term: cw2, weight: 0.1, schedule: linear_down}]\n")
+    assert main(["bench", str(cfg)]) == 0
+    log = _log(tmp_path / "r/s/seed0/log.jsonl")
+    assert [e["weights"]["dkd"] for e in log] == pytest.approx([0.15, 0.3, 0.3])
+    assert [e["weights"]["cw2"] for e in log] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3])
