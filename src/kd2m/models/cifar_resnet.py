@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .authors_init import init_like_authors
-from .registry import register_model
+from .registry import register_family
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -89,13 +89,4 @@ CIFAR_RESNETS = {"resnet8": (8, THIN), "resnet20": (20, THIN), "resnet32": (32, 
                  "resnet110": (110, THIN), "resnet8x4": (8, WIDE), "resnet32x4": (32, WIDE)}
 
 
-def _register(name: str, depth: int, widths: tuple) -> None:
-    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-        return CifarResNet(depth, widths, num_classes, in_channels)
-    build.__name__ = name
-    build.__doc__ = f"RepDistiller's {name}: depth {depth}, widths {list(widths)}."
-    register_model(name)(build)
-
-
-for _name, (_depth, _widths) in CIFAR_RESNETS.items():
-    _register(_name, _depth, _widths)
+register_family(CIFAR_RESNETS, CifarResNet, "RepDistiller's {name}: depth {args[0]}, widths {args[1]}.")

@@ -36,6 +36,19 @@ _MODELS: dict[str, Builder] = {}
 register_model = registrar(_MODELS, "model")
 
 
+def register_family(variants: dict, make: Callable[..., nn.Module], doc: str) -> None:
+    """Register one model per entry of ``variants`` (name → the family's constructor arguments):
+    ``make(*args, num_classes, in_channels)`` builds it, ``doc`` (formatted with ``name`` and
+    ``args``) is its one-line description. A family is then defined once, e.g. RepDistiller's
+    resnet8 … resnet32x4 from their (depth, widths)."""
+    for name, args in variants.items():
+        def build(num_classes: int, in_channels: int = 3, image_size: int = 32, _args=tuple(args)) -> nn.Module:
+            return make(*_args, num_classes, in_channels)
+        build.__name__ = name
+        build.__doc__ = doc.format(name=name, args=args)
+        register_model(name)(build)
+
+
 def available_models() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_MODELS)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .authors_init import init_like_authors
-from .registry import register_model
+from .registry import register_family
 
 #: Per-block conv widths (RepDistiller's ``cfg`` "S" and "B").
 VGG_CONFIGS = {"vgg8": [[64], [128], [256], [512], [512]],
@@ -60,13 +60,5 @@ class CifarVGG(nn.Module):
         return self.classifier(self.pool4(x).flatten(1))
 
 
-def _register(name: str) -> None:
-    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-        return CifarVGG(VGG_CONFIGS[name], num_classes, in_channels)
-    build.__name__ = name
-    build.__doc__ = f"RepDistiller's {name} (= {name}_bn), conv widths {VGG_CONFIGS[name]}."
-    register_model(name)(build)
-
-
-for _name in VGG_CONFIGS:
-    _register(_name)
+register_family({name: (widths,) for name, widths in VGG_CONFIGS.items()}, CifarVGG,
+                "RepDistiller's {name} (= {name}_bn), conv widths {args[0]}.")

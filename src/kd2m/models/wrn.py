@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .authors_init import init_like_authors
-from .registry import register_model
+from .registry import register_family
 
 
 class WideBasicBlock(nn.Module):
@@ -86,13 +86,4 @@ class WideResNet(nn.Module):
 WIDE_RESNETS = {"wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
 
 
-def _register(name: str, depth: int, widen: int) -> None:
-    def build(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-        return WideResNet(depth, widen, num_classes, in_channels)
-    build.__name__ = name
-    build.__doc__ = f"WRN-{depth}-{widen} as in RepDistiller."
-    register_model(name)(build)
-
-
-for _name, (_depth, _widen) in WIDE_RESNETS.items():
-    _register(_name, _depth, _widen)
+register_family(WIDE_RESNETS, WideResNet, "WRN-{args[0]}-{args[1]} as in RepDistiller.")
