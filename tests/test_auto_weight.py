@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd2m.checkpoint import load_checkpoint
+from kd2m.atomic_io import load_checkpoint
 from kd2m.cli import main
 from kd2m.config import ConfigError, RunConfig
 from kd2m.data import build_dataset

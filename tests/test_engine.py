@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from kd2m.checkpoint import load_checkpoint
+from kd2m.atomic_io import load_checkpoint
 from kd2m.cli import main
 from kd2m.config import PAPER_METRICS, RunConfig, load_yaml
 

@@ -165,7 +165,7 @@ def test_cli_error_line_for_a_busy_directory(tmp_path, capsys, monkeypatch):
 
 def test_clean_temp_files_removes_only_killed_atomic_writes(tmp_path):
     import tempfile
-    from kd2m.checkpoint import atomic_write_text
+    from kd2m.atomic_io import atomic_write_text
     run = tmp_path / "cw2" / "seed0"
     run.mkdir(parents=True)
     fd, killed = tempfile.mkstemp(prefix=".checkpoint.pt.", suffix=".tmp", dir=run)  # what a SIGKILL leaves

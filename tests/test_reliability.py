@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-import kd2m.checkpoint as ckpt_mod
+import kd2m.atomic_io as ckpt_mod
 from kd2m import metrics
-from kd2m.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from kd2m.atomic_io import atomic_write_bytes, load_checkpoint, save_checkpoint
 from kd2m.cli import main
 from kd2m.loss import KD2MLoss
 from kd2m.metrics.memory import pairwise_bytes
@@ -493,7 +493,7 @@ def test_atomic_writes_make_ordinary_readable_files(tmp_path):
     """mkstemp creates 0600 files; results and checkpoints must get the usual umask-based mode."""
     import os
     import stat
-    from kd2m.checkpoint import atomic_write_text
+    from kd2m.atomic_io import atomic_write_text
     target = tmp_path / "results.md"
     atomic_write_text(target, "x")
     mask = os.umask(0)

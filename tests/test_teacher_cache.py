@@ -142,7 +142,7 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
     """Augmented data, online (views=0) or cached with K=3 views, in the main process or with 2
     loader workers: the crops (or views) drawn after a resume, and a rebuilt table, are those of
     the uninterrupted run, so the final weights are bit-identical."""
-    from kd2m.checkpoint import load_checkpoint
+    from kd2m.atomic_io import load_checkpoint
     bundle = DataBundle(train=Augmented(n=48), test=Augmented(n=16), num_classes=4, in_channels=3, image_size=10,
                         name="aug")
     cfg = RunConfig(dataset="digits", teacher="digits_cnn", student="digits_mlp", epochs=4, batch_size=16,

@@ -101,7 +101,7 @@ def test_kill_windows_are_repaired_by_a_rerun(tmp_path):
     log = run / "log.jsonl"
     full = log.read_text()
     # 1. the checkpoint of the last epoch is on disk, the log is one epoch short, final.json not yet written
-    from kd2m.checkpoint import save_checkpoint
+    from kd2m.atomic_io import save_checkpoint
     final = json.loads((run / "final.json").read_text())
     (run / "final.json").unlink()
     lines = full.splitlines()

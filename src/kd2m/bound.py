@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import results as R
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint
 from .features import FeatureTap
 from .rundir import MODEL_PT, RunDir
 

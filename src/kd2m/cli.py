@@ -132,18 +132,18 @@ def parse_sweep(text: str | None):
 
 
 def cmd_run(args) -> int:
-    from . import distributed as D
+    from . import distributed as dist_ctx
     from .grid import run_grid
     cfg = config_from_args(args)
     sweep = parse_sweep(getattr(args, "sweep", None))
     resolved = cfg.resolved()
-    if D.is_main() or not D.launched_by_torchrun():
+    if dist_ctx.is_main() or not dist_ctx.launched_by_torchrun():
         print(f"kd2m: {resolved.dataset}: teacher {resolved.teacher} → student {resolved.student}; "
               f"methods {', '.join(m.key for m in resolved.methods())}; seeds {resolved.seeds}; "
               f"output {resolved.out}", flush=True)
     try:
-        rows = run_grid(cfg, sweep=sweep, log=lambda m: D.is_main() and print(m, flush=True))
-        if D.is_main():
+        rows = run_grid(cfg, sweep=sweep, log=lambda m: dist_ctx.is_main() and print(m, flush=True))
+        if dist_ctx.is_main():
             from .results import markdown_table
             print()
             from .results import reference_numbers
@@ -156,7 +156,7 @@ def cmd_run(args) -> int:
                   f"method, paired Δ vs CE), {out / 'results.md'}"
                   + (f", {out / 'sweep.png'}" if sweep else ""))
     finally:
-        D.teardown()
+        dist_ctx.teardown()
     return 0
 
 
@@ -176,7 +176,7 @@ def cmd_bound(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .checkpoint import atomic_write_text
+    from .atomic_io import atomic_write_text
     from .results import paper_table, read_reported, summarize
     runs, notes = {}, []
     for d in args.run_dirs:
@@ -199,7 +199,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .checkpoint import atomic_write_text
+    from .atomic_io import atomic_write_text
     from .results import compare_table, read_rows
     csv_path = Path(args.run_dir) / "results.csv"  # every run of the directory: the pairs are named explicitly
     if not csv_path.exists():

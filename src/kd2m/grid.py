@@ -18,11 +18,11 @@ import torch
 
 from . import distributed as dist_ctx
 from . import results as R
-from .checkpoint import atomic_write_json
+from .atomic_io import atomic_write_json
 from .config import ConfigError, RunConfig
 from .data import build_dataset
 from .methods import Method, method_label
-from .rundir import TEACHER, RunDir, clean_temp_files
+from .rundir import FINAL_JSON, TEACHER, RunDir, clean_temp_files
 from .runtime import resolve_device
 from .train import bind_terms, build_student, build_teacher, fit, freeze
 
@@ -167,7 +167,7 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
         for vcfg, method in [(cfg, Method(TEACHER))] + students:
             run_dir = out.run(method.key, seed)
-            earlier = (run_dir / "final.json").exists()
+            earlier = (run_dir / FINAL_JSON).exists()
             if method.is_teacher:
                 res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device,
                           epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")

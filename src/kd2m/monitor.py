@@ -37,6 +37,7 @@ from . import distributed as dist_ctx
 from .bound import model_outputs, terms_from_outputs
 from .config import ConfigError
 from .metrics.exact import exact_plan
+from .rundir import LOG_JSONL
 
 __all__ = ["plan_mass", "fixed_batch", "FeatureGapProbe", "TensorBoardLog", "Monitor", "backfill_tensorboard",
            "require_tensorboard", "row_scalars",
@@ -264,6 +265,6 @@ def backfill_tensorboard(cfg, run_dir: Path, title: str, settings: dict) -> None
     """``--tensorboard`` on a run finished without it: write its event files from its ``log.jsonl``."""
     if not (getattr(cfg, "tensorboard", False) and dist_ctx.is_main()) or (Path(run_dir) / TB_DIR).is_dir():
         return
-    log = Path(run_dir) / "log.jsonl"
+    log = Path(run_dir) / LOG_JSONL
     history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
     TensorBoardLog(run_dir, title, settings, history).close()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import results as R
-from .checkpoint import atomic_write_text
+from .atomic_io import atomic_write_text
 from .rundir import LOG_JSONL, RunDir
 
 __all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_diagnostics", "plot_embedding", "embedding_features",
@@ -56,7 +56,7 @@ def _figure(figsize):
 
 def _save(fig, path: Path) -> None:
     import io
-    from .checkpoint import atomic_write_bytes
+    from .atomic_io import atomic_write_bytes
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(path, buf.getvalue())

@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from .atomic_io import atomic_write_json, atomic_write_text
 from .methods import method_label
 
 #: The paper's reported accuracies (%), one seed (from shared/PAPER.md).

@@ -63,7 +63,7 @@ LAYOUT_VERSION = 1
 LEGACY_CONFIG_KEYS = frozenset({"dataset", "teacher", "student", "metrics", "baselines", "seeds", "epochs"})
 #: Longest command line quoted in the lock's error message.
 MAX_COMMAND_CHARS = 120
-#: Temp files of :func:`kd2m.checkpoint.atomic_write_bytes`: ``.<name>.<8 random chars>.tmp`` (mkstemp).
+#: Temp files of :func:`kd2m.atomic_io.atomic_write_bytes`: ``.<name>.<8 random chars>.tmp`` (mkstemp).
 _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
@@ -187,7 +187,7 @@ class RunDir:
         """Write the marker (once; an existing one is kept)."""
         if not self.marker.exists():
             from . import __version__
-            from .checkpoint import atomic_write_json
+            from .atomic_io import atomic_write_json
             atomic_write_json(self.marker, {"format": "kd2m-output", "version": LAYOUT_VERSION,
                                             "kd2m": __version__})
 
@@ -222,7 +222,7 @@ class RunDir:
             raise OutputDirInUseError(f"{self.root} is in use by {self._holder()}; wait for it or use another "
                                       "--out") from None
         try:
-            from .checkpoint import atomic_write_json
+            from .atomic_io import atomic_write_json
             atomic_write_json(self.lock_info, {"pid": os.getpid(), "host": socket.gethostname(),
                                                "command": _command_line()})
             self.mark()
@@ -263,7 +263,7 @@ def _marker_version(path: Path) -> int | None:
 
 
 def clean_temp_files(root: str | os.PathLike) -> list[Path]:
-    """Delete the temp files a killed :func:`kd2m.checkpoint.atomic_write_bytes` left under ``root``.
+    """Delete the temp files a killed :func:`kd2m.atomic_io.atomic_write_bytes` left under ``root``.
 
     They are named ``.<target>.<8 random chars>.tmp`` (``tempfile.mkstemp``); a finished write
     has renamed its temp file over the target, so any left is from a process that died mid-write.

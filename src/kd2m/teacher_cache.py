@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from . import distributed as D
+from . import distributed as dist_ctx
 from .features import FeatureTap
 from .runtime import autocast, progress, to_device
 
@@ -161,7 +161,7 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
                 "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
         feats = torch.zeros(n, f.shape[1], device=device)
         logits = torch.zeros(n, out.shape[1], device=device)
-        world, rank = D.world_size(), D.rank()
+        world, rank = dist_ctx.world_size(), dist_ctx.rank()
         mine = [k for k in range(n) if (k // batch_size) % world == rank]  # whole batches, round-robin
         loader = DataLoader(Subset(views, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device.type == "cuda")

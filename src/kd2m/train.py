@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from . import distributed as dist_ctx
 from . import losses
 from . import monitor as watch
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .features import PENULTIMATE, FeatureTap, last_linear_name
 from .methods import Method, TermConfig
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
 from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
+from .rundir import CHECKPOINT_PT, FINAL_JSON, LOG_JSONL, MODEL_PT
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 
@@ -415,9 +416,9 @@ class Trainer:
         self.epochs = cfg.epochs if epochs is None else epochs
         self.teacher_caches = teacher_caches
         self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher)
-        self.final_path = self.run_dir / "final.json"
-        self.ckpt_path = self.run_dir / "checkpoint.pt"
-        self.log_path = self.run_dir / "log.jsonl"
+        self.final_path = self.run_dir / FINAL_JSON
+        self.ckpt_path = self.run_dir / CHECKPOINT_PT
+        self.log_path = self.run_dir / LOG_JSONL
 
     # -- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -537,7 +538,7 @@ class Trainer:
             raise ConfigError(f"{self.final_path} is not a kd2m result (expected a JSON object with test_acc); "
                               "delete that run directory to redo it")
         check_settings(self.run_dir, result.get("settings"), self.settings)
-        weights = self.run_dir / "model.pt"
+        weights = self.run_dir / MODEL_PT
         if load_finished:
             if not weights.exists():
                 raise ConfigError(f"{self.final_path} marks this run finished but {weights} is missing; "
@@ -629,7 +630,7 @@ class Trainer:
             result["auto_scales"] = {b.key: s for b, s in zip(self.terms, self.scales)}
         if dist_ctx.is_main():
             self._write_log(history)
-            save_checkpoint(self.run_dir / "model.pt", self.model.state_dict())
+            save_checkpoint(self.run_dir / MODEL_PT, self.model.state_dict())
             atomic_write_json(self.final_path, result)
             _remove(self.ckpt_path)  # the resume state is no longer needed once the final weights are written
         dist_ctx.barrier()  # no rank starts the next run before rank 0 has written this one

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes
+from ..atomic_io import atomic_write_bytes
 from .digits import TensorImageDataset
 from .registry import DataBundle, register_dataset, resolve_root
 

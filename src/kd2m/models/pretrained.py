@@ -47,7 +47,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: the file is not a safe checkpoint
-        from ..checkpoint import describe_load_error
+        from ..atomic_io import describe_load_error
         raise ValueError(f"{path}: not a readable PyTorch weights file; {describe_load_error(err)}") from None
     if isinstance(obj, dict):
         for key in NESTED_KEYS:

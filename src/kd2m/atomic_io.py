@@ -1,4 +1,4 @@
-"""Atomic file writes and safe checkpoint loading: a crash or a full disk never leaves a torn file.
+"""Atomic file writes (checkpoints, logs, CSV, JSON, PNG) and safe checkpoint loading: a crash or a full disk never leaves a torn file.
 
 Every write goes to a temporary file in the same directory, is flushed and fsync'ed, then
 ``os.replace``-d over the target (atomic on POSIX), and the directory is fsync'ed so the rename
