@@ -37,3 +37,15 @@ def test_vit_teacher_cnn_student(tmp_path, capsys):
     assert pair[0]["loss"] > pair[0]["ce"]
     printed = capsys.readouterr().out
     assert "W2 (G) + CW2 (E)" in printed
+
+
+def test_torchvision_student_by_name_through_the_cli(tmp_path):
+    """`--student torchvision:NAME`: any torchvision classifier, random init, first conv adapted to
+    1-channel digits; its 1024-d penultimate features are projected onto the teacher's 64."""
+    out = tmp_path / "tv"
+    assert main(["run", "--student", "torchvision:mobilenet_v3_small", "--metrics", "gauss_w2", "--baselines", "ce",
+                 "--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--out", str(out), "--no-progress"]) == 0
+    final = json.loads((out / "gauss_w2/seed0/final.json").read_text())
+    assert final["settings"]["model"] == "torchvision:mobilenet_v3_small" and 0.0 <= final["test_acc"] <= 1.0
+    log = json.loads((out / "gauss_w2/seed0/log.jsonl").read_text().splitlines()[0])
+    assert log["terms"]["gauss_w2"] > 0
