@@ -130,3 +130,18 @@ def test_kill_windows_are_repaired_by_a_rerun(tmp_path):
     save_checkpoint(run / "checkpoint.pt", {"stale": torch.zeros(1)})
     assert main(args) == 0
     assert not (run / "checkpoint.pt").exists()
+
+
+def test_map_terms_and_the_teacher_cache(tmp_path, capsys):
+    """The digits default the one-view teacher cache, which stores no maps: with a map term in the
+    grid the default falls back to the online teacher for every student (alike); an explicit
+    --teacher-cache is refused before training."""
+    from kd2m.config import RunConfig
+    assert RunConfig(student="digits_cnn", baselines=["ce", "at"], metrics=[]).resolved().teacher_cache == 0
+    assert RunConfig(baselines=["ce", "kd"], metrics=["cw2"]).resolved().teacher_cache == 1
+    out = tmp_path / "o"
+    code = main(["run", "--student", "digits_cnn", "--baselines", "ce,at", "--metrics", "", "--teacher-cache", "1",
+                 "--out", str(out), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "teacher_cache" in err and "feature maps" in err
+    assert not (out / "teacher").exists()

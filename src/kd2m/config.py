@@ -146,6 +146,7 @@ class RunConfig:
         default_options = defaults.pop("term_options", {})
         if c.term_options is None:
             c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics or m in c.baselines}
+        cache_by_default = c.teacher_cache is None
         for key, value in defaults.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
@@ -232,6 +233,13 @@ class RunConfig:
             raise ConfigError(f"students: {', '.join(dup)} named twice (metrics, baselines and students share names)")
         if not self_methods:
             raise ConfigError("nothing to train: metrics, baselines and students are all empty")
+        from .methods import cache_problem
+        if c.teacher_cache:
+            problems = [p for p in map(cache_problem, self_methods) if p]
+            if problems and cache_by_default:
+                c.teacher_cache = 0  # the dataset's default, not asked for: every student runs online alike
+            elif problems:
+                raise ConfigError(f"teacher_cache: {problems[0]}")
         if c.tensorboard:  # refused now, not after the teacher has trained
             from .monitor import require_tensorboard
             require_tensorboard()

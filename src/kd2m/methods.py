@@ -184,3 +184,17 @@ def parse_weight(value) -> tuple[float, bool]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"bad weight {value!r}")
     return float(value), auto
+
+
+def cache_problem(method: Method) -> str | None:
+    """Why ``method`` cannot read the teacher from a ``--teacher-cache`` table (which holds one pooled
+    teacher layer and the logits), or None."""
+    maps = [t.name for t in method.terms if t.uses_maps]
+    if maps:
+        return (f"{method.key}: {', '.join(maps)} read feature maps or spatial positions, which the teacher cache "
+                "does not store; use teacher_cache: 0 (the online teacher)")
+    layers = {t.teacher_layer or "penultimate" for t in method.terms if "feats" in t.spec.needs}
+    if len(layers) > 1:
+        return (f"{method.key}: its terms read teacher layers {', '.join(sorted(layers))}; the teacher cache holds "
+                "one; use teacher_cache: 0")
+    return None

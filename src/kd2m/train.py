@@ -30,7 +30,7 @@ from . import monitor as watch
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
 from .features import PENULTIMATE, FeatureTap, last_linear_name
-from .methods import Method, TermConfig
+from .methods import Method, TermConfig, cache_problem
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
 from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
@@ -372,14 +372,12 @@ class CachedTeacher(TeacherOutputs):
 
 
 def _cached_layer(cfg: RunConfig, method: Method, bound: list[BoundTerm]) -> str:
-    """The one pooled teacher layer a cache holds; a method that needs more is refused up front."""
-    if any(b.raw for b in bound):
-        raise ConfigError(f"{method.key}: --teacher-cache stores pooled features and logits; terms on feature maps "
-                          "or spatial positions need the online teacher (teacher_cache: 0)")
-    layers = {b.teacher_layer for b in bound if b.needs & {"feats"}}
-    if len(layers) > 1:
-        raise ConfigError(f"{method.key}: --teacher-cache holds one teacher layer, these terms read "
-                          f"{', '.join(sorted(layers))}; use teacher_cache: 0")
+    """The one pooled teacher layer a cache holds for ``method`` (refused up front by RunConfig.resolved
+    when a method needs more; checked again here for runs built through the API)."""
+    problem = cache_problem(method)
+    if problem:
+        raise ConfigError(f"teacher_cache: {problem}")
+    layers = {b.teacher_layer for b in bound if "feats" in b.needs}
     return layers.pop() if layers else cfg.teacher_layer
 
 
