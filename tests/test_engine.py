@@ -253,3 +253,18 @@ def test_shipped_config_equals_the_dataset_defaults(name):
         a[key] = {k: v for k, v in a[key].items() if k in used}
         b[key] = {k: v for k, v in b[key].items() if k in used}
     assert a == b
+
+
+def test_parallel_seeds_give_the_sequential_results(tmp_path):
+    """--parallel 2 trains two seeds at once in separate processes: the same rows, bit for bit, as
+    one process training them in turn (each run seeds itself)."""
+    args = ["run", "--seeds", "2", "--epochs", "1", "--teacher-epochs", "1", "--metrics", "cw2", "--baselines", "ce",
+            "--no-progress"]
+    assert main(args + ["--parallel", "2", "--out", str(tmp_path / "p")]) == 0
+    assert main(args + ["--parallel", "1", "--out", str(tmp_path / "s")]) == 0
+    par = {(r["method"], r["seed"]): r["test_acc"] for r in read_csv(tmp_path / "p/results.csv")}
+    seq = {(r["method"], r["seed"]): r["test_acc"] for r in read_csv(tmp_path / "s/results.csv")}
+    assert len(par) == 6 and par == seq
+    a = load_checkpoint(tmp_path / "p/cw2/seed1/model.pt")
+    b = load_checkpoint(tmp_path / "s/cw2/seed1/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -159,29 +159,19 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
     csv_path = out.results_csv
     rows = R.read_rows(csv_path)
     t_start = time.perf_counter()
-    for seed in cfg.seeds:
-        # Every run goes through fit(): a finished one returns its final.json at once after
-        # checking that it was made with the same settings (so a resumed grid redoes nothing,
-        # and a changed config never silently reuses old results).
-        teacher = build_teacher(cfg, bundle, seed)
-        caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
-        for vcfg, method in [(cfg, Method(TEACHER))] + students:
-            run_dir = out.run(method.key, seed)
-            earlier = (run_dir / FINAL_JSON).exists()
-            if method.is_teacher:
-                res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device,
-                          epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")
-                freeze(teacher)
-            else:
-                res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
-                          teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
-                          teacher_caches=caches)
-            row = {**res, "dataset": cfg.dataset, "label": method.label,
-                   "run_dir": str(run_dir.relative_to(out.root))}
-            if dist_ctx.is_main() and not any(r == {**r, **_csv_view(row)} for r in rows):
-                rows = R.upsert(csv_path, row)  # new, or its row changed (a run redone after its directory was deleted)
-            log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {method.label:<24} "
-                f"acc {100 * res['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
+    workers = min(cfg.parallel or 1, len(cfg.seeds)) if not dist_ctx.is_distributed() else 1
+    if workers > 1:
+        # Seeds are independent (each run seeds itself), so they train in separate processes, one
+        # CPU thread each; this process alone writes results.csv and holds the directory's lock.
+        import multiprocessing as mp
+        jobs = [(cfg, students, seed, str(out.root), str(device)) for seed in cfg.seeds]
+        with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+            done = pool.imap(_seed_worker, jobs)
+            results = ((seed, next(done)) for seed in cfg.seeds)
+            rows = _collect(results, rows, csv_path, t_start, log)
+    else:
+        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed)) for seed in cfg.seeds)
+        rows = _collect(results, rows, csv_path, t_start, log)
     keys = {TEACHER} | {m.key for _, m in students}
     own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] \
         if dist_ctx.is_main() else rows
@@ -191,6 +181,62 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         if sweep is not None:
             plot_sweep(own, sweep[0], out.sweep_png)
     return own
+
+
+def _collect(results, rows: list[dict], csv_path, t_start: float, log) -> list[dict]:
+    """Write each finished run's row (as each seed completes) and log it."""
+    for seed, runs in results:
+        for row, label, earlier in runs:
+            if dist_ctx.is_main() and not any(r == {**r, **_csv_view(row)} for r in rows):
+                rows = R.upsert(csv_path, row)  # new, or its row changed (a run redone after its directory was deleted)
+            log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {label:<24} "
+                f"acc {100 * row['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
+    return rows
+
+
+def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[tuple[dict, str, bool]]:
+    """Teacher, then every student of one seed; (results row, label, finished earlier) per run.
+
+    Every run goes through fit(): a finished one returns its final.json at once after checking
+    that it was made with the same settings (so a resumed grid redoes nothing, and a changed
+    config never silently reuses old results)."""
+    teacher = build_teacher(cfg, bundle, seed)
+    caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
+    runs = []
+    for vcfg, method in [(cfg, Method(TEACHER))] + students:
+        run_dir = out.run(method.key, seed)
+        earlier = (run_dir / FINAL_JSON).exists()
+        if method.is_teacher:
+            res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device,
+                      epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")
+            freeze(teacher)
+        else:
+            res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
+                      teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
+                      teacher_caches=caches)
+        row = {**res, "dataset": cfg.dataset, "label": method.label, "run_dir": str(run_dir.relative_to(out.root))}
+        runs.append((row, method.label, earlier))
+    return runs
+
+
+def _worker_init() -> None:
+    """A seed worker dies with the grid's process (Linux): a killed grid leaves no orphan writing
+    into the output directory while a rerun holds its lock."""
+    import signal
+    import sys
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _seed_worker(job) -> list[tuple[dict, str, bool]]:
+    cfg, students, seed, root, device = job
+    torch.set_num_threads(max(cfg.threads or 1, 1))
+    bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, image_size=cfg.image_size)
+    cfg = dataclasses.replace(cfg, progress=False)
+    students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
+    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed)
 
 
 def _csv_view(row: dict) -> dict:
