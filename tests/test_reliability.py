@@ -398,8 +398,8 @@ def test_disk_full_during_training_is_one_line_and_keeps_epoch_one(tmp_path, cap
     snapshot = {}
     real = atomic_write_bytes
 
-    def spy(path, data):        # remember the last checkpoint that reached the disk
-        real(path, data)
+    def spy(path, data, durable=True):  # remember the last checkpoint that reached the disk
+        real(path, data, durable)
         if str(path).endswith("cw2/seed0/checkpoint.pt"):
             snapshot["bytes"] = bytes(data)
     monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", spy)
