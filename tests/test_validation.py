@@ -145,3 +145,19 @@ def test_map_terms_and_the_teacher_cache(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "teacher_cache" in err and "feature maps" in err
     assert not (out / "teacher").exists()
+
+
+def test_a_redone_run_replaces_its_row(tmp_path):
+    """Delete a run's directory and redo it with another λ: results.csv used to keep the old row
+    (keyed on method and seed only), so the tables mixed the old result with the new settings."""
+    import csv
+    out = tmp_path / "r"
+    base = ["run", "--metrics", "cw2", "--baselines", "ce", "--out", str(out), *TINY]
+    assert main(base + ["--weight", "0.1"]) == 0
+    import shutil
+    shutil.rmtree(out / "cw2")
+    assert main(base + ["--weight", "3.0"]) == 0
+    rows = [r for r in csv.DictReader((out / "results.csv").open()) if r["method"] == "cw2"]
+    final = json.loads((out / "cw2/seed0/final.json").read_text())
+    assert len(rows) == 1 and float(rows[0]["weight"]) == 3.0
+    assert float(rows[0]["test_acc"]) == final["test_acc"]
