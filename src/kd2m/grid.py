@@ -83,13 +83,22 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
     """Check, before anything trains, what would otherwise fail after the teacher trained: the
     pretrained files load into the models, every term's layers exist and have the shape it needs,
     its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see."""
-    if not any(m.terms for _, m in students):
-        with torch.random.fork_rng(devices=[]):
-            build_teacher(cfg, bundle, cfg.seeds[0])
-            build_student(cfg, bundle, cfg.seeds[0])
-        return
+    seed = cfg.seeds[0]
     with torch.random.fork_rng(devices=[]):
-        teacher = build_teacher(cfg, bundle, cfg.seeds[0]).to(device).eval()
+        teacher = build_teacher(cfg, bundle, seed).to(device).eval()
+        built: dict = {}
+
+        def student_for(vcfg: RunConfig):
+            """One network per distinct student spec: every method of a grid probes the same one
+            (the probes run in eval mode without gradients and leave it unchanged)."""
+            key = (vcfg.student, vcfg.pretrained_student, repr(vcfg.student_options))
+            if key not in built:
+                built[key] = build_student(vcfg, bundle, seed).to(device).eval()
+            return built[key]
+
+        student_for(cfg)  # its pretrained file is checked even when no student has a term
+        if not any(m.terms for _, m in students):
+            return
         k = min(8, len(bundle.train))
         items = [bundle.train[i] for i in range(k)]
         x = torch.stack([it[0] for it in items]).to(device)
@@ -97,7 +106,7 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
         for vcfg, method in students:
             if not method.terms:
                 continue
-            student = build_student(vcfg, bundle, cfg.seeds[0]).to(device).eval()
+            student = student_for(vcfg)
             bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train), vcfg.match)
             _probe_values(method, bound, student, teacher, x, y)
 
