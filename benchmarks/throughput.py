@@ -148,10 +148,13 @@ def main(argv=None):
         teacher.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
+    # the synthetic training set's labels (CRD draws its negatives from other classes)
+    train_labels = torch.arange(a.num_data) % a.classes
     bound = {}  # row name -> its bound term, built as the engine builds it
     for name, term in wanted:
         try:  # e.g. a map term on a model without 4-D maps: one line naming the row
-            (b,) = bind_terms(Method(name, (term,)), student, teacher, x[:2], a.classes, a.num_data)
+            (b,) = bind_terms(Method(name, (term,)), student, teacher, x[:2], a.classes, a.num_data,
+                              train_labels=train_labels)
         except ValueError as e:
             p.error(f"{e} (leave the row out: --metrics / --baselines / --spatial)")
         b.module.to(device)

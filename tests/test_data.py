@@ -17,7 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms as T
 
-from kd2m.data import DataBundle, DatasetNotFoundError, available_datasets, build_dataset, resolve_root
+from kd2m.data import (DataBundle, DatasetNotFoundError, available_datasets, build_dataset, dataset_labels,
+                       resolve_root)
 from kd2m.data.torchvision_sets import CIFAR10_STATS, CIFAR100_STATS, SVHN_STATS
 from kd2m.models import build_model
 
@@ -85,6 +86,13 @@ def channel_moments(dataset):
     return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
 
 
+def check_labels(dataset):
+    """dataset_labels reads, without loading an image, the label each item has."""
+    labels = dataset_labels(dataset)
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [int(dataset[i][1]) for i in range(len(dataset))]
+
+
 def check_items(bundle: DataBundle, channels: int, size: int):
     image, label = bundle.train[0]
     assert image.dtype == torch.float32 and tuple(image.shape) == (channels, size, size)
@@ -146,6 +154,8 @@ def test_cifar(monkeypatch, tmp_path, name, cls, num_classes, label_key, stats):
     assert random_ops(bundle.train.transform) == {T.RandomCrop, T.RandomHorizontalFlip}
     assert random_ops(bundle.test.transform) == set()
     assert random_ops(build_dataset(name, data_root=tmp_path, augment=False).train.transform) == set()
+    check_labels(bundle.train)
+    check_labels(bundle.test)
 
 
 def test_svhn(monkeypatch, tmp_path):
@@ -162,6 +172,7 @@ def test_svhn(monkeypatch, tmp_path):
     mu, sigma = channel_moments(bundle.test)
     assert mu.abs().max() < 0.1 and (sigma - 1).abs().max() < 0.15
     assert random_ops(bundle.train.transform) == {T.RandomCrop}, "digits are not mirrored"
+    check_labels(bundle.train)  # SVHN's '10' read as 0 here too
 
 
 @pytest.mark.parametrize("name, where", [
@@ -216,6 +227,7 @@ def test_imagefolder(tmp_path, mode, channels):
     assert (len(bundle.train), len(bundle.test)) == (12, 6)
     check_items(bundle, channels, 12)
     assert tuple(bundle.train[11][0].shape) == (channels, 12, 12), "a 16×10 image is resized to 12×12"
+    check_labels(bundle.train)
     assert random_ops(bundle.train.transform.transforms[1]) == {T.RandomCrop, T.RandomHorizontalFlip}
     plain = build_dataset("imagefolder", data_root=tmp_path, augment=False)
     mu, sigma = channel_moments(plain.train)
@@ -240,3 +252,20 @@ def test_imagefolder_errors(tmp_path):
     write_tree(tmp_path / "c", classes=("emu",), train=0)
     with pytest.raises(ValueError, match=r"differ \(only in train: none; only in test: \['emu'\]\)"):
         build_dataset("imagefolder", data_root=tmp_path / "c")
+
+
+def test_dataset_labels_of_embedded_sets_subsets_and_unknown_datasets():
+    from torch.utils.data import Subset, TensorDataset
+    bundle = build_dataset("digits")
+    check_labels(bundle.train)
+    sub = Subset(bundle.train, [5, 2, 9])
+    assert dataset_labels(sub).tolist() == [int(bundle.train[i][1]) for i in (5, 2, 9)]
+    # a dataset that keeps its labels nowhere readable: None, never a pass over its items
+    assert dataset_labels(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 0]))) is None
+
+    class Floats(torch.utils.data.Dataset):  # a "labels" attribute that is not class labels
+        labels = np.array([0.5, 1.5])
+
+        def __len__(self):
+            return 2
+    assert dataset_labels(Floats()) is None

@@ -154,3 +154,29 @@ def test_logged_weights_follow_the_schedule(tmp_path):
     log = _log(tmp_path / "r/s/seed0/log.jsonl")
     assert [e["weights"]["dkd"] for e in log] == pytest.approx([0.15, 0.3, 0.3])
     assert [e["weights"]["cw2"] for e in log] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3])
+
+
+@pytest.mark.parametrize("negatives", ["other_class", "uniform"])
+def test_the_engine_gives_crd_the_training_labels_it_draws_negatives_by(tmp_path, negatives):
+    """CRD drew its negatives uniformly; RepDistiller's default draws them from other classes,
+    which needs every training sample's label from the engine (and a run's draws stay on the
+    global RNG, so resumes replay them)."""
+    from kd2m.config import RunConfig
+    from kd2m.data import build_dataset
+    from kd2m.train import Trainer, build_student, build_teacher
+    cfg = RunConfig(baselines=["crd"], metrics=[], epochs=1, progress=False,
+                    term_options={"crd": {"negatives": negatives, "nce_k": 50}}).resolved()
+    bundle = build_dataset("digits")
+    tr = Trainer(build_student(cfg, bundle, 0), bundle, cfg, cfg.methods()[0], 0, tmp_path / "r",
+                 torch.device("cpu"), teacher=build_teacher(cfg, bundle, 0))
+    tr._setup()
+    (crd,) = [b.module for b in tr.terms]
+    assert crd.negatives == negatives
+    labels = bundle.train.labels
+    index = torch.arange(0, 40)
+    idx = crd.contrast_index(index)
+    same = labels[idx[:, 1:]] == labels[index][:, None]
+    if negatives == "other_class":
+        assert torch.equal(crd.train_labels, labels) and not same.any()
+    else:  # uniform over 10 classes: about a tenth of the 2000 draws share the anchor's class
+        assert 100 < int(same.sum()) < 300

@@ -55,7 +55,8 @@ def _ctx_for(name, n_data=40):
     if name in ("pkt", "rkd", "crd"):
         s = torch.randn(5, 4, generator=g, dtype=torch.float64)
         t = torch.randn(5, 6, generator=g, dtype=torch.float64)
-        return (TermContext(student_shape=(4,), teacher_shape=(6,), num_data=n_data),
+        return (TermContext(student_shape=(4,), teacher_shape=(6,), num_data=n_data,
+                            train_labels=torch.arange(n_data) % 3),
                 dict(student_feats=s, teacher_feats=t, index=torch.tensor([0, 3, 7, 9, 12])))
     zs, zt, y = _logits(n=5, c=5, seed=12)
     return (TermContext(num_classes=5, teacher_head=_head()),
@@ -89,7 +90,8 @@ def test_available_lists_every_baseline_with_its_facts():
     assert all(losses.spec(n).warmup == 0 for n in BASELINES if n != "dkd")
     assert losses.spec("pkt").pairwise_factor > 0 and losses.spec("rkd").pairwise_factor > 0
     assert dict(losses.spec("dkd").defaults) == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "standardize": False}
-    assert dict(losses.spec("crd").defaults) == {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5}
+    assert dict(losses.spec("crd").defaults) == {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5,
+                                                 "negatives": "other_class"}
     assert dict(losses.spec("rkd").defaults)["distance_weight"] == 25.0
 
 
@@ -394,12 +396,61 @@ def test_crd_matches_repdistiller_and_updates_its_banks():
 
 def test_crd_draws_uniform_negatives_after_the_positive_and_clamps_k():
     ctx, inputs = _ctx_for("crd", n_data=40)
-    term = losses.get("crd", ctx)
+    term = losses.get("crd", ctx, negatives="uniform")
     assert term.nce_k == 39  # 16384 clamped to num_data - 1
     idx = term.contrast_index(inputs["index"])
     assert idx.shape == (5, 40) and torch.equal(idx[:, 0], inputs["index"])
     assert int(idx.min()) >= 0 and int(idx.max()) < 40
     assert torch.isfinite(term(**inputs))
+    # uniform needs no labels (the memory's fallback)
+    assert losses.get("crd", TermContext(student_shape=(4,), teacher_shape=(6,), num_data=40),
+                      negatives="uniform").negatives == "uniform"
+
+
+def test_crd_draws_negatives_of_other_classes_without_replacement_by_default():
+    # RepDistiller's --mode exact: np.random.choice(cls_negative[target], k, replace=k > len(cls_negative[target]))
+    labels = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)            # 20 samples; class 0 has 10 others
+    ctx = TermContext(student_shape=(4,), teacher_shape=(6,), num_data=20, train_labels=labels)
+    index = torch.tensor([0, 12, 19, 3])
+    term = losses.get("crd", ctx, nce_k=8)
+    assert term.negatives == "other_class" and not term.replace
+    torch.manual_seed(0)
+    for _ in range(20):
+        idx = term.contrast_index(index)
+        assert idx.shape == (4, 9) and torch.equal(idx[:, 0], index)
+        for row, i in zip(idx, index):
+            negatives = row[1:]
+            assert not (labels[negatives] == labels[i]).any()           # never a sample of its own class
+            assert len(negatives.unique()) == 8                         # no sample twice
+    # class 0 has 10 others: K = 10 still without replacement, and every other-class sample is drawn
+    full = losses.get("crd", ctx, nce_k=10)
+    assert not full.replace
+    assert set(full.contrast_index(torch.tensor([0]))[0, 1:].tolist()) == set(range(10, 20))
+    # K = 12 > 10 others of class 0: with replacement, as RepDistiller
+    over = losses.get("crd", ctx, nce_k=12)
+    assert over.replace
+    row = over.contrast_index(torch.tensor([5]))[0, 1:]
+    assert len(row) == 12 and not (labels[row] == 0).any()
+    s, t = torch.randn(4, 4), torch.randn(4, 6)
+    assert torch.isfinite(term(student_feats=s, teacher_feats=t, index=index))
+    # the labels are data, not state: the checkpointed state_dict is the same as uniform's
+    assert set(term.state_dict()) == set(losses.get("crd", ctx, nce_k=8, negatives="uniform").state_dict())
+
+
+def test_crd_other_class_negatives_need_labels():
+    base = dict(student_shape=(4,), teacher_shape=(6,), num_data=10)
+    with pytest.raises(ValueError, match="needs every training sample's label.*negatives='uniform'"):
+        losses.get("crd", TermContext(**base))
+    with pytest.raises(ValueError, match=r"train_labels must be \(10,\) integer labels"):
+        losses.get("crd", TermContext(**base, train_labels=torch.zeros(9, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"train_labels must be \(10,\) integer labels"):
+        losses.get("crd", TermContext(**base, train_labels=torch.zeros(10)))
+    with pytest.raises(ValueError, match=r"train_labels must be \(10,\) integer labels"):
+        losses.get("crd", TermContext(**base, train_labels=-torch.ones(10, dtype=torch.long)))
+    with pytest.raises(ValueError, match="every training sample has the same label"):
+        losses.get("crd", TermContext(**base, train_labels=torch.zeros(10, dtype=torch.long)))
+    with pytest.raises(ValueError, match="negatives must be one of other_class, uniform"):
+        losses.get("crd", TermContext(**base), negatives="hard")
 
 
 def test_crd_needs_shapes_and_num_data():
@@ -407,7 +458,7 @@ def test_crd_needs_shapes_and_num_data():
         losses.get("crd", TermContext(student_shape=(4,), teacher_shape=(6,)))
     with pytest.raises(ValueError, match=r"student_shape must be \(d,\)"):
         losses.get("crd", TermContext(student_shape=(3, 4, 4), teacher_shape=(6,), num_data=10))
-    term = losses.get("crd", TermContext(student_shape=(4,), teacher_shape=(6,), num_data=10))
+    term = losses.get("crd", TermContext(student_shape=(4,), teacher_shape=(6,), num_data=10), negatives="uniform")
     with pytest.raises(ValueError, match=r"index must lie in \[0, 10\)"):
         term(student_feats=torch.randn(2, 4), teacher_feats=torch.randn(2, 6), index=torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="needs index"):

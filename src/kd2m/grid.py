@@ -20,7 +20,7 @@ from . import distributed as dist_ctx
 from . import results as R
 from .atomic_io import atomic_write_json
 from .config import ConfigError, RunConfig
-from .data import build_dataset
+from .data import build_dataset, dataset_labels
 from .methods import Method, method_label
 from .rundir import FINAL_JSON, TEACHER, RunDir, clean_temp_files
 from .runtime import resolve_device
@@ -103,11 +103,13 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
         items = [bundle.train[i] for i in range(k)]
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.tensor([int(it[1]) for it in items], device=device)
+        labels = dataset_labels(bundle.train)
         for vcfg, method in students:
             if not method.terms:
                 continue
             student = student_for(vcfg)
-            bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train), vcfg.match)
+            bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train), vcfg.match,
+                               labels)
             _probe_values(method, bound, student, teacher, x, y)
 
 

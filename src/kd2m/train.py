@@ -29,6 +29,7 @@ from . import losses
 from . import monitor as watch
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig
+from .data import dataset_labels
 from .features import PENULTIMATE, FeatureTap, last_linear_name
 from .methods import Method, TermConfig, cache_problem
 from .metrics._base import NonFiniteInputError
@@ -289,10 +290,12 @@ def _probe(model: nn.Module, x: Tensor, wanted: set) -> tuple[dict, Tensor]:
 
 
 def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, example: Tensor,
-               num_classes: int, num_data: int, match: str = "global") -> list[BoundTerm]:
+               num_classes: int, num_data: int, match: str = "global",
+               train_labels: Tensor | None = None) -> list[BoundTerm]:
     """Build ``method``'s term modules with the shapes they need (from one probe forward on
     ``example``), each with its resolved layers; any error names the method and the term.
-    ``match``: where the distances see the batch under torchrun ("global" or "local")."""
+    ``match``: where the distances see the batch under torchrun ("global" or "local").
+    ``train_labels``: every training sample's label (:func:`kd2m.data.dataset_labels`), or None."""
     if not method.terms:
         return []
     if teacher is None:
@@ -313,9 +316,8 @@ def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, ex
                               f"student gives {tuple(s_x.shape)} and layer {tl!r} of the teacher {tuple(t_x.shape)}")
         ctx_fields = dict(student_shape=_shape(s_x) if s_x is not None else None,
                           teacher_shape=_shape(t_x) if t_x is not None else None,
-                          num_classes=num_classes, num_data=num_data)
-        if "teacher_head" in losses.TermContext.__dataclass_fields__:
-            ctx_fields["teacher_head"] = head
+                          num_classes=num_classes, num_data=num_data, teacher_head=head,
+                          train_labels=train_labels)
         options = t.option_dict
         if t.spec.family == "kd2m" and "match" in t.spec.options:
             options.setdefault("match", match)
@@ -428,7 +430,7 @@ class Trainer:
         example = self.bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * self.bundle.train[0][0].dim()))
         example = to_device(example, device, cfg.channels_last)
         self.terms = bind_terms(self.method, model, self.teacher, example, self.bundle.num_classes,
-                                len(self.bundle.train), cfg.match)
+                                len(self.bundle.train), cfg.match, dataset_labels(self.bundle.train))
         for b in self.terms:
             b.module.to(device)
         cache = None

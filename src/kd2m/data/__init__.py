@@ -10,8 +10,8 @@ Modules: ``registry`` (``DataBundle``, the registry, default data root), ``digit
 the sequence length), ``torchvision_sets`` (cifar10, cifar100, svhn), ``imagefolder`` (your own images).
 """
 from .registry import (DEFAULT_DATA_ROOT, DataBundle, DatasetNotFoundError, available_datasets,  # noqa: F401
-                       build_dataset, register_dataset, resolve_root)
+                       build_dataset, dataset_labels, register_dataset, resolve_root)
 from . import digits, imagefolder, mnist1d, torchvision_sets  # noqa: F401,E402  (registers the datasets)
 
-__all__ = ["build_dataset", "available_datasets", "register_dataset", "resolve_root", "DataBundle",
+__all__ = ["build_dataset", "dataset_labels", "available_datasets", "register_dataset", "resolve_root", "DataBundle",
            "DatasetNotFoundError", "DEFAULT_DATA_ROOT"]

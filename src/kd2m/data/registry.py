@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from torch.utils.data import Dataset
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 from ..registry import registrar
 
@@ -43,6 +46,27 @@ class DataBundle:
     image_size: int
     name: str
     classes: list[str] | None = None  # class names in label order, where the data has them
+
+
+def dataset_labels(dataset: Dataset) -> Tensor | None:
+    """``(len(dataset),)`` int64: every sample's label by index, read without loading a sample.
+
+    From the attribute the dataset keeps them in: ``targets`` (torchvision's CIFAR and
+    ImageFolder), ``labels`` (SVHN, :class:`~kd2m.data.digits.TensorImageDataset`), through
+    ``Subset``s. None for a dataset that keeps them nowhere (the caller decides; CRD's
+    other-class negatives then ask for ``negatives="uniform"``) — never a pass over the images.
+    """
+    if isinstance(dataset, Subset):
+        inner = dataset_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    for name in ("targets", "labels"):
+        values = getattr(dataset, name, None)
+        if values is None:
+            continue
+        labels = torch.as_tensor(np.asarray(values))
+        if labels.shape == (len(dataset),) and not labels.is_floating_point() and labels.dtype != torch.bool:
+            return labels.long()
+    return None
 
 
 Builder = Callable[[str | os.PathLike | None, bool, bool], DataBundle]

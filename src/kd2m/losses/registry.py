@@ -47,7 +47,8 @@ class TermContext:
     pooled features, ``(c, h, w)`` for maps. ``num_classes``: logit width. ``num_data``: the
     training set's size (memory banks keyed by sample index). ``teacher_head``: the weight
     ``(C, d)`` of the teacher's last ``nn.Linear`` (its class prototypes; WKD-L builds its
-    class-to-class cost from them), or None.
+    class-to-class cost from them), or None. ``train_labels``: ``(num_data,)`` int64, the label of
+    every training sample by index (CRD draws its negatives from other classes), or None.
     """
     student_shape: tuple[int, ...] | None = None
     teacher_shape: tuple[int, ...] | None = None
@@ -55,6 +56,7 @@ class TermContext:
     num_data: int | None = None
     # a tensor: left out of == and hash (comparing tensors elementwise has no single truth value)
     teacher_head: Tensor | None = field(default=None, compare=False)
+    train_labels: Tensor | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,8 @@ def rkd(*, student_feats: Tensor, teacher_feats: Tensor, distance_weight: float 
 
 #: CRD's eps in the NCE ratios (RepDistiller ``crd/criterion.py``)
 CRD_EPS = 1e-7
+#: where CRD draws its negatives: RepDistiller's ``--mode exact`` default, or its memory's uniform fallback
+NEGATIVES = ("other_class", "uniform")
 
 
 @register_term("crd", label="CRD", needs=("feats", "index"), paper="Tian, Krishnan & Isola, ICLR 2020", weight=0.8)
@@ -143,8 +145,10 @@ class CRD(Term):
     Student and teacher features are embedded by learnable ``Linear(d, feat_dim)`` maps and
     L2-normalised, :math:`v^S_i, v^T_i`. Two memory banks hold one unit vector per training
     sample, :math:`m^S` (student side) and :math:`m^T` (teacher side). For each sample i, with
-    its index :math:`j_0 = \text{index}_i` and K negatives :math:`j_1..j_K` drawn uniformly from
-    the training set,
+    its index :math:`j_0 = \text{index}_i` and K negatives :math:`j_1..j_K` drawn from the
+    training samples of other classes (``negatives="other_class"``, RepDistiller's default
+    ``--mode exact``: without replacement unless a class has fewer than K others) or uniformly
+    from all N samples with replacement (``negatives="uniform"``, the memory's own fallback),
 
     .. math::
         h^S_{ik} = \exp(\langle m^T_{j_k}, v^S_i\rangle/\tau)/Z^S,\qquad
@@ -164,20 +168,20 @@ class CRD(Term):
     ``mdistiller/distillers/CRD.py``. Options as RepDistiller: feat_dim 128, nce_k 16384,
     nce_t 0.07, nce_m 0.5.
 
-    Differences: the negatives are drawn uniformly over all N samples inside the term (the
-    memory's own fallback when no ``contrast_idx`` is given); RepDistiller's data loader by
-    default (``--mode exact``) draws them from samples of *other classes*, which needs every
-    sample's label at the data-loading side. ``nce_k`` is clamped to N − 1 so tiny training sets
-    work (RepDistiller would draw 16384 negatives with repeats). The banks update only in
+    The negatives are drawn inside the term (RepDistiller draws them in its data loader, one
+    ``np.random.choice`` per sample; here one ``torch.multinomial`` per batch on the global torch
+    RNG, so a resumed run draws the same ones); ``"other_class"`` needs every training sample's
+    label, ``TermContext.train_labels`` (the engine passes it). ``nce_k`` is clamped to N − 1 so
+    tiny training sets work (RepDistiller would draw 16384 negatives with repeats). The banks update only in
     training mode (``term.train()``, the default), so evaluation calls leave them unchanged.
 
     Memory: two N × feat_dim float32 banks (N = 50 000: 49 MiB) and two N × n score matrices per
-    call. Cost: O(N·n·feat_dim) (one GEMM against each bank; the authors' gather of the drawn
+    call (plus the n × N draw weights of ``"other_class"``). Cost: O(N·n·feat_dim) (one GEMM against each bank; the authors' gather of the drawn
     rows costs O(nK·feat_dim) arithmetic but copies n·(K+1)·feat_dim floats).
     """
 
     def __init__(self, ctx: TermContext, *, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
-                 nce_m: float = 0.5):
+                 nce_m: float = 0.5, negatives: str = "other_class"):
         super().__init__(ctx)
         for name, v in (("feat_dim", feat_dim), ("nce_k", nce_k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -197,6 +201,27 @@ class CRD(Term):
                              f"sample): TermContext.num_data must be an int ≥ 2, got {num_data!r}")
         self.num_data = num_data
         self.nce_k = min(nce_k, num_data - 1)
+        if negatives not in NEGATIVES:
+            raise ValueError(f"loss term 'crd': negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
+        self.negatives = negatives
+        labels = self.ctx.train_labels
+        if negatives == "other_class":
+            if labels is None:
+                raise ValueError("loss term 'crd' draws its negatives from other classes (RepDistiller's default) "
+                                 "and needs every training sample's label: give TermContext.train_labels, or "
+                                 "negatives='uniform'")
+            labels = torch.as_tensor(labels)
+            if (labels.shape != (num_data,) or labels.is_floating_point() or labels.dtype == torch.bool
+                    or int(labels.min()) < 0):
+                raise ValueError(f"loss term 'crd': TermContext.train_labels must be ({num_data},) integer labels "
+                                 f"(one per training sample), got {labels.dtype} {tuple(labels.shape)}")
+            if int(labels.unique().numel()) < 2:
+                raise ValueError("loss term 'crd': every training sample has the same label, so no sample has a "
+                                 "negative of another class; use negatives='uniform'")
+            # a buffer, so it follows the term to the device; not in the state_dict (it comes from the data)
+            self.register_buffer("train_labels", labels.long().clone(), persistent=False)
+            # as RepDistiller: without replacement unless some class has fewer than K others
+            self.replace = self.nce_k > num_data - int(labels.bincount().max())
         self.nce_t, self.nce_m, self.feat_dim = float(nce_t), float(nce_m), feat_dim
         self.embed_s = nn.Linear(dims[0], feat_dim)
         self.embed_t = nn.Linear(dims[1], feat_dim)
@@ -208,8 +233,13 @@ class CRD(Term):
         self.register_buffer("z_t", torch.tensor(-1.0))
 
     def contrast_index(self, index: Tensor) -> Tensor:
-        """``(n, K+1)``: each sample's own index, then K indices drawn uniformly from [0, N)."""
-        negatives = torch.randint(0, self.num_data, (len(index), self.nce_k), device=index.device)
+        """``(n, K+1)``: each sample's own index, then its K negatives' indices in [0, N)."""
+        if self.negatives == "uniform":
+            negatives = torch.randint(0, self.num_data, (len(index), self.nce_k), device=index.device)
+        else:
+            # (n, N): 1 on the samples of another class than sample i's
+            weights = (self.train_labels[None, :] != self.train_labels[index][:, None]).float()
+            negatives = torch.multinomial(weights, self.nce_k, replacement=self.replace)
         return torch.cat((index[:, None], negatives), dim=1)
 
     def nce_loss(self, h: Tensor) -> Tensor:
@@ -253,4 +283,4 @@ class CRD(Term):
 
     def extra_repr(self) -> str:
         return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t:g}, "
-                f"nce_m={self.nce_m:g}")
+                f"nce_m={self.nce_m:g}, negatives={self.negatives}")
