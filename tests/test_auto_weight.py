@@ -78,6 +78,19 @@ def test_scale_is_the_ratio_of_gradient_norms_on_the_first_batches(tmp_path, met
     assert row["weights"][metric] == pytest.approx(0.5 * scale, rel=1e-9)  # K times the calibrated λ
 
 
+def test_auto_balances_the_term_against_ce_as_weighted_in_the_loss(tmp_path):
+    """With CE at weight w (e.g. mdistiller's KD, 0.1·CE), `auto` matches the pull of w·CE: the
+    calibrated λ is w times the one at CE weight 1 (the same student, teacher and batches)."""
+    import dataclasses
+    scales = []
+    for w in (1.0, 0.25):
+        tr = _trainer(tmp_path / str(w), "cw2", "auto")
+        tr.method = dataclasses.replace(tr.method, ce_weight=w)
+        tr._setup()
+        scales.append(tr.scales[0])
+    assert scales[1] == pytest.approx(0.25 * scales[0], rel=1e-9)
+
+
 def test_calibration_leaves_no_trace_on_training(tmp_path):
     """auto*0 (λ = 0 after calibrating) must end bit-identical to the CE-only student: calibration
     draws no randomness the run sees and restores batch-norm statistics and every term state."""

@@ -180,3 +180,61 @@ def test_the_engine_gives_crd_the_training_labels_it_draws_negatives_by(tmp_path
         assert torch.equal(crd.train_labels, labels) and not same.any()
     else:  # uniform over 10 classes: about a tenth of the 2000 draws share the anchor's class
         assert 100 < int(same.sum()) < 300
+
+
+def test_ce_weight_scales_ce_in_the_loss_and_is_part_of_a_runs_settings(tmp_path, capsys):
+    """mdistiller's and RepDistiller's KD is 0.1·CE + 0.9·KD: a student's CE weight (the term's
+    registered one, or ``ce_weights``) multiplies CE in the loss every epoch, is stored with the run,
+    and a run made with another CE weight is not silently reused."""
+    out = tmp_path / "r"
+    cfg = tmp_path / "c.yaml"
+    body = (f"out: {out}\nepochs: 2\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce, kd, dkd]\nmetrics: []\n"
+            "progress: false\nweights: {{kd: 0.9, dkd: 0.1}}\n{extra}"
+            "students:\n  combo: [{{term: gauss_w2, weight: 0.3}}, {{term: kd, weight: 0.7}}]\n")
+    cfg.write_text(body.format(extra="ce_weights: {combo: 0.25}\n"))
+    assert main(["bench", str(cfg)]) == 0
+    for key, w_ce, lam in (("kd", 0.1, {"kd": 0.9}), ("dkd", 1.0, {"dkd": 0.1}),
+                           ("combo", 0.25, {"gauss_w2": 0.3, "kd": 0.7})):
+        for e in _log(out / key / "seed0/log.jsonl"):
+            if key != "dkd":  # dkd warms its λ up
+                assert e["weights"] == pytest.approx(lam)
+            want = w_ce * e["ce"] + sum(e["weights"][k] * e["terms"][k] for k in e["terms"])
+            assert e["loss"] == pytest.approx(want, rel=1e-6), key
+        settings = json.loads((out / key / "seed0/final.json").read_text())["settings"]
+        assert settings.get("ce_weight", 1.0) == w_ce and ("ce_weight" in settings) == (w_ce != 1.0)
+    assert "ce_weight" not in json.loads((out / "ce/seed0/final.json").read_text())["settings"]
+    # the same directory with kd's CE weight changed: refused, not reused
+    cfg.write_text(body.format(extra="ce_weights: {combo: 0.25, kd: 0.2}\n"))
+    assert main(["bench", str(cfg)]) == 2
+    assert "ce_weight 0.1 there, 0.2 now" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ce_weights, message", [
+    ({"ce": 0.5}, "'ce' trains on CE alone"),
+    ({"kdd": 0.5}, "'kdd' names no student"),
+    ({"kd": 0}, "CE weight of 'kd' must be a finite number > 0"),
+    ({"kd": float("nan")}, "must be a finite number > 0"),
+    ({"kd": True}, "must be a finite number > 0"),
+    ([0.1], "expected a mapping of student names"),
+])
+def test_bad_ce_weights_are_refused(ce_weights, message):
+    from kd2m.config import ConfigError, RunConfig
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(ce_weights=ce_weights).resolved()
+
+
+def test_ce_weight_defaults():
+    """KD's registered CE weight is the authors' 0.1 (with λ 0.9); the digits grid keeps CE at 1 with
+    its swept KD λ = 1, and drops both the moment the user sets their own λ."""
+    from kd2m.config import RunConfig
+    assert (losses.spec("kd").weight, losses.spec("kd").ce_weight) == (0.9, 0.1)
+    assert {losses.spec(n).ce_weight for n in losses.available() if n != "kd"} == {1.0}
+
+    def ce(cfg):
+        return {m.key: m.ce_weight for m in cfg.resolved().methods()}
+    assert ce(RunConfig()) == {"ce": 1.0, "kd": 1.0, "dkd": 1.0, "dist": 1.0, **{m: 1.0 for m in RunConfig().metrics}}
+    assert ce(RunConfig(weight="auto"))["kd"] == 0.1
+    assert ce(RunConfig(weights={"kd": 0.9}))["kd"] == 0.1
+    assert ce(RunConfig(weights={"kd": 0.9}, ce_weights={"kd": 0.5}))["kd"] == 0.5
+    both = RunConfig(metrics=[], baselines=[], students={"two": ["kd", "cw2"]}, ce_weights={}).resolved()
+    assert [m.ce_weight for m in both.methods()] == [1.0]  # several terms: 1 unless given

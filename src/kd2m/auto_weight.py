@@ -4,9 +4,9 @@ The distances differ by orders of magnitude in scale (W2² in the hundreds on th
 features, MMD below 1), so one λ means something different for every metric, layer and
 dataset. With ``weight: auto*K`` (``auto`` = ``auto*1``) the engine sets, before the first step,
 
-    λ_k = K · E_b ‖∇_θ CE(b)‖ / E_b ‖∇_θ term_k(b)‖
+    λ_k = K · w_CE · E_b ‖∇_θ CE(b)‖ / E_b ‖∇_θ term_k(b)‖
 
-with θ the student's parameters and b the first few training batches (in index order, the
+with w_CE the student's CE weight (1 unless set), θ the student's parameters and b the first few training batches (in index order, the
 student at its initial weights, train mode, no update). **λ = K then means: at initialisation
 the term pulls the student's weights K times as hard as the labels do.** It is invariant to any
 rescaling of the term (a term multiplied by c gets λ/c), of the features it is computed on
@@ -88,7 +88,7 @@ def calibrate(trainer) -> list[float]:
         if not term_norm[k] > 0 or not math.isfinite(term_norm[k]):
             raise ConfigError(f"{trainer.method.key}: weight auto for term {b.config.name!r}: its gradient on the "
                               f"initial student is {term_norm[k]:g}, so no λ balances it against CE; give a number")
-        scales.append(ce_norm / term_norm[k])
+        scales.append(trainer.method.ce_weight * ce_norm / term_norm[k])
     return scales
 
 

@@ -38,6 +38,8 @@ DATASET_DEFAULTS = {
                    weights={"w2": 0.01, "cw2": 0.1, "jw2": 0.001, "gauss_w2": 0.01, "gauss_cw2": 0.1,
                             "gauss_kl": 0.03, "gauss_ckl": 0.03, "mmd_rbf": 10.0, "cmmd_rbf": 10.0,
                             "kd": 1.0, "dkd": 0.1, "dist": 1.0},
+                   # KD's λ = 1 was swept with CE at weight 1 (the authors' CIFAR loss is 0.1·CE + 0.9·KD)
+                   ce_weights={"kd": 1.0},
                    # DKD warms its λ up over 20 of mdistiller's 240 epochs: the same share of 10 is 1 epoch
                    term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}, "dkd": {"warmup": 1}}),
     # MNIST-1D (Greydanus & Kobak): the paper's 1-D CNN teacher and MLP student, 4000 training
@@ -46,7 +48,7 @@ DATASET_DEFAULTS = {
     # (the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
     "mnist1d": dict(teacher="mnist1d_cnn", student="mnist1d_mlp", epochs=60, teacher_epochs=60, lr=0.05,
                     batch_size=100, weight="auto", num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
-                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"},
+                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0},
                     term_options={"dkd": {"warmup": 5}}),
 }
 IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs=15, lr=1e-2, weight=1e-4,
@@ -89,6 +91,8 @@ class RunConfig:
                                             "auto (calibrated: at initialisation the term pulls the student as hard "
                                             "as CE) or auto*K (K times that)")
     weights: dict | None = _opt(None, "λ per term name (distances and baselines)", cli=False)
+    ce_weights: dict | None = _opt(None, "weight of CE per student name (default: the authors' CE weight of a "
+                                         "single-term student's term — 0.1 for kd, as mdistiller — else 1)", cli=False)
     term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4, "
                                            "warmup: 2}} (warmup/schedule set the term's λ schedule)", cli=False)
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
@@ -143,6 +147,9 @@ class RunConfig:
         # Per-term λ defaults apply only while the user set no λ at all: an explicit --weight
         # means "this λ for every metric".
         default_weights = defaults.pop("weights", {})
+        default_ce = defaults.pop("ce_weights", {})  # swept together with the λ of `weights`: they go together
+        if c.ce_weights is None:
+            c.ce_weights = dict(default_ce) if c.weights is None and c.weight is None else {}
         if c.weights is None:
             c.weights = dict(default_weights) if c.weight is None else {}
         default_options = defaults.pop("term_options", {})
@@ -222,6 +229,17 @@ class RunConfig:
                 raise ConfigError(f"students: {name}: expected a non-empty list of terms")
             c.students[name] = entries
             used |= {_entry_name(e) for e in entries}
+        if not isinstance(c.ce_weights, dict):
+            raise ConfigError(f"ce_weights: expected a mapping of student names to CE weights, got {c.ce_weights!r:.60}")
+        for k, w in c.ce_weights.items():
+            if k in ("ce", "teacher"):
+                raise ConfigError(f"ce_weights: {k!r} trains on CE alone (its weight would only rescale the learning "
+                                  "rate); give weights of distilled students")
+            if k not in losses.available() and k not in c.students:
+                raise ConfigError(f"ce_weights: {k!r} names no student (a loss term's name, or a name under "
+                                  f"students:); valid: {', '.join(losses.available() + sorted(c.students))}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise ConfigError(f"ce_weights: the CE weight of {k!r} must be a finite number > 0, got {w!r:.40}")
         # Options for a registered term no student runs are kept, not refused: a config file's
         # settings stay valid when the command line narrows --baselines/--metrics (typos of a
         # term's name were refused above, typos of an option name are refused when it is built).
@@ -285,8 +303,8 @@ class RunConfig:
     def methods(self) -> list:
         """The students of this configuration, in table order: baselines, metrics, named students."""
         from .methods import Method, term_from_entry
-        out = [Method("ce") if b == "ce" else Method(b, (self.term(b),)) for b in self.baselines]
-        out += [Method(m, (self.term(m),)) for m in self.metrics]
+        out = [Method("ce") if b == "ce" else self._method(b, (self.term(b),)) for b in self.baselines]
+        out += [self._method(m, (self.term(m),)) for m in self.metrics]
         for name, entries in (self.students or {}).items():
             terms = []
             for i, e in enumerate(entries):
@@ -299,8 +317,21 @@ class RunConfig:
                 if known and "weight" not in entry:
                     entry["weight"] = self.weight_for(tname)
                 terms.append(term_from_entry(entry, f"students: {name}[{i}]", options=opts))
-            out.append(Method(name, tuple(terms)))
+            out.append(self._method(name, tuple(terms)))
         return out
+
+    def _method(self, key: str, terms: tuple):
+        """A distilled student: its terms and its CE weight (``ce_weights``, else the authors' CE
+        weight of its only term, else 1)."""
+        from .methods import Method
+        given = self.ce_weights or {}
+        if key in given:
+            ce_weight = given[key]
+        elif len(terms) == 1:
+            ce_weight = terms[0].spec.ce_weight
+        else:
+            ce_weight = 1.0
+        return Method(key, terms, float(ce_weight))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""What a run optimises: ``CE + Σ_k λ_k(epoch) · term_k``, described as data.
+"""What a run optimises: ``w_CE · CE + Σ_k λ_k(epoch) · term_k``, described as data.
 
 A :class:`Method` is a named list of :class:`TermConfig` (empty for the CE-only student); the
 grid builds one student per method, and the engine (:mod:`kd2m.train`) composes the loss from
@@ -86,10 +86,11 @@ class TermConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """A student's loss: CE plus ``terms``. ``key`` names its directory and its results rows
-    (``"teacher"`` is the teacher's run, ``"ce"`` the CE-only student)."""
+    """A student's loss: ``ce_weight``·CE plus ``terms``. ``key`` names its directory and its
+    results rows (``"teacher"`` is the teacher's run, ``"ce"`` the CE-only student)."""
     key: str
     terms: tuple = field(default_factory=tuple)
+    ce_weight: float = 1.0
 
     @property
     def uses_teacher(self) -> bool:

@@ -1,6 +1,6 @@
 """The engine: one training loop for teachers, CE-only students and distilled students.
 
-A run optimises ``CE + Σ_k λ_k(epoch) · term_k`` (:class:`~kd2m.methods.Method`, terms from the
+A run optimises ``w_CE · CE + Σ_k λ_k(epoch) · term_k`` (:class:`~kd2m.methods.Method`, terms from the
 one registry :mod:`kd2m.losses`). Every student of a seed shares the same initial weights, data
 order, optimizer and schedule; only the terms differ. Each epoch ends with an atomic
 checkpoint; a killed run resumes from the last one and, on CPU with deterministic algorithms,
@@ -173,6 +173,8 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
             s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
     elif method.terms:
         s.update(terms=[t.describe() for t in method.terms])
+    if method.ce_weight != 1.0:  # only when set: runs made before CE had a weight keep their settings
+        s.update(ce_weight=method.ce_weight)
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
 
 
@@ -500,7 +502,7 @@ class Trainer:
                         from None
                 values.append(v)
                 distill = distill + w * v.float()
-            loss = ce + distill
+            loss = self.method.ce_weight * ce + distill
             if not torch.isfinite(loss):
                 parts = ", ".join([f"ce={float(ce.detach()):.4g}"] +
                                   [f"{b.key}={float(v.detach()):.4g}" for b, v in zip(self.terms, values)])
@@ -650,7 +652,7 @@ def fit(model: nn.Module, bundle, cfg: RunConfig, method: Method, seed: int, run
     """Train ``model`` for ``epochs`` with ``method``'s loss; resume from ``run_dir`` if a checkpoint is there.
 
     Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
-    epoch: test accuracy, the lr it trained with, loss = ce + distill, each term's unweighted value
+    epoch: test accuracy, the lr it trained with, loss = w_CE·ce + distill, each term's unweighted value
     under ``terms`` and its λ under ``weights``; a student's feature gap to its teacher under ``diag``,
     see :mod:`kd2m.monitor`), ``run_dir/model.pt`` (final weights) and
     ``run_dir/final.json`` (the result: last- and best-epoch accuracy; its presence marks the run

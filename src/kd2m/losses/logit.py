@@ -35,7 +35,9 @@ def _options_kd(term: str, temperature, standardize) -> None:
     check_flag(term, standardize=standardize)
 
 
-@register_term("kd", label="KD", needs=("logits",), paper="Hinton, Vinyals & Dean, NIPS-W 2015")
+# mdistiller's KD (CE_WEIGHT 0.1, KD_WEIGHT 0.9) and RepDistiller's (-r 0.1 -a 0.9)
+@register_term("kd", label="KD", needs=("logits",), paper="Hinton, Vinyals & Dean, NIPS-W 2015", weight=0.9,
+               ce_weight=0.1)
 @in_full_precision
 def kd(*, student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, standardize: bool = False,
        **_) -> Tensor:

@@ -74,6 +74,7 @@ class TermSpec:
     factory: Callable | None = None  # factory(ctx, **options) -> nn.Module; None: bind options to ``builder``
     warmup: int = 0              # epochs over which the engine ramps λ linearly: λ·min(epoch/warmup, 1), epoch ≥ 1
     weight: float = 1.0          # the authors' λ (the loss weight of their released configs), the default
+    ce_weight: float = 1.0       # the weight of CE the authors pair the term with (mdistiller's KD: 0.1)
 
     @property
     def needs_maps(self) -> bool:
@@ -120,11 +121,13 @@ def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
 
 
 def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, family: str = "baseline",
-                  paper: str = "", warmup: int = 0, weight: float = 1.0):
+                  paper: str = "", warmup: int = 0, weight: float = 1.0, ce_weight: float = 1.0):
     """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts.
 
     ``weight``: the default λ, as the authors' released configs weight the term against CE
-    (e.g. mdistiller's ``FEAT_WEIGHT``); a config's ``weights:`` overrides it.
+    (e.g. mdistiller's ``FEAT_WEIGHT``); a config's ``weights:`` overrides it. ``ce_weight``: the
+    weight of CE in the authors' loss when the term is a student's only term (mdistiller's and
+    RepDistiller's KD: 0.1·CE + 0.9·KD); a config's ``ce_weights:`` overrides it.
 
     ``warmup``: a schedule, not part of the term's value: the engine multiplies the term's λ by
     ``min(epoch / warmup, 1)`` (epochs counted from 1, as mdistiller's trainer does); 0: no warm-up.
@@ -140,7 +143,7 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
         defaults = _keyword_options(obj)
         factory = obj if isinstance(obj, type) else None
         add_spec(TermSpec(name, label, obj, needs, tuple(k for k, _ in defaults), pairwise_factor, family,
-                          paper, defaults, factory, warmup, float(weight)))
+                          paper, defaults, factory, warmup, float(weight), float(ce_weight)))
         return obj
     return add
 
