@@ -6,6 +6,7 @@ naming it. Kept to tiny digits runs (one CPU core is enough).
 """
 import csv
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 
 import kd2m.atomic_io as ckpt_mod
 from kd2m import metrics
+from kd2m import results as R
 from kd2m.atomic_io import atomic_write_bytes, load_checkpoint, save_checkpoint
 from kd2m.cli import main
 from kd2m.loss import KD2MLoss
@@ -340,6 +342,76 @@ def test_non_finite_student_features_name_the_epoch_and_step(tmp_path, capsys, m
     monkeypatch.setattr(Taps, "features", poisoned)
     code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "cw2 s0: non-finite student features at epoch 1, step 1")
+
+
+def test_finite_features_too_large_for_a_float32_cost_read_as_a_non_finite_loss(tmp_path, capsys, monkeypatch):
+    """A diverging student's features, finite but ~1e20, overflowed the float32 cost GEMM of exact
+    OT: the solver's bare "exact_plan: cost contains NaN/inf" stopped the grid without naming the
+    run, epoch or step (seen in an MNIST-1D λ sweep). The plan's cost now falls back to float64,
+    the loss reads inf, and the engine says where."""
+    from kd2m.metrics.exact import _inner_cost
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    big = s * 1e20                                            # float32, finite
+    cost = _inner_cost(big, t)
+    c = torch.cat([big.double(), t.double()]).mean(0)
+    want = -2 * (big.double() - c) @ (t.double() - c).T
+    assert torch.isfinite(cost).all() and torch.allclose(cost, want, rtol=1e-12)
+    for name in ("w2", "cw2", "jw2"):
+        value = metrics.get(name)(s * 1e20, t, torch.arange(16) % 2)
+        assert torch.isinf(value), name   # ~1e41 overflows the float32 result: inf, not a solver error
+    from kd2m.train import Taps
+    real = Taps.features
+
+    def huge(self):
+        return {k: f * 1e20 if f.requires_grad else f for k, f in real(self).items()}  # the student's taps
+    monkeypatch.setattr(Taps, "features", huge)
+    code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
+    one_line_error(code, err, "cw2 s0: non-finite loss at epoch 1, step 1", "cw2=inf")
+
+
+def test_a_diverging_student_is_recorded_and_the_grid_finishes_the_others(tmp_path, capsys, monkeypatch):
+    """A λ sweep whose largest λ diverges used to stop the whole grid at that run: the seeds and
+    students after it never ran. Now the others finish, the tables flag the diverged run (left out
+    of its method's mean), its run directory records where, and then the one-line error (exit 2)
+    names it; rerunning retries it (its cause may be gone) and redoes nothing else."""
+    out = tmp_path / "o"
+    real_call = metrics.Metric.__call__
+
+    def nan_for_seed0_w2(self, *args):
+        value = real_call(self, *args)
+        if self.name == "w2" and torch.initial_seed() % 1000 == 0:  # seed 0's run of w2 only
+            return value * float("nan")
+        return value
+    monkeypatch.setattr(metrics.Metric, "__call__", nan_for_seed0_w2)
+    argv = ["run", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "2", "--baselines", "ce", "--metrics", "w2,cw2",
+            "--no-progress", "--parallel", "1", "--out", out]
+    code, log, err = run_cli(argv, capsys)
+    line = one_line_error(code, err, "w2 s0: non-finite loss at epoch 1, step 1", "no checkpoint was written yet")
+    assert "more diverged" not in line
+    for key, seed in (("ce", 0), ("ce", 1), ("cw2", 0), ("cw2", 1), ("w2", 1)):   # every other run finished
+        assert (out / key / f"seed{seed}" / "final.json").exists(), (key, seed)
+    record = json.loads((out / "w2/seed0/diverged.json").read_text())
+    assert record["where"].startswith("non-finite loss at epoch 1, step 1") and record["settings"]["seed"] == 0
+    assert "seed 0 W2 (E)" in log and "diverged" in log
+    md = (out / "results.md").read_text()
+    assert "| W2 (E) |" in md and "(!) diverged" in md and "W2 (E) on seed 0." in md
+    assert "unfinished" not in md  # diverged is said as such, not as an unfinished run
+    assert json.loads((out / "results.json").read_text())["diverged"] == {"W2 (E)": [0]}
+    # the cause gone: the same command retries the diverged run only, and the record goes
+    monkeypatch.setattr(metrics.Metric, "__call__", real_call)
+    code, log, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert log.count("(finished earlier)") == 2 + 5      # two teachers, five students
+    assert (out / "w2/seed0/final.json").exists() and not (out / "w2/seed0/diverged.json").exists()
+    assert "diverged" not in (out / "results.md").read_text()
+
+
+def test_a_student_diverging_on_every_seed_gets_a_row_saying_so():
+    rows = [{"method": "ce", "label": "student (CE only)", "seed": s, "test_acc": 0.9 + s / 100} for s in range(3)]
+    md = R.markdown_table(rows, "digits", expected_seeds=3, diverged={"W2 (E) λ=auto*10": [0, 1, 2]})
+    assert "| W2 (E) λ=auto*10 | diverged | 0 (!) |" in md
+    assert "W2 (E) λ=auto*10 on seeds 0, 1, 2" in md
 
 
 # ----------------------------------------------------------------------------- a full disk

@@ -191,6 +191,8 @@ def cmd_table(args) -> int:
         short = [f"{s['label']} {s['n']}/{want}" for s in summarize(rows) if want and s["n"] < want]
         if short:
             notes.append(f"{dataset}: unfinished ({', '.join(short)} seeds)")
+        for label, seeds in (meta.get("diverged") or {}).items():
+            notes.append(f"{dataset}: {label} diverged on seeds {', '.join(map(str, seeds))} (left out of its mean)")
     table = paper_table(runs) + "".join(f"\n(!) {n}" for n in notes) + ("\n" if notes else "")
     print(table)
     if args.out:

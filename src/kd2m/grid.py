@@ -22,9 +22,9 @@ from .atomic_io import atomic_write_json
 from .config import ConfigError, RunConfig
 from .data import build_dataset, dataset_labels
 from .methods import Method, method_label
-from .rundir import FINAL_JSON, TEACHER, RunDir, clean_temp_files
+from .rundir import DIVERGED_JSON, FINAL_JSON, TEACHER, RunDir, clean_temp_files
 from .runtime import resolve_device
-from .train import bind_terms, build_student, build_teacher, fit, freeze
+from .train import NonFiniteLossError, bind_terms, build_student, build_teacher, fit, freeze
 
 #: keys ``--sweep`` may vary, and the check each value must pass
 SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
@@ -169,6 +169,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
 def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[dict]:
     csv_path = out.results_csv
     rows = R.read_rows(csv_path)
+    failures: list[str] = []  # errors of diverged students: the grid finishes the others first
     t_start = time.perf_counter()
     workers = min(cfg.parallel or 1, len(cfg.seeds)) if not dist_ctx.is_distributed() else 1
     if workers > 1:
@@ -179,25 +180,38 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
             done = pool.imap(_seed_worker, jobs)
             results = ((seed, next(done)) for seed in cfg.seeds)
-            rows = _collect(results, rows, csv_path, t_start, log)
+            rows = _collect(results, rows, csv_path, t_start, log, failures)
     else:
         results = ((seed, _train_seed(cfg, students, bundle, device, out, seed)) for seed in cfg.seeds)
-        rows = _collect(results, rows, csv_path, t_start, log)
+        rows = _collect(results, rows, csv_path, t_start, log, failures)
     keys = {TEACHER} | {m.key for _, m in students}
     own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] \
         if dist_ctx.is_main() else rows
+    diverged = {}  # label -> seeds whose run diverged in this grid (each run dir's diverged.json says where)
+    for _, m in students:
+        seeds = [s for s in cfg.seeds if (out.run(m.key, s) / DIVERGED_JSON).exists()]
+        if seeds:
+            diverged[m.label] = seeds
     if dist_ctx.is_main():
         R.write_reports(out.root, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds),
-                        reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student))
+                        reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
         if sweep is not None:
             plot_sweep(own, sweep[0], out.sweep_png)
+    if failures:  # every other run has finished and the tables are written: now the one-line error (exit 2)
+        more = f" (and {len(failures) - 1} more diverged run(s), flagged in results.md)" if len(failures) > 1 else ""
+        raise NonFiniteLossError(failures[0] + more)
     return own
 
 
-def _collect(results, rows: list[dict], csv_path, t_start: float, log) -> list[dict]:
-    """Write each finished run's row (as each seed completes) and log it."""
+def _collect(results, rows: list[dict], csv_path, t_start: float, log, failures: list) -> list[dict]:
+    """Write each finished run's row (as each seed completes) and log it; a diverged run's error
+    goes to ``failures``."""
     for seed, runs in results:
         for row, label, earlier in runs:
+            if isinstance(row, str):  # diverged: no row; the error, raised once the grid has finished
+                log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {label:<24} diverged")
+                failures.append(row)
+                continue
             if dist_ctx.is_main() and not any(r == {**r, **_csv_view(row)} for r in rows):
                 rows = R.upsert(csv_path, row)  # new, or its row changed (a run redone after its directory was deleted)
             log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {label:<24} "
@@ -205,12 +219,14 @@ def _collect(results, rows: list[dict], csv_path, t_start: float, log) -> list[d
     return rows
 
 
-def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[tuple[dict, str, bool]]:
+def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[tuple[dict | str, str, bool]]:
     """Teacher, then every student of one seed; (results row, label, finished earlier) per run.
 
     Every run goes through fit(): a finished one returns its final.json at once after checking
     that it was made with the same settings (so a resumed grid redoes nothing, and a changed
-    config never silently reuses old results)."""
+    config never silently reuses old results). A student whose loss goes non-finite is recorded
+    (its ``diverged.json``; the row is the reason, a string) and the grid goes on: in a λ sweep
+    the largest λ diverging is a result, not the end of the sweep. A diverging teacher stops it."""
     teacher = build_teacher(cfg, bundle, seed)
     caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
     runs = []
@@ -222,9 +238,13 @@ def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[t
                       epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")
             freeze(teacher)
         else:
-            res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
-                      teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
-                      teacher_caches=caches)
+            try:
+                res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
+                          teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
+                          teacher_caches=caches)
+            except NonFiniteLossError as e:
+                runs.append((str(e), method.label, False))
+                continue
         row = {**res, "dataset": cfg.dataset, "label": method.label, "run_dir": str(run_dir.relative_to(out.root))}
         runs.append((row, method.label, earlier))
     return runs

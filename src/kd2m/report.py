@@ -411,7 +411,9 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     _, meta = R.read_reported(run_dir)
     header = (meta.get("header") or f"# kd2m results: {dataset}").split("\n", 1)[-1].strip()
     md = [f"# kd2m report: {dataset}", "", header, "",
-          "## Results", "", R.markdown_table(rows, dataset, meta.get("expected_seeds"), meta.get("reference")), R.NOTE, "",
+          "## Results", "",
+          R.markdown_table(rows, dataset, meta.get("expected_seeds"), meta.get("reference"), meta.get("diverged")),
+          R.NOTE, "",
           "![accuracy per method and paired Δ vs CE](accuracy.png)", "",
           "## Training curves", "",
           "Test accuracy and the distillation loss D (per training sample, log scale) per epoch, mean over seeds.",

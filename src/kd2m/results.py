@@ -215,12 +215,14 @@ def reference_numbers(dataset: str, teacher: str | None = None, student: str | N
 
 
 def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds: int | None = None,
-                   reference: dict | None = None) -> str:
+                   reference: dict | None = None, diverged: dict | None = None) -> str:
     """Methods × (accuracy mean ± std, seeds, paired Δ vs CE with its 95% interval, p, wins,
     verdict[, published]); the best student (highest mean; never the teacher) in bold. With
     ``expected_seeds``, methods with fewer finished seeds are flagged and listed below the table.
     ``reference``: published numbers for a last column (:func:`reference_numbers`; default: the
-    KD²M paper's for ``dataset``)."""
+    KD²M paper's for ``dataset``). ``diverged``: {label: seeds} of runs whose loss went non-finite;
+    flagged apart from unfinished ones, and a method that diverged on every seed gets a row saying so."""
+    diverged = diverged or {}
     stats = summarize(rows)
     students = [s for s in stats if s["method"] != "teacher"]
     best = max((s["mean"] for s in students), default=None)
@@ -237,9 +239,11 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
         if s["method"] != "teacher" and best is not None and s["mean"] == best:
             cell = f"**{cell}**"
         n = f"{s['n']}"
+        lost = len(diverged.get(s["label"], ()))
         if expected_seeds and s["n"] < expected_seeds:
             n += " (!)"
-            short.append(f"{s['label']} ({s['n']}/{expected_seeds})")
+            if s["n"] + lost < expected_seeds:
+                short.append(f"{s['label']} ({s['n']}/{expected_seeds})")
         if "delta" in s:
             p = "" if math.isnan(s["p_value"]) else f"{s['p_value']:.3f}"
             extra = f" {fmt_delta(s)} | {p} | {s['wins']}/{s['n_pairs']} | {verdict(s)} |"
@@ -250,9 +254,17 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
             pv = paper.get(s["method"].partition("@")[0])
             line += f" {pv:.2f} |" if pv is not None else " — |"
         lines.append(line)
+    shown = {s["label"] for s in stats}
+    for label_, seeds in diverged.items():
+        if label_ not in shown:  # diverged on every seed it ran: no accuracy at all
+            lines.append(f"| {label_} | diverged | 0 (!) | | | | |" + (" — |" if paper else ""))
     text = "\n".join(lines) + "\n"
     if short:
         text += f"\n(!) unfinished: {', '.join(short)} seeds; their means are over fewer seeds than the others.\n"
+    if diverged:
+        which = "; ".join(f"{k} on seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}" for k, v in diverged.items())
+        text += (f"\n(!) diverged (non-finite loss; each run's diverged.json says where): {which}. Those runs are "
+                 "left out: the means and paired Δ of these methods are over their other seeds only.\n")
     return text
 
 
@@ -297,18 +309,20 @@ NOTE = ("Accuracy: last epoch, full test set, mean ± sample std over seeds. Δ 
 
 
 def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "",
-                  expected_seeds: int | None = None, reference: dict | None = None) -> str:
+                  expected_seeds: int | None = None, reference: dict | None = None,
+                  diverged: dict | None = None) -> str:
     """results.md, results.json and summary.csv beside results.csv; returns the Markdown table.
 
     results.json holds exactly the rows results.md was computed from (``kd2m report`` and
     ``kd2m table`` read them from there, so every view shows the same numbers)."""
     out_dir = Path(out_dir)
     rows = [_typed(r) for r in rows]  # numbers in JSON, whoever built the rows
-    table = markdown_table(rows, dataset, expected_seeds, reference)
+    table = markdown_table(rows, dataset, expected_seeds, reference, diverged)
     atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
     clean = [{k: r.get(k) for k in FIELDS} for r in rows]
     atomic_write_json(out_dir / "results.json", {"dataset": dataset, "header": header, "expected_seeds": expected_seeds,
-                                                 "reference": reference, "rows": clean, "summary": _json_safe(summarize(rows))})
+                                                 "reference": reference, "rows": clean, "summary": _json_safe(summarize(rows)),
+                                                 "diverged": diverged or {}})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     w.writeheader()

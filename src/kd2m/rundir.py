@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["RunDir", "OutputDirError", "OutputDirInUseError", "clean_temp_files", "TEACHER", "MARKER",
-           "FINAL_JSON", "MODEL_PT", "CHECKPOINT_PT", "LOG_JSONL", "LAYOUT_VERSION"]
+           "FINAL_JSON", "MODEL_PT", "CHECKPOINT_PT", "LOG_JSONL", "DIVERGED_JSON", "LAYOUT_VERSION"]
 
 #: Method key of the teacher's runs.
 TEACHER = "teacher"
@@ -43,6 +43,7 @@ FINAL_JSON = "final.json"
 MODEL_PT = "model.pt"
 CHECKPOINT_PT = "checkpoint.pt"
 LOG_JSONL = "log.jsonl"
+DIVERGED_JSON = "diverged.json"   # a run whose loss went non-finite: where, and the settings it had
 #: Top-level file names.
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"

@@ -35,13 +35,20 @@ from .methods import Method, TermConfig, cache_problem
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
 from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
-from .rundir import CHECKPOINT_PT, FINAL_JSON, LOG_JSONL, MODEL_PT
+from .rundir import CHECKPOINT_PT, DIVERGED_JSON, FINAL_JSON, LOG_JSONL, MODEL_PT
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 
 class NonFiniteLossError(ValueError):
     """The training loss (or the matched features) became NaN/inf; the last good checkpoint is kept.
-    A ValueError: the user fixes it (a lower lr or λ), so the CLI exits 2 with one line."""
+    A ValueError: the user fixes it (a lower lr or λ), so the CLI exits 2 with one line.
+
+    ``where``: the bare cause (epoch, step, values), recorded in the run's ``diverged.json``, so a
+    grid can report the run as diverged and go on (:func:`kd2m.grid.run_grid`)."""
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(message)
+        self.where = where or message
 
 
 class IndexedDataset(Dataset):
@@ -419,6 +426,7 @@ class Trainer:
         self.teacher_caches = teacher_caches
         self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher)
         self.final_path = self.run_dir / FINAL_JSON
+        self.diverged_path = self.run_dir / DIVERGED_JSON
         self.ckpt_path = self.run_dir / CHECKPOINT_PT
         self.log_path = self.run_dir / LOG_JSONL
 
@@ -551,11 +559,22 @@ class Trainer:
         self.model.to(self.device)
         return result
 
+    def _diverged(self, where: str) -> NonFiniteLossError:
+        if self.ckpt_path.exists():
+            # a lower λ or lr changes the run's settings, which a resume refuses: say so
+            advice = (f"the last good checkpoint {self.ckpt_path} is kept (the same command resumes from it); to "
+                      f"lower --weight or --lr, delete {self.run_dir} first")
+        else:
+            advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
+        return NonFiniteLossError(f"{self.desc or self.run_dir}: {where}; {advice}", where)
+
     def fit(self, load_finished: bool = True) -> dict:
         if self.final_path.exists():  # finished earlier: its result (and, for a teacher, its weights)
             result = self._finished(load_finished)
             watch.backfill_tensorboard(self.cfg, self.run_dir, self._title(), self.settings)
             return result
+        if dist_ctx.is_main():  # an earlier divergence is retried (its cause may be gone), and recorded anew
+            _remove(self.diverged_path)
         self._setup()
         history, start, elapsed = self._resume()
         # kd2m.monitor: diagnostics into each row, TensorBoard; None when neither is wanted
@@ -598,13 +617,9 @@ class Trainer:
                         "settings": json.dumps(self.settings), "history": json.dumps(history)})
                     self._write_log(history)
         except NonFiniteLossError as e:  # say which run diverged and how to go on
-            if self.ckpt_path.exists():
-                advice = (f"the last good checkpoint {self.ckpt_path} is kept: lower --weight and rerun to resume "
-                          "from it, or delete it and rerun with a lower --lr (a resumed run keeps its learning-rate "
-                          "schedule)")
-            else:
-                advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
-            raise NonFiniteLossError(f"{self.desc or self.run_dir}: {e}; {advice}") from None
+            if dist_ctx.is_main():  # recorded: the same settings diverge the same way (training is deterministic)
+                atomic_write_json(self.diverged_path, {"where": e.where, "settings": self.settings})
+            raise self._diverged(e.where) from None
         finally:
             for hooks in (self.s_taps, self.teacher_out):
                 if hooks is not None:

@@ -136,12 +136,21 @@ def _inner_cost(s: Tensor, t: Tensor) -> Tensor:
     GEMM (as POT's ``cdist``) is 3x cheaper than a float64 one and perturbs the cost by
     ~1e-7 relative, which can only swap near-tied assignments whose costs agree to that
     precision: the value moves by less than the float32 rounding of the result.
+
+    Finite features whose products overflow float32 (|x| ≳ 1e18, e.g. a student diverging) get
+    their cost in float64: the plan stays exact, and an overflowing loss then reads inf, which
+    the engine reports with its epoch and step (the solver would refuse an inf cost instead).
     """
     with torch.no_grad():
         dtype = torch.promote_types(s.dtype, torch.float32)  # never a bf16/fp16 cost: 3 digits decide no plan
-        s, t = s.detach().to(dtype), t.detach().to(dtype)
-        c = torch.cat([s, t]).mean(0)
-        return ((s - c) @ (t - c).T).mul_(-2.0)
+        cost = None
+        for dt in (dtype, torch.float64) if dtype != torch.float64 else (dtype,):
+            a, b = s.detach().to(dt), t.detach().to(dt)
+            c = torch.cat([a, b]).mean(0)
+            cost = ((a - c) @ (b - c).T).mul_(-2.0)
+            if bool(torch.isfinite(cost).all()):
+                break
+        return cost
 
 
 def plan_cost(s: Tensor, t: Tensor, rows: Tensor, cols: Tensor, weights: Tensor) -> Tensor:
