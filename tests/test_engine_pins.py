@@ -203,6 +203,8 @@ def test_ce_weight_scales_ce_in_the_loss_and_is_part_of_a_runs_settings(tmp_path
         settings = json.loads((out / key / "seed0/final.json").read_text())["settings"]
         assert settings.get("ce_weight", 1.0) == w_ce and ("ce_weight" in settings) == (w_ce != 1.0)
     assert "ce_weight" not in json.loads((out / "ce/seed0/final.json").read_text())["settings"]
+    header = (out / "results.md").read_text().split("\n\n")[1]
+    assert "kd 0.9 (CE×0.1)" in header and "combo auto×0.3" not in header and "combo 0.3 + 0.7 (CE×0.25)" in header
     # the same directory with kd's CE weight changed: refused, not reused
     cfg.write_text(body.format(extra="ce_weights: {combo: 0.25, kd: 0.2}\n"))
     assert main(["bench", str(cfg)]) == 2

@@ -272,7 +272,7 @@ def _seed_worker(job) -> list[tuple[dict, str, bool]]:
 
 def _csv_view(row: dict) -> dict:
     """``row`` as results.csv reads it back (its columns, numbers as numbers)."""
-    return R._typed({k: row.get(k) for k in R.FIELDS})
+    return R.typed_row({k: row.get(k) for k in R.FIELDS})
 
 
 def _header(cfg: RunConfig) -> str:
@@ -284,11 +284,12 @@ def _header(cfg: RunConfig) -> str:
 
 
 def _weights_text(cfg: RunConfig) -> str:
-    """Every student's λ, as it trained (one λ when they share it)."""
+    """Every student's λ, as it trained (one λ when they share it), and its CE weight where not 1."""
     parts = []
     for m in cfg.methods():
         if m.terms:
-            parts.append(f"{m.key} " + " + ".join(("auto×" if t.auto else "") + f"{t.weight:g}" for t in m.terms))
+            parts.append(f"{m.key} " + " + ".join(("auto×" if t.auto else "") + f"{t.weight:g}" for t in m.terms)
+                         + (f" (CE×{m.ce_weight:g})" if m.ce_weight != 1.0 else ""))
     lams = {p.split(" ", 1)[1] for p in parts}
     if len(lams) == 1:
         return lams.pop()

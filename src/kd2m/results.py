@@ -68,7 +68,7 @@ NUMBER_FIELDS = {"seed": int, "test_acc": float, "best_acc": float, "best_epoch"
                  "seconds": float}
 
 
-def _typed(row: dict) -> dict:
+def typed_row(row: dict) -> dict:
     """A copy of ``row`` with its numeric columns as numbers (``weight`` missing or empty: 0.0;
     ``epochs``/``seconds`` missing or empty: None). Raises ValueError naming a bad cell."""
     out = dict(row)
@@ -93,7 +93,7 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        return [_typed(r) for r in csv.DictReader(f)]
+        return [typed_row(r) for r in csv.DictReader(f)]
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
@@ -316,7 +316,7 @@ def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: s
     results.json holds exactly the rows results.md was computed from (``kd2m report`` and
     ``kd2m table`` read them from there, so every view shows the same numbers)."""
     out_dir = Path(out_dir)
-    rows = [_typed(r) for r in rows]  # numbers in JSON, whoever built the rows
+    rows = [typed_row(r) for r in rows]  # numbers in JSON, whoever built the rows
     table = markdown_table(rows, dataset, expected_seeds, reference, diverged)
     atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
     clean = [{k: r.get(k) for k in FIELDS} for r in rows]
@@ -353,7 +353,7 @@ def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
         data = json.loads(js.read_text())
         rows = data.get("rows") or []
         if rows and isinstance(rows[0], dict) and "method" in rows[0]:
-            return [_typed(r) for r in rows], data
+            return [typed_row(r) for r in rows], data
     csv_path = run_dir / "results.csv"
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path} does not exist: is {run_dir} a kd2m run directory?")
