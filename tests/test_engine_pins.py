@@ -240,3 +240,27 @@ def test_ce_weight_defaults():
     assert ce(RunConfig(weights={"kd": 0.9}, ce_weights={"kd": 0.5}))["kd"] == 0.5
     both = RunConfig(metrics=[], baselines=[], students={"two": ["kd", "cw2"]}, ce_weights={}).resolved()
     assert [m.ce_weight for m in both.methods()] == [1.0]  # several terms: 1 unless given
+
+
+def test_a_run_copied_under_a_sweep_variants_name_is_that_variants_row(tmp_path):
+    """Runs made elsewhere with the same settings are reused by copying their directories in (the
+    README's merged MNIST-1D grid). A `cw2` run copied to `cw2@auto*1` has identical settings, but
+    its row took the method key stored in its final.json, so it overwrote `cw2`'s own row in
+    results.csv (found comparing auto with swept λ on MNIST-1D)."""
+    import shutil
+    out = tmp_path / "r"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce]\nmetrics: [cw2]\n"
+                   "weight: auto\nprogress: false\n")
+    assert main(["bench", str(cfg)]) == 0
+    auto_acc = R.read_rows(out / "results.csv")
+    auto_acc = {r["method"]: r["test_acc"] for r in auto_acc}["cw2"]
+    shutil.copytree(out / "cw2", out / "cw2@auto*1")
+    cfg.write_text(cfg.read_text().replace("weight: auto\n", "weight: 0.001\n"))   # cw2 itself: another λ
+    shutil.rmtree(out / "cw2")
+    assert main(["bench", str(cfg)]) == 0
+    assert main(["bench", str(cfg), "--sweep", "auto_weight=1"]) == 0          # trains nothing new
+    rows = {r["method"]: r for r in R.read_rows(out / "results.csv")}
+    assert rows["cw2@auto*1"]["test_acc"] == auto_acc
+    assert rows["cw2"]["test_acc"] == json.loads((out / "cw2/seed0/final.json").read_text())["test_acc"]
+    assert rows["cw2"]["run_dir"] == "cw2/seed0" and rows["cw2@auto*1"]["run_dir"] == "cw2@auto*1/seed0"

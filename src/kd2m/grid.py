@@ -245,7 +245,10 @@ def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[t
             except NonFiniteLossError as e:
                 runs.append((str(e), method.label, False))
                 continue
-        row = {**res, "dataset": cfg.dataset, "label": method.label, "run_dir": str(run_dir.relative_to(out.root))}
+        # keyed by where the run lives in this grid, not by the key its final.json was written under
+        # (a run directory copied under a sweep variant's name, e.g. `cw2` → `cw2@auto*1`, is that variant)
+        row = {**res, "method": method.key, "dataset": cfg.dataset, "label": method.label,
+               "run_dir": str(run_dir.relative_to(out.root))}
         runs.append((row, method.label, earlier))
     return runs
 
