@@ -141,16 +141,18 @@ def _inner_cost(s: Tensor, t: Tensor) -> Tensor:
     their cost in float64: the plan stays exact, and an overflowing loss then reads inf, which
     the engine reports with its epoch and step (the solver would refuse an inf cost instead).
     """
+    dtype = torch.promote_types(s.dtype, torch.float32)  # never a bf16/fp16 cost: 3 digits decide no plan
+    cost = _centred_cost(s, t, dtype)
+    if dtype != torch.float64 and not bool(torch.isfinite(cost).all()):
+        cost = _centred_cost(s, t, torch.float64)
+    return cost
+
+
+def _centred_cost(s: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
     with torch.no_grad():
-        dtype = torch.promote_types(s.dtype, torch.float32)  # never a bf16/fp16 cost: 3 digits decide no plan
-        cost = None
-        for dt in (dtype, torch.float64) if dtype != torch.float64 else (dtype,):
-            a, b = s.detach().to(dt), t.detach().to(dt)
-            c = torch.cat([a, b]).mean(0)
-            cost = ((a - c) @ (b - c).T).mul_(-2.0)
-            if bool(torch.isfinite(cost).all()):
-                break
-        return cost
+        a, b = s.detach().to(dtype), t.detach().to(dtype)
+        c = torch.cat([a, b]).mean(0)
+        return ((a - c) @ (b - c).T).mul_(-2.0)
 
 
 def plan_cost(s: Tensor, t: Tensor, rows: Tensor, cols: Tensor, weights: Tensor) -> Tensor:
