@@ -60,3 +60,33 @@ def test_metrics_benchmark_correlated_features(tmp_path):
 def torch_corr(a, b):
     a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
     return (a @ b) / (a.norm() * b.norm())
+
+
+def test_swept_lambda_picks_the_best_finished_k_and_writes_its_fixed_lambda(tmp_path, capsys):
+    """The rule behind configs/mnist1d-swept.yaml, on a hand-made sweep: per metric the K with the
+    best mean accuracy over the seeds, a K that diverged on any seed excluded even when its other
+    seeds score best, λ = K × mean calibrated scale over the finished runs, one significant digit."""
+    import json
+    runs = {  # metric, K, seed: (accuracy, calibrated scale) or None (diverged: no final.json)
+        ("cw2", 1, 100): (0.70, 0.020), ("cw2", 1, 101): (0.72, 0.022),
+        ("cw2", 3, 100): (0.78, 0.021), ("cw2", 3, 101): (0.76, 0.019),
+        ("cw2", 10, 100): (0.90, 0.020), ("cw2", 10, 101): None,
+        ("mmd_rbf", 0.3, 100): (0.65, 25.0), ("mmd_rbf", 0.3, 101): (0.66, 27.0),
+        ("mmd_rbf", 1, 100): (0.64, 26.0), ("mmd_rbf", 1, 101): (0.645, 26.0),
+    }
+    for (metric, k, seed), run in runs.items():
+        d = tmp_path / f"{metric}@auto*{k:g}" / f"seed{seed}"
+        d.mkdir(parents=True)
+        if run is not None:
+            (d / "final.json").write_text(json.dumps({"test_acc": run[0], "auto_scales": {metric: run[1]}}))
+    (tmp_path / "ce" / "seed100").mkdir(parents=True)  # not a sweep variant: ignored
+    swept = load("swept_lambda")
+    means, best, lam = swept.pick(swept.read_sweep(tmp_path)["cw2"])
+    assert means[10.0] is None and best == 3.0
+    assert means[3.0] == pytest.approx(0.77)
+    # scale: mean of the five finished cw2 runs (0.020, 0.022, 0.021, 0.019, 0.020) = 0.0204; × 3 = 0.0612
+    assert lam == 0.06
+    assert swept.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "weights: {cw2: 0.06, mmd_rbf: 8}" in out   # 0.3 × 26 = 7.8 → 8
+    assert "K=10: diverged" in out and "global K=1: mean over 2/2 metrics" in out

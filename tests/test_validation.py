@@ -47,6 +47,11 @@ REFUSED = [
     ("unknown-baseline-is-a-metric", lambda t, o: ["run", "--baselines", "cw2", "--out", o, *TINY],
      ["baselines", "'cw2'", "metrics"]),
     ("empty-out", lambda t, o: ["run", "--out", "", *TINY], ["out"]),
+    ("ce-weight-typo", lambda t, o: _yaml(t, f"out: {o}\nce_weights: {{kdd: 0.1}}\n"), ["ce_weights", "'kdd'"]),
+    ("negative-ce-weight", lambda t, o: _yaml(t, f"out: {o}\nce_weights: {{kd: -1}}\n"), ["ce_weights", "> 0"]),
+    ("crd-negatives-typo", lambda t, o: _yaml(t, f"out: {o}\nepochs: 1\nseeds: [0]\nmetrics: []\nbaselines: [ce, crd]\n"
+                                                 "term_options: {crd: {negatives: hard}}\n"),
+     ["crd", "negatives", "other_class, uniform"]),
 ]
 
 
