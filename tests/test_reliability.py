@@ -317,10 +317,11 @@ def test_nan_metric_at_epoch_two_keeps_the_epoch_one_checkpoint(tmp_path, capsys
     argv = ["run", *TINY, "--epochs", "2", "--out", out]
     code, _, err = run_cli(argv, capsys)
     # a lower λ or lr changes the run's settings, which a resume refuses: the advice says so (it used
-    # to say "lower --weight and rerun to resume from it")
+    # to say "lower --weight and rerun to resume from it"), within the 300-character line even at
+    # pytest's long tmp paths (the fix first, one path)
     line = one_line_error(code, err, "cw2 s0: non-finite loss at epoch 2, step 1", "cw2=nan",
-                          f"the last good checkpoint {ckpt} is kept (the same command resumes from it)",
-                          f"to lower --weight or --lr, delete {ckpt.parent} first")
+                          f"to lower --weight or --lr, delete {ckpt.parent} first",
+                          "the same command resumes from its last good checkpoint, kept there")
     assert "ce=" in line
     assert ckpt.read_bytes() == seen["bytes"]            # untouched by the failed epoch
     state = load_checkpoint(ckpt)

@@ -562,8 +562,9 @@ class Trainer:
     def _diverged(self, where: str) -> NonFiniteLossError:
         if self.ckpt_path.exists():
             # a lower λ or lr changes the run's settings, which a resume refuses: say so
-            advice = (f"the last good checkpoint {self.ckpt_path} is kept (the same command resumes from it); to "
-                      f"lower --weight or --lr, delete {self.run_dir} first")
+            # the fix first, one path: the error line is capped at 300 characters and run paths can be long
+            advice = (f"to lower --weight or --lr, delete {self.run_dir} first; else the same command resumes from "
+                      "its last good checkpoint, kept there")
         else:
             advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
         return NonFiniteLossError(f"{self.desc or self.run_dir}: {where}; {advice}", where)
