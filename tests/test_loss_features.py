@@ -293,3 +293,26 @@ def test_last_map_layer_refuses_an_mlp():
     net = build_model("digits_mlp", num_classes=4, in_channels=1, image_size=8)
     with pytest.raises(ValueError, match="DigitsMLP has no 4-D feature map .*name a layer"):
         last_map_layer(net, torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("pool", ["avg", "none"])
+def test_a_tapped_layer_keeps_its_own_output_when_an_inplace_relu_follows(pool):
+    """Regression: the digits CNN's `features.12` (a Linear) is followed by ReLU(inplace=True), which
+    rewrote the recorded tensor, so the tap of the Linear returned its post-ReLU values (half of
+    them clipped to 0) and the gradient of a loss on it was that of the ReLU'd values."""
+    from kd2m.models import build_model
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1, 8).eval()
+    x = torch.randn(16, 1, 8, 8)
+    linear = net.features[12]
+    captured = {}
+    handle = linear.register_forward_hook(lambda m, i, o: captured.setdefault("pre_relu", o.detach().clone()))
+    with FeatureTap(net, ["features.12", "features.7"], pool=pool) as tap:
+        logits = net(x)
+    handle.remove()
+    assert (captured["pre_relu"] < 0).any()  # the Linear's own output has negative values
+    torch.testing.assert_close(tap.features["features.12"], captured["pre_relu"])
+    ref = net(x)  # the network's own result is unchanged by the tap
+    torch.testing.assert_close(logits, ref)
+    conv = tap.features["features.7"]  # a conv map followed by BatchNorm (not in place): as it was
+    assert conv.shape[0] == 16

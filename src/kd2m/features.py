@@ -136,7 +136,10 @@ class FeatureTap:
     After ``model(x)``, ``tap.features[name]`` is an ``(n, d)`` tensor (``pool="none"``: a map
     ``(n, c, h, w)`` or tokens ``(n, L, d)``) that keeps its autograd graph (so a loss on it
     trains the model); ``tap.feature`` is the only one when one layer is tapped. Use as a
-    context manager or call :meth:`remove` to detach the hooks.
+    context manager or call :meth:`remove` to detach the hooks. What is recorded is the layer's
+    own output: where the record would share memory with it (no pooling), the rest of the
+    network runs on a copy, so a later in-place op (``ReLU(inplace=True)`` after a ``Linear`` or
+    ``BatchNorm2d``) cannot rewrite it into the next layer's values.
 
     Args:
         pool: ``"avg"`` (mean over positions/tokens), ``"cls"`` (class token of token outputs),
@@ -175,7 +178,14 @@ class FeatureTap:
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            self.features[name] = to_matrix(output, self.pool, self.layouts[name])
+            feats = to_matrix(output, self.pool, self.layouts[name])
+            self.features[name] = feats
+            if isinstance(output, Tensor) and _shares_storage(feats, output):
+                # The rest of the network gets a copy: a later in-place op (a ReLU(inplace=True)
+                # right after a Linear or BatchNorm) would otherwise rewrite the recorded
+                # features, and the tap of a Linear would silently give its post-ReLU values.
+                return output.clone()
+            return None
         return hook
 
     def _pre_hook(self, name):
@@ -203,6 +213,10 @@ class FeatureTap:
     def __exit__(self, *exc):
         self.remove()
         return False
+
+
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def last_map_layer(model: nn.Module, example_input: Tensor) -> str:
