@@ -352,16 +352,25 @@ def _clusters(seed, sizes_s, sizes_t, d, eps_fraction):
     return sqdist(s, t), eps
 
 
-@pytest.mark.parametrize("case,max_iter", [((1, (50, 10, 20), (20, 40, 20), 2, 1e-3), 1000),
-                                           ((5, (45, 5), (5, 45), 2, 1e-3), 6000),
-                                           ((7, (80, 20), (20, 80), 2, 3e-4), 6000)])
-def test_sinkhorn_small_eps_unequal_clusters_converges(case, max_iter):
-    """Small ε, unequal cluster sizes: pure Anderson needed 1418, 10497 and 7568 iterations here
-    (plain alternation 28892 and > 40000); racing the two modes takes 818, 4719 and 4593."""
-    from kd2m.metrics.entropic import _potentials
+@pytest.mark.parametrize("case", [(1, (50, 10, 20), (20, 40, 20), 2, 1e-3),
+                                  (5, (45, 5), (5, 45), 2, 1e-3),
+                                  (7, (80, 20), (20, 80), 2, 3e-4)])
+def test_sinkhorn_small_eps_unequal_clusters_converges(case, monkeypatch):
+    """Small ε, unequal cluster sizes: the raced solver meets the stopping rule (marginal error
+    ≤ tol, exactly what it stops on) in under half the iterations plain alternation needs (which has not
+    converged after twice as many).
+
+    The budget is relative, not an iteration count: Anderson's count depends on the rounding
+    of the floating-point kernels (case 7 took 4593 iterations on one CPU and 6035 on an
+    AVX-512 Xeon, where an absolute budget of 6000 failed), while plain alternation's is a
+    property of the problem (28892 and > 40000 here)."""
+    from kd2m.metrics import entropic
     C, eps = _clusters(*case)
-    _, it, err = _potentials(C, eps, max_iter, 1e-6, False)
-    assert err <= 1e-6 and it < max_iter
+    _, it, err = entropic._potentials(C, eps, 100_000, 1e-6, False)
+    monkeypatch.setattr(entropic, "ANDERSON_MEMORY", 0)
+    _, _, err_plain = entropic._potentials(C, eps, 2 * it, 1e-6, False)
+    assert err <= 1e-6 and it < 100_000
+    assert err_plain > 1e-6      # plain alternation has not converged in twice as many
 
 
 @pytest.mark.parametrize("case", [(0, (30, 10), (10, 30), 2, 1e-3), (3, (40, 40), (70, 10), 2, 2e-3),
