@@ -97,6 +97,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: Tensor, op: str = "sum") -> Tensor:
+    """``t`` reduced over ranks ("sum" or "min"), as a new tensor on its device; ``t`` when not distributed."""
+    if not is_distributed():
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
+    return out
+
+
 def average_gradients(module: torch.nn.Module) -> None:
     """All-reduce-mean the gradients of a module that is not wrapped in DDP."""
     if not is_distributed():

@@ -13,6 +13,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .. import value_checks
+
 
 def _present(term: str, name: str, x) -> Tensor:
     if x is None:
@@ -54,7 +56,7 @@ def check_labels(term: str, labels, n: int, num_classes: int) -> Tensor:
     if y.shape != (n,):
         raise ValueError(f"loss term {term!r}: labels must have shape ({n},) to match the batch, "
                          f"got {tuple(y.shape)}")
-    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if n and value_checks.eager() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"loss term {term!r}: labels must lie in [0, {num_classes}) (the logits' width), "
                          f"got values in [{int(y.min())}, {int(y.max())}]")
     return y.long()
@@ -97,7 +99,7 @@ def check_index(term: str, index, n: int, num_data: int) -> Tensor:
         raise TypeError(f"loss term {term!r}: index must be an integer tensor of sample indices, got {i.dtype}")
     if i.shape != (n,):
         raise ValueError(f"loss term {term!r}: index must have shape ({n},) to match the batch, got {tuple(i.shape)}")
-    if n and (int(i.min()) < 0 or int(i.max()) >= num_data):
+    if n and value_checks.eager() and (int(i.min()) < 0 or int(i.max()) >= num_data):
         raise ValueError(f"loss term {term!r}: index must lie in [0, {num_data}) (the training set's size "
                          f"TermContext.num_data), got values in [{int(i.min())}, {int(i.max())}]")
     return i.long()

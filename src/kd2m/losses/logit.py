@@ -126,7 +126,8 @@ def dkd(*, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha
     if standardize:
         zs, zt = standardize_logits(zs), standardize_logits(zt)
     t = float(temperature)
-    target = F.one_hot(y, c).to(zs.dtype)
+    # scatter, not F.one_hot: one_hot reads the labels' range back to the host on every call
+    target = torch.zeros_like(zs).scatter_(1, y[:, None], 1.0)
     other = 1.0 - target
 
     def binary(p: Tensor) -> Tensor:  # (p_target, p_rest) as masked sums, as mdistiller's cat_mask
@@ -282,7 +283,7 @@ class WKDLogit(Term):
                              f"{self.cost.shape[0]}")
         y = check_labels("wkd_l", labels, n, c)
         zt = zt.detach()
-        target = F.one_hot(y, c).bool()
+        target = torch.zeros(zs.shape, dtype=torch.bool, device=zs.device).scatter_(1, y[:, None], True)
 
         # target-class part, at temperature 1
         p_t_target = F.softmax(zt, dim=1).gather(1, y[:, None])

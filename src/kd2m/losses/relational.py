@@ -269,11 +269,15 @@ class CRD(Term):
         cols = idx.T                                                        # (K+1, n)
         h_s = torch.exp((self.memory_t.detach().clone() @ v_s.T).gather(0, cols).T / self.nce_t)
         h_t = torch.exp((self.memory_s.detach().clone() @ v_t.T).gather(0, cols).T / self.nce_t)
-        if self.z_s < 0:
-            self.z_s.fill_(float(h_s.detach().mean()) * self.num_data)
-        if self.z_t < 0:
-            self.z_t.fill_(float(h_t.detach().mean()) * self.num_data)
-        loss = self.nce_loss(h_s / self.z_s) + self.nce_loss(h_t / self.z_t)
+        # Z, the authors' normalisation constant, is set from the first batch (as in RepDistiller's
+        # NCEAverage: -1 until then); torch.where, not `if`, so that no step reads it back to the host
+        # (the loss divides by these new tensors, never by the buffers, which the next call rewrites in place)
+        with torch.no_grad():
+            z_s = torch.where(self.z_s < 0, h_s.detach().mean().to(self.z_s.dtype) * self.num_data, self.z_s)
+            z_t = torch.where(self.z_t < 0, h_t.detach().mean().to(self.z_t.dtype) * self.num_data, self.z_t)
+            self.z_s.copy_(z_s)
+            self.z_t.copy_(z_t)
+        loss = self.nce_loss(h_s / z_s) + self.nce_loss(h_t / z_t)
         if self.training:
             with torch.no_grad():
                 for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from .. import value_checks
 
 _REGISTRY: dict[str, "MetricSpec"] = {}
 
@@ -55,7 +56,7 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
             raise TypeError(f"{name}: {what} must be floating point, got {x.dtype}")
         if x.shape[0] == 0:
             raise ValueError(f"{name}: {what} is an empty batch")
-        if not bool(torch.isfinite(x).all()):
+        if value_checks.eager() and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteInputError(f"{name}: {what} contains {bad} NaN/inf value(s); refusing to compute a loss "
                                       "from it", who=what.split("_")[0])
@@ -80,7 +81,7 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
         if not isinstance(lg, Tensor) or lg.dim() != 2 or lg.shape[0] != feats.shape[0]:
             raise ValueError(f"{name}: {what} must have shape (n, C) with n={feats.shape[0]}, got "
                              f"{tuple(lg.shape) if isinstance(lg, Tensor) else type(lg).__name__}")
-        if not bool(torch.isfinite(lg).all()):
+        if value_checks.eager() and not bool(torch.isfinite(lg).all()):
             raise ValueError(f"{name}: {what} contains NaN/inf values")
     if s_logits is not None and t_logits is not None and s_logits.shape[1] != t_logits.shape[1]:
         raise ValueError(f"{name}: logit widths differ: student C={s_logits.shape[1]}, teacher C={t_logits.shape[1]}")

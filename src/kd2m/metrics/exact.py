@@ -41,6 +41,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from .. import value_checks
 from ._base import class_indices, metric
 
 __all__ = ["exact_plan", "plan_cost", "w2", "cw2", "jw2", "LABEL_COSTS"]
@@ -120,8 +121,15 @@ def exact_plan(cost: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
         M = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(M).all():
-        raise ValueError("exact_plan: cost contains NaN/inf")
-    rows, cols, w = _solve(M)
+        if value_checks.eager():
+            raise ValueError("exact_plan: cost contains NaN/inf")
+        # deferred checks (the engine's step): no plan is optimal for a NaN cost; the product plan
+        # gives the loss the NaN it should have, and the engine's flag reports the step
+        n_s, n_t = M.shape
+        rows, cols = np.repeat(np.arange(n_s), n_t), np.tile(np.arange(n_t), n_s)
+        w = np.full(n_s * n_t, 1.0 / (n_s * n_t))
+    else:
+        rows, cols, w = _solve(M)
     dev = cost.device
     return (torch.as_tensor(rows, dtype=torch.long).to(dev), torch.as_tensor(cols, dtype=torch.long).to(dev),
             torch.as_tensor(w, dtype=torch.float64).to(dev))

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import value_checks
+
 DEFAULT_RIDGE = 1e-5
 """Default relative ridge ρ: Σ + ρ·τ·I with τ the mean per-channel variance of the batch."""
 
@@ -103,10 +105,17 @@ def singular_covariance_message(who: str) -> str:
 
 
 def _cholesky(S: Tensor, who: str) -> Tensor:
-    try:
-        return torch.linalg.cholesky(S)
-    except torch.linalg.LinAlgError as err:  # only reachable with ridge=0 (the ridge makes Σ definite)
-        raise ValueError(singular_covariance_message(who)) from err
+    """The Cholesky factor of ``S``; a singular ``S`` (only reachable with ridge=0: the ridge makes
+    Σ definite) is a ValueError, or, under :func:`kd2m.value_checks.deferred`, a NaN factor (so
+    a NaN loss that the engine flags): ``cholesky`` reads its status back to the host to raise,
+    ``cholesky_ex`` does not."""
+    if value_checks.eager():
+        try:
+            return torch.linalg.cholesky(S)
+        except torch.linalg.LinAlgError as err:
+            raise ValueError(singular_covariance_message(who)) from err
+    L, info = torch.linalg.cholesky_ex(S)
+    return torch.where((info == 0)[..., None, None], L, torch.full_like(L, float("nan")))
 
 
 def _reduce(factors: list[Tensor]) -> tuple[list[Tensor], int]:

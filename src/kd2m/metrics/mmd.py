@@ -90,15 +90,17 @@ def median_bandwidth(sq: Tensor, d: int = 1) -> Tensor:
     diag = dm.diagonal()
     diag.fill_(float("inf"))
     diag[: (m + 1) // 2] = float("-inf")
-    med = float(dm.median())
+    med = dm.median()
     del dm
-    floor = _ROUNDOFF_FACTOR * math.sqrt(max(d, 1)) * torch.finfo(sq.dtype).eps * float(sq.max())
-    if med > floor:
-        # sqrt after choosing: the median of distances is the sqrt of the median of squared distances
-        return sq.new_tensor(med).sqrt()
+    # Both branches are computed and chosen by torch.where: no value is read back to the host (a
+    # read per step would wait for the device). The arithmetic is that of Python floats (the
+    # floor and the mean in float64, the comparisons with sq in sq's dtype), so σ is the same.
+    floor = (_ROUNDOFF_FACTOR * math.sqrt(max(d, 1)) * torch.finfo(sq.dtype).eps) * sq.max().double()
     # the mean distance, with round-off of coinciding pairs counted as 0 (diagonal included: 0)
-    mean = float(torch.where(sq > floor, sq, 0.0).sqrt_().sum()) / (2 * pairs)
-    return sq.new_tensor(mean if mean > 0 else 1.0)
+    mean = torch.where(sq > floor.to(sq.dtype), sq, 0.0).sqrt_().sum().double() / (2 * pairs)
+    fallback = torch.where(mean > 0, mean, 1.0).to(sq.dtype)
+    # sqrt after choosing: the median of distances is the sqrt of the median of squared distances
+    return torch.where(med.double() > floor, med.sqrt(), fallback)
 
 
 def _pooled_kernel(s: Tensor, t: Tensor, bandwidth, mults: tuple[float, ...]) -> Tensor:

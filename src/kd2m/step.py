@@ -1,0 +1,154 @@
+"""The one forward step every part of the engine runs, and the epoch's on-device tally.
+
+:func:`forward_terms` is the step's forward — the teacher's outputs (looked up before the
+student runs, or computed beside it under the run's autocast), the student's logits and taps,
+CE and each bound term's unweighted value. Training (:meth:`kd2m.train.Trainer._epoch`), the
+``weight: auto`` calibration (:func:`kd2m.auto_weight.calibrate`) and the grid's probe of every
+term before training (:func:`kd2m.grid.preflight`) all call it, so they cannot disagree about
+what a term sees.
+
+:class:`EpochTally` keeps what an epoch reports — the per-sample sums of the loss, CE, the
+distillation part and every term, and whether and where a step went non-finite — in one tensor
+on the training device. A step adds to it without reading anything back to the host (a read
+waits for the device to finish the work queued so far, so one per step serialises the loop);
+the epoch reads it once, at its end, after one all-reduce under torchrun, so that every rank
+agrees whether the epoch diverged and stops with the same message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import distributed as dist_ctx
+from .runtime import autocast
+
+
+@dataclass
+class StepOutputs:
+    logits: Tensor
+    ce: Tensor
+    values: list          # one 0-dim tensor per term (None where a term was not asked for)
+    s_feats: dict
+    t_feats: dict
+
+
+class TermFailure(Exception):
+    """A term raised inside :func:`forward_terms`; ``term`` is its bound term, ``error`` the cause."""
+
+    def __init__(self, term, error: BaseException):
+        super().__init__(str(error))
+        self.term, self.error = term, error
+
+
+def forward_terms(net, terms: list, teacher_out, s_taps, x: Tensor, y: Tensor, key: Tensor, views: int,
+                  device: torch.device, amp, which: list | None = None) -> StepOutputs:
+    """The step's forward on batch ``(x, y)`` with training-set keys ``key`` (sample index ×
+    ``views`` + view). ``teacher_out``: the teacher's outputs (``teacher_out.online``: run on
+    ``x`` under the autocast, else looked up by ``key`` first); ``s_taps``: the student's taps
+    (or None). ``which``: a flag per term, False to skip it (its value is None)."""
+    t_feats, t_logits = {}, None
+    if teacher_out is not None and not teacher_out.online:
+        t_feats, t_logits = teacher_out(x, key)
+    with autocast(device, amp):
+        logits = net(x)
+        ce = F.cross_entropy(logits.float(), y)
+        if teacher_out is not None and teacher_out.online:
+            t_feats, t_logits = teacher_out(x, key)
+    s_feats = s_taps.features() if s_taps is not None else {}
+    index = key // views
+    values = []
+    for k, b in enumerate(terms):
+        if which is not None and not which[k]:
+            values.append(None)
+            continue
+        try:
+            values.append(b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, index)))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise TermFailure(b, e) from e
+    return StepOutputs(logits, ce, values, s_feats, t_feats)
+
+
+def _any_nonfinite(tensors) -> Tensor | None:
+    flags = [~torch.isfinite(t.detach()).all() for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+    return torch.stack(flags).any() if flags else None
+
+
+def zero_nonfinite_gradients(params: list) -> Tensor:
+    """True (a 0-dim device tensor) when every gradient of ``params`` is finite; else every
+    gradient is zeroed in place, so the optimiser's step cannot write NaN into the weights
+    (as a gradient scaler skips an overflowing step). Under DDP the gradients are already
+    all-reduced here, so every rank gets the same answer and stays in step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=params[0].device if params else "cpu")
+    # the largest |g| of each gradient (NaN propagates through the max; a finite gradient's
+    # max-norm cannot overflow, unlike its 2-norm)
+    ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])).all()
+    for g in grads:
+        g.masked_fill_(~ok, 0.0)
+    return ok
+
+
+#: "no bad step" in the all-reduce of the first bad step (a minimum); exact in float64
+_NO_STEP = 2**31 - 1
+
+
+class EpochTally:
+    """Per-sample sums of an epoch's loss, CE, distillation part and terms, and the first
+    non-finite step, all on ``device`` (see the module's docstring)."""
+
+    def __init__(self, n_terms: int, device: torch.device):
+        # float64 sums, as Python floats were before (MPS has no float64: float32 there)
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.n_terms, self.device = n_terms, device
+        self.sums = torch.zeros(3 + n_terms, dtype=self.dtype, device=device)
+        self.seen = 0
+        self.bad_steps = torch.zeros((), dtype=self.dtype, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        # at the first bad step: ce and each term, whether the student's / the teacher's features were non-finite
+        self.first_values = torch.zeros(1 + n_terms, dtype=self.dtype, device=device)
+        self.first_feats = torch.zeros(2, dtype=torch.bool, device=device)
+
+    def add(self, step: int, out: StepOutputs, loss: Tensor, distill: Tensor, grads_ok: Tensor) -> None:
+        n = out.logits.shape[0]  # a shape, not a value: no read
+        values = [loss, out.ce, distill] + list(out.values)
+        row = torch.stack([v.detach().to(self.dtype) for v in values])
+        self.sums += row * n
+        self.seen += n
+        bad = ~(torch.isfinite(loss.detach()) & grads_ok)
+        first = bad & (self.first_bad < 0)
+        self.bad_steps += bad.to(self.dtype)
+        self.first_bad = torch.where(first, step, self.first_bad)
+        self.first_values = torch.where(first, torch.cat([row[1:2], row[3:]]), self.first_values)
+        feats = []
+        for side in (out.s_feats, out.t_feats):
+            flag = _any_nonfinite(side.values())
+            feats.append(flag if flag is not None else torch.zeros((), dtype=torch.bool, device=self.device))
+        self.first_feats = torch.where(first, torch.stack(feats), self.first_feats)
+
+    def read(self) -> dict:
+        """The epoch's totals, read to the host once (after one all-reduce under torchrun): means
+        per sample, the number of non-finite steps, the first one and what it held."""
+        summed = torch.cat([self.sums, self.sums.new_tensor([self.seen]), self.bad_steps.reshape(1)])
+        if dist_ctx.is_distributed():
+            summed = dist_ctx.all_reduce_tensor(summed, "sum")
+        first = self.first_bad.clone()
+        first = torch.where(first < 0, _NO_STEP, first)
+        if dist_ctx.is_distributed():
+            first = dist_ctx.all_reduce_tensor(first, "min")
+        local = torch.cat([self.first_values, self.first_feats.to(self.dtype),
+                           (self.first_bad == first).to(self.dtype).reshape(1), first.to(self.dtype).reshape(1)])
+        host = torch.cat([summed, local]).tolist()      # the epoch's one read
+        k = 3 + self.n_terms
+        seen = host[k]
+        means = [v / max(seen, 1) for v in host[:k]]
+        first_step = int(host[-1])
+        return {"means": means, "seen": seen, "bad_steps": int(host[k + 1]),
+                "first_bad": None if first_step == _NO_STEP else first_step,
+                "first_values": host[k + 2:k + 3 + self.n_terms],
+                "first_student_nonfinite": bool(host[k + 3 + self.n_terms]),
+                "first_teacher_nonfinite": bool(host[k + 4 + self.n_terms]),
+                "first_is_local": bool(host[k + 5 + self.n_terms])}
