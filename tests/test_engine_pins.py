@@ -227,7 +227,9 @@ def test_bad_ce_weights_are_refused(ce_weights, message):
 
 def test_ce_weight_defaults():
     """KD's registered CE weight is the authors' 0.1 (with λ 0.9); the digits grid keeps CE at 1 with
-    its swept KD λ = 1, and drops both the moment the user sets their own λ."""
+    its swept KD λ = 1, and drops both the moment the user sets their own `weights:`. `--weight` sets
+    the distances' λ only: the baselines keep their λ and CE weights (issue 22, item 10: it used to
+    turn KD's CE weight 1 into 0.1 and DKD's λ 0.1 into 1 on the digits)."""
     from kd2m.config import RunConfig
     assert (losses.spec("kd").weight, losses.spec("kd").ce_weight) == (0.9, 0.1)
     assert {losses.spec(n).ce_weight for n in losses.available() if n != "kd"} == {1.0}
@@ -235,7 +237,9 @@ def test_ce_weight_defaults():
     def ce(cfg):
         return {m.key: m.ce_weight for m in cfg.resolved().methods()}
     assert ce(RunConfig()) == {"ce": 1.0, "kd": 1.0, "dkd": 1.0, "dist": 1.0, **{m: 1.0 for m in RunConfig().metrics}}
-    assert ce(RunConfig(weight="auto"))["kd"] == 0.1
+    assert ce(RunConfig(weight="auto"))["kd"] == 1.0
+    lam = {m.key: m.terms[0].weight for m in RunConfig(weight=0.5).resolved().methods() if m.terms}
+    assert (lam["kd"], lam["dkd"], lam["dist"]) == (1.0, 0.1, 1.0) and lam["w2"] == lam["cw2"] == 0.5
     assert ce(RunConfig(weights={"kd": 0.9}))["kd"] == 0.1
     assert ce(RunConfig(weights={"kd": 0.9}, ce_weights={"kd": 0.5}))["kd"] == 0.5
     both = RunConfig(metrics=[], baselines=[], students={"two": ["kd", "cw2"]}, ce_weights={}).resolved()

@@ -401,7 +401,7 @@ def test_a_diverging_student_is_recorded_and_the_grid_finishes_the_others(tmp_pa
     md = (out / "results.md").read_text()
     assert "| W2 (E) |" in md and "(!) diverged" in md and "W2 (E) on seed 0." in md
     assert "unfinished" not in md  # diverged is said as such, not as an unfinished run
-    assert json.loads((out / "results.json").read_text())["diverged"] == {"W2 (E)": [0]}
+    assert json.loads((out / "results.json").read_text())["diverged"] == {"w2": {"label": "W2 (E)", "seeds": [0]}}
     # the cause gone: the same command retries the diverged run only, and the record goes
     monkeypatch.setattr(metrics.Metric, "__call__", real_call)
     code, log, err = run_cli(argv, capsys)
@@ -413,7 +413,7 @@ def test_a_diverging_student_is_recorded_and_the_grid_finishes_the_others(tmp_pa
 
 def test_a_student_diverging_on_every_seed_gets_a_row_saying_so():
     rows = [{"method": "ce", "label": "student (CE only)", "seed": s, "test_acc": 0.9 + s / 100} for s in range(3)]
-    md = R.markdown_table(rows, "digits", expected_seeds=3, diverged={"W2 (E) λ=auto*10": [0, 1, 2]})
+    md = R.markdown_table(rows, "digits", expected_seeds=3, diverged={"w2@auto*10": {"label": "W2 (E) λ=auto*10", "seeds": [0, 1, 2]}})
     assert "| W2 (E) λ=auto*10 | diverged | 0 (!) |" in md
     assert "W2 (E) λ=auto*10 on seeds 0, 1, 2" in md
 

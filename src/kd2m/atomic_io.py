@@ -80,6 +80,34 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path, fix: str = "delete it and rerun to rebuild it") -> object:
+    """The JSON value in ``path``; an unreadable or corrupt file is a ValueError naming it and ``fix``
+    (a JSON traceback names neither)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e)[:80]}); {fix}") from None
+
+
+def read_jsonl(path, fix: str = "delete it and rerun to rebuild it") -> list:
+    """One JSON value per non-empty line of ``path``; a corrupt (e.g. cut) line is a ValueError
+    naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; {fix}") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not valid JSON ({str(e)[:60]}); {fix}") from None
+    return out
+
+
 def save_checkpoint(path, state: dict) -> None:
     """``torch.save`` into memory, then an atomic write (the old checkpoint survives any failure)."""
     buf = io.BytesIO()

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import results as R
-from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint
+from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from .features import FeatureTap
 from .rundir import MODEL_PT, RunDir
 
@@ -254,16 +254,22 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     rows, _ = R.read_reported(run_dir)  # the rows results.md was made from, not stale ones of other settings
     if not rows:
         raise ValueError(f"{csv_path} has no results rows yet")
-    return json.loads(cfg_path.read_text()), rows
+    cfg = read_json(cfg_path, "rerun the grid's command to rewrite it")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: not a kd2m config (expected a JSON object); rerun the grid's command to "
+                         "rewrite it")
+    return cfg, rows
 
 
-def load_model(run_dir: Path, row: dict, name: str, bundle, device) -> nn.Module:
-    """Rebuild model ``name`` and load the weights of the results row ``row``."""
+def load_model(run_dir: Path, row: dict, name: str, bundle, device, options: dict | None = None) -> nn.Module:
+    """Rebuild model ``name`` with its constructor ``options`` (the run's ``teacher_options`` or
+    ``student_options``: a ViT built with ``patch_size: 2`` has other weights than the default
+    one) and load the weights of the results row ``row``."""
     from .models import build_model
     path = RunDir(run_dir).run_of_row(row) / MODEL_PT
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (the run of {row['method']} seed {row['seed']} has no weights)")
-    model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size)
+    model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **(options or {}))
     model.load_state_dict(load_checkpoint(path))
     return model.to(device).eval()
 
@@ -332,7 +338,7 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
     cfg, rows = load_run(run_dir)
     dev = resolve_device(device)
     bundle = build_dataset(cfg["dataset"], data_root=data_root or cfg.get("data_root"), download=False,
-                           augment=False)
+                           augment=False, image_size=cfg.get("image_size"))
     loader = test_loader(bundle, cfg)
     t_layer, s_layer = cfg.get("teacher_layer", "penultimate"), cfg.get("student_layer", "penultimate")
     teachers = {r["seed"]: r for r in rows if r["method"] == "teacher"}
@@ -343,11 +349,11 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
             continue
         if seed not in teachers:
             raise ValueError(f"{run_dir}: seed {seed} has students but no teacher row in results.csv")
-        teacher = load_model(run_dir, teachers[seed], cfg["teacher"], bundle, dev)
+        teacher = load_model(run_dir, teachers[seed], cfg["teacher"], bundle, dev, cfg.get("teacher_options"))
         t_out = model_outputs(teacher, loader, samples, dev, t_layer)
         del teacher
         for r in students:
-            student = load_model(run_dir, r, cfg["student"], bundle, dev)
+            student = load_model(run_dir, r, cfg["student"], bundle, dev, cfg.get("student_options"))
             terms = terms_from_outputs(t_out, model_outputs(student, loader, samples, dev, s_layer))
             terms.update(method=r["method"], seed=seed, acc_results=r["test_acc"],
                          acc_results_teacher=teachers[seed]["test_acc"])

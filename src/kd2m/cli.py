@@ -6,6 +6,7 @@ Every failure the user can fix is printed as one line ``kd2m: error: …`` with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -200,6 +201,22 @@ def cmd_table(args) -> int:
     return 0
 
 
+def _final_json(run_dir: Path) -> dict:
+    """A run's final.json; a missing or unreadable one is a ValueError naming the file."""
+    path = run_dir / "final.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: the row of results.csv names a run that is not there; rerun "
+                         "the grid to rebuild results.csv from its runs") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable kd2m result ({one_line(str(e), 80)}); delete that run directory "
+                         "and rerun to redo it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a kd2m result (expected a JSON object)")
+    return data
+
+
 def cmd_compare(args) -> int:
     from .atomic_io import atomic_write_text
     from .results import compare_table, read_rows
@@ -219,7 +236,12 @@ def cmd_compare(args) -> int:
     if not pairs:
         raise ValueError("compare: give A:B pairs or --suffix SUFFIX matching methods of the run; methods: "
                          + ", ".join(methods))
-    table = compare_table(rows, pairs)
+    wanted = {m for pair in pairs for m in pair}
+    settings = {}
+    for r in rows:  # the runs' own records of how they were trained
+        if r["method"] in wanted and r.get("run_dir"):
+            settings[(r["method"], int(r["seed"]))] = _final_json(Path(args.run_dir) / r["run_dir"]).get("settings")
+    table = compare_table(rows, pairs, settings)
     print(table)
     if args.out:
         atomic_write_text(args.out, table)

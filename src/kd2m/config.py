@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import typing
 from dataclasses import dataclass, field
@@ -128,7 +129,9 @@ class RunConfig:
     max_pairwise_mb: float = _opt(2048.0, "refuse O(n²) distances whose buffers would exceed this (MiB)")
     progress: bool = _opt(True, "progress bars (--no-progress: none)", flag=True)
     parallel: int | None = _opt(None, "seeds trained at once, each in its own process with one thread (default: 2 "
-                                      "for digits and mnist1d, 1 otherwise; 1 under torchrun); results are the same")
+                                      "for digits and mnist1d, 1 otherwise; 1 under torchrun); results are the same as "
+                                      "sequential runs at the same thread count: each worker uses --threads "
+                                      "(0: 1 thread), and a CPU run's thread count is part of its stored settings")
     # kd2m.monitor (neither changes what a run trains, so neither is part of a run's settings)
     tensorboard: bool = _opt(False, "TensorBoard event files for every run in <run_dir>/tb/ (tensorboard --logdir "
                                     "OUT); needs pip install -e \".[tensorboard]\"", flag=True)
@@ -144,14 +147,17 @@ class RunConfig:
         if c.dataset not in available_datasets():  # checked before anything is written or loaded
             raise ConfigError(f"dataset: unknown {c.dataset!r}; available: {', '.join(available_datasets())}")
         defaults = {"batch_size": 128, "teacher_cache": 0, "seeds": 3, "parallel": 1, **DATASET_DEFAULTS.get(c.dataset, IMAGE_DEFAULTS)}
-        # Per-term λ defaults apply only while the user set no λ at all: an explicit --weight
-        # means "this λ for every metric".
+        # Per-term λ defaults apply only while the user set no `weights:`; an explicit --weight means
+        # "this λ for every distance", so it drops the distances' defaults and keeps the baselines'
+        # (its help says it sets the distances' λ: it must not move DKD's λ or KD's CE weight).
+        from . import losses
         default_weights = defaults.pop("weights", {})
         default_ce = defaults.pop("ce_weights", {})  # swept together with the λ of `weights`: they go together
         if c.ce_weights is None:
-            c.ce_weights = dict(default_ce) if c.weights is None and c.weight is None else {}
+            c.ce_weights = dict(default_ce) if c.weights is None else {}
         if c.weights is None:
-            c.weights = dict(default_weights) if c.weight is None else {}
+            c.weights = {k: w for k, w in default_weights.items()
+                         if c.weight is None or losses.spec(k).family != "kd2m"}
         default_options = defaults.pop("term_options", {})
         if c.term_options is None:
             c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics or m in c.baselines}
@@ -214,19 +220,28 @@ class RunConfig:
                 raise ConfigError(f"term_options: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
             if not isinstance(opts, dict):
                 raise ConfigError(f"term_options: options of {m!r} must be a mapping, got {opts!r:.60}")
+        if c.students is not None and not isinstance(c.students, dict):
+            raise ConfigError("students: expected a mapping of names to lists of terms")
         students = dict(c.students or {})
+        for name, entries in students.items():
+            _check_student_name(name, "students")
+            if not isinstance(entries, list) or not entries:
+                raise ConfigError(f"students: {name}: expected a non-empty list of terms")
+            for i, e in enumerate(entries):
+                _check_entry_name(e, f"students: {name}[{i}]")
         if c.distill is not None:
             if not isinstance(c.distill, list) or not c.distill:
                 raise ConfigError("distill: expected a non-empty list of terms")
-            students.setdefault("+".join(_entry_name(e) for e in c.distill), c.distill)
-        if not isinstance(students, dict):
-            raise ConfigError("students: expected a mapping of names to lists of terms")
+            for i, e in enumerate(c.distill):
+                _check_entry_name(e, f"distill[{i}]")
+            name = "+".join(_entry_name(e) for e in c.distill)
+            if name in students:
+                # the distill: student would silently replace (or be replaced by) that one
+                raise ConfigError(f"distill: its student is named {name!r} after its terms, and students: has a "
+                                  f"student {name!r} too; rename that one, or move distill's terms under students:")
+            students[name] = c.distill
         c.students = {}
         for name, entries in students.items():
-            if not isinstance(name, str) or not name or "/" in name or "@" in name or name in ("teacher", "ce"):
-                raise ConfigError(f"students: {name!r} cannot name a student (no '/', '@', 'teacher' or 'ce')")
-            if not isinstance(entries, list) or not entries:
-                raise ConfigError(f"students: {name}: expected a non-empty list of terms")
             c.students[name] = entries
             used |= {_entry_name(e) for e in entries}
         if not isinstance(c.ce_weights, dict):
@@ -318,7 +333,8 @@ class RunConfig:
                     entry["weight"] = self.weight_for(tname)
                 terms.append(term_from_entry(entry, f"students: {name}[{i}]", options=opts))
             out.append(self._method(name, tuple(terms)))
-        return out
+        from .methods import distinct_labels
+        return distinct_labels(out)
 
     def _method(self, key: str, terms: tuple):
         """A distilled student: its terms and its CE weight (``ce_weights``, else the authors' CE
@@ -357,6 +373,36 @@ def _entry_name(entry):
     if isinstance(entry, dict):
         return entry.get("term", entry.get("metric"))
     return entry
+
+
+def _check_entry_name(entry, where: str) -> None:
+    """A term entry is a name or a mapping whose ``term`` is a name (the rest is checked by
+    :func:`kd2m.methods.term_from_entry`)."""
+    name = _entry_name(entry)
+    if not isinstance(entry, (str, dict)):
+        raise ConfigError(f"{where}: a term is a name or a mapping with a 'term' key, got {_quote(entry)}")
+    if name is None:
+        raise ConfigError(f"{where}: the entry {_quote(entry)} names no term; give term: NAME "
+                          f"(e.g. {{term: cw2, weight: 0.1}})")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: term must be one name (a string), got {_quote(name)}; one entry per term")
+
+
+#: Names in an output directory that a student's directory must not take (or climb out of it).
+_RESERVED_NAMES = {".", "..", "teacher", "ce", "report", "tb"}
+
+
+def _check_student_name(name, where: str) -> None:
+    """A student's name is its directory under ``out`` and its results key: a plain file name
+    (letters, digits and ``_+-=.,``), not '.', '..', a name kd2m uses in ``out`` (``teacher``,
+    ``ce``, ``results.csv`` …), and no '@' (the key's variant separator)."""
+    from . import rundir
+    taken = _RESERVED_NAMES | {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str)}
+    ok = isinstance(name, str) and bool(name) and all(ch.isalnum() or ch in "_+-=.," for ch in name)
+    if not ok or name in taken or name.startswith("."):
+        raise ConfigError(f"{where}: {_quote(name)} cannot name a student (it names its directory in the output "
+                          "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
+                          "uses there (teacher, ce, results.csv, config.json, report, …)")
 
 
 def _seed_list(seeds) -> list:
@@ -513,6 +559,30 @@ class _BoundedLoader(yaml.SafeLoader):
     def construct_document(self, node):
         _check_expansion(node, MAX_YAML_NODES)
         return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        """Refuses a key given twice in one mapping (YAML would keep the last silently), naming it
+        and both lines; keys brought in by a merge (``<<: *base``) may be overridden, as YAML says."""
+        if isinstance(node, yaml.MappingNode):
+            lines: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(f"key {_quote(key)} is given twice in one mapping (lines {lines[key]} and "
+                                      f"{line}); YAML would keep only the last: keep one")
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-2 and 5e+3 as strings: its float needs a dot. Every other YAML
+# parser (1.2) reads them as numbers, and so does the command line's --lr 1e-2; so does this one.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def _children(node) -> list:

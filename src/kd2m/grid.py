@@ -96,13 +96,16 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
                 built[key] = build_student(vcfg, bundle, seed).to(device).eval()
             return built[key]
 
-        student_for(cfg)  # its pretrained file is checked even when no student has a term
-        if not any(m.terms for _, m in students):
-            return
         k = min(8, len(bundle.train))
         items = [bundle.train[i] for i in range(k)]
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.tensor([int(it[1]) for it in items], device=device)
+        check_training_forward(teacher, x, bundle.num_classes, "teacher", cfg.teacher)
+        for vcfg in {v.student: v for v, _ in students}.values() or [cfg]:
+            check_training_forward(student_for(vcfg), x, bundle.num_classes, "student", vcfg.student)
+        student_for(cfg)  # its pretrained file is checked even when no student has a term
+        if not any(m.terms for _, m in students):
+            return
         labels = dataset_labels(bundle.train)
         for vcfg, method in students:
             if not method.terms:
@@ -113,28 +116,56 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
             _probe_values(method, bound, student, teacher, x, y)
 
 
+def check_training_forward(net: torch.nn.Module, x: torch.Tensor, num_classes: int, role: str, name: str) -> None:
+    """The training step's forward on a copy of ``net`` (train mode, then eval mode, as training and
+    evaluation run it): it must give one (batch, classes) tensor of logits. Models that give a tuple
+    in train mode (torchvision's googlenet and inception_v3: auxiliary classifiers) or that refuse
+    the data's image size are refused here, not at the first step after the teacher has trained."""
+    import copy
+    probe = copy.deepcopy(net)
+    fix = f"{role}_options: {{aux_logits: false}}" if role in ("teacher", "student") else ""
+    for mode in ("train", "eval"):
+        probe.train(mode == "train")
+        try:
+            with torch.no_grad():
+                out = probe(x[:2])
+        except Exception as e:  # noqa: BLE001 (any model's own error: said in one line, with its name)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{role} {name}: fails on a batch of this dataset's {tuple(x.shape[1:])} inputs in "
+                              f"{mode} mode ({reason[:160]}); choose a model for this input size (or --image-size)") \
+                from None
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(f"{role} {name}: returns a {type(out).__name__}, not a tensor of logits, in {mode} mode "
+                              f"(auxiliary outputs); turn them off, e.g. {fix} in the config")
+        if out.shape != (2, num_classes):
+            raise ConfigError(f"{role} {name}: gives outputs of shape {tuple(out.shape)} for a batch of 2, expected "
+                              f"(2, {num_classes}) logits")
+
+
 def _probe_values(method: Method, bound, student, teacher, x, y) -> None:
-    from .train import Taps
+    """Every term of ``method`` on a probe batch through the training step's forward (eval mode,
+    no gradients, the terms' value checks on): an error, or a non-finite value, names the term."""
+    from .step import TermFailure, forward_terms
+    from .train import OnlineTeacher, Taps
     s_want = {(b.student_layer, b.raw) for b in bound if b.needs & {"feats", "maps"}}
     t_want = {(b.teacher_layer, b.raw) for b in bound if b.needs & {"feats", "maps"}}
-    s_taps, t_taps = Taps(student, s_want), Taps(teacher, t_want)
+    s_taps, t_out = Taps(student, s_want), OnlineTeacher(teacher, t_want)
     try:
         with torch.no_grad():
-            logits, t_logits = student(x), teacher(x)
-            s_feats, t_feats = s_taps.features(), t_taps.features()
-            for b in bound:
-                try:
-                    v = b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits,
-                                            torch.arange(x.shape[0], device=x.device)))
-                except (ValueError, TypeError, RuntimeError) as e:
-                    raise ConfigError(f"{method.key}: term {b.config.name!r} fails on a probe batch: "
-                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            try:
+                out = forward_terms(student, bound, t_out, s_taps, x, y, torch.arange(x.shape[0], device=x.device),
+                                    1, x.device, None)
+            except TermFailure as f:
+                e = f.error
+                raise ConfigError(f"{method.key}: term {f.term.config.name!r} fails on a probe batch: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            for b, v in zip(bound, out.values):
                 if not torch.isfinite(v).all():
                     raise ConfigError(f"{method.key}: term {b.config.name!r} with options {b.config.option_dict} "
                                       f"gives {float(v):g} on a probe batch; check its options")
     finally:
         s_taps.remove()
-        t_taps.remove()
+        t_out.remove()
 
 
 def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -> list[dict]:
@@ -175,23 +206,20 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
     if workers > 1:
         # Seeds are independent (each run seeds itself), so they train in separate processes, one
         # CPU thread each; this process alone writes results.csv and holds the directory's lock.
-        import multiprocessing as mp
-        jobs = [(cfg, students, seed, str(out.root), str(device)) for seed in cfg.seeds]
-        with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
-            done = pool.imap(_seed_worker, jobs)
-            results = ((seed, next(done)) for seed in cfg.seeds)
-            rows = _collect(results, rows, csv_path, t_start, log, failures)
+        # each worker's first seed calibrates its `weight: auto` students before training any
+        jobs = {seed: (cfg, students, seed, str(out.root), str(device), i < workers) for i, seed in enumerate(cfg.seeds)}
+        fresh = _collect(_parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures)
     else:
-        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed)) for seed in cfg.seeds)
-        rows = _collect(results, rows, csv_path, t_start, log, failures)
-    keys = {TEACHER} | {m.key for _, m in students}
-    own = [r for r in R.read_rows(csv_path) if r["method"] in keys and r["seed"] in cfg.seeds] \
-        if dist_ctx.is_main() else rows
-    diverged = {}  # label -> seeds whose run diverged in this grid (each run dir's diverged.json says where)
+        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0]))
+                   for seed in cfg.seeds)
+        fresh = _collect(results, rows, csv_path, t_start, log, failures)
+    own = _settle_rows(csv_path, fresh, {TEACHER} | {m.key for _, m in students}, cfg.seeds) \
+        if dist_ctx.is_main() else fresh
+    diverged = {}  # method key -> its label and the seeds whose run diverged (each diverged.json says where)
     for _, m in students:
         seeds = [s for s in cfg.seeds if (out.run(m.key, s) / DIVERGED_JSON).exists()]
         if seeds:
-            diverged[m.label] = seeds
+            diverged[m.key] = {"label": m.label, "seeds": seeds}
     if dist_ctx.is_main():
         R.write_reports(out.root, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds),
                         reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
@@ -205,21 +233,136 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
 
 def _collect(results, rows: list[dict], csv_path, t_start: float, log, failures: list) -> list[dict]:
     """Write each finished run's row (as each seed completes) and log it; a diverged run's error
-    goes to ``failures``."""
+    goes to ``failures``. Returns this grid's rows, as its runs' final.json say."""
+    fresh = []
     for seed, runs in results:
         for row, label, earlier in runs:
             if isinstance(row, str):  # diverged: no row; the error, raised once the grid has finished
                 log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {label:<24} diverged")
                 failures.append(row)
                 continue
+            fresh.append(_csv_view(row))
             if dist_ctx.is_main() and not any(r == {**r, **_csv_view(row)} for r in rows):
                 rows = R.upsert(csv_path, row)  # new, or its row changed (a run redone after its directory was deleted)
             log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {label:<24} "
                 f"acc {100 * row['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
-    return rows
+    return fresh
 
 
-def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[tuple[dict | str, str, bool]]:
+def _settle_rows(csv_path, fresh: list[dict], keys: set, seeds: list) -> list[dict]:
+    """results.csv with this grid's rows exactly as its run directories say (their final.json are
+    the truth): a hand-edited or duplicate row of one of its runs, or the row of a run that has
+    since diverged, is dropped; rows of other methods or seeds are kept. Returns ``fresh``."""
+    mine = {R.row_key(r) for r in fresh}
+    kept = [r for r in R.read_rows(csv_path)
+            if R.row_key(r) not in mine and not (r["method"] in keys and r["seed"] in seeds)]
+    if R.read_rows(csv_path) != kept + fresh:
+        R.write_rows(csv_path, kept + fresh)
+    return fresh
+
+
+def _parallel_seeds(jobs: dict, workers: int):
+    """(seed, runs) of every job, as each finishes, computed by ``workers`` spawned processes.
+
+    Each worker takes one seed at a time over its own pipe, so the parent always knows which seed
+    a worker holds: a worker that dies without answering (SIGKILL, the OOM killer) ends the grid
+    with one line naming that seed — ``multiprocessing.Pool`` would wait for it forever. An
+    exception inside a worker is raised here as it was raised there."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+    ctx = mp.get_context("spawn")
+    todo = list(jobs)
+    procs = []
+    try:
+        for _ in range(min(workers, len(todo))):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
+            p.start()
+            child.close()
+            procs.append([p, parent, None])
+        for w in procs:
+            w[2] = todo.pop(0)
+            w[1].send(jobs[w[2]])
+        while any(w[2] is not None for w in procs):
+            busy = [w for w in procs if w[2] is not None]
+            ready = wait([w[1] for w in busy] + [w[0].sentinel for w in busy])
+            for w in busy:
+                p, conn, seed = w
+                try:
+                    if conn in ready or conn.poll():
+                        status, value = conn.recv()
+                    elif p.sentinel in ready:
+                        status, value = "died", None
+                    else:
+                        continue
+                except (EOFError, OSError):  # a killed worker's pipe: EOF, or ECONNRESET mid-message
+                    status, value = "died", None
+                if status == "died":
+                    p.join(1)
+                    how = f"killed by signal {-p.exitcode}" if (p.exitcode or 0) < 0 else f"exit code {p.exitcode}"
+                    raise WorkerDiedError(
+                        f"the worker training seed {seed} died ({how}; SIGKILL is what the out-of-memory killer "
+                        "sends); the runs that finished are kept: rerun the same command to resume, with "
+                        "--parallel 1 if memory is short")
+                if status == "error":
+                    raise value
+                w[2] = todo.pop(0) if todo else None
+                if w[2] is not None:
+                    conn.send(jobs[w[2]])
+                yield seed, value
+    finally:
+        for p, conn, _ in procs:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            p.join(0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+class WorkerDiedError(RuntimeError):
+    """A --parallel seed worker died without a result; the message names the seed."""
+
+
+def _worker_loop(conn) -> None:
+    """A seed worker: one job at a time from ``conn`` (None: stop), its result or error back."""
+    _worker_init()
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            conn.send(("ok", _seed_worker(job)))
+        except BaseException as e:  # noqa: BLE001 (sent back to be raised in the grid's process)
+            try:
+                conn.send(("error", e))
+            except Exception:  # an exception that does not pickle: its text
+                conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+
+
+def check_auto_weights(students, bundle, device, out: RunDir, seed: int, teacher, caches: dict) -> None:
+    """Calibrate every unfinished ``weight: auto`` student of ``seed`` against the trained teacher
+    before any student trains, so that a term calibration refuses (a zero or vanishing gradient)
+    ends the grid now, not when that student's turn comes after the others have trained. Draws no
+    randomness the runs see; changes no weights (calibration restores what it touches)."""
+    from .train import Trainer
+    for vcfg, method in students:
+        if not any(t.auto for t in method.terms) or (out.run(method.key, seed) / FINAL_JSON).exists():
+            continue
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            trainer = Trainer(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, out.run(method.key, seed),
+                              device, teacher=teacher, teacher_caches=caches)
+            try:
+                trainer._setup()
+            finally:
+                trainer.remove_hooks()
+
+
+def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
+                precheck_auto: bool = True) -> list[tuple[dict | str, str, bool]]:
     """Teacher, then every student of one seed; (results row, label, finished earlier) per run.
 
     Every run goes through fit(): a finished one returns its final.json at once after checking
@@ -231,6 +374,9 @@ def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int) -> list[t
     caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
     runs = []
     for vcfg, method in [(cfg, Method(TEACHER))] + students:
+        if not method.is_teacher and precheck_auto:
+            precheck_auto = False
+            check_auto_weights(students, bundle, device, out, seed, teacher, caches)
         run_dir = out.run(method.key, seed)
         earlier = (run_dir / FINAL_JSON).exists()
         if method.is_teacher:
@@ -265,12 +411,12 @@ def _worker_init() -> None:
 
 
 def _seed_worker(job) -> list[tuple[dict, str, bool]]:
-    cfg, students, seed, root, device = job
+    cfg, students, seed, root, device, precheck_auto = job
     torch.set_num_threads(max(cfg.threads or 1, 1))
     bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, image_size=cfg.image_size)
     cfg = dataclasses.replace(cfg, progress=False)
     students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
-    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed)
+    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto)
 
 
 def _csv_view(row: dict) -> dict:

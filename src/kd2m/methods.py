@@ -91,6 +91,8 @@ class Method:
     key: str
     terms: tuple = field(default_factory=tuple)
     ce_weight: float = 1.0
+    #: the table's label where the terms' labels alone would not tell it from another student
+    display: str | None = None
 
     @property
     def uses_teacher(self) -> bool:
@@ -102,7 +104,17 @@ class Method:
 
     @property
     def label(self) -> str:
-        return method_label(self.key, self.terms)
+        return self.display or method_label(self.key, self.terms)
+
+
+def distinct_labels(methods: list) -> list:
+    """``methods`` with every label distinct: students whose terms' labels coincide (``cw2_a`` at
+    λ 1 and ``cw2_b`` at λ 0.1 are both "CW2 (E)") get their name appended (``CW2 (E) [cw2_a]``),
+    so that no row of a table, and no note attached to a row by its label, is another's."""
+    import dataclasses
+    labels = [m.label for m in methods]
+    return [dataclasses.replace(m, display=f"{m.label} [{m.key}]") if labels.count(m.label) > 1 else m
+            for m in methods]
 
 
 def method_label(key: str, terms=()) -> str:
@@ -136,6 +148,8 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(TERM_KEYS)}")
     name = entry.get("term")
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: term must be one name (a string), got {name!r:.60}; one entry per term")
     try:
         spec = losses.spec(name)
     except ValueError as e:
@@ -146,9 +160,11 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     except ValueError:
         raise ValueError(f"{where}: weight (λ) of {name!r} must be a finite number ≥ 0, 'auto' or 'auto*K', "
                          f"got {weight!r:.40}") from None
-    opts = {**(options or {}), **(entry.get("options") or {})}
-    if not isinstance(opts, dict):
-        raise ValueError(f"{where}: options of {name!r} must be a mapping")
+    given = entry.get("options") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"{where}: options of {name!r} must be a mapping of option names to values "
+                         f"(e.g. options: {{temperature: 4}}), got {given!r:.60}")
+    opts = {**(options or {}), **given}
     unknown = sorted(set(opts) - set(spec.options))
     if unknown:
         raise ValueError(f"{where}: loss term {name!r} has no option(s) {', '.join(unknown)}; its options: "

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist_ctx
+from .atomic_io import read_jsonl
 from .bound import model_outputs, terms_from_outputs
 from .config import ConfigError
 from .metrics.exact import exact_plan
@@ -266,5 +267,6 @@ def backfill_tensorboard(cfg, run_dir: Path, title: str, settings: dict) -> None
     if not (getattr(cfg, "tensorboard", False) and dist_ctx.is_main()) or (Path(run_dir) / TB_DIR).is_dir():
         return
     log = Path(run_dir) / LOG_JSONL
-    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    history = read_jsonl(log, f"delete {log} (the run's checkpoint or final.json holds what TensorBoard needs)") \
+        if log.is_file() else []
     TensorBoardLog(run_dir, title, settings, history).close()

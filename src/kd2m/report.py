@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import results as R
-from .atomic_io import atomic_write_text
+from .atomic_io import atomic_write_text, read_jsonl
 from .rundir import LOG_JSONL, RunDir
 
 __all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_diagnostics", "plot_embedding", "embedding_features",
@@ -149,7 +149,8 @@ def read_logs(run_dir: Path, rows: list[dict]) -> dict[str, list[list[dict]]]:
     for r in rows:
         path = RunDir(run_dir).run_of_row(r) / LOG_JSONL
         if path.is_file():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = read_jsonl(path, "delete that run directory and rerun to redo it (log.jsonl is rewritten "
+                                     "from the checkpoint on a resume)")
             if lines:
                 logs.setdefault(r["method"], []).append(lines)
     return logs
@@ -352,7 +353,8 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     by_key = {(r["method"], r["seed"]): r for r in rows}
     missing = [m for m in chosen if (m, seed) not in by_key]
     chosen = [m for m in chosen if (m, seed) in by_key]
-    bundle = build_dataset(cfg["dataset"], data_root=cfg.get("data_root"), download=False, augment=False)
+    bundle = build_dataset(cfg["dataset"], data_root=cfg.get("data_root"), download=False, augment=False,
+                           image_size=cfg.get("image_size"))
     n = len(bundle.test)
     g = torch.Generator().manual_seed(EMBED_SEED)
     idx = torch.randperm(n, generator=g)[:min(samples, n)].sort().values
@@ -362,7 +364,8 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     for m in chosen:
         arch = cfg["teacher"] if m == "teacher" else cfg["student"]
         layer = cfg.get("teacher_layer" if m == "teacher" else "student_layer") or "penultimate"
-        model = load_model(run_dir, by_key[(m, seed)], arch, bundle, dev)
+        options = cfg.get("teacher_options" if m == "teacher" else "student_options")
+        model = load_model(run_dir, by_key[(m, seed)], arch, bundle, dev, options)
         feats = embedding_features(model, bundle.test, idx, dev, layer)
         role = "teacher" if m == "teacher" else "CE-only student" if m == "ce" else f"{R.label(m)} student"
         panels.append((f"{role} ({arch})\nacc {accs[m]['mean']:.2f}%", feats))

@@ -220,7 +220,7 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     verdict[, published]); the best student (highest mean; never the teacher) in bold. With
     ``expected_seeds``, methods with fewer finished seeds are flagged and listed below the table.
     ``reference``: published numbers for a last column (:func:`reference_numbers`; default: the
-    KD²M paper's for ``dataset``). ``diverged``: {label: seeds} of runs whose loss went non-finite;
+    KD²M paper's for ``dataset``). ``diverged``: {method key: {"label", "seeds"}} of runs whose loss went non-finite;
     flagged apart from unfinished ones, and a method that diverged on every seed gets a row saying so."""
     diverged = diverged or {}
     stats = summarize(rows)
@@ -239,7 +239,7 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
         if s["method"] != "teacher" and best is not None and s["mean"] == best:
             cell = f"**{cell}**"
         n = f"{s['n']}"
-        lost = len(diverged.get(s["label"], ()))
+        lost = len(diverged.get(s["method"], {}).get("seeds", ()))
         if expected_seeds and s["n"] < expected_seeds:
             n += " (!)"
             if s["n"] + lost < expected_seeds:
@@ -254,24 +254,48 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
             pv = paper.get(s["method"].partition("@")[0])
             line += f" {pv:.2f} |" if pv is not None else " — |"
         lines.append(line)
-    shown = {s["label"] for s in stats}
-    for label_, seeds in diverged.items():
-        if label_ not in shown:  # diverged on every seed it ran: no accuracy at all
-            lines.append(f"| {label_} | diverged | 0 (!) | | | | |" + (" — |" if paper else ""))
+    shown = {s["method"] for s in stats}
+    for key, d in diverged.items():
+        if key not in shown:  # diverged on every seed it ran: no accuracy at all
+            lines.append(f"| {d['label']} | diverged | 0 (!) | | | | |" + (" — |" if paper else ""))
     text = "\n".join(lines) + "\n"
     if short:
         text += f"\n(!) unfinished: {', '.join(short)} seeds; their means are over fewer seeds than the others.\n"
     if diverged:
-        which = "; ".join(f"{k} on seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}" for k, v in diverged.items())
+        which = "; ".join(f"{d['label']} on seed{'s' if len(d['seeds']) > 1 else ''} {', '.join(map(str, d['seeds']))}"
+                          for d in diverged.values())
         text += (f"\n(!) diverged (non-finite loss; each run's diverged.json says where): {which}. Those runs are "
                  "left out: the means and paired Δ of these methods are over their other seeds only.\n")
     return text
 
 
-def compare_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
+#: Settings that are a method's own (a paired comparison is of exactly these), and those that only
+#: a student distilled from the teacher has (absent from the CE-only student's settings).
+OWN_SETTINGS = frozenset({"terms", "ce_weight", "seed"})
+TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "pretrained_teacher", "teacher_lr",
+                              "match", "teacher_cache"})
+
+
+def settings_difference(a: dict, b: dict) -> list[str]:
+    """The settings two runs differ in, other than their methods' own (terms, CE weight, seed, and
+    the teacher's settings where only one of them has a teacher): ``["epochs 3 vs 1", ...]``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in OWN_SETTINGS or (k in TEACHER_SETTINGS and (k not in a or k not in b)):
+            continue
+        if a.get(k) != b.get(k):
+            out.append(f"{k} {a.get(k)!r:.40} vs {b.get(k)!r:.40}")
+    return out
+
+
+def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict | None = None) -> str:
     """Paired Δ = A − B (accuracy points) for each (A, B) of ``pairs``, over the seeds both have:
     mean [95% t-interval], p, wins of A; "A better"/"B better" only when the interval excludes 0.
-    E.g. every distance trained with ``weight: auto`` against the same distance with its swept λ."""
+    E.g. every distance trained with ``weight: auto`` against the same distance with its swept λ.
+
+    ``settings``: {(method, seed): the run's settings}; a pair whose runs of one seed differ in
+    anything but their methods (:func:`settings_difference`: e.g. 3 epochs against 1 in one
+    ``--out``) is refused, naming the difference. A pair without a common seed is refused too."""
     groups: dict[str, dict[int, float]] = {}
     for r in rows:
         groups.setdefault(r["method"], {})[int(r["seed"])] = 100.0 * float(r["test_acc"])
@@ -279,8 +303,17 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
     for a, b in pairs:
         if a not in groups or b not in groups:
             raise ValueError(f"compare: no rows for {a if a not in groups else b!r}; methods: {', '.join(groups)}")
-        d = paired_delta(groups[a], groups[b])
         seeds = sorted(set(groups[a]) & set(groups[b]))
+        if not seeds:
+            raise ValueError(f"compare {a}:{b}: no seed has both (seeds of {a}: {sorted(groups[a])}; of {b}: "
+                             f"{sorted(groups[b])}); train the missing seeds first")
+        for seed in seeds if settings is not None else ():
+            diff = settings_difference(settings.get((a, seed)) or {}, settings.get((b, seed)) or {})
+            if diff:
+                raise ValueError(f"compare {a}:{b}: seed {seed}'s runs were trained with other settings "
+                                 f"({'; '.join(diff[:3])}); a paired Δ needs runs that differ only in their "
+                                 "method: retrain one of them with the other's settings")
+        d = paired_delta(groups[a], groups[b])
         mean_a = statistics.fmean(groups[a][s] for s in seeds)
         mean_b = statistics.fmean(groups[b][s] for s in seeds)
         v = verdict(d)
@@ -349,8 +382,11 @@ def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
     run_dir = Path(run_dir)
     js = run_dir / "results.json"
     if js.exists():
-        import json
-        data = json.loads(js.read_text())
+        from .atomic_io import read_json
+        data = read_json(js, "delete it and rerun the same command to rebuild it from the runs")
+        if not isinstance(data, dict):
+            raise ValueError(f"{js}: not a kd2m results file (expected a JSON object); delete it and rerun the "
+                             "same command to rebuild it from the runs")
         rows = data.get("rows") or []
         if rows and isinstance(rows[0], dict) and "method" in rows[0]:
             return [typed_row(r) for r in rows], data

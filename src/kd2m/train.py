@@ -15,26 +15,29 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from . import distributed as dist_ctx
 from . import losses
 from . import monitor as watch
-from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json, save_checkpoint
 from .config import ConfigError, RunConfig
 from .data import dataset_labels
 from .features import PENULTIMATE, FeatureTap, last_linear_name
 from .methods import Method, TermConfig, cache_problem
 from .metrics._base import NonFiniteInputError
 from .models import build_model, load_pretrained
-from .runtime import amp_dtype, autocast, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
+from .models.pretrained import weights_identity
+from . import value_checks
+from .step import EpochTally, forward_terms, zero_nonfinite_gradients
+from .runtime import amp_dtype, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
 from .rundir import CHECKPOINT_PT, DIVERGED_JSON, FINAL_JSON, LOG_JSONL, MODEL_PT
 from .teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
@@ -107,13 +110,14 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> f
     few duplicated samples are counted, as torch's own reference scripts do.
     """
     model.eval()
-    correct = total = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: one read at the end
+    total = 0
     for x, y in loader:
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    correct, total = dist_ctx.all_reduce_sum([correct, total], device)
-    return correct / max(total, 1)
+        correct += (model(x).argmax(1) == y).sum()
+        total += y.numel()
+    counts = dist_ctx.all_reduce_tensor(torch.stack([correct, correct.new_tensor(total)]), "sum").tolist()
+    return counts[0] / max(counts[1], 1)
 
 
 def _rng_state(loader) -> dict:
@@ -143,8 +147,22 @@ def build_net(cfg: RunConfig, bundle, seed: int, role: str) -> nn.Module:
                         **(getattr(cfg, f"{role}_options") or {}))
     weights = getattr(cfg, f"pretrained_{role}")
     if weights:
-        load_pretrained(model, weights, new_head=True)  # a new head when the class count differs
+        # A student may start from a backbone under a new head (its training learns the head); a
+        # teacher may only if it is trained here: with --teacher-epochs 0 a random head would be
+        # distilled from as if it were the teacher (its accuracy at chance), so its head must load.
+        head_learned = role == "student" or cfg.teacher_epochs > 0
+        load_pretrained(model, weights, new_head=head_learned, on_new_head=_say_once)
     return model
+
+
+_SAID: set = set()
+
+
+def _say_once(message: str) -> None:
+    """One line on stderr, once per process (a grid builds the same network once per seed)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"kd2m: {message}", file=sys.stderr)
 
 
 def build_student(cfg: RunConfig, bundle, seed: int) -> nn.Module:
@@ -162,11 +180,14 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher=None) -> dict:
+def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher=None,
+                 threads: int | None = None) -> dict:
     """Everything that decides a run's result; stored with it so that a resume or a skip never
-    silently reuses a run made with other settings (e.g. `kd2m run --epochs 1`, then `kd2m run`)."""
+    silently reuses a run made with other settings (e.g. `kd2m run --epochs 1`, then `kd2m run`).
+    ``threads``: torch's CPU thread count of a CPU run (its reductions' order, so its last bits:
+    a ``--parallel`` worker's one thread is not a sequential run's sixteen); stored when not 1."""
     role = "teacher" if method.is_teacher else "student"
-    s = {"dataset": cfg.dataset, "model": getattr(cfg, role), "pretrained": getattr(cfg, f"pretrained_{role}"),
+    s = {"dataset": cfg.dataset, "model": getattr(cfg, role), "pretrained": _weights_id(getattr(cfg, f"pretrained_{role}")),
          "model_options": getattr(cfg, f"{role}_options"),
          "epochs": epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_min": cfg.lr_min,
          "lr_schedule": cfg.lr_schedule, "lr_milestones": cfg.lr_milestones, "lr_gamma": cfg.lr_gamma,
@@ -174,7 +195,7 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
          "world_size": dist_ctx.world_size(), "image_size": cfg.image_size}
     if teacher is not None and method.uses_teacher:
         s.update(teacher=cfg.teacher, teacher_options=cfg.teacher_options, teacher_epochs=cfg.teacher_epochs,
-                 pretrained_teacher=cfg.pretrained_teacher, teacher_lr=cfg.teacher_lr,
+                 pretrained_teacher=_weights_id(cfg.pretrained_teacher), teacher_lr=cfg.teacher_lr,
                  match=cfg.match, terms=[t.describe() for t in method.terms])
         if cfg.teacher_cache:
             s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
@@ -182,7 +203,14 @@ def run_settings(cfg: RunConfig, method: Method, seed: int, epochs: int, teacher
         s.update(terms=[t.describe() for t in method.terms])
     if method.ce_weight != 1.0:  # only when set: runs made before CE had a weight keep their settings
         s.update(ce_weight=method.ce_weight)
+    if threads is not None and threads != 1:  # one thread (the digits' and MNIST-1D's default) as before
+        s.update(threads=threads)
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
+
+
+def _weights_id(path):
+    """A weights file as the settings hold it: its content's digest, not its name."""
+    return weights_identity(path) if path else None
 
 
 def make_scheduler(opt, cfg: RunConfig, epochs: int):
@@ -316,7 +344,7 @@ def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, ex
     s_feats, _ = _probe(student, example, s_want)
     t_feats, _ = _probe(teacher, example, t_want)
     head = dict(teacher.named_modules())[last_linear_name(teacher)].weight.detach()
-    bound, names = [], [t.name for t in method.terms]
+    bound = []
     for t in method.terms:
         sl, tl = s_layers[id(t)], t_layers[id(t)]
         s_x, t_x = s_feats.get((sl, t.uses_maps)), t_feats.get((tl, t.uses_maps))
@@ -336,9 +364,28 @@ def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, ex
             module = losses.get(t.name, losses.TermContext(**ctx_fields), **options)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{method.key}: {e}") from None
-        key = t.name if names.count(t.name) == 1 else f"{t.name}@{sl}"
-        bound.append(BoundTerm(t, module, sl, tl, key))
+        bound.append(BoundTerm(t, module, sl, tl, None))
+    for b, key in zip(bound, term_keys([(b.config.name, b.student_layer) for b in bound])):
+        b.key = key
     return bound
+
+
+def term_keys(terms: list[tuple[str, str]]) -> list[str]:
+    """One distinct log key per (name, student layer) of a student's terms: the name where it is
+    unique, ``name@layer`` where the name repeats over layers, and ``name@layer#i`` (1-based) where
+    a name repeats on one layer — two terms must never share a key, or log.jsonl and
+    ``auto_scales`` would hold their sum and the last λ."""
+    names = [n for n, _ in terms]
+    keys = [n if names.count(n) == 1 else f"{n}@{layer}" for n, layer in terms]
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        if keys.count(k) > 1:
+            seen[k] = seen.get(k, 0) + 1
+            out.append(f"{k}#{seen[k]}")
+        else:
+            out.append(k)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,6 +394,9 @@ def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, ex
 
 class TeacherOutputs:
     """The teacher's features (by layer) and logits for a batch: run online, or looked up in a cache."""
+
+    #: runs the teacher on the batch (under the step's autocast), rather than looking it up by key
+    online = True
 
     def __call__(self, x: Tensor, key: Tensor) -> tuple[dict, Tensor]:
         raise NotImplementedError
@@ -373,6 +423,8 @@ class OnlineTeacher(TeacherOutputs):
 
 class CachedTeacher(TeacherOutputs):
     """Looks the teacher's outputs up by key in a :class:`~kd2m.teacher_cache.TeacherCache`."""
+
+    online = False
 
     def __init__(self, cache, layer: str):
         self.cache, self.layer = cache, layer
@@ -424,7 +476,8 @@ class Trainer:
         self.reference_teacher = teacher  # what kd2m.monitor compares every student with (CE-only included)
         self.epochs = cfg.epochs if epochs is None else epochs
         self.teacher_caches = teacher_caches
-        self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher)
+        self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher,
+                                     threads=torch.get_num_threads() if device.type == "cpu" else None)
         self.final_path = self.run_dir / FINAL_JSON
         self.diverged_path = self.run_dir / DIVERGED_JSON
         self.ckpt_path = self.run_dir / CHECKPOINT_PT
@@ -481,61 +534,55 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _epoch(self, net: nn.Module, epoch: int) -> dict:
+        """One epoch of training; its log row. Reads nothing back to the host until its end (see
+        :mod:`kd2m.step`): a non-finite step zeroes its gradients (the weights stay finite) and is
+        reported once the epoch is over, naming the first such step, on every rank alike."""
         cfg, device = self.cfg, self.device
         amp = amp_dtype(cfg.amp)
         lam = [b.config.weight_at(epoch, self.epochs) * scale for b, scale in zip(self.terms, self.scales)]
         net.train()
-        sums = {"loss": 0.0, "ce": 0.0, "distill": 0.0}
-        term_sums = {b.key: 0.0 for b in self.terms}
-        seen = 0
-        for step, (x, y, key) in enumerate(self.train_loader):
-            x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-            key = key.to(device, non_blocking=True)
-            t_feats, t_logits = {}, None
-            if isinstance(self.teacher_out, CachedTeacher):
-                t_feats, t_logits = self.teacher_out(x, key)
-            with autocast(device, amp):
-                logits = net(x)
-                ce = F.cross_entropy(logits.float(), y)
-                if isinstance(self.teacher_out, OnlineTeacher):
-                    t_feats, t_logits = self.teacher_out(x, key)
-            s_feats = self.s_taps.features() if self.s_taps is not None else {}
-            distill = ce.new_zeros(())
-            values = []
-            for b, w in zip(self.terms, lam):
-                try:  # the distances refuse NaN/inf features; say where training diverged
-                    v = b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, key // self.views))
-                except NonFiniteInputError as e:
-                    raise NonFiniteLossError(f"non-finite {e.who} features at epoch {epoch + 1}, step {step + 1}") \
-                        from None
-                values.append(v)
-                distill = distill + w * v.float()
-            loss = self.method.ce_weight * ce + distill
-            if not torch.isfinite(loss):
-                parts = ", ".join([f"ce={float(ce.detach()):.4g}"] +
-                                  [f"{b.key}={float(v.detach()):.4g}" for b, v in zip(self.terms, values)])
-                raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({parts})")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for b in self.terms:  # term parameters live outside DDP: average their gradients as DDP does
-                if any(True for _ in b.module.parameters()):
-                    dist_ctx.average_gradients(b.module)
-            self.opt.step()
-            n = y.shape[0]
-            seen += n
-            sums["loss"] += float(loss.detach()) * n
-            sums["ce"] += float(ce.detach()) * n
-            sums["distill"] += float(distill.detach()) * n
-            for b, v in zip(self.terms, values):
-                term_sums[b.key] += float(v.detach()) * n
-        keys = list(sums) + list(term_sums)
-        totals = dist_ctx.all_reduce_sum([sums[k] for k in sums] + [term_sums[k] for k in term_sums] + [seen], device)
-        mean = {k: v / max(totals[-1], 1) for k, v in zip(keys, totals[:-1])}
-        row = {k: mean[k] for k in sums}
+        tally = EpochTally(len(self.terms), device)
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        with value_checks.deferred():
+            for step, (x, y, key) in enumerate(self.train_loader):
+                x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+                key = key.to(device, non_blocking=True)
+                out = forward_terms(net, self.terms, self.teacher_out, self.s_taps, x, y, key, self.views,
+                                    device, amp)
+                distill = out.ce.new_zeros(())
+                for v, w in zip(out.values, lam):
+                    distill = distill + w * v.float()
+                loss = self.method.ce_weight * out.ce + distill
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for b in self.terms:  # term parameters live outside DDP: average their gradients as DDP does
+                    if any(True for _ in b.module.parameters()):
+                        dist_ctx.average_gradients(b.module)
+                grads_ok = zero_nonfinite_gradients(params)
+                self.opt.step()
+                tally.add(step, out, loss, distill, grads_ok)
+        totals = tally.read()
+        if totals["bad_steps"]:
+            raise NonFiniteLossError(self._nonfinite_where(epoch, totals))
+        mean = dict(zip(["loss", "ce", "distill"] + [b.key for b in self.terms], totals["means"]))
+        row = {k: mean[k] for k in ("loss", "ce", "distill")}
         if self.terms:
             row["terms"] = {b.key: mean[b.key] for b in self.terms}
             row["weights"] = {b.key: w for b, w in zip(self.terms, lam)}
         return row
+
+    def _nonfinite_where(self, epoch: int, totals: dict) -> str:
+        """Where an epoch went non-finite: its first bad step, and what was non-finite there."""
+        at = f"at epoch {epoch + 1}, step {totals['first_bad'] + 1}"
+        if not totals["first_is_local"]:
+            return f"non-finite loss {at} (on another rank)"
+        if totals["first_student_nonfinite"]:
+            return f"non-finite student features {at}"
+        if totals["first_teacher_nonfinite"]:
+            return f"non-finite teacher features {at}"
+        ce, *values = totals["first_values"]
+        parts = ", ".join([f"ce={ce:.4g}"] + [f"{b.key}={v:.4g}" for b, v in zip(self.terms, values)])
+        return f"non-finite loss {at} ({parts})"
 
     def _write_log(self, history: list) -> None:
         if dist_ctx.is_main():
@@ -543,7 +590,7 @@ class Trainer:
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in history), durable=False)
 
     def _finished(self, load_finished: bool) -> dict:
-        result = json.loads(self.final_path.read_text())
+        result = read_json(self.final_path, f"delete {self.run_dir} to redo that run")
         if not isinstance(result, dict) or "test_acc" not in result:
             raise ConfigError(f"{self.final_path} is not a kd2m result (expected a JSON object with test_acc); "
                               "delete that run directory to redo it")
@@ -622,12 +669,17 @@ class Trainer:
                 atomic_write_json(self.diverged_path, {"where": e.where, "settings": self.settings})
             raise self._diverged(e.where) from None
         finally:
-            for hooks in (self.s_taps, self.teacher_out):
-                if hooks is not None:
-                    hooks.remove()
+            self.remove_hooks()
             if self.monitor is not None:
                 self.monitor.close()
         return self._finish(net, history, elapsed)
+
+    def remove_hooks(self) -> None:
+        """Take the feature taps off the student and the teacher (after training, or after a
+        :meth:`_setup` that only calibrated)."""
+        for hooks in (getattr(self, "s_taps", None), getattr(self, "teacher_out", None)):
+            if hooks is not None:
+                hooks.remove()
 
     def _title(self) -> str:
         return f"{self.method.label} ({self.method.key}), seed {self.seed}"

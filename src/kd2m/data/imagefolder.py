@@ -8,7 +8,9 @@ labels). Everything else is read from the data:
   ``image_size`` argument); every image is resized to ``size × size``, so mixed sizes work, and
   a warning names the chosen size and how many images differ (one 6000 px photo among 8 px
   images no longer decides the size of them all);
-- normalisation: per-channel mean/std over (up to :data:`STATS_SAMPLE` evenly spaced) training images.
+- normalisation: per-channel mean/std over (up to :data:`STATS_SAMPLE` evenly spaced) training images;
+- 16-bit images are scaled to 8 bits (full scale → 255); a truncated or corrupt file is refused,
+  naming it, before training (every file is checked structurally).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import functools
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms as T
@@ -32,10 +35,46 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 LAYOUT = "expected DATA_ROOT/train/<class>/<image> and DATA_ROOT/test/<class>/<image> (torchvision ImageFolder layout)"
 
 
+#: Integer modes of more than 8 bits per pixel and the value of their full scale. PIL's
+#: ``convert('L')`` clips them to 0/255 (a 16-bit image becomes black and white), so they are
+#: scaled to 8 bits first. ("I" is how PIL opens 16-bit grayscale PNGs and TIFFs.)
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+#: Modes whose value range the file does not state (float images): refused, naming the file.
+UNSCALED_MODES = {"F"}
+
+
 def _load(path: str, mode: str) -> Image.Image:
-    """Open an image in ``mode`` ('L' or 'RGB'); a module-level function so DataLoader workers can pickle it."""
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    """Open an image in ``mode`` ('L' or 'RGB'); a module-level function so DataLoader workers
+    can pickle it. Wide integer images are scaled to 8 bits (full scale → 255); an unreadable
+    file is a ValueError naming it."""
+    try:
+        with open(path, "rb") as f:
+            im = Image.open(f)
+            if im.mode in UNSCALED_MODES:
+                raise ValueError(f"{path}: a {im.mode!r} (floating-point) image has no stated value range; "
+                                 "convert it to 8- or 16-bit integers")
+            if im.mode in WIDE_MODES:
+                wide = np.asarray(im, dtype=np.float64) * (255.0 / WIDE_MODES[im.mode])
+                im = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
+            return im.convert(mode)
+    except (OSError, SyntaxError) as err:  # PIL: truncated or corrupt file, unknown format
+        raise ValueError(f"{path}: not a readable image ({err}); remove or replace it") from None
+
+
+def check_images(paths: list[str]) -> None:
+    """Refuse, naming the file, the first image that is truncated, corrupt or of an unscaled mode:
+    a structural check of every file (``Image.verify``: reads each file, decodes no pixels), run
+    before training so that a bad file is not met at some step of some epoch."""
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                if im.mode in UNSCALED_MODES:
+                    raise ValueError(f"{path}: a {im.mode!r} (floating-point) image has no stated value range; "
+                                     "convert it to 8- or 16-bit integers")
+                im.verify()
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"dataset 'imagefolder': {path}: not a readable image ({err}); remove or "
+                             "replace it") from None
 
 
 def _folder(root: Path, split: str, loader=datasets.folder.default_loader, transform=None) -> datasets.ImageFolder:
@@ -104,6 +143,8 @@ def imagefolder(data_root=None, download=False, augment=True, image_size: int | 
                       f"{width}×{height}, the most common size; every image is resized to {size}×{size}"
                       + (" (image_size)" if image_size else " (set image_size to choose)"), ImageSizeWarning,
                       stacklevel=2)
+    test_probe = _folder(root, "test")
+    check_images([path for path, _ in probe.samples + test_probe.samples])
     loader = functools.partial(_load, mode=mode)
     resize = T.Resize((size, size))
     stats = channel_stats([path for path, _ in probe.samples], loader, size)

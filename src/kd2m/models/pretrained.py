@@ -1,6 +1,7 @@
 """Load weights from a file into a built model, safely and with a useful error."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +19,28 @@ def _short(keys: list[str]) -> str:
     return ", ".join(keys[:SHOWN]) + more
 
 
+#: weights_identity's memo: (real path, size, mtime in ns) -> digest
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_identity(path: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` of the file's bytes: what a run's settings hold for a weights file, so
+    that a file replaced under the same name (or the same relative name seen from another
+    working directory) is other settings, never the old run's. Memoised per file version."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = "sha256:" + h.hexdigest()
+    return _DIGESTS[key]
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[str] = (),
-                    new_head: str | bool | None = None) -> nn.Module:
+                    new_head: str | bool | None = None, on_new_head=None) -> nn.Module:
     """Copy the weights stored at ``path`` into ``model`` (in place) and return ``model``.
 
     The file is read with ``torch.load(..., weights_only=True)``: tensors and plain containers
@@ -35,6 +56,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
             ``True`` means the model's classifier, its last ``nn.Linear`` whatever its name
             (``fc.``, ``classifier.``, ``linear.``, ``classifier.0.``: see
             :func:`kd2m.features.last_linear_name`).
+        on_new_head: called with one sentence when ``new_head`` replaced the file's head.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -66,8 +88,14 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
     if new_head:
         own = model.state_dict()
         head = [k for k in state if k.startswith(new_head)]
-        if any(k in own and state[k].shape != own[k].shape for k in head):
+        differ = [k for k in head if k in own and state[k].shape != own[k].shape]
+        if differ:
             ignore = tuple(ignore) + (new_head,)
+            if on_new_head is not None:
+                k = differ[0]
+                on_new_head(f"{path}: its classifier {new_head.rstrip('.')} has shape {tuple(state[k].shape)}, "
+                            f"this model's {tuple(own[k].shape)}: loaded without it, under a new randomly "
+                            "initialised head")
 
     def kept(k: str) -> bool:
         return not any(k.startswith(p) for p in ignore)

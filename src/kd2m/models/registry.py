@@ -22,6 +22,7 @@ External models keep the same contract: their last ``nn.Linear`` is the classifi
 from __future__ import annotations
 
 import functools
+import re
 from typing import Callable
 
 from torch import nn
@@ -83,7 +84,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
                        **options)
     except TypeError as e:
         if options and "unexpected keyword" in str(e):
-            raise ValueError(f"model {name!r} takes no option(s) {', '.join(sorted(options))}: {e}") from None
+            # name the option the constructor refused, not every option given (the others may be valid)
+            found = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+            bad = found.group(1) if found else ", ".join(sorted(options))
+            raise ValueError(f"model {name!r} takes no option {bad!r} (its constructor: {e})") from None
         raise
 
 
