@@ -8,8 +8,8 @@
 Every configuration is a term of :mod:`kd2m.losses` (``--metrics``: the KD²M distances;
 ``--baselines``: the field's terms; ``--spatial``: distances with ``unit="spatial"``, one sample
 per position of each image's last feature map), built and fed as the training engine does it
-(:func:`kd2m.train.bind_terms`, :class:`~kd2m.train.BoundTerm`, the engine's feature taps and
-teacher outputs), added to CE with λ = 1e-4 (the cost of a step does not depend on λ; a small λ
+(:func:`kd2m.training.binding.bind_terms`, the engine's feature taps, teacher outputs and its
+one :class:`~kd2m.training.step.Step`), added to CE with λ = 1e-4 (the cost of a step does not depend on λ; a small λ
 keeps the shared student finite over the few steps). All configurations run the same number of
 optimizer steps on the same synthetic batch (random images, so data loading is excluded),
 interleaved round-robin over several rounds so drift on a shared machine hits all of them
@@ -39,15 +39,15 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from kd2m import losses
+from kd2m import losses, tasks
 from kd2m.features import PENULTIMATE
 from kd2m.methods import Method, TermConfig
 from kd2m.models import build_model
-from kd2m.runtime import autocast
 from kd2m.teacher_cache import TeacherCache
-from kd2m.train import CachedTeacher, OnlineTeacher, Taps, bind_terms
+from kd2m.training.binding import Taps, bind_terms, wanted_layers
+from kd2m.training.step import Step
+from kd2m.training.teacher import CachedTeacher, OnlineTeacher
 
 DEFAULT_METRICS = "w2,cw2,jw2,gauss_w2,gauss_cw2,gauss_kl,mmd_rbf,sliced_w2,sinkhorn"
 DEFAULT_BASELINES = "kd,dkd,dist,wkd_l,pkt,rkd,crd,fitnet,at,nst"
@@ -74,20 +74,15 @@ def term_configs(metrics: str, baselines: str, spatial: str) -> list[tuple[str, 
 
 
 def make_step(net, teacher_out, s_taps, terms, opt, x, y, keys, amp_dtype):
-    """One optimizer step as :meth:`kd2m.train.Trainer._epoch` takes it; ``teacher_out`` is None
-    (CE only), an :class:`OnlineTeacher` (a forward per step) or a :class:`CachedTeacher` (lookup)."""
+    """One optimizer step as :meth:`kd2m.train.Trainer._epoch` takes it, through the engine's own
+    :class:`~kd2m.training.step.Step`; ``teacher_out`` is None (CE only), an
+    :class:`OnlineTeacher` (a forward per step) or a :class:`CachedTeacher` (lookup)."""
+    engine_step = Step(net, terms, tasks.get("classification"), teacher_out=teacher_out, s_taps=s_taps,
+                       device=x.device, amp=amp_dtype)
+    lam = [b.config.weight for b in terms]
+
     def step():
-        t_feats, t_logits = {}, None
-        if isinstance(teacher_out, CachedTeacher):
-            t_feats, t_logits = teacher_out(x, keys)
-        with autocast(x.device, amp_dtype):
-            logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if isinstance(teacher_out, OnlineTeacher):
-                t_feats, t_logits = teacher_out(x, keys)
-        s_feats = s_taps.features() if s_taps is not None else {}
-        for b in terms:
-            loss = loss + b.config.weight * b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, keys)).float()
+        loss, _ = engine_step.loss(engine_step.forward(x, y, keys), lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,6 +112,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--teacher-mode", default="online,cached",
@@ -134,7 +130,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     device = torch.device(a.device)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     amp_dtype = torch.bfloat16 if a.amp == "bf16" else None
     student = build_model(a.student, a.classes, a.channels, a.image_size).to(device)
     teacher = build_model(a.teacher, a.classes, a.channels, a.image_size).to(device).eval()
@@ -160,10 +156,9 @@ def main(argv=None):
         b.module.to(device)
         bound[name] = b
     # one set of taps for every row, as one run's taps serve all its terms
-    s_want = {(b.student_layer, b.raw) for b in bound.values() if b.needs & {"feats", "maps"}}
-    t_want = {(b.teacher_layer, b.raw) for b in bound.values() if b.needs & {"feats", "maps"}}
+    s_want = wanted_layers(list(bound.values()), "student")
     s_taps = Taps(student, s_want) if s_want else None
-    online = OnlineTeacher(teacher, t_want)
+    online = OnlineTeacher(teacher, wanted_layers(list(bound.values()), "teacher"))
     cached = None
     if "cached" in modes:  # a table as large as a training set, filled from real teacher outputs
         probe = Taps(teacher, {(PENULTIMATE, False)})
@@ -195,31 +190,40 @@ def main(argv=None):
         fn()
     sync(device)
     rates = {name: [] for name in steps}
+    peaks = {name: 0 for name in steps}  # CUDA: the most memory allocated during the row's steps
     for _ in range(a.rounds):
         for name, fn in steps.items():
             sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             for _ in range(a.steps):
                 fn()
             sync(device)
             rates[name].append(a.steps * a.batch_size / (time.perf_counter() - t0))
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
 
     base = statistics.median(rates["ce"])
     with_teacher = statistics.median(rates["ce+teacher"])
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    lines = [f"student {a.student}, teacher {a.teacher}, batch {a.batch_size}, {a.image_size}px, {dev}, "
-             f"amp {a.amp}, channels_last {a.channels_last}, compile {a.compile}, table {a.num_data} rows; "
+    mem = device.type == "cuda"
+    lines = [f"student {a.student}, teacher {a.teacher}, batch {a.batch_size}, {a.image_size}px, {a.classes} classes, "
+             f"{dev}, amp {a.amp}, channels_last {a.channels_last}, compile {a.compile}, table {a.num_data} rows; "
              f"median of {a.rounds} rounds × {a.steps} steps", "",
-             "| configuration | images/s | × plain student | × CE+teacher forward | goal (× plain) |",
-             "|---|---|---|---|---|"]
+             "| configuration | images/s | × plain student | × CE+teacher forward | goal (× plain) |"
+             + (" peak MiB |" if mem else ""),
+             "|---|---|---|---|---|" + ("---|" if mem else "")]
     for name in steps:
         r = statistics.median(rates[name])
-        lines.append(f"| {name} | {r:.1f} | {r / base:.2f} | {r / with_teacher:.2f} | {goals.get(name, '')} |")
+        lines.append(f"| {name} | {r:.1f} | {r / base:.2f} | {r / with_teacher:.2f} | {goals.get(name, '')} |"
+                     + (f" {peaks[name] / 2**20:.0f} |" if mem else ""))
     table = "\n".join(lines)
     print(table)
     if a.out:
         with open(a.out, "w") as f:
             f.write(table + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -90,3 +90,22 @@ def test_swept_lambda_picks_the_best_finished_k_and_writes_its_fixed_lambda(tmp_
     out = capsys.readouterr().out
     assert "weights: {cw2: 0.06, mmd_rbf: 8}" in out   # 0.3 × 26 = 7.8 → 8
     assert "K=10: diverged" in out and "global K=1: mean over 2/2 metrics" in out
+
+
+def test_gpu_benchmark_refuses_without_cuda_and_runs_its_preset_with_overrides(tmp_path, capsys, monkeypatch):
+    """benchmarks/gpu.py: one line and exit 2 where there is no CUDA; with --device given (the CPU
+    here, at tiny sizes) it runs throughput.py's rows with the protocol's options."""
+    gpu = load("gpu")
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        gpu.main([])
+    assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert "resnet32x4" in gpu.PRESET and "bf16" in gpu.PRESET and "online,cached" in gpu.PRESET
+    table = gpu.main(["--student", "digits_cnn", "--teacher", "digits_cnn", "--image-size", "8", "--channels", "1",
+                      "--classes", "10", "--batch-size", "8", "--num-data", "16", "--steps", "1", "--rounds", "1",
+                      "--metrics", "w2", "--baselines", "kd", "--spatial", "gauss_w2", "--device", "cpu",
+                      "--out", str(tmp_path / "g.md")])
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert names == ["ce", "ce+teacher", "w2", "w2 (cached teacher)", "kd", "kd (cached teacher)",
+                     "gauss_w2 (spatial, diagonal)"]
+    assert "amp bf16, channels_last True" in table

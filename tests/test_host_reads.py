@@ -5,8 +5,9 @@ host wait until the device has finished everything queued before it; one per ste
 the loop on an accelerator. These tests count every such read made by :meth:`Trainer._epoch`
 (the data loader's own fetching excluded) over an epoch of the digits: CE alone and the
 terms that need no host-side solver make none per step — the epoch's one read of its totals,
-amortised over its 12 steps, is under 0.5 per step. They would count the ``torch.isfinite(loss)``
-check and the ``float(loss)`` sums the loop used to make at every step.
+amortised over its 12 steps, is under 0.5 per step; exact OT reads its cost once per call.
+They would count the ``torch.isfinite(loss)`` check and the ``float(loss)`` sums the loop used
+to make at every step.
 """
 import contextlib
 
@@ -110,3 +111,12 @@ def test_the_counter_sees_a_read_per_step(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics.Metric, "__call__", reading)
     per_step, _ = _reads_per_step(tmp_path, monkeypatch, metrics=["gauss_w2"], baselines=[])
     assert per_step >= 1.0
+
+
+@pytest.mark.parametrize("name,reads", [("w2", 1), ("cw2", 2)])
+def test_exact_ot_reads_its_cost_back_once_per_call(tmp_path, monkeypatch, name, reads):
+    """Exact OT solves on the host by design (no exact GPU solver): its cost goes to the host once
+    per call — CW2 reads its labels' class sizes and all its classes' costs together (it read
+    one cost per class, 10 reads per step on the digits, before)."""
+    per_step, where = _reads_per_step(tmp_path, monkeypatch, metrics=[name], baselines=[])
+    assert per_step < reads + 0.5, f"{per_step:.2f} host reads per step, e.g. {where[:6]}"

@@ -184,7 +184,7 @@ def test_diagnostic_curves_are_means_over_seeds():
 def test_resumed_run_writes_each_step_once(tmp_path, monkeypatch):
     import kd2m.train as T
     calls = {"n": 0}
-    real = T.evaluate
+    real = T.Trainer._evaluate
 
     def dies_in_epoch_two(*a, **k):  # the second evaluation of the student's run: after epoch 1's checkpoint
         calls["n"] += 1
@@ -192,14 +192,14 @@ def test_resumed_run_writes_each_step_once(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "evaluate", dies_in_epoch_two)
+    monkeypatch.setattr(T.Trainer, "_evaluate", dies_in_epoch_two)
     args = ["--debug", "run", "--epochs", "3", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "",
             "--metrics", "w2", "--tensorboard", "--no-progress", "--out", str(tmp_path)]
     with pytest.raises(RuntimeError, match="killed"):
         main(args)
     run = tmp_path / "w2" / "seed0"
     assert (run / "checkpoint.pt").exists() and len(_log(run)) == 1
-    monkeypatch.setattr(T, "evaluate", real)
+    monkeypatch.setattr(T.Trainer, "_evaluate", real)
     assert main(args) == 0
     assert [r["epoch"] for r in _log(run)] == [1, 2, 3]
     assert len(list((run / "tb").iterdir())) == 1  # the resumed session rewrote the history into one file

@@ -353,14 +353,13 @@ def test_finite_features_too_large_for_a_float32_cost_read_as_a_non_finite_loss(
     OT: the solver's bare "exact_plan: cost contains NaN/inf" stopped the grid without naming the
     run, epoch or step (seen in an MNIST-1D λ sweep). The plan's cost now falls back to float64,
     the loss reads inf, and the engine says where."""
-    from kd2m.metrics.exact import _inner_cost
+    from kd2m.metrics.exact import exact_plan, feature_plan
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
     big = s * 1e20                                            # float32, finite
-    cost = _inner_cost(big, t)
     c = torch.cat([big.double(), t.double()]).mean(0)
-    want = -2 * (big.double() - c) @ (t.double() - c).T
-    assert torch.isfinite(cost).all() and torch.allclose(cost, want, rtol=1e-12)
+    want = exact_plan(-2 * (big.double() - c) @ (t.double() - c).T)   # the plan of the float64 cost
+    assert all(torch.equal(a, b) for a, b in zip(feature_plan(big, t), want))
     for name in ("w2", "cw2", "jw2"):
         value = metrics.get(name)(s * 1e20, t, torch.arange(16) % 2)
         assert torch.isinf(value), name   # ~1e41 overflows the float32 result: inf, not a solver error

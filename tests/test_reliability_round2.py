@@ -17,28 +17,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from kd2m import metrics
-from kd2m.cli import main
 from kd2m.config import ConfigError, RunConfig, from_mapping, load_yaml
+from test_reliability import one_line_error, run_cli  # the one-line-error contract, written once
 
 BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run_cli(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *needles):
-    assert code != 0
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("kd2m: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def resolved(**values):
@@ -412,19 +395,17 @@ def test_a_killed_parallel_worker_ends_the_grid_naming_its_seed(tmp_path):
 def _one_rank_nan_worker(rank, init_file, out_dir):
     """Two gloo ranks train a CE-only digits student; CE goes NaN on rank 1 only, at step 3."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    import torch.nn.functional as F
-
-    from kd2m import step as kd2m_step
+    from kd2m import tasks
     from kd2m.data import build_dataset
     from kd2m.methods import Method
     from kd2m.train import NonFiniteLossError, Trainer, build_student
-    real, calls = F.cross_entropy, []
+    real, calls = tasks.Classification.supervised_loss, []
 
-    def poisoned(*args, **kwargs):
+    def poisoned(self, logits, targets):
         calls.append(1)
-        value = real(*args, **kwargs)
+        value = real(self, logits, targets)
         return value * float("nan") if rank == 1 and len(calls) == 3 else value
-    kd2m_step.F = type("F", (), {"cross_entropy": staticmethod(poisoned)})
+    tasks.Classification.supervised_loss = poisoned
     torch.set_num_threads(1)
     try:
         cfg = RunConfig(epochs=2, progress=False, diagnostics=False, metrics=[], baselines=["ce"],

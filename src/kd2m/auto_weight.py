@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as dist_ctx
-from .config import ConfigError
-from .runtime import to_device
-from .step import forward_terms
+from .errors import ConfigError
+from .runtime import fork_rng, to_device
+from .training.build import IndexedDataset
 
 #: training batches the calibration averages over
 CALIBRATION_BATCHES = 4
@@ -44,33 +44,33 @@ CALIBRATION_BATCHES = 4
 MAX_AUTO_SCALE = 1e6
 
 
-def calibrate(trainer) -> list[float]:
-    """One scale per bound term of ``trainer``: the λ multiplier above for ``auto`` terms, 1 for the rest."""
-    terms = trainer.terms
+def calibrate(step, train_set, batch_size: int, name: str, channels_last: bool = False) -> list[float]:
+    """One scale per term of ``step`` (:class:`~kd2m.training.step.Step`): the λ multiplier above
+    for ``auto`` terms, 1 for the rest. ``train_set``: the training set (its first batches, in
+    index order, view 0 of a cached teacher); ``name``: the student's key, for error messages."""
+    terms = step.terms
     auto = [b.config.auto for b in terms]
     if not any(auto):
         return [1.0] * len(terms)
-    model = trainer.model
+    model = step.net
     params = [p for p in model.parameters() if p.requires_grad]
     saved_model = copy.deepcopy(model.state_dict())
     saved_terms = [copy.deepcopy(b.module.state_dict()) for b in terms]
-    from .train import IndexedDataset
-    loader = DataLoader(IndexedDataset(trainer.bundle.train), batch_size=trainer.cfg.batch_size, shuffle=False)
+    loader = DataLoader(IndexedDataset(train_set), batch_size=batch_size, shuffle=False)
     ce_norm, term_norm = 0.0, [0.0] * len(terms)
     batches = 0
     was_training = model.training
     try:
-        with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        with fork_rng(step.device):
             model.train()
             for x, y, index in loader:
                 if batches == CALIBRATION_BATCHES:
                     break
-                x = to_device(x, trainer.device, trainer.cfg.channels_last)
-                y, index = y.to(trainer.device), index.to(trainer.device)
+                x = to_device(x, step.device, channels_last)
+                y, index = y.to(step.device), index.to(step.device)
                 # the training step's forward (view 0 of a cached table), the auto terms only;
                 # no autocast: the balance of forces is measured in the weights' precision
-                out = forward_terms(model, terms, trainer.teacher_out, trainer.s_taps, x, y, index * trainer.views,
-                                    trainer.views, trainer.device, None, which=auto)
+                out = step.forward(x, y, index * step.views, amp=None, which=auto)
                 ce_norm += _grad_norm(out.ce, params)
                 for k, v in enumerate(out.values):
                     if v is not None:
@@ -82,7 +82,7 @@ def calibrate(trainer) -> list[float]:
             b.module.load_state_dict(sd)
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-    sums = dist_ctx.all_reduce_sum([ce_norm] + term_norm, trainer.device)
+    sums = dist_ctx.all_reduce_sum([ce_norm] + term_norm, step.device)
     ce_norm, term_norm = sums[0], sums[1:]
     scales = []
     for k, b in enumerate(terms):
@@ -90,12 +90,12 @@ def calibrate(trainer) -> list[float]:
             scales.append(1.0)
             continue
         if not term_norm[k] > 0 or not math.isfinite(term_norm[k]):
-            raise ConfigError(f"{trainer.method.key}: weight auto for term {b.config.name!r}: its gradient on the "
+            raise ConfigError(f"{name}: weight auto for term {b.config.name!r}: its gradient on the "
                               f"initial student is {term_norm[k]:g}, so no λ balances it against CE; give a number")
-        scale = trainer.method.ce_weight * ce_norm / term_norm[k]
+        scale = step.ce_weight * ce_norm / term_norm[k]
         if not scale <= MAX_AUTO_SCALE:
-            raise ConfigError(f"{trainer.method.key}: weight auto for term {b.config.name!r}: its gradient on the "
-                              f"initial student is {term_norm[k] / (trainer.method.ce_weight * ce_norm):.2g} of CE's, "
+            raise ConfigError(f"{name}: weight auto for term {b.config.name!r}: its gradient on the "
+                              f"initial student is {term_norm[k] / (step.ce_weight * ce_norm):.2g} of CE's, "
                               f"so λ would be {scale:.2g} (> {MAX_AUTO_SCALE:g}): the term is flat at initialisation; "
                               "give a number")
         scales.append(scale)

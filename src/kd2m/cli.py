@@ -6,11 +6,12 @@ Every failure the user can fix is printed as one line ``kd2m: error: …`` with 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 from pathlib import Path
+
+from .rundir import FINAL_JSON, RunDir  # light: no torch at start-up
 
 #: Longest error message printed (a hostile input must not become a huge message).
 MAX_ERROR_CHARS = 300
@@ -152,10 +153,9 @@ def cmd_run(args) -> int:
                                  reference_numbers(resolved.dataset, resolved.teacher, resolved.student)))
             from .results import NOTE
             print(NOTE)
-            out = Path(resolved.out)
-            print(f"results: {out / 'results.csv'} (one row per method × seed), {out / 'summary.csv'} (one row per "
-                  f"method, paired Δ vs CE), {out / 'results.md'}"
-                  + (f", {out / 'sweep.png'}" if sweep else ""))
+            out = RunDir(resolved.out)
+            print(f"results: {out.results_csv} (one row per method × seed), {out.summary_csv} (one row per "
+                  f"method, paired Δ vs CE), {out.results_md}" + (f", {out.sweep_png}" if sweep else ""))
     finally:
         dist_ctx.teardown()
     return 0
@@ -203,15 +203,12 @@ def cmd_table(args) -> int:
 
 def _final_json(run_dir: Path) -> dict:
     """A run's final.json; a missing or unreadable one is a ValueError naming the file."""
-    path = run_dir / "final.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    from .atomic_io import read_json
+    path = run_dir / FINAL_JSON
+    if not path.exists():
         raise ValueError(f"{path} does not exist: the row of results.csv names a run that is not there; rerun "
-                         "the grid to rebuild results.csv from its runs") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable kd2m result ({one_line(str(e), 80)}); delete that run directory "
-                         "and rerun to redo it") from None
+                         "the grid to rebuild results.csv from its runs")
+    data = read_json(path, "delete that run directory and rerun to redo it")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a kd2m result (expected a JSON object)")
     return data
@@ -220,7 +217,7 @@ def _final_json(run_dir: Path) -> dict:
 def cmd_compare(args) -> int:
     from .atomic_io import atomic_write_text
     from .results import compare_table, read_rows
-    csv_path = Path(args.run_dir) / "results.csv"  # every run of the directory: the pairs are named explicitly
+    csv_path = RunDir(args.run_dir).results_csv  # every run of the directory: the pairs are named explicitly
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path} does not exist: is {args.run_dir} a kd2m run directory?")
     rows = read_rows(csv_path)

@@ -18,8 +18,14 @@ from pathlib import Path
 
 import yaml
 
-#: The paper's grid (its Table) plus MMD, in table order.
-PAPER_METRICS = ["w2", "cw2", "jw2", "gauss_w2", "gauss_cw2", "gauss_kl", "mmd_rbf"]
+from . import losses, rundir
+from .catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
+from .data import available_datasets
+from .errors import ConfigError
+from .methods import Method, cache_problem, distinct_labels, parse_weight, term_from_entry
+from .models import available_models
+from .monitor import require_tensorboard
+
 
 #: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
 #: configs/mnist1d.yaml write these out; tests/test_engine.py checks that they agree.
@@ -56,10 +62,6 @@ IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs
                       num_workers=2, threads=0, seeds=3, batch_size=128, teacher_cache=0)
 
 
-class ConfigError(ValueError):
-    """A config file or option is wrong; the message names the key."""
-
-
 def _opt(default, help: str, **kw):
     """A config field with its command-line help (``cli=False``: YAML only, e.g. mappings)."""
     factory = kw.pop("factory", None)
@@ -84,7 +86,7 @@ class RunConfig:
     metrics: list = _opt(None, "comma list of KD²M distances, one student each (e.g. w2,cw2,gauss_kl)",
                          factory=lambda: list(PAPER_METRICS))
     baselines: list = _opt(None, "comma list: ce (the CE-only student) and/or baseline terms, one student each "
-                                 "(e.g. ce,kd,dkd,dist,pkt,rkd,crd)", factory=lambda: ["ce", "kd", "dkd", "dist"])
+                                 "(e.g. ce,kd,dkd,dist,pkt,rkd,crd)", factory=lambda: [CE, "kd", "dkd", "dist"])
     students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
                                        "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
     distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
@@ -143,145 +145,16 @@ class RunConfig:
     def resolved(self) -> "RunConfig":
         """A copy with dataset-dependent defaults filled in and every value checked."""
         c = dataclasses.replace(self)
-        from .data import available_datasets
         if c.dataset not in available_datasets():  # checked before anything is written or loaded
             raise ConfigError(f"dataset: unknown {c.dataset!r}; available: {', '.join(available_datasets())}")
-        defaults = {"batch_size": 128, "teacher_cache": 0, "seeds": 3, "parallel": 1, **DATASET_DEFAULTS.get(c.dataset, IMAGE_DEFAULTS)}
-        # Per-term λ defaults apply only while the user set no `weights:`; an explicit --weight means
-        # "this λ for every distance", so it drops the distances' defaults and keeps the baselines'
-        # (its help says it sets the distances' λ: it must not move DKD's λ or KD's CE weight).
-        from . import losses
-        default_weights = defaults.pop("weights", {})
-        default_ce = defaults.pop("ce_weights", {})  # swept together with the λ of `weights`: they go together
-        if c.ce_weights is None:
-            c.ce_weights = dict(default_ce) if c.weights is None else {}
-        if c.weights is None:
-            c.weights = {k: w for k, w in default_weights.items()
-                         if c.weight is None or losses.spec(k).family != "kd2m"}
-        default_options = defaults.pop("term_options", {})
-        if c.term_options is None:
-            c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics or m in c.baselines}
         cache_by_default = c.teacher_cache is None
-        for key, value in defaults.items():
-            if getattr(c, key) is None:
-                setattr(c, key, value)
-        from .models import available_models
-        for key in ("teacher", "student"):
-            name = getattr(c, key)
-            if not (name in available_models() or str(name).startswith(("timm:", "torchvision:"))):
-                raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
-                                  f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME)")
-        if c.teacher_epochs is None:
-            c.teacher_epochs = c.epochs
-        if c.out is None:
-            c.out = str(Path("runs") / c.dataset)
-        if not str(c.out).strip():
-            raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
-        c.seeds = _seed_list(c.seeds)
-        c.metrics = _str_list("metrics", c.metrics)
-        c.baselines = _str_list("baselines", c.baselines)
-        if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
-            c.lr_milestones = _int_list("lr_milestones", ",".join(c.lr_milestones))
-        _check_numbers(c)
-        from . import losses
-        kd2m_terms, baseline_terms = losses.available("kd2m"), losses.available("baseline")
-        for m in c.metrics:
-            if m not in kd2m_terms:
-                hint = " (a baseline: put it in baselines)" if m in baseline_terms else ""
-                raise ConfigError(f"metrics: unknown distance {m!r}{hint}; available: {', '.join(kd2m_terms)}")
-        for b in c.baselines:
-            if b != "ce" and b not in baseline_terms:
-                hint = " (a KD²M distance: put it in metrics)" if b in kd2m_terms else ""
-                from .results import BASELINE_ORDER
-                order = [n for n in BASELINE_ORDER if n in baseline_terms] + \
-                    [n for n in baseline_terms if n not in BASELINE_ORDER]
-                raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(order)}")
-        from .methods import parse_weight
-        if c.weight is None:
-            c.weight = 1.0
-        try:
-            if parse_weight(c.weight)[1]:
-                c.weight = str(c.weight).strip().lower().replace(" ", "")
-            else:
-                c.weight = parse_weight(c.weight)[0]
-        except ValueError:
-            raise ConfigError(f"weight: must be a finite number ≥ 0, 'auto' or 'auto*K', got {c.weight!r:.40}") from None
-        used = set(c.metrics) | set(c.baselines)
-        for m, w in c.weights.items():
-            if m not in losses.available():
-                raise ConfigError(f"weights: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
-            try:
-                parse_weight(w)
-            except ValueError:
-                raise ConfigError(f"weights: λ for {m!r} must be a finite number ≥ 0, 'auto' or 'auto*K', "
-                                  f"got {w!r:.40}") from None
-        for m, opts in c.term_options.items():
-            if m not in losses.available():
-                raise ConfigError(f"term_options: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
-            if not isinstance(opts, dict):
-                raise ConfigError(f"term_options: options of {m!r} must be a mapping, got {opts!r:.60}")
-        if c.students is not None and not isinstance(c.students, dict):
-            raise ConfigError("students: expected a mapping of names to lists of terms")
-        students = dict(c.students or {})
-        for name, entries in students.items():
-            _check_student_name(name, "students")
-            if not isinstance(entries, list) or not entries:
-                raise ConfigError(f"students: {name}: expected a non-empty list of terms")
-            for i, e in enumerate(entries):
-                _check_entry_name(e, f"students: {name}[{i}]")
-        if c.distill is not None:
-            if not isinstance(c.distill, list) or not c.distill:
-                raise ConfigError("distill: expected a non-empty list of terms")
-            for i, e in enumerate(c.distill):
-                _check_entry_name(e, f"distill[{i}]")
-            name = "+".join(_entry_name(e) for e in c.distill)
-            if name in students:
-                # the distill: student would silently replace (or be replaced by) that one
-                raise ConfigError(f"distill: its student is named {name!r} after its terms, and students: has a "
-                                  f"student {name!r} too; rename that one, or move distill's terms under students:")
-            students[name] = c.distill
-        c.students = {}
-        for name, entries in students.items():
-            c.students[name] = entries
-            used |= {_entry_name(e) for e in entries}
-        if not isinstance(c.ce_weights, dict):
-            raise ConfigError(f"ce_weights: expected a mapping of student names to CE weights, got {c.ce_weights!r:.60}")
-        for k, w in c.ce_weights.items():
-            if k in ("ce", "teacher"):
-                raise ConfigError(f"ce_weights: {k!r} trains on CE alone (its weight would only rescale the learning "
-                                  "rate); give weights of distilled students")
-            if k not in losses.available() and k not in c.students:
-                raise ConfigError(f"ce_weights: {k!r} names no student (a loss term's name, or a name under "
-                                  f"students:); valid: {', '.join(losses.available() + sorted(c.students))}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-                raise ConfigError(f"ce_weights: the CE weight of {k!r} must be a finite number > 0, got {w!r:.40}")
-        # Options for a registered term no student runs are kept, not refused: a config file's
-        # settings stay valid when the command line narrows --baselines/--metrics (typos of a
-        # term's name were refused above, typos of an option name are refused when it is built).
-        try:
-            self_methods = c.methods()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        keys = [m.key for m in self_methods]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        if dup:
-            raise ConfigError(f"students: {', '.join(dup)} named twice (metrics, baselines and students share names)")
-        if not self_methods:
-            raise ConfigError("nothing to train: metrics, baselines and students are all empty")
-        from .methods import cache_problem
-        if c.teacher_cache:
-            problems = [p for p in map(cache_problem, self_methods) if p]
-            if problems and cache_by_default:
-                c.teacher_cache = 0  # the dataset's default, not asked for: every student runs online alike
-            elif problems:
-                raise ConfigError(f"teacher_cache: {problems[0]}")
-        if c.tensorboard:  # refused now, not after the teacher has trained
-            from .monitor import require_tensorboard
-            require_tensorboard()
-        if c.teacher_epochs == 0 and not c.pretrained_teacher and any(m.uses_teacher for m in self_methods):
-            raise ConfigError("teacher_epochs: 0 trains no teacher, and no --pretrained-teacher was given: the "
-                              "students would learn from a random network; give --pretrained-teacher FILE or "
-                              "--teacher-epochs N")
+        _fill_defaults(c)
+        _check_models(c)
+        _check_lists_and_numbers(c)
+        _check_terms(c)
+        c.students = _named_students(c)
+        _check_ce_weights(c)
+        _check_methods(c, cache_by_default)
         return c
 
     def teacher_config(self) -> "RunConfig":
@@ -291,7 +164,6 @@ class RunConfig:
     def weight_for(self, name: str):
         """λ for term ``name`` as written (a number, or "auto"/"auto*K"): its entry in ``weights``,
         else ``weight`` (distances) or the term's registered default (baselines)."""
-        from . import losses
         if name in (self.weights or {}):
             return self.weights[name]
         spec = losses.spec(name)
@@ -307,8 +179,6 @@ class RunConfig:
 
     def term(self, name: str):
         """The single-term entry of a ``metrics`` or ``baselines`` name with this config's λ, options, layers."""
-        from .methods import term_from_entry
-        from . import losses
         opts, schedule = _split_schedule(self.options_for(name))
         entry = {"term": name, "weight": self.weight_for(name), **schedule}
         if losses.spec(name).family == "kd2m":
@@ -317,8 +187,7 @@ class RunConfig:
 
     def methods(self) -> list:
         """The students of this configuration, in table order: baselines, metrics, named students."""
-        from .methods import Method, term_from_entry
-        out = [Method("ce") if b == "ce" else self._method(b, (self.term(b),)) for b in self.baselines]
+        out = [Method(CE) if b == CE else self._method(b, (self.term(b),)) for b in self.baselines]
         out += [self._method(m, (self.term(m),)) for m in self.metrics]
         for name, entries in (self.students or {}).items():
             terms = []
@@ -333,13 +202,11 @@ class RunConfig:
                     entry["weight"] = self.weight_for(tname)
                 terms.append(term_from_entry(entry, f"students: {name}[{i}]", options=opts))
             out.append(self._method(name, tuple(terms)))
-        from .methods import distinct_labels
         return distinct_labels(out)
 
     def _method(self, key: str, terms: tuple):
         """A distilled student: its terms and its CE weight (``ce_weights``, else the authors' CE
         weight of its only term, else 1)."""
-        from .methods import Method
         given = self.ce_weights or {}
         if key in given:
             ce_weight = given[key]
@@ -353,6 +220,159 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# ---------------------------------------------------------------------- RunConfig.resolved's phases
+def _fill_defaults(c: RunConfig) -> None:
+    """The dataset's defaults where the user left a field unset (None)."""
+    defaults = {"batch_size": 128, "teacher_cache": 0, "seeds": 3, "parallel": 1,
+                **DATASET_DEFAULTS.get(c.dataset, IMAGE_DEFAULTS)}
+    # Per-term λ defaults apply only while the user set no `weights:`; an explicit --weight means
+    # "this λ for every distance", so it drops the distances' defaults and keeps the baselines'
+    # (its help says it sets the distances' λ: it must not move DKD's λ or KD's CE weight).
+    default_weights = defaults.pop("weights", {})
+    default_ce = defaults.pop("ce_weights", {})  # swept together with the λ of `weights`: they go together
+    if c.ce_weights is None:
+        c.ce_weights = dict(default_ce) if c.weights is None else {}
+    if c.weights is None:
+        c.weights = {k: w for k, w in default_weights.items()
+                     if c.weight is None or losses.spec(k).family != "kd2m"}
+    default_options = defaults.pop("term_options", {})
+    if c.term_options is None:
+        c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics or m in c.baselines}
+    for key, value in defaults.items():
+        if getattr(c, key) is None:
+            setattr(c, key, value)
+    if c.teacher_epochs is None:
+        c.teacher_epochs = c.epochs
+    if c.out is None:
+        c.out = str(Path("runs") / c.dataset)
+    if c.weight is None:
+        c.weight = 1.0
+
+
+def _check_models(c: RunConfig) -> None:
+    for key in ("teacher", "student"):
+        name = getattr(c, key)
+        if not (name in available_models() or str(name).startswith(("timm:", "torchvision:"))):
+            raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
+                              f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME)")
+
+
+def _check_lists_and_numbers(c: RunConfig) -> None:
+    if not str(c.out).strip():
+        raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
+    c.seeds = _seed_list(c.seeds)
+    c.metrics = _str_list("metrics", c.metrics)
+    c.baselines = _str_list("baselines", c.baselines)
+    if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
+        c.lr_milestones = _int_list("lr_milestones", ",".join(c.lr_milestones))
+    _check_numbers(c)
+
+
+def _check_terms(c: RunConfig) -> None:
+    """The names in metrics/baselines/weights/term_options, and every λ as written."""
+    kd2m_terms, baseline_terms = losses.available("kd2m"), losses.available("baseline")
+    for m in c.metrics:
+        if m not in kd2m_terms:
+            hint = " (a baseline: put it in baselines)" if m in baseline_terms else ""
+            raise ConfigError(f"metrics: unknown distance {m!r}{hint}; available: {', '.join(kd2m_terms)}")
+    for b in c.baselines:
+        if b != CE and b not in baseline_terms:
+            hint = " (a KD²M distance: put it in metrics)" if b in kd2m_terms else ""
+            order = [n for n in BASELINE_ORDER if n in baseline_terms] + \
+                [n for n in baseline_terms if n not in BASELINE_ORDER]
+            raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(order)}")
+    try:
+        if parse_weight(c.weight)[1]:
+            c.weight = str(c.weight).strip().lower().replace(" ", "")
+        else:
+            c.weight = parse_weight(c.weight)[0]
+    except ValueError:
+        raise ConfigError(f"weight: must be a finite number ≥ 0, 'auto' or 'auto*K', got {c.weight!r:.40}") from None
+    for m, w in c.weights.items():
+        if m not in losses.available():
+            raise ConfigError(f"weights: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
+        try:
+            parse_weight(w)
+        except ValueError:
+            raise ConfigError(f"weights: λ for {m!r} must be a finite number ≥ 0, 'auto' or 'auto*K', "
+                              f"got {w!r:.40}") from None
+    # Options for a registered term no student runs are kept, not refused: a config file's
+    # settings stay valid when the command line narrows --baselines/--metrics (typos of a
+    # term's name are refused here, typos of an option name when it is built).
+    for m, opts in c.term_options.items():
+        if m not in losses.available():
+            raise ConfigError(f"term_options: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"term_options: options of {m!r} must be a mapping, got {opts!r:.60}")
+
+
+def _named_students(c: RunConfig) -> dict:
+    """``students:`` and the one ``distill:`` student, checked: {name: entries}."""
+    if c.students is not None and not isinstance(c.students, dict):
+        raise ConfigError("students: expected a mapping of names to lists of terms")
+    students = dict(c.students or {})
+    for name, entries in students.items():
+        _check_student_name(name, "students")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"students: {name}: expected a non-empty list of terms")
+        for i, e in enumerate(entries):
+            _check_entry_name(e, f"students: {name}[{i}]")
+    if c.distill is not None:
+        if not isinstance(c.distill, list) or not c.distill:
+            raise ConfigError("distill: expected a non-empty list of terms")
+        for i, e in enumerate(c.distill):
+            _check_entry_name(e, f"distill[{i}]")
+        name = "+".join(_entry_name(e) for e in c.distill)
+        if name in students:
+            # the distill: student would silently replace (or be replaced by) that one
+            raise ConfigError(f"distill: its student is named {name!r} after its terms, and students: has a "
+                              f"student {name!r} too; rename that one, or move distill's terms under students:")
+        students[name] = c.distill
+    return students
+
+
+def _check_ce_weights(c: RunConfig) -> None:
+    if not isinstance(c.ce_weights, dict):
+        raise ConfigError(f"ce_weights: expected a mapping of student names to CE weights, got {c.ce_weights!r:.60}")
+    for k, w in c.ce_weights.items():
+        if k in (CE, TEACHER):
+            raise ConfigError(f"ce_weights: {k!r} trains on CE alone (its weight would only rescale the learning "
+                              "rate); give weights of distilled students")
+        if k not in losses.available() and k not in c.students:
+            raise ConfigError(f"ce_weights: {k!r} names no student (a loss term's name, or a name under "
+                              f"students:); valid: {', '.join(losses.available() + sorted(c.students))}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"ce_weights: the CE weight of {k!r} must be a finite number > 0, got {w!r:.40}")
+
+
+def _check_methods(c: RunConfig, cache_by_default: bool) -> None:
+    """The students as built: distinct names, something to train, a teacher cache they can read
+    (dropped where it was only the dataset's default), TensorBoard installed when asked for, a
+    teacher to learn from."""
+    try:
+        methods = c.methods()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    keys = [m.key for m in methods]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ConfigError(f"students: {', '.join(dup)} named twice (metrics, baselines and students share names)")
+    if not methods:
+        raise ConfigError("nothing to train: metrics, baselines and students are all empty")
+    if c.teacher_cache:
+        problems = [p for p in map(cache_problem, methods) if p]
+        if problems and cache_by_default:
+            c.teacher_cache = 0  # the dataset's default, not asked for: every student runs online alike
+        elif problems:
+            raise ConfigError(f"teacher_cache: {problems[0]}")
+    if c.tensorboard:  # refused now, not after the teacher has trained
+        require_tensorboard()
+    if c.teacher_epochs == 0 and not c.pretrained_teacher and any(m.uses_teacher for m in methods):
+        raise ConfigError("teacher_epochs: 0 trains no teacher, and no --pretrained-teacher was given: the "
+                          "students would learn from a random network; give --pretrained-teacher FILE or "
+                          "--teacher-epochs N")
+
+
 def _split_schedule(opts: dict) -> tuple[dict, dict]:
     """A term's options without the schedule keys (``warmup``, ``schedule``) that may be given among them."""
     sched = {k: opts.pop(k) for k in ("warmup", "schedule") if k in opts}
@@ -360,12 +380,10 @@ def _split_schedule(opts: dict) -> tuple[dict, dict]:
 
 
 def _kd2m_names():
-    from . import losses
     return losses.available("kd2m")
 
 
 def _all_names():
-    from . import losses
     return losses.available()
 
 
@@ -389,14 +407,13 @@ def _check_entry_name(entry, where: str) -> None:
 
 
 #: Names in an output directory that a student's directory must not take (or climb out of it).
-_RESERVED_NAMES = {".", "..", "teacher", "ce", "report", "tb"}
+_RESERVED_NAMES = {".", "..", TEACHER, CE, "report", "tb"}
 
 
 def _check_student_name(name, where: str) -> None:
     """A student's name is its directory under ``out`` and its results key: a plain file name
     (letters, digits and ``_+-=.,``), not '.', '..', a name kd2m uses in ``out`` (``teacher``,
     ``ce``, ``results.csv`` …), and no '@' (the key's variant separator)."""
-    from . import rundir
     taken = _RESERVED_NAMES | {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str)}
     ok = isinstance(name, str) and bool(name) and all(ch.isalnum() or ch in "_+-=.," for ch in name)
     if not ok or name in taken or name.startswith("."):

@@ -121,21 +121,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def setup(device_hint: str | None = None) -> str:
-    """Initialise the process group when launched by torchrun; return the device to use.
+def setup(device: torch.device) -> torch.device:
+    """Initialise the process group when launched by torchrun; return the device this process uses.
 
-    nccl on CUDA, gloo on CPU. Each rank uses GPU ``LOCAL_RANK``.
+    ``device``: the run's device as :func:`kd2m.runtime.resolve_device` gave it (the one home of
+    the "auto" rule). nccl on CUDA, where each rank uses GPU ``LOCAL_RANK``; gloo on CPU.
     """
     if not launched_by_torchrun() or is_distributed():
-        return device_hint or ("cuda" if torch.cuda.is_available() else "cpu")
-    want_cuda = (device_hint or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
-        return f"cuda:{local}"
+        return torch.device("cuda", local)
     dist.init_process_group("gloo")
-    return "cpu"
+    return torch.device("cpu")
 
 
 def teardown() -> None:

@@ -18,13 +18,20 @@ import torch
 
 from . import distributed as dist_ctx
 from . import results as R
+from . import tasks
 from .atomic_io import atomic_write_json
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .errors import ConfigError, NonFiniteLossError
 from .data import build_dataset, dataset_labels
 from .methods import Method, method_label
-from .rundir import DIVERGED_JSON, FINAL_JSON, TEACHER, RunDir, clean_temp_files
-from .runtime import resolve_device
-from .train import NonFiniteLossError, bind_terms, build_student, build_teacher, fit, freeze
+from .catalog import CE, TEACHER
+from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
+from .runtime import fork_rng, resolve_device
+from .train import Trainer, fit
+from .training.binding import Taps, bind_terms, wanted_layers
+from .training.build import build_student, build_teacher, freeze
+from .training.step import Step, TermFailure
+from .training.teacher import OnlineTeacher
 
 #: keys ``--sweep`` may vary, and the check each value must pass
 SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
@@ -84,7 +91,7 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
     pretrained files load into the models, every term's layers exist and have the shape it needs,
     its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see."""
     seed = cfg.seeds[0]
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng(device):
         teacher = build_teacher(cfg, bundle, seed).to(device).eval()
         built: dict = {}
 
@@ -99,10 +106,11 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
         k = min(8, len(bundle.train))
         items = [bundle.train[i] for i in range(k)]
         x = torch.stack([it[0] for it in items]).to(device)
-        y = torch.tensor([int(it[1]) for it in items], device=device)
-        check_training_forward(teacher, x, bundle.num_classes, "teacher", cfg.teacher)
+        y = torch.stack([torch.as_tensor(it[1]) for it in items]).to(device)
+        task = tasks.get(bundle.task)
+        check_training_forward(teacher, x, bundle.num_classes, "teacher", cfg.teacher, task)
         for vcfg in {v.student: v for v, _ in students}.values() or [cfg]:
-            check_training_forward(student_for(vcfg), x, bundle.num_classes, "student", vcfg.student)
+            check_training_forward(student_for(vcfg), x, bundle.num_classes, "student", vcfg.student, task)
         student_for(cfg)  # its pretrained file is checked even when no student has a term
         if not any(m.terms for _, m in students):
             return
@@ -113,15 +121,18 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
             student = student_for(vcfg)
             bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train), vcfg.match,
                                labels)
-            _probe_values(method, bound, student, teacher, x, y)
+            _probe_values(method, bound, student, teacher, x, y, task)
 
 
-def check_training_forward(net: torch.nn.Module, x: torch.Tensor, num_classes: int, role: str, name: str) -> None:
+def check_training_forward(net: torch.nn.Module, x: torch.Tensor, num_classes: int, role: str, name: str,
+                           task=None) -> None:
     """The training step's forward on a copy of ``net`` (train mode, then eval mode, as training and
-    evaluation run it): it must give one (batch, classes) tensor of logits. Models that give a tuple
+    evaluation run it): it must give what ``task`` trains on (default classification: one (batch,
+    classes) tensor of logits). Models that give a tuple
     in train mode (torchvision's googlenet and inception_v3: auxiliary classifiers) or that refuse
     the data's image size are refused here, not at the first step after the teacher has trained."""
     import copy
+    task = task or tasks.get("classification")
     probe = copy.deepcopy(net)
     fix = f"{role}_options: {{aux_logits: false}}" if role in ("teacher", "student") else ""
     for mode in ("train", "eval"):
@@ -134,27 +145,24 @@ def check_training_forward(net: torch.nn.Module, x: torch.Tensor, num_classes: i
             raise ConfigError(f"{role} {name}: fails on a batch of this dataset's {tuple(x.shape[1:])} inputs in "
                               f"{mode} mode ({reason[:160]}); choose a model for this input size (or --image-size)") \
                 from None
-        if not isinstance(out, torch.Tensor):
-            raise ConfigError(f"{role} {name}: returns a {type(out).__name__}, not a tensor of logits, in {mode} mode "
-                              f"(auxiliary outputs); turn them off, e.g. {fix} in the config")
-        if out.shape != (2, num_classes):
-            raise ConfigError(f"{role} {name}: gives outputs of shape {tuple(out.shape)} for a batch of 2, expected "
-                              f"(2, {num_classes}) logits")
+        problem = task.check_outputs(out, 2, num_classes)
+        if problem is not None:
+            hint = f" in {mode} mode (auxiliary outputs); turn them off, e.g. {fix} in the config" \
+                if not isinstance(out, torch.Tensor) else ""
+            raise ConfigError(f"{role} {name}: {problem}{hint}")
 
 
-def _probe_values(method: Method, bound, student, teacher, x, y) -> None:
+def _probe_values(method: Method, bound, student, teacher, x, y, task) -> None:
     """Every term of ``method`` on a probe batch through the training step's forward (eval mode,
     no gradients, the terms' value checks on): an error, or a non-finite value, names the term."""
-    from .step import TermFailure, forward_terms
-    from .train import OnlineTeacher, Taps
-    s_want = {(b.student_layer, b.raw) for b in bound if b.needs & {"feats", "maps"}}
-    t_want = {(b.teacher_layer, b.raw) for b in bound if b.needs & {"feats", "maps"}}
-    s_taps, t_out = Taps(student, s_want), OnlineTeacher(teacher, t_want)
+    s_taps = Taps(student, wanted_layers(bound, "student"))
+    t_out = OnlineTeacher(teacher, wanted_layers(bound, "teacher"))
+    step = Step(student, bound, task, teacher_out=t_out, s_taps=s_taps, device=x.device, amp=None,
+                ce_weight=method.ce_weight)
     try:
         with torch.no_grad():
             try:
-                out = forward_terms(student, bound, t_out, s_taps, x, y, torch.arange(x.shape[0], device=x.device),
-                                    1, x.device, None)
+                out = step.forward(x, y, torch.arange(x.shape[0], device=x.device))
             except TermFailure as f:
                 e = f.error
                 raise ConfigError(f"{method.key}: term {f.term.config.name!r} fails on a probe batch: "
@@ -178,7 +186,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
     out = RunDir(cfg.out)
     if cfg.threads:  # 0 = torch's default
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(dist_ctx.setup(None if cfg.device == "auto" else cfg.device))
+    device = dist_ctx.setup(resolve_device(cfg.device))
     students = sweep_variants(cfg, sweep)
     check_memory(cfg, students)
     if dist_ctx.is_main():
@@ -208,11 +216,11 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         # CPU thread each; this process alone writes results.csv and holds the directory's lock.
         # each worker's first seed calibrates its `weight: auto` students before training any
         jobs = {seed: (cfg, students, seed, str(out.root), str(device), i < workers) for i, seed in enumerate(cfg.seeds)}
-        fresh = _collect(_parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures)
+        fresh = _collect(_parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     else:
         results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0]))
                    for seed in cfg.seeds)
-        fresh = _collect(results, rows, csv_path, t_start, log, failures)
+        fresh = _collect(results, rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     own = _settle_rows(csv_path, fresh, {TEACHER} | {m.key for _, m in students}, cfg.seeds) \
         if dist_ctx.is_main() else fresh
     diverged = {}  # method key -> its label and the seeds whose run diverged (each diverged.json says where)
@@ -231,7 +239,7 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
     return own
 
 
-def _collect(results, rows: list[dict], csv_path, t_start: float, log, failures: list) -> list[dict]:
+def _collect(results, rows: list[dict], csv_path, t_start: float, log, failures: list, task) -> list[dict]:
     """Write each finished run's row (as each seed completes) and log it; a diverged run's error
     goes to ``failures``. Returns this grid's rows, as its runs' final.json say."""
     fresh = []
@@ -245,7 +253,7 @@ def _collect(results, rows: list[dict], csv_path, t_start: float, log, failures:
             if dist_ctx.is_main() and not any(r == {**r, **_csv_view(row)} for r in rows):
                 rows = R.upsert(csv_path, row)  # new, or its row changed (a run redone after its directory was deleted)
             log(f"[{time.perf_counter() - t_start:7.1f}s] seed {seed} {label:<24} "
-                f"acc {100 * row['test_acc']:.2f}%" + ("  (finished earlier)" if earlier else ""))
+                f"{task.describe(row)}" + ("  (finished earlier)" if earlier else ""))
     return fresh
 
 
@@ -348,11 +356,10 @@ def check_auto_weights(students, bundle, device, out: RunDir, seed: int, teacher
     before any student trains, so that a term calibration refuses (a zero or vanishing gradient)
     ends the grid now, not when that student's turn comes after the others have trained. Draws no
     randomness the runs see; changes no weights (calibration restores what it touches)."""
-    from .train import Trainer
     for vcfg, method in students:
         if not any(t.auto for t in method.terms) or (out.run(method.key, seed) / FINAL_JSON).exists():
             continue
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fork_rng(device):
             trainer = Trainer(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, out.run(method.key, seed),
                               device, teacher=teacher, teacher_caches=caches)
             try:
@@ -452,7 +459,7 @@ def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
     from matplotlib.figure import Figure
 
     lines: dict[str, dict[float, list[float]]] = {}
-    ce = [100 * r["test_acc"] for r in rows if r["method"] == "ce"]
+    ce = [100 * r["test_acc"] for r in rows if r["method"] == CE]
     for r in rows:
         base, _, val = r["method"].partition("@")
         if not val:

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import losses
+from .catalog import CE, TEACHER
 
 #: how λ_k moves over the epochs (per term), after the optional warm-up
 SCHEDULES = ("constant", "linear_up", "linear_down")
@@ -100,7 +101,7 @@ class Method:
 
     @property
     def is_teacher(self) -> bool:
-        return self.key == "teacher"
+        return self.key == TEACHER
 
     @property
     def label(self) -> str:
@@ -120,9 +121,9 @@ def distinct_labels(methods: list) -> list:
 def method_label(key: str, terms=()) -> str:
     """How a results table names a method: the field's label of each term, joined by " + "."""
     base, _, variant = key.partition("@")
-    if base == "teacher":
+    if base == TEACHER:
         name = "teacher"
-    elif base == "ce":
+    elif base == CE:
         name = "student (CE only)"
     elif terms:
         name = " + ".join(t.spec.label for t in terms)
@@ -165,10 +166,10 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
         raise ValueError(f"{where}: options of {name!r} must be a mapping of option names to values "
                          f"(e.g. options: {{temperature: 4}}), got {given!r:.60}")
     opts = {**(options or {}), **given}
-    unknown = sorted(set(opts) - set(spec.options))
-    if unknown:
-        raise ValueError(f"{where}: loss term {name!r} has no option(s) {', '.join(unknown)}; its options: "
-                         f"{', '.join(spec.options) or 'none'}")
+    try:
+        losses.check_options(name, opts)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     unit = entry.get("unit", "batch")
     if unit not in ("batch", "spatial"):
         raise ValueError(f"{where}: unit of {name!r} must be 'batch' or 'spatial', got {unit!r:.40}")

@@ -7,7 +7,7 @@ Two things a run can do each epoch, neither of which changes what it trains:
   every method and seed), :class:`FeatureGapProbe` measures the exact
   :math:`W_2` between the student's and the teacher's features, where the optimal plan puts its
   mass (:func:`plan_mass`: same class? same input?) and the rest of Theorem 1's terms exactly as
-  ``kd2m bound`` computes them (:func:`kd2m.bound.terms_from_outputs`). The values land in the
+  ``kd2m bound`` computes them (:func:`kd2m.theorem.terms_from_outputs`). The values land in the
   epoch's ``log.jsonl`` row under ``diag``; ``kd2m report`` draws them (``diagnostics.png``).
 * **TensorBoard** (``RunConfig.tensorboard``) — :class:`TensorBoardLog` writes every value of
   the epoch's ``log.jsonl`` row (accuracy, losses, each term's raw value and its λ, the learning
@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 from . import distributed as dist_ctx
 from .atomic_io import read_jsonl
-from .bound import model_outputs, terms_from_outputs
-from .config import ConfigError
+from .errors import ConfigError
 from .metrics.exact import exact_plan
 from .rundir import LOG_JSONL
+from .runtime import fork_rng
+from .theorem import model_outputs, terms_from_outputs
 
 __all__ = ["plan_mass", "fixed_batch", "FeatureGapProbe", "TensorBoardLog", "Monitor", "backfill_tensorboard",
            "require_tensorboard", "row_scalars",
@@ -131,8 +132,7 @@ class FeatureGapProbe:
             self.teacher_out = model_outputs(teacher, self.batch, len(y), self.device, teacher_layer)
 
     def _quiet(self):
-        devices = [self.device] if self.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devices)
+        return fork_rng(self.device)
 
     def __call__(self, student: nn.Module) -> dict:
         t0 = time.perf_counter()
@@ -238,13 +238,16 @@ class Monitor:
 
     @classmethod
     def for_run(cls, cfg, model_role: str, run_dir: Path, title: str, settings: dict, history: list[dict],
-                teacher: nn.Module | None, test_set, device) -> "Monitor | None":
+                teacher: nn.Module | None, test_set, device, task=None) -> "Monitor | None":
         """``model_role``: "teacher" or "student"; ``teacher``: the student's teacher (None for the
-        teacher's own run). Only the main process monitors (under torchrun the ranks hold the same model)."""
+        teacher's own run); ``task``: the run's :class:`~kd2m.tasks.Task` (the diagnostics run
+        where its ``diagnostics`` says Theorem 1's terms apply). Only the main process monitors
+        (under torchrun the ranks hold the same model)."""
         if not dist_ctx.is_main():
             return None
         probe = board = None
-        if getattr(cfg, "diagnostics", False) and model_role == "student" and teacher is not None:
+        applies = task is None or task.diagnostics
+        if getattr(cfg, "diagnostics", False) and applies and model_role == "student" and teacher is not None:
             probe = FeatureGapProbe(teacher, test_set, device, cfg.student_layer, cfg.teacher_layer)
         if getattr(cfg, "tensorboard", False):
             board = TensorBoardLog(run_dir, title, settings, history)

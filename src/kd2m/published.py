@@ -1,4 +1,5 @@
-"""Published CIFAR-100 top-1 accuracies (%) for the usual RepDistiller teacher → student pairs.
+"""Published accuracies: the KD²M paper's one-seed table (:data:`KD2M_PAPER`), and CIFAR-100 top-1
+accuracies (%) for the usual RepDistiller teacher → student pairs (:data:`CIFAR100`).
 
 ``CIFAR100[(teacher, student)][method]`` is a :class:`Published` number with its source, for
 ``method`` in :data:`METHODS`: ``teacher`` and ``student`` (each trained alone with CE), ``kd``,
@@ -23,6 +24,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+#: The KD²M paper's reported accuracies (%), one seed (Montesuma, GSI 2025, its Table; restated in shared/PAPER.md):
+#: torchvision ResNet-34 → ResNet-18, ImageNet-pretrained, 15 epochs. Keys are kd2m's method keys.
+KD2M_PAPER = {
+    "svhn": {"ce": 93.10, "teacher": 94.41, "w2": 94.00, "cw2": 94.06, "jw2": 94.00, "gauss_w2": 93.94,
+             "gauss_cw2": 93.95, "gauss_kl": 94.05},
+    "cifar10": {"ce": 85.11, "teacher": 86.98, "w2": 86.45, "cw2": 86.54, "jw2": 86.60, "gauss_w2": 86.63,
+                "gauss_cw2": 86.25, "gauss_kl": 86.44},
+    "cifar100": {"ce": 56.66, "teacher": 62.21, "w2": 61.07, "cw2": 61.47, "jw2": 61.07, "gauss_w2": 60.68,
+                 "gauss_cw2": 61.43, "gauss_kl": 60.66},
+}
 
 METHODS = ("teacher", "student", "kd", "dkd", "crd", "dist", "wkd_l", "wkd_f")
 

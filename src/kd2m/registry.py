@@ -1,5 +1,5 @@
-"""Name -> builder tables for datasets and models: a new component is one function plus one
-decorator line (metrics have their own, which also validates inputs: kd2m.metrics._base)."""
+"""Name -> entry tables: every registry of kd2m (models, datasets, metrics, loss terms) adds its
+entries through :func:`add_entry`, so a name is registered once, with one error if it is not."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
@@ -7,14 +7,20 @@ from typing import Callable, TypeVar
 F = TypeVar("F", bound=Callable)
 
 
+def add_entry(table: dict, kind: str, name: str, entry) -> None:
+    """``table[name] = entry``; a ValueError if ``name`` is already there (two components under one
+    name would silently shadow each other)."""
+    if name in table:
+        raise ValueError(f"{kind} {name!r} is already registered")
+    table[name] = entry
+
+
 def registrar(table: dict, kind: str) -> Callable[[str], Callable[[F], F]]:
     """A decorator factory ``register(name)`` that stores a builder in ``table`` under ``name``."""
 
     def register(name: str) -> Callable[[F], F]:
         def add(builder: F) -> F:
-            if name in table:
-                raise ValueError(f"{kind} {name!r} is already registered")
-            table[name] = builder
+            add_entry(table, kind, name, builder)
             return builder
         return add
 

@@ -22,7 +22,6 @@ backend switch), so this works headless and inside a user's interactive session 
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import warnings
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from . import results as R
+from .catalog import CE, TEACHER
 from .atomic_io import atomic_write_text, read_jsonl
 from .rundir import LOG_JSONL, RunDir
 
@@ -63,9 +63,8 @@ def _save(fig, path: Path) -> None:
 
 
 def _order(methods: list[str]) -> list[str]:
-    """teacher, ce, kd first, then the rest in first-seen order."""
-    head = [m for m in ("teacher", "ce", "kd") if m in methods]
-    return head + [m for m in methods if m not in head]
+    """The tables' order (:func:`kd2m.results.table_order`), so plots and tables agree."""
+    return R.table_order(methods)
 
 
 def _colors(methods: list[str]) -> dict[str, str]:
@@ -73,9 +72,9 @@ def _colors(methods: list[str]) -> dict[str, str]:
     cmap = matplotlib.colormaps["tab10"]
     out, i = {}, 0
     for m in methods:
-        if m == "teacher":
+        if m == TEACHER:
             out[m] = TEACHER_COLOR
-        elif m == "ce":
+        elif m == CE:
             out[m] = CE_COLOR
         else:
             out[m] = matplotlib.colors.to_hex(cmap(i % 10))
@@ -100,20 +99,20 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
         s = stats[m]
         std = 0.0 if math.isnan(s["std"]) else s["std"]
         ax.bar(x, s["mean"], yerr=std, capsize=4, color=colors[m], edgecolor="black", linewidth=0.6,
-               hatch="//" if m == "ce" else None, zorder=2)
+               hatch="//" if m == CE else None, zorder=2)
         ax.scatter(np.full(len(s["accs"]), x) + np.linspace(-0.15, 0.15, len(s["accs"])), s["accs"], s=10,
                    color="black", alpha=0.6, zorder=3)
         ax.annotate(f"{s['mean']:.1f}", (x, s["mean"] + std), textcoords="offset points", xytext=(0, 3),
                     ha="center", fontsize=7)
         lo = min(lo, s["mean"] - std, *s["accs"])
         hi = max(hi, s["mean"] + std, *s["accs"])
-    for m, style, name in (("teacher", "-", "teacher"), ("ce", "--", "CE only")):
+    for m, style, name in ((TEACHER, "-", "teacher"), (CE, "--", "CE only")):
         if m in stats:
             y = stats[m]["mean"]
-            ax.axhline(y, color="black" if m == "teacher" else "gray", ls=style, lw=0.8, zorder=1)
+            ax.axhline(y, color="black" if m == TEACHER else "gray", ls=style, lw=0.8, zorder=1)
             ax.annotate(name, (1.0, y), xycoords=("axes fraction", "data"), xytext=(2, 0),
                         textcoords="offset points", va="center", ha="left", fontsize=7,
-                        color="black" if m == "teacher" else "dimgray", annotation_clip=False)
+                        color="black" if m == TEACHER else "dimgray", annotation_clip=False)
     pad = max(0.5, 0.15 * (hi - lo))
     ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + 1.5 * pad))
     ax.set_xticks(xs)
@@ -176,8 +175,8 @@ def plot_curves(logs: dict[str, list[list[dict]]], path: Path) -> None:
     any_distill = False
     for m in methods:
         ep, acc = _mean_curve(logs[m], "test_acc")
-        style = dict(color=colors[m], lw=2.0 if m in ("teacher", "ce") else 1.3,
-                     ls="--" if m == "ce" else "-", label=R.label(m))
+        style = dict(color=colors[m], lw=2.0 if m in (TEACHER, CE) else 1.3,
+                     ls="--" if m == CE else "-", label=R.label(m))
         ax_acc.plot(ep, [100 * a for a in acc], **style)
         ep, d = _mean_curve(logs[m], "distill")
         if d and any(v > 0 for v in d):
@@ -237,7 +236,7 @@ def plot_diagnostics(logs: dict[str, list[list[dict]]], path: Path) -> dict | No
         for m in methods:
             if m in curves[key]:
                 ep, vals = curves[key][m]
-                ax.plot(ep, vals, color=colors[m], lw=2.0 if m == "ce" else 1.3, ls="--" if m == "ce" else "-",
+                ax.plot(ep, vals, color=colors[m], lw=2.0 if m == CE else 1.3, ls="--" if m == CE else "-",
                         label=R.label(m))
         if key == "same_class_mass":
             chance = [v for c in diagnostic_curves(logs, "chance_same_class").values() for v in c[1]]
@@ -279,7 +278,7 @@ def embedding_features(model, dataset, indices, device, layer: str = "penultimat
     """Features of ``model`` (eval mode) at ``layer`` for ``dataset[indices]``, as an (N, d) float32 array."""
     from torch.utils.data import Subset
 
-    from .bound import model_outputs  # the one held-out pass, also used by `kd2m bound`
+    from .theorem import model_outputs  # the one held-out pass, also used by `kd2m bound`
     out = model_outputs(model, Subset(dataset, [int(i) for i in indices]), samples=len(indices), device=device,
                         layer=layer)
     return out.feats.float().numpy()
@@ -342,14 +341,14 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     """Draw embedding.png; returns a one-line description for report.md."""
     from .bound import load_model
     from .data import build_dataset
-    from .train import resolve_device
+    from .runtime import resolve_device
     dev = resolve_device(device)
     best = best_distilled(rows)
-    seeds = sorted({r["seed"] for r in rows if r["method"] == "teacher"})
+    seeds = sorted({r["seed"] for r in rows if r["method"] == TEACHER})
     if not seeds:
         raise ValueError("no teacher row in results.csv")
     seed = seeds[0]
-    chosen = [m for m in ("teacher", "ce", best) if m is not None]
+    chosen = [m for m in (TEACHER, CE, best) if m is not None]
     by_key = {(r["method"], r["seed"]): r for r in rows}
     missing = [m for m in chosen if (m, seed) not in by_key]
     chosen = [m for m in chosen if (m, seed) in by_key]
@@ -362,12 +361,12 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     accs = {s["method"]: s for s in R.summarize([r for r in rows if r["seed"] == seed])}
     panels = []
     for m in chosen:
-        arch = cfg["teacher"] if m == "teacher" else cfg["student"]
-        layer = cfg.get("teacher_layer" if m == "teacher" else "student_layer") or "penultimate"
-        options = cfg.get("teacher_options" if m == "teacher" else "student_options")
+        arch = cfg["teacher"] if m == TEACHER else cfg["student"]
+        layer = cfg.get("teacher_layer" if m == TEACHER else "student_layer") or "penultimate"
+        options = cfg.get("teacher_options" if m == TEACHER else "student_options")
         model = load_model(run_dir, by_key[(m, seed)], arch, bundle, dev, options)
         feats = embedding_features(model, bundle.test, idx, dev, layer)
-        role = "teacher" if m == "teacher" else "CE-only student" if m == "ce" else f"{R.label(m)} student"
+        role = "teacher" if m == TEACHER else "CE-only student" if m == CE else f"{R.label(m)} student"
         panels.append((f"{role} ({arch})\nacc {accs[m]['mean']:.2f}%", feats))
     layers = {cfg.get("teacher_layer") or "penultimate", cfg.get("student_layer") or "penultimate"}
     what = f"{'/'.join(sorted(layers))} features"

@@ -17,18 +17,12 @@ import math
 import statistics
 from pathlib import Path
 
-from .atomic_io import atomic_write_json, atomic_write_text
+from .atomic_io import atomic_write_json, atomic_write_text, read_json
+from . import losses
+from .catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
 from .methods import method_label
-
-#: The paper's reported accuracies (%), one seed (from shared/PAPER.md).
-PAPER = {
-    "svhn": {"ce": 93.10, "teacher": 94.41, "w2": 94.00, "cw2": 94.06, "jw2": 94.00, "gauss_w2": 93.94,
-             "gauss_cw2": 93.95, "gauss_kl": 94.05},
-    "cifar10": {"ce": 85.11, "teacher": 86.98, "w2": 86.45, "cw2": 86.54, "jw2": 86.60, "gauss_w2": 86.63,
-                "gauss_cw2": 86.25, "gauss_kl": 86.44},
-    "cifar100": {"ce": 56.66, "teacher": 62.21, "w2": 61.07, "cw2": 61.47, "jw2": 61.07, "gauss_w2": 60.68,
-                 "gauss_cw2": 61.43, "gauss_kl": 60.66},
-}
+from .published import CIFAR100, KD2M_PAPER
+from .rundir import RESULTS_CSV, RESULTS_JSON, RESULTS_MD, SUMMARY_CSV
 
 FIELDS = ["dataset", "method", "label", "metric", "weight", "seed", "test_acc", "best_acc", "best_epoch", "epochs",
           "seconds", "run_dir"]
@@ -41,16 +35,12 @@ def label(method: str) -> str:
     return method_label(method)
 
 
-#: the baselines in the order the field's tables list them: logit methods, then feature methods
-BASELINE_ORDER = ["kd", "dkd", "dist", "wkd_l", "fitnet", "at", "nst", "pkt", "rkd", "crd"]
 
 
 def table_order(methods) -> list[str]:
     """teacher, CE-only, then the baselines, then the distances in the paper's order, then the rest
     (first-seen order), each sweep value after its base."""
-    from . import losses
-    from .config import PAPER_METRICS
-    order = ["teacher", "ce"] + BASELINE_ORDER + losses.available("baseline") + PAPER_METRICS + losses.available("kd2m")
+    order = [TEACHER, CE] + BASELINE_ORDER + losses.available("baseline") + PAPER_METRICS + losses.available("kd2m")
     seen = list(dict.fromkeys(methods))
 
     def rank(m):
@@ -139,12 +129,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 def _ce_partner(method: str, groups: dict) -> str | None:
     """The CE-only run a method is paired with: ``ce`` (or ``ce@key=v`` for a student of an ``lr``
     sweep value, which trained with that lr)."""
-    if method in ("teacher",) or method.partition("@")[0] == "ce":
+    if method == TEACHER or method.partition("@")[0] == CE:
         return None
     variant = method.partition("@")[2]
     if "=" in variant and f"ce@{variant}" in groups:
         return f"ce@{variant}"
-    return "ce" if "ce" in groups else None
+    return CE if CE in groups else None
 
 
 def paired_delta(method_accs: dict, ce_accs: dict) -> dict:
@@ -205,12 +195,11 @@ def reference_numbers(dataset: str, teacher: str | None = None, student: str | N
     The KD²M paper's one-seed table for its datasets (svhn, cifar10, cifar100 with its ResNets);
     for a CIFAR-100 pair of the RepDistiller zoo, the field's published numbers of that pair
     (:mod:`kd2m.published`: teacher, student, KD, DKD, CRD, DIST where found)."""
-    from .published import CIFAR100
     if dataset == "cifar100" and (teacher, student) in CIFAR100:
         pub = CIFAR100[(teacher, student)]
-        return {"title": "published", "numbers": {("ce" if m == "student" else m): v.accuracy for m, v in pub.items()}}
-    if dataset in PAPER:
-        return {"title": "paper (1 seed)", "numbers": PAPER[dataset]}
+        return {"title": "published", "numbers": {(CE if m == "student" else m): v.accuracy for m, v in pub.items()}}
+    if dataset in KD2M_PAPER:
+        return {"title": "paper (1 seed)", "numbers": KD2M_PAPER[dataset]}
     return {}
 
 
@@ -224,7 +213,7 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     flagged apart from unfinished ones, and a method that diverged on every seed gets a row saying so."""
     diverged = diverged or {}
     stats = summarize(rows)
-    students = [s for s in stats if s["method"] != "teacher"]
+    students = [s for s in stats if s["method"] != TEACHER]
     best = max((s["mean"] for s in students), default=None)
     if reference is None:
         reference = reference_numbers(dataset or "")
@@ -236,7 +225,7 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     short = []
     for s in stats:
         cell = fmt(s["mean"], s["std"])
-        if s["method"] != "teacher" and best is not None and s["mean"] == best:
+        if s["method"] != TEACHER and best is not None and s["mean"] == best:
             cell = f"**{cell}**"
         n = f"{s['n']}"
         lost = len(diverged.get(s["method"], {}).get("seeds", ()))
@@ -351,9 +340,9 @@ def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: s
     out_dir = Path(out_dir)
     rows = [typed_row(r) for r in rows]  # numbers in JSON, whoever built the rows
     table = markdown_table(rows, dataset, expected_seeds, reference, diverged)
-    atomic_write_text(out_dir / "results.md", (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
+    atomic_write_text(out_dir / RESULTS_MD, (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
     clean = [{k: r.get(k) for k in FIELDS} for r in rows]
-    atomic_write_json(out_dir / "results.json", {"dataset": dataset, "header": header, "expected_seeds": expected_seeds,
+    atomic_write_json(out_dir / RESULTS_JSON, {"dataset": dataset, "header": header, "expected_seeds": expected_seeds,
                                                  "reference": reference, "rows": clean, "summary": _json_safe(summarize(rows)),
                                                  "diverged": diverged or {}})
     buf = io.StringIO()
@@ -361,7 +350,7 @@ def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: s
     w.writeheader()
     for r in summary_rows(rows):
         w.writerow(r)
-    atomic_write_text(out_dir / "summary.csv", buf.getvalue())
+    atomic_write_text(out_dir / SUMMARY_CSV, buf.getvalue())
     return table
 
 
@@ -380,9 +369,8 @@ def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
     """The rows results.md was made from (results.json), and that file's metadata. Falls back to
     results.csv for directories written before results.json held them."""
     run_dir = Path(run_dir)
-    js = run_dir / "results.json"
+    js = run_dir / RESULTS_JSON
     if js.exists():
-        from .atomic_io import read_json
         data = read_json(js, "delete it and rerun the same command to rebuild it from the runs")
         if not isinstance(data, dict):
             raise ValueError(f"{js}: not a kd2m results file (expected a JSON object); delete it and rerun the "
@@ -390,7 +378,7 @@ def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
         rows = data.get("rows") or []
         if rows and isinstance(rows[0], dict) and "method" in rows[0]:
             return [typed_row(r) for r in rows], data
-    csv_path = run_dir / "results.csv"
+    csv_path = run_dir / RESULTS_CSV
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path} does not exist: is {run_dir} a kd2m run directory?")
     return read_rows(csv_path), {}
@@ -407,8 +395,8 @@ def paper_table(runs: dict[str, list[dict]]) -> str:
     for per in stats.values():
         methods += [m for m in per if m not in methods]
     methods = table_order(methods)
-    best = {ds: max((s["mean"] for m, s in per.items() if m != "teacher"), default=None) for ds, per in stats.items()}
-    paper_cols = [ds for ds in runs if ds in PAPER]
+    best = {ds: max((s["mean"] for m, s in per.items() if m != TEACHER), default=None) for ds, per in stats.items()}
+    paper_cols = [ds for ds in runs if ds in KD2M_PAPER]
     head = "| method | " + " | ".join(f"{ds} (ours)" for ds in runs) + "".join(f" | {ds} (paper)" for ds in paper_cols) + " |"
     lines = [head, "|---" * (1 + len(runs) + len(paper_cols)) + "|"]
     for m in methods:
@@ -419,9 +407,9 @@ def paper_table(runs: dict[str, list[dict]]) -> str:
                 cells.append("—")
                 continue
             cell = fmt(s["mean"], s["std"])
-            cells.append(f"**{cell}**" if m != "teacher" and s["mean"] == best[ds] else cell)
+            cells.append(f"**{cell}**" if m != TEACHER and s["mean"] == best[ds] else cell)
         for ds in paper_cols:
-            p = PAPER[ds].get(m)
+            p = KD2M_PAPER[ds].get(m)
             cells.append(f"{p:.2f}" if p is not None else "—")
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -33,11 +33,9 @@ import socket
 import sys
 from pathlib import Path
 
-__all__ = ["RunDir", "OutputDirError", "OutputDirInUseError", "clean_temp_files", "TEACHER", "MARKER",
+__all__ = ["RunDir", "OutputDirError", "OutputDirInUseError", "clean_temp_files", "MARKER",
            "FINAL_JSON", "MODEL_PT", "CHECKPOINT_PT", "LOG_JSONL", "DIVERGED_JSON", "LAYOUT_VERSION"]
 
-#: Method key of the teacher's runs.
-TEACHER = "teacher"
 #: Per-run file names.
 FINAL_JSON = "final.json"
 MODEL_PT = "model.pt"
@@ -84,7 +82,7 @@ class RunDir:
     explicit ``--out .``. Building a ``RunDir`` touches nothing on disk.
 
     >>> d = RunDir("runs/digits")
-    >>> d.run("cw2", 0), d.run(TEACHER, 2)
+    >>> d.run("cw2", 0), d.run("teacher", 2)
     (PosixPath('runs/digits/cw2/seed0'), PosixPath('runs/digits/teacher/seed2'))
 
     Raises:

@@ -64,6 +64,14 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def fork_rng(device: torch.device | str | None = None):
+    """A context in which randomness is drawn from copies of the RNGs: torch's CPU generator, and
+    ``device``'s when it is a CUDA device. Everything that must not shift what a run draws (a
+    probe batch, λ calibration, a teacher cache's build, the diagnostics) runs inside it."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def amp_dtype(amp: str) -> torch.dtype | None:
     """The autocast dtype of an ``--amp`` value ("none" -> None)."""
     return AMP_DTYPES.get(amp)

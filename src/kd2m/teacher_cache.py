@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from . import distributed as dist_ctx
+from .catalog import EVAL_BATCH_SIZE
 from .features import FeatureTap
 from .runtime import autocast, progress, to_device
 
@@ -129,7 +130,7 @@ class TeacherCache:
 
 @torch.no_grad()
 def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, device: torch.device,
-                        batch_size: int = 512, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                        batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                         num_workers: int = 0, show_progress: bool = False, max_mb: float | None = None) -> TeacherCache:
     """Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
 

@@ -1,4 +1,5 @@
-"""Whether the loss terms check their input *values* (NaN/inf features, label ranges) eagerly.
+"""Whether the loss terms check their input *values* (NaN/inf features, label ranges) eagerly, and
+the one check of labels every metric and term runs.
 
 A value check reads a tensor back to the host (``bool(torch.isfinite(x).all())``): on an
 accelerator every such read waits for the device to finish the work queued before it, so one
@@ -31,3 +32,27 @@ def deferred():
         yield
     finally:
         _STATE.deferred = before
+
+
+def check_labels(who: str, labels, n: int, batch: str, num_classes: int | None = None):
+    """``labels`` as a ``(n,)`` tensor of class indices (int64), or a ValueError/TypeError that
+    starts with ``who`` and names the problem: the one label check of the metrics
+    (:func:`kd2m.metrics._base.check_inputs`) and the loss terms (:mod:`kd2m.losses.inputs`).
+
+    ``batch`` says what ``n`` is, for the message ("the batch has n=5 samples"). With
+    ``num_classes`` the values must lie in ``[0, num_classes)``: checked only when :func:`eager`,
+    since it reads the labels back to the host.
+    """
+    import torch
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"{who}: labels must be a 1-D tensor of class indices, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{who}: labels must be an integer tensor, got {labels.dtype} (class indices)")
+    if labels.shape[0] != n:
+        raise ValueError(f"{who}: labels has length {labels.shape[0]} but {batch}; labels must have shape ({n},) "
+                         "to match the batch")
+    if num_classes is not None and n and eager() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{who}: labels must lie in [0, {num_classes}) (the logits' width), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    return labels.long()

@@ -46,6 +46,7 @@ class DataBundle:
     image_size: int
     name: str
     classes: list[str] | None = None  # class names in label order, where the data has them
+    task: str = "classification"      # how its batches are learned and scored (kd2m.tasks)
 
 
 def dataset_labels(dataset: Dataset) -> Tensor | None:

@@ -10,7 +10,7 @@ The KD²M distances (family ``"kd2m"``, :mod:`kd2m.losses.distances`) and the fi
 share one registry (:mod:`kd2m.losses.registry`) whose entries carry their facts: table label,
 the inputs they need, their O(n²) memory factor, their paper, a warm-up schedule (DKD).
 """
-from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_spec, available, get,  # noqa: F401
+from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_spec, available, check_options, get,  # noqa: F401,E501
                        register_term, spec)
 from . import distances  # noqa: F401,E402  (registers the 13 KD²M distances)
 # the baselines: kd dkd dist wkd_l (logit), fitnet at nst (maps), pkt rkd crd (relational)

@@ -58,9 +58,7 @@ class MetricTerm(Term):
 
 def _register(name: str) -> None:
     m = metrics.spec(name)
-    needs = {"feats", "logits"} | ({"labels"} if m.needs_labels else set())
-    if name == "jw2":
-        needs.add("labels")  # its label cost reads labels (or logits) when given
+    needs = {"feats", "logits"} | ({"labels"} if m.uses_labels else set())
     defaults = tuple((o, None) for o in m.options) + EXTRA_OPTIONS.get(name, ()) + COMMON_OPTIONS
     add_spec(TermSpec(name, m.label, m.fn, frozenset(needs), tuple(k for k, _ in defaults), m.pairwise_factor,
                       "kd2m", "Montesuma, GSI 2025 (KD²M)", defaults,

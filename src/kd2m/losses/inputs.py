@@ -50,16 +50,8 @@ def check_logits(term: str, student_logits, teacher_logits) -> tuple[Tensor, Ten
 
 def check_labels(term: str, labels, n: int, num_classes: int) -> Tensor:
     """``(n,)`` integer class indices in ``[0, num_classes)``."""
-    y = _present(term, "labels", labels)
-    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-        raise TypeError(f"loss term {term!r}: labels must be an integer tensor of class indices, got {y.dtype}")
-    if y.shape != (n,):
-        raise ValueError(f"loss term {term!r}: labels must have shape ({n},) to match the batch, "
-                         f"got {tuple(y.shape)}")
-    if n and value_checks.eager() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"loss term {term!r}: labels must lie in [0, {num_classes}) (the logits' width), "
-                         f"got values in [{int(y.min())}, {int(y.max())}]")
-    return y.long()
+    return value_checks.check_labels(f"loss term {term!r}", _present(term, "labels", labels), n,
+                                     f"the batch has n={n} samples", num_classes)
 
 
 def check_feats(term: str, student_feats, teacher_feats, *, min_batch: int = 1) -> tuple[Tensor, Tensor]:

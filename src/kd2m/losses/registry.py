@@ -35,6 +35,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from ..registry import add_entry
+
 #: what a term may ask the engine for (see the module docstring)
 INPUTS = ("feats", "maps", "logits", "labels", "index")
 
@@ -150,9 +152,7 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
 
 def add_spec(s: "TermSpec") -> None:
     """Register a fully described term (what :func:`register_term` does after reading the signature)."""
-    if s.name in _TERMS:
-        raise RuntimeError(f"loss term {s.name!r} registered twice")
-    _TERMS[s.name] = s
+    add_entry(_TERMS, "loss term", s.name, s)
 
 
 def available(family: str | None = None) -> list[str]:
@@ -167,6 +167,15 @@ def spec(name: str) -> TermSpec:
     return _TERMS[name]
 
 
+def check_options(name: str, options) -> None:
+    """ValueError naming the term and listing its options when ``options`` has a key it does not take."""
+    s = spec(name)
+    unknown = sorted(set(options) - set(s.options))
+    if unknown:
+        raise ValueError(f"loss term {name!r} has no option(s) {', '.join(map(str, unknown))}; its options: "
+                         f"{', '.join(s.options) or 'none'}")
+
+
 def get(name: str, ctx: TermContext | None = None, **options) -> nn.Module:
     """The term ``name`` with ``options`` bound, as an ``nn.Module`` (put its parameters in your
     optimizer); ``ctx`` gives the shapes a term with parameters needs.
@@ -174,10 +183,7 @@ def get(name: str, ctx: TermContext | None = None, **options) -> nn.Module:
     Raises ValueError naming the term and listing its options when an option is unknown.
     """
     s = spec(name)
-    unknown = sorted(set(options) - set(s.options))
-    if unknown:
-        raise ValueError(f"loss term {name!r} has no option(s) {', '.join(unknown)}; its options: "
-                         f"{', '.join(s.options) or 'none'}")
+    check_options(name, options)
     if s.factory is not None:
         return s.factory(ctx or TermContext(), **options)
     return FunctionTerm(s, ctx, options)

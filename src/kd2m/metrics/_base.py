@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from .. import value_checks
+from ..registry import add_entry
 
 _REGISTRY: dict[str, "MetricSpec"] = {}
 
@@ -33,6 +34,12 @@ class MetricSpec:
     options: tuple[str, ...]
     label: str = ""              # how the paper's table writes it, e.g. "CW2 (E)"
     pairwise_factor: int = 0     # float64 n×n buffers at the peak of forward+backward (kd2m.metrics.memory)
+    label_free: str | None = None  # the same distance without labels, for a metric that reads labels
+
+    @property
+    def uses_labels(self) -> bool:
+        """Reads labels: required (class-conditional, ``needs_labels``) or when given (``jw2``)."""
+        return self.label_free is not None
 
 
 class NonFiniteInputError(ValueError):
@@ -65,14 +72,10 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
                          "(give KD2MLoss student_dim= and teacher_dim= for a learnable projector, or use the "
                          "'gw2' metric, which compares across dims)")
     if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dim() != 1:
-            raise ValueError(f"{name}: labels must be a 1-D tensor of class indices, got "
-                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise TypeError(f"{name}: labels must be an integer tensor, got {labels.dtype}")
-        if labels.shape[0] != s.shape[0] or labels.shape[0] != t.shape[0]:
-            raise ValueError(f"{name}: labels has length {labels.shape[0]} but student has n={s.shape[0]} "
-                             f"and teacher n={t.shape[0]} samples")
+        sizes = f"student has n={s.shape[0]} and teacher n={t.shape[0]} samples"
+        value_checks.check_labels(name, labels, s.shape[0], sizes)
+        if t.shape[0] != s.shape[0]:  # one label per pair of samples
+            raise ValueError(f"{name}: labels has length {labels.shape[0]} but {sizes}; labels need equal batches")
     elif needs_labels:
         raise ValueError(f"{name}: this metric is class-conditional and needs labels=(n,) integer tensor")
     for what, lg, feats in (("student_logits", s_logits, s), ("teacher_logits", t_logits, t)):
@@ -101,7 +104,7 @@ def _at_least_float32(x):
 
 
 def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, label: str = "",
-           pairwise_factor: int = 0):
+           pairwise_factor: int = 0, label_free: str | None = None):
     """Register ``fn`` under ``name`` and wrap it with :func:`check_inputs` and a precision floor.
 
     The wrapped function sees half-precision features/logits upcast to float32 (see
@@ -112,7 +115,12 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, labe
     features must have the same width (every metric but Gromov-Wasserstein). ``label``: its
     name in a results table. ``pairwise_factor``: how many float64 n×n buffers one forward +
     backward holds at its peak (measured by ``benchmarks/memory.py``; 0 for O(n·d) memory).
+    ``label_free``: for a metric that reads labels (required, or when given), the registered name
+    of the same distance without them (``cw2`` → ``w2``): the one record of which metrics use
+    labels (the engine passes them, the spatial unit refuses them, naming this one instead).
     """
+    if needs_labels and label_free is None:
+        raise ValueError(f"metric {name!r} needs labels: give label_free, the name of its label-free counterpart")
     def decorate(fn):
         sig = inspect.signature(fn)
         options = tuple(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
@@ -128,10 +136,8 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, labe
             with torch.autocast(device_type=s.device.type, enabled=False):
                 return fn(s, t, labels, sl, tl, **opts).to(out_dtype)
 
-        if name in _REGISTRY:
-            raise RuntimeError(f"metric name {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(name, checked, needs_labels, same_dim, options, label or name,
-                                     pairwise_factor)
+        add_entry(_REGISTRY, "metric", name, MetricSpec(name, checked, needs_labels, same_dim, options,
+                                                        label or name, pairwise_factor, label_free))
         checked.metric_name = name
         return checked
     return decorate

@@ -15,7 +15,7 @@ and ``spatial_distance(name, s, t, **options)`` returns the B values of ``metric
 
 Other metrics (exact OT ``w2``, ``gw2``, ``sinkhorn``) run one set at a time: POT's exact
 solver takes one problem per call. Class-conditional metrics are not defined per set (every
-position of an image has the image's label): see :data:`CLASS_AWARE`.
+position of an image has the image's label): those that read labels (``MetricSpec.uses_labels``) are refused.
 
 Per-set ridge. A Gaussian metric called on set i alone uses the ridge r_i = ρ·τ_i, τ_i the mean
 channel variance of that set's pooled student+teacher samples. The diagonal forms add r_i
@@ -35,9 +35,6 @@ from . import get, spec
 from .linalg import DEFAULT_RIDGE, TAU_FLOOR, bures_trace, gaussian_kl
 from .mmd import _check_options
 from .sliced import _quantile_pairs, random_projections
-
-#: metrics that condition on labels: per image all positions share the image's label
-CLASS_AWARE = frozenset({"cw2", "gauss_cw2", "gauss_ckl", "cmmd_rbf", "jw2"})
 
 #: options of the spatial ``gauss_w2`` beyond the metric's own (WKD-F's conventions; see
 #: :func:`set_gauss_w2`), with their defaults (which give exactly ``metrics.gauss_w2`` per set)
@@ -235,9 +232,8 @@ def is_batched(name: str) -> bool:
 
 def check_set_metric(name: str, options: dict) -> None:
     """ValueError for a class-conditional metric or options the set version does not take."""
-    if name in CLASS_AWARE:
-        plain = {"cw2": "w2", "gauss_cw2": "gauss_w2", "gauss_ckl": "gauss_kl", "cmmd_rbf": "mmd_rbf",
-                 "jw2": "w2"}[name]
+    plain = spec(name).label_free
+    if plain is not None:
         raise ValueError(f"{name} is class-conditional and unit='spatial' has no labels per position (every "
                          f"position of an image shares its label, so it reduces to {plain!r}); use {plain!r}")
     extra = set(options) - set(spec(name).options)

@@ -90,7 +90,7 @@ def _solve(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols, G[rows, cols]
 
 
-def exact_plan(cost: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def exact_plan(cost: Tensor, fallback=None) -> tuple[Tensor, Tensor, Tensor]:
     r"""Optimal transport plan between uniform weights for ``cost``, as a sparse list of pairs.
 
     Solves :math:`\min_{\gamma\in\Pi(\mathbf 1/n_s, \mathbf 1/n_t)} \langle \gamma, C\rangle`
@@ -102,6 +102,9 @@ def exact_plan(cost: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ----------
     cost : Tensor, shape (n_s, n_t)
         Finite cost matrix.
+    fallback : callable, optional
+        ``fallback()`` gives the same cost in a wider dtype, for when ``cost`` is not finite
+        (float32 products of finite but huge features overflow; see :func:`feature_plan`).
 
     Returns
     -------
@@ -114,12 +117,21 @@ def exact_plan(cost: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Cost: :func:`scipy.optimize.linear_sum_assignment`, :math:`O(n^3)` worst case, when
     :math:`n_s = n_t`; network simplex :func:`ot.emd` otherwise. Raises RuntimeError if the
-    simplex stops before optimality.
+    simplex stops before optimality. The solver runs on the host by design (no GPU solver is
+    exact): ``cost`` is read back once per call, the plan's indices go back to its device.
     """
     if cost.dim() != 2 or cost.shape[0] == 0 or cost.shape[1] == 0:
         raise ValueError(f"exact_plan: cost must be a non-empty (n_s, n_t) matrix, got {tuple(cost.shape)}")
     with torch.no_grad():
         M = cost.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return _plan_on_host(M, cost.device, fallback)
+
+
+def _plan_on_host(M: np.ndarray, dev: torch.device, fallback=None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`exact_plan` of the host copy ``M`` of a cost; the plan's tensors on ``dev``."""
+    if fallback is not None and not np.isfinite(M).all():  # checked on the host copy: no extra read
+        with torch.no_grad():
+            M = fallback().detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(M).all():
         if value_checks.eager():
             raise ValueError("exact_plan: cost contains NaN/inf")
@@ -130,14 +142,14 @@ def exact_plan(cost: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         w = np.full(n_s * n_t, 1.0 / (n_s * n_t))
     else:
         rows, cols, w = _solve(M)
-    dev = cost.device
     return (torch.as_tensor(rows, dtype=torch.long).to(dev), torch.as_tensor(cols, dtype=torch.long).to(dev),
             torch.as_tensor(w, dtype=torch.float64).to(dev))
 
 
-def _inner_cost(s: Tensor, t: Tensor) -> Tensor:
-    """−2 (s − c)(t − c)ᵀ in the inputs' precision, no gradient: ‖s_i − t_j‖² up to row/column
-    constants (one GEMM); the solver then works on it in float64.
+def feature_plan(s: Tensor, t: Tensor, extra=None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`exact_plan` of the cost ‖s_i − t_j‖² (up to row/column constants: −2 (s − c)(t − c)ᵀ
+    in the inputs' precision, one GEMM, no gradient), plus ``extra()`` (an (n_s, n_t) cost, e.g.
+    JW2's label cost) where given; the solver then works on it in float64.
 
     c is the pooled mean: centring changes the matrix by row/column constants only, and keeps
     the products small when both clouds share a large offset (less cancellation). A float32
@@ -146,14 +158,33 @@ def _inner_cost(s: Tensor, t: Tensor) -> Tensor:
     precision: the value moves by less than the float32 rounding of the result.
 
     Finite features whose products overflow float32 (|x| ≳ 1e18, e.g. a student diverging) get
-    their cost in float64: the plan stays exact, and an overflowing loss then reads inf, which
-    the engine reports with its epoch and step (the solver would refuse an inf cost instead).
+    their cost in float64 (checked on the host copy the solver reads anyway: one read per call):
+    the plan stays exact, and an overflowing loss then reads inf, which the engine reports with
+    its epoch and step (the solver would refuse an inf cost instead).
     """
+    def cost(dtype):
+        K = _centred_cost(s, t, dtype)
+        return K if extra is None else K + extra().to(K.device)
     dtype = torch.promote_types(s.dtype, torch.float32)  # never a bf16/fp16 cost: 3 digits decide no plan
-    cost = _centred_cost(s, t, dtype)
-    if dtype != torch.float64 and not bool(torch.isfinite(cost).all()):
-        cost = _centred_cost(s, t, torch.float64)
-    return cost
+    return exact_plan(cost(dtype), fallback=None if dtype == torch.float64 else lambda: cost(torch.float64))
+
+
+def feature_plans(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`feature_plan` of each ``(s, t)`` of ``pairs`` (CW2's classes), their costs read back
+    to the host together: one read per call, not one per pair."""
+    if not pairs:
+        return []
+    dtype = torch.promote_types(pairs[0][0].dtype, torch.float32)
+    costs = [_centred_cost(s, t, dtype) for s, t in pairs]
+    with torch.no_grad():
+        flat = torch.cat([c.reshape(-1) for c in costs]).to(device="cpu", dtype=torch.float64).numpy()
+    plans, offset = [], 0
+    for (s, t), c in zip(pairs, costs):
+        M = flat[offset:offset + c.numel()].reshape(c.shape)
+        offset += c.numel()
+        fallback = None if dtype == torch.float64 else (lambda s=s, t=t: _centred_cost(s, t, torch.float64))
+        plans.append(_plan_on_host(M, c.device, fallback))
+    return plans
 
 
 def _centred_cost(s: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -199,7 +230,7 @@ def w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits
     Reference: Peyré & Cuturi (2019), ch. 3; Montesuma (2025), KD²M "W2 (E)".
     """
     s, t = student_feats, teacher_feats
-    rows, cols, w = exact_plan(_inner_cost(s, t))
+    rows, cols, w = feature_plan(s, t)
     if s.shape[0] == t.shape[0]:
         # a permutation (rows = 0..n-1, weights 1/n): skip the gather on the student side
         diff = s - t[cols]
@@ -207,7 +238,7 @@ def w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits
     return plan_cost(s, t, rows, cols, w)
 
 
-@metric("cw2", needs_labels=True, label="CW2 (E)", pairwise_factor=4)
+@metric("cw2", needs_labels=True, label="CW2 (E)", pairwise_factor=4, label_free="w2")
 def cw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None) -> Tensor:
     r"""Class-conditional exact W2²: mean over the classes present in the batch.
 
@@ -228,17 +259,18 @@ def cw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logit
     -------
     Tensor, 0-dim.
 
-    Cost: per class a GEMM :math:`O(n_c^2 d)` and an assignment of size :math:`n_c`,
-    then :math:`O(nd)` for the loss and its backward.
+    Cost: per class a GEMM :math:`O(n_c^2 d)` and an assignment of size :math:`n_c` (the
+    classes' costs are read back to the host together), then :math:`O(nd)` for the loss and
+    its backward.
     Reference: Montesuma (2025), KD²M "CW2 (E)".
     """
     s, t = student_feats, teacher_feats
     groups = class_indices(labels)
     n_classes = len(groups)
     rows, cols, ws = [], [], []
-    for idx in groups:
-        # one small GEMM per class: Σ_c n_c² d work instead of n² d for the whole batch
-        r, c, w = exact_plan(_inner_cost(s[idx], t[idx]))
+    # one small GEMM per class: Σ_c n_c² d work instead of n² d for the whole batch
+    plans = feature_plans([(s[idx], t[idx]) for idx in groups])
+    for idx, (r, c, w) in zip(groups, plans):
         rows.append(idx[r])
         cols.append(idx[c])
         ws.append(w / n_classes)
@@ -273,7 +305,7 @@ def _label_cost_dense(kind: str, labels, s_logits, t_logits) -> Tensor:
         return (pt * log_pt).sum(1)[None, :] - log_ps @ pt.T
 
 
-@metric("jw2", label="JW2 (E)", pairwise_factor=6)
+@metric("jw2", label="JW2 (E)", pairwise_factor=6, label_free="w2")  # its label cost reads labels when given
 def jw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
         *, beta: float = 1.0, label_cost: str = "labels") -> Tensor:
     r"""Exact OT on the joint feature-label space, :math:`\hat P(Z\times Y)`.
@@ -325,10 +357,9 @@ def jw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logit
     if label_cost != "labels" and (student_logits is None or teacher_logits is None):
         raise ValueError(f"jw2: label_cost={label_cost!r} needs student_logits and teacher_logits (n, C)")
     s, t = student_feats, teacher_feats
-    K = _inner_cost(s, t)  # ‖s_i − t_j‖² up to row/column constants, which the plan ignores
-    if beta > 0:
-        K = K + beta * _label_cost_dense(label_cost, labels, student_logits, teacher_logits).to(K.device)
-    rows, cols, w = exact_plan(K)
+    # ‖s_i − t_j‖² up to row/column constants (which the plan ignores), plus β·ℓ
+    extra = (lambda: beta * _label_cost_dense(label_cost, labels, student_logits, teacher_logits)) if beta > 0 else None
+    rows, cols, w = feature_plan(s, t, extra)
     loss = plan_cost(s, t, rows, cols, w)
     if beta > 0:
         ell = _label_cost_pairs(label_cost, labels, student_logits, teacher_logits, rows, cols)

@@ -137,7 +137,7 @@ def gauss_w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_
     return _w2(mu_s, Zs, mu_t, Zt, r, diagonal, "gauss_w2", out).clamp_min(0.0).to(out)
 
 
-@metric("gauss_cw2", needs_labels=True, label="CW2 (G)")
+@metric("gauss_cw2", needs_labels=True, label="CW2 (G)", label_free="gauss_w2")
 def gauss_cw2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
               *, diagonal: bool = False, ridge: float = DEFAULT_RIDGE) -> Tensor:
     r"""Class-conditional Bures-Wasserstein: mean of :func:`gauss_w2` over the classes present.
@@ -212,7 +212,7 @@ def gauss_kl(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_
     return _kl(mu_s, Zs, mu_t, Zt, r, diagonal, "gauss_kl").clamp_min(0.0).to(out)
 
 
-@metric("gauss_ckl", needs_labels=True, label="CKL (G)")
+@metric("gauss_ckl", needs_labels=True, label="CKL (G)", label_free="gauss_kl")
 def gauss_ckl(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
               *, diagonal: bool = False, ridge: float = DEFAULT_RIDGE) -> Tensor:
     r"""Class-conditional Gaussian KL: mean of :func:`gauss_kl` over the classes present.

@@ -185,7 +185,7 @@ def mmd_rbf(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_l
                           ns, nt, unbiased)
 
 
-@metric("cmmd_rbf", needs_labels=True, label="CMMD (RBF)", pairwise_factor=13)
+@metric("cmmd_rbf", needs_labels=True, label="CMMD (RBF)", pairwise_factor=13, label_free="mmd_rbf")
 def cmmd_rbf(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None, teacher_logits=None,
              *, bandwidth: float | None = None, multipliers: Sequence[float] = (1.0,),
              unbiased: bool = False) -> Tensor:

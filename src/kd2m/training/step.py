@@ -1,11 +1,12 @@
-"""The one forward step every part of the engine runs, and the epoch's on-device tally.
+"""The one training step every part of the engine runs, and the epoch's on-device tally.
 
-:func:`forward_terms` is the step's forward — the teacher's outputs (looked up before the
-student runs, or computed beside it under the run's autocast), the student's logits and taps,
-CE and each bound term's unweighted value. Training (:meth:`kd2m.train.Trainer._epoch`), the
-``weight: auto`` calibration (:func:`kd2m.auto_weight.calibrate`) and the grid's probe of every
-term before training (:func:`kd2m.grid.preflight`) all call it, so they cannot disagree about
-what a term sees.
+A :class:`Step` is ``(model, batch) → outputs → w_CE·supervised + Σ_k λ_k·term_k``:
+:meth:`Step.forward` gives the teacher's outputs (looked up before the student runs, or computed
+beside it under the run's autocast), the student's logits and taps, the task's supervised loss
+(:mod:`kd2m.tasks`) and each bound term's unweighted value; :meth:`Step.loss` composes them.
+Training (:meth:`kd2m.train.Trainer._epoch`), the ``weight: auto`` calibration
+(:func:`kd2m.auto_weight.calibrate`) and the grid's probe of every term before training
+(:func:`kd2m.grid.preflight`) all run it, so they cannot disagree about what a term sees.
 
 :class:`EpochTally` keeps what an epoch reports — the per-sample sums of the loss, CE, the
 distillation part and every term, and whether and where a step went non-finite — in one tensor
@@ -19,56 +20,82 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed as dist_ctx
-from .runtime import autocast
+from .. import distributed as dist_ctx
+from ..runtime import autocast
 
 
 @dataclass
 class StepOutputs:
     logits: Tensor
-    ce: Tensor
+    ce: Tensor            # the task's supervised loss (cross-entropy, over classes or next tokens)
     values: list          # one 0-dim tensor per term (None where a term was not asked for)
     s_feats: dict
     t_feats: dict
 
 
 class TermFailure(Exception):
-    """A term raised inside :func:`forward_terms`; ``term`` is its bound term, ``error`` the cause."""
+    """A term raised inside :meth:`Step.forward`; ``term`` is its bound term, ``error`` the cause."""
 
     def __init__(self, term, error: BaseException):
         super().__init__(str(error))
         self.term, self.error = term, error
 
 
-def forward_terms(net, terms: list, teacher_out, s_taps, x: Tensor, y: Tensor, key: Tensor, views: int,
-                  device: torch.device, amp, which: list | None = None) -> StepOutputs:
-    """The step's forward on batch ``(x, y)`` with training-set keys ``key`` (sample index ×
-    ``views`` + view). ``teacher_out``: the teacher's outputs (``teacher_out.online``: run on
-    ``x`` under the autocast, else looked up by ``key`` first); ``s_taps``: the student's taps
-    (or None). ``which``: a flag per term, False to skip it (its value is None)."""
-    t_feats, t_logits = {}, None
-    if teacher_out is not None and not teacher_out.online:
-        t_feats, t_logits = teacher_out(x, key)
-    with autocast(device, amp):
-        logits = net(x)
-        ce = F.cross_entropy(logits.float(), y)
-        if teacher_out is not None and teacher_out.online:
-            t_feats, t_logits = teacher_out(x, key)
-    s_feats = s_taps.features() if s_taps is not None else {}
-    index = key // views
-    values = []
-    for k, b in enumerate(terms):
-        if which is not None and not which[k]:
-            values.append(None)
-            continue
-        try:
-            values.append(b.module(**b.inputs(s_feats, t_feats, y, logits, t_logits, index)))
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise TermFailure(b, e) from e
-    return StepOutputs(logits, ce, values, s_feats, t_feats)
+class Step:
+    """The step of one run: its network, its bound terms, its task, where the teacher's outputs
+    come from, and how they are composed.
+
+    ``teacher_out``: a :class:`~kd2m.training.teacher.TeacherOutputs` (``online``: run on the
+    batch under the autocast; else looked up by key first) or None; ``s_taps``: the student's
+    :class:`~kd2m.training.binding.Taps` (or None); ``views``: the teacher cache's views per
+    sample (keys are ``index·views + view``); ``amp``: the autocast dtype or None."""
+
+    def __init__(self, net, terms: list, task, *, teacher_out=None, s_taps=None, views: int = 1,
+                 device: torch.device, amp=None, ce_weight: float = 1.0):
+        self.net, self.terms, self.task = net, terms, task
+        self.teacher_out, self.s_taps, self.views = teacher_out, s_taps, views
+        self.device, self.amp, self.ce_weight = device, amp, ce_weight
+
+    def forward(self, x: Tensor, y: Tensor, key: Tensor, *, net=None, amp="run", which: list | None = None
+                ) -> StepOutputs:
+        """The step's forward on batch ``(x, y)`` with training-set keys ``key``. ``net``: the
+        network to run (default: the step's; training passes its DDP/compiled wrapper);
+        ``amp``: the autocast dtype (default: the run's; calibration passes None); ``which``: a
+        flag per term, False to skip it (its value is then None)."""
+        net = self.net if net is None else net
+        amp = self.amp if amp == "run" else amp
+        t_feats, t_logits = {}, None
+        if self.teacher_out is not None and not self.teacher_out.online:
+            t_feats, t_logits = self.teacher_out(x, key)
+        with autocast(self.device, amp):
+            logits = net(x)
+            ce = self.task.supervised_loss(logits, y)
+            if self.teacher_out is not None and self.teacher_out.online:
+                t_feats, t_logits = self.teacher_out(x, key)
+        s_feats = self.s_taps.features() if self.s_taps is not None else {}
+        index = key // self.views
+        values = []
+        if self.terms:
+            s_view, labels = self.task.term_view(logits, y)
+            t_view = self.task.term_view(t_logits, y)[0] if t_logits is not None else None
+            for k, b in enumerate(self.terms):
+                if which is not None and not which[k]:
+                    values.append(None)
+                    continue
+                try:
+                    values.append(b.module(**b.inputs(s_feats, t_feats, labels, s_view, t_view, index)))
+                except (ValueError, TypeError, RuntimeError) as e:
+                    raise TermFailure(b, e) from e
+        return StepOutputs(logits, ce, values, s_feats, t_feats)
+
+    def loss(self, out: StepOutputs, lam: list) -> tuple[Tensor, Tensor]:
+        """(w_CE·supervised + Σ_k λ_k·term_k, Σ_k λ_k·term_k) for the weights ``lam``."""
+        distill = out.ce.new_zeros(())
+        for v, w in zip(out.values, lam):
+            distill = distill + w * v.float()
+        return self.ce_weight * out.ce + distill, distill
 
 
 def _any_nonfinite(tensors) -> Tensor | None:

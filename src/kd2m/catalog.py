@@ -1,0 +1,19 @@
+"""Facts the whole package shares, each in one place: the method keys of a grid, the order of
+its tables, and the evaluation batch size. Pure data: nothing here imports the rest of kd2m.
+"""
+from __future__ import annotations
+
+#: Method key of a grid's teacher runs (also their directory name under ``--out``).
+TEACHER = "teacher"
+#: Method key of the CE-only student (trained on its supervised loss alone).
+CE = "ce"
+
+#: The paper's grid (its Table) plus MMD, in table order: the default ``metrics`` of a grid.
+PAPER_METRICS = ["w2", "cw2", "jw2", "gauss_w2", "gauss_cw2", "gauss_kl", "mmd_rbf"]
+
+#: The baselines in the order the field's tables list them: logit methods, then feature methods.
+BASELINE_ORDER = ["kd", "dkd", "dist", "wkd_l", "fitnet", "at", "nst", "pkt", "rkd", "crd"]
+
+#: Batch size of every held-out pass (test accuracy, the teacher cache's build, Theorem 1's
+#: estimates): no gradients are kept, so it may be larger than the training batch.
+EVAL_BATCH_SIZE = 512
