@@ -136,3 +136,19 @@ def test_a_term_split_in_parts_is_labelled_once():
     assert method_label("x", parts) == "WKD-L"
     layers = (TermConfig("gauss_w2", student_layer="layer2"), TermConfig("gauss_w2", student_layer="layer3"))
     assert method_label("x", layers).count("+") == 1   # other layers: still two parts
+
+
+def test_the_readme_per_pair_table_is_this_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip().replace("\\*", "") for c in line.strip("|").split("|")]
+        if len(cells) == 8 and " → " in cells[0]:
+            rows[tuple(cells[0].split(" → "))] = cells[1:]
+
+    def g(*values):
+        return ", ".join(f"{v:g}" for v in values)
+    for pair, want in TABLE.items():
+        lf = want["wkd_lf"]
+        assert rows[pair] == [g(want["lr"]), g(want["beta"]), g(*want["ls_kd"]), g(*want["ls_dkd"]), g(*want["wkd_l"]),
+                              g(*want["wkd_f"]), f"{g(*lf[:2])}; {g(*lf[2:])}"], pair
