@@ -17,7 +17,7 @@ from kd2m.losses import TermContext
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
-BASELINES = ["at", "crd", "dist", "dkd", "fitnet", "kd", "nst", "pkt", "rkd", "wkd_l"]
+BASELINES = ["at", "crd", "dist", "dkd", "fitnet", "kd", "nst", "pkt", "rkd", "wkd_f", "wkd_l"]
 
 
 def _g(seed):
@@ -48,7 +48,7 @@ def _head(c=5, d=7, seed=3):
 def _ctx_for(name, n_data=40):
     """A context (and the call's inputs) for each term at small sizes, float64."""
     g = _g(11)
-    if name in ("fitnet", "at", "nst"):
+    if name in ("fitnet", "at", "nst", "wkd_f"):
         s = torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64)
         t = torch.randn(4, 5, 4, 4, generator=g, dtype=torch.float64)
         return TermContext(student_shape=(3, 6, 6), teacher_shape=(5, 4, 4)), dict(student_feats=s, teacher_feats=t)
@@ -81,7 +81,7 @@ def test_available_lists_every_baseline_with_its_facts():
     facts = {"kd": ("KD", {"logits"}), "dkd": ("DKD", {"logits", "labels"}), "dist": ("DIST", {"logits"}),
              "wkd_l": ("WKD-L", {"logits", "labels"}), "pkt": ("PKT", {"feats"}), "rkd": ("RKD", {"feats"}),
              "crd": ("CRD", {"feats", "index"}), "fitnet": ("FitNets", {"maps"}), "at": ("AT", {"maps"}),
-             "nst": ("NST", {"maps"})}
+             "nst": ("NST", {"maps"}), "wkd_f": ("WKD-F", {"maps"})}
     for name, (label, needs) in facts.items():
         s = losses.spec(name)
         assert (s.label, set(s.needs), s.family) == (label, needs, "baseline")
@@ -93,6 +93,13 @@ def test_available_lists_every_baseline_with_its_facts():
     assert dict(losses.spec("crd").defaults) == {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5,
                                                  "negatives": "other_class"}
     assert dict(losses.spec("rkd").defaults)["distance_weight"] == 25.0
+    # WKD (JiamingLv/WKD 214cf88) configs/cifar100/wkd_f/res32x4_res8x4.yaml and wkd_l/res32x4_res8x4.yaml
+    assert dict(losses.spec("wkd_f").defaults) == {"mean_cov_ratio": 4.0, "spatial_grid": 1, "eps": 1e-5,
+                                                   "projector": "conv1x1"}
+    assert (losses.spec("wkd_f").weight, losses.spec("wkd_f").ce_weight) == (0.08, 1.0)
+    assert "NeurIPS 2024" in losses.spec("wkd_f").paper and losses.spec("wkd_f").pairwise_factor == 0
+    assert dict(losses.spec("wkd_l").defaults) == {"temperature": 8.0, "gamma": 600.0, "sinkhorn_reg": 0.05,
+                                                   "sinkhorn_iter": 10, "sharpen": 1.0, "target": True}
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -279,6 +286,20 @@ def test_wkd_l_needs_the_teacher_head():
     zs, zt, y = _logits(c=4)
     with pytest.raises(ValueError, match="4 classes but the cost"):
         term(student_logits=zs, teacher_logits=zt, labels=y)
+
+
+def test_wkd_l_splits_into_its_target_and_wasserstein_parts():
+    # WKD decays only γ·WD (WKD.py forward_train): gamma=0 is the target-class part alone, target=False
+    # the Wasserstein part alone; together they are the whole term
+    zs, zt, y = _logits(n=6, c=5)
+    head, ctx = _head(), TermContext(num_classes=5, teacher_head=_head())
+    value = {o: float(losses.get("wkd_l", ctx, **dict(o))(student_logits=zs, teacher_logits=zt, labels=y))
+             for o in [(), (("gamma", 0.0),), (("gamma", 1.0), ("target", False))]}
+    oracle = _wkd_oracle(zs, zt, y, head, 8.0, 1.0, 0.05, 10, 1.0)
+    target = _wkd_oracle(zs, zt, y, head, 8.0, 0.0, 0.05, 10, 1.0)
+    assert value[(("gamma", 0.0),)] == pytest.approx(target, rel=1e-10)
+    assert value[(("gamma", 1.0), ("target", False))] == pytest.approx(oracle - target, rel=1e-5)
+    assert value[()] == pytest.approx(target + 600.0 * (oracle - target), rel=1e-5)
 
 
 # ---------------------------------------------------------------- pkt
@@ -565,7 +586,7 @@ def test_at_power_option():
     assert float(value) == pytest.approx(_at_oracle(_np(s), _np(t), 3.0), rel=1e-10)
 
 
-@pytest.mark.parametrize("name", ["fitnet", "at", "nst"])
+@pytest.mark.parametrize("name", ["fitnet", "at", "nst", "wkd_f"])
 def test_map_terms_refuse_pooled_features(name):
     ctx, inputs = _ctx_for(name)
     term = losses.get(name, ctx)
@@ -573,6 +594,103 @@ def test_map_terms_refuse_pooled_features(name):
         term(student_feats=torch.randn(4, 7), teacher_feats=inputs["teacher_feats"].float())
     with pytest.raises(ValueError, match=r"needs \(n, c, h, w\) feature maps; the teacher has no 4-D layer"):
         term(student_feats=inputs["student_feats"].float(), teacher_feats=torch.randn(4, 7))
+
+
+# ---------------------------------------------------------------- wkd_f
+
+def _wkd_f_oracle(s, t, ratio, grid, eps):
+    # JiamingLv/WKD (214cf88) mdistiller/distillers/WKD.py, literally: wkd_feature_loss and
+    # adaptive_avg_std_pool2d — per cell [floor(i·H/g), ceil((i+1)·H/g)), mean and sqrt(unbiased var + eps)
+    # over the cell's positions, squared differences summed and divided by grid²·n; ratio·mean + cov
+    n, c, h, w = s.shape
+
+    def stats(x):
+        mean, std = np.zeros((n, c, grid, grid)), np.zeros((n, c, grid, grid))
+        for i in range(grid):
+            r0, r1 = int(np.floor(i * h / grid)), int(np.ceil((i + 1) * h / grid))
+            for j in range(grid):
+                c0, c1 = int(np.floor(j * w / grid)), int(np.ceil((j + 1) * w / grid))
+                block = x[:, :, r0:r1, c0:c1].reshape(n, c, -1)
+                mean[:, :, i, j] = block.mean(-1)
+                std[:, :, i, j] = np.sqrt(block.var(-1, ddof=1) + eps)
+        return mean, std
+    (ms, ss), (mt, st) = stats(s), stats(t)
+    return (ratio * np.sum((ms - mt) ** 2) + np.sum((ss - st) ** 2)) / (grid ** 2 * n)
+
+
+@pytest.mark.parametrize("s_shape,t_shape,options", [
+    ((3, 4, 4), (5, 4, 4), {}),                                             # res8x4 → res32x4: 1×1 conv, grid 1
+    ((3, 4, 4), (5, 8, 8), dict(mean_cov_ratio=3.0, spatial_grid=4)),       # ShuffleV1 → wrn_40_2: 4×4 ConvT
+    ((3, 6, 6), (5, 6, 6), dict(spatial_grid=4, eps=1e-3)),                 # 6/4: overlapping adaptive cells
+    ((3, 8, 8), (5, 4, 4), dict(mean_cov_ratio=8.0, spatial_grid=2)),       # 3×3 stride-2 conv
+])
+def test_wkd_f_matches_the_authors_gaussian_loss(s_shape, t_shape, options):
+    torch.manual_seed(0)
+    term = losses.get("wkd_f", TermContext(student_shape=s_shape, teacher_shape=t_shape), **options).double()
+    conv, bn = term.projector[0], term.projector[1]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    g = _g(7)
+    s = torch.randn(3, *s_shape, generator=g, dtype=torch.float64)
+    t = torch.randn(3, *t_shape, generator=g, dtype=torch.float64).relu()
+    if isinstance(conv, torch.nn.ConvTranspose2d):
+        x = F.conv_transpose2d(s, conv.weight, conv.bias, stride=2, padding=1)
+    else:
+        x = F.conv2d(s, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding)
+    o = dict(losses.spec("wkd_f").defaults) | options
+    expected = _wkd_f_oracle(_batchnorm_relu(_np(x), bn), _np(t), o["mean_cov_ratio"], o["spatial_grid"], o["eps"])
+    assert float(term(student_feats=s, teacher_feats=t)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_wkd_f_is_the_w2_distance_of_diagonal_gaussians():
+    # ratio 1, grid 1: per sample the squared 2-Wasserstein (Bures) distance between N(μ_S, diag σ_S²) and
+    # N(μ_T, diag σ_T²), POT's closed form, averaged over the batch
+    torch.manual_seed(1)
+    term = losses.get("wkd_f", TermContext(student_shape=(4, 5, 5), teacher_shape=(6, 5, 5)), mean_cov_ratio=1.0)
+    term = term.double()
+    s = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    t = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    p = _np(term.projector(s))
+    w2 = []
+    for i in range(3):
+        ms, mt = p[i].reshape(6, -1).mean(1), _np(t)[i].reshape(6, -1).mean(1)
+        cs = np.diag(p[i].reshape(6, -1).var(1, ddof=1) + 1e-5)
+        ct = np.diag(_np(t)[i].reshape(6, -1).var(1, ddof=1) + 1e-5)
+        w2.append(float(ot.gaussian.bures_wasserstein_distance(ms, mt, cs, ct)) ** 2)
+    assert float(term(student_feats=s, teacher_feats=t)) == pytest.approx(np.mean(w2), rel=1e-8)
+
+
+def test_wkd_f_grid_cells_are_adaptive_pooling_cells():
+    # the means of WKD's cells are nn.AdaptiveAvgPool2d's; the stds are sqrt of the unbiased variance
+    from kd2m.losses.maps import diagonal_gaussians
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for grid in (1, 2, 3, 4):
+        mean, std = diagonal_gaussians(x, grid, eps=0.0)
+        assert torch.allclose(mean, F.adaptive_avg_pool2d(x, grid))
+        rows = [(int(np.floor(i * 7 / grid)), int(np.ceil((i + 1) * 7 / grid))) for i in range(grid)]
+        cols = [(int(np.floor(j * 6 / grid)), int(np.ceil((j + 1) * 6 / grid))) for j in range(grid)]
+        var = [[x[:, :, r0:r1, c0:c1].reshape(2, 3, -1).numpy().var(-1, ddof=1) for c0, c1 in cols]
+               for r0, r1 in rows]
+        assert np.allclose(_np(std) ** 2, np.moveaxis(np.array(var), (0, 1), (2, 3)))
+
+
+def test_wkd_f_projectors():
+    ctx = TermContext(student_shape=(3, 4, 4), teacher_shape=(5, 4, 4))
+    conv1x1 = losses.get("wkd_f", ctx).projector
+    assert [type(m) for m in conv1x1] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    assert conv1x1[0].kernel_size == (1, 1)
+    bottleneck = losses.get("wkd_f", ctx, projector="bottleneck").projector  # WKD's ConvRegBottleNeck
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in bottleneck[:3]] == [
+        (3, 256, (1, 1)), (256, 256, (3, 3)), (256, 5, (1, 1))]
+    assert [type(m) for m in bottleneck[3:]] == [torch.nn.BatchNorm2d, torch.nn.ReLU]
+    with pytest.raises(ValueError, match="'wkd_f': no regressor maps a student map of 3×3 onto a teacher map of 8×8"):
+        losses.get("wkd_f", TermContext(student_shape=(2, 3, 3), teacher_shape=(4, 8, 8)))
+    with pytest.raises(ValueError, match=r"'wkd_f' needs \(n, c, h, w\) feature maps; the teacher has no 4-D"):
+        losses.get("wkd_f", TermContext(student_shape=(2, 4, 4), teacher_shape=(16,)))
+    term = losses.get("wkd_f", ctx)
+    with pytest.raises(ValueError, match=r"projector was built for \(3, 4, 4\)"):
+        term(student_feats=torch.randn(2, 3, 5, 5), teacher_feats=torch.randn(2, 5, 4, 4))
 
 
 # ---------------------------------------------------------------- all terms: gradients, degenerate batches, errors
@@ -597,7 +715,7 @@ def test_gradcheck_float64(name):
     if name in ("kd", "dkd"):
         term = _term(name, ctx, standardize=True)
         assert torch.autograd.gradcheck(lambda v: term(**dict(inputs, **{key: v})), (x,), eps=1e-6, atol=1e-5)
-    if name in ("crd", "fitnet"):  # their learnable layers receive gradients too
+    if name in ("crd", "fitnet", "wkd_f"):  # their learnable layers receive gradients too
         term.zero_grad()
         term(**dict(inputs, **{key: x})).backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in term.parameters())
@@ -681,12 +799,20 @@ def test_bad_option_values_are_refused_by_name(name, options, match):
 @pytest.mark.parametrize("name,options,match", [
     ("wkd_l", dict(sinkhorn_iter=0), "sinkhorn_iter must be an int ≥ 1"),
     ("wkd_l", dict(sinkhorn_reg=0.0), "sinkhorn_reg must be a finite number > 0"),
+    ("wkd_l", dict(target=False, gamma=0.0), "leave nothing to compute"),
+    ("wkd_l", dict(target="no"), "target must be True or False"),
+    ("wkd_f", dict(spatial_grid=0), "spatial_grid must be an int ≥ 1"),
+    ("wkd_f", dict(spatial_grid=4), "cells of one position"),   # 4×4 cells on the 4×4 teacher map
+    ("wkd_f", dict(mean_cov_ratio=-1.0), "mean_cov_ratio must be a finite number ≥ 0"),
+    ("wkd_f", dict(eps=0.0), "eps must be a finite number > 0"),
+    ("wkd_f", dict(projector="mlp"), "projector must be one of conv1x1, bottleneck"),
+    ("wkd_f", dict(projector="bottleneck"), "needs student and teacher maps of one size"),
     ("crd", dict(nce_m=1.0), r"nce_m \(memory momentum\) must be in \[0, 1\)"),
     ("crd", dict(feat_dim=0), "feat_dim must be an int ≥ 1"),
 ])
 def test_bad_option_values_are_refused_at_construction(name, options, match):
     ctx, _ = _ctx_for(name)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         losses.get(name, ctx, **options)
 
 

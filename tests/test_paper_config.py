@@ -59,7 +59,11 @@ def test_crd_protocol_config_with_a_released_style_teacher(tmp_path, monkeypatch
                  "--no-progress"]) == 0
     with open(out / "results.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"teacher", "ce", "dkd", "crd", "fitnet", "cw2"}
+    # the config's named students (LS-KD, LS-DKD, WKD-L in its two parts, WKD-L + WKD-F) run too
+    assert set(rows) == {"teacher", "ce", "dkd", "crd", "fitnet", "cw2", "ls_kd", "ls_dkd", "wkd_l", "wkd_l+wkd_f"}
+    both = json.loads((out / "wkd_l+wkd_f/seed0/log.jsonl").read_text().splitlines()[0])
+    assert sorted(both["weights"].values()) == [0.08, 1.0, 200.0]  # WKD's wkd_lf λ, before their decay at 150
+    assert all(v > 0 for v in both["terms"].values())
     final = json.loads((out / "crd/seed0/final.json").read_text())["settings"]
     assert (final["model"], final["teacher"], final["lr_schedule"], final["lr_milestones"]) == \
         ("resnet8x4", "resnet32x4", "multistep", [150, 180, 210])

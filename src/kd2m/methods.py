@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from . import losses
 from .catalog import CE, TEACHER
 
-#: how λ_k moves over the epochs (per term), after the optional warm-up
-SCHEDULES = ("constant", "linear_up", "linear_down")
+#: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
+#: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
+SCHEDULES = ("constant", "linear_up", "linear_down", "cosine_after:E")
 #: the keys a term entry may have in a config
 TERM_KEYS = ("term", "weight", "options", "student_layer", "teacher_layer", "unit", "warmup", "schedule")
 
@@ -34,7 +35,8 @@ class TermConfig:
     terms). ``unit``: what one sample of the distribution is (``"batch"``: an image;
     ``"spatial"``: a position or token of one image's map). ``warmup``: epochs over which λ grows
     linearly from 0 (DKD's schedule; ``None`` = the term's registered default). ``schedule``:
-    ``"constant"``, ``"linear_up"`` (0 → λ over the run) or ``"linear_down"`` (λ → 0).
+    ``"constant"``, ``"linear_up"`` (0 → λ over the run), ``"linear_down"`` (λ → 0) or
+    ``"cosine_after:E"`` (λ until epoch E, then a half cosine to 0 at the last epoch: WKD's decay).
     ``auto``: λ is ``weight`` × a scale calibrated on the initial student (:mod:`kd2m.auto_weight`):
     at initialisation the term then pulls the student's weights ``weight`` times as hard as CE.
     """
@@ -67,14 +69,23 @@ class TermConfig:
 
     def weight_at(self, epoch: int, epochs: int) -> float:
         """λ during (0-based) ``epoch`` of ``epochs``: warm-up factor min((epoch+1)/warmup, 1) as in
-        mdistiller's DKD, times the schedule's factor."""
+        mdistiller's DKD, times the schedule's factor.
+
+        ``cosine_after:E``, with e = epoch + 1 the authors' 1-based epoch and N = ``epochs``: factor
+        1 while e ≤ E, then ½(1 + cos(π (e − E) / (N − E))), 0 at the last epoch — JiamingLv/WKD
+        ``mdistiller/distillers/WKD.py`` ``forward_train`` (``kwargs['epoch'] > decay_start_epoch``,
+        epochs counted from 1 by its trainer).
+        """
         w = self.weight
         if self.warmup_epochs > 0:
             w *= min((epoch + 1) / self.warmup_epochs, 1.0)
-        if self.schedule == "linear_up":
+        kind, start = parse_schedule(self.schedule)
+        if kind == "linear_up":
             w *= (epoch + 1) / max(epochs, 1)
-        elif self.schedule == "linear_down":
+        elif kind == "linear_down":
             w *= 1.0 - epoch / max(epochs, 1)
+        elif kind == "cosine_after" and epoch + 1 > start:  # then epochs > start: no division by 0
+            w *= 0.5 * (1.0 + math.cos(math.pi * (epoch + 1 - start) / (epochs - start)))
         return w
 
     def describe(self) -> dict:
@@ -108,6 +119,18 @@ class Method:
         return self.display or method_label(self.key, self.terms)
 
 
+def parse_schedule(schedule) -> tuple[str, int | None]:
+    """``(kind, start epoch)`` of a schedule as written: ``"constant"``, ``"linear_up"``,
+    ``"linear_down"`` (start None) or ``"cosine_after:E"`` with E an int ≥ 0. ValueError otherwise."""
+    if isinstance(schedule, str):
+        kind, sep, start = schedule.partition(":")
+        if not sep and kind in SCHEDULES:
+            return kind, None
+        if sep and kind == "cosine_after" and start.strip().isdigit():
+            return kind, int(start)
+    raise ValueError(f"unknown schedule {schedule!r:.40}")
+
+
 def distinct_labels(methods: list) -> list:
     """``methods`` with every label distinct: students whose terms' labels coincide (``cw2_a`` at
     λ 1 and ``cw2_b`` at λ 0.1 are both "CW2 (E)") get their name appended (``CW2 (E) [cw2_a]``),
@@ -118,15 +141,25 @@ def distinct_labels(methods: list) -> list:
             for m in methods]
 
 
+def term_label(term: TermConfig) -> str:
+    """The field's label of one term: its registered label, with " + LS" when it standardizes the
+    logits first (logit standardization, Sun et al. CVPR 2024: their tables' "KD + Ours")."""
+    return term.spec.label + (" + LS" if term.option_dict.get("standardize") is True else "")
+
+
 def method_label(key: str, terms=()) -> str:
-    """How a results table names a method: the field's label of each term, joined by " + "."""
+    """How a results table names a method: the field's label of each term, joined by " + " (once
+    per term and layers)."""
     base, _, variant = key.partition("@")
     if base == TEACHER:
         name = "teacher"
     elif base == CE:
         name = "student (CE only)"
     elif terms:
-        name = " + ".join(t.spec.label for t in terms)
+        # a term given twice on the same layers is one method split in parts (WKD-L's target and
+        # Wasserstein parts, scheduled apart): named once
+        parts = dict.fromkeys((term_label(t), t.student_layer, t.teacher_layer, t.unit) for t in terms)
+        name = " + ".join(label for label, *_ in parts)
     else:
         parts = base.split("+")
         name = " + ".join(losses.spec(p).label if p in losses.available() else p for p in parts)
@@ -179,8 +212,11 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
         raise ValueError(f"{where}: warmup of {name!r} must be a number of epochs ≥ 0, got {warmup!r:.40}")
     schedule = entry.get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{where}: schedule of {name!r} must be one of {', '.join(SCHEDULES)}, got {schedule!r:.40}")
+    try:
+        parse_schedule(schedule)
+    except ValueError:
+        raise ValueError(f"{where}: schedule of {name!r} must be one of {', '.join(SCHEDULES)} (E an epoch, "
+                         f"e.g. cosine_after:150), got {schedule!r:.40}") from None
     for key in ("student_layer", "teacher_layer"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise ValueError(f"{where}: {key} of {name!r} must be a module path (a string)")

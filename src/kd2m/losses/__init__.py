@@ -13,7 +13,7 @@ the inputs they need, their O(n²) memory factor, their paper, a warm-up schedul
 from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_spec, available, check_options, get,  # noqa: F401,E501
                        register_term, spec)
 from . import distances  # noqa: F401,E402  (registers the 13 KD²M distances)
-# the baselines: kd dkd dist wkd_l (logit), fitnet at nst (maps), pkt rkd crd (relational)
+# the baselines: kd dkd dist wkd_l (logit), fitnet at nst wkd_f (maps), pkt rkd crd (relational)
 from . import logit, maps, relational  # noqa: F401,E402
 
 __all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS"]

@@ -237,11 +237,18 @@ class WKDLogit(Term):
 
     Checked against JiamingLv/WKD ``mdistiller/distillers/WKD.py`` (``wkd_logit_loss_with_speration``,
     ``wkd_logit_loss``, ``sinkhorn``) and its CIFAR-100 WKD-L config
-    (``configs/cifar100/wkd_l/res32x4_res8x4.yaml``: T = 8, λ_Sinkhorn = 0.05, 10 iterations,
-    WKD_LOGIT_WEIGHT γ = 800, sharpen 1.0). γ weighs the Wasserstein part against the target-class
-    part inside the authors' loss, so it is an option here; the engine's λ multiplies the whole
-    (λ = 1 reproduces the authors). Their cosine decay of γ after epoch 150 is a schedule not
-    applied here.
+    (``configs/cifar100/wkd_l/res32x4_res8x4.yaml`` at commit 214cf88, the repository's HEAD: T = 8,
+    λ_Sinkhorn = 0.05, 10 iterations, WKD_LOGIT_WEIGHT γ = 600 — 800 in the first commit 0ef7a28,
+    changed by 3829f2f "Update config" —, sharpen 1.0). γ weighs the Wasserstein part against the
+    target-class part inside the authors' loss, so it is an option here; the engine's λ multiplies
+    the whole (λ = 1 reproduces the authors up to epoch 150).
+
+    WKD decays γ alone (``WKD_LOGIT_WEIGHT``, cosine to 0 after ``COSINE_DECAY_EPOCH`` 150), never the
+    target-class part. λ schedules multiply a whole term, so the exact authors' loss is two
+    entries: ``{term: wkd_l, options: {gamma: 0}}`` (the target-class part, λ = 1, constant) and
+    ``{term: wkd_l, weight: γ, options: {gamma: 1, target: false}, schedule: cosine_after:150}``
+    (the Wasserstein part); ``configs/crd/`` does this. ``target=False`` leaves the target-class part
+    out; ``gamma=0`` skips the Sinkhorn iterations.
 
     Computed on all C classes with the target's mass set to 0 and u started at 0 on the target:
     the iterates on the other C−1 classes are then exactly the authors' (C−1)-class ones, and the
@@ -253,11 +260,15 @@ class WKDLogit(Term):
     training set before training.
     """
 
-    def __init__(self, ctx: TermContext, *, temperature: float = 8.0, gamma: float = 800.0,
-                 sinkhorn_reg: float = 0.05, sinkhorn_iter: int = 10, sharpen: float = 1.0):
+    def __init__(self, ctx: TermContext, *, temperature: float = 8.0, gamma: float = 600.0,
+                 sinkhorn_reg: float = 0.05, sinkhorn_iter: int = 10, sharpen: float = 1.0, target: bool = True):
         super().__init__(ctx)
         check_positive("wkd_l", temperature=temperature, sinkhorn_reg=sinkhorn_reg)
         check_nonnegative("wkd_l", gamma=gamma, sharpen=sharpen)
+        check_flag("wkd_l", target=target)
+        if not target and gamma == 0:
+            raise ValueError("loss term 'wkd_l': target=False and gamma=0 leave nothing to compute (the term would "
+                             "be 0); keep the target-class part or give gamma > 0")
         if isinstance(sinkhorn_iter, bool) or not isinstance(sinkhorn_iter, int) or sinkhorn_iter < 1:
             raise ValueError(f"loss term 'wkd_l': sinkhorn_iter must be an int ≥ 1, got {sinkhorn_iter!r}")
         head = self.ctx.teacher_head
@@ -270,7 +281,7 @@ class WKDLogit(Term):
         if self.ctx.num_classes is not None and head.shape[0] != self.ctx.num_classes:
             raise ValueError(f"loss term 'wkd_l': teacher_head has {head.shape[0]} rows but num_classes="
                              f"{self.ctx.num_classes}")
-        self.temperature, self.gamma = float(temperature), float(gamma)
+        self.temperature, self.gamma, self.target = float(temperature), float(gamma), target
         self.sinkhorn_reg, self.sinkhorn_iter, self.sharpen = float(sinkhorn_reg), sinkhorn_iter, float(sharpen)
         self.register_buffer("cost", class_cost_from_head(head.detach().float(), self.sharpen))
 
@@ -286,9 +297,13 @@ class WKDLogit(Term):
         target = torch.zeros(zs.shape, dtype=torch.bool, device=zs.device).scatter_(1, y[:, None], True)
 
         # target-class part, at temperature 1
-        p_t_target = F.softmax(zt, dim=1).gather(1, y[:, None])
-        log_p_s_target = F.log_softmax(zs, dim=1).gather(1, y[:, None])
-        loss_target = -(p_t_target * log_p_s_target).mean()
+        loss_target = zs.new_zeros(())
+        if self.target:
+            p_t_target = F.softmax(zt, dim=1).gather(1, y[:, None])
+            log_p_s_target = F.log_softmax(zs, dim=1).gather(1, y[:, None])
+            loss_target = -(p_t_target * log_p_s_target).mean()
+        if self.gamma == 0:
+            return loss_target
 
         # non-target part: softmax over the other C-1 classes (target mass exactly 0)
         t = self.temperature
@@ -305,5 +320,6 @@ class WKDLogit(Term):
 
     def extra_repr(self) -> str:
         return (f"classes={self.cost.shape[0]}, temperature={self.temperature:g}, gamma={self.gamma:g}, "
-                f"sinkhorn_reg={self.sinkhorn_reg:g}, sinkhorn_iter={self.sinkhorn_iter}, sharpen={self.sharpen:g}")
+                f"sinkhorn_reg={self.sinkhorn_reg:g}, sinkhorn_iter={self.sinkhorn_iter}, sharpen={self.sharpen:g}, "
+                f"target={self.target}")
 

@@ -1,4 +1,4 @@
-r"""Feature-map baselines: FitNets, attention transfer (AT), neuron selectivity transfer (NST).
+r"""Feature-map baselines: FitNets, attention transfer (AT), neuron selectivity transfer (NST), WKD-F.
 
 Each reads ``student_feats`` / ``teacher_feats`` as feature maps ``(n, c, h, w)`` (the
 registration's ``needs=("maps",)``) and returns its unweighted value; given pooled ``(n, d)``
@@ -13,19 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inputs import check_maps, check_positive, in_full_precision
+from .inputs import check_maps, check_nonnegative, check_positive, in_full_precision
 from .registry import Term, TermContext, register_term
 
 
-def _map_shape(who: str, shape) -> tuple[int, int, int]:
+def _map_shape(who: str, shape, term: str = "fitnet") -> tuple[int, int, int]:
     if shape is None or len(shape) != 3:
-        raise ValueError(f"loss term 'fitnet' needs (n, c, h, w) feature maps; the {who} has no 4-D layer here "
+        raise ValueError(f"loss term {term!r} needs (n, c, h, w) feature maps; the {who} has no 4-D layer here "
                          f"(TermContext.{who}_shape = {shape!r}, expected (c, h, w)). Tap a convolutional layer "
                          f"of the {who}, or use a pooled-feature term (pkt, rkd, crd) or a logit term")
     return tuple(int(v) for v in shape)
 
 
-def conv_regressor(student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> nn.Module:
+def conv_regressor(student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int],
+                   term: str = "fitnet") -> nn.Module:
     """FitNets' learnable regressor from the student's map ``(c_s, h_s, w_s)`` to the teacher's
     ``(c_t, h_t, w_t)``: a convolution, BatchNorm and ReLU.
 
@@ -42,7 +43,7 @@ def conv_regressor(student_shape: tuple[int, int, int], teacher_shape: tuple[int
     elif hs >= ht and ws >= wt:
         conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
     else:
-        raise ValueError(f"loss term 'fitnet': no regressor maps a student map of {hs}×{ws} onto a teacher map "
+        raise ValueError(f"loss term {term!r}: no regressor maps a student map of {hs}×{ws} onto a teacher map "
                          f"of {ht}×{wt} (the student map must be at least as large, or half the size); tap "
                          f"layers with compatible resolutions")
     return nn.Sequential(conv, nn.BatchNorm2d(ct), nn.ReLU())
@@ -154,3 +155,134 @@ def nst(*, student_feats: Tensor, teacher_feats: Tensor, **_) -> Tensor:
     f_s = F.normalize(s.reshape(s.shape[0], s.shape[1], -1), dim=2)
     f_t = F.normalize(t.reshape(t.shape[0], t.shape[1], -1), dim=2)
     return _poly_kernel_mean(f_t, f_t) + _poly_kernel_mean(f_s, f_s) - 2.0 * _poly_kernel_mean(f_s, f_t)
+
+
+# ---------------------------------------------------------------------------------------------- WKD-F
+
+#: hidden width of WKD-F's "bottleneck" projector (JiamingLv/WKD ``WKD.py``: ``ConvRegBottleNeck(c_hidden=256)``)
+WKD_BOTTLENECK_WIDTH = 256
+WKD_PROJECTORS = ("conv1x1", "bottleneck")
+
+
+def grid_cells(size: int, grid: int) -> list[tuple[int, int]]:
+    """Adaptive-pool cell bounds ``[⌊i·size/g⌋, ⌈(i+1)·size/g⌉)`` for i < g (cells may overlap when g ∤ size),
+    as WKD's ``adaptive_avg_std_pool2d`` and ``nn.AdaptiveAvgPool2d`` cut a map."""
+    return [((i * size) // grid, -((-(i + 1) * size) // grid)) for i in range(grid)]
+
+
+def diagonal_gaussians(feats: Tensor, grid: int = 1, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    r"""Per-channel mean and standard deviation over the positions of each grid cell:
+    :math:`\mu = \overline{F}`, :math:`\sigma = \sqrt{\mathrm{var}(F) + \epsilon}` with the *unbiased*
+    variance, one diagonal Gaussian over the c channels per sample and cell.
+
+    Shapes: ``(n, c, h, w)`` -> ``(n, c, grid, grid)`` twice. A cell needs at least 2 positions
+    (the unbiased variance of one value is undefined). Cost: O(n c h w) (overlapping cells count
+    their shared positions again).
+    """
+    n, c, h, w = feats.shape
+    if grid == 1:
+        return feats.mean(dim=(2, 3))[..., None, None], torch.sqrt(feats.var(dim=(2, 3)) + eps)[..., None, None]
+    rows, cols = grid_cells(h, grid), grid_cells(w, grid)
+    cells = [feats[:, :, r0:r1, c0:c1] for r0, r1 in rows for c0, c1 in cols]
+    mean = torch.stack([x.mean(dim=(2, 3)) for x in cells], dim=-1).reshape(n, c, grid, grid)
+    std = torch.stack([torch.sqrt(x.var(dim=(2, 3)) + eps) for x in cells], dim=-1).reshape(n, c, grid, grid)
+    return mean, std
+
+
+def wkd_projector(student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int],
+                  kind: str = "conv1x1") -> nn.Module:
+    """WKD-F's learnable projector of the student map onto the teacher's channels and size.
+
+    ``"conv1x1"`` (every CIFAR-100 config of WKD): their ``ConvReg(use_relu=True, use_bn=True)``,
+    which is :func:`conv_regressor` (conv → BN → ReLU; a 1×1 conv only when the sizes are equal,
+    a 4×4 transposed conv for a student map half the teacher's). ``"bottleneck"`` (WKD's default,
+    its ImageNet configs): ``ConvRegBottleNeck`` — 1×1 conv to 256, 3×3 conv, 1×1 conv to c_t,
+    BN, ReLU — for maps of equal size only (WKD's branch for a half-size student map chains a
+    transposed conv on the wrong width in a ``ModuleList`` and cannot run).
+    """
+    if kind == "conv1x1":
+        return conv_regressor(student_shape, teacher_shape, term="wkd_f")
+    (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
+    if (hs, ws) != (ht, wt):
+        raise ValueError(f"loss term 'wkd_f': the 'bottleneck' projector needs student and teacher maps of one size, "
+                         f"got {hs}×{ws} and {ht}×{wt}; use projector 'conv1x1'")
+    k = WKD_BOTTLENECK_WIDTH
+    return nn.Sequential(nn.Conv2d(cs, k, kernel_size=1), nn.Conv2d(k, k, kernel_size=3, padding=1),
+                         nn.Conv2d(k, ct, kernel_size=1), nn.BatchNorm2d(ct), nn.ReLU())
+
+
+@register_term("wkd_f", label="WKD-F", needs=("maps",), paper="Lv, Yang & Li, NeurIPS 2024", weight=0.08)
+class WKDFeature(Term):
+    r"""WKD-F: Wasserstein distance between the channel-wise diagonal Gaussians of the projected
+    student map and the teacher map,
+
+    .. math::
+        \frac1{n g^2}\sum_{i,\text{cell}}
+        \Big(\rho\,\big\|\mu^S - \mu^T\big\|^2 + \big\|\sigma^S - \sigma^T\big\|^2\Big)
+
+    — the squared 2-Wasserstein distance of two diagonal Gaussians, with the mean part weighted by
+    ρ = ``mean_cov_ratio`` — where μ, σ are each channel's mean and :math:`\sqrt{\mathrm{var} + \epsilon}`
+    (unbiased variance) over the positions of each of the g×g cells (``spatial_grid``;
+    :func:`diagonal_gaussians`), the student's taken after the learnable :func:`wkd_projector`
+    built from ``ctx.student_shape`` / ``ctx.teacher_shape`` (put the term's parameters in the
+    optimizer). The teacher map is used as it comes, with no projector and no extra ReLU (as WKD).
+
+    Checked against JiamingLv/WKD (commit 214cf88) ``mdistiller/distillers/WKD.py``
+    (``wkd_feature_loss``: ``F.mse_loss(reduction='sum')`` of the means and of the stds, divided by
+    the batch and by grid²; ``adaptive_avg_std_pool2d`` for grid > 1; ``forward_train``:
+    ``MEAN_COV_RATIO · mean_loss + cov_loss``; ``conv_reg`` on the student only) and
+    ``_common.py`` (``ConvReg``, ``ConvRegBottleNeck``). Defaults: their CIFAR-100
+    resnet32x4 → resnet8x4 config ``configs/cifar100/wkd_f/res32x4_res8x4.yaml`` (``MEAN_COV_RATIO``
+    4.0, ``SPATIAL_GRID`` 1, ``EPS`` 1e-5, ``PROJECTOR`` conv1x1, ``WKD_FEAT_WEIGHT`` 0.08 = the
+    registered λ); wrn_40_2 → ShuffleV1 uses ratio 3.0, grid 4, λ 0.3.
+
+    Not part of this value, as elsewhere in kd2m: the layer (WKD's ``HINT_LAYER: -1``, the last
+    stage of both networks, :func:`kd2m.models.stages`) is the engine's; WKD's cosine decay of
+    ``WKD_FEAT_WEIGHT`` after epoch 150 is the schedule ``cosine_after:150`` on λ
+    (:class:`kd2m.methods.TermConfig`). WKD computes the networks under autocast and this loss
+    in float32; here it is float32 at least (float64 when given float64).
+
+    Cost: the projector's convolution plus O(n c_t h_t w_t).
+    """
+
+    def __init__(self, ctx: TermContext, *, mean_cov_ratio: float = 4.0, spatial_grid: int = 1, eps: float = 1e-5,
+                 projector: str = "conv1x1"):
+        super().__init__(ctx)
+        check_nonnegative("wkd_f", mean_cov_ratio=mean_cov_ratio)
+        check_positive("wkd_f", eps=eps)
+        if isinstance(spatial_grid, bool) or not isinstance(spatial_grid, int) or spatial_grid < 1:
+            raise ValueError(f"loss term 'wkd_f': spatial_grid must be an int ≥ 1, got {spatial_grid!r}")
+        if projector not in WKD_PROJECTORS:
+            raise ValueError(f"loss term 'wkd_f': projector must be one of {', '.join(WKD_PROJECTORS)}, "
+                             f"got {projector!r}")
+        self.student_shape = _map_shape("student", self.ctx.student_shape, "wkd_f")
+        self.teacher_shape = _map_shape("teacher", self.ctx.teacher_shape, "wkd_f")
+        _, h, w = self.teacher_shape
+        smallest = min((r1 - r0) * (c1 - c0) for r0, r1 in grid_cells(h, spatial_grid)
+                       for c0, c1 in grid_cells(w, spatial_grid))
+        if smallest < 2:
+            raise ValueError(f"loss term 'wkd_f': a {spatial_grid}×{spatial_grid} grid on the teacher's {h}×{w} "
+                             "map leaves cells of one position, whose variance is undefined; use a smaller "
+                             "spatial_grid")
+        self.mean_cov_ratio, self.spatial_grid, self.eps = float(mean_cov_ratio), spatial_grid, float(eps)
+        self.projector_kind = projector
+        self.projector = wkd_projector(self.student_shape, self.teacher_shape, projector)
+
+    @in_full_precision
+    def forward(self, *, student_feats: Tensor, teacher_feats: Tensor, **_) -> Tensor:
+        s, t = check_maps("wkd_f", student_feats, teacher_feats)
+        for who, x, want in (("student", s, self.student_shape), ("teacher", t, self.teacher_shape)):
+            if tuple(x.shape[1:]) != want:
+                raise ValueError(f"loss term 'wkd_f': {who} maps have shape {tuple(x.shape[1:])} per sample but "
+                                 f"the projector was built for {want} (TermContext.{who}_shape)")
+        dtype = self.projector[0].weight.dtype
+        mean_s, std_s = diagonal_gaussians(self.projector(s.to(dtype)), self.spatial_grid, self.eps)
+        mean_t, std_t = diagonal_gaussians(t.detach().to(dtype), self.spatial_grid, self.eps)
+        per = self.spatial_grid ** 2 * s.shape[0]
+        mean_loss = (mean_s - mean_t).pow(2).sum() / per
+        cov_loss = (std_s - std_t).pow(2).sum() / per
+        return self.mean_cov_ratio * mean_loss + cov_loss
+
+    def extra_repr(self) -> str:
+        return (f"student={self.student_shape}, teacher={self.teacher_shape}, mean_cov_ratio={self.mean_cov_ratio:g}, "
+                f"spatial_grid={self.spatial_grid}, eps={self.eps:g}, projector={self.projector_kind!r}")

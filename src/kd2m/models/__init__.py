@@ -8,6 +8,8 @@
 
 Every model's last ``nn.Linear`` is its classifier, fed the ``feature_dim``-d penultimate
 features the paper matches (``fc`` here; the RepDistiller zoo keeps its authors' names).
+``stages(model)`` lists a model's stage outputs (module path, channels, reduction), the feature
+maps the field's map terms read (:mod:`kd2m.models.stage_info`).
 Modules: ``registry``, ``resnet`` (resnet18/34, cifar_resnet18/34), ``small`` (digits_cnn,
 digits_mlp), ``pretrained`` (``load_pretrained``), and the CIFAR model zoo of RepDistiller /
 mdistiller with their names and checkpoint layouts: ``cifar_resnet`` (resnet8/20/32/56/110,
@@ -18,7 +20,9 @@ mnist1d_mlp: 1-D inputs ``(n, c, L)``); ``external`` (``"timm:NAME"`` /
 """
 from .registry import available_models, build_model, describe_models, register_model  # noqa: F401
 from .pretrained import load_pretrained  # noqa: F401
+from .stage_info import Stage, stages  # noqa: F401
 # importing the modules registers their models
 from . import cifar_resnet, mnist1d, mobilenet, resnet, shufflenet, small, vgg, wrn  # noqa: F401,E402
 
-__all__ = ["build_model", "available_models", "describe_models", "register_model", "load_pretrained"]
+__all__ = ["build_model", "available_models", "describe_models", "register_model", "load_pretrained", "stages",
+           "Stage"]

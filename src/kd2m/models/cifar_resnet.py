@@ -8,7 +8,8 @@ that file, so the released CIFAR-100 teachers (``{"model": state_dict}``) load u
 :func:`kd2m.models.load_pretrained`.
 
 Differences with the authors' module that change no weight and no 32×32 output: the forward
-returns logits only (kd2m taps features with hooks), and ``AvgPool2d(8)`` is an adaptive
+returns logits only (kd2m taps features with hooks; ``stage_info`` says where: the stem's ``relu``
+and ``layer1``-``layer3``, all post-ReLU, the authors' ``feat[0..3]``), and ``AvgPool2d(8)`` is an adaptive
 average pool, so other input sizes work too (at 32×32 the last map is 8×8 and both are equal).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 
 from .authors_init import init_like_authors
 from .registry import register_family
+from .stage_info import Stage
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -69,6 +71,10 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
+        # RepDistiller's forward(is_feat=True) feat[0..3]: relu(bn1(conv1)), then each stage's last
+        # BasicBlock output relu(out + shortcut); all post-ReLU (preact=False)
+        self.stage_info = [Stage("relu", widths[0], 1), Stage("layer1", widths[1], 1),
+                           Stage("layer2", widths[2], 2), Stage("layer3", widths[3], 4)]
         init_like_authors(self)  # Linear keeps PyTorch's default
 
     @staticmethod

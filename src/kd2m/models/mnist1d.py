@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .registry import register_model
+from .stage_info import Stage
 
 CHANNELS = 25
 HIDDEN = 100
@@ -44,6 +45,8 @@ class MNIST1DConvNet(nn.Module):
         )
         self.feature_dim = channels * out
         self.fc = nn.Linear(self.feature_dim, num_classes)
+        # the three ReLU outputs, 1-D maps (n, channels, L_i) at strides 2, 4, 8
+        self.stage_info = [Stage(f"features.{i}", channels, r) for i, r in ((1, 2), (3, 4), (5, 8))]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -58,6 +61,7 @@ class MNIST1DMLP(nn.Module):
         self.linear2 = nn.Linear(hidden, hidden)
         self.fc = nn.Linear(hidden, num_classes)
         self.feature_dim = hidden
+        self.stage_info: list[Stage] = []  # no feature maps
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.linear1(x.flatten(1)).relu()

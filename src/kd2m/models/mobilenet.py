@@ -8,6 +8,12 @@ residual has its 1×1 expansion conv, even at ``t = 1`` (the authors' choice). N
 follow ``mdistiller/models/cifar/mobilenetv2.py`` (= RepDistiller's ``models/mobilenetv2.py``),
 checked against that file. Logits only; the ``AvgPool2d(H, ceil_mode=True)`` became an adaptive
 average pool (equal at 32×32, where the last map is 2×2), so any input size works.
+
+Stages (``stage_info``, :func:`kd2m.models.stages`): ``conv1`` (conv-BN-ReLU, post-ReLU), then
+``blocks.1``, ``blocks.2``, ``blocks.4``, ``blocks.6``: exactly RepDistiller's
+``forward(is_feat=True)`` ``feat[0..4]`` (it ignores ``preact``). The four block outputs are
+*not* post-activation: an inverted residual ends in its linear 1×1 projection + BN (plus the
+residual), so they can be negative; they are what the authors feed AT, NST, FitNet and WKD-F.
 """
 from __future__ import annotations
 
@@ -16,10 +22,13 @@ from torch import Tensor, nn
 
 from .authors_init import init_like_authors
 from .registry import register_model
+from .stage_info import Stage
 
 #: (expansion t, output channels c, blocks n, first stride s) before width scaling.
 STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 LAST_CHANNELS = 1280
+#: the ``blocks`` whose outputs RepDistiller's forward returns as feat[1..4]
+STAGE_BLOCKS = (1, 2, 4, 6)
 
 
 def conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
@@ -54,14 +63,19 @@ class MobileNetV2(nn.Module):
         super().__init__()
         channels = int(32 * width_mult)
         self.conv1 = conv_bn_relu(in_channels, channels, 3, 2)
+        self.stage_info = [Stage("conv1", channels, 2)]
+        reduction = 2
         self.blocks = nn.ModuleList()
-        for t, c, n, s in STAGES:
+        for index, (t, c, n, s) in enumerate(STAGES):
             out = int(c * width_mult)
             stage = []
             for i in range(n):
                 stage.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
                 channels = out
             self.blocks.append(nn.Sequential(*stage))
+            reduction *= s
+            if index in STAGE_BLOCKS:
+                self.stage_info.append(Stage(f"blocks.{index}", out, reduction, post_activation=False))
         last = int(LAST_CHANNELS * width_mult) if width_mult > 1.0 else LAST_CHANNELS
         self.conv2 = conv_bn_relu(channels, last, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))

@@ -10,6 +10,12 @@ adaptive average pool (equal at 32×32, where the last map is 4×4).
   stride 2 and concatenates a 3×3 average-pooled shortcut, so it outputs ``width - in`` channels.
 - ShuffleV2: net size 1 (widths 116/232/464, blocks 3/7/3, then a 1×1 conv to 1024); each stage
   is a DownBlock (two stride-2 branches, concatenated) then split-transform-concat BasicBlocks.
+
+Stages (``stage_info``, :func:`kd2m.models.stages`): the stem's ``relu`` (a parameter-free
+module where the authors call ``F.relu``; the ``state_dict`` is unchanged), then ``layer1``,
+``layer2``, ``layer3``: exactly RepDistiller's ``forward(is_feat=True, preact=False)``
+``feat[0..3]``, all post-ReLU (a ShuffleV1 block ends in ``relu``; a ShuffleV2 block returns a
+shuffle of a ReLU output and half of its non-negative input).
 """
 from __future__ import annotations
 
@@ -18,8 +24,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .registry import register_model
+from .stage_info import Stage
 
 STEM = 24
+
+
+def _stages(widths) -> list[Stage]:
+    """The stem's ReLU (stride 1) and the three stride-2 stages (RepDistiller's feat[0..3])."""
+    return [Stage("relu", STEM, 1)] + [Stage(f"layer{i + 1}", w, 2 ** (i + 1)) for i, w in enumerate(widths)]
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -65,6 +77,7 @@ class ShuffleNetV1(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, STEM, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM)
+        self.relu = nn.ReLU()  # the authors' F.relu on the stem, as a module: the stage feat[0] by name
         planes = STEM
         stages = []
         for width, n in zip(widths, blocks):
@@ -75,9 +88,10 @@ class ShuffleNetV1(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(widths[-1], num_classes)
         self.feature_dim = widths[-1]
+        self.stage_info = _stages(widths)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
@@ -136,6 +150,7 @@ class ShuffleNetV2(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, STEM, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM)
+        self.relu = nn.ReLU()  # the authors' F.relu on the stem, as a module: the stage feat[0] by name
         planes = STEM
         stages = []
         for width, n in zip(widths[:3], blocks):
@@ -146,9 +161,10 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(widths[3])
         self.linear = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
+        self.stage_info = _stages(widths[:3])
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.relu(self.bn2(self.conv2(out)))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))

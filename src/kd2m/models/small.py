@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .registry import register_model
+from .stage_info import Stage
 
 FEATURE_DIM = 64
 MAX_GRID = 4  # the CNN's conv map is pooled to at most 4×4 before its linear layer
@@ -38,6 +39,8 @@ class DigitsCNN(nn.Module):
         )
         self.fc = nn.Linear(FEATURE_DIM, num_classes)
         self.feature_dim = FEATURE_DIM
+        # the three conv-BN-ReLU outputs (no authors' list exists: kd2m's own model)
+        self.stage_info = [Stage("features.2", 16, 1), Stage("features.5", 32, 1), Stage("features.9", 32, 2)]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -56,6 +59,7 @@ class DigitsMLP(nn.Module):
         )
         self.fc = nn.Linear(FEATURE_DIM, num_classes)
         self.feature_dim = FEATURE_DIM
+        self.stage_info: list[Stage] = []  # no feature maps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))

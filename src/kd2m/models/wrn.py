@@ -6,6 +6,14 @@ WRN-d-k (Zagoruyko & Komodakis): ``n = (d - 4) / 6`` pre-activation blocks per s
 ``mdistiller/models/cifar/wrn.py`` (= ``RepDistiller/models/wrn.py``), checked against that
 file, so the released teachers load unchanged. Logits only; ``avg_pool2d(8)`` became an
 adaptive average pool (equal at 32×32, where the last map is 8×8). Dropout rate 0, as there.
+
+Stages (``stage_info``, :func:`kd2m.models.stages`): ``conv1``, ``block1``, ``block2``, ``block3``,
+exactly RepDistiller's ``forward(is_feat=True, preact=False)`` ``feat[0..3]``. None of them is
+post-activation: the stem is a bare conv, and WRN is a pre-activation network whose blocks end in
+the residual sum ``x + conv2(...)`` (its BN-ReLU comes at the start of the next block, or in
+``bn1``/``relu`` after ``block3``), so these maps can be negative. They are what the authors feed
+AT, NST, FitNet and WKD-F; RepDistiller's ``preact=True`` (used only by AB) would instead be the
+next block's ``bn1`` output, BN without ReLU.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from torch.nn import functional as F
 
 from .authors_init import init_like_authors
 from .registry import register_family
+from .stage_info import Stage
 
 
 class WideBasicBlock(nn.Module):
@@ -74,6 +83,8 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
+        self.stage_info = [Stage("conv1", widths[0], 1, False), Stage("block1", widths[1], 1, False),
+                           Stage("block2", widths[2], 2, False), Stage("block3", widths[3], 4, False)]
         init_like_authors(self, linear="zero_bias")
 
     def forward(self, x: Tensor) -> Tensor:
