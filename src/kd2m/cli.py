@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config_file", nargs="?", help="YAML config")
     _add_run_options(bench)
     bench.add_argument("--sweep", type=str, help="KEY=v1,v2,... e.g. weight=1e-7,1e-6,1e-5,1e-4")
+    for parser in (run, bench):
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the reproduction card (every method's effective settings and where each "
+                                 "comes from) and train nothing")
     rep = sub.add_parser("report", help="plots + report.md for a finished run directory")
     rep.add_argument("run_dir")
     rep.add_argument("--no-embedding", action="store_true", help="skip the t-SNE feature embedding")
@@ -97,15 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, given: set | None = None):
+    """The RunConfig of a command line (its YAML file, then its options over it); ``given``, a set,
+    receives the names of the fields they set."""
     import dataclasses
-    from .config import RunConfig, from_mapping, load_yaml
+    from .config import RunConfig, from_mapping, given_keys, read_yaml_mapping
     cfg = RunConfig()
     config_file = getattr(args, "config_file", None) or getattr(args, "config", None)
     if getattr(args, "config_file", None) and getattr(args, "config", None):
         raise ValueError("give the YAML config once: positionally or with --config")
     if config_file:
-        cfg = load_yaml(config_file, cfg)
+        mapping = read_yaml_mapping(config_file)
+        cfg = from_mapping(mapping, cfg, source=str(config_file))
+        if given is not None:
+            given |= given_keys(mapping)
     overrides = {}
     for f in dataclasses.fields(RunConfig):
         if f.metadata.get("cli") is False or not hasattr(args, f.name):
@@ -114,6 +123,8 @@ def config_from_args(args: argparse.Namespace):
         if f.name == "seeds":  # "3": three seeds 0,1,2; "0" (a count of none): seed 0; "5,7" or "5,": a list
             value = int(value) if value.strip().isdigit() and value.strip() != "0" else value
         overrides[f.name] = value
+    if given is not None:
+        given |= set(overrides)
     return from_mapping(overrides, cfg, source="command line")
 
 
@@ -136,8 +147,14 @@ def parse_sweep(text: str | None):
 def cmd_run(args) -> int:
     from . import distributed as dist_ctx
     from .grid import run_grid
-    cfg = config_from_args(args)
+    given: set = set()
+    cfg = config_from_args(args, given)
     sweep = parse_sweep(getattr(args, "sweep", None))
+    if getattr(args, "dry_run", False):
+        from .card import reproduction_card
+        source = getattr(args, "config_file", None) or getattr(args, "config", None)
+        print(reproduction_card(cfg, f"kd2m {args.command}" + (f" {source}" if source else ""), given), end="")
+        return 0
     resolved = cfg.resolved()
     if dist_ctx.is_main() or not dist_ctx.launched_by_torchrun():
         print(f"kd2m: {resolved.dataset}: teacher {resolved.teacher} → student {resolved.student}; "

@@ -193,8 +193,11 @@ class RunConfig:
             terms = []
             for i, e in enumerate(entries):
                 tname = _entry_name(e)
+                # the run's layers for a distance on pooled features; a spatial one defaults to the
+                # last stage's map (kd2m.training.binding.default_layers), not the pooled penultimate
+                spatial = isinstance(e, dict) and e.get("unit") == "spatial"
                 defaults = dict(student_layer=self.student_layer, teacher_layer=self.teacher_layer) \
-                    if isinstance(tname, str) and tname in _kd2m_names() else {}
+                    if isinstance(tname, str) and tname in _kd2m_names() and not spatial else {}
                 known = isinstance(tname, str) and tname in _all_names()
                 opts, schedule = _split_schedule(self.options_for(tname) if known else {})
                 entry = {**defaults, **schedule, **({"term": e} if isinstance(e, str) else e)}
@@ -645,6 +648,16 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     invalid YAML, aliases that expand beyond :data:`MAX_YAML_NODES` values (an alias bomb), a
     document that is not a mapping, unknown keys and wrongly typed values.
     """
+    return from_mapping(read_yaml_mapping(path), base, source=str(path))
+
+
+def given_keys(values: dict) -> set[str]:
+    """The RunConfig fields a mapping (a YAML file's, the command line's) sets, by their field names."""
+    return {ALIASES.get(str(k).replace("-", "_"), str(k).replace("-", "_")) for k in values}
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping in the YAML file ``path``, with :func:`load_yaml`'s refusals (keys not checked)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -661,4 +674,4 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise ConfigError(f"{path}: nested too deeply to be a kd2m config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return from_mapping(data, base, source=str(path))
+    return data

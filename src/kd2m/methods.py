@@ -31,8 +31,9 @@ class TermConfig:
 
     ``weight``: λ. ``options``: the term's keyword options (see ``kd2m.losses.spec(name).options``).
     ``student_layer`` / ``teacher_layer``: module paths, ``"penultimate"`` (the classifier's input),
-    or ``None`` for the term's default (penultimate for pooled features, the last 4-D map for map
-    terms). ``unit``: what one sample of the distribution is (``"batch"``: an image;
+    a tuple of module paths (read in pairs, in order, the values summed: AT over several stages),
+    or ``None`` for the term's default (penultimate for pooled features; for map terms their
+    authors' stages, :func:`kd2m.training.binding.default_layers`). ``unit``: what one sample of the distribution is (``"batch"``: an image;
     ``"spatial"``: a position or token of one image's map). ``warmup``: epochs over which λ grows
     linearly from 0 (DKD's schedule; ``None`` = the term's registered default). ``schedule``:
     ``"constant"``, ``"linear_up"`` (0 → λ over the run), ``"linear_down"`` (λ → 0) or
@@ -43,8 +44,8 @@ class TermConfig:
     name: str
     weight: float = 1.0
     options: tuple = ()                 # ((key, value), ...) sorted: hashable and stable on disk
-    student_layer: str | None = None
-    teacher_layer: str | None = None
+    student_layer: str | tuple | None = None   # a tuple: several layers, paired in order with the other side
+    teacher_layer: str | tuple | None = None
     unit: str = "batch"
     warmup: int | None = None
     schedule: str = "constant"
@@ -217,11 +218,25 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     except ValueError:
         raise ValueError(f"{where}: schedule of {name!r} must be one of {', '.join(SCHEDULES)} (E an epoch, "
                          f"e.g. cosine_after:150), got {schedule!r:.40}") from None
+    layers = {}
     for key in ("student_layer", "teacher_layer"):
-        if entry.get(key) is not None and not isinstance(entry[key], str):
-            raise ValueError(f"{where}: {key} of {name!r} must be a module path (a string)")
-    return TermConfig(name, float(weight), tuple(sorted(opts.items())), entry.get("student_layer"),
-                      entry.get("teacher_layer"), unit, warmup, schedule, auto)
+        value = entry.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            value = tuple(value)  # several layers, paired in order with the other side's (AT over stages)
+        elif value is not None and not (isinstance(value, str) and value):
+            raise ValueError(f"{where}: {key} of {name!r} must be a module path (a string) or a list of them")
+        layers[key] = value
+    s_l, t_l = layers["student_layer"], layers["teacher_layer"]
+    if isinstance(s_l, tuple) or isinstance(t_l, tuple):
+        if spec.family == "kd2m" and unit == "batch":
+            raise ValueError(f"{where}: lists of layers are for map terms and unit 'spatial'; {name!r} on pooled "
+                             "features reads one layer per side (give one entry per layer)")
+        n_s = len(s_l) if isinstance(s_l, tuple) else 1
+        n_t = len(t_l) if isinstance(t_l, tuple) else 1
+        if s_l is not None and t_l is not None and n_s != n_t:
+            raise ValueError(f"{where}: {name!r} pairs student_layer and teacher_layer in order; give lists of one "
+                             f"length (got {n_s} and {n_t})")
+    return TermConfig(name, float(weight), tuple(sorted(opts.items())), s_l, t_l, unit, warmup, schedule, auto)
 
 
 def parse_weight(value) -> tuple[float, bool]:

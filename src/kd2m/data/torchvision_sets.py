@@ -65,6 +65,11 @@ def _cifar(name: str, cls, stats, data_root, download, augment) -> DataBundle:
                       name=name, classes=list(train.classes))
 
 
+#: (classes, channels, image size) of each dataset here, known without its files (the
+#: reproduction card resolves layers on models of these shapes)
+SHAPES = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "svhn": (10, 3, 32)}
+
+
 @register_dataset("cifar10")
 def cifar10(data_root=None, download=False, augment=True) -> DataBundle:
     """CIFAR-10: 50k/10k 32×32 RGB images, 10 classes; crop + flip augmentation."""

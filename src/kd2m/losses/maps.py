@@ -49,7 +49,7 @@ def conv_regressor(student_shape: tuple[int, int, int], teacher_shape: tuple[int
     return nn.Sequential(conv, nn.BatchNorm2d(ct), nn.ReLU())
 
 
-@register_term("fitnet", label="FitNets", needs=("maps",), paper="Romero et al., ICLR 2015", weight=100)
+@register_term("fitnet", label="FitNets", needs=("maps",), paper="Romero et al., ICLR 2015", weight=100, layers="hint")
 class FitNet(Term):
     r"""FitNets hint loss: mean squared error between the regressed student map and the teacher map,
 
@@ -105,7 +105,8 @@ def attention_map(feats: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(feats.pow(p).mean(1).reshape(feats.shape[0], -1))
 
 
-@register_term("at", label="AT", needs=("maps",), paper="Zagoruyko & Komodakis, ICLR 2017", weight=1000)
+@register_term("at", label="AT", needs=("maps",), paper="Zagoruyko & Komodakis, ICLR 2017", weight=1000,
+               layers="intermediate_stages")
 @in_full_precision
 def at(*, student_feats: Tensor, teacher_feats: Tensor, p: float = 2.0, **_) -> Tensor:
     r"""Attention transfer: mean squared difference of the L2-normalised attention maps,
@@ -132,7 +133,8 @@ def _poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
 
 
-@register_term("nst", label="NST", needs=("maps",), paper="Huang & Wang, arXiv 2017", weight=50)
+@register_term("nst", label="NST", needs=("maps",), paper="Huang & Wang, arXiv 2017", weight=50,
+               layers="intermediate_stages")
 @in_full_precision
 def nst(*, student_feats: Tensor, teacher_feats: Tensor, **_) -> Tensor:
     r"""Neuron selectivity transfer: squared MMD with the polynomial kernel :math:`k(a, b) = (a^\top b)^2`

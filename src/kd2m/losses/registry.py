@@ -40,6 +40,13 @@ from ..registry import add_entry
 #: what a term may ask the engine for (see the module docstring)
 INPUTS = ("feats", "maps", "logits", "labels", "index")
 
+#: Where a map term reads when its entry names no layer, on a model that lists its stages
+#: (:func:`kd2m.models.stages`; a model that does not: its last map before pooling):
+#: ``"last_stage"`` (``stages[-1]``: WKD-F's ``HINT_LAYER: -1``), ``"hint"`` (``stages[2]``:
+#: FitNets' ``--hint_layer 2``), ``"intermediate_stages"`` (every stage after the stem, paired by
+#: index and summed: AT's and NST's ``feat[1:-1]`` in RepDistiller).
+LAYER_DEFAULTS = ("last_stage", "hint", "intermediate_stages")
+
 
 @dataclass(frozen=True)
 class TermContext:
@@ -77,6 +84,7 @@ class TermSpec:
     warmup: int = 0              # epochs over which the engine ramps λ linearly: λ·min(epoch/warmup, 1), epoch ≥ 1
     weight: float = 1.0          # the authors' λ (the loss weight of their released configs), the default
     ce_weight: float = 1.0       # the weight of CE the authors pair the term with (mdistiller's KD: 0.1)
+    layers: str = "last_stage"   # where a map term reads by default: one of LAYER_DEFAULTS
 
     @property
     def needs_maps(self) -> bool:
@@ -123,7 +131,8 @@ def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
 
 
 def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, family: str = "baseline",
-                  paper: str = "", warmup: int = 0, weight: float = 1.0, ce_weight: float = 1.0):
+                  paper: str = "", warmup: int = 0, weight: float = 1.0, ce_weight: float = 1.0,
+                  layers: str = "last_stage"):
     """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts.
 
     ``weight``: the default λ, as the authors' released configs weight the term against CE
@@ -133,6 +142,8 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
 
     ``warmup``: a schedule, not part of the term's value: the engine multiplies the term's λ by
     ``min(epoch / warmup, 1)`` (epochs counted from 1, as mdistiller's trainer does); 0: no warm-up.
+
+    ``layers``: a map term's default layers, as its authors' code feeds it (:data:`LAYER_DEFAULTS`).
     """
     needs = frozenset(needs)
     bad = needs - set(INPUTS)
@@ -140,12 +151,14 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
         raise ValueError(f"term {name!r}: unknown needs {sorted(bad)}; valid: {INPUTS}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"term {name!r}: warmup must be an int ≥ 0 (epochs), got {warmup!r}")
+    if layers not in LAYER_DEFAULTS:
+        raise ValueError(f"term {name!r}: layers must be one of {LAYER_DEFAULTS}, got {layers!r}")
 
     def add(obj):
         defaults = _keyword_options(obj)
         factory = obj if isinstance(obj, type) else None
         add_spec(TermSpec(name, label, obj, needs, tuple(k for k, _ in defaults), pairwise_factor, family,
-                          paper, defaults, factory, warmup, float(weight), float(ce_weight)))
+                          paper, defaults, factory, warmup, float(weight), float(ce_weight), layers))
         return obj
     return add
 

@@ -9,25 +9,44 @@ from .. import losses
 from ..errors import ConfigError
 from ..features import PENULTIMATE, FeatureTap, last_linear_name, last_map_layer
 from ..methods import Method, TermConfig
+from ..models import stages
 from ..runtime import fork_rng
 
-__all__ = ["BoundTerm", "bind_terms", "term_keys", "Taps", "wanted_layers"]
+__all__ = ["BoundTerm", "bind_terms", "term_keys", "Taps", "wanted_layers", "default_layers"]
 
 
 class BoundTerm:
-    """One term of a run: its config, its module, the layers it reads, and the key it is logged under."""
+    """One term of a run: its config, its module(s), the layer pairs it reads, and its log key.
 
-    def __init__(self, config: TermConfig, module: nn.Module, student_layer: str, teacher_layer: str, key: str):
-        self.config, self.module, self.key = config, module, key
-        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+    A term reads one ``(student_layer, teacher_layer)`` pair, or several (AT and NST over the
+    authors' intermediate stages): then one module per pair (built with that pair's shapes), and
+    the term's value is the sum over the pairs, as the authors sum ``feat[1:-1]``. ``module`` is
+    what holds the parameters and state (the one module, or an ``nn.ModuleList`` of them)."""
+
+    def __init__(self, config: TermConfig, modules: list, pairs: list[tuple[str, str]], key: str):
+        self.config, self.key, self.pairs = config, key, list(pairs)
+        self.modules = list(modules)
+        self.module = self.modules[0] if len(self.modules) == 1 else nn.ModuleList(self.modules)
         self.needs = config.spec.needs
         self.raw = config.uses_maps  # reads raw maps/tokens, not pooled features
 
-    def inputs(self, s_feats: dict, t_feats: dict, y: Tensor, logits: Tensor, t_logits, index) -> dict:
+    @property
+    def student_layer(self) -> str:
+        """The student layer(s) it reads, joined by "+" where several (its name in logs)."""
+        return "+".join(sl for sl, _ in self.pairs)
+
+    @property
+    def teacher_layer(self) -> str:
+        return "+".join(tl for _, tl in self.pairs)
+
+    def inputs(self, s_feats: dict, t_feats: dict, y: Tensor, logits: Tensor, t_logits, index,
+               pair: int = 0) -> dict:
+        """The keyword inputs of the module of layer pair ``pair``."""
         kw = {}
         if self.needs & {"feats", "maps"}:
-            kw["student_feats"] = s_feats[(self.student_layer, self.raw)]
-            kw["teacher_feats"] = t_feats[(self.teacher_layer, self.raw)].detach()
+            sl, tl = self.pairs[pair]
+            kw["student_feats"] = s_feats[(sl, self.raw)]
+            kw["teacher_feats"] = t_feats[(tl, self.raw)].detach()
         if "logits" in self.needs:
             kw["student_logits"], kw["teacher_logits"] = logits, t_logits.detach()
         if "labels" in self.needs:
@@ -36,24 +55,62 @@ class BoundTerm:
             kw["index"] = index
         return kw
 
+    def __call__(self, s_feats: dict, t_feats: dict, y: Tensor, logits: Tensor, t_logits, index) -> Tensor:
+        """The term's unweighted value: its module on its layers (summed over the layer pairs)."""
+        value = self.modules[0](**self.inputs(s_feats, t_feats, y, logits, t_logits, index))
+        for i in range(1, len(self.modules)):
+            value = value + self.modules[i](**self.inputs(s_feats, t_feats, y, logits, t_logits, index, i))
+        return value
+
 
 def wanted_layers(terms: list[BoundTerm], side: str) -> set:
     """The ``(layer, raw)`` pairs the ``side`` ("student" or "teacher") network must be tapped at."""
-    return {(getattr(b, f"{side}_layer"), b.raw) for b in terms if b.needs & {"feats", "maps"}}
+    k = 0 if side == "student" else 1
+    return {(pair[k], b.raw) for b in terms if b.needs & {"feats", "maps"} for pair in b.pairs}
 
 
-def _layers(model: nn.Module, example: Tensor, terms, side: str) -> dict:
-    """The layer each term reads on ``side`` ("student" or "teacher"), resolved to a module path."""
-    out, found_map = {}, None
-    for t in terms:
-        layer = getattr(t, f"{side}_layer")
-        if layer is None:
-            if t.uses_maps:
-                found_map = found_map or last_map_layer(model, example)
-                layer = found_map
-            else:
-                layer = PENULTIMATE
-        out[id(t)] = layer
+def default_layers(model: nn.Module, example: Tensor, term: TermConfig) -> list[str]:
+    """Where ``term`` reads on ``model`` when its entry names no layer.
+
+    Pooled features: the penultimate layer. Map terms: their authors' layers
+    (:data:`kd2m.losses.registry.LAYER_DEFAULTS`, from :func:`kd2m.models.stages`): AT and NST
+    every stage after the stem, FitNets stage 2, WKD-F the last stage. A distance over spatial
+    positions: the last stage where it is post-activation, else the last map before pooling (a
+    WRN's last block is a pre-activation sum; its post-ReLU map is the final ``relu``). A model
+    whose stages are not known: its last map before pooling (:func:`kd2m.features.last_map_layer`)."""
+    if not term.uses_maps:
+        return [PENULTIMATE]
+    found = stages(model)
+    if term.spec.needs_maps:
+        kind = term.spec.layers
+        if found and kind == "intermediate_stages" and len(found) > 1:
+            return [s.module for s in found[1:]]
+        if found and kind == "hint" and len(found) > 2:
+            return [found[2].module]
+        if found and kind in ("last_stage", "intermediate_stages", "hint"):
+            return [found[-1].module]
+    elif found and found[-1].post_activation is not False:
+        return [found[-1].module]
+    return [last_map_layer(model, example)]
+
+
+def _layer_pairs(method: Method, student: nn.Module, teacher: nn.Module, example: Tensor) -> dict:
+    """``{id(term): [(student_layer, teacher_layer), ...]}``: each term's layers, named or default,
+    paired by index (a term given lists of layers, or defaulting to several stages, reads them
+    pairwise; the two sides must then list as many)."""
+    out = {}
+    for t in method.terms:
+        sides = []
+        for side, model in (("student", student), ("teacher", teacher)):
+            given = getattr(t, f"{side}_layer")
+            sides.append(list(given) if isinstance(given, tuple) else
+                         [given] if given is not None else default_layers(model, example, t))
+        s_layers, t_layers = sides
+        if len(s_layers) != len(t_layers):
+            raise ConfigError(f"{method.key}: term {t.name!r} reads {len(s_layers)} student layer(s) "
+                              f"({', '.join(s_layers)}) and {len(t_layers)} teacher layer(s) ({', '.join(t_layers)}); "
+                              "they are paired in order: give student_layer and teacher_layer lists of one length")
+        out[id(t)] = list(zip(s_layers, t_layers))
     return out
 
 
@@ -115,34 +172,34 @@ def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, ex
         return []
     if teacher is None:
         raise ConfigError(f"{method.key}: its terms need a teacher")
-    s_layers = _layers(student, example, method.terms, "student")
-    t_layers = _layers(teacher, example, method.terms, "teacher")
-    s_want = {(s_layers[id(t)], t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
-    t_want = {(t_layers[id(t)], t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
-    s_feats, _ = _probe(student, example, s_want)
-    t_feats, _ = _probe(teacher, example, t_want)
+    pairs = _layer_pairs(method, student, teacher, example)
+    reads = [t for t in method.terms if t.spec.needs & {"feats", "maps"}]
+    s_feats, _ = _probe(student, example, {(sl, t.uses_maps) for t in reads for sl, _ in pairs[id(t)]})
+    t_feats, _ = _probe(teacher, example, {(tl, t.uses_maps) for t in reads for _, tl in pairs[id(t)]})
     head = dict(teacher.named_modules())[last_linear_name(teacher)].weight.detach()
     bound = []
     for t in method.terms:
-        sl, tl = s_layers[id(t)], t_layers[id(t)]
-        s_x, t_x = s_feats.get((sl, t.uses_maps)), t_feats.get((tl, t.uses_maps))
-        if t.spec.needs_maps and s_x is not None and (s_x.dim() != 4 or t_x.dim() != 4):
-            raise ConfigError(f"{method.key}: term {t.name!r} needs (n, c, h, w) feature maps; layer {sl!r} of the "
-                              f"student gives {tuple(s_x.shape)} and layer {tl!r} of the teacher {tuple(t_x.shape)}")
-        ctx_fields = dict(student_shape=_shape(s_x) if s_x is not None else None,
-                          teacher_shape=_shape(t_x) if t_x is not None else None,
-                          num_classes=num_classes, num_data=num_data, teacher_head=head,
-                          train_labels=train_labels)
         options = t.option_dict
         if t.spec.family == "kd2m" and "match" in t.spec.options:
             options.setdefault("match", match)
         if t.unit != "batch":
             options["unit"] = t.unit
-        try:
-            module = losses.get(t.name, losses.TermContext(**ctx_fields), **options)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{method.key}: {e}") from None
-        bound.append(BoundTerm(t, module, sl, tl, None))
+        modules = []
+        for sl, tl in pairs[id(t)]:
+            s_x, t_x = s_feats.get((sl, t.uses_maps)), t_feats.get((tl, t.uses_maps))
+            if t.spec.needs_maps and s_x is not None and (s_x.dim() != 4 or t_x.dim() != 4):
+                raise ConfigError(f"{method.key}: term {t.name!r} needs (n, c, h, w) feature maps; layer {sl!r} of "
+                                  f"the student gives {tuple(s_x.shape)} and layer {tl!r} of the teacher "
+                                  f"{tuple(t_x.shape)}")
+            ctx_fields = dict(student_shape=_shape(s_x) if s_x is not None else None,
+                              teacher_shape=_shape(t_x) if t_x is not None else None,
+                              num_classes=num_classes, num_data=num_data, teacher_head=head,
+                              train_labels=train_labels)
+            try:
+                modules.append(losses.get(t.name, losses.TermContext(**ctx_fields), **options))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{method.key}: {e}") from None
+        bound.append(BoundTerm(t, modules, pairs[id(t)], None))
     for b, key in zip(bound, term_keys([(b.config.name, b.student_layer) for b in bound])):
         b.key = key
     return bound

@@ -85,7 +85,7 @@ class Step:
                     values.append(None)
                     continue
                 try:
-                    values.append(b.module(**b.inputs(s_feats, t_feats, labels, s_view, t_view, index)))
+                    values.append(b(s_feats, t_feats, labels, s_view, t_view, index))
                 except (ValueError, TypeError, RuntimeError) as e:
                     raise TermFailure(b, e) from e
         return StepOutputs(logits, ce, values, s_feats, t_feats)

@@ -1,0 +1,196 @@
+"""The reproduction card: for every method of a grid, the settings that decide its result and
+where each comes from, training nothing (``kd2m bench CONFIG --dry-run``).
+
+"I can't reproduce the paper's number" is the first complaint in every distillation tracker;
+the card answers "what exactly would run": the recipe (epochs, batch, learning rate and its
+schedule, optimizer, seeds), and per student its CE weight and, per term, λ and its schedule,
+every option, and the layers it reads (resolved on the real models where they can be built),
+each value marked with its source:
+
+- ``config``: the YAML file or the command line;
+- ``dataset default``: :data:`kd2m.config.DATASET_DEFAULTS` (or ``IMAGE_DEFAULTS``);
+- ``authors' default``: the term's registration, which carries its authors' value
+  (:func:`kd2m.losses.spec`); its docstring names the file it was read from;
+- ``kd2m default``: a field of :class:`kd2m.config.RunConfig` nobody set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from . import metrics
+from .catalog import CE
+from .config import DATASET_DEFAULTS, IMAGE_DEFAULTS, RunConfig
+from .data import DatasetNotFoundError, build_dataset
+from .data.torchvision_sets import SHAPES
+from .methods import Method
+from .models import build_model
+from .training.binding import default_layers
+
+__all__ = ["reproduction_card"]
+
+#: the recipe's fields, in the order the card lists them
+RECIPE = ("dataset", "teacher", "teacher_options", "student", "student_options", "pretrained_teacher",
+          "pretrained_student", "epochs", "teacher_epochs", "batch_size", "lr", "teacher_lr", "lr_schedule",
+          "lr_min", "lr_milestones", "lr_gamma", "momentum", "weight_decay", "amp", "match", "teacher_cache",
+          "seeds")
+
+
+def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
+    value = getattr(user, key)
+    default = next(f for f in dataclasses.fields(RunConfig) if f.name == key)
+    default = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+    if key in given or (value is not None and value != default):
+        return "config"
+    if key in DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS):
+        return "dataset default"
+    return "kd2m default"
+
+
+def _entry_of(user: RunConfig, method: Method, index: int) -> dict:
+    """The config entry a term came from (students:/distill:), or {} for a metrics/baselines name."""
+    entries = dict(user.students or {})
+    if user.distill:
+        entries["+".join(e if isinstance(e, str) else str(e.get("term")) for e in user.distill)] = user.distill
+    entry = (entries.get(method.key) or [None] * (index + 1))[index]
+    return entry if isinstance(entry, dict) else {}
+
+
+def _weight_source(user: RunConfig, term, entry: dict) -> str:
+    if "weight" in entry:
+        return "config"
+    if term.name in (user.weights or {}):
+        return "config"
+    defaults = DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS)
+    if term.spec.family == "kd2m":
+        if user.weight is not None:
+            return "config"
+        return "dataset default" if "weight" in defaults or term.name in defaults.get("weights", {}) else "kd2m default"
+    if user.weights is None and term.name in defaults.get("weights", {}):
+        return "dataset default"
+    return "authors' default"
+
+
+def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
+    given = dict(entry.get("options") or {})
+    from_config = dict((user.term_options or {}).get(term.name, {}))
+    from_dataset = DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS).get("term_options", {}).get(term.name, {})
+    out = []
+    registered = dict(term.spec.defaults)
+    for key, value in term.option_dict.items():
+        if key in given or key in from_config:
+            where = "config"
+        elif key in from_dataset:
+            where = "dataset default"
+        else:  # kd's temperature: the run's kd_temperature
+            where = _field_source(user, "kd_temperature")
+        out.append(f"{key}={value!r} ({where})")
+    if term.spec.family == "kd2m":  # the metric's own keyword defaults (its registration lists None)
+        registered.update({k: p.default for k, p in inspect.signature(metrics.spec(term.name).fn).parameters.items()
+                           if p.kind is p.KEYWORD_ONLY})
+    shown = set(term.option_dict)
+    for key, value in registered.items():
+        if key not in shown and key not in ("match", "unit"):
+            out.append(f"{key}={value!r} (authors' default)" if term.spec.family == "baseline"
+                       else f"{key}={value!r} (metric default)")
+    return out
+
+
+def _schedule(term, entry: dict, user: RunConfig) -> str:
+    parts = []
+    opts = (user.term_options or {}).get(term.name, {})
+    if term.warmup_epochs:
+        where = "config" if "warmup" in entry or "warmup" in opts else "authors' default"
+        parts.append(f"warm-up {term.warmup_epochs} epochs ({where})")
+    if term.schedule != "constant":
+        where = "config" if "schedule" in entry or "schedule" in opts else "kd2m default"
+        parts.append(f"{term.schedule} ({where})")
+    return ", ".join(parts) or "constant"
+
+
+def _models(cfg: RunConfig):
+    """(student, teacher, example input) built as a grid builds them, or None where the data's
+    shape is unknown here (files missing and the dataset not one of known shape)."""
+    try:
+        bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, augment=False,
+                               image_size=cfg.image_size)
+        classes, channels, size = bundle.num_classes, bundle.in_channels, bundle.image_size
+        example = bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * bundle.train[0][0].dim()))
+    except DatasetNotFoundError:
+        if cfg.dataset not in SHAPES:
+            return None
+        classes, channels, size = SHAPES[cfg.dataset]
+        example = torch.zeros(2, channels, size, size)
+    with torch.random.fork_rng(devices=[]):
+        student = build_model(cfg.student, classes, channels, size, **(cfg.student_options or {})).eval()
+        teacher = build_model(cfg.teacher, classes, channels, size, **(cfg.teacher_options or {})).eval()
+    return student, teacher, example
+
+
+def _layers(term, models, entry: dict, user: RunConfig, given_keys: set) -> str:
+    if not term.spec.needs & {"feats", "maps"}:
+        return "—"
+    sides = []
+    for side, k in (("student", 0), ("teacher", 1)):
+        given = getattr(term, f"{side}_layer")
+        if given is not None:
+            # a distance's layer is the run's student_layer/teacher_layer unless its entry names one
+            where = "config" if f"{side}_layer" in entry else _field_source(user, f"{side}_layer", given_keys)
+            sides.append(("+".join(given) if isinstance(given, tuple) else given, where))
+        elif models is None:
+            sides.append(("(default; the data is not here to resolve it)", "default"))
+        else:
+            sides.append(("+".join(default_layers(models[k], models[2], term)), "default"))
+    rule = {"intermediate_stages": "stages after the stem", "hint": "stage 2 (hint)",
+            "last_stage": "last stage"}[term.spec.layers] if term.spec.needs_maps else \
+        ("last post-activation map" if term.uses_maps else "penultimate")
+    text = f"{sides[0][0]} ← {sides[1][0]}"
+    if "default" in (sides[0][1], sides[1][1]):
+        return text + f" ({rule}: default)"
+    return text + f" ({sides[0][1]})"
+
+
+def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set = frozenset()) -> str:
+    """The card (Markdown) of the grid ``user`` describes: ``user`` as loaded (defaults unfilled),
+    so each value's source can be told; ``given``: the fields the config file and the command
+    line set (a value equal to kd2m's default is then still "config"). Builds the models to
+    resolve default layers (no data is needed for datasets of known shape); trains and writes
+    nothing."""
+    cfg = user.resolved()
+    lines = [f"# Reproduction card: what `{command}` would run (nothing is trained)", "",
+             "## Recipe (teacher and every student)", "", "| setting | value | from |", "|---|---|---|"]
+    for key in RECIPE:
+        value = getattr(cfg, key)
+        if value is None or value == {} or (key == "lr_milestones" and cfg.lr_schedule != "multistep"):
+            continue
+        if (key == "lr_min" and cfg.lr_schedule != "cosine") or (key == "lr_gamma" and cfg.lr_schedule == "cosine"):
+            continue
+        lines.append(f"| {key} | {value} | {_field_source(user, key, given)} |")
+    models = _models(cfg)
+    lines += ["", "## Students", ""]
+    for method in cfg.methods():
+        if method.key == CE:
+            lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", ""]
+            continue
+        given_ce = method.key in (user.ce_weights or {})
+        ce_from = "config" if given_ce else (
+            "dataset default" if user.ce_weights is None and method.key in
+            DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS).get("ce_weights", {}) and user.weights is None
+            else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
+            else "kd2m default")
+        lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", "",
+                  "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
+        for i, t in enumerate(method.terms):
+            entry = _entry_of(user, method, i)
+            lam = ("auto×" if t.auto else "") + f"{t.weight:g}"
+            lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({_weight_source(user, t, entry)}) | "
+                         f"{_schedule(t, entry, user)} | {'; '.join(_option_sources(user, t, entry)) or '—'} | "
+                         f"{_layers(t, models, entry, user, given)} |")
+        lines.append("")
+    if models is None:
+        lines.append(f"(Default layers are named by rule only: {cfg.dataset}'s files are not here to build the "
+                     "models on.)")
+    return "\n".join(lines).rstrip() + "\n"
+
