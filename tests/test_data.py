@@ -103,9 +103,13 @@ def check_items(bundle: DataBundle, channels: int, size: int):
 
 
 def test_available_and_unknown():
-    assert available_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "mnist1d", "svhn"]
-    with pytest.raises(ValueError, match="available: cifar10, cifar100, digits, imagefolder, mnist1d, svhn"):
+    assert available_datasets() == ["cifar10", "cifar100", "digits", "imagefolder", "mnist1d", "python_docs", "svhn",
+                                    "text:PATH"]
+    with pytest.raises(ValueError, match="available: cifar10, cifar100, digits, imagefolder, mnist1d, python_docs, "
+                                         "svhn, text:PATH"):
         build_dataset("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'text:'"):
+        build_dataset("text:")  # a prefix needs its path
 
 
 def test_default_root(monkeypatch, tmp_path):

@@ -12,12 +12,10 @@ the suite let through (each was checked by applying the bug by hand and seeing t
 9. gradients accumulating across steps (``zero_grad`` forgotten);
 10. epochs after the first trained in eval mode (``net.train()`` forgotten).
 """
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 

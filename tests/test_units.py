@@ -141,7 +141,7 @@ def test_unit_class_is_the_class_conditional_metrics():
     assert torch.equal(KD2MLoss("cw2", unit="class")(s, t, y), KD2MLoss("cw2")(s, t, y))
     with pytest.raises(ValueError, match="unit='class' needs a class-conditional metric .*'w2' is not one"):
         KD2MLoss("w2", unit="class")
-    with pytest.raises(ValueError, match="unit must be one of batch, spatial, class"):
+    with pytest.raises(ValueError, match="unit must be one of batch, spatial, sequence, tokens, class"):
         KD2MLoss("w2", unit="pixel")
 
 

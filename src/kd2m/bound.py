@@ -114,6 +114,10 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
     from .data import build_dataset
     run_dir = Path(run_dir)
     cfg, rows = load_run(run_dir)
+    from .data import dataset_task
+    if dataset_task(cfg["dataset"]) != "classification":
+        raise ValueError(f"kd2m bound: Theorem 1 bounds a classifier's risk; {run_dir} trained language models "
+                         f"({cfg['dataset']}): their paired perplexities are in results.md")
     dev = resolve_device(device)
     bundle = build_dataset(cfg["dataset"], data_root=data_root or cfg.get("data_root"), download=False,
                            augment=False, image_size=cfg.get("image_size"))

@@ -8,7 +8,7 @@ every option, and the layers it reads (resolved on the real models where they ca
 each value marked with its source:
 
 - ``config``: the YAML file or the command line;
-- ``dataset default``: :data:`kd2m.config.DATASET_DEFAULTS` (or ``IMAGE_DEFAULTS``);
+- ``dataset default``: :func:`kd2m.config.defaults_for` (``DATASET_DEFAULTS``, ``LM_DEFAULTS`` or ``IMAGE_DEFAULTS``);
 - ``authors' default``: the term's registration, which carries its authors' value
   (:func:`kd2m.losses.spec`); its docstring names the file it was read from;
 - ``kd2m default``: a field of :class:`kd2m.config.RunConfig` nobody set.
@@ -22,7 +22,7 @@ import torch
 
 from . import metrics
 from .catalog import CE
-from .config import DATASET_DEFAULTS, IMAGE_DEFAULTS, RunConfig
+from .config import RunConfig, defaults_for
 from .data import DatasetNotFoundError, build_dataset
 from .data.torchvision_sets import SHAPES
 from .methods import Method
@@ -44,7 +44,7 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
     default = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
     if key in given or (value is not None and value != default):
         return "config"
-    if key in DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS):
+    if key in defaults_for(user.dataset):
         return "dataset default"
     return "kd2m default"
 
@@ -63,7 +63,7 @@ def _weight_source(user: RunConfig, term, entry: dict) -> str:
         return "config"
     if term.name in (user.weights or {}):
         return "config"
-    defaults = DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS)
+    defaults = defaults_for(user.dataset)
     if term.spec.family == "kd2m":
         if user.weight is not None:
             return "config"
@@ -76,7 +76,7 @@ def _weight_source(user: RunConfig, term, entry: dict) -> str:
 def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
     given = dict(entry.get("options") or {})
     from_config = dict((user.term_options or {}).get(term.name, {}))
-    from_dataset = DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS).get("term_options", {}).get(term.name, {})
+    from_dataset = defaults_for(user.dataset).get("term_options", {}).get(term.name, {})
     out = []
     registered = dict(term.spec.defaults)
     for key, value in term.option_dict.items():
@@ -115,7 +115,7 @@ def _models(cfg: RunConfig):
     shape is unknown here (files missing and the dataset not one of known shape)."""
     try:
         bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, augment=False,
-                               image_size=cfg.image_size)
+                               image_size=cfg.image_size, tokenizer=cfg.tokenizer)
         classes, channels, size = bundle.num_classes, bundle.in_channels, bundle.image_size
         example = bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * bundle.train[0][0].dim()))
     except DatasetNotFoundError:
@@ -177,7 +177,7 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         given_ce = method.key in (user.ce_weights or {})
         ce_from = "config" if given_ce else (
             "dataset default" if user.ce_weights is None and method.key in
-            DATASET_DEFAULTS.get(user.dataset, IMAGE_DEFAULTS).get("ce_weights", {}) and user.weights is None
+            defaults_for(user.dataset).get("ce_weights", {}) and user.weights is None
             else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
             else "kd2m default")
         lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", "",

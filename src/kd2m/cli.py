@@ -168,8 +168,8 @@ def cmd_run(args) -> int:
             from .results import reference_numbers
             print(markdown_table(rows, resolved.dataset, len(resolved.seeds),
                                  reference_numbers(resolved.dataset, resolved.teacher, resolved.student)))
-            from .results import NOTE
-            print(NOTE)
+            from .results import note
+            print(note(rows))
             out = RunDir(resolved.out)
             print(f"results: {out.results_csv} (one row per method × seed), {out.summary_csv} (one row per "
                   f"method, paired Δ vs CE), {out.results_md}" + (f", {out.sweep_png}" if sweep else ""))

@@ -193,7 +193,8 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
         out.check_usable()  # a foreign or newer directory is refused before any data is read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download, image_size=cfg.image_size)
+        bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download, image_size=cfg.image_size,
+                               tokenizer=cfg.tokenizer)
     for w in caught:  # e.g. imagefolder's chosen size: one line, not a Python warning
         log(f"kd2m: note: {w.message}")
     preflight(cfg, students, bundle, device)
@@ -420,7 +421,8 @@ def _worker_init() -> None:
 def _seed_worker(job) -> list[tuple[dict, str, bool]]:
     cfg, students, seed, root, device, precheck_auto = job
     torch.set_num_threads(max(cfg.threads or 1, 1))
-    bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, image_size=cfg.image_size)
+    bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, image_size=cfg.image_size,
+                           tokenizer=cfg.tokenizer)
     cfg = dataclasses.replace(cfg, progress=False)
     students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
     return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto)
@@ -428,7 +430,7 @@ def _seed_worker(job) -> list[tuple[dict, str, bool]]:
 
 def _csv_view(row: dict) -> dict:
     """``row`` as results.csv reads it back (its columns, numbers as numbers)."""
-    return R.typed_row({k: row.get(k) for k in R.FIELDS})
+    return R.typed_row({k: row.get(k) for k in R.FIELDS + R.LM_FIELDS})
 
 
 def _header(cfg: RunConfig) -> str:

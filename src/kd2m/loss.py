@@ -15,7 +15,9 @@ from .metrics import batched
 from .projectors import build_projector
 
 
-UNITS = ("batch", "spatial", "class")
+UNITS = ("batch", "spatial", "sequence", "tokens", "class")
+#: unit="tokens": positions kept per step (exact OT is O(n³) in them), and the seed that picks them
+MAX_TOKENS = 256
 
 
 class KD2MLoss(nn.Module):
@@ -34,6 +36,15 @@ class KD2MLoss(nn.Module):
       loss (Lv et al., NeurIPS 2024); its conventions are the options ``mean_weight=`` (their
       mean/cov ratio), ``correction=1`` (unbiased variance) and ``abs_ridge=`` (their eps).
       Global-batch matching does not apply (images are independent: local = global).
+    - ``"sequence"``: ``"spatial"`` by its name for token models: each sequence's L tokens
+      ``(n, L, d)`` form a distribution, D averaged over the n sequences.
+    - ``"tokens"``: every position of every sample of the batch is one sample of one distribution
+      (a language model's tokens ``(n, L, d)``, or the positions of maps ``(n, c, h, w)``), the
+      batch's ``n·L`` positions subsampled to at most ``max_tokens`` (default 256) by a fixed
+      seeded choice (``token_seed``; the same positions every step, so training stays
+      deterministic and exact OT stays cheap); labels ``(n·L,)`` (a language model's next tokens)
+      or ``(n,)`` (each position takes its sample's label) make the label-aware distances
+      condition on them. Global-batch matching gathers the subsampled positions.
     - ``"class"``: one distribution per class, i.e. what the class-conditional metrics
       (``cw2``, ``gauss_cw2``, ``gauss_ckl``, ``cmmd_rbf``) already do on pooled features; the
       unit only checks that the metric is one of them.
@@ -61,11 +72,17 @@ class KD2MLoss(nn.Module):
     def __init__(self, metric: str = "cw2", weight: float = 1.0, *, unit: str = "batch",
                  student_dim: int | None = None, teacher_dim: int | None = None,
                  student_shape: tuple[int, ...] | None = None, teacher_shape: tuple[int, ...] | None = None,
-                 match: str = "global", **metric_options):
+                 match: str = "global", max_tokens: int = MAX_TOKENS, token_seed: int = 0, **metric_options):
         super().__init__()
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
+        unit = "spatial" if unit == "sequence" else unit
         self.unit = unit
+        for name, value, low in (("max_tokens", max_tokens, 1), ("token_seed", token_seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        self.max_tokens, self.token_seed = max_tokens, token_seed
+        self._token_index: dict = {}  # (positions, device) -> the fixed subsample of unit="tokens"
         own = dict(metric_options)
         set_options = {}
         if unit == "spatial":
@@ -102,6 +119,9 @@ class KD2MLoss(nn.Module):
         teacher_logits = teacher_logits.detach() if teacher_logits is not None else None
         if self.projector is not None:
             student_feats = self.projector(student_feats)
+        if self.unit == "tokens":
+            student_feats, teacher_feats, labels = self._tokens(student_feats, teacher_feats, labels)
+            student_logits = teacher_logits = None  # per sample, not per position
         if self.match == "global":
             from .distributed import gather_batch
             student_feats, teacher_feats, labels, student_logits, teacher_logits = gather_batch(
@@ -111,6 +131,40 @@ class KD2MLoss(nn.Module):
         with torch.autocast(device_type=student_feats.device.type, enabled=False):
             return self.metric(_f32(student_feats), _f32(teacher_feats), labels,
                                _f32(student_logits), _f32(teacher_logits))
+
+    def _tokens(self, s: Tensor, t: Tensor, labels) -> tuple[Tensor, Tensor, Tensor | None]:
+        """unit="tokens": (positions, d) student and teacher features and their labels, every
+        position of the batch pooled into one set and subsampled (see the class docstring)."""
+        name = self.metric.name
+        for who, x in (("student_feats", s), ("teacher_feats", t)):
+            if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name}: unit='tokens' needs {who} as tokens (n, L, d) or maps (n, c, h, w), "
+                                 f"got {shape}; tap the layer with FeatureTap(..., pool='none')")
+        s, t = spatial_sets(s, t)
+        if s.shape[:2] != t.shape[:2]:
+            raise ValueError(f"{name}: unit='tokens' pairs positions: student has {tuple(s.shape[:2])} (samples, "
+                             f"positions), teacher {tuple(t.shape[:2])}")
+        n, m = s.shape[0], s.shape[1]
+        s, t = s.reshape(n * m, s.shape[2]), t.reshape(n * m, t.shape[2])
+        if labels is not None:
+            if labels.numel() == n * m:
+                labels = labels.reshape(-1)
+            elif labels.shape == (n,):
+                labels = labels.repeat_interleave(m)
+            else:
+                raise ValueError(f"{name}: unit='tokens' takes labels per position ({n * m},) or per sample ({n},), "
+                                 f"got {tuple(labels.shape)}")
+        if n * m > self.max_tokens:
+            key = (n * m, s.device)
+            if key not in self._token_index:
+                g = torch.Generator().manual_seed(self.token_seed)
+                chosen = torch.randperm(n * m, generator=g)[:self.max_tokens].sort().values
+                self._token_index[key] = chosen.to(s.device)
+            idx = self._token_index[key]
+            s, t = s[idx], t[idx]
+            labels = labels[idx] if labels is not None else None
+        return s, t, labels
 
     def _spatial(self, s: Tensor, t: Tensor) -> Tensor:
         name = self.metric.name
@@ -133,7 +187,8 @@ class KD2MLoss(nn.Module):
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.set_options.items())
-        return f"metric={self.metric!r}, weight={self.weight:g}, unit={self.unit!r}, match={self.match!r}{opts}"
+        tokens = f", max_tokens={self.max_tokens}" if self.unit == "tokens" else ""
+        return f"metric={self.metric!r}, weight={self.weight:g}, unit={self.unit!r}, match={self.match!r}{opts}{tokens}"
 
 
 def spatial_sets(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:

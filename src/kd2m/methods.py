@@ -21,6 +21,10 @@ from .catalog import CE, TEACHER
 #: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
 #: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
 SCHEDULES = ("constant", "linear_up", "linear_down", "cosine_after:E")
+#: what one sample of a distance's distribution is (kd2m.loss.KD2MLoss): an image or sequence
+#: (pooled), the positions of each one ("spatial"; "sequence" for token models), or every position
+#: of the batch ("tokens")
+UNITS = ("batch", "spatial", "sequence", "tokens")
 #: the keys a term entry may have in a config
 TERM_KEYS = ("term", "weight", "options", "student_layer", "teacher_layer", "unit", "warmup", "schedule")
 
@@ -34,7 +38,8 @@ class TermConfig:
     a tuple of module paths (read in pairs, in order, the values summed: AT over several stages),
     or ``None`` for the term's default (penultimate for pooled features; for map terms their
     authors' stages, :func:`kd2m.training.binding.default_layers`). ``unit``: what one sample of the distribution is (``"batch"``: an image;
-    ``"spatial"``: a position or token of one image's map). ``warmup``: epochs over which λ grows
+    ``"spatial"`` / ``"sequence"``: a position or token of one image's map or one sequence;
+    ``"tokens"``: a position of the batch, all of them in one distribution). ``warmup``: epochs over which λ grows
     linearly from 0 (DKD's schedule; ``None`` = the term's registered default). ``schedule``:
     ``"constant"``, ``"linear_up"`` (0 → λ over the run), ``"linear_down"`` (λ → 0) or
     ``"cosine_after:E"`` (λ until epoch E, then a half cosine to 0 at the last epoch: WKD's decay).
@@ -62,7 +67,7 @@ class TermConfig:
     @property
     def uses_maps(self) -> bool:
         """Its inputs are raw maps/tokens (a map term, or a distance over spatial positions)."""
-        return self.spec.needs_maps or self.unit == "spatial"
+        return self.spec.needs_maps or self.unit != "batch"
 
     @property
     def warmup_epochs(self) -> int:
@@ -205,10 +210,10 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     unit = entry.get("unit", "batch")
-    if unit not in ("batch", "spatial"):
-        raise ValueError(f"{where}: unit of {name!r} must be 'batch' or 'spatial', got {unit!r:.40}")
-    if unit == "spatial" and spec.family != "kd2m":
-        raise ValueError(f"{where}: unit 'spatial' applies to the distribution distances, not to {name!r}")
+    if unit not in UNITS:
+        raise ValueError(f"{where}: unit of {name!r} must be one of {', '.join(UNITS)}, got {unit!r:.40}")
+    if unit != "batch" and spec.family != "kd2m":
+        raise ValueError(f"{where}: unit {unit!r} applies to the distribution distances, not to {name!r}")
     warmup = entry.get("warmup")
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
         raise ValueError(f"{where}: warmup of {name!r} must be a number of epochs ≥ 0, got {warmup!r:.40}")
@@ -256,14 +261,16 @@ def parse_weight(value) -> tuple[float, bool]:
 
 
 def cache_problem(method: Method) -> str | None:
-    """Why ``method`` cannot read the teacher from a ``--teacher-cache`` table (which holds one pooled
-    teacher layer and the logits), or None."""
-    maps = [t.name for t in method.terms if t.uses_maps]
+    """Why ``method`` cannot read the teacher from a ``--teacher-cache`` table (which holds the
+    logits and one teacher layer, pooled or per position), or None: a map term (its authors'
+    layers are several stages), or terms reading different layers."""
+    maps = [t.name for t in method.terms if t.spec.needs_maps]
     if maps:
-        return (f"{method.key}: {', '.join(maps)} read feature maps or spatial positions, which the teacher cache "
-                "does not store; use teacher_cache: 0 (the online teacher)")
-    layers = {t.teacher_layer or "penultimate" for t in method.terms if "feats" in t.spec.needs}
+        return (f"{method.key}: {', '.join(maps)} read feature maps, which the teacher cache does not store; use "
+                "teacher_cache: 0 (the online teacher)")
+    layers = {(t.teacher_layer or "penultimate", t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
     if len(layers) > 1:
-        return (f"{method.key}: its terms read teacher layers {', '.join(sorted(layers))}; the teacher cache holds "
+        names = sorted({f"{layer} ({'per position' if raw else 'pooled'})" for layer, raw in layers})
+        return (f"{method.key}: its terms read teacher layers {', '.join(names)}; the teacher cache holds "
                 "one; use teacher_cache: 0")
     return None

@@ -77,11 +77,11 @@ def build_projector(student_shape, teacher_shape, unit: str = "batch") -> nn.Mod
         return None
     s, t = tuple(int(v) for v in student_shape), tuple(int(v) for v in teacher_shape)
     ws, wt = feature_width(s), feature_width(t)
-    if unit != "spatial":
+    if unit not in ("spatial", "sequence", "tokens"):
         return nn.Linear(ws, wt, bias=False) if ws != wt else None
     for who, shape in (("student", s), ("teacher", t)):
         if len(shape) == 1:
-            raise ValueError(f"unit='spatial' needs per-position features, but the {who} shape is {shape} "
+            raise ValueError(f"unit={unit!r} needs per-position features, but the {who} shape is {shape} "
                              "(pooled); tap a map (c, h, w) or tokens (L, d), e.g. FeatureTap(..., pool='none')")
     if len(s) == 3:  # student map
         size = t[1:] if len(t) == 3 else None

@@ -402,8 +402,10 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     if diagnostics is None:
         (out / "diagnostics.png").unlink(missing_ok=True)  # not left over from an earlier report
     embed_text = None
+    from .data import DatasetNotFoundError, dataset_task
+    if embedding and dataset_task(cfg["dataset"]) == "lm":
+        embedding, embed_text = False, "embedding: not drawn for language models (a t-SNE of token features)"
     if embedding:
-        from .data import DatasetNotFoundError
         try:
             embed_text = _embedding(run_dir, cfg, rows, out, device, embed_samples)
         except (DatasetNotFoundError, FileNotFoundError) as e:
@@ -415,7 +417,7 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     md = [f"# kd2m report: {dataset}", "", header, "",
           "## Results", "",
           R.markdown_table(rows, dataset, meta.get("expected_seeds"), meta.get("reference"), meta.get("diverged")),
-          R.NOTE, "",
+          R.note(rows), "",
           "![accuracy per method and paired Δ vs CE](accuracy.png)", "",
           "## Training curves", "",
           "Test accuracy and the distillation loss D (per training sample, log scale) per epoch, mean over seeds.",

@@ -15,6 +15,7 @@ import csv
 import io
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic_io import atomic_write_json, atomic_write_text, read_json
@@ -26,6 +27,28 @@ from .rundir import RESULTS_CSV, RESULTS_JSON, RESULTS_MD, SUMMARY_CSV
 
 FIELDS = ["dataset", "method", "label", "metric", "weight", "seed", "test_acc", "best_acc", "best_epoch", "epochs",
           "seconds", "run_dir"]
+#: columns only language-model rows have (written where a row has them: image tables keep their columns)
+LM_FIELDS = ["test_ppl", "best_ppl"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """The held-out figure a table compares: its results-row key, its scale in the tables, and
+    whether a larger value is better (the task's :attr:`kd2m.tasks.Task.primary`)."""
+    key: str
+    scale: float
+    higher_is_better: bool
+    name: str       # the table's column title
+    unit: str       # what Δ is counted in
+
+
+ACCURACY = Figure("test_acc", 100.0, True, "accuracy (%)", "accuracy points")
+PERPLEXITY = Figure("test_ppl", 1.0, False, "perplexity", "perplexity")
+
+
+def figure_of(rows: list[dict]) -> Figure:
+    """Perplexity (lower is better) where the rows are a language model's, else accuracy in %."""
+    return PERPLEXITY if rows and all(r.get("test_ppl") not in (None, "") for r in rows) else ACCURACY
 SUMMARY_FIELDS = ["method", "label", "n_seeds", "mean", "std", "delta", "delta_ci_low", "delta_ci_high", "p_value",
                   "wins"]
 
@@ -55,7 +78,7 @@ def row_key(row: dict) -> tuple:
 
 #: The numeric columns of a results row and their types (CSV holds every cell as text).
 NUMBER_FIELDS = {"seed": int, "test_acc": float, "best_acc": float, "best_epoch": int, "weight": float, "epochs": int,
-                 "seconds": float}
+                 "seconds": float, "test_ppl": float, "best_ppl": float}
 
 
 def typed_row(row: dict) -> dict:
@@ -67,6 +90,9 @@ def typed_row(row: dict) -> dict:
         if value is None or value == "":
             if key in ("seed", "test_acc"):
                 raise ValueError(f"results row of {out.get('method')!r} has no {key}")
+            if key in LM_FIELDS:  # absent from image rows: left out, not None
+                out.pop(key, None)
+                continue
             out[key] = 0.0 if key == "weight" else None
             continue
         try:
@@ -88,7 +114,8 @@ def read_rows(path: str | Path) -> list[dict]:
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+    extra = [k for k in LM_FIELDS if any(r.get(k) not in (None, "") for r in rows)]
+    w = csv.DictWriter(buf, fieldnames=FIELDS + extra, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
@@ -104,12 +131,14 @@ def upsert(path: str | Path, row: dict) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per method (table order): accuracy mean and sample std over seeds in %, and the paired Δ vs
-    the CE-only student of the same seeds (see :func:`paired_delta`)."""
+    """Per method (table order): the figure's mean and sample std over seeds (:func:`figure_of`:
+    accuracy in %, or perplexity), and the paired Δ vs the CE-only student of the same seeds (see
+    :func:`paired_delta`)."""
+    fig = figure_of(rows)
     groups: dict[str, dict[int, float]] = {}
     labels: dict[str, str] = {}
     for r in rows:
-        groups.setdefault(r["method"], {})[int(r["seed"])] = 100.0 * float(r["test_acc"])
+        groups.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
         if r.get("label"):
             labels.setdefault(r["method"], r["label"])
     out = []
@@ -121,7 +150,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                "n": len(accs), "accs": accs}
         partner = _ce_partner(method, groups)
         if partner is not None:
-            row.update(paired_delta(per_seed, groups[partner]))
+            row.update(paired_delta(per_seed, groups[partner], fig.higher_is_better))
         out.append(row)
     return out
 
@@ -137,19 +166,21 @@ def _ce_partner(method: str, groups: dict) -> str | None:
     return CE if CE in groups else None
 
 
-def paired_delta(method_accs: dict, ce_accs: dict) -> dict:
-    """Δ = method − CE (accuracy points) over the seeds both have.
+def paired_delta(method_accs: dict, ce_accs: dict, higher_is_better: bool = True) -> dict:
+    """Δ = method − CE (accuracy points, or perplexity) over the seeds both have.
 
     Returns ``delta`` (mean Δ), ``delta_ci_low/high`` (95% paired Student-t interval, n−1 degrees
     of freedom: mean ± t₀.₉₇₅,ₙ₋₁ · sd/√n), ``p_value`` (two-sided paired t-test), ``wins`` (seeds
-    with Δ > 0) and ``n_pairs``. With one pair the interval and p are NaN; with n ≥ 2 identical
-    differences the interval is that point and p is 0 (or 1 when Δ = 0).
+    where the method is better: Δ > 0, or Δ < 0 where lower is better) and ``n_pairs``. With one
+    pair the interval and p are NaN; with n ≥ 2 identical differences the interval is that point
+    and p is 0 (or 1 when Δ = 0).
     """
     from scipy import stats
     seeds = sorted(set(method_accs) & set(ce_accs))
     d = [method_accs[s] - ce_accs[s] for s in seeds]
     n = len(d)
-    out = {"n_pairs": n, "wins": sum(x > 0 for x in d)}
+    out = {"n_pairs": n, "wins": sum((x > 0) if higher_is_better else (x < 0) for x in d),
+           "higher_is_better": higher_is_better}
     if n == 0:
         return {**out, "delta": float("nan"), "delta_ci_low": float("nan"), "delta_ci_high": float("nan"),
                 "p_value": float("nan")}
@@ -168,12 +199,14 @@ def paired_delta(method_accs: dict, ce_accs: dict) -> dict:
 
 
 def verdict(s: dict) -> str:
-    """"better" / "worse" than CE only when the paired interval excludes 0, else "—"."""
+    """"better" / "worse" than CE only when the paired interval excludes 0, else "—" (a negative
+    Δ is better where lower is better: perplexity)."""
     lo, hi = s.get("delta_ci_low", float("nan")), s.get("delta_ci_high", float("nan"))
+    higher = s.get("higher_is_better", True)
     if lo > 0:
-        return "better"
+        return "better" if higher else "worse"
     if hi < 0:
-        return "worse"
+        return "worse" if higher else "better"
     return "—"
 
 
@@ -213,12 +246,13 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     flagged apart from unfinished ones, and a method that diverged on every seed gets a row saying so."""
     diverged = diverged or {}
     stats = summarize(rows)
+    fig = figure_of(rows)
     students = [s for s in stats if s["method"] != TEACHER]
-    best = max((s["mean"] for s in students), default=None)
+    best = (max if fig.higher_is_better else min)((s["mean"] for s in students), default=None)
     if reference is None:
         reference = reference_numbers(dataset or "")
     paper = reference.get("numbers") or {}
-    head = "| method | accuracy (%) | seeds | Δ vs CE [95% CI] | p | wins | vs CE |" + \
+    head = f"| method | {fig.name} | seeds | Δ vs CE [95% CI] | p | wins | vs CE |" + \
         (f" {reference.get('title')} |" if paper else "")
     sep = "|---|---|---|---|---|---|---|" + ("---|" if paper else "")
     lines = [head, sep]
@@ -285,10 +319,13 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
     ``settings``: {(method, seed): the run's settings}; a pair whose runs of one seed differ in
     anything but their methods (:func:`settings_difference`: e.g. 3 epochs against 1 in one
     ``--out``) is refused, naming the difference. A pair without a common seed is refused too."""
+    fig = figure_of(rows)
     groups: dict[str, dict[int, float]] = {}
     for r in rows:
-        groups.setdefault(r["method"], {})[int(r["seed"])] = 100.0 * float(r["test_acc"])
-    lines = ["| A | B | seeds | A (%) | B (%) | Δ A − B [95% CI] | p | A wins | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        groups.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
+    what = "(%)" if fig is ACCURACY else f"({fig.name})"
+    lines = [f"| A | B | seeds | A {what} | B {what} | Δ A − B [95% CI] | p | A wins | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         if a not in groups or b not in groups:
             raise ValueError(f"compare: no rows for {a if a not in groups else b!r}; methods: {', '.join(groups)}")
@@ -302,7 +339,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
                 raise ValueError(f"compare {a}:{b}: seed {seed}'s runs were trained with other settings "
                                  f"({'; '.join(diff[:3])}); a paired Δ needs runs that differ only in their "
                                  "method: retrain one of them with the other's settings")
-        d = paired_delta(groups[a], groups[b])
+        d = paired_delta(groups[a], groups[b], fig.higher_is_better)
         mean_a = statistics.fmean(groups[a][s] for s in seeds)
         mean_b = statistics.fmean(groups[b][s] for s in seeds)
         v = verdict(d)
@@ -328,6 +365,16 @@ NOTE = ("Accuracy: last epoch, full test set, mean ± sample std over seeds. Δ 
         "(each student shares initial weights, data order and schedule with the CE-only student of its seed), "
         "mean [95% Student-t interval]; p: two-sided paired t-test; wins: seeds where the method beat CE; "
         "vs CE says better/worse only when the interval excludes 0.")
+PPL_NOTE = ("Perplexity: exp of the mean next-token cross-entropy over every held-out token, last epoch, mean ± "
+            "sample std over seeds; lower is better. Δ vs CE: paired over seeds (each student shares initial "
+            "weights, data order and schedule with the CE-only student of its seed), mean [95% Student-t "
+            "interval]; p: two-sided paired t-test; wins: seeds where the method's perplexity was below CE's; "
+            "vs CE says better/worse only when the interval excludes 0.")
+
+
+def note(rows: list[dict]) -> str:
+    """The explanation printed under a table of ``rows``."""
+    return PPL_NOTE if figure_of(rows) is PERPLEXITY else NOTE
 
 
 def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "",
@@ -340,8 +387,8 @@ def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: s
     out_dir = Path(out_dir)
     rows = [typed_row(r) for r in rows]  # numbers in JSON, whoever built the rows
     table = markdown_table(rows, dataset, expected_seeds, reference, diverged)
-    atomic_write_text(out_dir / RESULTS_MD, (header + "\n\n" if header else "") + table + "\n" + NOTE + "\n")
-    clean = [{k: r.get(k) for k in FIELDS} for r in rows]
+    atomic_write_text(out_dir / RESULTS_MD, (header + "\n\n" if header else "") + table + "\n" + note(rows) + "\n")
+    clean = [{k: r.get(k) for k in FIELDS + [f for f in LM_FIELDS if f in r]} for r in rows]
     atomic_write_json(out_dir / RESULTS_JSON, {"dataset": dataset, "header": header, "expected_seeds": expected_seeds,
                                                  "reference": reference, "rows": clean, "summary": _json_safe(summarize(rows)),
                                                  "diverged": diverged or {}})

@@ -15,6 +15,8 @@ first task; a new one is one class and one registration line.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ from . import distributed as dist_ctx
 from .registry import add_entry
 from .runtime import to_device
 
-__all__ = ["Task", "Classification", "get", "available", "register_task"]
+__all__ = ["Task", "Classification", "LanguageModeling", "get", "available", "register_task"]
 
 _TASKS: dict[str, "Task"] = {}
 
@@ -125,3 +127,55 @@ class Classification(Task):
 
 
 register_task(Classification())
+
+
+class LanguageModeling(Task):
+    """Next-token prediction on token blocks ``(x, y)`` (``y``: the next tokens, ``-100`` where a
+    position is ignored): cross-entropy over the kept positions; held-out perplexity (lower is
+    better) and next-token accuracy. The model returns logits ``(B, L, V)``; the loss terms see
+    them flattened to ``(B·L, V)`` with the next tokens ``(B·L,)`` as labels (a label-aware distance
+    conditions a token's feature on the token that follows it)."""
+
+    name = "lm"
+    primary = "test_ppl"
+    higher_is_better = False
+    diagnostics = False     # Theorem 1 is about a classifier's risk on pooled features
+    best_key = "best_ppl"
+
+    def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+    def term_view(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict:
+        """Perplexity exp(mean NLL) and next-token accuracy over every kept held-out position,
+        summed on the device (one read at the end)."""
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, correct, positions
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            flat, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+            kept = target != -100
+            nll = F.cross_entropy(flat, target, ignore_index=-100, reduction="sum")
+            correct = ((flat.argmax(-1) == target) & kept).sum()
+            sums += torch.stack([nll.double(), correct.double(), kept.sum().double()])
+        nll, correct, n = dist_ctx.all_reduce_tensor(sums, "sum").tolist()
+        mean = nll / max(n, 1)
+        return {"test_ppl": math.exp(min(mean, 700.0)), "test_acc": correct / max(n, 1), "test_nll": mean}
+
+    def describe(self, figures: dict) -> str:
+        return f"ppl {figures['test_ppl']:.3f}"
+
+    def check_outputs(self, out, n: int, num_classes: int) -> str | None:
+        if not isinstance(out, Tensor):
+            return f"returns a {type(out).__name__}, not a tensor of logits"
+        if out.dim() != 3 or out.shape[0] != n or out.shape[2] != num_classes:
+            return (f"gives outputs of shape {tuple(out.shape)} for a batch of {n} sequences, expected "
+                    f"({n}, length, {num_classes}) next-token logits over the data's vocabulary")
+        return None
+
+
+register_task(LanguageModeling())

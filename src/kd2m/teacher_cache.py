@@ -118,7 +118,8 @@ class ViewSampler(Sampler):
 
 @dataclass
 class TeacherCache:
-    """The teacher's ``features (N·K, d)`` and ``logits (N·K, classes)``, float32, rows in key order."""
+    """The teacher's ``features (N·K, d)`` (or per-position ``(N·K, L, d)``) and ``logits (N·K, classes)``
+    (a language model's ``(N·K, L, V)``), float32, rows in key order."""
 
     features: Tensor
     logits: Tensor
@@ -131,8 +132,13 @@ class TeacherCache:
 @torch.no_grad()
 def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, device: torch.device,
                         batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                        num_workers: int = 0, show_progress: bool = False, max_mb: float | None = None) -> TeacherCache:
+                        num_workers: int = 0, show_progress: bool = False, max_mb: float | None = None,
+                        raw: bool = False) -> TeacherCache:
     """Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
+
+    ``raw``: keep the layer's per-position features (a language model's tokens ``(L, d)``, as
+    ``FeatureTap(pool="none")`` gives them) instead of pooled ones; logits keep whatever shape the
+    model gives per item.
 
     The same autocast as the training step (``amp_dtype``) is used, so the cached outputs are what
     an online step would have computed; they are stored in float32. A table larger than
@@ -152,16 +158,16 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
             out = teacher(to_device(x, device, channels_last))
         return tap.feature.float(), out.float()
 
-    with FeatureTap(teacher, layer) as tap:
-        f, out = forward(views[0][0].unsqueeze(0))  # the widths, before allocating
-        need = n * (f.shape[1] + out.shape[1]) * 4 / 2**20
+    with FeatureTap(teacher, layer, pool="none" if raw else "avg") as tap:
+        f, out = forward(views[0][0].unsqueeze(0))  # the shapes, before allocating
+        need = n * (f[0].numel() + out[0].numel()) * 4 / 2**20
         if max_mb is not None and need > max_mb:
             raise ValueError(
-                f"teacher_cache: {views.views} view(s) of {views.images} images × ({f.shape[1]} features + "
-                f"{out.shape[1]} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
+                f"teacher_cache: {views.views} view(s) of {views.images} items × ({f[0].numel()} features + "
+                f"{out[0].numel()} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
                 "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
-        feats = torch.zeros(n, f.shape[1], device=device)
-        logits = torch.zeros(n, out.shape[1], device=device)
+        feats = torch.zeros(n, *f.shape[1:], device=device)
+        logits = torch.zeros(n, *out.shape[1:], device=device)
         world, rank = dist_ctx.world_size(), dist_ctx.rank()
         mine = [k for k in range(n) if (k // batch_size) % world == rank]  # whole batches, round-robin
         loader = DataLoader(Subset(views, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -35,7 +35,7 @@ from .teacher_cache import FixedViews
 from .training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_layers  # noqa: F401 (the engine's API)
 from .training.build import (IndexedDataset, build_net, build_student, build_teacher, freeze,  # noqa: F401
                              make_loaders)
-from .training.state import check_settings, make_scheduler, rng_state, run_settings, set_rng_state
+from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
 from .training.step import EpochTally, Step, zero_nonfinite_gradients
 from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, teacher_cache  # noqa: F401
 
@@ -89,18 +89,18 @@ class Trainer:
             b.module.to(device)
         self.views = 1
         if self.teacher is not None and cfg.teacher_cache:
-            layer = cached_layer(cfg, self.method, self.terms)
+            layer, raw = cached_layer(cfg, self.method, self.terms)
             views = FixedViews(self.bundle.train, cfg.teacher_cache, self.seed)
-            cache = teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches)
+            cache = teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches, raw)
             self.train_loader, self.test_loader = make_loaders(self.bundle, cfg, self.seed, device, views=views)
-            self.teacher_out = CachedTeacher(cache, layer)
+            self.teacher_out = CachedTeacher(cache, layer, raw)
             self.views = cfg.teacher_cache
         else:
             self.train_loader, self.test_loader = make_loaders(self.bundle, cfg, self.seed, device)
             self.teacher_out = OnlineTeacher(self.teacher, wanted_layers(self.terms, "teacher")) \
                 if self.teacher is not None else None
         params = list(model.parameters()) + [p for b in self.terms for p in b.module.parameters()]
-        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.opt = make_optimizer(params, cfg)
         self.sched = make_scheduler(self.opt, cfg, self.epochs)
         want = wanted_layers(self.terms, "student")
         self.s_taps = Taps(model, want) if want else None

@@ -158,3 +158,6 @@ def imagefolder(data_root=None, download=False, augment=True, image_size: int | 
                          f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
     return DataBundle(train=train, test=test, num_classes=len(train.classes), in_channels=1 if mode == "L" else 3,
                       image_size=size, name="imagefolder", classes=list(train.classes))
+
+
+imagefolder.options = ("image_size",)  # build_dataset passes these through

@@ -11,6 +11,7 @@ files calls :func:`resolve_root` to get the default, ``$KD2M_DATA_ROOT`` or
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,47 @@ _DATASETS: dict[str, Builder] = {}
 register_dataset = registrar(_DATASETS, "dataset")
 
 
+#: Datasets named by a prefix and a path (``text:PATH``): prefix -> builder(path, data_root,
+#: download, augment, **options). A builder's ``task`` and ``options`` attributes say what it is for
+#: and which of build_dataset's options it takes, as for registered builders.
+_PREFIXED: dict[str, Builder] = {}
+
+
+def register_dataset_prefix(prefix: str):
+    """Decorator: ``@register_dataset_prefix("text:")`` makes ``text:PATH`` a dataset."""
+    def add(builder):
+        from ..registry import add_entry
+        add_entry(_PREFIXED, "dataset prefix", prefix, builder)
+        return builder
+    return add
+
+
 def available_datasets() -> list[str]:
-    """Registered dataset names, sorted."""
-    return sorted(_DATASETS)
+    """Registered dataset names, sorted, then the prefixed ones (``text:PATH``)."""
+    return sorted(_DATASETS) + [f"{p}PATH" for p in sorted(_PREFIXED)]
+
+
+def _builder(name):
+    """(builder, its path argument or None) of a dataset name; (None, None) when unknown."""
+    if not isinstance(name, str):
+        return None, None
+    if name in _DATASETS:
+        return _DATASETS[name], None
+    for prefix, builder in _PREFIXED.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return builder, name[len(prefix):]
+    return None, None
+
+
+def dataset_task(name: str) -> str:
+    """The task a dataset is for (:mod:`kd2m.tasks`), known without building it: its builder's
+    ``task`` (``"lm"`` for text), else ``"classification"``."""
+    return getattr(_builder(name)[0], "task", "classification")
+
+
+def is_dataset(name) -> bool:
+    """Whether ``name`` names a dataset: a registered one, or a prefixed one (``text:PATH``)."""
+    return _builder(name)[0] is not None
 
 
 def resolve_root(data_root: str | os.PathLike | None) -> Path:
@@ -91,7 +130,7 @@ def resolve_root(data_root: str | os.PathLike | None) -> Path:
 
 
 def build_dataset(name: str, data_root: str | os.PathLike | None = None, download: bool = False,
-                  augment: bool = True, image_size: int | None = None) -> DataBundle:
+                  augment: bool = True, image_size: int | None = None, tokenizer: str | None = None) -> DataBundle:
     """Build the train/test splits of dataset ``name``.
 
     Args:
@@ -100,19 +139,24 @@ def build_dataset(name: str, data_root: str | os.PathLike | None = None, downloa
         download: fetch the files into ``data_root`` if missing (torchvision datasets only).
         augment: random crop (+ flip where the classes allow it) on the train split; the test
             split is never augmented.
-        image_size: resize every image to this size (``imagefolder`` only; default: the most
-            common size among its files).
+        image_size: resize every image to this size (``imagefolder``; default: the most common
+            size among its files), or the block length in tokens of text datasets (``text:PATH``,
+            ``python_docs``; default 64).
+        tokenizer: text datasets: a local model directory whose tokenizer to use (default: bytes).
 
     Raises:
         ValueError: unknown ``name``.
         DatasetNotFoundError: the files are missing; the message names the directory.
     """
-    try:
-        builder = _DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}") from None
-    if image_size is not None:
-        if name != "imagefolder":
-            raise ValueError(f"image_size applies to imagefolder data, not to {name!r} (its size is fixed)")
-        return builder(data_root, download, augment, image_size=image_size)
-    return builder(data_root, download, augment)
+    builder, path = _builder(name)
+    if builder is None:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+    options = getattr(builder, "options", ())
+    if path is not None:
+        builder = functools.partial(builder, path)
+    if tokenizer is not None and "tokenizer" not in options:
+        raise ValueError(f"tokenizer applies to text datasets, not to {name!r}")
+    if image_size is not None and "image_size" not in options:
+        raise ValueError(f"image_size applies to imagefolder data and text, not to {name!r} (its size is fixed)")
+    kwargs = {k: v for k, v in (("image_size", image_size), ("tokenizer", tokenizer)) if v is not None}
+    return builder(data_root, download, augment, **kwargs)

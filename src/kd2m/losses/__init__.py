@@ -15,5 +15,7 @@ from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_sp
 from . import distances  # noqa: F401,E402  (registers the 13 KD²M distances)
 # the baselines: kd dkd dist wkd_l (logit), fitnet at nst wkd_f (maps), pkt rkd crd (relational)
 from . import logit, maps, relational  # noqa: F401,E402
+# the language-model field's token divergences: fkl rkl jsd skew_kl skew_rkl tvd
+from . import divergences  # noqa: F401,E402
 
 __all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS"]

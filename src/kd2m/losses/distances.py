@@ -18,7 +18,7 @@ from ..loss import KD2MLoss
 from .registry import Term, TermContext, TermSpec, add_spec, spec
 
 #: options every distance term takes besides its metric's own
-COMMON_OPTIONS = (("match", "global"), ("unit", "batch"))
+COMMON_OPTIONS = (("match", "global"), ("unit", "batch"), ("max_tokens", 256), ("token_seed", 0))
 
 #: options only some terms take, beyond their metric's own (WKD-F's conventions, unit="spatial")
 EXTRA_OPTIONS = {"gauss_w2": tuple(batched.GAUSS_W2_SET_OPTIONS.items())}
@@ -36,12 +36,13 @@ class MetricTerm(Term):
     """
 
     def __init__(self, ctx: TermContext, *, metric: str, match: str = "global", unit: str = "batch",
-                 **metric_options):
+                 max_tokens: int = 256, token_seed: int = 0, **metric_options):
         super().__init__(ctx)
         self.loss = KD2MLoss(metric, 1.0, unit=unit, student_shape=ctx.student_shape,
-                             teacher_shape=ctx.teacher_shape, match=match, **metric_options)
+                             teacher_shape=ctx.teacher_shape, match=match, max_tokens=max_tokens,
+                             token_seed=token_seed, **metric_options)
         base = spec(metric).needs
-        self.needs = (base - {"feats"}) | {"maps"} if unit == "spatial" else base
+        self.needs = (base - {"feats"}) | {"maps"} if unit in ("spatial", "sequence", "tokens") else base
 
     @property
     def unit(self) -> str:

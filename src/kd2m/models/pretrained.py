@@ -28,6 +28,11 @@ def weights_identity(path: str | os.PathLike) -> str:
     that a file replaced under the same name (or the same relative name seen from another
     working directory) is other settings, never the old run's. Memoised per file version."""
     real = os.path.realpath(path)
+    if os.path.isdir(real):  # a model directory (save_pretrained's): every file's name and content
+        h = hashlib.sha256()
+        for file in sorted(p for p in Path(real).rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(real)).encode() + b"\0" + weights_identity(file).encode())
+        return "sha256:" + h.hexdigest()
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:

@@ -68,8 +68,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         ValueError: unknown ``name`` or a non-positive size.
     """
     from .external import build_external, is_external
+    from .hf import build_hf, is_hf
     if is_external(name):
         builder = functools.partial(build_external, name)
+    elif is_hf(name):
+        builder = functools.partial(build_hf, name)
     else:
         try:
             builder = _MODELS[name]
@@ -95,9 +98,10 @@ def describe_models() -> str:
     """What ``kd2m metrics --models`` prints: kd2m's own models (one line each, from their
     docstrings) and the ``timm:`` / ``torchvision:`` prefixes."""
     from .external import describe_external
+    from .hf import describe_hf
     width = max(len(n) for n in _MODELS)
     lines = ["kd2m's own models (feature_dim: the classifier's input width):"]
     for name in available_models():
         doc = (_MODELS[name].__doc__ or "").strip().splitlines()
         lines.append(f"  {name:<{width}}  {doc[0] if doc else ''}")
-    return "\n".join(lines) + "\n" + describe_external()
+    return "\n".join(lines) + "\n" + describe_external() + "\n" + describe_hf()

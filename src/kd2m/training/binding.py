@@ -77,7 +77,9 @@ def default_layers(model: nn.Module, example: Tensor, term: TermConfig) -> list[
     every stage after the stem, FitNets stage 2, WKD-F the last stage. A distance over spatial
     positions: the last stage where it is post-activation, else the last map before pooling (a
     WRN's last block is a pre-activation sum; its post-ReLU map is the final ``relu``). A model
-    whose stages are not known: its last map before pooling (:func:`kd2m.features.last_map_layer`)."""
+    whose stages are not known: its last map before pooling (:func:`kd2m.features.last_map_layer`);
+    a distance on a model with no map at all (a transformer language model): the per-token inputs
+    of its classifier (the final hidden states, ``(n, L, d)``)."""
     if not term.uses_maps:
         return [PENULTIMATE]
     found = stages(model)
@@ -91,7 +93,12 @@ def default_layers(model: nn.Module, example: Tensor, term: TermConfig) -> list[
             return [found[-1].module]
     elif found and found[-1].post_activation is not False:
         return [found[-1].module]
-    return [last_map_layer(model, example)]
+    try:
+        return [last_map_layer(model, example)]
+    except ValueError:
+        if term.spec.needs_maps:
+            raise
+        return [PENULTIMATE]
 
 
 def _layer_pairs(method: Method, student: nn.Module, teacher: nn.Module, example: Tensor) -> dict:

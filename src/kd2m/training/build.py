@@ -3,6 +3,7 @@ sees the same data order."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .. import distributed as dist_ctx
 from ..catalog import EVAL_BATCH_SIZE
 from ..models import build_model, load_pretrained
+from ..models.hf import is_hf, load_hf_directory
 from ..teacher_cache import FixedViews, ViewSampler
 
 __all__ = ["IndexedDataset", "make_loaders", "build_net", "build_student", "build_teacher", "freeze"]
@@ -71,9 +73,11 @@ def build_net(cfg, bundle, seed: int, role: str) -> nn.Module:
     """The seed's ``role`` ("student" or "teacher") network, freshly initialised (or from its
     ``pretrained_<role>`` file): the same weights for every method of that seed."""
     torch.manual_seed(_INIT_SEED[role] * (seed + 1))
-    model = build_model(getattr(cfg, role), bundle.num_classes, bundle.in_channels, bundle.image_size,
+    name, weights = getattr(cfg, role), getattr(cfg, f"pretrained_{role}")
+    if weights and is_hf(name) and Path(weights).is_dir():  # a save_pretrained directory: its own architecture
+        return load_hf_directory(weights, bundle.num_classes)
+    model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size,
                         **(getattr(cfg, f"{role}_options") or {}))
-    weights = getattr(cfg, f"pretrained_{role}")
     if weights:
         # A student may start from a backbone under a new head (its training learns the head); a
         # teacher may only if it is trained here: with --teacher-epochs 0 a random head would be

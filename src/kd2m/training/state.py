@@ -14,7 +14,7 @@ from .. import distributed as dist_ctx
 from ..errors import ConfigError
 from ..models.pretrained import weights_identity
 
-__all__ = ["run_settings", "check_settings", "make_scheduler", "rng_state", "set_rng_state"]
+__all__ = ["run_settings", "check_settings", "make_optimizer", "make_scheduler", "rng_state", "set_rng_state"]
 
 
 def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int | None = None) -> dict:
@@ -41,6 +41,11 @@ def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int
         s.update(ce_weight=method.ce_weight)
     if threads is not None and threads != 1:  # one thread (the digits' and MNIST-1D's default) as before
         s.update(threads=threads)
+    # only where not the default: runs made before these existed keep their settings
+    if getattr(cfg, "optimizer", "sgd") not in (None, "sgd"):
+        s.update(optimizer=cfg.optimizer)
+    if getattr(cfg, "tokenizer", None):
+        s.update(tokenizer=_weights_id(cfg.tokenizer))
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
 
 
@@ -58,6 +63,14 @@ def check_settings(run_dir: Path, stored: dict | None, current: dict) -> None:
         what = "; ".join(f"{k} {stored.get(k)!r:.60} there, {current.get(k)!r:.60} now" for k in diff[:4])
         raise ConfigError(f"{run_dir} holds a run made with other settings ({what}); "
                           "use another --out, or delete that directory to redo it")
+
+
+def make_optimizer(params, cfg):
+    """The run's optimizer over ``params``: SGD with momentum (the CIFAR protocol, the default) or
+    AdamW (language models), each with ``cfg.weight_decay``."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(opt, cfg, epochs: int):

@@ -45,38 +45,45 @@ class OnlineTeacher(TeacherOutputs):
 
 
 class CachedTeacher(TeacherOutputs):
-    """Looks the teacher's outputs up by key in a :class:`~kd2m.teacher_cache.TeacherCache`."""
+    """Looks the teacher's outputs up by key in a :class:`~kd2m.teacher_cache.TeacherCache`
+    (``raw``: its features are per position, for terms with a per-position unit)."""
 
     online = False
 
-    def __init__(self, cache, layer: str):
-        self.cache, self.layer = cache, layer
+    def __init__(self, cache, layer: str, raw: bool = False):
+        self.cache, self.layer, self.raw = cache, layer, raw
 
     def __call__(self, x, key):
         feats, logits = self.cache.lookup(key)
-        return {(self.layer, False): feats}, logits
+        return {(self.layer, self.raw): feats}, logits
 
 
-def cached_layer(cfg, method, bound: list) -> str:
-    """The one pooled teacher layer a cache holds for ``method`` (refused up front by RunConfig.resolved
-    when a method needs more; checked again here for runs built through the API)."""
+def cached_layer(cfg, method, bound: list) -> tuple[str, bool]:
+    """The one teacher layer a cache holds for ``method``, and whether per position (refused up
+    front by RunConfig.resolved when a method needs more; checked again here, on the layers the
+    terms were bound to, for runs built through the API)."""
     problem = cache_problem(method)
     if problem:
         raise ConfigError(f"teacher_cache: {problem}")
-    layers = {b.teacher_layer for b in bound if "feats" in b.needs}
-    return layers.pop() if layers else cfg.teacher_layer
+    layers = {(tl, b.raw) for b in bound if b.needs & {"feats", "maps"} for _, tl in b.pairs}
+    if len(layers) > 1:
+        raise ConfigError(f"teacher_cache: {method.key}: its terms read teacher layers "
+                          f"{', '.join(sorted(str(layer) for layer, _ in layers))}; the teacher cache holds one; use "
+                          "teacher_cache: 0")
+    return layers.pop() if layers else (cfg.teacher_layer, False)
 
 
-def teacher_cache(teacher, views: FixedViews, layer: str, cfg, device, memo: dict | None):
-    """The teacher's outputs on every view of ``views`` at ``layer``; ``memo`` (a dict) shares one
-    table between the students of a seed that read the same layer."""
-    key = (id(teacher), views.views, views.seed, layer, cfg.amp, cfg.channels_last)
+def teacher_cache(teacher, views: FixedViews, layer: str, cfg, device, memo: dict | None, raw: bool = False):
+    """The teacher's outputs on every view of ``views`` at ``layer`` (``raw``: per position);
+    ``memo`` (a dict) shares one table between the students of a seed that read the same layer."""
+    key = (id(teacher), views.views, views.seed, layer, raw, cfg.amp, cfg.channels_last)
     if memo is not None and key in memo:
         return memo[key]
     with fork_rng(device):  # building draws no randomness the training run would see
         cache = build_teacher_cache(teacher, views, layer, device, amp_dtype=amp_dtype(cfg.amp),
                                     channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
-                                    show_progress=cfg.progress and dist_ctx.is_main(), max_mb=cfg.max_cache_mb)
+                                    show_progress=cfg.progress and dist_ctx.is_main(), max_mb=cfg.max_cache_mb,
+                                    raw=raw)
     if memo is not None:
         memo[key] = cache
     return cache

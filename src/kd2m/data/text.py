@@ -1,0 +1,182 @@
+"""Text for language models: your own (``text:PATH``) or Python's documentation (``python_docs``),
+tokenized, packed into fixed-length blocks, with a deterministic held-out split.
+
+    >>> from kd2m.data import build_dataset
+    >>> bundle = build_dataset("python_docs", image_size=64)      # blocks of 64 next-token pairs
+    >>> x, y = bundle.train[0]                                    # (64,) ids, (64,) their next tokens
+
+- ``text:PATH``: a ``.txt``/``.jsonl`` file, or a folder of them (files in sorted order; a
+  ``.jsonl`` line's ``"text"`` field is a document, a ``.txt`` file one document).
+- ``python_docs``: the topics of Python's own reference documentation (``pydoc_data.topics``,
+  shipped with every CPython, PSF License v2; about 465 000 characters of English prose with
+  code), one document per distinct topic. Nothing is downloaded; the text is that of the running
+  Python (it changes a little between patch releases).
+
+Tokens: a Hugging Face tokenizer from a local model directory (``tokenizer: DIR``; never a hub),
+or by default bytes: each UTF-8 byte is a token (0–255) and 256 ends a document, a 257-token
+vocabulary for models trained from scratch. Documents are joined with the end-of-document token
+and cut into blocks of ``block + 1`` tokens; item ``(x, y)`` is the block's first ``block`` tokens
+and their successors (next-token targets; no padding, so no position is ignored). Block ``i`` is
+held out when ``i % 10 == 9``: every tenth block, spread over the whole corpus, the same on every
+run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .registry import DataBundle, DatasetNotFoundError, register_dataset, register_dataset_prefix
+
+#: the byte-level vocabulary: 256 byte values and one end-of-document token
+BYTE_VOCAB = 257
+END_OF_DOCUMENT = 256
+#: a block is held out when its index modulo this is HELD_OUT_INDEX
+HELD_OUT_EVERY, HELD_OUT_INDEX = 10, 9
+#: default block length (tokens per training sequence)
+DEFAULT_BLOCK = 64
+
+
+class TokenBlocks(Dataset):
+    """Items ``(x, y)``: ``x = block[:-1]``, ``y = block[1:]`` of each row of ``blocks`` (N, block + 1)."""
+
+    def __init__(self, blocks: Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int):
+        row = self.blocks[i]
+        return row[:-1], row[1:]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (0–255) and 256 as the end of a document."""
+
+    vocab_size = BYTE_VOCAB
+    eos_token_id = END_OF_DOCUMENT
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer read from a local directory (``local_files_only=True``)."""
+
+    def __init__(self, path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError('tokenizer: a model directory\'s tokenizer needs transformers: pip install -e ".[lm]"') \
+                from None
+        if not Path(path).is_dir():
+            raise DatasetNotFoundError(f"tokenizer: {path} is not a directory (a Hugging Face model directory "
+                                       "with its tokenizer files is expected)")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"tokenizer: {path}: no loadable tokenizer ({str(e).splitlines()[0][:120]})") from None
+        self.vocab_size = len(self.tok)
+        self.eos_token_id = self.tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+
+def tokenizer_for(spec: str | None):
+    """``None`` or ``"bytes"``: :class:`ByteTokenizer`; else a model directory's tokenizer."""
+    return ByteTokenizer() if spec in (None, "bytes") else HFTokenizer(spec)
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """The documents of a ``.txt``/``.jsonl`` file or of a folder of them (sorted by name)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise DatasetNotFoundError(f"dataset 'text:{path}': no .txt or .jsonl file in {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DatasetNotFoundError(f"dataset 'text:{path}': {path} does not exist; give a .txt/.jsonl file or a "
+                                   "folder of them")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"dataset 'text:{path}': {f} is not UTF-8 text") from None
+        if f.suffix == ".jsonl":
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"dataset 'text:{path}': {f}, line {i}: not valid JSON") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"dataset 'text:{path}': {f}, line {i}: expected an object with a \"text\" "
+                                     "string")
+                docs.append(record["text"])
+        else:
+            docs.append(text)
+    return [d for d in docs if d]
+
+
+def pack(documents: list[str], tokenizer, block: int) -> Tensor:
+    """(N, block + 1) int64: the documents' tokens, joined by the end-of-document token, cut into
+    consecutive blocks (the last, partial block dropped)."""
+    ids: list[int] = []
+    for doc in documents:
+        ids += tokenizer.encode(doc)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    n = len(ids) // (block + 1)
+    return torch.tensor(ids[:n * (block + 1)], dtype=torch.long).view(n, block + 1)
+
+
+def text_bundle(name: str, documents: list[str], block: int | None, tokenizer: str | None) -> DataBundle:
+    """Train/test blocks of ``documents`` (see the module docstring)."""
+    block = DEFAULT_BLOCK if block is None else int(block)
+    if block < 2:
+        raise ValueError(f"dataset {name!r}: the block length (image_size) must be at least 2 tokens, got {block}")
+    tok = tokenizer_for(tokenizer)
+    blocks = pack(documents, tok, block)
+    held = torch.arange(blocks.shape[0]) % HELD_OUT_EVERY == HELD_OUT_INDEX
+    if int(held.sum()) == 0 or int((~held).sum()) == 0:
+        raise ValueError(f"dataset {name!r}: {blocks.shape[0]} blocks of {block + 1} tokens is too little text for a "
+                         f"held-out split (at least {HELD_OUT_EVERY}); give more text or a shorter block (image_size)")
+    return DataBundle(train=TokenBlocks(blocks[~held]), test=TokenBlocks(blocks[held]), num_classes=tok.vocab_size,
+                      in_channels=1, image_size=block, name=name, task="lm")
+
+
+def python_docs_documents() -> list[str]:
+    """One document per distinct topic of Python's reference documentation, in topic-name order."""
+    from pydoc_data.topics import topics
+    return list(dict.fromkeys(topics[k] for k in sorted(topics)))
+
+
+@register_dataset("python_docs")
+def python_docs(data_root=None, download=False, augment=True, image_size: int | None = None,
+                tokenizer: str | None = None) -> DataBundle:
+    """Python's reference documentation (pydoc_data.topics, PSF License v2) as next-token blocks."""
+    return text_bundle("python_docs", python_docs_documents(), image_size, tokenizer)
+
+
+python_docs.options = ("image_size", "tokenizer")  # build_dataset passes these through
+python_docs.task = "lm"
+
+
+@register_dataset_prefix("text:")
+def user_text(path: str, data_root=None, download=False, augment=True, image_size: int | None = None,
+              tokenizer: str | None = None) -> DataBundle:
+    """``text:PATH``: your ``.txt``/``.jsonl`` file, or a folder of them, as next-token blocks."""
+    return text_bundle(f"text:{path}", read_documents(path), image_size, tokenizer)
+
+
+user_text.options = ("image_size", "tokenizer")
+user_text.task = "lm"

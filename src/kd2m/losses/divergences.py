@@ -1,0 +1,197 @@
+r"""The language-model field's token-level divergences between the student's and the teacher's
+next-token distributions, as registered terms: ``fkl``, ``rkl``, ``jsd``, ``skew_kl``,
+``skew_rkl``, ``tvd``.
+
+Inputs: ``student_logits`` and ``teacher_logits`` of shape ``(B, L, V)`` or ``(n, V)``, and
+optional ``labels`` of shape ``(B, L)`` or ``(n,)`` where ``-100`` marks a position to ignore
+(padding, a prompt). With :math:`p_S = \mathrm{softmax}(z_S/\tau)` and
+:math:`p_T = \mathrm{softmax}(z_T/\tau)` at one position, each term is the **mean over the kept
+positions** of a per-position divergence summed over the vocabulary (TRL's ``batchmean`` with
+labels; DistiLLM's token mean); the temperature divides both logits and there is no τ² factor
+(TRL ``generalized_jsd_loss``).
+
+Memory: a vocabulary of V entries makes every per-position quantity a ``(positions, V)``
+tensor. The positions are processed in chunks of ``chunk_size`` (default 1024), each under
+activation checkpointing: the softmaxes and logs of a chunk are freed after its forward and
+recomputed in backward, so the extra memory of a call is a few ``chunk_size × V`` float32
+buffers (about 5 × 1024 × 32000 × 4 bytes ≈ 650 MB at V = 32k), whatever the number of
+positions, beside the logits themselves and their gradient. ``benchmarks/divergences.py``
+measures it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .inputs import check_positive, in_full_precision
+from .registry import register_term
+
+#: positions per chunk (see the module docstring)
+CHUNK_SIZE = 1024
+
+
+def _flat(term: str, student_logits, teacher_logits, labels) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, V) student and teacher logits and the (n,) float mask of kept positions."""
+    for who, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"loss term {term!r}: {who} must be a floating tensor")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"loss term {term!r}: {who} must be (B, L, V) or (n, V), got {tuple(x.shape)}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"loss term {term!r}: student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; both must cover the same positions and vocabulary")
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+    if labels is None:
+        mask = torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
+    else:
+        if not isinstance(labels, Tensor) or labels.numel() != s.shape[0] or labels.is_floating_point():
+            raise ValueError(f"loss term {term!r}: labels must be an integer tensor with one entry per position "
+                             f"({s.shape[0]}), -100 where ignored; got "
+                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+        mask = (labels.reshape(-1) != -100).to(s.dtype)
+    return s, t, mask
+
+
+def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """KL(p‖q) per row from log-probabilities, Σ_v p (log p − log q); 0·log 0 = 0."""
+    return torch.where(p_log > -math.inf, p_log.exp() * (p_log - q_log), 0.0).sum(-1)
+
+
+def _per_position(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
+    """The divergence of ``kind`` at each row of (m, V) logits: (m,)."""
+    ls = F.log_softmax(s / temperature, dim=-1)
+    lt = F.log_softmax(t / temperature, dim=-1)
+    if kind == "fkl":
+        return _kl(lt, ls)
+    if kind == "rkl":
+        return _kl(ls, lt)
+    if kind == "jsd":
+        if beta == 0.0:
+            return _kl(lt, ls)
+        if beta == 1.0:
+            return _kl(ls, lt)
+        # m = (1 − β) p_S + β p_T, in log space
+        lm = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), dim=0)
+        return beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
+    if kind == "skew_kl":   # KL(p_T ‖ α p_T + (1 − α) p_S)
+        lm = torch.logsumexp(torch.stack([lt + math.log(alpha), ls + math.log1p(-alpha)]), dim=0) \
+            if 0.0 < alpha < 1.0 else (lt if alpha == 1.0 else ls)
+        return _kl(lt, lm)
+    if kind == "skew_rkl":  # KL(p_S ‖ α p_S + (1 − α) p_T)
+        lm = torch.logsumexp(torch.stack([ls + math.log(alpha), lt + math.log1p(-alpha)]), dim=0) \
+            if 0.0 < alpha < 1.0 else (ls if alpha == 1.0 else lt)
+        return _kl(ls, lm)
+    if kind == "tvd":
+        return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def token_divergence(kind: str, student_logits: Tensor, teacher_logits: Tensor, labels=None, *,
+                     temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                     chunk_size: int = CHUNK_SIZE) -> Tensor:
+    """Mean over kept positions of the per-position divergence ``kind`` (see the module docstring),
+    computed over chunks of ``chunk_size`` positions with activation checkpointing. 0-dim."""
+    s, t, mask = _flat(kind, student_logits, teacher_logits, labels)
+    total = s.new_zeros(())
+    for start in range(0, s.shape[0], chunk_size):
+        cs, ct, cm = s[start:start + chunk_size], t[start:start + chunk_size], mask[start:start + chunk_size]
+
+        def chunk(cs, ct, cm):
+            return (_per_position(kind, cs, ct, temperature, beta, alpha) * cm).sum()
+        if torch.is_grad_enabled() and cs.requires_grad and s.shape[0] > chunk_size:
+            total = total + checkpoint(chunk, cs, ct, cm, use_reentrant=False)
+        else:
+            total = total + chunk(cs, ct, cm)
+    return total / mask.sum().clamp_min(1.0)
+
+
+def _check(term: str, temperature, chunk_size, **fractions) -> None:
+    check_positive(term, temperature=temperature)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"loss term {term!r}: chunk_size must be a positive integer, got {chunk_size!r}")
+    for name, value in fractions.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"loss term {term!r}: {name} must be in [0, 1], got {value!r}")
+
+
+
+
+@register_term("fkl", label="FKL", needs=("logits", "labels"), paper="Hinton et al. 2015; token-level (TRL GKD β=0)")
+@in_full_precision
+def fkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+        **_) -> Tensor:
+    r"""Forward KL per token, :math:`\mathrm{KL}(p_T \,\|\, p_S)`, mean over kept positions: TRL's
+    ``generalized_jsd_loss`` with β = 0 (its ``batchmean`` with labels). Shapes: ``(B, L, V)`` or
+    ``(n, V)``, labels ``(B, L)``/``(n,)``. Cost: O(positions·V)."""
+    _check("fkl", temperature, chunk_size)
+    return token_divergence("fkl", student_logits, teacher_logits, labels, temperature=temperature,
+                            chunk_size=chunk_size)
+
+
+@register_term("rkl", label="RKL", needs=("logits", "labels"), paper="Gu et al., MiniLLM, ICLR 2024 (TRL GKD β=1)")
+@in_full_precision
+def rkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+        **_) -> Tensor:
+    r"""Reverse KL per token, :math:`\mathrm{KL}(p_S \,\|\, p_T)` (mode-seeking), mean over kept
+    positions: TRL's ``generalized_jsd_loss`` with β = 1; DistiLLM's ``reverse_kl``."""
+    _check("rkl", temperature, chunk_size)
+    return token_divergence("rkl", student_logits, teacher_logits, labels, temperature=temperature,
+                            chunk_size=chunk_size)
+
+
+@register_term("jsd", label="GKD-JSD", needs=("logits", "labels"), paper="Agarwal et al., GKD, ICLR 2024")
+@in_full_precision
+def jsd(*, student_logits, teacher_logits, labels=None, beta: float = 0.5, temperature: float = 1.0,
+        chunk_size: int = CHUNK_SIZE, **_) -> Tensor:
+    r"""GKD's generalised Jensen–Shannon divergence per token, mean over kept positions:
+
+    .. math:: \beta\,\mathrm{KL}(p_T\|m) + (1-\beta)\,\mathrm{KL}(p_S\|m),\quad m = (1-\beta)p_S + \beta p_T,
+
+    with β = 0 the forward KL :math:`\mathrm{KL}(p_T\|p_S)` and β = 1 the reverse KL
+    :math:`\mathrm{KL}(p_S\|p_T)` (not the limits: as in TRL). Equal to TRL's
+    ``GKDTrainer.generalized_jsd_loss`` (trl/experimental/gkd/gkd_trainer.py, TRL ≥ 0.16, the same
+    through 1.16) with ``reduction="batchmean"`` and labels; the mixture in log space as there."""
+    _check("jsd", temperature, chunk_size, beta=beta)
+    return token_divergence("jsd", student_logits, teacher_logits, labels, temperature=temperature, beta=beta,
+                            chunk_size=chunk_size)
+
+
+@register_term("skew_kl", label="SKL", needs=("logits", "labels"), paper="Ko et al., DistiLLM, ICML 2024")
+@in_full_precision
+def skew_kl(*, student_logits, teacher_logits, labels=None, alpha: float = 0.1, temperature: float = 1.0,
+            chunk_size: int = CHUNK_SIZE, **_) -> Tensor:
+    r"""DistiLLM's skew KL per token, :math:`\mathrm{KL}(p_T \,\|\, \alpha p_T + (1-\alpha) p_S)`, mean
+    over kept positions; α = 0.1 as DistiLLM's ``--skew-alpha``. DistiLLM's ``skewed_forward_kl``
+    returns the cross-entropy :math:`-\sum p_T \log(\cdot)`, which is this plus the teacher's
+    entropy (the same gradient); this is the divergence itself (0 when the models agree)."""
+    _check("skew_kl", temperature, chunk_size, alpha=alpha)
+    return token_divergence("skew_kl", student_logits, teacher_logits, labels, temperature=temperature,
+                            alpha=alpha, chunk_size=chunk_size)
+
+
+@register_term("skew_rkl", label="SRKL", needs=("logits", "labels"), paper="Ko et al., DistiLLM, ICML 2024")
+@in_full_precision
+def skew_rkl(*, student_logits, teacher_logits, labels=None, alpha: float = 0.1, temperature: float = 1.0,
+             chunk_size: int = CHUNK_SIZE, **_) -> Tensor:
+    r"""DistiLLM's skew reverse KL per token, :math:`\mathrm{KL}(p_S \,\|\, \alpha p_S + (1-\alpha) p_T)`,
+    mean over kept positions (DistiLLM's ``skewed_reverse_kl``, ``lam`` = α = 0.1; the gradient
+    flows through the student inside the mixture, as there)."""
+    _check("skew_rkl", temperature, chunk_size, alpha=alpha)
+    return token_divergence("skew_rkl", student_logits, teacher_logits, labels, temperature=temperature,
+                            alpha=alpha, chunk_size=chunk_size)
+
+
+@register_term("tvd", label="TVD", needs=("logits", "labels"), paper="Wen et al., f-divergence KD, ACL 2023")
+@in_full_precision
+def tvd(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+        **_) -> Tensor:
+    r"""Total variation per token, :math:`\tfrac12 \sum_v |p_T(v) - p_S(v)|`, mean over kept
+    positions (DistiLLM's ``tv_distance``)."""
+    _check("tvd", temperature, chunk_size)
+    return token_divergence("tvd", student_logits, teacher_logits, labels, temperature=temperature,
+                            chunk_size=chunk_size)
