@@ -109,3 +109,12 @@ def test_gpu_benchmark_refuses_without_cuda_and_runs_its_preset_with_overrides(t
     assert names == ["ce", "ce+teacher", "w2", "w2 (cached teacher)", "kd", "kd (cached teacher)",
                      "gauss_w2 (spatial, diagonal)"]
     assert "amp bf16, channels_last True" in table
+
+
+def test_divergence_memory_benchmark_rows(tmp_path):
+    """benchmarks/divergences.py: a whole and a chunked measurement per term, in fresh processes."""
+    table = load("divergences").main(["--terms", "fkl", "--tokens", "64", "--vocab", "50", "--chunk", "16",
+                                      "--out", str(tmp_path / "d.md")])
+    row = next(line for line in table.splitlines() if line.startswith("| fkl |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == 6 and float(cells[2]) >= 0 and float(cells[4]) >= 0

@@ -268,3 +268,15 @@ def test_a_run_copied_under_a_sweep_variants_name_is_that_variants_row(tmp_path)
     assert rows["cw2@auto*1"]["test_acc"] == auto_acc
     assert rows["cw2"]["test_acc"] == json.loads((out / "cw2/seed0/final.json").read_text())["test_acc"]
     assert rows["cw2"]["run_dir"] == "cw2/seed0" and rows["cw2@auto*1"]["run_dir"] == "cw2@auto*1/seed0"
+
+
+def test_an_auto_weight_sweep_sweeps_the_baselines_at_auto_alike():
+    """Issue 21: the baselines get the distances' sweep budget and rule — `--sweep auto_weight=…`
+    varies K of every term at `auto` (MNIST-1D's baselines), and leaves a baseline at a number alone."""
+    from kd2m.config import RunConfig
+    from kd2m.grid import sweep_variants
+    cfg = RunConfig(dataset="mnist1d", metrics=["cw2"], baselines=["ce", "kd", "dkd"], seeds=[100],
+                    weights={"kd": "auto", "dkd": 0.1}).resolved()
+    got = {m.key: [(t.weight, t.auto) for t in m.terms] for _, m in sweep_variants(cfg, ("auto_weight", [0.3, 3.0]))}
+    assert got == {"ce": [], "kd@auto*0.3": [(0.3, True)], "kd@auto*3": [(3.0, True)], "dkd": [(0.1, False)],
+                   "cw2@auto*0.3": [(0.3, True)], "cw2@auto*3": [(3.0, True)]}

@@ -204,7 +204,7 @@ def _tiny_lm_config(tmp_path, **extra) -> Path:
     from pydoc_data.topics import topics
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(topics[k] for k in sorted(topics))[:24_000])   # real text, ~290 blocks of 80 bytes
-    cfg = {"dataset": f"text:{corpus}", "image_size": 80, "epochs": 1, "teacher_epochs": 2, "seeds": [0],
+    cfg = {"task": "lm", "dataset": f"text:{corpus}", "image_size": 80, "epochs": 1, "teacher_epochs": 2, "seeds": [0],
            "teacher_options": {"n_layer": 2, "n_embd": 32, "n_head": 2},
            "student_options": {"n_layer": 1, "n_embd": 16, "n_head": 2},
            "metrics": ["gauss_w2", "cw2"], "baselines": ["ce", "fkl", "jsd"], "parallel": 1, "progress": False,
@@ -282,3 +282,15 @@ def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
     assert math.isfinite(result.training_loss)
     assert not torch.equal(kd2m_loss.projector.weight, proj_before)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_task_lm_picks_the_text_benchmark_and_refuses_an_image_dataset():
+    from kd2m.config import ConfigError, RunConfig
+    cfg = RunConfig(task="lm").resolved()
+    assert (cfg.dataset, cfg.teacher, cfg.optimizer, cfg.unit, cfg.baselines) == \
+        ("python_docs", "hf:gpt2", "adamw", "tokens", ["ce", "fkl", "rkl", "jsd"])
+    assert RunConfig().resolved().dataset == "digits"
+    with pytest.raises(ConfigError, match="dataset 'digits' is for classification"):
+        RunConfig(task="lm", dataset="digits").resolved()
+    with pytest.raises(ConfigError, match="'python_docs' is for lm"):
+        RunConfig(task="classification", dataset="python_docs").resolved()

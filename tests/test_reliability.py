@@ -134,7 +134,7 @@ BAD_CLI = [
     ("negative-teacher-cache", lambda tmp, out: ["run", "--teacher-cache", "-2", "--out", out], ["teacher_cache", "≥ 0"]),
     ("teacher-cache-too-big", lambda tmp, out: ["run", "--teacher-cache", "4", "--max-cache-mb", "0.5", "--out", out,
                                                 *TINY],
-     ["teacher_cache", "4 view(s) of 1437 images", "MiB", "--max-cache-mb 0.5", "teacher_cache: 0"]),
+     ["teacher_cache", "4 view(s) of 1437 items", "MiB", "--max-cache-mb 0.5", "teacher_cache: 0"]),
     ("bad-sweep", lambda tmp, out: ["bench", "--sweep", "weight=big", "--out", out, *TINY], ["--sweep", "big"]),
     ("teacher-random-bytes", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "rand.pt", "--out", out, *TINY],
      ["rand.pt"]),

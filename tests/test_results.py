@@ -1,4 +1,5 @@
 """Results tables: mean ± sample std over seeds, best student in bold, the paper's layout."""
+import math
 import statistics
 
 import pytest
@@ -79,3 +80,36 @@ def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
     finally:
         matplotlib.use(before)
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(means: dict, deltas: dict, n=6):
+    """Rows where method m's accuracy on seed s is means[m] + deltas[m][s] (in %)."""
+    return [{"method": m, "seed": s, "test_acc": (mu + deltas.get(m, [0.0] * n)[s]) / 100}
+            for m, mu in means.items() for s in range(n)]
+
+
+def test_the_best_is_bold_only_when_a_paired_interval_separates_it_from_the_runner_up():
+    noise = [0.3, -0.2, 0.1, -0.4, 0.2, 0.0]
+    clear = _rows({"ce": 90.0, "kd": 91.0, "cw2": 92.0}, {"cw2": noise})      # cw2 − kd: +1 ± small spread
+    md = R.markdown_table(clear, "digits")
+    assert "| CW2 (E) | **92.00 ± 0.26** |" in md and "No student is in bold" not in md
+    close = _rows({"ce": 90.0, "kd": 91.0, "cw2": 91.05}, {"cw2": noise})      # +0.05: inside the interval
+    md = R.markdown_table(close, "digits")
+    assert "**" not in md
+    assert "No student is in bold: the best mean, CW2 (E), is not separated from the runner-up, KD" in md
+
+
+def test_compare_says_how_many_seeds_a_difference_of_that_size_needs():
+    from scipy import stats
+    d = [0.5, -0.3, 0.8, 0.1, -0.2, 0.6, 0.4, -0.1]
+    n = R.seeds_for_power(d)
+    mean, sd = sum(d) / len(d), statistics.stdev(d)
+
+    def enough(k):  # the criterion written out
+        return abs(mean) >= (stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.8, k - 1)) * sd / math.sqrt(k)
+    assert enough(n) and not enough(n - 1)
+    assert R.seeds_for_power([0.2]) is None and R.seeds_for_power([0.0, 0.0, 0.0]) is None
+    assert R.seeds_for_power([0.2, 0.2]) == 2
+    rows = _rows({"kd": 91.0, "cw2": 91.0}, {"cw2": d, "kd": [0.0] * 8}, n=8)
+    text = R.compare_table(rows, [("cw2", "kd")])
+    assert f"needs about {n} seeds for an 80% chance" in text and "(this comparison has 8)" in text

@@ -223,3 +223,26 @@ def test_spatial_benchmark_child_measures_both_modes():
     for mode in ("batched", "loop"):
         row = bench.child("gauss_w2", {"diagonal": True}, mode, n=3, c=4, h=2, w=2, repeats=1)
         assert row["seconds"] > 0 and row["peak_mib"] >= 0
+
+
+def test_unit_tokens_is_the_metric_on_the_batchs_positions_subsampled_by_a_fixed_seeded_choice():
+    """unit="tokens": every position of every sample in one distribution; above max_tokens a fixed
+    seeded subset of positions (the same every call); labels per position or per sample."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 6, 3, generator=g, dtype=torch.float64), torch.randn(4, 6, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    small = KD2MLoss("cw2", 1.0, unit="tokens")
+    assert torch.allclose(small(s, t, y), metrics.get("cw2")(s.reshape(24, 3), t.reshape(24, 3), y))
+    capped = KD2MLoss("gauss_w2", 1.0, unit="tokens", max_tokens=10, token_seed=3)
+    idx = torch.randperm(24, generator=torch.Generator().manual_seed(3))[:10].sort().values
+    want = metrics.get("gauss_w2")(s.reshape(24, 3)[idx], t.reshape(24, 3)[idx])
+    assert torch.allclose(capped(s, t), want) and torch.equal(capped(s, t), capped(s, t))
+    per_sample = torch.tensor([0, 1, 0, 2])                              # each position takes its sample's label
+    assert torch.allclose(small(s, t, per_sample), small(s, t, per_sample.repeat_interleave(6)))
+    maps = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)      # a map's positions count too
+    assert torch.allclose(KD2MLoss("w2", 1.0, unit="tokens")(maps, maps * 2),
+                          metrics.get("w2")(maps.flatten(2).transpose(1, 2).reshape(8, 3),
+                                            (2 * maps).flatten(2).transpose(1, 2).reshape(8, 3)))
+    with pytest.raises(ValueError, match="unit='tokens' needs student_feats as tokens"):
+        small(s.reshape(24, 3), t.reshape(24, 3))
+    assert torch.allclose(KD2MLoss("gauss_w2", 1.0, unit="sequence")(s, t), KD2MLoss("gauss_w2", 1.0, unit="spatial")(s, t))

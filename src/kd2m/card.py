@@ -32,10 +32,10 @@ from .training.binding import default_layers
 __all__ = ["reproduction_card"]
 
 #: the recipe's fields, in the order the card lists them
-RECIPE = ("dataset", "teacher", "teacher_options", "student", "student_options", "pretrained_teacher",
-          "pretrained_student", "epochs", "teacher_epochs", "batch_size", "lr", "teacher_lr", "lr_schedule",
-          "lr_min", "lr_milestones", "lr_gamma", "momentum", "weight_decay", "amp", "match", "teacher_cache",
-          "seeds")
+RECIPE = ("task", "dataset", "tokenizer", "image_size", "teacher", "teacher_options", "student", "student_options",
+          "pretrained_teacher", "pretrained_student", "epochs", "teacher_epochs", "batch_size", "optimizer", "lr",
+          "teacher_lr", "lr_schedule", "lr_min", "lr_milestones", "lr_gamma", "momentum", "weight_decay", "amp",
+          "unit", "match", "teacher_cache", "seeds")
 
 
 def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
@@ -44,7 +44,10 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
     default = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
     if key in given or (value is not None and value != default):
         return "config"
-    if key in defaults_for(user.dataset):
+    dataset = user.resolved().dataset
+    if key == "dataset" and user.task == "lm":
+        return "task default"  # --task lm alone: the offline text benchmark
+    if key in defaults_for(dataset) or key == "task":
         return "dataset default"
     return "kd2m default"
 
@@ -63,7 +66,7 @@ def _weight_source(user: RunConfig, term, entry: dict) -> str:
         return "config"
     if term.name in (user.weights or {}):
         return "config"
-    defaults = defaults_for(user.dataset)
+    defaults = defaults_for(user.resolved().dataset)
     if term.spec.family == "kd2m":
         if user.weight is not None:
             return "config"
@@ -76,7 +79,7 @@ def _weight_source(user: RunConfig, term, entry: dict) -> str:
 def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
     given = dict(entry.get("options") or {})
     from_config = dict((user.term_options or {}).get(term.name, {}))
-    from_dataset = defaults_for(user.dataset).get("term_options", {}).get(term.name, {})
+    from_dataset = defaults_for(user.resolved().dataset).get("term_options", {}).get(term.name, {})
     out = []
     registered = dict(term.spec.defaults)
     for key, value in term.option_dict.items():
@@ -165,7 +168,8 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         value = getattr(cfg, key)
         if value is None or value == {} or (key == "lr_milestones" and cfg.lr_schedule != "multistep"):
             continue
-        if (key == "lr_min" and cfg.lr_schedule != "cosine") or (key == "lr_gamma" and cfg.lr_schedule == "cosine"):
+        if (key == "lr_min" and cfg.lr_schedule != "cosine") or (key == "lr_gamma" and cfg.lr_schedule == "cosine") \
+                or (key == "momentum" and cfg.optimizer != "sgd"):
             continue
         lines.append(f"| {key} | {value} | {_field_source(user, key, given)} |")
     models = _models(cfg)
@@ -177,7 +181,7 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         given_ce = method.key in (user.ce_weights or {})
         ce_from = "config" if given_ce else (
             "dataset default" if user.ce_weights is None and method.key in
-            defaults_for(user.dataset).get("ce_weights", {}) and user.weights is None
+            defaults_for(user.resolved().dataset).get("ce_weights", {}) and user.weights is None
             else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
             else "kd2m default")
         lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", "",

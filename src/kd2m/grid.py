@@ -23,7 +23,7 @@ from .atomic_io import atomic_write_json
 from .config import RunConfig
 from .errors import ConfigError, NonFiniteLossError
 from .data import build_dataset, dataset_labels
-from .methods import Method, method_label
+from .methods import Method, method_label, parse_weight
 from .catalog import CE, TEACHER
 from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
 from .runtime import fork_rng, resolve_device
@@ -41,7 +41,10 @@ SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v 
 def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple[RunConfig, Method]]:
     """The students of a grid as (their config, their method).
 
-    A ``weight`` (or ``auto_weight``: the factor K of ``auto*K``) sweep varies λ of the distances only: the baselines and named students run once.
+    A ``weight`` sweep varies λ of the distances only: the baselines and named students run once.
+    An ``auto_weight`` sweep (the factor K of ``auto*K``) varies the distances' λ and that of every
+    baseline whose λ is ``auto``: the same budget and rule for both (the baselines at a number, and
+    named students, run once).
     Any other key (``lr``, ...) changes every student, so every student — the CE-only one
     included, or its Δ would compare against another lr — runs once per value (keys
     ``method@key=value``). The teacher always trains with the base settings."""
@@ -55,13 +58,16 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
             raise ConfigError(f"--sweep {key}: every value must be a finite number {bound}, got {v:g}")
         lam = key in ("weight", "auto_weight")
         extra = {"weights": {k: w for k, w in cfg.weights.items() if k not in cfg.metrics}} if lam else {}
-        if key == "auto_weight":
+        auto_baselines = set()
+        if key == "auto_weight":  # the baselines at `auto` are swept alike
+            auto_baselines = {k for k, w in extra["weights"].items() if parse_weight(w)[1] and k in cfg.baselines}
+            extra["weights"] = {k: (f"auto*{v:g}" if k in auto_baselines else w) for k, w in extra["weights"].items()}
             vcfg = dataclasses.replace(cfg, weight=f"auto*{v:g}", **extra)
         else:
             vcfg = dataclasses.replace(cfg, **{key: v}, **extra)
         tag = {"weight": f"{v:g}", "auto_weight": f"auto*{v:g}"}.get(key, f"{key}={v:g}")
         for m in vcfg.methods():
-            swept = not lam or m.key in cfg.metrics
+            swept = not lam or m.key in cfg.metrics or m.key in auto_baselines
             if swept:
                 m = dataclasses.replace(m, key=f"{m.key}@{tag}")
             if m.key not in seen:

@@ -247,8 +247,7 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     diverged = diverged or {}
     stats = summarize(rows)
     fig = figure_of(rows)
-    students = [s for s in stats if s["method"] != TEACHER]
-    best = (max if fig.higher_is_better else min)((s["mean"] for s in students), default=None)
+    best, bold_note = best_separated(rows, stats, fig)
     if reference is None:
         reference = reference_numbers(dataset or "")
     paper = reference.get("numbers") or {}
@@ -259,7 +258,7 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     short = []
     for s in stats:
         cell = fmt(s["mean"], s["std"])
-        if s["method"] != TEACHER and best is not None and s["mean"] == best:
+        if s["method"] == best:
             cell = f"**{cell}**"
         n = f"{s['n']}"
         lost = len(diverged.get(s["method"], {}).get("seeds", ()))
@@ -282,6 +281,8 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
         if key not in shown:  # diverged on every seed it ran: no accuracy at all
             lines.append(f"| {d['label']} | diverged | 0 (!) | | | | |" + (" — |" if paper else ""))
     text = "\n".join(lines) + "\n"
+    if bold_note:
+        text += f"\n{bold_note}\n"
     if short:
         text += f"\n(!) unfinished: {', '.join(short)} seeds; their means are over fewer seeds than the others.\n"
     if diverged:
@@ -290,6 +291,26 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
         text += (f"\n(!) diverged (non-finite loss; each run's diverged.json says where): {which}. Those runs are "
                  "left out: the means and paired Δ of these methods are over their other seeds only.\n")
     return text
+
+
+def best_separated(rows: list[dict], stats: list[dict], fig: Figure) -> tuple[str | None, str]:
+    """The student to print in bold, and a note when there is none: the best mean is bold only when
+    a paired interval over the seeds both have separates it from the runner-up's (a best that one
+    more seed, or another CPU, could swap is not a best)."""
+    students = sorted((s for s in stats if s["method"] != TEACHER), key=lambda s: s["mean"],
+                      reverse=fig.higher_is_better)
+    if len(students) < 2:
+        return (students[0]["method"] if students else None), ""
+    first, second = students[0], students[1]
+    per_seed = {}
+    for r in rows:
+        if r["method"] in (first["method"], second["method"]):
+            per_seed.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
+    d = paired_delta(per_seed[first["method"]], per_seed[second["method"]], fig.higher_is_better)
+    if verdict(d) == "better":
+        return first["method"], ""
+    return None, (f"No student is in bold: the best mean, {first['label']}, is not separated from the runner-up, "
+                  f"{second['label']}, by a paired interval ({fmt_delta(d)}, {d['n_pairs']} seeds).")
 
 
 #: Settings that are a method's own (a paired comparison is of exactly these), and those that only
@@ -326,6 +347,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
     what = "(%)" if fig is ACCURACY else f"({fig.name})"
     lines = [f"| A | B | seeds | A {what} | B {what} | Δ A − B [95% CI] | p | A wins | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
+    needed = []
     for a, b in pairs:
         if a not in groups or b not in groups:
             raise ValueError(f"compare: no rows for {a if a not in groups else b!r}; methods: {', '.join(groups)}")
@@ -347,7 +369,39 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
         p = "" if math.isnan(d["p_value"]) else f"{d['p_value']:.3f}"
         lines.append(f"| {label(a)} | {label(b)} | {d['n_pairs']} | {mean_a:.2f} | {mean_b:.2f} | {fmt_delta(d)} | {p} | "
                      f"{d['wins']}/{d['n_pairs']} | {v} |")
-    return "\n".join(lines) + "\n"
+        needed.append(power_line(label(a), label(b), [groups[a][s] - groups[b][s] for s in seeds], fig))
+    return "\n".join(lines) + "\n\n" + "\n".join(needed) + "\n"
+
+
+def seeds_for_power(deltas: list[float], power: float = 0.8, limit: int = 10_000) -> int | None:
+    """The smallest number of seeds n at which a two-sided paired t-test at 5% detects a mean
+    difference of the observed size with probability ``power``, the differences' spread being the
+    observed one: the least n with |mean| ≥ (t₀.₉₇₅,ₙ₋₁ + t_power,ₙ₋₁)·sd/√n (the usual
+    normal-theory approximation). None when there is no spread to judge from (fewer than 2
+    differences) or no difference at all; ``limit`` when even that many would not do."""
+    from scipy import stats
+    if len(deltas) < 2:
+        return None
+    mean, sd = statistics.fmean(deltas), statistics.stdev(deltas)
+    if mean == 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, limit):
+        if abs(mean) >= (stats.t.ppf(0.975, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n):
+            return n
+    return limit
+
+
+def power_line(a: str, b: str, deltas: list[float], fig: Figure) -> str:
+    """One sentence: how many seeds a paired comparison of this size and spread needs."""
+    n = seeds_for_power(deltas)
+    if n is None:
+        return f"{a} − {b}: no difference to size a paired test for."
+    size = f"|Δ| = {abs(statistics.fmean(deltas)):.2f} {fig.unit}, sd {statistics.stdev(deltas):.2f}"
+    more = f"about {n} seeds" if n < 10_000 else "more than 10000 seeds"
+    return (f"{a} − {b}: a difference of this size ({size}) needs {more} for an 80% chance that a paired "
+            f"95% interval excludes 0 (this comparison has {len(deltas)}).")
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:

@@ -11,12 +11,13 @@ labels; DistiLLM's token mean); the temperature divides both logits and there is
 (TRL ``generalized_jsd_loss``).
 
 Memory: a vocabulary of V entries makes every per-position quantity a ``(positions, V)``
-tensor. The positions are processed in chunks of ``chunk_size`` (default 1024), each under
-activation checkpointing: the softmaxes and logs of a chunk are freed after its forward and
-recomputed in backward, so the extra memory of a call is a few ``chunk_size × V`` float32
-buffers (about 5 × 1024 × 32000 × 4 bytes ≈ 650 MB at V = 32k), whatever the number of
-positions, beside the logits themselves and their gradient. ``benchmarks/divergences.py``
-measures it.
+tensor. The positions are processed in chunks of ``chunk_size`` positions (default: as many as
+fit :data:`CHUNK_ELEMENTS` = 2²² logits, i.e. 128 positions at V = 32 000, all of them at a small
+vocabulary), each chunk under activation checkpointing when there is more than one: the softmaxes
+and logs of a chunk are freed after its forward and recomputed in backward, so the extra memory
+of a call is a few ``chunk_size × V`` float32 buffers (about 5 × 2²² × 4 bytes ≈ 80 MiB),
+whatever the number of positions, beside the logits themselves and their gradient.
+``benchmarks/divergences.py`` measures it.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from .inputs import check_positive, in_full_precision
 from .registry import register_term
 
-#: positions per chunk (see the module docstring)
-CHUNK_SIZE = 1024
+#: logits per chunk when ``chunk_size`` is not given (see the module docstring)
+CHUNK_ELEMENTS = 1 << 22
 
 
 def _flat(term: str, student_logits, teacher_logits, labels) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,10 +94,13 @@ def _per_position(kind: str, s: Tensor, t: Tensor, temperature: float, beta: flo
 
 def token_divergence(kind: str, student_logits: Tensor, teacher_logits: Tensor, labels=None, *,
                      temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                     chunk_size: int = CHUNK_SIZE) -> Tensor:
+                     chunk_size: int | None = None) -> Tensor:
     """Mean over kept positions of the per-position divergence ``kind`` (see the module docstring),
-    computed over chunks of ``chunk_size`` positions with activation checkpointing. 0-dim."""
+    computed over chunks of ``chunk_size`` positions (default: :data:`CHUNK_ELEMENTS` logits) with
+    activation checkpointing. 0-dim."""
     s, t, mask = _flat(kind, student_logits, teacher_logits, labels)
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // s.shape[1])
     total = s.new_zeros(())
     for start in range(0, s.shape[0], chunk_size):
         cs, ct, cm = s[start:start + chunk_size], t[start:start + chunk_size], mask[start:start + chunk_size]
@@ -112,8 +116,9 @@ def token_divergence(kind: str, student_logits: Tensor, teacher_logits: Tensor, 
 
 def _check(term: str, temperature, chunk_size, **fractions) -> None:
     check_positive(term, temperature=temperature)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"loss term {term!r}: chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"loss term {term!r}: chunk_size must be a positive integer (or None: from the "
+                         f"vocabulary), got {chunk_size!r}")
     for name, value in fractions.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"loss term {term!r}: {name} must be in [0, 1], got {value!r}")
@@ -123,7 +128,7 @@ def _check(term: str, temperature, chunk_size, **fractions) -> None:
 
 @register_term("fkl", label="FKL", needs=("logits", "labels"), paper="Hinton et al. 2015; token-level (TRL GKD β=0)")
 @in_full_precision
-def fkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+def fkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int | None = None,
         **_) -> Tensor:
     r"""Forward KL per token, :math:`\mathrm{KL}(p_T \,\|\, p_S)`, mean over kept positions: TRL's
     ``generalized_jsd_loss`` with β = 0 (its ``batchmean`` with labels). Shapes: ``(B, L, V)`` or
@@ -135,7 +140,7 @@ def fkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0
 
 @register_term("rkl", label="RKL", needs=("logits", "labels"), paper="Gu et al., MiniLLM, ICLR 2024 (TRL GKD β=1)")
 @in_full_precision
-def rkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+def rkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int | None = None,
         **_) -> Tensor:
     r"""Reverse KL per token, :math:`\mathrm{KL}(p_S \,\|\, p_T)` (mode-seeking), mean over kept
     positions: TRL's ``generalized_jsd_loss`` with β = 1; DistiLLM's ``reverse_kl``."""
@@ -147,7 +152,7 @@ def rkl(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0
 @register_term("jsd", label="GKD-JSD", needs=("logits", "labels"), paper="Agarwal et al., GKD, ICLR 2024")
 @in_full_precision
 def jsd(*, student_logits, teacher_logits, labels=None, beta: float = 0.5, temperature: float = 1.0,
-        chunk_size: int = CHUNK_SIZE, **_) -> Tensor:
+        chunk_size: int | None = None, **_) -> Tensor:
     r"""GKD's generalised Jensen–Shannon divergence per token, mean over kept positions:
 
     .. math:: \beta\,\mathrm{KL}(p_T\|m) + (1-\beta)\,\mathrm{KL}(p_S\|m),\quad m = (1-\beta)p_S + \beta p_T,
@@ -164,7 +169,7 @@ def jsd(*, student_logits, teacher_logits, labels=None, beta: float = 0.5, tempe
 @register_term("skew_kl", label="SKL", needs=("logits", "labels"), paper="Ko et al., DistiLLM, ICML 2024")
 @in_full_precision
 def skew_kl(*, student_logits, teacher_logits, labels=None, alpha: float = 0.1, temperature: float = 1.0,
-            chunk_size: int = CHUNK_SIZE, **_) -> Tensor:
+            chunk_size: int | None = None, **_) -> Tensor:
     r"""DistiLLM's skew KL per token, :math:`\mathrm{KL}(p_T \,\|\, \alpha p_T + (1-\alpha) p_S)`, mean
     over kept positions; α = 0.1 as DistiLLM's ``--skew-alpha``. DistiLLM's ``skewed_forward_kl``
     returns the cross-entropy :math:`-\sum p_T \log(\cdot)`, which is this plus the teacher's
@@ -177,7 +182,7 @@ def skew_kl(*, student_logits, teacher_logits, labels=None, alpha: float = 0.1, 
 @register_term("skew_rkl", label="SRKL", needs=("logits", "labels"), paper="Ko et al., DistiLLM, ICML 2024")
 @in_full_precision
 def skew_rkl(*, student_logits, teacher_logits, labels=None, alpha: float = 0.1, temperature: float = 1.0,
-             chunk_size: int = CHUNK_SIZE, **_) -> Tensor:
+             chunk_size: int | None = None, **_) -> Tensor:
     r"""DistiLLM's skew reverse KL per token, :math:`\mathrm{KL}(p_S \,\|\, \alpha p_S + (1-\alpha) p_T)`,
     mean over kept positions (DistiLLM's ``skewed_reverse_kl``, ``lam`` = α = 0.1; the gradient
     flows through the student inside the mixture, as there)."""
@@ -188,7 +193,7 @@ def skew_rkl(*, student_logits, teacher_logits, labels=None, alpha: float = 0.1,
 
 @register_term("tvd", label="TVD", needs=("logits", "labels"), paper="Wen et al., f-divergence KD, ACL 2023")
 @in_full_precision
-def tvd(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+def tvd(*, student_logits, teacher_logits, labels=None, temperature: float = 1.0, chunk_size: int | None = None,
         **_) -> Tensor:
     r"""Total variation per token, :math:`\tfrac12 \sum_v |p_T(v) - p_S(v)|`, mean over kept
     positions (DistiLLM's ``tv_distance``)."""
