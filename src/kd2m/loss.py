@@ -136,11 +136,7 @@ class KD2MLoss(nn.Module):
         """unit="tokens": (positions, d) student and teacher features and their labels, every
         position of the batch pooled into one set and subsampled (see the class docstring)."""
         name = self.metric.name
-        for who, x in (("student_feats", s), ("teacher_feats", t)):
-            if not isinstance(x, Tensor) or x.dim() not in (3, 4):
-                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"{name}: unit='tokens' needs {who} as tokens (n, L, d) or maps (n, c, h, w), "
-                                 f"got {shape}; tap the layer with FeatureTap(..., pool='none')")
+        _check_positions(name, "tokens", s, t)
         s, t = spatial_sets(s, t)
         if s.shape[:2] != t.shape[:2]:
             raise ValueError(f"{name}: unit='tokens' pairs positions: student has {tuple(s.shape[:2])} (samples, "
@@ -168,11 +164,7 @@ class KD2MLoss(nn.Module):
 
     def _spatial(self, s: Tensor, t: Tensor) -> Tensor:
         name = self.metric.name
-        for who, x in (("student_feats", s), ("teacher_feats", t)):
-            if not isinstance(x, Tensor) or x.dim() not in (3, 4):
-                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"{name}: unit='spatial' needs {who} as maps (n, c, h, w) or tokens (n, L, d), "
-                                 f"got {shape}; tap the layer with FeatureTap(..., pool='none')")
+        _check_positions(name, "spatial", s, t)
         if s.shape[0] != t.shape[0]:
             raise ValueError(f"{name}: unit='spatial' pairs images: student has n={s.shape[0]}, "
                              f"teacher n={t.shape[0]}")
@@ -189,6 +181,15 @@ class KD2MLoss(nn.Module):
         opts = "".join(f", {k}={v!r}" for k, v in self.set_options.items())
         tokens = f", max_tokens={self.max_tokens}" if self.unit == "tokens" else ""
         return f"metric={self.metric!r}, weight={self.weight:g}, unit={self.unit!r}, match={self.match!r}{opts}{tokens}"
+
+
+def _check_positions(name: str, unit: str, s, t) -> None:
+    """ValueError unless both are per-position features: maps (n, c, h, w) or tokens (n, L, d)."""
+    for who, x in (("student_feats", s), ("teacher_feats", t)):
+        if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name}: unit={unit!r} needs {who} as maps (n, c, h, w) or tokens (n, L, d), "
+                             f"got {shape}; tap the layer with FeatureTap(..., pool='none')")
 
 
 def spatial_sets(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
