@@ -8,9 +8,9 @@ Each row runs in a fresh subprocess: float32 student logits ``(tokens, V)`` requ
 teacher logits, built first; the child records its resident set size, resets the kernel's
 high-water mark (``/proc/self/clear_refs`` ← 5), runs forward + backward of the term and reports
 VmHWM − the RSS before: the extra memory the call needed at its peak, the logits' gradient
-(tokens·V·4 bytes) included. "chunked" is the default (positions in chunks of 2²² logits under
-activation checkpointing, :mod:`kd2m.losses.divergences`); "whole" sets ``chunk_size`` to the
-token count.
+(tokens·V·4 bytes) included. "chunked" is the default (positions in chunks of 2²² logits, each
+chunk's gradient computed in the forward into one buffer, :mod:`kd2m.losses.divergences`);
+"whole" sets ``chunk_size`` to the token count.
 The ratio column is chunked over whole, measured side by side in one run; ``--chunk`` defaults to
 the library's own choice at this vocabulary (2²² logits per chunk).
 """

@@ -12,11 +12,12 @@ labels; DistiLLM's token mean); the temperature divides both logits and there is
 
 Memory: a vocabulary of V entries makes every per-position quantity a ``(positions, V)``
 tensor. The positions are processed in chunks of ``chunk_size`` positions (default: as many as
-fit :data:`CHUNK_ELEMENTS` = 2²² logits, i.e. 128 positions at V = 32 000, all of them at a small
-vocabulary), each chunk under activation checkpointing when there is more than one: the softmaxes
-and logs of a chunk are freed after its forward and recomputed in backward, so the extra memory
-of a call is a few ``chunk_size × V`` float32 buffers (about 5 × 2²² × 4 bytes ≈ 80 MiB),
-whatever the number of positions, beside the logits themselves and their gradient.
+fit :data:`CHUNK_ELEMENTS` = 2²² logits, i.e. 131 positions at V = 32 000, all of them at a small
+vocabulary). With more than one chunk, each chunk's value and its gradient with respect to the
+student's logits are computed in the forward and the chunk's softmaxes freed at once; the
+gradient goes into one buffer the size of the logits, which the backward scales. So the extra
+memory of a call is that buffer plus a few ``chunk_size × V`` float32 temporaries (about 5 × 2²²
+× 4 bytes ≈ 80 MiB), whatever the number of positions, beside the logits themselves.
 ``benchmarks/divergences.py`` measures it.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .inputs import check_positive, in_full_precision
 from .registry import register_term
@@ -96,22 +96,46 @@ def token_divergence(kind: str, student_logits: Tensor, teacher_logits: Tensor, 
                      temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
                      chunk_size: int | None = None) -> Tensor:
     """Mean over kept positions of the per-position divergence ``kind`` (see the module docstring),
-    computed over chunks of ``chunk_size`` positions (default: :data:`CHUNK_ELEMENTS` logits) with
-    activation checkpointing. 0-dim."""
+    computed over chunks of ``chunk_size`` positions (default: :data:`CHUNK_ELEMENTS` logits). 0-dim."""
     s, t, mask = _flat(kind, student_logits, teacher_logits, labels)
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // s.shape[1])
-    total = s.new_zeros(())
-    for start in range(0, s.shape[0], chunk_size):
-        cs, ct, cm = s[start:start + chunk_size], t[start:start + chunk_size], mask[start:start + chunk_size]
 
-        def chunk(cs, ct, cm):
-            return (_per_position(kind, cs, ct, temperature, beta, alpha) * cm).sum()
-        if torch.is_grad_enabled() and cs.requires_grad and s.shape[0] > chunk_size:
-            total = total + checkpoint(chunk, cs, ct, cm, use_reentrant=False)
-        else:
-            total = total + chunk(cs, ct, cm)
+    def summed(cs, ct, cm):
+        return (_per_position(kind, cs, ct, temperature, beta, alpha) * cm).sum()
+    if s.shape[0] <= chunk_size:  # one chunk: plain autograd
+        total = summed(s, t, mask)
+    elif torch.is_grad_enabled() and s.requires_grad:
+        total = _Chunked.apply(s, t, mask, summed, chunk_size)
+    else:
+        total = sum(summed(s[i:i + chunk_size], t[i:i + chunk_size], mask[i:i + chunk_size])
+                    for i in range(0, s.shape[0], chunk_size))
     return total / mask.sum().clamp_min(1.0)
+
+
+class _Chunked(torch.autograd.Function):
+    """Σ over chunks of ``summed(chunk)``, its gradient with respect to the student's logits
+    computed chunk by chunk during the forward and written into one buffer of the logits' shape:
+    no chunk's softmaxes outlive it, and the backward is a product with that buffer (no
+    recomputation, no full-size gradient per chunk). First-order gradients only."""
+
+    @staticmethod
+    def forward(ctx, s, t, mask, summed, chunk_size):
+        grad = torch.empty_like(s)
+        total = s.new_zeros(())
+        for i in range(0, s.shape[0], chunk_size):
+            leaf = s[i:i + chunk_size].detach().requires_grad_()
+            with torch.enable_grad():
+                value = summed(leaf, t[i:i + chunk_size], mask[i:i + chunk_size])
+            grad[i:i + chunk_size], = torch.autograd.grad(value, leaf)
+            total += value.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None
 
 
 def _check(term: str, temperature, chunk_size, **fractions) -> None:
