@@ -18,6 +18,8 @@ from kd2m.losses import TermContext
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
 BASELINES = ["at", "crd", "dist", "dkd", "fitnet", "kd", "nst", "pkt", "rkd", "wkd_f", "wkd_l"]
+#: the LLM field's token divergences, baselines too (tested against their formulas in tests/test_lm.py)
+LLM_DIVERGENCES = ["fkl", "jsd", "rkl", "skew_kl", "skew_rkl", "tvd"]
 
 
 def _g(seed):
@@ -77,7 +79,7 @@ def _term(name, ctx, double=True, **options):
 
 def test_available_lists_every_baseline_with_its_facts():
     assert set(BASELINES) <= set(losses.available())
-    assert losses.available("baseline") == sorted(BASELINES)
+    assert losses.available("baseline") == sorted(BASELINES + LLM_DIVERGENCES)
     facts = {"kd": ("KD", {"logits"}), "dkd": ("DKD", {"logits", "labels"}), "dist": ("DIST", {"logits"}),
              "wkd_l": ("WKD-L", {"logits", "labels"}), "pkt": ("PKT", {"feats"}), "rkd": ("RKD", {"feats"}),
              "crd": ("CRD", {"feats", "index"}), "fitnet": ("FitNets", {"maps"}), "at": ("AT", {"maps"}),
@@ -87,7 +89,9 @@ def test_available_lists_every_baseline_with_its_facts():
         assert (s.label, set(s.needs), s.family) == (label, needs, "baseline")
         assert s.paper
     assert losses.spec("dkd").warmup == 20
-    assert all(losses.spec(n).warmup == 0 for n in BASELINES if n != "dkd")
+    assert all(losses.spec(n).warmup == 0 for n in BASELINES + LLM_DIVERGENCES if n != "dkd")
+    assert all(set(losses.spec(n).needs) == {"logits", "labels"} and losses.spec(n).weight == 1.0
+               for n in LLM_DIVERGENCES)
     assert losses.spec("pkt").pairwise_factor > 0 and losses.spec("rkd").pairwise_factor > 0
     assert dict(losses.spec("dkd").defaults) == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "standardize": False}
     assert dict(losses.spec("crd").defaults) == {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_m": 0.5,
