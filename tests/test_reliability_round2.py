@@ -437,3 +437,44 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_alike(tmp_path):
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert all("non-finite loss at epoch 1, step 3" in m for m in messages), messages
     assert not (tmp_path / "ce/seed0/final.json").exists()
+
+
+def test_a_solver_failing_on_a_diverged_students_features_is_a_divergence_not_a_crash(tmp_path, capsys, monkeypatch):
+    """Inside the engine the terms skip their value checks (no host read per step), so NaN features
+    reach them; an eigensolver that fails to converge on them raised its RuntimeError through the
+    grid (seen in an MNIST-1D sweep at auto*10: the whole sweep ended). It is the run's divergence:
+    recorded, the other runs finish, one line names where."""
+    from kd2m import metrics as M
+    real = M.Metric.__call__
+
+    def fails_on_nan(self, s, t, *args):
+        if self.name == "gauss_w2" and not bool(torch.isfinite(s).all()):
+            raise RuntimeError("linalg.eigh: The algorithm failed to converge because the input matrix is "
+                               "ill-conditioned or has too many repeated eigenvalues")
+        return real(self, s, t, *args)
+    monkeypatch.setattr(M.Metric, "__call__", fails_on_nan)
+    out = tmp_path / "o"
+    argv = ["run", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics",
+            "gauss_w2,cw2", "--no-progress", "--parallel", "1", "--out", out,
+            "--lr", "1e6", "--teacher-lr", "0.05"]   # the students' features blow up, the teacher trains
+    code, log, err = run_cli(argv, capsys)
+    one_line_error(code, err, "non-finite", "2 more diverged run(s)")   # ce, cw2 and gauss_w2: every student
+    where = json.loads((out / "gauss_w2/seed0/diverged.json").read_text())["where"]
+    assert where.startswith("non-finite student features at epoch 1, step ")
+    assert (out / "cw2/seed0/diverged.json").exists() and "linalg.eigh" not in err
+
+
+def test_an_error_that_does_not_unpickle_reaches_the_grid_as_its_text():
+    """A worker's exception whose constructor takes more than its message pickles but does not
+    unpickle: the grid's process got a TypeError about that constructor instead of the error."""
+    import pickle
+
+    from kd2m.grid import _sendable
+    from kd2m.training.step import TermFailure
+    e = TermFailure(object(), ValueError("bad option"))
+    with pytest.raises(TypeError):
+        pickle.loads(pickle.dumps(e))
+    sent = pickle.loads(pickle.dumps(_sendable(e)))
+    assert isinstance(sent, RuntimeError) and str(sent) == "TermFailure: bad option"
+    plain = ValueError("x")
+    assert _sendable(plain) is plain

@@ -352,10 +352,20 @@ def _worker_loop(conn) -> None:
         try:
             conn.send(("ok", _seed_worker(job)))
         except BaseException as e:  # noqa: BLE001 (sent back to be raised in the grid's process)
-            try:
-                conn.send(("error", e))
-            except Exception:  # an exception that does not pickle: its text
-                conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}")))
+            conn.send(("error", _sendable(e)))
+
+
+def _sendable(e: BaseException) -> BaseException:
+    """``e`` if it survives a pickle round trip (what the grid's process receives), else a
+    RuntimeError with its type and text: an exception whose constructor takes other arguments
+    than its message pickles but fails to unpickle, which would replace the worker's error with
+    a TypeError about that constructor."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 (any failure to pickle or unpickle)
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def check_auto_weights(students, bundle, device, out: RunDir, seed: int, teacher, caches: dict) -> None:

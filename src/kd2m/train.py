@@ -36,7 +36,7 @@ from .training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_lay
 from .training.build import (IndexedDataset, build_net, build_student, build_teacher, freeze,  # noqa: F401
                              make_loaders)
 from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
-from .training.step import EpochTally, Step, zero_nonfinite_gradients
+from .training.step import EpochTally, Step, TermFailure, zero_nonfinite_gradients
 from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, teacher_cache  # noqa: F401
 
 __all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
@@ -176,7 +176,10 @@ class Trainer:
             for step, (x, y, key) in enumerate(self.train_loader):
                 x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
                 key = key.to(device, non_blocking=True)
-                out = self.step.forward(x, y, key, net=net)
+                try:
+                    out = self.step.forward(x, y, key, net=net)
+                except TermFailure as f:
+                    raise self._term_failure(f, epoch, step) from None
                 loss, distill = self.step.loss(out, lam)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -195,6 +198,17 @@ class Trainer:
             row["terms"] = {b.key: mean[b.key] for b in self.terms}
             row["weights"] = {b.key: w for b, w in zip(self.terms, lam)}
         return row
+
+    def _term_failure(self, failure: TermFailure, epoch: int, step: int) -> Exception:
+        """What a term's error during training means. Inside the engine the terms skip their value
+        checks (no host reads per step), so non-finite features reach them, and a solver may fail
+        on them (an eigensolver that does not converge on NaN) before the loss could read NaN: the
+        run diverged, said as such (the grid records it and goes on). Looked at here, on the
+        failure path only; any other error is the term's own, raised as it was."""
+        taps = self.s_taps.features() if self.s_taps is not None else {}
+        if any(not bool(torch.isfinite(v).all()) for v in taps.values() if v.is_floating_point()):
+            return NonFiniteLossError(f"non-finite student features at epoch {epoch + 1}, step {step + 1}")
+        return failure.error
 
     def _evaluate(self, net: nn.Module) -> dict:
         """The task's held-out figures of ``net`` (e.g. ``{"test_acc": …}``)."""
