@@ -478,3 +478,26 @@ def test_an_error_that_does_not_unpickle_reaches_the_grid_as_its_text():
     assert isinstance(sent, RuntimeError) and str(sent) == "TermFailure: bad option"
     plain = ValueError("x")
     assert _sendable(plain) is plain
+
+
+def test_an_eigensolver_failing_on_finite_extreme_features_is_that_runs_divergence(tmp_path, capsys, monkeypatch):
+    """Seen in the MNIST-1D sweep at auto*10: CW2 (G)'s eigensolver failed to converge on a student's
+    finite but exploding features and its LinAlgError ended the whole sweep. It is recorded as
+    that run's divergence, naming the term, the epoch and step and the solver's words."""
+    from kd2m import metrics as M
+    from kd2m import value_checks
+    real, calls = M.Metric.__call__, []
+
+    def fails_at_step_two(self, *args):
+        if self.name == "gauss_w2" and not value_checks.eager():  # inside training's epochs only
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.linalg.LinAlgError("linalg.eigh: (Batch element 0): The algorithm failed to converge")
+        return real(self, *args)
+    monkeypatch.setattr(M.Metric, "__call__", fails_at_step_two)
+    out = tmp_path / "o"
+    code, log, err = run_cli(["run", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce",
+                              "--metrics", "gauss_w2", "--weight", "auto", "--no-progress", "--parallel", "1",
+                              "--out", out], capsys)
+    one_line_error(code, err, "gauss_w2 s0:", "term 'gauss_w2' could not be computed", "step 2", "failed to converge")
+    assert (out / "gauss_w2/seed0/diverged.json").exists() and (out / "ce/seed0/final.json").exists()

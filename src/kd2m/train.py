@@ -205,9 +205,16 @@ class Trainer:
         on them (an eigensolver that does not converge on NaN) before the loss could read NaN: the
         run diverged, said as such (the grid records it and goes on). Looked at here, on the
         failure path only; any other error is the term's own, raised as it was."""
+        at = f"at epoch {epoch + 1}, step {step + 1}"
         taps = self.s_taps.features() if self.s_taps is not None else {}
         if any(not bool(torch.isfinite(v).all()) for v in taps.values() if v.is_floating_point()):
-            return NonFiniteLossError(f"non-finite student features at epoch {epoch + 1}, step {step + 1}")
+            return NonFiniteLossError(f"non-finite student features {at}")
+        if isinstance(failure.error, torch.linalg.LinAlgError):
+            # finite but extreme features (a student blowing up under a large λ) can still defeat a
+            # ridge-regularised eigensolver: the run diverged, named with the solver's own words
+            reason = str(failure.error).splitlines()[0][:120]
+            return NonFiniteLossError(f"term {failure.term.config.name!r} could not be computed on the student's "
+                                      f"features {at} ({reason})")
         return failure.error
 
     def _evaluate(self, net: nn.Module) -> dict:
