@@ -22,16 +22,10 @@ import subprocess
 import sys
 import time
 
+from host_memory import reset_peak, status_kib
+
 DEFAULT = ["fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd"]
 MiB = 2**20
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def child(name: str, tokens: int, vocab: int, chunk: int) -> None:
@@ -46,16 +40,11 @@ def child(name: str, tokens: int, vocab: int, chunk: int) -> None:
     zs = torch.randn(tokens, vocab, generator=g).requires_grad_()
     zt = torch.randn(tokens, vocab, generator=g)
     labels = torch.randint(0, vocab, (tokens,), generator=g)
-    before = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    before = reset_peak()
     t0 = time.perf_counter()
     term(student_logits=zs, teacher_logits=zt, labels=labels).backward()
     seconds = time.perf_counter() - t0
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024, "seconds": seconds}))
+    print(json.dumps({"peak_mib": (status_kib("VmHWM") - before) / 1024, "seconds": seconds}))
 
 
 def measure(name: str, tokens: int, vocab: int, chunk: int) -> dict:

@@ -30,20 +30,11 @@ import subprocess
 import sys
 import time
 
+from host_memory import reset_peak, status_kib
+
 QUADRATIC = ["w2", "cw2", "jw2", "gw2", "sinkhorn", "mmd_rbf", "cmmd_rbf"]
 LINEAR = ["sliced_w2", "gauss_w2"]
 MiB = 2**20
-
-
-def _status_kib(key: str, pid: str = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 # ----------------------------------------------------------------------------- child
@@ -70,18 +61,13 @@ def child(name: str, n: int, d: int, classes: int, seed: int, options: dict) -> 
     del s, t, y, sl, tl
     gc.collect()
     s, t, y, sl, tl = inputs(n)
-    base = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                      # reset VmHWM to the current RSS
-    except OSError:
-        pass
+    base = reset_peak()                       # and VmHWM reset to it
     print(json.dumps({"base_kib": base}), flush=True)
     t0 = time.perf_counter()
     loss = fn(s, t, y, sl, tl)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"base_kib": base, "peak_kib": peak, "seconds": seconds, "value": float(loss.detach())}),
           flush=True)
 
@@ -100,7 +86,7 @@ def measure(name: str, n: int, d: int, classes: int, timeout: float, options: st
         return {"error": (proc.stderr.read().strip().splitlines() or ["child failed"])[-1]}
     t0, hwm = time.perf_counter(), 0
     while proc.poll() is None:
-        hwm = max(hwm, _status_kib("VmHWM", str(proc.pid)) or 0)
+        hwm = max(hwm, status_kib("VmHWM", str(proc.pid)) or 0)
         if time.perf_counter() - t0 > timeout:
             proc.kill()
             proc.wait()

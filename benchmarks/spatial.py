@@ -20,16 +20,10 @@ import os
 import subprocess
 import sys
 
+from host_memory import reset_peak, status_kib
+
 CASES = [("gauss_w2", {}), ("gauss_w2", {"diagonal": True}), ("mmd_rbf", {}), ("sliced_w2", {})]
 MiB = 2**20
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def child(metric: str, options: dict, mode: str, n: int, c: int, h: int, w: int, repeats: int) -> dict:
@@ -58,14 +52,9 @@ def child(metric: str, options: dict, mode: str, n: int, c: int, h: int, w: int,
 
     step(*maps(2))  # warm-up on 2 images: imports, lazy initialisation, without pre-growing the heap
     s, t = maps(n)
-    rss = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    rss = reset_peak()
     step(s, t)
-    peak = (_status_kib("VmHWM") - rss) * 1024 / MiB
+    peak = (status_kib("VmHWM") - rss) * 1024 / MiB
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -1,5 +1,6 @@
 """The benchmark scripts still run and print what they promise (tiny sizes; no timing is asserted)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name):
+    """A benchmark script as a module, its directory on sys.path as `python benchmarks/X.py` has it
+    (for its sibling helpers, e.g. host_memory)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
