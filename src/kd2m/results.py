@@ -130,15 +130,22 @@ def upsert(path: str | Path, row: dict) -> list[dict]:
     return rows
 
 
+def per_seed_figures(rows: list[dict], fig: Figure) -> dict[str, dict[int, float]]:
+    """{method: {seed: the run's figure in its table unit}} (accuracy in %, or perplexity)."""
+    groups: dict[str, dict[int, float]] = {}
+    for r in rows:
+        groups.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
+    return groups
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Per method (table order): the figure's mean and sample std over seeds (:func:`figure_of`:
     accuracy in %, or perplexity), and the paired Δ vs the CE-only student of the same seeds (see
     :func:`paired_delta`)."""
     fig = figure_of(rows)
-    groups: dict[str, dict[int, float]] = {}
+    groups = per_seed_figures(rows, fig)
     labels: dict[str, str] = {}
     for r in rows:
-        groups.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
         if r.get("label"):
             labels.setdefault(r["method"], r["label"])
     out = []
@@ -302,10 +309,7 @@ def best_separated(rows: list[dict], stats: list[dict], fig: Figure) -> tuple[st
     if len(students) < 2:
         return (students[0]["method"] if students else None), ""
     first, second = students[0], students[1]
-    per_seed = {}
-    for r in rows:
-        if r["method"] in (first["method"], second["method"]):
-            per_seed.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
+    per_seed = per_seed_figures([r for r in rows if r["method"] in (first["method"], second["method"])], fig)
     d = paired_delta(per_seed[first["method"]], per_seed[second["method"]], fig.higher_is_better)
     if verdict(d) == "better":
         return first["method"], ""
@@ -341,9 +345,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
     anything but their methods (:func:`settings_difference`: e.g. 3 epochs against 1 in one
     ``--out``) is refused, naming the difference. A pair without a common seed is refused too."""
     fig = figure_of(rows)
-    groups: dict[str, dict[int, float]] = {}
-    for r in rows:
-        groups.setdefault(r["method"], {})[int(r["seed"])] = fig.scale * float(r[fig.key])
+    groups = per_seed_figures(rows, fig)
     what = "(%)" if fig is ACCURACY else f"({fig.name})"
     lines = [f"| A | B | seeds | A {what} | B {what} | Δ A − B [95% CI] | p | A wins | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
