@@ -9,6 +9,12 @@ diverges is no candidate), and the fixed λ a hand-tuner would then write: best 
 calibrated scale on those seeds (``auto_scales`` in final.json), to one significant digit. Last,
 the ``weights:`` line for a config, and the mean accuracy over all metrics per K (what a single
 global K would give on these seeds).
+
+    python benchmarks/swept_lambda.py DIR --as-k w2=0.01,cw2=0.1
+
+reads a fixed λ the other way: in units of the mean calibrated scale of the sweep's runs, i.e. the
+K of ``auto*K`` that λ amounts to on that benchmark (how the README compares the digits' swept λ
+with MNIST-1D's best K).
 """
 from __future__ import annotations
 
@@ -39,28 +45,41 @@ def read_sweep(root: Path) -> dict:
     return found
 
 
+def mean_scale(runs_by_k: dict) -> float:
+    """The mean calibrated scale over the finished runs (it does not depend on K: calibration
+    measures the pull at K = 1, and K multiplies it)."""
+    return statistics.fmean(r[1] for runs in runs_by_k.values() for r in runs.values() if r)
+
+
 def pick(runs_by_k: dict) -> tuple[dict, float, float]:
     """(mean accuracy per K, None where a seed diverged; the best K; its fixed λ to 1 significant digit)."""
     seeds = set().union(*(r.keys() for r in runs_by_k.values()))
-    means, scales = {}, []
+    means = {}
     for k, runs in sorted(runs_by_k.items()):
         done = [runs.get(s) for s in seeds]
         means[k] = statistics.fmean(r[0] for r in done) if all(done) else None
-        scales += [r[1] for r in done if r]
     candidates = {k: v for k, v in means.items() if v is not None}
     if not candidates:
         raise SystemExit("no K finished on every seed")
     best = max(candidates, key=candidates.get)
-    return means, best, float(f"{best * statistics.fmean(scales):.1g}")
+    return means, best, float(f"{best * mean_scale(runs_by_k):.1g}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir")
+    p.add_argument("--as-k", metavar="METRIC=λ,...", help="print each fixed λ as the K it amounts to here")
     a = p.parse_args(argv)
     sweep = read_sweep(Path(a.sweep_dir))
     if not sweep:
         raise SystemExit(f"{a.sweep_dir}: no METRIC@auto*K run directories (made by --sweep auto_weight=...)")
+    if a.as_k:
+        for item in a.as_k.split(","):
+            metric, lam = item.split("=")
+            if metric not in sweep:
+                raise SystemExit(f"--as-k: no {metric}@auto*K runs in {a.sweep_dir}")
+            print(f"{metric:10s} λ = {float(lam):g} is K = {float(lam) / mean_scale(sweep[metric]):.3g}")
+        return 0
     weights, per_k = {}, {}
     for metric, runs_by_k in sweep.items():
         means, best, lam = pick(runs_by_k)

@@ -95,6 +95,12 @@ def test_swept_lambda_picks_the_best_finished_k_and_writes_its_fixed_lambda(tmp_
     out = capsys.readouterr().out
     assert "weights: {cw2: 0.06, mmd_rbf: 8}" in out   # 0.3 × 26 = 7.8 → 8
     assert "K=10: diverged" in out and "global K=1: mean over 2/2 metrics" in out
+    # a fixed λ read back as K: λ / the mean scale (cw2: 0.0204 → 0.1 is K = 4.9; mmd_rbf: 26 → 52 is K = 2)
+    assert swept.main([str(tmp_path), "--as-k", "cw2=0.1,mmd_rbf=52"]) == 0
+    out = capsys.readouterr().out
+    assert "cw2        λ = 0.1 is K = 4.9\n" in out and "mmd_rbf    λ = 52 is K = 2\n" in out
+    with pytest.raises(SystemExit, match="no w2@auto"):
+        swept.main([str(tmp_path), "--as-k", "w2=1"])
 
 
 def test_gpu_benchmark_refuses_without_cuda_and_runs_its_preset_with_overrides(tmp_path, capsys, monkeypatch):
