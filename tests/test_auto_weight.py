@@ -103,3 +103,116 @@ def test_calibration_leaves_no_trace_on_training(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     final = json.loads((out / "cw2/seed0/final.json").read_text())
     assert final["auto_scales"]["cw2"] > 0
+
+
+def test_auto_every_recalibrates_on_the_student_as_it_is_at_that_epoch(tmp_path):
+    """auto_every=1: the λ of epoch 2 is K times the gradient-norm ratio on the student after
+    epoch 1 (recomputed here with the same oracle as at initialisation), not the initial one."""
+    import dataclasses
+    tr = _trainer(tmp_path, "cw2", "auto*0.5")
+    tr.cfg = dataclasses.replace(tr.cfg, auto_every=1)
+    tr.epochs = 2
+    tr._setup()
+    first = tr._epoch(tr.model, 0)["weights"]["cw2"]
+    from kd2m import FeatureTap, metrics
+    params = list(tr.model.parameters())
+    x_all = torch.stack([tr.bundle.train[i][0] for i in range(4 * 128)])
+    y_all = torch.tensor([tr.bundle.train[i][1] for i in range(4 * 128)])
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.model.train()
+    ce_sum = term_sum = 0.0
+    with FeatureTap(tr.model) as s_tap, FeatureTap(tr.teacher) as t_tap:
+        for b in range(4):
+            x, y = x_all[128 * b:128 * (b + 1)], y_all[128 * b:128 * (b + 1)]
+            logits = tr.model(x)
+            with torch.no_grad():
+                tr.teacher(x)
+            ce_sum += _grad_norm(F.cross_entropy(logits, y), params)
+            term_sum += _grad_norm(metrics.get("cw2")(s_tap.feature, t_tap.feature.detach(), y), params)
+    tr.model.load_state_dict(state)  # the oracle's forward passes moved no weights, only BN statistics (none here)
+    second = tr._epoch(tr.model, 1)["weights"]["cw2"]
+    assert second == pytest.approx(0.5 * ce_sum / term_sum, rel=1e-4)
+    assert abs(second / first - 1) > 0.05  # the student moved: the recalibrated λ is another one
+
+
+def test_auto_every_resumes_with_the_last_recalibrated_lambda(tmp_path, monkeypatch):
+    """auto_every=2 over 4 epochs, killed in epoch 4 (not a recalibration epoch): the resumed run
+    trains that epoch with the λ recalibrated at epoch 3 (kept in the checkpoint), so it ends
+    bit-identical to the uninterrupted run. Reading the initial λ back instead changes the weights."""
+    from kd2m.train import fit
+    bundle = build_dataset("digits")
+    cfg = RunConfig(metrics=["cw2"], baselines=[], weights={"cw2": "auto"}, epochs=4, auto_every=2,
+                    progress=False, diagnostics=False).resolved()
+    torch.manual_seed(0)
+    teacher = freeze(build_model("digits_cnn", 10, 1, 8))
+    method = cfg.methods()[0]
+
+    def run(name):
+        torch.manual_seed(1)
+        student = build_model("digits_mlp", 10, 1, 8)
+        return fit(student, bundle, cfg, method, 0, tmp_path / name, torch.device("cpu"), teacher=teacher)
+
+    ref = run("ref")
+    weights = [json.loads(line)["weights"]["cw2"] for line in (tmp_path / "ref/log.jsonl").read_text().splitlines()]
+    assert weights[0] == weights[1] != weights[2] == weights[3]  # recalibrated at epochs 1 and 3 (1-based)
+    real_epoch = Trainer._epoch
+
+    def dies_in_epoch_4(self, net, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_epoch(self, net, epoch)
+
+    monkeypatch.setattr(Trainer, "_epoch", dies_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        run("killed")
+    monkeypatch.setattr(Trainer, "_epoch", real_epoch)
+    got = run("killed")
+    a, b = load_checkpoint(tmp_path / "ref/model.pt"), load_checkpoint(tmp_path / "killed/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert got["test_acc"] == ref["test_acc"]
+    logged = [json.loads(line)["weights"]["cw2"] for line in (tmp_path / "killed/log.jsonl").read_text().splitlines()]
+    assert logged == weights
+
+
+def test_auto_every_is_a_setting_of_auto_runs_only_and_refused_below_zero():
+    from kd2m.training.state import run_settings
+    cfg = RunConfig(metrics=["cw2"], baselines=["ce"], weights={"cw2": "auto"}, auto_every=1).resolved()
+    by_key = {m.key: m for m in cfg.methods()}
+    assert run_settings(cfg, by_key["cw2"], 0, 10)["auto_every"] == 1
+    assert "auto_every" not in run_settings(cfg, by_key["ce"], 0, 10)
+    once = RunConfig(metrics=["cw2"], baselines=[], weights={"cw2": "auto"}).resolved()
+    assert "auto_every" not in run_settings(once, once.methods()[0], 0, 10)
+    with pytest.raises(ConfigError, match="auto_every"):
+        RunConfig(auto_every=-1).resolved()
+
+
+def test_a_term_that_goes_flat_mid_run_is_that_runs_divergence_not_the_grids_error(tmp_path, monkeypatch):
+    """With auto_every, a recalibration after training started can find the term flat (a student
+    whose features collapsed under the term's pull: seen at auto*10 on the digits, MMD's gradient
+    exactly 0). That is the run's divergence, recorded, and the grid trains its other students;
+    before, the calibration's ConfigError ended the whole grid at that run."""
+    import kd2m.train as train_module
+    real, real_epoch = train_module.calibrate, Trainer._epoch
+    now = {"epoch": 0}
+
+    def flat_after_start(step, *args, **kw):
+        if now["epoch"] > 0 and step.terms and step.terms[0].config.name == "cw2":
+            raise ConfigError("cw2: weight auto for term 'cw2': its gradient on the initial student is 0")
+        return real(step, *args, **kw)
+
+    def epoch_seen(self, net, epoch):
+        now["epoch"] = epoch
+        try:
+            return real_epoch(self, net, epoch)
+        finally:
+            now["epoch"] = 0
+
+    monkeypatch.setattr(train_module, "calibrate", flat_after_start)
+    monkeypatch.setattr(Trainer, "_epoch", epoch_seen)
+    out = tmp_path / "g"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {out}\nepochs: 2\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce]\nmetrics: [cw2, w2]\n"
+                   "weight: auto\nauto_every: 1\nparallel: 1\nprogress: false\n")
+    assert main(["bench", str(cfg)]) == 2  # the grid finishes, then says which run diverged
+    assert "recalibrating λ at epoch 2" in json.loads((out / "cw2/seed0/diverged.json").read_text())["where"]
+    assert (out / "w2/seed0/final.json").exists()

@@ -129,6 +129,8 @@ class RunConfig:
                                          "single-term student's term — 0.1 for kd, as mdistiller — else 1)", cli=False)
     term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4, "
                                            "warmup: 2}} (warmup/schedule set the term's λ schedule)", cli=False)
+    auto_every: int = _opt(0, "weight auto: recalibrate every `auto` term's λ at the start of every N-th epoch, on the "
+                              "student as it is then (0 = once, at initialisation: the default)")
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
     teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
@@ -493,7 +495,7 @@ def _seed_list(seeds) -> list:
 def _check_numbers(c: "RunConfig") -> None:
     """Every number in range, NaN and inf refused (NaN passes every `x < 0` check)."""
     for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0),
-                     ("num_workers", 0), ("threads", 0), ("parallel", 1)):
+                     ("num_workers", 0), ("threads", 0), ("parallel", 1), ("auto_every", 0)):
         v = getattr(c, key)
         if v is not None and v < low:
             raise ConfigError(f"{key}: must be ≥ {low}, got {v}")

@@ -121,6 +121,8 @@ class Trainer:
         for b, sd in zip(self.terms, state.get("terms") or []):
             b.module.load_state_dict(sd)
         set_rng_state(state["rng"], self.train_loader)
+        if "auto_scales" in state:  # recalibrated during the run (auto_every): the λ it last had
+            self.scales = list(state["auto_scales"])
         history = json.loads(state["history"])
         self._write_log(history)  # a kill between checkpoint and log left the log one epoch short
         return history, state["epoch"], state["elapsed"]
@@ -168,6 +170,15 @@ class Trainer:
         :mod:`kd2m.training.step`): a non-finite step zeroes its gradients (the weights stay finite)
         and is reported once the epoch is over, naming the first such step, on every rank alike."""
         cfg, device = self.cfg, self.device
+        every = getattr(cfg, "auto_every", 0)
+        if every and epoch > 0 and epoch % every == 0:  # λ of `auto` terms recalibrated on the student as it is now
+            try:
+                self.scales = calibrate(self.step, self.bundle.train, cfg.batch_size, self.method.key,
+                                        cfg.channels_last)
+            except ConfigError as e:
+                # at initialisation a flat term is the user's to fix; here it is what training did to
+                # the student (features collapsed under the term's pull): this run diverged, the grid goes on
+                raise NonFiniteLossError(f"recalibrating λ at epoch {epoch + 1}: {e}") from None
         lam = [b.config.weight_at(epoch, self.epochs) * scale for b, scale in zip(self.terms, self.scales)]
         net.train()
         tally = EpochTally(len(self.terms), device)
@@ -238,7 +249,7 @@ class Trainer:
         save_checkpoint(self.ckpt_path, {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "terms": [b.module.state_dict() for b in self.terms],
-            "rng": rng_state(self.train_loader), "epoch": epoch + 1, "elapsed": elapsed,
+            "rng": rng_state(self.train_loader), "epoch": epoch + 1, "elapsed": elapsed, "auto_scales": self.scales,
             "settings": json.dumps(self.settings), "history": json.dumps(history)})
         self._write_log(history)
 

@@ -44,6 +44,8 @@ def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int
     # only where not the default: runs made before these existed keep their settings
     if getattr(cfg, "optimizer", "sgd") not in (None, "sgd"):
         s.update(optimizer=cfg.optimizer)
+    if getattr(cfg, "auto_every", 0) and any(t.auto for t in method.terms):
+        s.update(auto_every=cfg.auto_every)
     if getattr(cfg, "tokenizer", None):
         s.update(tokenizer=_weights_id(cfg.tokenizer))
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
