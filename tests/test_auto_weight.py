@@ -216,3 +216,19 @@ def test_a_term_that_goes_flat_mid_run_is_that_runs_divergence_not_the_grids_err
     assert main(["bench", str(cfg)]) == 2  # the grid finishes, then says which run diverged
     assert "recalibrating λ at epoch 2" in json.loads((out / "cw2/seed0/diverged.json").read_text())["where"]
     assert (out / "w2/seed0/final.json").exists()
+
+
+def test_a_recalibrated_student_compares_with_the_ce_only_student(tmp_path, capsys):
+    """auto_every is how a student's λ is set, its method's own setting like its terms: `kd2m
+    compare cw2:ce` pairs it with the CE-only student (which has no auto term, so no auto_every),
+    and still refuses a pair that differs in anything else. Before, it refused the pair."""
+    from kd2m.results import settings_difference
+    out = tmp_path / "g"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: 2\nbaselines: [ce]\nmetrics: [cw2]\n"
+                   "weight: auto\nauto_every: 1\nparallel: 1\nprogress: false\n")
+    assert main(["bench", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), "cw2:ce"]) == 0
+    assert "CW2 (E)" in capsys.readouterr().out
+    assert settings_difference({"auto_every": 1, "epochs": 1}, {"epochs": 2}) == ["epochs 1 vs 2"]

@@ -319,7 +319,8 @@ def best_separated(rows: list[dict], stats: list[dict], fig: Figure) -> tuple[st
 
 #: Settings that are a method's own (a paired comparison is of exactly these), and those that only
 #: a student distilled from the teacher has (absent from the CE-only student's settings).
-OWN_SETTINGS = frozenset({"terms", "ce_weight", "seed"})
+#: (``auto_every``: how the λ of a method's `auto` terms is set, stored only with such terms)
+OWN_SETTINGS = frozenset({"terms", "ce_weight", "seed", "auto_every"})
 TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "pretrained_teacher", "teacher_lr",
                               "match", "teacher_cache"})
 
