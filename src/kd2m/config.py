@@ -130,7 +130,8 @@ class RunConfig:
     term_options: dict | None = _opt(None, "options per term name, e.g. {sinkhorn: {eps: 0.1}, dkd: {beta: 4, "
                                            "warmup: 2}} (warmup/schedule set the term's λ schedule)", cli=False)
     auto_every: int = _opt(0, "weight auto: recalibrate every `auto` term's λ at the start of every N-th epoch, on the "
-                              "student as it is then (0 = once, at initialisation: the default)")
+                              "student as it is then (0 = once, at initialisation: the default; every epoch was measured to run "
+                              "away on the digits: README)")
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
     teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
