@@ -501,3 +501,22 @@ def test_an_eigensolver_failing_on_finite_extreme_features_is_that_runs_divergen
                               "--out", out], capsys)
     one_line_error(code, err, "gauss_w2 s0:", "term 'gauss_w2' could not be computed", "step 2", "failed to converge")
     assert (out / "gauss_w2/seed0/diverged.json").exists() and (out / "ce/seed0/final.json").exists()
+
+
+def test_w2_on_an_overflowing_cost_in_the_engine_reads_non_finite_not_a_shape_error():
+    """In the engine (deferred value checks) a cost that is not finite even in float64 (a student
+    blowing up: seen at auto*30 on MNIST-1D, 10 epochs) gets the product plan, n² pairs, so the
+    loss reads inf/NaN and the engine records the run's divergence. W2 (E)'s shortcut for n_s =
+    n_t assumed a permutation and raised 'size of tensor a (8) must match ... (64)', which ended
+    the whole grid. Features at 1e160: finite, their squared distances overflow float64."""
+    from kd2m import metrics, value_checks
+    torch.manual_seed(0)
+    s, t = torch.randn(8, 3, dtype=torch.float64) * 1e160, torch.randn(8, 3, dtype=torch.float64)
+    s.requires_grad_(True)
+    assert torch.isfinite(s).all()
+    with value_checks.deferred():
+        for name in ("w2", "cw2", "jw2"):
+            value = metrics.get(name)(s, t, torch.tensor([0, 1] * 4))
+            assert not torch.isfinite(value), name
+    with pytest.raises(ValueError, match="NaN/inf"):  # outside the engine: refused, as before
+        metrics.get("w2")(s, t)

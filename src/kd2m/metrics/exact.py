@@ -113,7 +113,8 @@ def exact_plan(cost: Tensor, fallback=None) -> tuple[Tensor, Tensor, Tensor]:
     weights : Tensor, shape (k,), float64
         Their masses :math:`\gamma_{\mathrm{rows}[k], \mathrm{cols}[k]}` (sum to 1).
         ``k = n`` (a permutation, every weight 1/n) when :math:`n_s = n_t`, and
-        ``k <= n_s + n_t - 1`` otherwise.
+        ``k <= n_s + n_t - 1`` otherwise. Inside the engine (deferred value checks) a cost that
+        is not finite gets the product plan instead, all ``n_s n_t`` pairs, so the loss reads NaN.
 
     Cost: :func:`scipy.optimize.linear_sum_assignment`, :math:`O(n^3)` worst case, when
     :math:`n_s = n_t`; network simplex :func:`ot.emd` otherwise. Raises RuntimeError if the
@@ -231,8 +232,9 @@ def w2(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits
     """
     s, t = student_feats, teacher_feats
     rows, cols, w = feature_plan(s, t)
-    if s.shape[0] == t.shape[0]:
-        # a permutation (rows = 0..n-1, weights 1/n): skip the gather on the student side
+    if s.shape[0] == t.shape[0] and cols.shape[0] == s.shape[0]:
+        # a permutation (rows = 0..n-1, weights 1/n): skip the gather on the student side. (Not the
+        # product plan a non-finite cost gets inside the engine: n² pairs, so that the loss reads NaN.)
         diff = s - t[cols]
         return (diff * diff).sum() / s.shape[0]
     return plan_cost(s, t, rows, cols, w)
