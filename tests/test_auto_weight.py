@@ -51,15 +51,11 @@ def _grad_norm(value, params):
     return math.sqrt(sum(float((g ** 2).sum()) for g in grads if g is not None))
 
 
-@pytest.mark.parametrize("metric", ["cw2", "mmd_rbf"])
-def test_scale_is_the_ratio_of_gradient_norms_on_the_first_batches(tmp_path, metric):
-    """λ = K · Σ_b ‖∇θ CE(b)‖ / Σ_b ‖∇θ D(b)‖ over the first 4 batches in index order, recomputed
-    here independently of the engine (the same student, teacher and batches)."""
-    tr = _trainer(tmp_path, metric, "auto*0.5")
-    tr._setup()
-    scale = tr.scales[0]
+def _oracle_scale(tr, metric):
+    """Σ_b ‖∇θ CE(b)‖ / Σ_b ‖∇θ D(b)‖ over the first 4 batches of 128 in index order, the student
+    of ``tr`` as it is now, in train mode, written out here independently of the engine."""
     from kd2m import FeatureTap, metrics
-    params = [p for p in tr.model.parameters()]
+    params = list(tr.model.parameters())
     d = metrics.get(metric, **({"ridge": 0.1} if "gauss" in metric else {}))
     ce_sum = term_sum = 0.0
     x_all = torch.stack([tr.bundle.train[i][0] for i in range(4 * 128)])
@@ -73,7 +69,17 @@ def test_scale_is_the_ratio_of_gradient_norms_on_the_first_batches(tmp_path, met
                 tr.teacher(x)
             ce_sum += _grad_norm(F.cross_entropy(logits, y), params)
             term_sum += _grad_norm(d(s_tap.feature, t_tap.feature.detach(), y), params)
-    assert scale == pytest.approx(ce_sum / term_sum, rel=1e-4)
+    return ce_sum / term_sum
+
+
+@pytest.mark.parametrize("metric", ["cw2", "mmd_rbf"])
+def test_scale_is_the_ratio_of_gradient_norms_on_the_first_batches(tmp_path, metric):
+    """λ = K · Σ_b ‖∇θ CE(b)‖ / Σ_b ‖∇θ D(b)‖ over the first 4 batches in index order, recomputed
+    here independently of the engine (the same student, teacher and batches)."""
+    tr = _trainer(tmp_path, metric, "auto*0.5")
+    tr._setup()
+    scale = tr.scales[0]
+    assert scale == pytest.approx(_oracle_scale(tr, metric), rel=1e-4)
     row = tr._epoch(tr.model, 0)
     assert row["weights"][metric] == pytest.approx(0.5 * scale, rel=1e-9)  # K times the calibrated λ
 
@@ -114,24 +120,11 @@ def test_auto_every_recalibrates_on_the_student_as_it_is_at_that_epoch(tmp_path)
     tr.epochs = 2
     tr._setup()
     first = tr._epoch(tr.model, 0)["weights"]["cw2"]
-    from kd2m import FeatureTap, metrics
-    params = list(tr.model.parameters())
-    x_all = torch.stack([tr.bundle.train[i][0] for i in range(4 * 128)])
-    y_all = torch.tensor([tr.bundle.train[i][1] for i in range(4 * 128)])
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    tr.model.train()
-    ce_sum = term_sum = 0.0
-    with FeatureTap(tr.model) as s_tap, FeatureTap(tr.teacher) as t_tap:
-        for b in range(4):
-            x, y = x_all[128 * b:128 * (b + 1)], y_all[128 * b:128 * (b + 1)]
-            logits = tr.model(x)
-            with torch.no_grad():
-                tr.teacher(x)
-            ce_sum += _grad_norm(F.cross_entropy(logits, y), params)
-            term_sum += _grad_norm(metrics.get("cw2")(s_tap.feature, t_tap.feature.detach(), y), params)
+    expected = 0.5 * _oracle_scale(tr, "cw2")
     tr.model.load_state_dict(state)  # the oracle's forward passes moved no weights, only BN statistics (none here)
     second = tr._epoch(tr.model, 1)["weights"]["cw2"]
-    assert second == pytest.approx(0.5 * ce_sum / term_sum, rel=1e-4)
+    assert second == pytest.approx(expected, rel=1e-4)
     assert abs(second / first - 1) > 0.05  # the student moved: the recalibrated λ is another one
 
 

@@ -106,7 +106,12 @@ class Trainer:
         self.s_taps = Taps(model, want) if want else None
         self.step = Step(model, self.terms, self.task, teacher_out=self.teacher_out, s_taps=self.s_taps,
                          views=self.views, device=device, amp=amp_dtype(cfg.amp), ce_weight=self.method.ce_weight)
-        self.scales = calibrate(self.step, self.bundle.train, cfg.batch_size, self.method.key, cfg.channels_last)
+        self.scales = self._calibrate()
+
+    def _calibrate(self) -> list[float]:
+        """The λ scale of each term (:func:`kd2m.auto_weight.calibrate`) on the student as it is now."""
+        cfg = self.cfg
+        return calibrate(self.step, self.bundle.train, cfg.batch_size, self.method.key, cfg.channels_last)
 
     # -- resume --------------------------------------------------------------------------------
     def _resume(self) -> tuple[list, int, float]:
@@ -170,11 +175,10 @@ class Trainer:
         :mod:`kd2m.training.step`): a non-finite step zeroes its gradients (the weights stay finite)
         and is reported once the epoch is over, naming the first such step, on every rank alike."""
         cfg, device = self.cfg, self.device
-        every = getattr(cfg, "auto_every", 0)
+        every = cfg.auto_every
         if every and epoch > 0 and epoch % every == 0:  # λ of `auto` terms recalibrated on the student as it is now
             try:
-                self.scales = calibrate(self.step, self.bundle.train, cfg.batch_size, self.method.key,
-                                        cfg.channels_last)
+                self.scales = self._calibrate()
             except ConfigError as e:
                 # at initialisation a flat term is the user's to fix; here it is what training did to
                 # the student (features collapsed under the term's pull): this run diverged, the grid goes on
