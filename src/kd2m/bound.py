@@ -120,7 +120,7 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
                          f"({cfg['dataset']}): their paired perplexities are in results.md")
     dev = resolve_device(device)
     bundle = build_dataset(cfg["dataset"], data_root=data_root or cfg.get("data_root"), download=False,
-                           augment=False, image_size=cfg.get("image_size"))
+                           augment=False, image_size=cfg.get("image_size"), holdout=cfg.get("holdout") or 0.0)
     loader = test_loader(bundle, cfg)
     t_layer, s_layer = cfg.get("teacher_layer", "penultimate"), cfg.get("student_layer", "penultimate")
     teachers = {r["seed"]: r for r in rows if r["method"] == TEACHER}

@@ -35,7 +35,7 @@ __all__ = ["reproduction_card"]
 RECIPE = ("task", "dataset", "tokenizer", "image_size", "teacher", "teacher_options", "student", "student_options",
           "pretrained_teacher", "pretrained_student", "epochs", "teacher_epochs", "batch_size", "optimizer", "lr",
           "teacher_lr", "lr_schedule", "lr_min", "lr_milestones", "lr_gamma", "momentum", "weight_decay", "amp",
-          "unit", "match", "teacher_cache", "seeds")
+          "unit", "match", "teacher_cache", "seeds", "holdout")
 
 
 def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
@@ -118,7 +118,7 @@ def _models(cfg: RunConfig):
     shape is unknown here (files missing and the dataset not one of known shape)."""
     try:
         bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, augment=False,
-                               image_size=cfg.image_size, tokenizer=cfg.tokenizer)
+                               image_size=cfg.image_size, tokenizer=cfg.tokenizer, holdout=cfg.holdout)
         classes, channels, size = bundle.num_classes, bundle.in_channels, bundle.image_size
         example = bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * bundle.train[0][0].dim()))
     except DatasetNotFoundError:

@@ -106,6 +106,9 @@ class RunConfig:
                                        "a 257-token vocabulary)")
     data_root: str | None = _opt(None, "where datasets live (imagefolder: a dir with train/ and test/)")
     download: bool = _opt(False, "download the dataset if missing", flag=True)
+    holdout: float = _opt(0.0, "evaluate on this fraction of the training split instead of the test split (a "
+                               "fixed random part, the same for every run; the rest trains, the teacher "
+                               "included): for choosing λ without touching the test set (--select-k)")
     image_size: int | None = _opt(None, "imagefolder: resize every image to this size (default: the most common "
                                         "size); text: the block length in tokens (default 64)")
     teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME)")
@@ -500,6 +503,8 @@ def _check_numbers(c: "RunConfig") -> None:
         v = getattr(c, key)
         if v is not None and v < low:
             raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
+    if not (isinstance(c.holdout, (int, float)) and not isinstance(c.holdout, bool) and 0 <= c.holdout < 1):
+        raise ConfigError(f"holdout: a fraction of the training split in [0, 1) (e.g. 0.2), got {c.holdout!r}")
     if c.image_size is not None and c.image_size < 1:
         raise ConfigError(f"image_size: must be ≥ 1, got {c.image_size}")
     for key in ("lr", "teacher_lr", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",

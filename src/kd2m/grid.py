@@ -200,7 +200,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=cfg.download, image_size=cfg.image_size,
-                               tokenizer=cfg.tokenizer)
+                               tokenizer=cfg.tokenizer, holdout=cfg.holdout)
     for w in caught:  # e.g. imagefolder's chosen size: one line, not a Python warning
         log(f"kd2m: note: {w.message}")
     preflight(cfg, students, bundle, device)
@@ -438,7 +438,7 @@ def _seed_worker(job) -> list[tuple[dict, str, bool]]:
     cfg, students, seed, root, device, precheck_auto = job
     torch.set_num_threads(max(cfg.threads or 1, 1))
     bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, image_size=cfg.image_size,
-                           tokenizer=cfg.tokenizer)
+                           tokenizer=cfg.tokenizer, holdout=cfg.holdout)
     cfg = dataclasses.replace(cfg, progress=False)
     students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
     return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto)
@@ -454,7 +454,9 @@ def _header(cfg: RunConfig) -> str:
              f"×{cfg.lr_gamma:g} at epochs {', '.join(map(str, cfg.lr_milestones))}")
     return (f"# kd2m results: {cfg.dataset}\n\nteacher `{cfg.teacher}` → student `{cfg.student}`, "
             f"{cfg.epochs} epochs (teacher {cfg.teacher_epochs}), batch {cfg.batch_size}, lr {cfg.lr:g} {sched}, "
-            f"λ: {_weights_text(cfg)}, seeds {cfg.seeds}.")
+            f"λ: {_weights_text(cfg)}, seeds {cfg.seeds}."
+            + (f" **Scored on a holdout of {cfg.holdout:g} of the training split** (trained on the rest, the "
+               "teacher too), not on the test split." if cfg.holdout else ""))
 
 
 def _weights_text(cfg: RunConfig) -> str:

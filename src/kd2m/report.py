@@ -353,7 +353,7 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     missing = [m for m in chosen if (m, seed) not in by_key]
     chosen = [m for m in chosen if (m, seed) in by_key]
     bundle = build_dataset(cfg["dataset"], data_root=cfg.get("data_root"), download=False, augment=False,
-                           image_size=cfg.get("image_size"))
+                           image_size=cfg.get("image_size"), holdout=cfg.get("holdout") or 0.0)
     n = len(bundle.test)
     g = torch.Generator().manual_seed(EMBED_SEED)
     idx = torch.randperm(n, generator=g)[:min(samples, n)].sort().values

@@ -11,6 +11,7 @@ files calls :func:`resolve_root` to get the default, ``$KD2M_DATA_ROOT`` or
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ def resolve_root(data_root: str | os.PathLike | None) -> Path:
 
 
 def build_dataset(name: str, data_root: str | os.PathLike | None = None, download: bool = False,
-                  augment: bool = True, image_size: int | None = None, tokenizer: str | None = None) -> DataBundle:
+                  augment: bool = True, image_size: int | None = None, tokenizer: str | None = None,
+                  holdout: float = 0.0) -> DataBundle:
     """Build the train/test splits of dataset ``name``.
 
     Args:
@@ -143,6 +145,9 @@ def build_dataset(name: str, data_root: str | os.PathLike | None = None, downloa
             size among its files), or the block length in tokens of text datasets (``text:PATH``,
             ``python_docs``; default 64).
         tokenizer: text datasets: a local model directory whose tokenizer to use (default: bytes).
+        holdout: a fraction in [0, 1): that share of the training split (:func:`holdout_split`)
+            becomes the evaluation split, ``test``, never augmented; the rest trains. The test
+            split is not used at all: choosing λ on it would make it a tuning set.
 
     Raises:
         ValueError: unknown ``name``.
@@ -159,4 +164,26 @@ def build_dataset(name: str, data_root: str | os.PathLike | None = None, downloa
     if image_size is not None and "image_size" not in options:
         raise ValueError(f"image_size applies to imagefolder data and text, not to {name!r} (its size is fixed)")
     kwargs = {k: v for k, v in (("image_size", image_size), ("tokenizer", tokenizer)) if v is not None}
-    return builder(data_root, download, augment, **kwargs)
+    if not holdout:
+        return builder(data_root, download, augment, **kwargs)
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout: a fraction of the training split in (0, 1), got {holdout!r}")
+    bundle = builder(data_root, download, augment, **kwargs)
+    # the held-out items as the test split sees them (no augmentation); a second build, since a
+    # dataset's transform is part of it
+    plain = builder(data_root, download, False, **kwargs) if augment else bundle
+    train_idx, held_idx = holdout_split(len(bundle.train), holdout)
+    return dataclasses.replace(bundle, train=Subset(bundle.train, train_idx), test=Subset(plain.train, held_idx))
+
+
+#: the seed of :func:`holdout_split`'s permutation: one split for every run, so runs stay paired
+HOLDOUT_SEED = 0
+
+
+def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of a training split of ``n`` items: a fixed random permutation
+    (:data:`HOLDOUT_SEED`, the same for every run and seed, so students stay paired), its first
+    ``round(fraction·n)`` items held out (at least 1, at most n − 1), each part in index order."""
+    k = min(max(round(fraction * n), 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return perm[k:].sort().values.tolist(), perm[:k].sort().values.tolist()

@@ -46,6 +46,8 @@ def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int
         s.update(optimizer=cfg.optimizer)
     if getattr(cfg, "auto_every", 0) and any(t.auto for t in method.terms):
         s.update(auto_every=cfg.auto_every)
+    if getattr(cfg, "holdout", 0):  # trained on part of the training split, scored on the rest
+        s.update(holdout=cfg.holdout)
     if getattr(cfg, "tokenizer", None):
         s.update(tokenizer=_weights_id(cfg.tokenizer))
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)

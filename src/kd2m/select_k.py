@@ -1,0 +1,129 @@
+"""λ chosen without the test set: ``kd2m bench CONFIG --select-k 0.3,1,3,10,30``.
+
+No rule computed at initialisation served every metric on both offline benchmarks (README, "λ
+without hand-tuning"): the right pull differs by metric, benchmark and training length. This is
+what a careful researcher does by hand instead, done by the tool, on data that decides nothing
+reported:
+
+1. **pilot grid**: every `auto` term's students at ``auto*K`` for each candidate K, on the
+   selection seeds (default 100–102, never reported), trained on the training split minus a
+   fixed holdout (``holdout``, default 0.2) and scored on that holdout. The test split is not
+   read; the teacher trains on the same reduced split (it must not have seen the holdout either);
+2. **choice**: per term, the K with the best mean holdout score over the selection seeds
+   (accuracy, or perplexity for text); a K that diverged on any seed is no candidate; ties go to
+   the smaller K. Written to ``select-k/selected.json`` with every K's mean;
+3. **reported grid**: the configuration as given, each of those terms at its ``auto*K``, on the
+   reported seeds (which must not overlap the selection seeds).
+
+The pilot grid lives in ``OUT/select-k/`` and resumes like any grid; its cost is one training
+run per candidate K, term and selection seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from pathlib import Path
+
+from . import distributed as dist_ctx
+from .atomic_io import atomic_write_json
+from .config import ConfigError, RunConfig
+from .errors import NonFiniteLossError
+from .methods import parse_weight
+from .results import figure_of, read_reported
+from .rundir import RunDir
+
+#: where the pilot grid lives, inside the output directory
+SELECT_DIR = "select-k"
+SELECTED_JSON = "selected.json"
+#: seeds of the pilot grid unless given (the repository's tuning seeds: never reported)
+DEFAULT_SELECT_SEEDS = (100, 101, 102)
+#: the share of the training split held out when the configuration gives none
+DEFAULT_HOLDOUT = 0.2
+
+
+def auto_terms(cfg: RunConfig) -> list[str]:
+    """The single-term students whose λ the selection chooses: the distances and every baseline
+    whose λ is ``auto`` (the terms an ``auto_weight`` sweep varies)."""
+    names = list(cfg.metrics)
+    weights = cfg.weights or {}
+    names += [b for b in cfg.baselines if b in weights and parse_weight(weights[b])[1]]
+    return names
+
+
+def check_selection(cfg: RunConfig, values: list[float], seeds: list[int]) -> None:
+    """ConfigError, before anything trains, for a selection that cannot be made or would report
+    what it chose on."""
+    if not values or any(not math.isfinite(v) or v < 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"--select-k: distinct finite numbers ≥ 0, e.g. 0.3,1,3,10,30; got {values}")
+    if len(values) < 2:
+        raise ConfigError("--select-k: give at least two K to choose from (one K is `weight: auto*K`)")
+    overlap = sorted(set(seeds) & set(cfg.seeds))
+    if overlap:
+        raise ConfigError(f"--select-k: seeds {overlap} would both choose λ and be reported; give other "
+                          f"--select-seeds (default {','.join(map(str, DEFAULT_SELECT_SEEDS))}) or other --seeds")
+    if not auto_terms(cfg):
+        raise ConfigError("--select-k: no term to choose λ for (no metrics and no baseline at weight auto)")
+
+
+def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[int]) -> dict:
+    """Per term name: ``{"k": chosen K, "means": {K: mean holdout score or None}}`` from the pilot
+    grid's results rows (a K with a seed missing — diverged — has mean None and is no candidate).
+    None as the whole entry when every K diverged."""
+    figure = figure_of(rows)
+    by_key = {(r["method"], int(r["seed"])): r for r in rows}
+    chosen = {}
+    for name in names:
+        means = {}
+        for k in sorted(values):
+            got = [by_key.get((f"{name}@auto*{k:g}", s)) for s in seeds]
+            means[k] = (sum(float(r[figure.key]) for r in got) / len(got)) if all(got) else None
+        ok = {k: v for k, v in means.items() if v is not None and math.isfinite(v)}
+        if not ok:
+            chosen[name] = None
+            continue
+        pick = (max if figure.higher_is_better else min)(ok, key=lambda k: (ok[k], -k) if figure.higher_is_better
+                                                         else (ok[k], k))
+        chosen[name] = {"k": pick, "means": {f"{k:g}": v for k, v in means.items()}}
+    return chosen
+
+
+def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -> dict:
+    """Run (or resume) the pilot grid of ``cfg`` (resolved; its ``holdout``, else
+    :data:`DEFAULT_HOLDOUT`) and return :func:`choose`'s choice, also written to
+    ``OUT/select-k/selected.json``."""
+    from .grid import run_grid
+    pilot_out = Path(cfg.out) / SELECT_DIR
+    names = auto_terms(cfg)
+    # the students whose λ is chosen, and the CE-only one for context; baselines at a fixed λ have nothing to choose
+    pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.holdout or DEFAULT_HOLDOUT,
+                                baselines=[b for b in cfg.baselines if b == "ce" or b in names])
+    log(f"kd2m: choosing K of auto*K per term on a holdout of {pilot.holdout:g} of the training split, "
+        f"seeds {list(seeds)}, K in {', '.join(f'{v:g}' for v in values)}: {pilot_out}")
+    # the output directory is held (checked, marked, locked) while its pilot grid trains inside it
+    lock = RunDir(cfg.out).locked() if dist_ctx.is_main() else contextlib.nullcontext()
+    with lock:
+        try:
+            run_grid(pilot, sweep=("auto_weight", list(values)), log=log)
+        except NonFiniteLossError as e:  # a K that diverges is a result of the pilot, not the end of it
+            log(f"kd2m: note: in the pilot grid {e}")
+    rows = read_reported(pilot_out)[0]
+    chosen = choose(rows, names, values, list(seeds))
+    atomic_write_json(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
+                                                  "candidates": [float(v) for v in values], "chosen": chosen})
+    lost = [n for n, c in chosen.items() if c is None]
+    if lost:
+        raise NonFiniteLossError(f"--select-k: every K diverged in the pilot grid for {', '.join(lost)} "
+                                 f"({pilot_out}); give smaller K")
+    for n, c in chosen.items():
+        cells = ", ".join(f"K={k}: " + ("diverged" if v is None else f"{v:.4g}") for k, v in c["means"].items())
+        edge = " (the edge of the candidates: a K beyond it may be better)" if c["k"] in (min(values), max(values)) else ""
+        log(f"kd2m: {n}: {cells} → auto*{c['k']:g}{edge}")
+    return chosen
+
+
+def with_chosen(cfg: RunConfig, chosen: dict) -> RunConfig:
+    """``cfg`` with each chosen term at ``auto*K``."""
+    weights = dict(cfg.weights or {})
+    weights.update({n: f"auto*{c['k']:g}" for n, c in chosen.items()})
+    return dataclasses.replace(cfg, weights=weights)

@@ -1,0 +1,131 @@
+"""λ chosen on a holdout of the training split (`--holdout`, `--select-k`, kd2m.select_k)."""
+import json
+
+import pytest
+import torch
+
+from kd2m.cli import main
+from kd2m.config import ConfigError, RunConfig
+from kd2m.data import build_dataset
+from kd2m.data.registry import holdout_split
+from kd2m.select_k import choose
+
+
+def test_holdout_split_is_a_fixed_partition():
+    train, held = holdout_split(1797, 0.2)
+    assert len(held) == 359 and len(train) == 1797 - 359  # round(0.2 · 1797)
+    assert sorted(train + held) == list(range(1797))
+    assert train == sorted(train) and held == sorted(held)
+    assert holdout_split(1797, 0.2) == (train, held)  # the same split for every run and seed
+    torch.manual_seed(123)  # torch's global RNG does not move it
+    assert holdout_split(1797, 0.2) == (train, held)
+    assert len(holdout_split(5, 1e-9)[1]) == 1 and len(holdout_split(5, 0.999)[0]) == 1  # never an empty part
+
+
+def test_a_holdout_bundle_trains_on_the_rest_and_scores_on_plain_training_items():
+    """The test split is replaced by held-out training items, as the test split would see them
+    (no augmentation), and they are not in the training part."""
+    full = build_dataset("digits")
+    bundle = build_dataset("digits", holdout=0.25)
+    train, held = holdout_split(len(full.train), 0.25)
+    assert len(bundle.train) == len(train) and len(bundle.test) == len(held)
+    for j in (0, 7, len(held) - 1):
+        x, y = bundle.test[j]
+        fx, fy = full.train[held[j]]
+        assert torch.equal(x, fx) and y == fy
+    assert torch.equal(bundle.train[3][0], full.train[train[3]][0])
+    with pytest.raises(ValueError, match="holdout"):
+        build_dataset("digits", holdout=1.0)
+
+
+def test_holdout_is_checked_and_stored_only_when_set():
+    with pytest.raises(ConfigError, match="holdout"):
+        RunConfig(holdout=1.5).resolved()
+    with pytest.raises(ConfigError, match="holdout"):
+        RunConfig(holdout=-0.1).resolved()
+    from kd2m.training.state import run_settings
+    cfg = RunConfig(metrics=["cw2"], baselines=[]).resolved()
+    method = cfg.methods()[0]
+    assert "holdout" not in run_settings(cfg, method, 0, 1)  # runs made before keep their settings
+    held = RunConfig(metrics=["cw2"], baselines=[], holdout=0.2).resolved()
+    assert run_settings(held, method, 0, 1)["holdout"] == 0.2
+
+
+def _row(method, seed, acc=None, ppl=None):
+    r = {"method": method, "seed": seed, "test_acc": acc}
+    if ppl is not None:
+        r["test_ppl"] = ppl
+    return r
+
+
+def test_choose_takes_the_best_mean_and_never_a_k_that_diverged():
+    rows = [_row("cw2@auto*1", 0, 0.80), _row("cw2@auto*1", 1, 0.90),   # mean 0.85
+            _row("cw2@auto*3", 0, 0.95), _row("cw2@auto*3", 1, 0.80),   # mean 0.875: the best
+            _row("cw2@auto*10", 0, 0.99),                                # seed 1 diverged: no candidate
+            _row("w2@auto*1", 0, 0.5), _row("w2@auto*1", 1, 0.7),       # a tie: the smaller K
+            _row("w2@auto*3", 0, 0.7), _row("w2@auto*3", 1, 0.5),
+            _row("ce", 0, 0.1), _row("ce", 1, 0.1)]
+    got = choose(rows, ["cw2", "w2", "mmd_rbf"], [1, 3, 10], [0, 1])
+    assert got["cw2"]["k"] == 3 and got["cw2"]["means"] == {"1": pytest.approx(0.85), "3": pytest.approx(0.875),
+                                                           "10": None}
+    assert got["w2"]["k"] == 1
+    assert got["mmd_rbf"] is None  # no run at all
+
+
+def test_choose_takes_the_lowest_perplexity_for_text():
+    rows = [_row("w2@auto*0.3", 0, 0.4, 9.0), _row("w2@auto*1", 0, 0.5, 9.5)]
+    assert choose(rows, ["w2"], [0.3, 1], [0])["w2"]["k"] == 0.3  # perplexity decides, not token accuracy
+
+
+def _cfg(tmp_path, extra=""):
+    out = tmp_path / "g"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce, kd]\nmetrics: [cw2]\n"
+                   f"weight: auto\nparallel: 1\nprogress: false\n{extra}")
+    return cfg, out
+
+
+def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
+    """One command: a pilot grid on the selection seed, trained without the holdout and scored on
+    it, chooses K; the reported grid then trains at auto*K on the full training split."""
+    cfg, out = _cfg(tmp_path)
+    assert main(["bench", str(cfg), "--select-k", "0,1", "--select-seeds", "100,"]) == 0
+    pilot = out / "select-k"
+    sel = json.loads((pilot / "selected.json").read_text())
+    accs = {k: json.loads((pilot / f"cw2@auto*{k}/seed100/final.json").read_text())["test_acc"] for k in ("0", "1")}
+    best = max(accs, key=lambda k: (accs[k], -float(k)))
+    assert sel["chosen"]["cw2"] == {"k": float(best), "means": {k: pytest.approx(v) for k, v in accs.items()}}
+    assert sel["holdout"] == 0.2 and sel["seeds"] == [100]
+    # the pilot: 80% of the training split, scored on the other 20%, the teacher likewise
+    assert json.loads((pilot / "teacher/seed100/final.json").read_text())["settings"]["holdout"] == 0.2
+    from kd2m.models import build_model
+    teacher = build_model("digits_cnn", 10, 1, 8)
+    teacher.load_state_dict(torch.load(pilot / "teacher/seed100/model.pt", weights_only=True))
+    teacher.eval()
+    held = build_dataset("digits", holdout=0.2).test
+    with torch.no_grad():
+        x = torch.stack([held[i][0] for i in range(len(held))])
+        y = torch.tensor([held[i][1] for i in range(len(held))])
+        acc = float((teacher(x).argmax(1) == y).float().mean())
+    assert json.loads((pilot / "teacher/seed100/final.json").read_text())["test_acc"] == pytest.approx(acc)
+    assert not (pilot / "kd").exists()  # a baseline at a fixed λ has nothing to choose
+    # the reported grid: the full training split, the test split, the chosen K
+    final = json.loads((out / "cw2/seed0/final.json").read_text())
+    assert "holdout" not in final["settings"]
+    assert final["settings"]["terms"][0]["weight"] == float(best) and final["settings"]["terms"][0]["auto"]
+    assert (out / "kd/seed0/final.json").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--select-k", "1,3", "--select-seeds", "0,"], "would both choose λ and be reported"),
+    (["--select-k", "3"], "at least two K"),
+    (["--select-k", "1,x"], "comma list of numbers"),
+    (["--select-k", "1,3", "--sweep", "auto_weight=1,3"], "not both"),
+    (["--select-k", "1,3", "--select-holdout", "1"], "--select-holdout"),
+])
+def test_bad_selections_are_refused_before_anything_is_written(tmp_path, capsys, args, says):
+    cfg, out = _cfg(tmp_path)
+    assert main(["bench", str(cfg)] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kd2m: error: ") and says in err and err.count("\n") == 1
+    assert not out.exists()
