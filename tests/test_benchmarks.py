@@ -129,3 +129,62 @@ def test_divergence_memory_benchmark_rows(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| fkl |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert len(cells) == 6 and float(cells[2]) >= 0 and float(cells[4]) >= 0
+
+
+def test_feature_balance_is_the_ratio_of_gradient_norms_at_the_features(tmp_path, capsys):
+    """λ_f = Σ_b ‖∇_f CE(b)‖ / Σ_b ‖∇_f D(b)‖ over the first 4 batches of 128 in index order, f the
+    student's penultimate features, recomputed here independently of the engine (FeatureTap, the
+    formula of the term, torch.autograd.grad); the script prints it beside the engine's λ_θ."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from kd2m import FeatureTap, metrics
+    from kd2m.config import RunConfig
+    from kd2m.data import build_dataset
+    from kd2m.models import build_model
+    from kd2m.train import Trainer, freeze
+    fb = load("feature_balance")
+    bundle = build_dataset("digits")
+    cfg = RunConfig(metrics=["cw2"], baselines=[], weights={"cw2": "auto"}, epochs=1, progress=False).resolved()
+    torch.manual_seed(0)
+    teacher = freeze(build_model("digits_cnn", 10, 1, 8))
+    torch.manual_seed(1)
+    student = build_model("digits_mlp", 10, 1, 8)
+    for m in student.modules():  # dropout off: the oracle cannot replay the engine's masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tr = Trainer(student, bundle, cfg, cfg.methods()[0], 0, tmp_path / "r", torch.device("cpu"), teacher=teacher)
+    tr._setup()
+    got = fb.feature_scales(tr.step, bundle.train, 128)[0]
+    d = metrics.get("cw2")
+    ce_sum = term_sum = 0.0
+    student.train()
+    with FeatureTap(student) as s_tap, FeatureTap(teacher) as t_tap:
+        for b in range(4):
+            items = [bundle.train[i] for i in range(128 * b, 128 * (b + 1))]
+            x, y = torch.stack([i[0] for i in items]), torch.tensor([i[1] for i in items])
+            logits = student(x)
+            with torch.no_grad():
+                teacher(x)
+            f = s_tap.feature
+            norm = lambda v: math.sqrt(float(torch.autograd.grad(v, f, retain_graph=True)[0].pow(2).sum()))  # noqa: E731
+            ce_sum += norm(F.cross_entropy(logits, y))
+            term_sum += norm(d(f, t_tap.feature.detach(), y))
+    tr.remove_hooks()
+    assert got == pytest.approx(ce_sum / term_sum, rel=1e-4)
+    assert got != pytest.approx(tr.scales[0], rel=0.1)  # not the parameter-level λ under another name
+
+
+def test_feature_balance_prints_both_scales_per_distance(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("teacher_epochs: 1\nprogress: false\n")
+    assert load("feature_balance").main([str(cfg), "--seeds", "0,", "--metrics", "cw2,mmd_rbf",
+                                         "--out", str(tmp_path / "g")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("distance"))
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[head + 1:]}
+    assert set(rows) == {"cw2", "mmd_rbf"}
+    for lam_theta, lam_f, ratio in rows.values():
+        assert lam_theta > 0 and lam_f > 0 and ratio == pytest.approx(lam_f / lam_theta, rel=2e-3)
