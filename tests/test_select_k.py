@@ -72,6 +72,17 @@ def test_choose_takes_the_best_mean_and_never_a_k_that_diverged():
     assert got["mmd_rbf"] is None  # no run at all
 
 
+def test_k_0_is_the_term_off_read_from_the_ce_only_student():
+    """A term that helps at no K is switched off: K = 0 scores as the CE-only student (auto*0
+    trains bit-identical to it: tests/test_auto_weight.py), with no pilot of its own."""
+    rows = [_row("ce", 0, 0.62), _row("ce", 1, 0.64),
+            _row("mmd_rbf@auto*1", 0, 0.60), _row("mmd_rbf@auto*1", 1, 0.61),
+            _row("cw2@auto*1", 0, 0.70), _row("cw2@auto*1", 1, 0.72)]
+    got = choose(rows, ["mmd_rbf", "cw2"], [0, 1], [0, 1])
+    assert got["mmd_rbf"] == {"k": 0, "means": {"0": pytest.approx(0.63), "1": pytest.approx(0.605)}}
+    assert got["cw2"]["k"] == 1
+
+
 def test_choose_takes_the_lowest_perplexity_for_text():
     rows = [_row("w2@auto*0.3", 0, 0.4, 9.0), _row("w2@auto*1", 0, 0.5, 9.5)]
     assert choose(rows, ["w2"], [0.3, 1], [0])["w2"]["k"] == 0.3  # perplexity decides, not token accuracy
@@ -80,7 +91,7 @@ def test_choose_takes_the_lowest_perplexity_for_text():
 def _cfg(tmp_path, extra=""):
     out = tmp_path / "g"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce, kd]\nmetrics: [cw2]\n"
+    cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: [0]\nbaselines: [kd]\nmetrics: [cw2]\n"
                    f"weight: auto\nparallel: 1\nprogress: false\n{extra}")
     return cfg, out
 
@@ -92,7 +103,9 @@ def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
     assert main(["bench", str(cfg), "--select-k", "0,1", "--select-seeds", "100,"]) == 0
     pilot = out / "select-k"
     sel = json.loads((pilot / "selected.json").read_text())
-    accs = {k: json.loads((pilot / f"cw2@auto*{k}/seed100/final.json").read_text())["test_acc"] for k in ("0", "1")}
+    assert not (pilot / "cw2@auto*0").exists()  # K = 0 is the CE-only student: no pilot of its own
+    accs = {k: json.loads((pilot / run / "seed100/final.json").read_text())["test_acc"]
+            for k, run in (("0", "ce"), ("1", "cw2@auto*1"))}
     best = max(accs, key=lambda k: (accs[k], -float(k)))
     assert sel["chosen"]["cw2"] == {"k": float(best), "means": {k: pytest.approx(v) for k, v in accs.items()}}
     assert sel["holdout"] == 0.2 and sel["seeds"] == [100]

@@ -11,7 +11,9 @@ reported:
    read; the teacher trains on the same reduced split (it must not have seen the holdout either);
 2. **choice**: per term, the K with the best mean holdout score over the selection seeds
    (accuracy, or perplexity for text); a K that diverged on any seed is no candidate; ties go to
-   the smaller K. Written to ``select-k/selected.json`` with every K's mean;
+   the smaller K. K = 0 is the term switched off: its pilot is the CE-only student (``auto*0``
+   trains bit-identical to it), so a term that helps at no K is not forced on the student.
+   Written to ``select-k/selected.json`` with every K's mean;
 3. **reported grid**: the configuration as given, each of those terms at its ``auto*K``, on the
    reported seeds (which must not overlap the selection seeds).
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from . import distributed as dist_ctx
 from .atomic_io import atomic_write_json
+from .catalog import CE
 from .config import ConfigError, RunConfig
 from .errors import NonFiniteLossError
 from .methods import parse_weight
@@ -68,15 +71,16 @@ def check_selection(cfg: RunConfig, values: list[float], seeds: list[int]) -> No
 
 def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[int]) -> dict:
     """Per term name: ``{"k": chosen K, "means": {K: mean holdout score or None}}`` from the pilot
-    grid's results rows (a K with a seed missing — diverged — has mean None and is no candidate).
-    None as the whole entry when every K diverged."""
+    grid's results rows (a K with a seed missing — diverged — has mean None and is no candidate;
+    K = 0 is read from the CE-only student's rows). None as the whole entry when every K diverged."""
     figure = figure_of(rows)
     by_key = {(r["method"], int(r["seed"])): r for r in rows}
     chosen = {}
     for name in names:
         means = {}
         for k in sorted(values):
-            got = [by_key.get((f"{name}@auto*{k:g}", s)) for s in seeds]
+            pilot = CE if k == 0 else f"{name}@auto*{k:g}"  # K = 0: the term off, i.e. the CE-only student
+            got = [by_key.get((pilot, s)) for s in seeds]
             means[k] = (sum(float(r[figure.key]) for r in got) / len(got)) if all(got) else None
         ok = {k: v for k, v in means.items() if v is not None and math.isfinite(v)}
         if not ok:
@@ -95,16 +99,17 @@ def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -
     from .grid import run_grid
     pilot_out = Path(cfg.out) / SELECT_DIR
     names = auto_terms(cfg)
-    # the students whose λ is chosen, and the CE-only one for context; baselines at a fixed λ have nothing to choose
+    # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
+    # table); baselines at a fixed λ have nothing to choose
     pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.holdout or DEFAULT_HOLDOUT,
-                                baselines=[b for b in cfg.baselines if b == "ce" or b in names])
+                                baselines=[CE] + [b for b in cfg.baselines if b in names])
     log(f"kd2m: choosing K of auto*K per term on a holdout of {pilot.holdout:g} of the training split, "
         f"seeds {list(seeds)}, K in {', '.join(f'{v:g}' for v in values)}: {pilot_out}")
     # the output directory is held (checked, marked, locked) while its pilot grid trains inside it
     lock = RunDir(cfg.out).locked() if dist_ctx.is_main() else contextlib.nullcontext()
     with lock:
         try:
-            run_grid(pilot, sweep=("auto_weight", list(values)), log=log)
+            run_grid(pilot, sweep=("auto_weight", [v for v in values if v > 0]), log=log)
         except NonFiniteLossError as e:  # a K that diverges is a result of the pilot, not the end of it
             log(f"kd2m: note: in the pilot grid {e}")
     rows = read_reported(pilot_out)[0]
@@ -117,7 +122,8 @@ def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -
                                  f"({pilot_out}); give smaller K")
     for n, c in chosen.items():
         cells = ", ".join(f"K={k}: " + ("diverged" if v is None else f"{v:.4g}") for k, v in c["means"].items())
-        edge = " (the edge of the candidates: a K beyond it may be better)" if c["k"] in (min(values), max(values)) else ""
+        edge = (" (the edge of the candidates: a K beyond it may be better)"
+                if c["k"] == max(values) or 0 < c["k"] == min(values) else "")
         log(f"kd2m: {n}: {cells} → auto*{c['k']:g}{edge}")
     return chosen
 
