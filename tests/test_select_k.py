@@ -99,8 +99,8 @@ def _cfg(tmp_path, extra=""):
 def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
     """One command: a pilot grid on the selection seed, trained without the holdout and scored on
     it, chooses K; the reported grid then trains at auto*K on the full training split."""
-    cfg, out = _cfg(tmp_path)
-    assert main(["bench", str(cfg), "--select-k", "0,1", "--select-seeds", "100,"]) == 0
+    cfg, out = _cfg(tmp_path, "select_k: [0, 1]\nselect_seeds: [100]\n")  # in the config, as any setting
+    assert main(["bench", str(cfg)]) == 0
     pilot = out / "select-k"
     sel = json.loads((pilot / "selected.json").read_text())
     assert not (pilot / "cw2@auto*0").exists()  # K = 0 is the CE-only student: no pilot of its own
@@ -126,6 +126,7 @@ def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
     final = json.loads((out / "cw2/seed0/final.json").read_text())
     assert "holdout" not in final["settings"]
     assert final["settings"]["terms"][0]["weight"] == float(best) and final["settings"]["terms"][0]["auto"]
+    assert json.loads((out / "config.json").read_text())["select_k"] == [0.0, 1.0]  # how its λ was chosen
     assert (out / "kd/seed0/final.json").exists()
 
 
@@ -134,7 +135,7 @@ def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
     (["--select-k", "3"], "at least two K"),
     (["--select-k", "1,x"], "comma list of numbers"),
     (["--select-k", "1,3", "--sweep", "auto_weight=1,3"], "not both"),
-    (["--select-k", "1,3", "--select-holdout", "1"], "--select-holdout"),
+    (["--select-k", "1,3", "--select-holdout", "1"], "select_holdout"),
 ])
 def test_bad_selections_are_refused_before_anything_is_written(tmp_path, capsys, args, says):
     cfg, out = _cfg(tmp_path)

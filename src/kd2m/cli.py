@@ -76,14 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(bench)
     bench.add_argument("--sweep", type=str, help="KEY=v1,v2,... e.g. weight=1e-7,1e-6,1e-5,1e-4")
     for parser in (run, bench):
-        parser.add_argument("--select-k", type=str, metavar="K1,K2,...",
-                            help="choose K of auto*K per term before the grid, without the test split: a pilot grid "
-                                 "at each K on --select-seeds, trained on the training split minus a holdout and "
-                                 "scored on it; each term then runs at its best K (README: λ chosen on a holdout)")
-        parser.add_argument("--select-seeds", type=str, metavar="S1,S2,...",
-                            help="seeds of the --select-k pilot grid (never the reported ones; default 100,101,102)")
-        parser.add_argument("--select-holdout", type=float, metavar="F", default=0.2,
-                            help="the share of the training split the --select-k pilot grid is scored on (default 0.2)")
         parser.add_argument("--dry-run", action="store_true",
                             help="print the reproduction card (every method's effective settings and where each "
                                  "comes from) and train nothing")
@@ -136,30 +128,18 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
     return from_mapping(overrides, cfg, source="command line")
 
 
-def _selected(args, cfg, sweep):
-    """``cfg`` with every `auto` term at the K its --select-k pilot grid chose (kd2m.select_k)."""
+def _selected(cfg, sweep):
+    """``cfg`` (resolved) with every `auto` term at the K its select_k pilot grid chose (kd2m.select_k)."""
     import dataclasses
 
     from .config import ConfigError
-    from .select_k import DEFAULT_SELECT_SEEDS, check_selection, select_k, with_chosen
+    from .select_k import check_selection, select_k, with_chosen
     if sweep is not None:
         raise ConfigError("--select-k chooses K itself: give it or --sweep, not both")
-    values = _numbers("--select-k", args.select_k, float)
-    seeds = _numbers("--select-seeds", args.select_seeds, int) if args.select_seeds else list(DEFAULT_SELECT_SEEDS)
-    if not 0 < args.select_holdout < 1:
-        raise ConfigError(f"--select-holdout: a fraction in (0, 1), got {args.select_holdout:g}")
-    check_selection(cfg, values, seeds)
-    pilot = dataclasses.replace(cfg, holdout=args.select_holdout)
-    chosen = select_k(pilot, values, seeds, log=print)
+    check_selection(cfg, cfg.select_k, cfg.select_seeds)
+    pilot = dataclasses.replace(cfg, holdout=cfg.select_holdout, select_k=None)
+    chosen = select_k(pilot, cfg.select_k, cfg.select_seeds, log=print)
     return with_chosen(cfg, chosen).resolved()
-
-
-def _numbers(option: str, text: str, kind):
-    from .config import ConfigError
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option}: a comma list of numbers, got {text!r}") from None
 
 
 def parse_sweep(text: str | None):
@@ -190,8 +170,8 @@ def cmd_run(args) -> int:
         print(reproduction_card(cfg, f"kd2m {args.command}" + (f" {source}" if source else ""), given), end="")
         return 0
     resolved = cfg.resolved()
-    if getattr(args, "select_k", None):
-        cfg = resolved = _selected(args, resolved, sweep)
+    if resolved.select_k:
+        cfg = resolved = _selected(resolved, sweep)
     if dist_ctx.is_main() or not dist_ctx.launched_by_torchrun():
         print(f"kd2m: {resolved.dataset}: teacher {resolved.teacher} → student {resolved.student}; "
               f"methods {', '.join(m.key for m in resolved.methods())}; seeds {resolved.seeds}; "

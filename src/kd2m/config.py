@@ -70,6 +70,9 @@ IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs
 #: (teacher lr 3e-3 left no gap to the student: perplexity 8.45 against 8.78; 1e-3 gave 6.58), and
 #: the teacher's epochs (2, not 3) so that the grid fits 15 minutes on 2 cores at 6 seeds (README
 #: "Language models").
+#: seeds of a ``select_k`` pilot grid unless given: the repository's tuning seeds, never reported
+SELECT_SEEDS = (100, 101, 102)
+
 LM_DEFAULTS = dict(teacher="hf:gpt2", student="hf:gpt2",
                    teacher_options={"n_layer": 2, "n_embd": 128, "n_head": 4},
                    student_options={"n_layer": 1, "n_embd": 64, "n_head": 2},
@@ -135,6 +138,13 @@ class RunConfig:
     auto_every: int = _opt(0, "weight auto: recalibrate every `auto` term's λ at the start of every N-th epoch, on the "
                               "student as it is then (0 = once, at initialisation: the default; every epoch was measured to run "
                               "away on the digits: README)")
+    select_k: typing.Any = _opt(None, "choose K of auto*K per term before the grid, without the test split: a pilot "
+                                      "grid at each K (e.g. 0,0.3,1,3,10; 0 = the term off) on select_seeds, trained "
+                                      "on the training split minus a holdout (select_holdout) and scored on it; each "
+                                      "term then runs at its best K (README: λ chosen on a holdout)")
+    select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones (default "
+                                          "100,101,102)")
+    select_holdout: float = _opt(0.2, "the share of the training split the select_k pilot grid is scored on")
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
     teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
@@ -318,6 +328,9 @@ def _check_lists_and_numbers(c: RunConfig) -> None:
     if not str(c.out).strip():
         raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
     c.seeds = _seed_list(c.seeds)
+    if c.select_k is not None:
+        c.select_k = _float_list("select_k", c.select_k)
+        c.select_seeds = list(SELECT_SEEDS) if c.select_seeds is None else _seed_list(c.select_seeds, "select_seeds")
     c.metrics = _str_list("metrics", c.metrics)
     c.baselines = _str_list("baselines", c.baselines)
     if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
@@ -479,21 +492,33 @@ def _check_student_name(name, where: str) -> None:
                           "uses there (teacher, ce, results.csv, config.json, report, …)")
 
 
-def _seed_list(seeds) -> list:
+def _seed_list(seeds, key: str = "seeds") -> list:
     if isinstance(seeds, bool):
-        raise ConfigError(f"seeds: expected a count or a list of integers, got {seeds!r}")
+        raise ConfigError(f"{key}: expected a count or a list of integers, got {seeds!r}")
     if isinstance(seeds, int):
         if seeds < 1:
-            raise ConfigError(f"seeds: a count must be at least 1, got {seeds} "
-                              "(to run one seed N alone give a list: --seeds N, — with the comma — or seeds: [N])")
+            raise ConfigError(f"{key}: a count must be at least 1, got {seeds} "
+                              f"(to run one seed N alone give a list: --{key.replace('_', '-')} N, — with the comma — "
+                              f"or {key}: [N])")
         return list(range(seeds))
     if isinstance(seeds, str):
-        seeds = _int_list("seeds", seeds)
+        seeds = _int_list(key, seeds)
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"seeds: expected a count or a non-empty list of integers, got {seeds!r:.60}")
+        raise ConfigError(f"{key}: expected a count or a non-empty list of integers, got {seeds!r:.60}")
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: expected distinct integers ≥ 0, got {seeds!r:.60}")
+        raise ConfigError(f"{key}: expected distinct integers ≥ 0, got {seeds!r:.60}")
     return seeds
+
+
+def _float_list(key: str, value) -> list:
+    """A comma list (command line) or a YAML list of numbers, as floats."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(items, list) or any(isinstance(v, bool) for v in items):
+            raise ValueError
+        return [float(v) for v in items if not (isinstance(v, str) and not v.strip())]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: a comma list of numbers (e.g. 0,0.3,1,3,10), got {value!r:.60}") from None
 
 
 def _check_numbers(c: "RunConfig") -> None:
@@ -503,6 +528,9 @@ def _check_numbers(c: "RunConfig") -> None:
         v = getattr(c, key)
         if v is not None and v < low:
             raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
+    if not (isinstance(c.select_holdout, (int, float)) and not isinstance(c.select_holdout, bool)
+            and 0 < c.select_holdout < 1):
+        raise ConfigError(f"select_holdout: a fraction of the training split in (0, 1) (e.g. 0.2), got {c.select_holdout!r}")
     if not (isinstance(c.holdout, (int, float)) and not isinstance(c.holdout, bool) and 0 <= c.holdout < 1):
         raise ConfigError(f"holdout: a fraction of the training split in [0, 1) (e.g. 0.2), got {c.holdout!r}")
     if c.image_size is not None and c.image_size < 1:

@@ -1,4 +1,4 @@
-"""λ chosen without the test set: ``kd2m bench CONFIG --select-k 0.3,1,3,10,30``.
+"""λ chosen without the test set: ``kd2m bench CONFIG --select-k 0,0.3,1,3,10`` (``select_k:`` in a config).
 
 No rule computed at initialisation served every metric on both offline benchmarks (README, "λ
 without hand-tuning"): the right pull differs by metric, benchmark and training length. This is
@@ -30,7 +30,7 @@ from pathlib import Path
 from . import distributed as dist_ctx
 from .atomic_io import atomic_write_json
 from .catalog import CE
-from .config import ConfigError, RunConfig
+from .config import SELECT_SEEDS, ConfigError, RunConfig
 from .errors import NonFiniteLossError
 from .methods import parse_weight
 from .results import figure_of, read_reported
@@ -39,8 +39,6 @@ from .rundir import RunDir
 #: where the pilot grid lives, inside the output directory
 SELECT_DIR = "select-k"
 SELECTED_JSON = "selected.json"
-#: seeds of the pilot grid unless given (the repository's tuning seeds: never reported)
-DEFAULT_SELECT_SEEDS = (100, 101, 102)
 #: the share of the training split held out when the configuration gives none
 DEFAULT_HOLDOUT = 0.2
 
@@ -58,15 +56,15 @@ def check_selection(cfg: RunConfig, values: list[float], seeds: list[int]) -> No
     """ConfigError, before anything trains, for a selection that cannot be made or would report
     what it chose on."""
     if not values or any(not math.isfinite(v) or v < 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--select-k: distinct finite numbers ≥ 0, e.g. 0.3,1,3,10,30; got {values}")
+        raise ConfigError(f"select_k: distinct finite numbers ≥ 0, e.g. 0,0.3,1,3,10; got {values}")
     if len(values) < 2:
-        raise ConfigError("--select-k: give at least two K to choose from (one K is `weight: auto*K`)")
+        raise ConfigError("select_k: give at least two K to choose from (one K is `weight: auto*K`)")
     overlap = sorted(set(seeds) & set(cfg.seeds))
     if overlap:
-        raise ConfigError(f"--select-k: seeds {overlap} would both choose λ and be reported; give other "
-                          f"--select-seeds (default {','.join(map(str, DEFAULT_SELECT_SEEDS))}) or other --seeds")
+        raise ConfigError(f"select_k: seeds {overlap} would both choose λ and be reported; give other "
+                          f"select_seeds (default {','.join(map(str, SELECT_SEEDS))}) or other seeds")
     if not auto_terms(cfg):
-        raise ConfigError("--select-k: no term to choose λ for (no metrics and no baseline at weight auto)")
+        raise ConfigError("select_k: no term to choose λ for (no metrics and no baseline at weight auto)")
 
 
 def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[int]) -> dict:
@@ -118,12 +116,12 @@ def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -
                                                   "candidates": [float(v) for v in values], "chosen": chosen})
     lost = [n for n, c in chosen.items() if c is None]
     if lost:
-        raise NonFiniteLossError(f"--select-k: every K diverged in the pilot grid for {', '.join(lost)} "
+        raise NonFiniteLossError(f"select_k: every K diverged in the pilot grid for {', '.join(lost)} "
                                  f"({pilot_out}); give smaller K")
     for n, c in chosen.items():
         cells = ", ".join(f"K={k}: " + ("diverged" if v is None else f"{v:.4g}") for k, v in c["means"].items())
-        edge = (" (the edge of the candidates: a K beyond it may be better)"
-                if c["k"] == max(values) or 0 < c["k"] == min(values) else "")
+        edge = (" (the largest candidate: larger K were not tried)" if c["k"] == max(values) else
+                " (the smallest candidate above 0: smaller K were not tried)" if 0 < c["k"] == min(values) else "")
         log(f"kd2m: {n}: {cells} → auto*{c['k']:g}{edge}")
     return chosen
 
