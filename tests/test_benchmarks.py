@@ -188,3 +188,28 @@ def test_feature_balance_prints_both_scales_per_distance(tmp_path, capsys):
     assert set(rows) == {"cw2", "mmd_rbf"}
     for lam_theta, lam_f, ratio in rows.values():
         assert lam_theta > 0 and lam_f > 0 and ratio == pytest.approx(lam_f / lam_theta, rel=2e-3)
+
+
+def test_compare_grids_pairs_one_method_across_two_grids(tmp_path, capsys):
+    """A − B per method over the shared seeds (the paired t interval written out here), A − CE and
+    B − CE; and grids whose CE-only students differ are refused (nothing to pair)."""
+    import json
+
+    from scipy import stats
+    ce = {0: 0.60, 1: 0.62, 2: 0.61}
+    grids = {"a": {"cw2": {0: 0.75, 1: 0.78, 2: 0.74}}, "b": {"cw2": {0: 0.74, 1: 0.75, 2: 0.74}}}
+    for name, methods in grids.items():
+        rows = [{"method": m, "seed": s, "test_acc": v} for m, by in {"ce": ce, **methods}.items() for s, v in by.items()]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
+    assert load("compare_grids").main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    d = [1.0, 3.0, 0.0]  # A − B in points
+    half = stats.t.ppf(0.975, 2) * (sum((x - 4 / 3) ** 2 for x in d) / 2) ** 0.5 / 3 ** 0.5
+    assert f"| CW2 (E) | +1.33 [{4 / 3 - half:+.2f}, {4 / 3 + half:+.2f}] |" in out
+    assert "**+14.67 [" in out and "mean Δ vs CE: A +14.67, B +13.33" in out
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    rows[0]["test_acc"] += 0.01
+    (tmp_path / "b" / "results.json").write_text(json.dumps({"rows": rows}))
+    with pytest.raises(SystemExit, match="CE-only students differ"):
+        load("compare_grids").main([str(tmp_path / "a"), str(tmp_path / "b")])

@@ -1,0 +1,70 @@
+"""Two grids of the same benchmark, method by method: paired Δ between them over their shared seeds.
+
+    python benchmarks/compare_grids.py SELECTED_DIR SWEPT_DIR [--methods w2,cw2,...]
+
+`kd2m compare` pairs two students of one grid. Two grids that differ in a method's λ (λ chosen by
+``--select-k`` in one, hand-swept in the other) hold that method under the same key, so they live
+in two directories; this pairs them. For each method both grids hold: A − B, A − CE (A's CE-only
+student) and B − CE, each a paired mean over the seeds both have with its 95% Student-t interval
+(:func:`kd2m.results.paired_delta`); then, per seed, the mean over those methods of A − B, and
+the mean Δ vs CE of each grid. Accuracy in points, or perplexity (lower is better) for text.
+A and B must be the same benchmark with the same CE-only student on every shared seed (checked:
+the two grids' CE-only runs must agree exactly, else the pairing means nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from kd2m.catalog import CE, TEACHER
+from kd2m.results import figure_of, label, paired_delta, per_seed_figures, read_reported
+
+
+def fmt(d: dict) -> str:
+    bold = "**" if d["delta_ci_low"] > 0 or d["delta_ci_high"] < 0 else ""
+    return f"{bold}{d['delta']:+.2f} [{d['delta_ci_low']:+.2f}, {d['delta_ci_high']:+.2f}]{bold}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--methods", help="comma list (default: every method both grids hold, CE and teacher aside)")
+    args = p.parse_args(argv)
+    rows_a, rows_b = read_reported(args.a)[0], read_reported(args.b)[0]
+    fig = figure_of(rows_a)
+    a, b = per_seed_figures(rows_a, fig), per_seed_figures(rows_b, fig)
+    if CE not in a or CE not in b:
+        raise SystemExit("both grids need their CE-only student (ce)")
+    shared = sorted(set(a[CE]) & set(b[CE]))
+    if len(shared) < 2:
+        raise SystemExit(f"the grids share {len(shared)} seed(s); a paired interval needs 2")
+    if any(a[CE][s] != b[CE][s] for s in shared):
+        raise SystemExit("the two grids' CE-only students differ on a shared seed: not the same benchmark and "
+                         "settings, so their methods cannot be paired")
+    methods = args.methods.split(",") if args.methods else [m for m in a if m in b and m not in (CE, TEACHER)]
+    better = fig.higher_is_better
+    print("| method | A − B | A − CE | B − CE |\n|---|---|---|---|")
+    per_seed = {s: [] for s in shared}
+    mean_a, mean_b = [], []
+    for m in methods:
+        if m not in a or m not in b:
+            raise SystemExit(f"{m}: not in both grids")
+        ma = {s: a[m][s] for s in shared if s in a[m] and s in b[m]}
+        mb = {s: b[m][s] for s in ma}
+        da, db = paired_delta(ma, a[CE], better), paired_delta(mb, b[CE], better)
+        print(f"| {label(m)} | {fmt(paired_delta(ma, mb, better))} | {fmt(da)} | {fmt(db)} |")
+        for s in ma:
+            per_seed[s].append(ma[s] - mb[s])
+        mean_a.append(da["delta"])
+        mean_b.append(db["delta"])
+    whole = {s: statistics.fmean(v) for s, v in per_seed.items() if len(v) == len(methods)}
+    print(f"\nmean over the {len(methods)} methods of A − B, per seed ({len(whole)} seeds): "
+          + fmt(paired_delta(whole, {s: 0.0 for s in whole}, better)))
+    print(f"mean Δ vs CE: A {statistics.fmean(mean_a):+.2f}, B {statistics.fmean(mean_b):+.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
