@@ -99,7 +99,8 @@ def _cfg(tmp_path, extra=""):
 def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
     """One command: a pilot grid on the selection seed, trained without the holdout and scored on
     it, chooses K; the reported grid then trains at auto*K on the full training split."""
-    cfg, out = _cfg(tmp_path, "select_k: [0, 1]\nselect_seeds: [100]\n")  # in the config, as any setting
+    cfg, out = _cfg(tmp_path, "select_k: [0, 1]\nselect_seeds: [100]\n"  # in the config, as any setting
+                    "students: {pair: [{term: w2, weight: 0.01}, {term: kd, weight: 0.5}]}\n")
     assert main(["bench", str(cfg)]) == 0
     pilot = out / "select-k"
     sel = json.loads((pilot / "selected.json").read_text())
@@ -122,6 +123,8 @@ def test_select_k_chooses_on_the_holdout_and_reports_at_that_k(tmp_path):
         acc = float((teacher(x).argmax(1) == y).float().mean())
     assert json.loads((pilot / "teacher/seed100/final.json").read_text())["test_acc"] == pytest.approx(acc)
     assert not (pilot / "kd").exists()  # a baseline at a fixed λ has nothing to choose
+    assert not (pilot / "pair").exists()  # nor a named student, its λ written out
+    assert (out / "pair/seed0/final.json").exists()
     # the reported grid: the full training split, the test split, the chosen K
     final = json.loads((out / "cw2/seed0/final.json").read_text())
     assert "holdout" not in final["settings"]

@@ -98,9 +98,9 @@ def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -
     pilot_out = Path(cfg.out) / SELECT_DIR
     names = auto_terms(cfg)
     # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
-    # table); baselines at a fixed λ have nothing to choose
+    # table); baselines at a fixed λ and named students (their λ written out) have nothing to choose
     pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.holdout or DEFAULT_HOLDOUT,
-                                baselines=[CE] + [b for b in cfg.baselines if b in names])
+                                baselines=[CE] + [b for b in cfg.baselines if b in names], students=None, distill=None)
     log(f"kd2m: choosing K of auto*K per term on a holdout of {pilot.holdout:g} of the training split, "
         f"seeds {list(seeds)}, K in {', '.join(f'{v:g}' for v in values)}: {pilot_out}")
     # the output directory is held (checked, marked, locked) while its pilot grid trains inside it
