@@ -146,3 +146,10 @@ def test_bad_selections_are_refused_before_anything_is_written(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("kd2m: error: ") and says in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_reproduction_card_says_the_lambda_will_be_chosen(capsys):
+    assert main(["run", "--dry-run", "--select-k", "0,1,3", "--metrics", "cw2,w2", "--baselines", "ce,kd"]) == 0
+    out = capsys.readouterr().out
+    assert ("λ of cw2, w2: chosen before the grid by `select_k` among auto×0, auto×1, auto×3 (0: the term off), "
+            "on a holdout of 0.2 of the training split, seeds [100, 101, 102]") in out

@@ -174,6 +174,12 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         lines.append(f"| {key} | {value} | {_field_source(user, key, given)} |")
     models = _models(cfg)
     lines += ["", "## Students", ""]
+    if cfg.select_k:
+        from .select_k import auto_terms
+        lines += [f"λ of {', '.join(auto_terms(cfg))}: chosen before the grid by `select_k` among auto×"
+                  f"{', auto×'.join(f'{k:g}' for k in cfg.select_k)} (0: the term off), on a holdout of "
+                  f"{cfg.select_holdout:g} of the training split, seeds {cfg.select_seeds}; the λ below is "
+                  "what they would train at without it.", ""]
     for method in cfg.methods():
         if method.key == CE:
             lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", ""]

@@ -12,7 +12,9 @@ reported:
 2. **choice**: per term, the K with the best mean holdout score over the selection seeds
    (accuracy, or perplexity for text); a K that diverged on any seed is no candidate; ties go to
    the smaller K. K = 0 is the term switched off: its pilot is the CE-only student (``auto*0``
-   trains bit-identical to it), so a term that helps at no K is not forced on the student.
+   trains bit-identical to it unless the term builds a projector, whose initialisation moves the
+   random stream: then it differs by that only), so a term that helps at no K is not forced on
+   the student.
    Written to ``select-k/selected.json`` with every K's mean;
 3. **reported grid**: the configuration as given, each of those terms at its ``auto*K``, on the
    reported seeds (which must not overlap the selection seeds).
