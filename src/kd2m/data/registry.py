@@ -147,7 +147,9 @@ def build_dataset(name: str, data_root: str | os.PathLike | None = None, downloa
         tokenizer: text datasets: a local model directory whose tokenizer to use (default: bytes).
         holdout: a fraction in [0, 1): that share of the training split (:func:`holdout_split`)
             becomes the evaluation split, ``test``, never augmented; the rest trains. The test
-            split is not used at all: choosing λ on it would make it a tuning set.
+            split is not used at all: choosing λ on it would make it a tuning set. Text: whole
+            blocks are held out, at random, so a held-out block's neighbours in its document may
+            be in the training part (a holdout, not a test set: it only ranks candidates).
 
     Raises:
         ValueError: unknown ``name``.
