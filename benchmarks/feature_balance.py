@@ -21,7 +21,6 @@ import statistics
 import sys
 from collections import defaultdict
 
-import torch
 from torch.utils.data import DataLoader
 
 import kd2m.auto_weight as auto_weight
@@ -48,18 +47,13 @@ def feature_scales(step, train_set, batch_size: int) -> list[float | None]:
                     break
                 out = step.forward(x, y, index * step.views, amp=None)
                 feats = [f for f in out.s_feats.values() if f.requires_grad]
-                ce_norm += _norm(out.ce, feats)
+                ce_norm += auto_weight.grad_norm(out.ce, feats)
                 for k, v in enumerate(out.values):
-                    term_norm[k] += _norm(v, feats)
+                    term_norm[k] += auto_weight.grad_norm(v, feats)
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
     return [step.ce_weight * ce_norm / t if t > 0 else None for t in term_norm]
-
-
-def _norm(value, tensors) -> float:
-    grads = torch.autograd.grad(value, tensors, retain_graph=True, allow_unused=True)
-    return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
 
 
 def main(argv=None) -> int:

@@ -71,10 +71,10 @@ def calibrate(step, train_set, batch_size: int, name: str, channels_last: bool =
                 # the training step's forward (view 0 of a cached table), the auto terms only;
                 # no autocast: the balance of forces is measured in the weights' precision
                 out = step.forward(x, y, index * step.views, amp=None, which=auto)
-                ce_norm += _grad_norm(out.ce, params)
+                ce_norm += grad_norm(out.ce, params)
                 for k, v in enumerate(out.values):
                     if v is not None:
-                        term_norm[k] += _grad_norm(v, params)
+                        term_norm[k] += grad_norm(v, params)
                 batches += 1
     finally:
         model.load_state_dict(saved_model)
@@ -102,6 +102,7 @@ def calibrate(step, train_set, batch_size: int, name: str, channels_last: bool =
     return scales
 
 
-def _grad_norm(value: torch.Tensor, params) -> float:
-    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+def grad_norm(value: torch.Tensor, tensors) -> float:
+    """‖∇ value‖ over ``tensors`` (parameters, or any tensors in its graph), the graph kept."""
+    grads = torch.autograd.grad(value, tensors, retain_graph=True, allow_unused=True)
     return math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads if g is not None))

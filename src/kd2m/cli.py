@@ -130,15 +130,12 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
 
 def _selected(cfg, sweep):
     """``cfg`` (resolved) with every `auto` term at the K its select_k pilot grid chose (kd2m.select_k)."""
-    import dataclasses
-
     from .config import ConfigError
     from .select_k import check_selection, select_k, with_chosen
     if sweep is not None:
         raise ConfigError("--select-k chooses K itself: give it or --sweep, not both")
     check_selection(cfg, cfg.select_k, cfg.select_seeds)
-    pilot = dataclasses.replace(cfg, holdout=cfg.select_holdout, select_k=None)
-    chosen = select_k(pilot, cfg.select_k, cfg.select_seeds, log=print)
+    chosen = select_k(cfg, cfg.select_k, cfg.select_seeds, log=print)
     return with_chosen(cfg, chosen).resolved()
 
 

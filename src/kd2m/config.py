@@ -59,6 +59,8 @@ DATASET_DEFAULTS = {
                     weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0},
                     term_options={"dkd": {"warmup": 5}}),
 }
+#: seeds of a ``select_k`` pilot grid unless given: the repository's tuning seeds, never reported
+SELECT_SEEDS = (100, 101, 102)
 IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs=15, lr=1e-2, weight=1e-4,
                       num_workers=2, threads=0, seeds=3, batch_size=128, teacher_cache=0)
 #: Text (``python_docs``, ``text:PATH``): byte-level GPT-2s trained from scratch here with AdamW
@@ -70,9 +72,6 @@ IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs
 #: (teacher lr 3e-3 left no gap to the student: perplexity 8.45 against 8.78; 1e-3 gave 6.58), and
 #: the teacher's epochs (2, not 3) so that the grid fits 15 minutes on 2 cores at 6 seeds (README
 #: "Language models").
-#: seeds of a ``select_k`` pilot grid unless given: the repository's tuning seeds, never reported
-SELECT_SEEDS = (100, 101, 102)
-
 LM_DEFAULTS = dict(teacher="hf:gpt2", student="hf:gpt2",
                    teacher_options={"n_layer": 2, "n_embd": 128, "n_head": 4},
                    student_options={"n_layer": 1, "n_embd": 64, "n_head": 2},
@@ -521,6 +520,14 @@ def _float_list(key: str, value) -> list:
         raise ConfigError(f"{key}: a comma list of numbers (e.g. 0,0.3,1,3,10), got {value!r:.60}") from None
 
 
+def _check_fraction(key: str, v, zero: bool) -> None:
+    """A share of the training split: a number in [0, 1) (``zero``) or (0, 1)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v if zero else 0 < v) and v < 1
+    if not ok:
+        raise ConfigError(f"{key}: a fraction of the training split in {'[' if zero else '('}0, 1) (e.g. 0.2), "
+                          f"got {v!r}")
+
+
 def _check_numbers(c: "RunConfig") -> None:
     """Every number in range, NaN and inf refused (NaN passes every `x < 0` check)."""
     for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0),
@@ -528,11 +535,8 @@ def _check_numbers(c: "RunConfig") -> None:
         v = getattr(c, key)
         if v is not None and v < low:
             raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
-    if not (isinstance(c.select_holdout, (int, float)) and not isinstance(c.select_holdout, bool)
-            and 0 < c.select_holdout < 1):
-        raise ConfigError(f"select_holdout: a fraction of the training split in (0, 1) (e.g. 0.2), got {c.select_holdout!r}")
-    if not (isinstance(c.holdout, (int, float)) and not isinstance(c.holdout, bool) and 0 <= c.holdout < 1):
-        raise ConfigError(f"holdout: a fraction of the training split in [0, 1) (e.g. 0.2), got {c.holdout!r}")
+    _check_fraction("holdout", c.holdout, zero=True)          # 0: score on the test split
+    _check_fraction("select_holdout", c.select_holdout, zero=False)
     if c.image_size is not None and c.image_size < 1:
         raise ConfigError(f"image_size: must be ≥ 1, got {c.image_size}")
     for key in ("lr", "teacher_lr", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",

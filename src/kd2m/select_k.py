@@ -7,7 +7,7 @@ reported:
 
 1. **pilot grid**: every `auto` term's students at ``auto*K`` for each candidate K, on the
    selection seeds (default 100–102, never reported), trained on the training split minus a
-   fixed holdout (``holdout``, default 0.2) and scored on that holdout. The test split is not
+   fixed holdout (``select_holdout``, default 0.2) and scored on that holdout. The test split is not
    read; the teacher trains on the same reduced split (it must not have seen the holdout either);
 2. **choice**: per term, the K with the best mean holdout score over the selection seeds
    (accuracy, or perplexity for text); a K that diverged on any seed is no candidate; ties go to
@@ -41,8 +41,6 @@ from .rundir import RunDir
 #: where the pilot grid lives, inside the output directory
 SELECT_DIR = "select-k"
 SELECTED_JSON = "selected.json"
-#: the share of the training split held out when the configuration gives none
-DEFAULT_HOLDOUT = 0.2
 
 
 def auto_terms(cfg: RunConfig) -> list[str]:
@@ -93,15 +91,14 @@ def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[
 
 
 def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -> dict:
-    """Run (or resume) the pilot grid of ``cfg`` (resolved; its ``holdout``, else
-    :data:`DEFAULT_HOLDOUT`) and return :func:`choose`'s choice, also written to
-    ``OUT/select-k/selected.json``."""
+    """Run (or resume) the pilot grid of ``cfg`` (resolved; scored on its ``select_holdout``) and
+    return :func:`choose`'s choice, also written to ``OUT/select-k/selected.json``."""
     from .grid import run_grid
     pilot_out = Path(cfg.out) / SELECT_DIR
     names = auto_terms(cfg)
     # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
     # table); baselines at a fixed λ and named students (their λ written out) have nothing to choose
-    pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.holdout or DEFAULT_HOLDOUT,
+    pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.select_holdout, select_k=None,
                                 baselines=[CE] + [b for b in cfg.baselines if b in names], students=None, distill=None)
     log(f"kd2m: choosing K of auto*K per term on a holdout of {pilot.holdout:g} of the training split, "
         f"seeds {list(seeds)}, K in {', '.join(f'{v:g}' for v in values)}: {pilot_out}")
