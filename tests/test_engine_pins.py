@@ -255,12 +255,12 @@ def test_a_run_copied_under_a_sweep_variants_name_is_that_variants_row(tmp_path)
     out = tmp_path / "r"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce]\nmetrics: [cw2]\n"
-                   "weight: auto\nprogress: false\n")
+                   "weight: auto*1\nprogress: false\n")  # auto*1: a bare auto would choose its K first
     assert main(["bench", str(cfg)]) == 0
     auto_acc = R.read_rows(out / "results.csv")
     auto_acc = {r["method"]: r["test_acc"] for r in auto_acc}["cw2"]
     shutil.copytree(out / "cw2", out / "cw2@auto*1")
-    cfg.write_text(cfg.read_text().replace("weight: auto\n", "weight: 0.001\n"))   # cw2 itself: another λ
+    cfg.write_text(cfg.read_text().replace("weight: auto*1\n", "weight: 0.001\n"))   # cw2 itself: another λ
     shutil.rmtree(out / "cw2")
     assert main(["bench", str(cfg)]) == 0
     assert main(["bench", str(cfg), "--sweep", "auto_weight=1"]) == 0          # trains nothing new

@@ -497,7 +497,7 @@ def test_an_eigensolver_failing_on_finite_extreme_features_is_that_runs_divergen
     monkeypatch.setattr(M.Metric, "__call__", fails_at_step_two)
     out = tmp_path / "o"
     code, log, err = run_cli(["run", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce",
-                              "--metrics", "gauss_w2", "--weight", "auto", "--no-progress", "--parallel", "1",
+                              "--metrics", "gauss_w2", "--weight", "auto*1", "--no-progress", "--parallel", "1",
                               "--out", out], capsys)
     one_line_error(code, err, "gauss_w2 s0:", "term 'gauss_w2' could not be computed", "step 2", "failed to converge")
     assert (out / "gauss_w2/seed0/diverged.json").exists() and (out / "ce/seed0/final.json").exists()

@@ -153,3 +153,65 @@ def test_the_reproduction_card_says_the_lambda_will_be_chosen(capsys):
     out = capsys.readouterr().out
     assert ("λ of cw2, w2: chosen before the grid by `select_k` among auto×0, auto×1, auto×3 (0: the term off), "
             "on a holdout of 0.2 of the training split, seeds [100, 101, 102]") in out
+
+
+def test_a_bare_auto_is_chosen_by_default_and_auto_k_written_out_is_kept(tmp_path, capsys):
+    """`weight: auto` in a grid means K chosen on the holdout among DEFAULT_K, with no option
+    given; a term at `auto*K` written out keeps its K (no pilot of its own)."""
+    from kd2m.select_k import DEFAULT_K
+    cfg, out = _cfg(tmp_path, "select_seeds: [100]\nweights: {w2: auto*1}\n")
+    cfg.write_text(cfg.read_text().replace("metrics: [cw2]", "metrics: [cw2, w2]").replace("baselines: [kd]",
+                                                                                              "baselines: [ce]"))
+    assert main(["bench", str(cfg)]) == 0
+    pilot = out / "select-k"
+    sel = json.loads((pilot / "selected.json").read_text())
+    assert sel["candidates"] == list(DEFAULT_K) == [0.0, 0.3, 1.0, 3.0, 10.0]
+    assert list(sel["chosen"]) == ["cw2"] and sorted(sel["chosen"]["cw2"]["means"]) == ["0", "0.3", "1", "10", "3"]
+    assert sorted(p.name for p in pilot.iterdir() if p.is_dir()) == \
+        ["ce", "cw2@auto*0.3", "cw2@auto*1", "cw2@auto*10", "cw2@auto*3", "teacher"]  # no w2: its K is written out
+    terms = {m: json.loads((out / m / "seed0/final.json").read_text())["settings"]["terms"][0] for m in ("cw2", "w2")}
+    assert terms["cw2"]["weight"] == sel["chosen"]["cw2"]["k"] and terms["cw2"]["auto"]
+    assert terms["w2"]["weight"] == 1.0 and terms["w2"]["auto"]
+    assert json.loads((out / "config.json").read_text())["select_k"] == list(DEFAULT_K)
+    printed = capsys.readouterr().out
+    assert "cw2: K=0: " in printed  # every K's holdout score is printed
+    k = sel["chosen"]["cw2"]["k"]  # and under the table, the K each chosen term trained at
+    assert f"λ chosen on a holdout (select-k/selected.json): CW2 (E) auto×{k:g}" + \
+        (" (the term off)." if k == 0 else ".") in printed
+
+
+@pytest.mark.parametrize("off", ["--select-k none", "--select-k off", "config: select_k: off"])
+def test_select_k_none_keeps_auto_at_one_calibration(tmp_path, off):
+    """`--select-k none` (`select_k: off` in YAML, which reads it as False): no pilot grid, and
+    `auto` trains at auto*1, what it meant before the choice was its meaning."""
+    cfg, out = _cfg(tmp_path, off[len("config: "):] + "\n" if off.startswith("config:") else "")
+    cfg.write_text(cfg.read_text().replace("baselines: [kd]", "baselines: []"))
+    assert main(["bench", str(cfg)] + ([] if off.startswith("config:") else off.split())) == 0
+    assert not (out / "select-k").exists()
+    term = json.loads((out / "cw2/seed0/final.json").read_text())["settings"]["terms"][0]
+    assert term["weight"] == 1.0 and term["auto"]
+
+
+def test_plan_names_the_terms_and_the_candidates():
+    from kd2m.select_k import DEFAULT_K, plan
+    base = dict(metrics=["cw2", "w2", "mmd_rbf"], baselines=["ce", "kd", "dkd", "dist"], weight="auto",
+                weights={"w2": "auto*3", "mmd_rbf": 10.0, "kd": "auto", "dkd": "auto*1"})
+    cfg = RunConfig(**base).resolved()
+    assert plan(cfg) == (["cw2", "kd"], list(DEFAULT_K))  # bare auto only: not auto*K, not a number
+    assert plan(cfg, sweep=("auto_weight", [1.0, 3.0])) is None  # a sweep sets K
+    assert plan(cfg, sweep=("lr", [0.1])) is None
+    assert plan(RunConfig(**base, select_k="none").resolved()) is None
+    assert plan(RunConfig(**base, select_k=[]).resolved()) is None
+    # given: every distance and every baseline at auto, its fixed λ overridden (as an auto_weight sweep)
+    assert plan(RunConfig(**base, select_k="0,1").resolved()) == (["cw2", "w2", "mmd_rbf", "kd", "dkd"], [0.0, 1.0])
+    with pytest.raises(ConfigError, match="not both"):
+        plan(RunConfig(**base, select_k="0,1").resolved(), sweep=("auto_weight", [1.0]))
+    assert plan(RunConfig(metrics=["cw2"], baselines=["ce"], weight=0.1).resolved()) is None  # nothing at auto
+
+
+def test_a_default_choice_on_the_reported_seeds_is_refused_with_the_way_out(tmp_path, capsys):
+    cfg, out = _cfg(tmp_path)
+    assert main(["bench", str(cfg), "--seeds", "100,"]) == 2
+    err = capsys.readouterr().err
+    assert "would both choose λ and be reported" in err and "--select-k none" in err and err.count("\n") == 1
+    assert not out.exists()

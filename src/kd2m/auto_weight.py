@@ -2,7 +2,8 @@
 
 The distances differ by orders of magnitude in scale (W2² in the hundreds on the digits
 features, MMD below 1), so one λ means something different for every metric, layer and
-dataset. With ``weight: auto*K`` (``auto`` = ``auto*1``) the engine sets, before the first step,
+dataset. With ``weight: auto*K`` (in one run, ``auto`` = ``auto*1``; a grid first chooses K for a
+bare ``auto`` on a holdout: :mod:`kd2m.select_k`) the engine sets, before the first step,
 
     λ_k = K · w_CE · E_b ‖∇_θ CE(b)‖ / E_b ‖∇_θ term_k(b)‖
 

@@ -155,7 +155,7 @@ def _layers(term, models, entry: dict, user: RunConfig, given_keys: set) -> str:
     return text + f" ({sides[0][1]})"
 
 
-def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set = frozenset()) -> str:
+def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set = frozenset(), sweep=None) -> str:
     """The card (Markdown) of the grid ``user`` describes: ``user`` as loaded (defaults unfilled),
     so each value's source can be told; ``given``: the fields the config file and the command
     line set (a value equal to kd2m's default is then still "config"). Builds the models to
@@ -174,12 +174,15 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         lines.append(f"| {key} | {value} | {_field_source(user, key, given)} |")
     models = _models(cfg)
     lines += ["", "## Students", ""]
-    if cfg.select_k:
-        from .select_k import auto_terms
-        lines += [f"λ of {', '.join(auto_terms(cfg))}: chosen before the grid by `select_k` among auto×"
-                  f"{', auto×'.join(f'{k:g}' for k in cfg.select_k)} (0: the term off), on a holdout of "
+    from .select_k import plan
+    selection = plan(cfg, sweep)
+    if selection:
+        names, values = selection
+        how = "`weight: auto`" if cfg.select_k is None else "`select_k`"
+        lines += [f"λ of {', '.join(names)}: chosen before the grid by {how} among auto×"
+                  f"{', auto×'.join(f'{k:g}' for k in values)} (0: the term off), on a holdout of "
                   f"{cfg.select_holdout:g} of the training split, seeds {cfg.select_seeds}; the λ below is "
-                  "what they would train at without it.", ""]
+                  "what they would train at without it (`--select-k none`).", ""]
     for method in cfg.methods():
         if method.key == CE:
             lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", ""]

@@ -6,6 +6,7 @@ Every failure the user can fix is printed as one line ``kd2m: error: …`` with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -128,15 +129,13 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
     return from_mapping(overrides, cfg, source="command line")
 
 
-def _selected(cfg, sweep):
-    """``cfg`` (resolved) with every `auto` term at the K its select_k pilot grid chose (kd2m.select_k)."""
-    from .config import ConfigError
+def _selected(cfg, names, values):
+    """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
+    chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
     from .select_k import check_selection, select_k, with_chosen
-    if sweep is not None:
-        raise ConfigError("--select-k chooses K itself: give it or --sweep, not both")
-    check_selection(cfg, cfg.select_k, cfg.select_seeds)
-    chosen = select_k(cfg, cfg.select_k, cfg.select_seeds, log=print)
-    return with_chosen(cfg, chosen).resolved()
+    check_selection(cfg, values, cfg.select_seeds, names)
+    chosen = select_k(cfg, values, cfg.select_seeds, log=print, names=names)
+    return dataclasses.replace(with_chosen(cfg, chosen), select_k=list(values)).resolved(), chosen
 
 
 def parse_sweep(text: str | None):
@@ -164,11 +163,19 @@ def cmd_run(args) -> int:
     if getattr(args, "dry_run", False):
         from .card import reproduction_card
         source = getattr(args, "config_file", None) or getattr(args, "config", None)
-        print(reproduction_card(cfg, f"kd2m {args.command}" + (f" {source}" if source else ""), given), end="")
+        print(reproduction_card(cfg, f"kd2m {args.command}" + (f" {source}" if source else ""), given, sweep),
+              end="")
         return 0
     resolved = cfg.resolved()
-    if resolved.select_k:
-        cfg = resolved = _selected(resolved, sweep)
+    from .select_k import auto_terms, plan
+    selection, chosen = plan(resolved, sweep), None
+    if selection:
+        cfg, chosen = _selected(resolved, *selection)
+        resolved = cfg
+    elif sweep is not None and sweep[0] != "auto_weight" and resolved.select_k is None \
+            and auto_terms(resolved, bare_only=True):
+        print("kd2m: note: with --sweep, `weight: auto` is auto*1 (one calibration; K is not chosen on a "
+              "holdout)", flush=True)
     if dist_ctx.is_main() or not dist_ctx.launched_by_torchrun():
         print(f"kd2m: {resolved.dataset}: teacher {resolved.teacher} → student {resolved.student}; "
               f"methods {', '.join(m.key for m in resolved.methods())}; seeds {resolved.seeds}; "
@@ -183,6 +190,11 @@ def cmd_run(args) -> int:
                                  reference_numbers(resolved.dataset, resolved.teacher, resolved.student)))
             from .results import note
             print(note(rows))
+            if chosen:  # the table's rows do not show λ: which K each chosen term trained at
+                labels = {m.key: m.label for m in resolved.methods()}
+                print("λ chosen on a holdout (select-k/selected.json): " + ", ".join(
+                    f"{labels.get(n, n)} auto×{c['k']:g}" + (" (the term off)" if c["k"] == 0 else "")
+                    for n, c in chosen.items()) + ".")
             if resolved.holdout:
                 print(f"Scored on a holdout of {resolved.holdout:g} of the training split (trained on the rest), "
                       "not on the test split.")

@@ -52,8 +52,8 @@ DATASET_DEFAULTS = {
                    term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}, "dkd": {"warmup": 1}}),
     # MNIST-1D (Greydanus & Kobak): the paper's 1-D CNN teacher and MLP student, 4000 training
     # signals, no augmentation (so the teacher cache with one view is exact and saves the
-    # teacher's forward pass every step). No λ was tuned here: every term uses `weight: auto`
-    # (the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
+    # teacher's forward pass every step). No λ was tuned here: every term uses `weight: auto`, its K
+    # chosen on a holdout (kd2m.select_k; the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
     "mnist1d": dict(teacher="mnist1d_cnn", student="mnist1d_mlp", epochs=60, teacher_epochs=60, lr=0.05,
                     batch_size=100, weight="auto", num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
                     weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0},
@@ -67,11 +67,11 @@ IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs
 #: (weight decay: the run's, 5e-4 by default), a
 #: 2-layer teacher (width 128, lr 1e-3, 2 epochs) and a 1-layer student (width 64, lr 3e-3, 2
 #: epochs), the teacher read from the exact one-view cache; the LLM field's divergences at λ 1 and
-#: every paper distance at `weight: auto` on the final hidden states, a token of the batch being one
-#: sample (unit tokens) and its next token its label. The recipe was chosen on tuning seed 100
-#: (teacher lr 3e-3 left no gap to the student: perplexity 8.45 against 8.78; 1e-3 gave 6.58), and
-#: the teacher's epochs (2, not 3) so that the grid fits 15 minutes on 2 cores at 6 seeds (README
-#: "Language models").
+#: every paper distance at `weight: auto` (its K chosen on a holdout: kd2m.select_k) on the final
+#: hidden states, a token of the batch being one sample (unit tokens) and its next token its label.
+#: The recipe was chosen on tuning seed 100 (teacher lr 3e-3 left no gap to the student: perplexity
+#: 8.45 against 8.78; 1e-3 gave 6.58), and the teacher's epochs (2, not 3) so that the grid fits 15
+#: minutes on 2 cores at 6 seeds without the choice of K (README "Language models").
 LM_DEFAULTS = dict(teacher="hf:gpt2", student="hf:gpt2",
                    teacher_options={"n_layer": 2, "n_embd": 128, "n_head": 4},
                    student_options={"n_layer": 1, "n_embd": 64, "n_head": 2},
@@ -137,10 +137,12 @@ class RunConfig:
     auto_every: int = _opt(0, "weight auto: recalibrate every `auto` term's λ at the start of every N-th epoch, on the "
                               "student as it is then (0 = once, at initialisation: the default; every epoch was measured to run "
                               "away on the digits: README)")
-    select_k: typing.Any = _opt(None, "choose K of auto*K per term before the grid, without the test split: a pilot "
-                                      "grid at each K (e.g. 0,0.3,1,3,10; 0 = the term off) on select_seeds, trained "
-                                      "on the training split minus a holdout (select_holdout) and scored on it; each "
-                                      "term then runs at its best K (README: λ chosen on a holdout)")
+    select_k: list | str | bool | None = _opt(
+        None, "the K of auto*K a grid chooses among for the terms at weight auto, without the test split: a pilot "
+              "grid at each K (default 0,0.3,1,3,10; 0 = the term off) on select_seeds, trained on the training "
+              "split minus a holdout (select_holdout) and scored on it; each term then runs at its best K. Given, "
+              "it chooses for every distance and every baseline at auto. none: choose nothing (auto is auto*1, one "
+              "calibration). README: λ chosen on a holdout")
     select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones (default "
                                           "100,101,102)")
     select_holdout: float = _opt(0.2, "the share of the training split the select_k pilot grid is scored on")
@@ -327,9 +329,14 @@ def _check_lists_and_numbers(c: RunConfig) -> None:
     if not str(c.out).strip():
         raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
     c.seeds = _seed_list(c.seeds)
-    if c.select_k is not None:
+    if c.select_k is False or (isinstance(c.select_k, str) and c.select_k.strip().lower() in ("none", "off")) \
+            or (isinstance(c.select_k, list) and [str(v).strip().lower() for v in c.select_k] in (["none"], ["off"])):
+        c.select_k = []  # `select_k: none` (YAML reads `off` as False): auto is auto*1, nothing chosen
+    elif c.select_k is True:
+        raise ConfigError("select_k: a comma list of K (e.g. 0,0.3,1,3,10), or none; got true")
+    elif c.select_k is not None:
         c.select_k = _float_list("select_k", c.select_k)
-        c.select_seeds = list(SELECT_SEEDS) if c.select_seeds is None else _seed_list(c.select_seeds, "select_seeds")
+    c.select_seeds = list(SELECT_SEEDS) if c.select_seeds is None else _seed_list(c.select_seeds, "select_seeds")
     c.metrics = _str_list("metrics", c.metrics)
     c.baselines = _str_list("baselines", c.baselines)
     if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line

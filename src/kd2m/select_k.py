@@ -1,9 +1,12 @@
-"""λ chosen without the test set: ``kd2m bench CONFIG --select-k 0,0.3,1,3,10`` (``select_k:`` in a config).
+"""λ chosen without the test set: what ``weight: auto`` means in a grid (``kd2m run``/``kd2m bench``).
 
 No rule computed at initialisation served every metric on both offline benchmarks (README, "λ
 without hand-tuning"): the right pull differs by metric, benchmark and training length. This is
 what a careful researcher does by hand instead, done by the tool, on data that decides nothing
-reported:
+reported. A term left at a bare ``auto`` gets its K of ``auto*K`` chosen among :data:`DEFAULT_K`;
+``select_k: [...]`` (``--select-k``) names other candidates and chooses for every distance and
+every baseline at ``auto``; ``auto*K`` written out, a ``--sweep``, or ``select_k: none`` choose
+nothing (``auto`` is then ``auto*1``: the calibration of :mod:`kd2m.auto_weight` alone):
 
 1. **pilot grid**: every `auto` term's students at ``auto*K`` for each candidate K, on the
    selection seeds (default 100–102, never reported), trained on the training split minus a
@@ -41,29 +44,60 @@ from .rundir import RunDir
 #: where the pilot grid lives, inside the output directory
 SELECT_DIR = "select-k"
 SELECTED_JSON = "selected.json"
+#: the candidate K of a bare ``weight: auto`` (0: the term off). Capped at 10, the top of the
+#: README's MNIST-1D sweep: with 30 among them the digits' pilot picked K = 30 for CW2, a cliff
+#: where 3 of 10 reported seeds collapsed (README "How the rule was arrived at").
+DEFAULT_K = (0.0, 0.3, 1.0, 3.0, 10.0)
 
 
-def auto_terms(cfg: RunConfig) -> list[str]:
+def is_bare_auto(weight) -> bool:
+    """``weight`` written as ``auto`` (no factor): λ left to kd2m, as opposed to ``auto*K``."""
+    return isinstance(weight, str) and weight.strip().lower() == "auto"
+
+
+def auto_terms(cfg: RunConfig, bare_only: bool = False) -> list[str]:
     """The single-term students whose λ the selection chooses: the distances and every baseline
-    whose λ is ``auto`` (the terms an ``auto_weight`` sweep varies)."""
+    whose λ is ``auto`` (the terms an ``auto_weight`` sweep varies); ``bare_only``: of those, the
+    terms whose λ is written as a bare ``auto``."""
     names = list(cfg.metrics)
     weights = cfg.weights or {}
     names += [b for b in cfg.baselines if b in weights and parse_weight(weights[b])[1]]
+    if bare_only:
+        names = [n for n in names if is_bare_auto(cfg.weight_for(n))]
     return names
 
 
-def check_selection(cfg: RunConfig, values: list[float], seeds: list[int]) -> None:
+def plan(cfg: RunConfig, sweep=None) -> tuple[list[str], list[float]] | None:
+    """(the terms whose K the grid chooses before it trains, the candidate K), or None for none.
+
+    ``select_k`` not given (None): the terms at a bare ``auto``, among :data:`DEFAULT_K`, unless
+    ``sweep`` is given (it sets K, or changes the recipe the choice would be made for: ``auto`` is
+    then ``auto*1``). ``select_k`` given: every term :func:`auto_terms` names, among its K (with a
+    sweep: ConfigError). ``select_k: none`` (``[]``): nothing."""
+    if cfg.select_k is None:
+        names = auto_terms(cfg, bare_only=True)
+        return (names, list(DEFAULT_K)) if names and sweep is None else None
+    if not cfg.select_k:
+        return None
+    if sweep is not None:
+        raise ConfigError("--select-k chooses K itself: give it or --sweep, not both")
+    return auto_terms(cfg), list(cfg.select_k)
+
+
+def check_selection(cfg: RunConfig, values: list[float], seeds: list[int], names: list[str] | None = None) -> None:
     """ConfigError, before anything trains, for a selection that cannot be made or would report
-    what it chose on."""
+    what it chose on (``names``: the terms it chooses for, default :func:`auto_terms`)."""
     if not values or any(not math.isfinite(v) or v < 0 for v in values) or len(set(values)) != len(values):
         raise ConfigError(f"select_k: distinct finite numbers ≥ 0, e.g. 0,0.3,1,3,10; got {values}")
     if len(values) < 2:
         raise ConfigError("select_k: give at least two K to choose from (one K is `weight: auto*K`)")
     overlap = sorted(set(seeds) & set(cfg.seeds))
     if overlap:
-        raise ConfigError(f"select_k: seeds {overlap} would both choose λ and be reported; give other "
-                          f"select_seeds (default {','.join(map(str, SELECT_SEEDS))}) or other seeds")
-    if not auto_terms(cfg):
+        raise ConfigError(f"select_k: seeds {overlap} would both choose λ and be reported (a grid chooses K of "
+                          f"`weight: auto` on select_seeds); give other select_seeds (default "
+                          f"{','.join(map(str, SELECT_SEEDS))}) or other seeds, or --select-k none (auto is then "
+                          "auto*1, not chosen)")
+    if not (auto_terms(cfg) if names is None else names):
         raise ConfigError("select_k: no term to choose λ for (no metrics and no baseline at weight auto)")
 
 
@@ -90,15 +124,18 @@ def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[
     return chosen
 
 
-def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print) -> dict:
-    """Run (or resume) the pilot grid of ``cfg`` (resolved; scored on its ``select_holdout``) and
-    return :func:`choose`'s choice, also written to ``OUT/select-k/selected.json``."""
+def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print,
+             names: list[str] | None = None) -> dict:
+    """Run (or resume) the pilot grid of ``cfg`` (resolved; scored on its ``select_holdout``) for
+    the terms ``names`` (default :func:`auto_terms`) and return :func:`choose`'s choice, also
+    written to ``OUT/select-k/selected.json``."""
     from .grid import run_grid
     pilot_out = Path(cfg.out) / SELECT_DIR
-    names = auto_terms(cfg)
+    names = auto_terms(cfg) if names is None else list(names)
     # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
-    # table); baselines at a fixed λ and named students (their λ written out) have nothing to choose
-    pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.select_holdout, select_k=None,
+    # table); terms at a fixed λ and named students (their λ written out) have nothing to choose
+    pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.select_holdout, select_k=[],
+                                metrics=[m for m in cfg.metrics if m in names],
                                 baselines=[CE] + [b for b in cfg.baselines if b in names], students=None, distill=None)
     log(f"kd2m: choosing K of auto*K per term on a holdout of {pilot.holdout:g} of the training split, "
         f"seeds {list(seeds)}, K in {', '.join(f'{v:g}' for v in values)}: {pilot_out}")
