@@ -215,3 +215,17 @@ def test_a_default_choice_on_the_reported_seeds_is_refused_with_the_way_out(tmp_
     err = capsys.readouterr().err
     assert "would both choose λ and be reported" in err and "--select-k none" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_command_line_weight_replaces_a_configs_per_distance_lambda(capsys):
+    """`kd2m bench configs/digits.yaml --weight auto` trained the config's swept λ: its `weights:`
+    entries per distance won over the command line silently (over a dataset's defaults, --weight
+    already replaced them). The baselines' λ stay the config's."""
+    from pathlib import Path
+    config = Path(__file__).resolve().parents[1] / "configs/digits.yaml"
+    assert main(["bench", str(config), "--weight", "auto*3", "--dry-run", "--metrics", "cw2,w2"]) == 0
+    card = capsys.readouterr().out
+    rows = {line.split(" (")[0].strip("| "): line.split(" | ")[1] for line in card.splitlines()
+            if line.startswith(("| cw2 (", "| w2 (", "| kd (", "| dkd ("))}
+    assert rows["cw2"].startswith("auto×3") and rows["w2"].startswith("auto×3")
+    assert rows["kd"].startswith("1 ") and rows["dkd"].startswith("0.1 ")  # configs/digits.yaml's own

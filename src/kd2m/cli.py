@@ -126,7 +126,14 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
         overrides[f.name] = value
     if given is not None:
         given |= set(overrides)
-    return from_mapping(overrides, cfg, source="command line")
+    cfg = from_mapping(overrides, cfg, source="command line")
+    if "weight" in overrides and cfg.weights:
+        # --weight is every distance's λ, as it is over a dataset's defaults (config._fill_defaults): a
+        # config file's λ per distance silently won over it (`kd2m bench configs/digits.yaml --weight
+        # auto` trained the swept λ); its baselines' λ stay
+        from . import losses
+        cfg.weights = {k: w for k, w in cfg.weights.items() if k not in losses.available("kd2m")}
+    return cfg
 
 
 def _selected(cfg, names, values):

@@ -126,9 +126,10 @@ class RunConfig:
     students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
                                        "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
     distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
-    weight: str | float | None = _opt(None, "λ for every KD²M distance without an entry in `weights`: a number, or "
-                                            "auto (calibrated: at initialisation the term pulls the student as hard "
-                                            "as CE) or auto*K (K times that)")
+    weight: str | float | None = _opt(None, "λ for every KD²M distance (in a config file, those without an entry in "
+                                            "`weights`; on the command line, it replaces those entries): a number, or "
+                                            "auto (calibrated against CE at initialisation, K of auto*K chosen on a "
+                                            "holdout in a grid: select_k) or auto*K (K times the calibration)")
     weights: dict | None = _opt(None, "λ per term name (distances and baselines)", cli=False)
     ce_weights: dict | None = _opt(None, "weight of CE per student name (default: the authors' CE weight of a "
                                          "single-term student's term — 0.1 for kd, as mdistiller — else 1)", cli=False)
