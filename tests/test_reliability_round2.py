@@ -325,7 +325,7 @@ def test_weight_auto_with_a_vanishing_gradient_is_refused_before_any_student_tra
         return real(self, *args, **kwargs) * factor
     monkeypatch.setattr(metrics.Metric, "__call__", flat)
     out = tmp_path / "o"
-    code, _, err = run_cli(["run", *BASE, "--baselines", "ce", "--metrics", "w2", "--weight", "auto", "--out", out],
+    code, _, err = run_cli(["run", *BASE, "--baselines", "ce", "--metrics", "w2", "--weight", "auto*1", "--out", out],
                            capsys)
     one_line_error(code, err, "w2: weight auto", needle)
     assert not (out / "ce/seed0/final.json").exists()        # the CE-only student, first in line, never trained
