@@ -105,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, given: set | None = None):
     """The RunConfig of a command line (its YAML file, then its options over it); ``given``, a set,
     receives the names of the fields they set."""
-    import dataclasses
     from .config import RunConfig, from_mapping, given_keys, read_yaml_mapping
     cfg = RunConfig()
     config_file = getattr(args, "config_file", None) or getattr(args, "config", None)

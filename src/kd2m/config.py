@@ -330,9 +330,10 @@ def _check_lists_and_numbers(c: RunConfig) -> None:
     if not str(c.out).strip():
         raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
     c.seeds = _seed_list(c.seeds)
-    if c.select_k is False or (isinstance(c.select_k, str) and c.select_k.strip().lower() in ("none", "off")) \
-            or (isinstance(c.select_k, list) and [str(v).strip().lower() for v in c.select_k] in (["none"], ["off"])):
-        c.select_k = []  # `select_k: none` (YAML reads `off` as False): auto is auto*1, nothing chosen
+    def off(v) -> bool:  # `select_k: none`, `off` (YAML reads it as False), `--select-k none` (a list of one)
+        return v is False or (isinstance(v, str) and v.strip().lower() in ("none", "off"))
+    if off(c.select_k) or (isinstance(c.select_k, list) and len(c.select_k) == 1 and off(c.select_k[0])):
+        c.select_k = []  # nothing chosen: auto is auto*1
     elif c.select_k is True:
         raise ConfigError("select_k: a comma list of K (e.g. 0,0.3,1,3,10), or none; got true")
     elif c.select_k is not None:
