@@ -229,3 +229,8 @@ def test_a_command_line_weight_replaces_a_configs_per_distance_lambda(capsys):
             if line.startswith(("| cw2 (", "| w2 (", "| kd (", "| dkd ("))}
     assert rows["cw2"].startswith("auto×3") and rows["w2"].startswith("auto×3")
     assert rows["kd"].startswith("1 ") and rows["dkd"].startswith("0.1 ")  # configs/digits.yaml's own
+
+
+def test_select_k_true_is_refused_naming_the_forms():
+    with pytest.raises(ConfigError, match="select_k: a comma list of K .*or none; got true"):
+        RunConfig(select_k=True).resolved()
