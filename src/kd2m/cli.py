@@ -139,8 +139,8 @@ def _selected(cfg, names, values):
     """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
     chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
     from .select_k import check_selection, select_k, with_chosen
-    check_selection(cfg, values, cfg.select_seeds, names)
-    chosen = select_k(cfg, values, cfg.select_seeds, log=print, names=names)
+    check_selection(cfg, names, values, cfg.select_seeds)
+    chosen = select_k(cfg, names, values, cfg.select_seeds, log=print)
     return dataclasses.replace(with_chosen(cfg, chosen), select_k=list(values)).resolved(), chosen
 
 

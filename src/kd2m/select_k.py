@@ -84,9 +84,9 @@ def plan(cfg: RunConfig, sweep=None) -> tuple[list[str], list[float]] | None:
     return auto_terms(cfg), list(cfg.select_k)
 
 
-def check_selection(cfg: RunConfig, values: list[float], seeds: list[int], names: list[str] | None = None) -> None:
-    """ConfigError, before anything trains, for a selection that cannot be made or would report
-    what it chose on (``names``: the terms it chooses for, default :func:`auto_terms`)."""
+def check_selection(cfg: RunConfig, names: list[str], values: list[float], seeds: list[int]) -> None:
+    """ConfigError, before anything trains, for a selection (of :func:`plan`) that cannot be made
+    or would report what it chose on."""
     if not values or any(not math.isfinite(v) or v < 0 for v in values) or len(set(values)) != len(values):
         raise ConfigError(f"select_k: distinct finite numbers ≥ 0, e.g. 0,0.3,1,3,10; got {values}")
     if len(values) < 2:
@@ -97,7 +97,7 @@ def check_selection(cfg: RunConfig, values: list[float], seeds: list[int], names
                           f"`weight: auto` on select_seeds); give other select_seeds (default "
                           f"{','.join(map(str, SELECT_SEEDS))}) or other seeds, or --select-k none (auto is then "
                           "auto*1, not chosen)")
-    if not (auto_terms(cfg) if names is None else names):
+    if not names:
         raise ConfigError("select_k: no term to choose λ for (no metrics and no baseline at weight auto)")
 
 
@@ -124,14 +124,12 @@ def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[
     return chosen
 
 
-def select_k(cfg: RunConfig, values: list[float], seeds: list[int], log=print,
-             names: list[str] | None = None) -> dict:
+def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[int], log=print) -> dict:
     """Run (or resume) the pilot grid of ``cfg`` (resolved; scored on its ``select_holdout``) for
-    the terms ``names`` (default :func:`auto_terms`) and return :func:`choose`'s choice, also
-    written to ``OUT/select-k/selected.json``."""
+    the terms ``names`` (of :func:`plan`) and return :func:`choose`'s choice, also written to
+    ``OUT/select-k/selected.json``."""
     from .grid import run_grid
     pilot_out = Path(cfg.out) / SELECT_DIR
-    names = auto_terms(cfg) if names is None else list(names)
     # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
     # table); terms at a fixed λ and named students (their λ written out) have nothing to choose
     pilot = dataclasses.replace(cfg, seeds=list(seeds), out=str(pilot_out), holdout=cfg.select_holdout, select_k=[],
