@@ -18,12 +18,13 @@ import statistics
 import sys
 
 from kd2m.catalog import CE, TEACHER
-from kd2m.results import figure_of, label, paired_delta, per_seed_figures, read_reported
+from kd2m.results import figure_of, fmt_delta, label, paired_delta, per_seed_figures, read_reported, verdict
 
 
 def fmt(d: dict) -> str:
-    bold = "**" if d["delta_ci_low"] > 0 or d["delta_ci_high"] < 0 else ""
-    return f"{bold}{d['delta']:+.2f} [{d['delta_ci_low']:+.2f}, {d['delta_ci_high']:+.2f}]{bold}"
+    """The table's Δ [interval], in bold where the interval excludes 0."""
+    bold = "**" if verdict(d) != "—" else ""
+    return f"{bold}{fmt_delta(d)}{bold}"
 
 
 def main(argv=None) -> int:
