@@ -379,7 +379,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
 def seeds_for_power(deltas: list[float], power: float = 0.8, limit: int = 10_000) -> int | None:
     """The smallest number of seeds n at which a two-sided paired t-test at 5% detects a mean
     difference of the observed size with probability ``power``, the differences' spread being the
-    observed one: the least n with |mean| ≥ (t₀.₉₇₅,ₙ₋₁ + t_power,ₙ₋₁)·sd/√n (the usual
+    observed one: the least n with ``|mean|`` ≥ (t₀.₉₇₅,ₙ₋₁ + t_power,ₙ₋₁)·sd/√n (the usual
     normal-theory approximation). None when there is no spread to judge from (fewer than 2
     differences) or no difference at all; ``limit`` when even that many would not do."""
     from scipy import stats
