@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .features import PENULTIMATE
 from .methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
 from .models import available_models
+from .models.user import is_user_factory, load_factory
 from .monitor import require_tensorboard
 
 
@@ -113,8 +114,10 @@ class RunConfig:
                                "included): for choosing λ without touching the test set (--select-k)")
     image_size: int | None = _opt(None, "imagefolder: resize every image to this size (default: the most common "
                                         "size); text: the block length in tokens (default 64)")
-    teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME)")
-    student: str | None = _opt(None, "student model")
+    teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME, "
+                                      "hf:MODEL_TYPE, or package.module:factory: your own code, called with "
+                                      "num_classes=, in_channels=, image_size= and teacher_options)")
+    student: str | None = _opt(None, "student model (as --teacher; options from student_options)")
     teacher_options: dict | None = _opt(None, "keyword options of the teacher's constructor, e.g. {patch_size: 2} "
                                               "for a timm ViT on 8×8 images", cli=False)
     student_options: dict | None = _opt(None, "keyword options of the student's constructor", cli=False)
@@ -321,9 +324,16 @@ def _fill_defaults(c: RunConfig) -> None:
 def _check_models(c: RunConfig) -> None:
     for key in ("teacher", "student"):
         name = getattr(c, key)
+        if is_user_factory(name):
+            try:
+                load_factory(name)  # an import error is said now, not after the teacher trained
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+            continue
         if not (name in available_models() or str(name).startswith(("timm:", "torchvision:", "hf:"))):
             raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
-                              f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE)")
+                              f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE, "
+                              "package.module:factory for your own)")
 
 
 def _check_lists_and_numbers(c: RunConfig) -> None:
