@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 from kd2m.cli import main
 from kd2m.models import build_model
