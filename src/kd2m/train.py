@@ -36,7 +36,8 @@ from .training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_lay
 from .training.build import (IndexedDataset, build_net, build_student, build_teacher, freeze,  # noqa: F401
                              make_loaders)
 from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
-from .training.step import EpochTally, Step, TermFailure, zero_nonfinite_gradients
+from .training.distiller import Distiller
+from .training.step import EpochTally, TermFailure, zero_nonfinite_gradients
 from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, teacher_cache  # noqa: F401
 
 __all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
@@ -102,11 +103,20 @@ class Trainer:
         params = list(model.parameters()) + [p for b in self.terms for p in b.module.parameters()]
         self.opt = make_optimizer(params, cfg)
         self.sched = make_scheduler(self.opt, cfg, self.epochs)
-        want = wanted_layers(self.terms, "student")
-        self.s_taps = Taps(model, want) if want else None
-        self.step = Step(model, self.terms, self.task, teacher_out=self.teacher_out, s_taps=self.s_taps,
-                         views=self.views, device=device, amp=amp_dtype(cfg.amp), ce_weight=self.method.ce_weight)
+        # the step is the front door's (kd2m.Distiller): a user's loop and this engine compute one loss
+        self.distiller = Distiller.from_bound(model, self.teacher, self.method, self.terms, self.task, device,
+                                              teacher_out=self.teacher_out, views=self.views, amp=amp_dtype(cfg.amp))
+        self.s_taps, self.step = self.distiller.s_taps, self.distiller.step
         self.scales = self._calibrate()
+
+    @property
+    def scales(self) -> list[float]:
+        """The λ scale of each term (1 unless ``auto``), as the distiller applies it."""
+        return self.distiller.scales
+
+    @scales.setter
+    def scales(self, value: list[float]) -> None:
+        self.distiller.scales, self.distiller.calibrated = list(value), True
 
     def _calibrate(self) -> list[float]:
         """The λ scale of each term (:func:`kd2m.auto_weight.calibrate`) on the student as it is now."""
@@ -183,7 +193,8 @@ class Trainer:
                 # at initialisation a flat term is the user's to fix; here it is what training did to
                 # the student (features collapsed under the term's pull): this run diverged, the grid goes on
                 raise NonFiniteLossError(f"recalibrating λ at epoch {epoch + 1}: {e}") from None
-        lam = [b.config.weight_at(epoch, self.epochs) * scale for b, scale in zip(self.terms, self.scales)]
+        self.distiller.set_epoch(epoch, self.epochs)
+        lam = self.distiller.weights()
         net.train()
         tally = EpochTally(len(self.terms), device)
         params = [p for group in self.opt.param_groups for p in group["params"]]

@@ -94,7 +94,8 @@ class Step:
         """(w_CE·supervised + Σ_k λ_k·term_k, Σ_k λ_k·term_k) for the weights ``lam``."""
         distill = out.ce.new_zeros(())
         for v, w in zip(out.values, lam):
-            distill = distill + w * v.float()
+            # at least float32 (a term under bf16 autocast), float64 kept (a float64 student)
+            distill = distill + w * v.to(torch.promote_types(v.dtype, torch.float32))
         return self.ce_weight * out.ce + distill, distill
 
 
