@@ -3,11 +3,16 @@ alone, the README's Hugging Face Trainer snippet as written, warm-ups given in e
 run's length, and a non-finite step named for what went non-finite (and where, under torchrun)."""
 import importlib.util
 import json
-import sys
+import os
+import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from kd2m import metrics
 from kd2m.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +69,87 @@ def test_a_settings_difference_names_the_nested_entry_that_differs():
     terms = [{"term": "dkd", "options": {"beta": 8}}]
     assert settings_difference({"terms": terms}, {"terms": [{"term": "dkd", "options": {"beta": 2}}]},
                                own=frozenset()) == ["terms[0].options.beta 8 vs 2"]
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+class _NanGradient(torch.autograd.Function):
+    """The identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_nan_gradient_of_a_finite_loss_is_named_a_gradient(tmp_path, capsys, monkeypatch):
+    """It was reported as "non-finite loss … (ce=2.019, cw2=44.92)": finite values under a name
+    that says they are not. The message says the gradient, which parameter first, how many."""
+    real_call = metrics.Metric.__call__
+
+    def nan_gradient(self, *args):
+        value = real_call(self, *args)
+        return _NanGradient.apply(value) if self.name == "cw2" else value
+    monkeypatch.setattr(metrics.Metric, "__call__", nan_gradient)
+    out = tmp_path / "o"
+    code = main(["run", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce",
+                 "--metrics", "cw2", "--parallel", "1", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    # the student's layers under its penultimate features get NaN; its classifier (fc) only CE's gradient
+    line = one_line_error(code, err, "cw2 s0: non-finite gradient at epoch 1, step 1 (in 4 of 6 parameters, "
+                          "the first features.1.weight; the loss was finite: ce=")
+    assert "non-finite loss" not in line and "cw2=nan" not in line and "cw2=" in line
+    where = json.loads((out / "cw2/seed0/diverged.json").read_text())["where"]
+    assert where.startswith("non-finite gradient at epoch 1, step 1 (in 4 of 6 parameters")
+
+
+def _one_rank_nan_worker(rank, init_file, out_dir):
+    """Two gloo ranks train a CE-only digits student; CE goes NaN on rank 1 only, at step 2."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from kd2m import tasks
+    from kd2m.config import RunConfig
+    from kd2m.data import build_dataset
+    from kd2m.methods import Method
+    from kd2m.train import NonFiniteLossError, Trainer, build_student
+    real, calls = tasks.Classification.supervised_loss, []
+
+    def poisoned(self, logits, targets):
+        calls.append(1)
+        value = real(self, logits, targets)
+        return value * float("nan") if rank == 1 and len(calls) == 2 else value
+    tasks.Classification.supervised_loss = poisoned
+    torch.set_num_threads(1)
+    try:
+        cfg = RunConfig(epochs=1, progress=False, diagnostics=False, metrics=[], baselines=["ce"],
+                        out=out_dir).resolved()
+        tr = Trainer(build_student(cfg, build_dataset("digits"), 0), build_dataset("digits"), cfg, Method("ce"), 0,
+                     os.path.join(out_dir, "ce", "seed0"), torch.device("cpu"))
+        try:
+            tr.fit()
+            message = "finished"
+        except NonFiniteLossError as e:
+            message = e.where
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_a_rank_whose_loss_was_finite_records_the_rank_that_diverged(tmp_path):
+    """Rank 1's loss is NaN; DDP's all-reduce carries it into rank 0's gradients at the same step,
+    and rank 0 wrote its own finite values to diverged.json as if its loss had been non-finite."""
+    ctx = mp.start_processes(_one_rank_nan_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung")
+    rank0, rank1 = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert rank0 == "non-finite loss at epoch 1, step 2 (on rank 1)"
+    assert rank1.startswith("non-finite loss at epoch 1, step 2 (ce=nan")
+    recorded = json.loads((tmp_path / "ce/seed0/diverged.json").read_text())["where"]   # written by rank 0
+    assert recorded == rank0
