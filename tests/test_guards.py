@@ -71,6 +71,65 @@ def test_a_settings_difference_names_the_nested_entry_that_differs():
                                own=frozenset()) == ["terms[0].options.beta 8 vs 2"]
 
 
+# ----------------------------------------------------------------------------- warm-ups and the run's length
+def _dkd_row(card: str) -> str:
+    section = card.split("\n### dkd — ", 1)[1].split("\n### ", 1)[0]
+    return next(line for line in section.splitlines() if line.startswith("| dkd ("))
+
+
+def test_the_authors_dkd_warmup_is_scaled_to_a_shorter_run(tmp_path, capsys):
+    """DKD's 20-epoch warm-up is mdistiller's for 240 epochs; on the paper configs' 15 it kept λ
+    at 0.75 of its value in the last epoch, and the card said "warm-up 20 epochs (authors'
+    default)". Now the same share of the run (1 of 15), said on the card, in config.json and the
+    run's settings, and trained with."""
+    from kd2m.config import RunConfig
+    assert main(["bench", str(ROOT / "configs/paper/cifar100.yaml"), "--baselines", "ce,dkd", "--dry-run",
+                 "--out", str(tmp_path / "never")]) == 0
+    assert "warm-up 1 epochs (the authors' 20 of 240 epochs, scaled to this run's 15)" in _dkd_row(capsys.readouterr().out)
+    (dkd,) = [m for m in RunConfig(dataset="cifar100", baselines=["ce", "dkd"]).resolved().methods() if m.key == "dkd"]
+    assert [dkd.terms[0].weight_at(e, 15) for e in (0, 14)] == [1.0, 1.0]
+    # a digits grid whose own term_options replace the dataset's: the registered 20 epochs before
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {tmp_path / 'r'}\nepochs: 2\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce, dkd]\n"
+                   "metrics: []\nparallel: 1\nprogress: false\nterm_options: {dkd: {beta: 2}}\n")
+    assert main(["bench", str(cfg)]) == 0
+    assert json.loads((tmp_path / "r/config.json").read_text())["term_options"] == {"dkd": {"beta": 2, "warmup": 1}}
+    run = tmp_path / "r/dkd/seed0"
+    assert json.loads((run / "final.json").read_text())["settings"]["terms"][0]["warmup"] == 1
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["weights"]["dkd"] for e in log] == [0.1, 0.1]   # digits' λ of DKD from the first epoch
+
+
+def test_the_crd_configs_keep_the_authors_warmup_of_their_240_epochs():
+    from kd2m.config import load_yaml
+    for path in sorted((ROOT / "configs/crd").glob("*.yaml")):
+        cfg = load_yaml(path).resolved()
+        warmups = {m.key: t.warmup_epochs for m in cfg.methods() for t in m.terms if t.name == "dkd"}
+        assert cfg.epochs == 240 and warmups == {"dkd": 20, "ls_dkd": 20}, path.name
+
+
+def test_a_warmup_as_long_as_the_run_is_refused_before_training(tmp_path, capsys):
+    """A warm-up written in the config is the user's: kept as given, unless it reaches the run's
+    epochs (λ would never get to its value): then one line naming both numbers, exit 2, before
+    anything is trained or written — the dry-run card included."""
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "r"
+    cfg.write_text(f"out: {out}\nepochs: 15\nteacher_epochs: 1\nseeds: [0]\nbaselines: [ce, dkd]\nmetrics: []\n"
+                   "progress: false\nterm_options: {dkd: {warmup: 20}}\n")
+    for extra in (["--dry-run"], []):
+        code = main(["bench", str(cfg), *extra])
+        line = one_line_error(code, capsys.readouterr().err, "term_options: dkd: warmup 20 reaches the run's 15 epochs",
+                              "only 0.75 of its value", "give a warmup below 15",
+                              "the authors' 20 of 240 epochs, scaled to this run: 1")
+        assert len(line) <= 300
+        assert not out.exists()
+    cfg.write_text(f"out: {out}\nepochs: 3\nseeds: [0]\nbaselines: [ce]\nmetrics: []\nprogress: false\n"
+                   "students:\n  s: [{term: dkd, weight: 0.3, warmup: 3}]\n")
+    one_line_error(main(["bench", str(cfg)]), capsys.readouterr().err, "students: s[0]: warmup 3 reaches the run's 3 "
+                   "epochs: λ of 'dkd' would get to its value only in the last epoch")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- non-finite steps
 class _NanGradient(torch.autograd.Function):
     """The identity forward, NaN backward: a finite loss whose gradient is not."""
