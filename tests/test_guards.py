@@ -85,7 +85,8 @@ def test_the_authors_dkd_warmup_is_scaled_to_a_shorter_run(tmp_path, capsys):
     from kd2m.config import RunConfig
     assert main(["bench", str(ROOT / "configs/paper/cifar100.yaml"), "--baselines", "ce,dkd", "--dry-run",
                  "--out", str(tmp_path / "never")]) == 0
-    assert "warm-up 1 epochs (the authors' 20 of 240 epochs, scaled to this run's 15)" in _dkd_row(capsys.readouterr().out)
+    row = _dkd_row(capsys.readouterr().out)
+    assert "warm-up 1 epochs (the authors' 20 of 240 epochs, scaled to this run's 15)" in row
     (dkd,) = [m for m in RunConfig(dataset="cifar100", baselines=["ce", "dkd"]).resolved().methods() if m.key == "dkd"]
     assert [dkd.terms[0].weight_at(e, 15) for e in (0, 14)] == [1.0, 1.0]
     # a digits grid whose own term_options replace the dataset's: the registered 20 epochs before
