@@ -49,16 +49,15 @@ DATASET_DEFAULTS = {
                             "kd": 1.0, "dkd": 0.1, "dist": 1.0},
                    # KD's λ = 1 was swept with CE at weight 1 (the authors' CIFAR loss is 0.1·CE + 0.9·KD)
                    ce_weights={"kd": 1.0},
-                   # DKD warms its λ up over 20 of mdistiller's 240 epochs: the same share of 10 is 1 epoch
-                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}, "dkd": {"warmup": 1}}),
+                   # (DKD's warm-up, 20 of mdistiller's 240 epochs, is scaled to the run: 1 of 10)
+                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}}),
     # MNIST-1D (Greydanus & Kobak): the paper's 1-D CNN teacher and MLP student, 4000 training
     # signals, no augmentation (so the teacher cache with one view is exact and saves the
     # teacher's forward pass every step). No λ was tuned here: every term uses `weight: auto`, its K
     # chosen on a holdout (kd2m.select_k; the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
     "mnist1d": dict(teacher="mnist1d_cnn", student="mnist1d_mlp", epochs=60, teacher_epochs=60, lr=0.05,
                     batch_size=100, weight="auto", num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
-                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0},
-                    term_options={"dkd": {"warmup": 5}}),
+                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0}),
 }
 #: seeds of a ``select_k`` pilot grid unless given: the repository's tuning seeds, never reported
 SELECT_SEEDS = (100, 101, 102)
@@ -214,6 +213,7 @@ class RunConfig:
         _check_lists_and_numbers(c)
         _check_terms(c)
         c.students = _named_students(c)
+        _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
         return c
@@ -417,6 +417,34 @@ def _named_students(c: RunConfig) -> dict:
                               f"student {name!r} too; rename that one, or move distill's terms under students:")
         students[name] = c.distill
     return students
+
+
+def _scale_warmups(c: RunConfig) -> None:
+    """Warm-ups against the run's length. A term's registered warm-up is its authors' for their
+    schedule (DKD: 20 of mdistiller's 240 epochs, :meth:`kd2m.losses.TermSpec.warmup_for`): where
+    none is given, the term gets the same share of this run's epochs, written into
+    ``term_options`` so that config.json holds what runs. A warm-up given (``term_options`` or a
+    student's term entry) that reaches the run's epochs is refused: λ would reach its value only
+    in the last epoch, or never (a warm-up of 1 ramps nothing and is kept)."""
+    used = set(c.metrics) | set(c.baselines) | {_entry_name(e) for es in c.students.values() for e in es}
+    used = sorted(n for n in used if isinstance(n, str) and n in losses.available())
+    given = [(f"term_options: {n}", n, c.term_options[n]["warmup"]) for n in used
+             if "warmup" in c.term_options.get(n, {})]
+    given += [(f"students: {s}[{i}]", e.get("term"), e["warmup"]) for s, es in c.students.items()
+              for i, e in enumerate(es) if isinstance(e, dict) and "warmup" in e]
+    for where, name, w in given:
+        if isinstance(w, int) and not isinstance(w, bool) and 1 < w and w >= c.epochs:
+            spec = losses.spec(name) if name in losses.available() else None
+            scaled = (f" (the authors' {spec.warmup} of {spec.warmup_of} epochs, scaled to this run: "
+                      f"{spec.warmup_for(c.epochs)})") if spec is not None and spec.warmup_of else ""
+            reach = "its value only in the last epoch" if w == c.epochs else \
+                f"only {c.epochs / w:.2g} of its value, in the last epoch"
+            raise ConfigError(f"{where}: warmup {w} reaches the run's {c.epochs} epochs: λ of {name!r} would get to "
+                              f"{reach}; give a warmup below {c.epochs}, or leave it out{scaled}")
+    for n in used:
+        spec, opts = losses.spec(n), c.term_options.get(n, {})
+        if spec.warmup_of and "warmup" not in opts:
+            c.term_options = {**c.term_options, n: {**opts, "warmup": spec.warmup_for(c.epochs)}}
 
 
 def _check_ce_weights(c: RunConfig) -> None:

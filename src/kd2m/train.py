@@ -101,6 +101,9 @@ class Trainer:
             self.teacher_out = OnlineTeacher(self.teacher, wanted_layers(self.terms, "teacher")) \
                 if self.teacher is not None else None
         params = list(model.parameters()) + [p for b in self.terms for p in b.module.parameters()]
+        # the optimiser's parameters by name, in its order: a non-finite gradient is named by them
+        self.param_names = [n for n, _ in model.named_parameters()] + \
+            [f"{b.key}.{n}" for b in self.terms for n, _ in b.module.named_parameters()]
         self.opt = make_optimizer(params, cfg)
         self.sched = make_scheduler(self.opt, cfg, self.epochs)
         # the step is the front door's (kd2m.Distiller): a user's loop and this engine compute one loss
@@ -212,9 +215,9 @@ class Trainer:
                 for b in self.terms:  # term parameters live outside DDP: average their gradients as DDP does
                     if any(True for _ in b.module.parameters()):
                         dist_ctx.average_gradients(b.module)
-                grads_ok = zero_nonfinite_gradients(params)
+                grads_finite = zero_nonfinite_gradients(params)
                 self.opt.step()
-                tally.add(step, out, loss, distill, grads_ok)
+                tally.add(step, out, loss, distill, grads_finite)
         totals = tally.read()
         if totals["bad_steps"]:
             raise NonFiniteLossError(self._nonfinite_where(epoch, totals))
@@ -248,17 +251,25 @@ class Trainer:
         return self.task.evaluate(net, self.test_loader, self.device, self.cfg.channels_last)
 
     def _nonfinite_where(self, epoch: int, totals: dict) -> str:
-        """Where an epoch went non-finite: its first bad step, and what was non-finite there."""
+        """Where an epoch went non-finite: its first bad step, and what was non-finite there —
+        the student's or the teacher's features, the loss (its values), or, the loss being finite,
+        the gradients (which); under torchrun, the rank whose loss it was when it was another's
+        (its NaN reaches this rank's gradients through DDP's all-reduce)."""
         at = f"at epoch {epoch + 1}, step {totals['first_bad'] + 1}"
-        if not totals["first_is_local"]:
-            return f"non-finite loss {at} (on another rank)"
+        others = [r for r in totals["nonfinite_loss_ranks"] or () if r != dist_ctx.rank()]
+        if not totals["first_is_local"] or (others and not totals["first_loss_nonfinite"]):
+            return f"non-finite loss {at} (on {'rank ' + ', '.join(map(str, others)) if others else 'another rank'})"
         if totals["first_student_nonfinite"]:
             return f"non-finite student features {at}"
         if totals["first_teacher_nonfinite"]:
             return f"non-finite teacher features {at}"
         ce, *values = totals["first_values"]
         parts = ", ".join([f"ce={ce:.4g}"] + [f"{b.key}={v:.4g}" for b, v in zip(self.terms, values)])
-        return f"non-finite loss {at} ({parts})"
+        if totals["first_loss_nonfinite"] or totals["first_bad_gradient"] is None:
+            return f"non-finite loss {at} ({parts})"
+        name = self.param_names[totals["first_bad_gradient"]]
+        return (f"non-finite gradient {at} (in {totals['bad_gradients']} of {len(self.param_names)} parameters, "
+                f"the first {name}; the loss was finite: {parts})")
 
     def _checkpoint(self, history: list, epoch: int, elapsed: float) -> None:
         save_checkpoint(self.ckpt_path, {
