@@ -7,6 +7,7 @@ better when higher, token id 0 ignored instead of ``-100``, ignored positions co
 held-out NLL averaged per batch, the labels shifted a second time (as a Hugging Face LM head does
 with its own ``labels``), documents packed with nothing between them, the user's ``n_positions``
 overwritten by the block length."""
+import itertools
 import json
 import math
 
@@ -108,7 +109,7 @@ def test_held_out_perplexity_is_exp_of_the_per_token_mean_over_uneven_batches(tm
     pairs = []
     for i in (9, 19, 29):                                          # block i is document i and its end token
         ids = list(docs[i].encode()) + [END_OF_DOCUMENT]
-        pairs += list(zip(ids[:-1], ids[1:]))
+        pairs += list(itertools.pairwise(ids))
     nll = [_nll(table, a, b) for a, b in pairs]
     want = sum(nll) / len(nll)
     acc = sum(int(table[a].argmax()) == b for a, b in pairs) / len(pairs)
