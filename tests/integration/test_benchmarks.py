@@ -1,11 +1,13 @@
 """The benchmark scripts still run and print what they promise (tiny sizes; no timing is asserted)."""
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
+
+
+ROOT = REPO_ROOT
 
 
 def load(name):

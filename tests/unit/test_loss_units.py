@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import REPO_ROOT
+
 from kd2m import KD2MLoss, losses, metrics
 from kd2m.losses import TermContext
 from kd2m.metrics.batched import is_batched
@@ -215,8 +217,7 @@ def test_metric_term_takes_unit_and_reads_maps():
 
 def test_spatial_benchmark_child_measures_both_modes():
     import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "spatial.py"
+    path = REPO_ROOT / "benchmarks" / "spatial.py"
     spec = importlib.util.spec_from_file_location("bench_spatial", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -4,8 +4,6 @@ torchvision md5-checks every file. Instead of switching that check off, the test
 checksums of the files they write (monkeypatching the class's checksum table), so the check
 still runs; with the real checksums the same files are reported as corrupted.
 """
-import hashlib
-import pickle
 import urllib.error
 
 import numpy as np
@@ -21,43 +19,7 @@ from kd2m.data import (DataBundle, DatasetNotFoundError, available_datasets, bui
                        resolve_root)
 from kd2m.data.torchvision_sets import CIFAR10_STATS, CIFAR100_STATS, SVHN_STATS
 from kd2m.models import build_model
-
-
-def md5(path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def pixels(rng, n, stats, size=32) -> np.ndarray:
-    """``(n, size, size, 3)`` uint8 drawn with the dataset's channel mean/std, so normalising gives ~N(0, 1)."""
-    mean, std = np.asarray(stats[0]) * 255, np.asarray(stats[1]) * 255
-    return np.clip(rng.normal(mean, std, size=(n, size, size, 3)), 0, 255).round().astype(np.uint8)
-
-
-def write_cifar(root, cls, num_classes, label_key, stats, n=10):
-    """Write ``cls``'s files (pickled dicts, rows of 1024 R + 1024 G + 1024 B bytes); return the test images/labels."""
-    folder = root / cls.base_folder
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, _ in cls.train_list + cls.test_list:
-        hwc = pixels(rng, n, stats)
-        labels = rng.integers(0, num_classes, n).tolist()
-        entry = {"batch_label": name, "data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072), label_key: labels,
-                 "filenames": [f"img{i}.png" for i in range(n)]}
-        if label_key == "fine_labels":
-            entry["coarse_labels"] = [label // 5 for label in labels]
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-    meta = {cls.meta["key"]: [f"class{i}" for i in range(num_classes)]}
-    with open(folder / cls.meta["filename"], "wb") as f:
-        pickle.dump(meta, f, protocol=2)
-    return hwc, labels  # the test split's, written last
-
-
-def register_checksums(monkeypatch, root, cls):
-    folder = root / cls.base_folder
-    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / cls.meta["filename"])})
+from helpers import md5, pixels, register_checksums, write_cifar  # shared with the paper-config run
 
 
 def write_svhn(root, n=12):

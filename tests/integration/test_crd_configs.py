@@ -9,14 +9,15 @@ loader and resolved, and every per-pair value compared with it; plus the ``cosin
 schedule that WKD's decay needs.
 """
 import math
-from pathlib import Path
 
 import pytest
+
+from helpers import REPO_ROOT
 
 from kd2m.config import load_yaml
 from kd2m.methods import TermConfig, method_label, parse_schedule, term_from_entry
 
-CRD = Path(__file__).resolve().parents[1] / "configs" / "crd"
+CRD = REPO_ROOT / "configs" / "crd"
 
 # (teacher, student): lr, DKD β (mdistiller), LS-KD (T, w), LS-DKD (T, w, β before ×w), WKD-L (γ, T),
 # WKD-F (λ, ratio, grid), WKD-L+F (γ, T, λ, ratio, grid). LS and WKD values of pairs their authors did
@@ -139,7 +140,7 @@ def test_a_term_split_in_parts_is_labelled_once():
 
 
 def test_the_readme_per_pair_table_is_this_table():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     rows = {}
     for line in readme.splitlines():
         cells = [c.strip().replace("\\*", "") for c in line.strip("|").split("|")]

@@ -1,10 +1,11 @@
 """`kd2m bench CONFIG --dry-run`: the reproduction card — every method's effective settings and
 where each comes from — printed without training or writing anything."""
-from pathlib import Path
+
+from helpers import REPO_ROOT
 
 from kd2m.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def _card(argv, capsys):

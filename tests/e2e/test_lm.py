@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import REPO_ROOT
+
 from kd2m import losses
 
 pytest.importorskip("transformers")
@@ -244,7 +246,7 @@ def test_a_vocabulary_mismatch_is_refused_before_training(tmp_path):
 
 def _readme_trainer_snippet() -> str:
     """The code block of the README's "In your own Hugging Face loop", as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("**In your own Hugging Face loop.**", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 

@@ -6,6 +6,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from helpers import REPO_ROOT
+
 from kd2m.config import ConfigError, RunConfig
 from kd2m.data import DataBundle, build_dataset
 from kd2m.features import FeatureTap
@@ -179,11 +181,10 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
 def test_readme_own_loop_snippet_runs():
     """The README's teacher-cache snippet, as written, with a real loss in place of its '...'."""
     import re
-    from pathlib import Path
     from torch.utils.data import DataLoader, RandomSampler
 
     from kd2m import FeatureTap, KD2MLoss
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "ViewSampler" in c)
     code = code.replace("        ...", "        losses.append(float(loss_fn(tap(x), t_feats, y).detach()))")
     train_set, K, seed, epochs, device = Augmented(n=20), 2, 0, 2, torch.device("cpu")

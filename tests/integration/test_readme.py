@@ -3,14 +3,15 @@ twin (same initial weights, same batches), it brings the student's features clos
 teacher's under the snippet's own distance."""
 import copy
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from helpers import REPO_ROOT
+
 from kd2m import FeatureTap, metrics
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO_ROOT / "README.md"
 
 
 def _snippet() -> str:

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import REPO_ROOT
+
 from kd2m.features import FeatureTap, last_linear_name
 from kd2m.models import build_model, load_pretrained
 
@@ -246,7 +248,7 @@ def test_new_head_true_finds_the_classifier(tmp_path, name):
 
 
 # ------------------------------------------------ configs/crd and configs/imagenet
-CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO_ROOT / "configs"
 CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("resnet56", "resnet20"), ("resnet110", "resnet32"),
              ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV2"),
              ("resnet32x4", "ShuffleV1"), ("vgg13", "MobileNetV2"), ("wrn_40_2", "ShuffleV1")]

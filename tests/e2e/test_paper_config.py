@@ -4,15 +4,15 @@ online and cached teacher. (Accuracy on 50 random images means nothing; the run 
 write its rows and match the features it says it matched.)"""
 import csv
 import json
-from pathlib import Path
 
 from torchvision import datasets
 
+from helpers import REPO_ROOT, register_checksums, write_cifar  # the tiny-files writers of the data tests
+
 from kd2m.cli import main
 from kd2m.data.torchvision_sets import CIFAR10_STATS
-from test_data import register_checksums, write_cifar  # the tiny-files writers of the data tests
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper" / "cifar10.yaml"
+CONFIG = REPO_ROOT / "configs" / "paper" / "cifar10.yaml"
 
 
 def test_paper_cifar10_config_runs_online_and_cached(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from helpers import REPO_ROOT
+
 from kd2m.atomic_io import load_checkpoint
 from kd2m.cli import main
 from kd2m.config import PAPER_METRICS, RunConfig, load_yaml
@@ -242,8 +244,7 @@ def test_shipped_config_equals_the_dataset_defaults(name):
     """One home for the defaults: configs/<name>.yaml writes DATASET_DEFAULTS out, and the two agree
     on every field (they disagreed on gauss_ckl/cmmd_rbf once)."""
     import dataclasses
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    path = REPO_ROOT / "configs" / f"{name}.yaml"
     from_file = load_yaml(path).resolved()
     from_defaults = RunConfig(dataset=name, metrics=from_file.metrics, baselines=from_file.baselines).resolved()
     a, b = dataclasses.asdict(from_file), dataclasses.asdict(from_defaults)

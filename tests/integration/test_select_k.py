@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from helpers import REPO_ROOT
+
 from kd2m.cli import main
 from kd2m.config import ConfigError, RunConfig
 from kd2m.data import build_dataset
@@ -221,8 +223,7 @@ def test_a_command_line_weight_replaces_a_configs_per_distance_lambda(capsys):
     """`kd2m bench configs/digits.yaml --weight auto` trained the config's swept λ: its `weights:`
     entries per distance won over the command line silently (over a dataset's defaults, --weight
     already replaced them). The baselines' λ stay the config's."""
-    from pathlib import Path
-    config = Path(__file__).resolve().parents[1] / "configs/digits.yaml"
+    config = REPO_ROOT / "configs/digits.yaml"
     assert main(["bench", str(config), "--weight", "auto*3", "--dry-run", "--metrics", "cw2,w2"]) == 0
     card = capsys.readouterr().out
     rows = {line.split(" (")[0].strip("| "): line.split(" | ")[1] for line in card.splitlines()

@@ -1,0 +1,94 @@
+"""What several test modules share: the repository root, the environment and command of a `kd2m`
+subprocess, the command line's one-line error contract, and tiny CIFAR files in torchvision's on-disk
+format.
+
+Importable as ``helpers`` (pyproject's ``[tool.pytest.ini_options] pythonpath`` puts tests/ on the path);
+test modules import from here, never from one another."""
+import csv
+import hashlib
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kd2m.cli import main
+
+#: the repository's root: README.md, configs/, benchmarks/
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: the environment of a `kd2m` subprocess: unbuffered, one thread
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def kd2m_cmd(*args):
+    """``python -m kd2m ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "kd2m", *args]
+
+
+def one_line_error(code, err, *needles):
+    """``code`` ≠ 0 and ``err`` is exactly one ``kd2m: error:`` line containing every needle."""
+    assert code != 0
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("kd2m: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def one_line_exit_2(code, err, *needles):
+    """``code`` is 2 and ``err`` is exactly one ``kd2m: error:`` line containing every needle."""
+    assert code == 2
+    return one_line_error(code, err, *needles)
+
+
+def run_cli(argv, capsys):
+    """``kd2m.cli.main(argv)`` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# tiny CIFAR files in torchvision's on-disk format, md5-registered so torchvision's own check passes
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def pixels(rng, n, stats, size=32) -> np.ndarray:
+    """``(n, size, size, 3)`` uint8 drawn with the dataset's channel mean/std, so normalising gives ~N(0, 1)."""
+    mean, std = np.asarray(stats[0]) * 255, np.asarray(stats[1]) * 255
+    return np.clip(rng.normal(mean, std, size=(n, size, size, 3)), 0, 255).round().astype(np.uint8)
+
+
+def write_cifar(root, cls, num_classes, label_key, stats, n=10):
+    """Write ``cls``'s files (pickled dicts, rows of 1024 R + 1024 G + 1024 B bytes); return the test images/labels."""
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, _ in cls.train_list + cls.test_list:
+        hwc = pixels(rng, n, stats)
+        labels = rng.integers(0, num_classes, n).tolist()
+        entry = {"batch_label": name, "data": hwc.transpose(0, 3, 1, 2).reshape(n, 3072), label_key: labels,
+                 "filenames": [f"img{i}.png" for i in range(n)]}
+        if label_key == "fine_labels":
+            entry["coarse_labels"] = [label // 5 for label in labels]
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    meta = {cls.meta["key"]: [f"class{i}" for i in range(num_classes)]}
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return hwc, labels  # the test split's, written last
+
+
+def register_checksums(monkeypatch, root, cls):
+    folder = root / cls.base_folder
+    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / cls.meta["filename"])})
