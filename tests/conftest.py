@@ -14,8 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from helpers import REPO_ROOT, one_line_exit_2, run_cli  # noqa: E402
+from helpers import REPO_ROOT, TINY_GRID, one_line_exit_2, run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -44,8 +43,7 @@ def repo_root() -> Path:
 def tiny_grid() -> list:
     """The command-line options of the smallest grid that still trains a teacher and a distilled
     student: one epoch each, one seed, CE and cw2, no progress bar."""
-    return ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics", "cw2",
-            "--no-progress"]
+    return list(TINY_GRID)
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """What several test modules share: the repository root, the environment and command of a `kd2m`
-subprocess, the command line's one-line error contract, and tiny CIFAR files in torchvision's on-disk
+subprocess, tiny grids and configs, a disk
+that fills up, the command line's one-line error contract, and tiny CIFAR files in torchvision's on-disk
 format.
 
 Importable as ``helpers`` (pyproject's ``[tool.pytest.ini_options] pythonpath`` puts tests/ on the path);
 test modules import from here, never from one another."""
 import csv
+import errno
 import hashlib
 import os
 import pickle
@@ -13,12 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+import kd2m.atomic_io as ckpt_mod
 from kd2m.cli import main
 
 #: the repository's root: README.md, configs/, benchmarks/
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the environment of a `kd2m` subprocess: unbuffered, one thread
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+#: the smallest grid that still trains a teacher and a distilled student
+TINY_GRID = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics", "cw2",
+             "--no-progress"]
+#: one epoch of teacher and students, one seed: the methods are the caller's (or the defaults)
+ONE_EPOCH_GRID = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
 
 
 def kd2m_cmd(*args):
@@ -49,6 +57,55 @@ def run_cli(argv, capsys):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def bench_yaml(tmp, text):
+    """``kd2m bench`` of a config file holding ``text``: the argv."""
+    p = tmp / "c.yaml"
+    p.write_text(text)
+    return ["bench", p]
+
+
+def alias_bomb(levels, width, key="seeds"):
+    """A YAML list whose aliases nest ``levels`` deep, ``width`` wide: ``width**levels`` leaves."""
+    names = "abcdefghijklmnop"
+    items = [f"&a [{', '.join(['x'] * width)}]"]
+    items += [f"&{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]" for i in range(1, levels)]
+    return f"{key}: [{', '.join(items)}]\n"
+
+
+def fail_writes(monkeypatch, match, fail_on=2):
+    """Make the ``fail_on``-th atomic write whose temp file path contains ``match`` hit ENOSPC halfway."""
+    real_fdopen = os.fdopen
+    calls = {"n": 0}
+
+    class HalfWritten:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, key):
+            return getattr(self._f, key)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    def fdopen(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        if match in os.readlink(f"/proc/self/fd/{fd}"):
+            calls["n"] += 1
+            if calls["n"] == fail_on:
+                return HalfWritten(f)
+        return f
+    monkeypatch.setattr(ckpt_mod.os, "fdopen", fdopen)
+    return calls
 
 
 def read_csv(path):

@@ -1,17 +1,12 @@
 """Run checkpoints and weight files that are corrupt, malicious or unwritable: one clear line, nothing run."""
-import errno
 import os
 
 import pytest
 import torch
-from helpers import one_line_error, run_cli
+from helpers import TINY_GRID, fail_writes, one_line_error, run_cli
 
 import kd2m.atomic_io as ckpt_mod
 from kd2m.atomic_io import atomic_write_bytes, load_checkpoint
-
-#: the smallest grid that still trains a teacher and a distilled student
-TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics", "cw2",
-        "--no-progress"]
 
 
 def _evil_pickle(path, marker):
@@ -20,40 +15,6 @@ def _evil_pickle(path, marker):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
     torch.save({"model": Evil()}, path)
-
-
-def _fail_writes(monkeypatch, match, fail_on=2):
-    """Make the ``fail_on``-th atomic write whose temp file path contains ``match`` hit ENOSPC halfway."""
-    real_fdopen = os.fdopen
-    calls = {"n": 0}
-
-    class HalfWritten:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            self._f.write(data[: len(data) // 2])
-            self._f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, key):
-            return getattr(self._f, key)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-    def fdopen(fd, *args, **kwargs):
-        f = real_fdopen(fd, *args, **kwargs)
-        if match in os.readlink(f"/proc/self/fd/{fd}"):
-            calls["n"] += 1
-            if calls["n"] == fail_on:
-                return HalfWritten(f)
-        return f
-    monkeypatch.setattr(ckpt_mod.os, "fdopen", fdopen)
-    return calls
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
@@ -68,8 +29,8 @@ def test_disk_full_during_training_is_one_line_and_keeps_epoch_one(tmp_path, cap
         if str(path).endswith("cw2/seed0/checkpoint.pt"):
             snapshot["bytes"] = bytes(data)
     monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", spy)
-    _fail_writes(monkeypatch, "cw2/seed0/.checkpoint.pt.", fail_on=2)
-    code, _, err = run_cli(["run", *TINY, "--epochs", "2", "--out", out], capsys)
+    fail_writes(monkeypatch, "cw2/seed0/.checkpoint.pt.", fail_on=2)
+    code, _, err = run_cli(["run", *TINY_GRID, "--epochs", "2", "--out", out], capsys)
     one_line_error(code, err, "No space left on device", "checkpoint.pt")
     assert (run_dir / "checkpoint.pt").read_bytes() == snapshot["bytes"]
     assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 1
@@ -79,7 +40,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_epoch_one(tmp_path, cap
 def test_pickle_that_runs_code_is_refused_as_pretrained_student(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     _evil_pickle(tmp_path / "evil.pt", marker)
-    code, _, err = run_cli(["run", *TINY, "--pretrained-student", tmp_path / "evil.pt", "--out", tmp_path / "o"],
+    code, _, err = run_cli(["run", *TINY_GRID, "--pretrained-student", tmp_path / "evil.pt", "--out", tmp_path / "o"],
                            capsys)
     one_line_error(code, err, "evil.pt")
     assert not marker.exists()
@@ -92,7 +53,7 @@ def test_pickle_that_runs_code_is_refused_as_a_run_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "o" / "cw2" / "seed0"
     run_dir.mkdir(parents=True)
     _evil_pickle(run_dir / "checkpoint.pt", marker)
-    code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(["run", *TINY_GRID, "--out", tmp_path / "o"], capsys)
     line = one_line_error(code, err, str(run_dir / "checkpoint.pt"), "weights_only=True")
     assert "weights_only=False" not in line  # never advise the unsafe load
     assert not marker.exists()
@@ -108,5 +69,5 @@ def test_corrupt_run_checkpoint_is_a_clear_error(tmp_path, capsys, content):
     run_dir = tmp_path / "o" / "cw2" / "seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(os.urandom(2048) if content is None else content)
-    code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(["run", *TINY_GRID, "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "checkpoint.pt", "corrupt")

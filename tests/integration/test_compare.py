@@ -3,18 +3,16 @@ no common seed."""
 import importlib.util
 
 import pytest
-from helpers import REPO_ROOT, one_line_error, run_cli
+from helpers import ONE_EPOCH_GRID, REPO_ROOT, one_line_error, run_cli
 
 from kd2m import results as R
 from kd2m.cli import main
 
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
-
 
 def test_compare_refuses_runs_trained_with_other_settings(tmp_path, capsys):
     out = tmp_path / "o"
-    assert run_cli(["run", *BASE, "--baselines", "ce", "--metrics", "", "--out", out], capsys)[0] == 0
-    code, _, err = run_cli(["run", *BASE, "--epochs", "2", "--baselines", "", "--metrics", "cw2", "--out", out],
+    assert run_cli(["run", *ONE_EPOCH_GRID, "--baselines", "ce", "--metrics", "", "--out", out], capsys)[0] == 0
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--epochs", "2", "--baselines", "", "--metrics", "cw2", "--out", out],
                            capsys)
     assert code == 0, err
     code, _, err = run_cli(["compare", out, "cw2:ce"], capsys)
@@ -23,8 +21,8 @@ def test_compare_refuses_runs_trained_with_other_settings(tmp_path, capsys):
 
 def test_compare_without_a_common_seed_says_so(tmp_path, capsys):
     out = tmp_path / "o"
-    assert run_cli(["run", *BASE, "--baselines", "ce", "--metrics", "", "--out", out], capsys)[0] == 0
-    code, _, err = run_cli(["run", *BASE, "--seeds", "1,", "--baselines", "", "--metrics", "cw2", "--out", out],
+    assert run_cli(["run", *ONE_EPOCH_GRID, "--baselines", "ce", "--metrics", "", "--out", out], capsys)[0] == 0
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--seeds", "1,", "--baselines", "", "--metrics", "cw2", "--out", out],
                            capsys)
     assert code == 0, err
     code, _, err = run_cli(["compare", out, "cw2:ce"], capsys)

@@ -5,20 +5,24 @@ import subprocess
 
 import pytest
 import torch
-from helpers import ENV, kd2m_cmd, one_line_error, one_line_exit_2, run_cli
+from helpers import (
+    ENV,
+    ONE_EPOCH_GRID,
+    TINY_GRID,
+    kd2m_cmd,
+    one_line_error,
+    one_line_exit_2,
+    run_cli,
+)
 
 from kd2m import metrics
 from kd2m.atomic_io import load_checkpoint
 from kd2m.cli import main
 
-#: the smallest grid that still trains a teacher and a distilled student
-TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics", "cw2",
-        "--no-progress"]
-
 
 def test_huge_learning_rate_stops_with_epoch_and_step(tmp_path):
     """A subprocess, so that any warning printed on the way would break the one-line contract."""
-    r = subprocess.run(kd2m_cmd("run", *TINY, "--lr", "1e6", "--out", str(tmp_path / "o")),
+    r = subprocess.run(kd2m_cmd("run", *TINY_GRID, "--lr", "1e6", "--out", str(tmp_path / "o")),
                        env=ENV, capture_output=True, text=True, timeout=120)
     line = one_line_error(r.returncode, r.stderr, "teacher s0: non-finite", "at epoch 1, step ", "lower --lr")
     assert "no checkpoint was written yet" in line
@@ -37,7 +41,7 @@ def test_nan_metric_at_epoch_two_keeps_the_epoch_one_checkpoint(tmp_path, capsys
             return value * float("nan")
         return value
     monkeypatch.setattr(metrics.Metric, "__call__", nan_from_epoch_two)
-    argv = ["run", *TINY, "--epochs", "2", "--out", out]
+    argv = ["run", *TINY_GRID, "--epochs", "2", "--out", out]
     code, _, err = run_cli(argv, capsys)
     # a lower λ or lr changes the run's settings, which a resume refuses: the advice says so (it used
     # to say "lower --weight and rerun to resume from it"), within the 300-character line even at
@@ -67,7 +71,7 @@ def test_non_finite_student_features_name_the_epoch_and_step(tmp_path, capsys, m
     def poisoned(self):
         return {k: f * float("inf") if f.requires_grad else f for k, f in real(self).items()}  # the student's taps
     monkeypatch.setattr(Taps, "features", poisoned)
-    code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(["run", *TINY_GRID, "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "cw2 s0: non-finite student features at epoch 1, step 1")
 
 
@@ -92,7 +96,7 @@ def test_finite_features_too_large_for_a_float32_cost_read_as_a_non_finite_loss(
     def huge(self):
         return {k: f * 1e20 if f.requires_grad else f for k, f in real(self).items()}  # the student's taps
     monkeypatch.setattr(Taps, "features", huge)
-    code, _, err = run_cli(["run", *TINY, "--out", tmp_path / "o"], capsys)
+    code, _, err = run_cli(["run", *TINY_GRID, "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "cw2 s0: non-finite loss at epoch 1, step 1", "cw2=inf")
 
 
@@ -133,13 +137,10 @@ def test_a_diverging_student_is_recorded_and_the_grid_finishes_the_others(tmp_pa
     assert "diverged" not in (out / "results.md").read_text()
 
 
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
-
-
 def test_a_huge_learning_rate_flags_the_students_run_as_diverged(tmp_path, capsys):
     """KD's logit check used to end the whole grid on 'student_logits contains NaN'."""
     out = tmp_path / "o"
-    code, _, err = run_cli(["run", *BASE, "--lr", "1e8", "--teacher-lr", "0.05", "--baselines", "ce,kd",
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--lr", "1e8", "--teacher-lr", "0.05", "--baselines", "ce,kd",
                             "--metrics", "", "--out", out], capsys)
     line = one_line_error(code, err, "non-finite")
     assert "contains NaN" not in line

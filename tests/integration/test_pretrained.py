@@ -2,9 +2,7 @@
 import json
 
 import torch
-from helpers import one_line_error, run_cli
-
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 
 def _teacher_file(path, seed, num_classes=10):
@@ -17,7 +15,7 @@ def test_a_replaced_pretrained_teacher_is_not_the_old_one(tmp_path, capsys, monk
     """The settings held the teacher file's path: a new file under the same name reused the old
     teacher's run (also from another working directory). They hold its content's digest now."""
     out = tmp_path / "o"
-    argv = ["run", *BASE, "--teacher-epochs", "0", "--pretrained-teacher", "t.pt", "--baselines", "ce",
+    argv = ["run", *ONE_EPOCH_GRID, "--teacher-epochs", "0", "--pretrained-teacher", "t.pt", "--baselines", "ce",
             "--metrics", "cw2", "--out", out]
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -38,7 +36,7 @@ def test_a_replaced_pretrained_teacher_is_not_the_old_one(tmp_path, capsys, monk
 
 def test_a_teacher_file_for_other_classes_is_refused_with_no_teacher_training(tmp_path, capsys):
     _teacher_file(tmp_path / "t5.pt", 0, num_classes=5)
-    code, _, err = run_cli(["run", *BASE, "--teacher-epochs", "0", "--pretrained-teacher", tmp_path / "t5.pt",
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--teacher-epochs", "0", "--pretrained-teacher", tmp_path / "t5.pt",
                             "--baselines", "ce", "--metrics", "cw2", "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "t5.pt", "do not fit", "shape mismatch")
     assert not (tmp_path / "o" / "ce").exists()
@@ -48,7 +46,7 @@ def test_a_student_file_for_other_classes_gets_a_new_head_said_in_one_line(tmp_p
     from kd2m.models import build_model
     torch.manual_seed(0)
     torch.save(build_model("digits_mlp", 5, 1, 8).state_dict(), tmp_path / "s5.pt")
-    code, _, err = run_cli(["run", *BASE, "--pretrained-student", tmp_path / "s5.pt", "--baselines", "ce",
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--pretrained-student", tmp_path / "s5.pt", "--baselines", "ce",
                             "--metrics", "", "--out", tmp_path / "o"], capsys)
     assert code == 0, err
     notes = [ln for ln in err.splitlines() if "s5.pt" in ln]

@@ -1,12 +1,10 @@
 """Models and weights that cannot work are refused before any teacher or student trains."""
 import pytest
 import torch
-from helpers import one_line_error, run_cli
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 from kd2m import metrics
 from kd2m.config import ConfigError
-
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
 
 
 def test_a_model_with_tuple_outputs_or_a_too_small_input_is_refused_before_training():
@@ -33,7 +31,7 @@ def test_a_model_with_tuple_outputs_or_a_too_small_input_is_refused_before_train
 
 
 def test_torchvision_googlenet_is_refused_before_the_teacher_trains(tmp_path, capsys):
-    code, _, err = run_cli(["run", *BASE, "--student", "torchvision:googlenet", "--baselines", "ce", "--metrics", "",
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--student", "torchvision:googlenet", "--baselines", "ce", "--metrics", "",
                             "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "student torchvision:googlenet")
     assert not (tmp_path / "o" / "teacher").exists()
@@ -49,7 +47,7 @@ def test_weight_auto_with_a_vanishing_gradient_is_refused_before_any_student_tra
         return real(self, *args, **kwargs) * factor
     monkeypatch.setattr(metrics.Metric, "__call__", flat)
     out = tmp_path / "o"
-    code, _, err = run_cli(["run", *BASE, "--baselines", "ce", "--metrics", "w2", "--weight", "auto*1", "--out", out],
+    code, _, err = run_cli(["run", *ONE_EPOCH_GRID, "--baselines", "ce", "--metrics", "w2", "--weight", "auto*1", "--out", out],
                            capsys)
     one_line_error(code, err, "w2: weight auto", needle)
     assert not (out / "ce/seed0/final.json").exists()        # the CE-only student, first in line, never trained

@@ -3,12 +3,10 @@ import csv
 import json
 
 import pytest
-from helpers import one_line_error, run_cli
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 from kd2m import results as R
 from kd2m.cli import main
-
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
 
 
 def _rows(path):
@@ -19,7 +17,7 @@ def _rows(path):
 def test_results_are_rebuilt_from_the_runs_final_json(tmp_path, capsys):
     """A conflicting duplicate row (hand-edited) survived a rerun and entered results.md."""
     out = tmp_path / "o"
-    argv = ["run", *BASE, "--baselines", "ce", "--metrics", "cw2", "--out", out]
+    argv = ["run", *ONE_EPOCH_GRID, "--baselines", "ce", "--metrics", "cw2", "--out", out]
     assert run_cli(argv, capsys)[0] == 0
     rows = _rows(out / "results.csv")
     fake = dict(next(r for r in rows if r["method"] == "cw2"), test_acc="0.123")
@@ -40,7 +38,7 @@ def test_results_are_rebuilt_from_the_runs_final_json(tmp_path, capsys):
 ])
 def test_corrupt_result_files_are_named(tmp_path, capsys, victim, content, needle):
     out = tmp_path / "o"
-    argv = ["run", *BASE, "--baselines", "ce", "--metrics", "cw2", "--out", out]
+    argv = ["run", *ONE_EPOCH_GRID, "--baselines", "ce", "--metrics", "cw2", "--out", out]
     assert run_cli(argv, capsys)[0] == 0
     path = out / victim
     path.write_text(content if content is not None else path.read_text()[:25])  # a cut log

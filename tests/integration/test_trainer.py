@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import ONE_EPOCH_GRID, run_cli
 
 from kd2m.cli import main
 from kd2m.config import RunConfig
@@ -12,14 +12,12 @@ from kd2m.data import build_dataset
 from kd2m.features import FeatureTap
 from kd2m.train import Trainer, build_student, build_teacher, freeze
 
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
-
 
 def test_two_same_name_terms_on_one_layer_get_their_own_log_keys(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"out: {tmp_path / 'o'}\nmetrics: []\nbaselines: []\n"
                    "students:\n  two: [{term: cw2, weight: 0.1}, {term: cw2, weight: auto}]\n")
-    code, _, err = run_cli(["bench", cfg, *BASE], capsys)
+    code, _, err = run_cli(["bench", cfg, *ONE_EPOCH_GRID], capsys)
     assert code == 0, err
     row = json.loads((tmp_path / "o/two/seed0/log.jsonl").read_text().splitlines()[0])
     keys = ["cw2@penultimate#1", "cw2@penultimate#2"]

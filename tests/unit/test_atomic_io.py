@@ -5,49 +5,16 @@ import os
 
 import pytest
 import torch
+from helpers import fail_writes
 
 import kd2m.atomic_io as ckpt_mod
 from kd2m.atomic_io import atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
-def _fail_writes(monkeypatch, match, fail_on=2):
-    """Make the ``fail_on``-th atomic write whose temp file path contains ``match`` hit ENOSPC halfway."""
-    real_fdopen = os.fdopen
-    calls = {"n": 0}
-
-    class HalfWritten:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            self._f.write(data[: len(data) // 2])
-            self._f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, key):
-            return getattr(self._f, key)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-    def fdopen(fd, *args, **kwargs):
-        f = real_fdopen(fd, *args, **kwargs)
-        if match in os.readlink(f"/proc/self/fd/{fd}"):
-            calls["n"] += 1
-            if calls["n"] == fail_on:
-                return HalfWritten(f)
-        return f
-    monkeypatch.setattr(ckpt_mod.os, "fdopen", fdopen)
-    return calls
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_disk_full_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    _fail_writes(monkeypatch, ".state.pt.")
+    fail_writes(monkeypatch, ".state.pt.")
     save_checkpoint(path, {"w": torch.arange(1000.0)})
     before = path.read_bytes()
     with pytest.raises(OSError) as info:

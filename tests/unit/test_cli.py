@@ -5,13 +5,9 @@ import time
 
 import pytest
 import torch
-from helpers import one_line_error, run_cli
+from helpers import TINY_GRID, alias_bomb, bench_yaml, one_line_error, run_cli
 
 from kd2m.cli import main
-
-#: the smallest grid that still trains a teacher and a distilled student
-TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics", "cw2",
-        "--no-progress"]
 
 
 def _random_bytes(path):
@@ -21,20 +17,6 @@ def _random_bytes(path):
 def _wrong_arch(path):
     from kd2m.models import build_model
     torch.save(build_model("digits_mlp", 10, 1, 8).state_dict(), path)  # a student's weights, not a teacher's
-
-
-def _yaml(tmp, text):
-    p = tmp / "c.yaml"
-    p.write_text(text)
-    return ["bench", p]
-
-
-def _alias_bomb(levels, width, key="seeds"):
-    """A YAML list whose aliases nest ``levels`` deep, ``width`` wide: ``width**levels`` leaves."""
-    names = "abcdefghijklmnop"
-    items = [f"&a [{', '.join(['x'] * width)}]"]
-    items += [f"&{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]" for i in range(1, levels)]
-    return f"{key}: [{', '.join(items)}]\n"
 
 
 def _file_in_the_way(tmp):
@@ -48,48 +30,48 @@ BAD_CLI = [
      ["'wasserstein'", "available:", "cw2", "sliced_w2", "gauss_kl"]),
     ("unknown-dataset", lambda tmp, out: ["run", "--dataset", "mnist", "--out", out],
      ["'mnist'", "available:", "digits", "cifar10", "svhn"]),
-    ("unknown-teacher", lambda tmp, out: ["run", "--teacher", "resnet9000", "--out", out, *TINY],
+    ("unknown-teacher", lambda tmp, out: ["run", "--teacher", "resnet9000", "--out", out, *TINY_GRID],
      ["teacher", "'resnet9000'", "available:", "digits_cnn", "cifar_resnet34"]),
-    ("unknown-student", lambda tmp, out: ["run", "--student", "mlp9", "--out", out, *TINY],
+    ("unknown-student", lambda tmp, out: ["run", "--student", "mlp9", "--out", out, *TINY_GRID],
      ["student", "'mlp9'", "available:", "digits_mlp"]),
     ("unknown-baseline", lambda tmp, out: ["run", "--baselines", "ce,fitnets", "--out", out],
      ["fitnets", "ce, kd, dkd"]),
-    ("unknown-metric-option", lambda tmp, out: _yaml(tmp, f"out: {out}\nmetrics: [sinkhorn]\n"
+    ("unknown-metric-option", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nmetrics: [sinkhorn]\n"
                                                       "metric_options: {sinkhorn: {epsilon: 0.1}}\n"),
      ["sinkhorn", "epsilon", "eps"]),
     ("missing-dataset", lambda tmp, out: ["run", "--dataset", "cifar10", "--data-root", tmp / "EMPTY_DIR",
                                           "--out", out], ["EMPTY_DIR", "--download"]),
     ("missing-imagefolder-root", lambda tmp, out: ["run", "--dataset", "imagefolder", "--out", out],
      ["imagefolder", "--data-root"]),
-    ("out-in-proc", lambda tmp, out: ["run", "--out", "/proc/forbidden", *TINY], ["/proc/forbidden"]),
-    ("out-under-a-file", lambda tmp, out: ["run", "--out", _file_in_the_way(tmp), *TINY], ["afile"]),
-    ("yaml-unknown-key", lambda tmp, out: _yaml(tmp, f"out: {out}\nepochz: 3\n"), ["'epochz'", "valid keys"]),
-    ("yaml-bad-type", lambda tmp, out: _yaml(tmp, f"out: {out}\nepochs: three\n"), ["epochs", "int", "'three'"]),
-    ("yaml-bad-list", lambda tmp, out: _yaml(tmp, f"out: {out}\nmetrics: 5\n"), ["metrics"]),
-    ("yaml-bad-seeds", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: [a, b]\n"), ["seeds"]),
-    ("yaml-not-a-mapping", lambda tmp, out: _yaml(tmp, "- w2\n- cw2\n"), ["c.yaml", "mapping"]),
-    ("yaml-invalid", lambda tmp, out: _yaml(tmp, "epochs: [1, 2\n"), ["c.yaml", "not valid YAML"]),
+    ("out-in-proc", lambda tmp, out: ["run", "--out", "/proc/forbidden", *TINY_GRID], ["/proc/forbidden"]),
+    ("out-under-a-file", lambda tmp, out: ["run", "--out", _file_in_the_way(tmp), *TINY_GRID], ["afile"]),
+    ("yaml-unknown-key", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nepochz: 3\n"), ["'epochz'", "valid keys"]),
+    ("yaml-bad-type", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nepochs: three\n"), ["epochs", "int", "'three'"]),
+    ("yaml-bad-list", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nmetrics: 5\n"), ["metrics"]),
+    ("yaml-bad-seeds", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nseeds: [a, b]\n"), ["seeds"]),
+    ("yaml-not-a-mapping", lambda tmp, out: bench_yaml(tmp, "- w2\n- cw2\n"), ["c.yaml", "mapping"]),
+    ("yaml-invalid", lambda tmp, out: bench_yaml(tmp, "epochs: [1, 2\n"), ["c.yaml", "not valid YAML"]),
     ("yaml-missing", lambda tmp, out: ["bench", tmp / "nope.yaml"], ["nope.yaml", "does not exist"]),
-    ("yaml-alias-bomb", lambda tmp, out: _yaml(tmp, f"out: {out}\n" + _alias_bomb(4, 12, "epochs")),
+    ("yaml-alias-bomb", lambda tmp, out: bench_yaml(tmp, f"out: {out}\n" + alias_bomb(4, 12, "epochs")),
      ["c.yaml", "aliases", "more than 10000 values", "write the values out"]),
-    ("yaml-recursive-alias", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: &s [1, *s]\n"),
+    ("yaml-recursive-alias", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nseeds: &s [1, *s]\n"),
      ["c.yaml", "recursive"]),
-    ("yaml-too-deep", lambda tmp, out: _yaml(tmp, "epochs: " + "[" * 20000 + "]" * 20000 + "\n"),
+    ("yaml-too-deep", lambda tmp, out: bench_yaml(tmp, "epochs: " + "[" * 20000 + "]" * 20000 + "\n"),
      ["c.yaml", "nested too deeply"]),
-    ("yaml-seeds-bool", lambda tmp, out: _yaml(tmp, f"out: {out}\nseeds: [true]\n"), ["seeds", "integers", "True"]),
+    ("yaml-seeds-bool", lambda tmp, out: bench_yaml(tmp, f"out: {out}\nseeds: [true]\n"), ["seeds", "integers", "True"]),
     ("nan-weight", lambda tmp, out: ["run", "--weight", "nan", "--out", out], ["weight", "nan"]),
     ("negative-lambda", lambda tmp, out: ["run", "--weight", "-1", "--out", out], ["weight", "-1"]),
     ("zero-epochs", lambda tmp, out: ["run", "--epochs", "0", "--out", out], ["epochs", "≥ 1"]),
     ("negative-teacher-cache", lambda tmp, out: ["run", "--teacher-cache", "-2", "--out", out], ["teacher_cache", "≥ 0"]),
     ("teacher-cache-too-big", lambda tmp, out: ["run", "--teacher-cache", "4", "--max-cache-mb", "0.5", "--out", out,
-                                                *TINY],
+                                                *TINY_GRID],
      ["teacher_cache", "4 view(s) of 1437 items", "MiB", "--max-cache-mb 0.5", "teacher_cache: 0"]),
-    ("bad-sweep", lambda tmp, out: ["bench", "--sweep", "weight=big", "--out", out, *TINY], ["--sweep", "big"]),
-    ("teacher-random-bytes", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "rand.pt", "--out", out, *TINY],
+    ("bad-sweep", lambda tmp, out: ["bench", "--sweep", "weight=big", "--out", out, *TINY_GRID], ["--sweep", "big"]),
+    ("teacher-random-bytes", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "rand.pt", "--out", out, *TINY_GRID],
      ["rand.pt"]),
-    ("teacher-wrong-arch", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "mlp.pt", "--out", out, *TINY],
+    ("teacher-wrong-arch", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "mlp.pt", "--out", out, *TINY_GRID],
      ["mlp.pt", "do not fit", "DigitsCNN"]),
-    ("teacher-missing-file", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "gone.pt", "--out", out, *TINY],
+    ("teacher-missing-file", lambda tmp, out: ["run", "--pretrained-teacher", tmp / "gone.pt", "--out", out, *TINY_GRID],
      ["gone.pt", "do not exist"]),
 ]
 

@@ -3,39 +3,25 @@ errors quoting bounded values, student entries and weights resolved as written, 
 import time
 
 import pytest
-from helpers import one_line_error, run_cli
+from helpers import alias_bomb, bench_yaml, one_line_error, run_cli
 
 from kd2m import losses
 from kd2m.config import ConfigError, RunConfig, from_mapping, load_yaml
 
 
-def _yaml(tmp, text):
-    p = tmp / "c.yaml"
-    p.write_text(text)
-    return ["bench", p]
-
-
-def _alias_bomb(levels, width, key="seeds"):
-    """A YAML list whose aliases nest ``levels`` deep, ``width`` wide: ``width**levels`` leaves."""
-    names = "abcdefghijklmnop"
-    items = [f"&a [{', '.join(['x'] * width)}]"]
-    items += [f"&{names[i]} [{', '.join([f'*{names[i - 1]}'] * width)}]" for i in range(1, levels)]
-    return f"{key}: [{', '.join(items)}]\n"
-
-
 def test_a_444_byte_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     """9**9 (387 million) leaves: expanded or printed, that was an 800 MB error message and 3 GB of memory."""
-    text = _alias_bomb(9, 9)
+    text = alias_bomb(9, 9)
     assert len(text) < 460
     t0 = time.perf_counter()
-    code, _, err = run_cli(_yaml(tmp_path, text), capsys)
+    code, _, err = run_cli(bench_yaml(tmp_path, text), capsys)
     assert time.perf_counter() - t0 < 5
     one_line_error(code, err, "aliases", "more than 10000 values")
 
 
 def test_config_errors_quote_a_bounded_part_of_the_value(tmp_path, capsys):
     items = ", ".join(str(i) for i in range(5000))
-    code, _, err = run_cli(_yaml(tmp_path, f"epochs: [{items}]\n"), capsys)
+    code, _, err = run_cli(bench_yaml(tmp_path, f"epochs: [{items}]\n"), capsys)
     line = one_line_error(code, err, "epochs", "int", "[0, 1, 2")
     assert len(line) < 250
 

@@ -2,7 +2,7 @@
 image named before training."""
 import numpy as np
 import pytest
-from helpers import one_line_error, run_cli
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 from PIL import Image
 
 
@@ -53,9 +53,6 @@ def test_imagefolder_explicit_size_and_majority_channels(tmp_path):
     assert imagefolder(mixed, augment=False).in_channels == 1
 
 
-BASE = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--no-progress"]
-
-
 def _imagefolder(root, make):
     for split in ("train", "test"):
         for c in range(2):
@@ -82,7 +79,7 @@ def test_a_truncated_image_is_refused_before_training_naming_the_file(tmp_path, 
     _imagefolder(tmp_path / "data", png)
     bad = tmp_path / "data/test/c1/2.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    code, _, err = run_cli(["run", "--dataset", "imagefolder", "--data-root", tmp_path / "data", *BASE,
+    code, _, err = run_cli(["run", "--dataset", "imagefolder", "--data-root", tmp_path / "data", *ONE_EPOCH_GRID,
                             "--baselines", "ce", "--metrics", "", "--out", tmp_path / "o"], capsys)
     one_line_error(code, err, "c1/2.png", "not a readable image")
     assert not (tmp_path / "o" / "teacher").exists()
