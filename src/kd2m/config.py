@@ -30,7 +30,7 @@ from .monitor import require_tensorboard
 
 
 #: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
-#: configs/mnist1d.yaml write these out; tests/test_engine.py checks that they agree.
+#: configs/mnist1d.yaml write these out; tests/integration/test_engine.py checks that they agree.
 DATASET_DEFAULTS = {
     # Tiny models: one CPU thread is as fast as two when idle and 10-100x faster when the cores
     # are shared (OpenMP barriers spin against the other load).

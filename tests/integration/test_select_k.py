@@ -76,7 +76,7 @@ def test_choose_takes_the_best_mean_and_never_a_k_that_diverged():
 
 def test_k_0_is_the_term_off_read_from_the_ce_only_student():
     """A term that helps at no K is switched off: K = 0 scores as the CE-only student (auto*0
-    trains bit-identical to it: tests/test_auto_weight.py), with no pilot of its own."""
+    trains bit-identical to it: tests/integration/test_auto_weight.py), with no pilot of its own."""
     rows = [_row("ce", 0, 0.62), _row("ce", 1, 0.64),
             _row("mmd_rbf@auto*1", 0, 0.60), _row("mmd_rbf@auto*1", 1, 0.61),
             _row("cw2@auto*1", 0, 0.70), _row("cw2@auto*1", 1, 0.72)]

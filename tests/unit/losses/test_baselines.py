@@ -18,7 +18,7 @@ from kd2m.losses import TermContext
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
 BASELINES = ["at", "crd", "dist", "dkd", "fitnet", "kd", "nst", "pkt", "rkd", "wkd_f", "wkd_l"]
-#: the LLM field's token divergences, baselines too (tested against their formulas in tests/test_lm.py)
+#: the LLM field's token divergences, baselines too (tested against their formulas in tests/e2e/test_lm.py)
 LLM_DIVERGENCES = ["fkl", "jsd", "rkl", "skew_kl", "skew_rkl", "tvd"]
 
 
