@@ -14,7 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import REPO_ROOT, TINY_GRID, one_line_exit_2, run_cli  # noqa: E402
+from helpers import TINY_GRID, one_line_exit_2, run_cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -26,17 +26,11 @@ def pytest_collection_modifyitems(config, items):
     """Mark each test with the tier whose directory holds it."""
     for item in items:
         try:
-            tier = Path(str(item.fspath)).resolve().relative_to(_TESTS).parts[0]
+            tier = item.path.resolve().relative_to(_TESTS).parts[0]
         except ValueError:
             continue
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
-
-
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    """The repository's root (README.md, configs/, benchmarks/), wherever the test file lives."""
-    return REPO_ROOT
 
 
 @pytest.fixture
@@ -44,12 +38,6 @@ def tiny_grid() -> list:
     """The command-line options of the smallest grid that still trains a teacher and a distilled
     student: one epoch each, one seed, CE and cw2, no progress bar."""
     return list(TINY_GRID)
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*argv)`` runs ``kd2m.cli.main`` in this process: (exit code, stdout, stderr)."""
-    return lambda *argv: run_cli(argv, capsys)
 
 
 @pytest.fixture

@@ -108,6 +108,19 @@ def fail_writes(monkeypatch, match, fail_on=2):
     return calls
 
 
+def load_benchmark(name):
+    """``benchmarks/NAME.py`` as a module, with benchmarks/ on sys.path as ``python benchmarks/NAME.py``
+    has it (for its sibling helpers, e.g. host_memory), whichever test loads a benchmark first."""
+    import importlib.util
+    folder = str(REPO_ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import REPO_ROOT
+from helpers import load_benchmark
 
 from kd2m import KD2MLoss, losses, metrics
 from kd2m.losses import TermContext
@@ -216,11 +216,7 @@ def test_metric_term_takes_unit_and_reads_maps():
 
 
 def test_spatial_benchmark_child_measures_both_modes():
-    import importlib.util
-    path = REPO_ROOT / "benchmarks" / "spatial.py"
-    spec = importlib.util.spec_from_file_location("bench_spatial", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("spatial")  # benchmarks/ on sys.path, as the script has it, whatever ran before
     for mode in ("batched", "loop"):
         row = bench.child("gauss_w2", {"diagonal": True}, mode, n=3, c=4, h=2, w=2, repeats=1)
         assert row["seconds"] > 0 and row["peak_mib"] >= 0
