@@ -23,7 +23,9 @@ _TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with the tier whose directory holds it."""
+    """Mark each test with the tier whose directory holds it; a test module under tests/ but
+    outside every tier is refused, since no tier's command would select it."""
+    outside = set()
     for item in items:
         try:
             tier = item.path.resolve().relative_to(_TESTS).parts[0]
@@ -31,6 +33,11 @@ def pytest_collection_modifyitems(config, items):
             continue
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+        else:
+            outside.add(str(item.path.relative_to(_TESTS.parent)))
+    if outside:
+        raise pytest.UsageError(f"{', '.join(sorted(outside))}: outside the test tiers; move each under "
+                                f"tests/unit, tests/integration or tests/e2e")
 
 
 @pytest.fixture
