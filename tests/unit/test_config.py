@@ -122,8 +122,8 @@ def test_bad_ce_weights_are_refused(ce_weights, message):
 def test_ce_weight_defaults():
     """KD's registered CE weight is the authors' 0.1 (with λ 0.9); the digits grid keeps CE at 1 with
     its swept KD λ = 1, and drops both the moment the user sets their own `weights:`. `--weight` sets
-    the distances' λ only: the baselines keep their λ and CE weights (issue 22, item 10: it used to
-    turn KD's CE weight 1 into 0.1 and DKD's λ 0.1 into 1 on the digits)."""
+    the distances' λ only: the baselines keep their λ and CE weights (it used to turn KD's CE weight
+    1 into 0.1 and DKD's λ 0.1 into 1 on the digits)."""
     from kd2m.config import RunConfig
     assert (losses.spec("kd").weight, losses.spec("kd").ce_weight) == (0.9, 0.1)
     assert {losses.spec(n).ce_weight for n in losses.available() if n != "kd"} == {1.0}
@@ -141,7 +141,7 @@ def test_ce_weight_defaults():
 
 
 def test_an_auto_weight_sweep_sweeps_the_baselines_at_auto_alike():
-    """Issue 21: the baselines get the distances' sweep budget and rule — `--sweep auto_weight=…`
+    """The baselines get the distances' sweep budget and rule — `--sweep auto_weight=…`
     varies K of every term at `auto` (MNIST-1D's baselines), and leaves a baseline at a number alone."""
     from kd2m.config import RunConfig
     from kd2m.grid import sweep_variants
