@@ -142,6 +142,10 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     except ValueError:
         raise ValueError(f"unknown Hugging Face model type {model_type!r} (hf:{model_type}); e.g. hf:gpt2, "
                          "hf:llama") from None
+    if options.get("model_type", model_type) != model_type:
+        raise ValueError(f"model {name!r}: option model_type {options['model_type']!r} is another model; give "
+                         f"hf:{options['model_type']}")
+    options.pop("model_type", None)  # a save_pretrained config as options (a run's recorded teacher_options)
     vocab = options.pop("vocab_size", num_classes)
     if vocab != num_classes:
         raise ValueError(f"model {name!r}: vocab_size {vocab} is not the data's vocabulary ({num_classes} tokens); "
