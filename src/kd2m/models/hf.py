@@ -156,10 +156,6 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
                          f"{type(config).__name__})")
     _check_options(name, config, options)
     given = {k: options[k] for k in LENGTH_OPTIONS if k in options}
-    for key, value in given.items():
-        if value < image_size:
-            raise ValueError(f"model {name!r}: {key} {value} is fewer positions than a block of the data "
-                             f"({image_size} tokens); give {key} ≥ {image_size}, or leave it out (the block length)")
     # the block length where no length option is given: one given is honoured (GPT-2 reads
     # max_position_embeddings as n_positions, so injecting the other would replace it)
     lengths = {} if given else {k: image_size for k in LENGTH_OPTIONS if hasattr(config, k)}
@@ -168,6 +164,7 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     decoder = {"is_decoder": True} if hasattr(config, "is_decoder") else {}  # encoder families: causal
     if in_channels != 1:
         raise ValueError(f"model {name!r} reads token ids (one channel); the data has {in_channels} channels")
+
     def build(lengths: dict):
         try:
             built = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes,
@@ -182,11 +179,12 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     offset = _position_offset(model)
     if lengths and offset:  # RoBERTa's family numbers positions from pad_token_id + 1: a block needs more
         model = build({k: v + offset for k, v in lengths.items()})
-    for key, value in given.items():
+    for key, value in given.items():  # honoured, so it must hold a block
         if value < image_size + offset:
+            numbered = f", numbered from {offset}" if offset else ""
             raise ValueError(f"model {name!r}: {key} {value} is fewer positions than a block of the data needs "
-                             f"({image_size} tokens, numbered from {offset}); give {key} ≥ {image_size + offset}, or "
-                             "leave it out")
+                             f"({image_size} tokens{numbered}); give {key} ≥ {image_size + offset}, or leave it out "
+                             "(the block length)")
     check_causal(model, name, min(8, image_size))
     return returning_logits(model)
 
@@ -210,6 +208,8 @@ def hf_directory_config(path: str | os.PathLike) -> dict | None:
         return None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         return None
+    if "is_decoder" in config:
+        config["is_decoder"] = True  # as load_hf_directory builds it
     return {k: v for k, v in config.items() if k not in SAVE_KEYS}
 
 
