@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from kd2m.cli import main  # noqa: E402
+from kd2m.cli import main
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 TINY_HF = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
@@ -57,7 +57,8 @@ def _tokenizer_dir(path):
     """A real (word-level) tokenizer saved as transformers saves one: tokenizer.json and its config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("the a of to and is in it".split())}}
+    words = ["the", "a", "of", "to", "and", "is", "in", "it"]
+    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
@@ -167,8 +168,8 @@ def test_a_model_that_sees_later_tokens_is_refused_in_one_line(tmp_path, capsys)
 def test_n_positions_is_honoured_and_recorded_and_fewer_than_a_block_refused(tmp_path, capsys):
     cfg = _config(tmp_path, teacher_options={**TINY, "n_positions": 32})
     from kd2m.config import load_yaml
-    from kd2m.training.build import build_teacher
     from kd2m.data import build_dataset
+    from kd2m.training.build import build_teacher
     c = load_yaml(cfg).resolved()
     teacher = build_teacher(c, build_dataset(c.dataset, image_size=16), 0)
     assert teacher.config.n_positions == 32 and teacher.transformer.wpe.weight.shape[0] == 32

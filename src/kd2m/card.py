@@ -63,8 +63,10 @@ def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
 
 
 def _hf_directory(cfg: RunConfig, role: str) -> bool:
-    """Whether ``role`` is built from a ``save_pretrained`` directory (as :func:`kd2m.training.build.build_net` does)."""
+    """Whether ``role`` is built from a ``save_pretrained`` directory (as
+    :func:`kd2m.training.build.build_net` builds it)."""
     from pathlib import Path
+
     from .models.hf import is_hf
     weights = getattr(cfg, f"pretrained_{role}")
     return bool(weights) and is_hf(getattr(cfg, role)) and Path(weights).is_dir()

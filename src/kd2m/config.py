@@ -307,7 +307,8 @@ def _fill_defaults(c: RunConfig) -> None:
         c.weights = {k: w for k, w in default_weights.items()
                      if c.weight is None or losses.spec(k).family != "kd2m"}
     default_options = defaults.pop("term_options", {})
-    given_models = {k for k in ("teacher", "student", "teacher_options", "student_options") if getattr(c, k) is not None}
+    given_models = {k for k in ("teacher", "student", "teacher_options", "student_options")
+                    if getattr(c, k) is not None}
     if c.baselines is None:
         c.baselines = list(defaults["baselines"])
     if c.term_options is None:

@@ -136,14 +136,15 @@ def text_identity(path: str | Path) -> str:
     content's digest): what a run's settings hold for its text, so that text edited under the same
     name is other settings, never the old run's teacher and students."""
     import hashlib
-    from ..models.pretrained import weights_identity  # its digest per file version, memoised
+
+    from ..models.pretrained import weights_identity
     root = Path(path).expanduser()
     files = text_files(root)
     if files == [root]:  # one file: its content alone (as a weights file)
         return weights_identity(root)
     h = hashlib.sha256()
     for f in files:  # a folder: the files' order is the documents' order
-        h.update(str(f.relative_to(root)).encode() + b"\0" + weights_identity(f).encode())
+        h.update(str(f.relative_to(root)).encode() + b"\0" + weights_identity(f).encode())  # memoised per version
     return "sha256:" + h.hexdigest()
 
 
@@ -192,8 +193,8 @@ def pack(documents: list[str], tokenizer, block: int, name: str = "text") -> Ten
             ids.append(tokenizer.eos_token_id)
     if text_tokens < block + 1:
         raise ValueError(f"dataset {name!r}: its {len(documents)} documents encode to {text_tokens} tokens with "
-                         f"tokenizer {getattr(tokenizer, 'name', 'bytes')}: too little text for one block of {block + 1}; "
-                         "give more text, a shorter block (image_size) or another tokenizer")
+                         f"tokenizer {getattr(tokenizer, 'name', 'bytes')}: too little text for one block of "
+                         f"{block + 1}; give more text, a shorter block (image_size) or another tokenizer")
     n = len(ids) // (block + 1)
     return torch.tensor(ids[:n * (block + 1)], dtype=torch.long).view(n, block + 1)
 
