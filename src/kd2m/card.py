@@ -146,6 +146,7 @@ def _models(cfg: RunConfig):
             return None
         classes, channels, size = SHAPES[cfg.dataset]
         example = torch.zeros(2, channels, size, size)
+
     def build(role: str):
         if _hf_directory(cfg, role):  # its own architecture, as a grid builds it
             from .models.hf import load_hf_directory
