@@ -247,3 +247,9 @@ def test_an_hf_model_on_an_image_dataset_is_refused(tmp_path, capsys):
     cfg = _config(tmp_path, task=None, dataset="digits", image_size=None, teacher="hf:gpt2", teacher_options=None,
                   student_options=None)
     _refused(capsys, tmp_path, "bench", cfg, said=("teacher: hf:gpt2 is a language model", "text datasets"))
+
+
+def test_a_pretrained_folder_with_fewer_positions_than_a_block_is_refused(tmp_path, capsys):
+    folder = _saved_llama(tmp_path / "llama")                 # rotary positions: it would run past 16 silently
+    cfg = _config(tmp_path, teacher_options=None, pretrained_teacher=str(folder), teacher_epochs=0, image_size=32)
+    _refused(capsys, tmp_path, "bench", cfg, said=("holds 16 positions", "32 tokens", "--image-size 16"))

@@ -150,7 +150,7 @@ def _models(cfg: RunConfig):
     def build(role: str):
         if _hf_directory(cfg, role):  # its own architecture, as a grid builds it
             from .models.hf import load_hf_directory
-            return load_hf_directory(getattr(cfg, f"pretrained_{role}"), classes)
+            return load_hf_directory(getattr(cfg, f"pretrained_{role}"), classes, size)
         return build_model(getattr(cfg, role), classes, channels, size, **(getattr(cfg, f"{role}_options") or {}))
 
     with torch.random.fork_rng(devices=[]):

@@ -213,9 +213,11 @@ def hf_directory_config(path: str | os.PathLike) -> dict | None:
     return {k: v for k, v in config.items() if k not in SAVE_KEYS}
 
 
-def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
+def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None,
+                      block: int | None = None) -> nn.Module:
     """The causal LM saved in the local directory ``path`` (``config.json`` + weights), never from a
-    hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``)."""
+    hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``), and its
+    positions, where its config counts them, must hold a block of ``block`` tokens."""
     transformers = _transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -239,8 +241,14 @@ def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None) -
                 f"{path} holds no tokenizer files: give the data (tokenizer: DIR) the tokenizer this model was "
                 "trained with")
         raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's {num_classes}; {hint}")
-    length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 8)
-    check_causal(model, f"in {path}", min(8, int(length)))
+    length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    offset = _position_offset(model)
+    if block is not None and length is not None and length < block + offset:
+        # learned positions would fail on a block; rotary ones would run past what the model was trained on
+        numbered = f", numbered from {offset}" if offset else ""
+        raise ValueError(f"{path}: its config.json holds {length} positions, fewer than a block of the data needs "
+                         f"({block} tokens{numbered}); give --image-size {length - offset} or less")
+    check_causal(model, f"in {path}", min(8, int(length or 8)))
     return returning_logits(model)
 
 
