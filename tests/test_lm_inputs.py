@@ -253,3 +253,15 @@ def test_a_pretrained_folder_with_fewer_positions_than_a_block_is_refused(tmp_pa
     folder = _saved_llama(tmp_path / "llama")                 # rotary positions: it would run past 16 silently
     cfg = _config(tmp_path, teacher_options=None, pretrained_teacher=str(folder), teacher_epochs=0, image_size=32)
     _refused(capsys, tmp_path, "bench", cfg, said=("holds 16 positions", "32 tokens", "--image-size 16"))
+
+
+@pytest.mark.parametrize("model", ["hf:gpt2", "hf:llama"])
+def test_every_token_of_the_vocabulary_trains(model):
+    """No token of the data is the model's padding index (an embedding row frozen at zero)."""
+    from kd2m.models import build_model
+    torch.manual_seed(0)
+    lm = build_model(model, 257, 1, 16, **(TINY if model == "hf:gpt2" else TINY_HF))
+    ids = torch.arange(16).unsqueeze(0)                    # token 0 (the NUL byte; "!" of GPT-2's BPE) included
+    torch.nn.functional.cross_entropy(lm(ids).flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    grad = lm.get_input_embeddings().weight.grad
+    assert bool(grad[0].abs().sum() > 0) and bool(lm.get_input_embeddings().weight[0].abs().sum() > 0)

@@ -159,8 +159,11 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     # the block length where no length option is given: one given is honoured (GPT-2 reads
     # max_position_embeddings as n_positions, so injecting the other would replace it)
     lengths = {} if given else {k: image_size for k in LENGTH_OPTIONS if hasattr(config, k)}
-    # token ids inside the vocabulary: the defaults (e.g. GPT-2's 50256) would not be
-    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hasattr(config, k)}
+    # token ids inside the vocabulary where the defaults (e.g. GPT-2's 50256) are not; a default of
+    # None stays None: a pad id is the embedding's padding_idx (Llama's), a row frozen at zero, and
+    # every id of the data's vocabulary is a real token
+    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if isinstance(getattr(config, k, None), int) and getattr(config, k) >= num_classes}
     decoder = {"is_decoder": True} if hasattr(config, "is_decoder") else {}  # encoder families: causal
     if in_channels != 1:
         raise ValueError(f"model {name!r} reads token ids (one channel); the data has {in_channels} channels")
