@@ -52,6 +52,26 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
     return "kd2m default"
 
 
+def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
+    """``DIR/config.json`` where a role's model and options are those of its ``save_pretrained``
+    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), else None."""
+    role = key.split("_")[0]
+    if key not in ("teacher", "student", "teacher_options", "student_options"):
+        return None
+    weights = getattr(cfg, f"pretrained_{role}")
+    return f"{weights}/config.json" if _hf_directory(cfg, role) else None
+
+
+def _hf_directory(cfg: RunConfig, role: str) -> bool:
+    """Whether ``role`` is built from a ``save_pretrained`` directory (as
+    :func:`kd2m.training.build.build_net` builds it)."""
+    from pathlib import Path
+
+    from .models.hf import is_hf
+    weights = getattr(cfg, f"pretrained_{role}")
+    return bool(weights) and is_hf(getattr(cfg, role)) and Path(weights).is_dir()
+
+
 def _entry_of(user: RunConfig, method: Method, index: int) -> dict:
     """The config entry a term came from (students:/distill:), or {} for a metrics/baselines name."""
     entries = dict(user.students or {})
@@ -129,9 +149,15 @@ def _models(cfg: RunConfig):
             return None
         classes, channels, size = SHAPES[cfg.dataset]
         example = torch.zeros(2, channels, size, size)
+
+    def build(role: str):
+        if _hf_directory(cfg, role):  # its own architecture, as a grid builds it
+            from .models.hf import load_hf_directory
+            return load_hf_directory(getattr(cfg, f"pretrained_{role}"), classes, size)
+        return build_model(getattr(cfg, role), classes, channels, size, **(getattr(cfg, f"{role}_options") or {}))
+
     with torch.random.fork_rng(devices=[]):
-        student = build_model(cfg.student, classes, channels, size, **(cfg.student_options or {})).eval()
-        teacher = build_model(cfg.teacher, classes, channels, size, **(cfg.teacher_options or {})).eval()
+        student, teacher = build("student").eval(), build("teacher").eval()
     return student, teacher, example
 
 
@@ -174,7 +200,7 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         if (key == "lr_min" and cfg.lr_schedule != "cosine") or (key == "lr_gamma" and cfg.lr_schedule == "cosine") \
                 or (key == "momentum" and cfg.optimizer != "sgd"):
             continue
-        lines.append(f"| {key} | {value} | {_field_source(user, key, given)} |")
+        lines.append(f"| {key} | {value} | {_pretrained_source(cfg, key) or _field_source(user, key, given)} |")
     models = _models(cfg)
     lines += ["", "## Students", ""]
     from .select_k import plan

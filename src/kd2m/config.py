@@ -216,6 +216,7 @@ class RunConfig:
         _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
+        _check_lm(c)
         return c
 
     def teacher_config(self) -> "RunConfig":
@@ -306,6 +307,8 @@ def _fill_defaults(c: RunConfig) -> None:
         c.weights = {k: w for k, w in default_weights.items()
                      if c.weight is None or losses.spec(k).family != "kd2m"}
     default_options = defaults.pop("term_options", {})
+    given_models = {k for k in ("teacher", "student", "teacher_options", "student_options")
+                    if getattr(c, k) is not None}
     if c.baselines is None:
         c.baselines = list(defaults["baselines"])
     if c.term_options is None:
@@ -313,6 +316,7 @@ def _fill_defaults(c: RunConfig) -> None:
     for key, value in defaults.items():
         if getattr(c, key) is None:
             setattr(c, key, value)
+    _fill_hf_models(c, given_models)
     if c.teacher_epochs is None:
         c.teacher_epochs = c.epochs
     if c.out is None:
@@ -334,6 +338,69 @@ def _check_models(c: RunConfig) -> None:
             raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
                               f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE, "
                               "package.module:factory for your own)")
+
+
+#: the text defaults' GPT-2 options by the names every transformers config answers to
+_HF_COMMON_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads"}
+
+
+def _fill_hf_models(c: RunConfig, given: set) -> None:
+    """What each ``hf:`` network really is. A ``save_pretrained`` directory given as
+    ``pretrained_<role>`` decides its architecture: the role is named after its ``model_type`` and
+    its options are its config (what config.json, the card and every run's settings then record);
+    options or another model type given with it are refused, as they would be ignored. Else the
+    text defaults' GPT-2 options go to another model type under the names its config takes
+    (``hidden_size`` …), only those it has."""
+    from .models.hf import hf_directory_config, is_hf
+    for role in ("teacher", "student"):
+        name, weights, key = getattr(c, role), getattr(c, f"pretrained_{role}"), f"{role}_options"
+        if not is_hf(name):
+            continue
+        directory = hf_directory_config(weights) if weights and Path(weights).is_dir() else None
+        if directory is not None:
+            built = f"hf:{directory['model_type']}"
+            if role in given and name != built:
+                raise ConfigError(f"{role}: {name}, but pretrained_{role} {weights} holds a {built} model (its "
+                                  f"config.json); give {role}: {built}, or leave {role} out")
+            if key in given and getattr(c, key) and getattr(c, key) != directory:
+                raise ConfigError(f"{key}: pretrained_{role} {weights} holds its own architecture (its config.json), "
+                                  f"so these options would be ignored; leave {key} out")
+            setattr(c, role, built)
+            setattr(c, key, directory)
+        elif key not in given and name != LM_DEFAULTS[role] and getattr(c, key):
+            setattr(c, key, _hf_defaults_for(name, getattr(c, key)))
+
+
+def _hf_defaults_for(name: str, options: dict) -> dict:
+    """The default GPT-2 ``options`` for model ``name`` (``hf:MODEL_TYPE``): those its config has,
+    under their common names; {} where transformers or the type is unknown (the build says why)."""
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.for_model(name[len("hf:"):])
+    except (ImportError, ValueError):
+        return {}
+    renamed = {_HF_COMMON_NAMES.get(k, k): v for k, v in options.items()}
+    return {k: v for k, v in renamed.items() if hasattr(config, k)}
+
+
+def _check_lm(c: RunConfig) -> None:
+    """Language models read text, and text's distances need a next token per sample: ``hf:``
+    models only on text datasets; no distance pooled per sequence (unit batch) on text."""
+    lm = dataset_task(c.dataset) == "lm"
+    for role in ("teacher", "student"):
+        if str(getattr(c, role)).startswith("hf:") and not lm:
+            raise ConfigError(f"{role}: {getattr(c, role)} is a language model, for text datasets (python_docs, "
+                              f"text:PATH); {c.dataset!r} is for {dataset_task(c.dataset)}: choose another {role}")
+    if not lm:
+        return
+    valid = "tokens (every token of the batch a sample: the text default) or sequence (each sequence's tokens)"
+    for method in c.methods():
+        for t in method.terms:
+            if t.spec.family == "kd2m" and t.unit == "batch":
+                where = "unit: batch" if method.key in (c.metrics or []) else \
+                    f"students: {method.key}: {t.name} has unit batch (an entry's default when it gives none)"
+                raise ConfigError(f"{where}: a sequence pooled into one sample has no next-token label to match on "
+                                  f"text; give unit {valid}")
 
 
 def _check_lists_and_numbers(c: RunConfig) -> None:

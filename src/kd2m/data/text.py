@@ -59,6 +59,7 @@ class ByteTokenizer:
 
     vocab_size = BYTE_VOCAB
     eos_token_id = END_OF_DOCUMENT
+    name = "bytes"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -68,6 +69,7 @@ class HFTokenizer:
     """A Hugging Face tokenizer read from a local directory (``local_files_only=True``)."""
 
     def __init__(self, path: str):
+        self.name = str(path)
         try:
             from transformers import AutoTokenizer
         except ImportError:
@@ -76,15 +78,34 @@ class HFTokenizer:
         if not Path(path).is_dir():
             raise DatasetNotFoundError(f"tokenizer: {path} is not a directory (a Hugging Face model directory "
                                        "with its tokenizer files is expected)")
+        if not has_tokenizer_files(path):
+            # transformers would build a tokenizer of one token from config.json alone, which
+            # encodes every text to nothing: every perplexity 1 and every accuracy 100%
+            raise ValueError(f"tokenizer: {path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …); "
+                             "give the directory of the tokenizer the model was trained with, or leave tokenizer "
+                             "out for bytes")
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"tokenizer: {path}: no loadable tokenizer ({str(e).splitlines()[0][:120]})") from None
         self.vocab_size = len(self.tok)
+        if self.vocab_size < 2:
+            raise ValueError(f"tokenizer: {path}: its vocabulary has {self.vocab_size} token(s); give the directory "
+                             "of a real tokenizer, or leave tokenizer out for bytes")
         self.eos_token_id = self.tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+
+#: the files a Hugging Face tokenizer is saved as (one of them at least, whatever its kind)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    """Whether the directory ``path`` holds a saved tokenizer (not only a model's config and weights)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def tokenizer_for(spec: str | None):
@@ -92,11 +113,14 @@ def tokenizer_for(spec: str | None):
     return ByteTokenizer() if spec in (None, "bytes") else HFTokenizer(spec)
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """The documents of a ``.txt``/``.jsonl`` file or of a folder of them (sorted by name)."""
+def text_files(path: str | Path) -> list[Path]:
+    """The files ``text:PATH`` reads: the file itself, or a folder's ``.txt``/``.jsonl`` files (sorted)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        # hidden entries (.ipynb_checkpoints/, .git/, editors' .#backups) are copies, not documents;
+        # suffixes are matched case-insensitively (B.TXT is text)
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".jsonl") and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DatasetNotFoundError(f"dataset 'text:{path}': no .txt or .jsonl file in {path}")
     elif path.is_file():
@@ -104,14 +128,38 @@ def read_documents(path: str | Path) -> list[str]:
     else:
         raise DatasetNotFoundError(f"dataset 'text:{path}': {path} does not exist; give a .txt/.jsonl file or a "
                                    "folder of them")
+    return files
+
+
+def text_identity(path: str | Path) -> str:
+    """``"sha256:<hex>"`` of the files ``text:PATH`` reads (each one's name within ``path`` and its
+    content's digest): what a run's settings hold for its text, so that text edited under the same
+    name is other settings, never the old run's teacher and students."""
+    import hashlib
+
+    from ..models.pretrained import weights_identity
+    root = Path(path).expanduser()
+    files = text_files(root)
+    if files == [root]:  # one file: its content alone (as a weights file)
+        return weights_identity(root)
+    h = hashlib.sha256()
+    for f in files:  # a folder: the files' order is the documents' order
+        h.update(str(f.relative_to(root)).encode() + b"\0" + weights_identity(f).encode())  # memoised per version
+    return "sha256:" + h.hexdigest()
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """The documents of a ``.txt``/``.jsonl`` file or of a folder of them (sorted by name)."""
     docs = []
-    for f in files:
+    for f in text_files(path):
         try:
-            text = f.read_text(encoding="utf-8")
+            text = f.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not text
         except UnicodeDecodeError:
             raise ValueError(f"dataset 'text:{path}': {f} is not UTF-8 text") from None
-        if f.suffix == ".jsonl":
-            for i, line in enumerate(text.splitlines(), 1):
+        if f.suffix.lower() == ".jsonl":
+            # lines end at '\n' only (JSON Lines): str.splitlines would also split inside a string
+            # at U+2028/U+2029 and other separators valid JSON holds unescaped
+            for i, line in enumerate(text.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -127,14 +175,26 @@ def read_documents(path: str | Path) -> list[str]:
     return [d for d in docs if d]
 
 
-def pack(documents: list[str], tokenizer, block: int) -> Tensor:
+def pack(documents: list[str], tokenizer, block: int, name: str = "text") -> Tensor:
     """(N, block + 1) int64: the documents' tokens, joined by the end-of-document token, cut into
-    consecutive blocks (the last, partial block dropped)."""
+    consecutive blocks (the last, partial block dropped).
+
+    Raises:
+        ValueError: the documents' own tokens (end-of-document tokens not counted) do not fill one
+            block: a corpus of end-of-document tokens alone would train to perplexity 1.
+    """
     ids: list[int] = []
+    text_tokens = 0
     for doc in documents:
-        ids += tokenizer.encode(doc)
+        tokens = tokenizer.encode(doc)
+        text_tokens += len(tokens)
+        ids += tokens
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
+    if text_tokens < block + 1:
+        raise ValueError(f"dataset {name!r}: its {len(documents)} documents encode to {text_tokens} tokens with "
+                         f"tokenizer {getattr(tokenizer, 'name', 'bytes')}: too little text for one block of "
+                         f"{block + 1}; give more text, a shorter block (image_size) or another tokenizer")
     n = len(ids) // (block + 1)
     return torch.tensor(ids[:n * (block + 1)], dtype=torch.long).view(n, block + 1)
 
@@ -145,7 +205,7 @@ def text_bundle(name: str, documents: list[str], block: int | None, tokenizer: s
     if block < 2:
         raise ValueError(f"dataset {name!r}: the block length (image_size) must be at least 2 tokens, got {block}")
     tok = tokenizer_for(tokenizer)
-    blocks = pack(documents, tok, block)
+    blocks = pack(documents, tok, block, name)
     held = torch.arange(blocks.shape[0]) % HELD_OUT_EVERY == HELD_OUT_INDEX
     if int(held.sum()) == 0 or int((~held).sum()) == 0:
         raise ValueError(f"dataset {name!r}: {blocks.shape[0]} blocks of {block + 1} tokens is too little text for a "

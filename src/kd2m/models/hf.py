@@ -8,8 +8,13 @@
 its config's (``n_layer``, ``n_embd``, ``hidden_size`` …) and the model is built from that config
 with random weights (``AutoModelForCausalLM.from_config``): never a hub download. The vocabulary is
 the data's (``num_classes``) and the longest sequence its block length (``image_size``) unless
-the options say otherwise (a different vocabulary size is refused). Needs the optional extra:
-``pip install -e ".[lm]"``.
+the options say otherwise (a different vocabulary size, or fewer positions than a block, is
+refused). Needs the optional extra: ``pip install -e ".[lm]"``.
+
+Every model is causal: position ``i``'s logits depend on tokens ``0..i`` only. Encoder families
+that ``transformers`` also builds as causal LMs (``bert``, ``roberta`` …) see the whole sequence
+unless their config says ``is_decoder``; kd2m sets it, and refuses any model whose logits still
+change when a later token does (:func:`check_causal`), since it would be scored on tokens it sees.
 
 A local model directory (``save_pretrained``'s layout: ``config.json`` and weights) given as
 ``--pretrained-teacher DIR`` / ``--pretrained-student DIR`` is loaded with
@@ -25,13 +30,21 @@ engine, which calls ``model(x)`` and reads a tensor of logits, needs no special 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 PREFIX = "hf:"
 INSTALL_HINT = 'pip install -e ".[lm]"'
+#: the options that set the longest sequence (GPT-2's config maps one onto the other)
+LENGTH_OPTIONS = ("n_positions", "max_position_embeddings")
+#: config.json keys that describe how a directory was saved, not the architecture
+SAVE_KEYS = ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+#: the weights files a save_pretrained directory may hold
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 _LOGITS_CLASSES: dict[type, type] = {}
 
@@ -46,6 +59,7 @@ def _transformers():
     except ImportError:
         raise ValueError(f"hf: models need Hugging Face transformers: {INSTALL_HINT}") from None
     transformers.logging.set_verbosity_error()  # its advice on unused config keys is not the user's concern here
+    transformers.logging.disable_progress_bar()  # a bar per directory loaded: stderr keeps kd2m's lines only
     return transformers
 
 
@@ -68,6 +82,54 @@ def returning_logits(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_causal(model: nn.Module, name: str, length: int = 8) -> None:
+    """ValueError unless ``model`` is causal: on a probe sequence of ``length`` tokens, replacing its
+    second half leaves the logits of its first half unchanged. A model that sees the token it must
+    predict would train and score as if it could read the answer (perplexity near 1).
+
+    The probe's ids are fixed (no random draw: the runs' RNG is untouched), and the model is run
+    in eval mode (no dropout) without gradients, then put back in its mode."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    half = max(length // 2, 1)
+    ids = (torch.arange(2 * half) * 7 + 1) % vocab
+    later = ids.clone()
+    later[half:] = (later[half:] + 1) % vocab
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a, b = (model(input_ids=x.unsqueeze(0).to(device)) for x in (ids, later))
+            a, b = (getattr(z, "logits", z).float() for z in (a, b))
+    finally:
+        model.train(was_training)
+    leak = float((a[:, :half] - b[:, :half]).abs().max())
+    if not leak <= 1e-6 * (1 + float(a.abs().max())):
+        raise ValueError(f"model {name}: not causal (a position's logits change by {leak:.2g} when a later token "
+                         "does): it would see the tokens it must predict; use a decoder model (hf:gpt2, hf:llama, "
+                         "…) or leave is_decoder out of its options")
+
+
+def _check_options(name: str, config, options: dict) -> None:
+    """Each option the type of the config's own default: integers (layers, widths, heads, positions)
+    whole and ≥ 1 (≥ 0 for token ids and where the default is 0), numbers numbers, flags booleans."""
+    for key, value in options.items():
+        default = getattr(config, key, None)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            low = 0 if key.endswith("_id") or default == 0 else 1
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            want = f"an integer ≥ {low}"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"model {name!r}: option {key} must be {want} (its default is {default!r}), got "
+                             f"{value!r:.40}")
+
+
 def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int = 64, **options) -> nn.Module:
     """A freshly initialised ``"hf:MODEL_TYPE"`` causal LM for a vocabulary of ``num_classes``
     tokens and sequences of up to ``image_size`` tokens (see the module docstring)."""
@@ -80,6 +142,10 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     except ValueError:
         raise ValueError(f"unknown Hugging Face model type {model_type!r} (hf:{model_type}); e.g. hf:gpt2, "
                          "hf:llama") from None
+    if options.get("model_type", model_type) != model_type:
+        raise ValueError(f"model {name!r}: option model_type {options['model_type']!r} is another model; give "
+                         f"hf:{options['model_type']}")
+    options.pop("model_type", None)  # a save_pretrained config as options (a run's recorded teacher_options)
     vocab = options.pop("vocab_size", num_classes)
     if vocab != num_classes:
         raise ValueError(f"model {name!r}: vocab_size {vocab} is not the data's vocabulary ({num_classes} tokens); "
@@ -88,35 +154,104 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     if unknown:
         raise ValueError(f"model {name!r} takes no option {unknown[0]!r} (not a field of "
                          f"{type(config).__name__})")
-    # the block length only where the user gave no length: a config may alias the two names (GPT-2
-    # maps max_position_embeddings to n_positions), so a default for one would overwrite the other
-    length_keys = ("n_positions", "max_position_embeddings")
-    lengths = {} if any(k in options for k in length_keys) else \
-        {k: image_size for k in length_keys if hasattr(config, k)}
-    # token ids inside the vocabulary: the defaults (e.g. GPT-2's 50256) would not be
-    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hasattr(config, k)}
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes, **{**lengths, **ids, **options})
+    _check_options(name, config, options)
+    given = {k: options[k] for k in LENGTH_OPTIONS if k in options}
+    # the block length where no length option is given: one given is honoured (GPT-2 reads
+    # max_position_embeddings as n_positions, so injecting the other would replace it)
+    lengths = {} if given else {k: image_size for k in LENGTH_OPTIONS if hasattr(config, k)}
+    # token ids inside the vocabulary where the defaults (e.g. GPT-2's 50256) are not; a default of
+    # None stays None: a pad id is the embedding's padding_idx (Llama's), a row frozen at zero, and
+    # every id of the data's vocabulary is a real token
+    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if isinstance(getattr(config, k, None), int) and getattr(config, k) >= num_classes}
+    decoder = {"is_decoder": True} if hasattr(config, "is_decoder") else {}  # encoder families: causal
     if in_channels != 1:
         raise ValueError(f"model {name!r} reads token ids (one channel); the data has {in_channels} channels")
-    return returning_logits(transformers.AutoModelForCausalLM.from_config(config))
+
+    def build(lengths: dict):
+        try:
+            built = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes,
+                                                      **{**lengths, **ids, **decoder, **options})
+            return transformers.AutoModelForCausalLM.from_config(built)
+        except Exception as e:  # noqa: BLE001 (transformers' own validation errors: one line, with the model's name)
+            reason = str(e).strip().splitlines()
+            raise ValueError(f"model {name!r}: its options do not build a {type(config).__name__} "
+                             f"({' '.join(reason[:2])[:160] or type(e).__name__})") from None
+
+    model = build(lengths)
+    offset = _position_offset(model)
+    if lengths and offset:  # RoBERTa's family numbers positions from pad_token_id + 1: a block needs more
+        model = build({k: v + offset for k, v in lengths.items()})
+    for key, value in given.items():  # honoured, so it must hold a block
+        if value < image_size + offset:
+            numbered = f", numbered from {offset}" if offset else ""
+            raise ValueError(f"model {name!r}: {key} {value} is fewer positions than a block of the data needs "
+                             f"({image_size} tokens{numbered}); give {key} ≥ {image_size + offset}, or leave it out "
+                             "(the block length)")
+    check_causal(model, name, min(8, image_size))
+    return returning_logits(model)
 
 
-def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
+def _position_offset(model: nn.Module) -> int:
+    """How many positions a model numbers before its first token: ``padding_idx + 1`` where its
+    position embedding has a padding index (RoBERTa and its kin), else 0."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    pad = getattr(positions, "padding_idx", None)
+    return pad + 1 if isinstance(positions, nn.Embedding) and pad is not None else 0
+
+
+def hf_directory_config(path: str | os.PathLike) -> dict | None:
+    """The architecture a ``save_pretrained`` directory holds: its ``config.json`` without the keys
+    that say how it was saved (:data:`SAVE_KEYS`), or None when ``path`` is no such directory."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return None
+    if "is_decoder" in config:
+        config["is_decoder"] = True  # as load_hf_directory builds it
+    return {k: v for k, v in config.items() if k not in SAVE_KEYS}
+
+
+def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None,
+                      block: int | None = None) -> nn.Module:
     """The causal LM saved in the local directory ``path`` (``config.json`` + weights), never from a
-    hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``)."""
+    hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``), and its
+    positions, where its config counts them, must hold a block of ``block`` tokens."""
     transformers = _transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; a Hugging Face model directory (save_pretrained's "
                                 "layout) is expected")
+    weights = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a loadable causal LM ({str(e).splitlines()[0][:160]})") from None
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if hasattr(config, "is_decoder"):  # an encoder family (BERT …) is built causal, as by name
+            config.is_decoder = True
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (safetensors' and torch's errors are no OSError: one line, the file named)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        where = f"{path / weights[0]}" if len(weights) == 1 else f"{path} ({', '.join(weights) or 'no weights file'})"
+        raise ValueError(f"{where}: not a loadable causal LM ({reason}); save the model again with "
+                         "save_pretrained") from None
     vocab = model.get_output_embeddings().weight.shape[0]
     if num_classes is not None and vocab != num_classes:
-        raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's {num_classes}; use its tokenizer "
-                         "for the data (tokenizer: the same directory)")
+        from ..data.text import has_tokenizer_files
+        hint = (f"give the data this directory's tokenizer (tokenizer: {path})" if has_tokenizer_files(path) else
+                f"{path} holds no tokenizer files: give the data (tokenizer: DIR) the tokenizer this model was "
+                "trained with")
+        raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's {num_classes}; {hint}")
+    length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    offset = _position_offset(model)
+    if block is not None and length is not None and length < block + offset:
+        # learned positions would fail on a block; rotary ones would run past what the model was trained on
+        numbered = f", numbered from {offset}" if offset else ""
+        raise ValueError(f"{path}: its config.json holds {length} positions, fewer than a block of the data needs "
+                         f"({block} tokens{numbered}); give --image-size {length - offset} or less")
+    check_causal(model, f"in {path}", min(8, int(length or 8)))
     return returning_logits(model)
 
 

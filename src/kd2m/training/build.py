@@ -75,7 +75,7 @@ def build_net(cfg, bundle, seed: int, role: str) -> nn.Module:
     torch.manual_seed(_INIT_SEED[role] * (seed + 1))
     name, weights = getattr(cfg, role), getattr(cfg, f"pretrained_{role}")
     if weights and is_hf(name) and Path(weights).is_dir():  # a save_pretrained directory: its own architecture
-        return load_hf_directory(weights, bundle.num_classes)
+        return load_hf_directory(weights, bundle.num_classes, bundle.image_size)
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size,
                         **(getattr(cfg, f"{role}_options") or {}))
     if weights:

@@ -50,6 +50,9 @@ def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int
         s.update(holdout=cfg.holdout)
     if getattr(cfg, "tokenizer", None):
         s.update(tokenizer=_weights_id(cfg.tokenizer))
+    if str(cfg.dataset).startswith("text:"):  # the text's content, not its name: edited text is other settings
+        from ..data.text import text_identity
+        s.update(text=text_identity(cfg.dataset[len("text:"):]))
     return json.loads(json.dumps(s))  # the form it has once read back from disk (tuples -> lists)
 
 
