@@ -131,7 +131,11 @@ class _FusedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_div):
-        grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        # the usual incoming gradient is 1 (the loss is the graph's root): hand the buffers back
+        # as they are rather than a scaled copy, one (V, d) buffer less at the peak
+        scale = None if bool(grad_total == 1) else grad_total
+        grads = [None if g is None else (g if scale is None else g * scale).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return (*grads, None, None, None, None)
 
 
