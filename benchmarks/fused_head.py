@@ -101,12 +101,12 @@ def measure(method: str, tokens: int, vocab: int, dim: int, k: int, repeats: int
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def speed_table(tokens: int, dim: int, k: int, repeats: int) -> list[str]:
+def speed_table(tokens: int, dim: int, k: int, repeats: int, vocabs=VOCABS) -> list[str]:
     lines = [f"{tokens} tokens, d = {dim}, sparse teacher k = {k}, CE + fkl, float32, forward + backward, "
              f"one thread, best of {repeats} steps", "",
              "| V | logits MiB | unfused: peak MiB | unfused: tok/s | fused: peak MiB | fused: tok/s | "
              "peak ratio | speed ratio |", "|---|---|---|---|---|---|---|---|"]
-    for vocab in VOCABS:
+    for vocab in vocabs:
         plain, fused = (measure(m, tokens, vocab, dim, k, repeats) for m in ("unfused", "fused"))
         lines.append(f"| {vocab} | {tokens * vocab * 4 / MiB:.0f} | {plain['peak_mib']:.0f} | "
                      f"{plain['tokens_per_s']:.0f} | {fused['peak_mib']:.0f} | {fused['tokens_per_s']:.0f} | "
@@ -160,13 +160,17 @@ def main(argv=None) -> str:
     p.add_argument("--k", type=int, default=64, help="the sparse teacher's kept entries per token")
     p.add_argument("--repeats", type=int, default=None, help="steps timed per row, the fastest kept (default: "
                                                               "2, --quick 1); the peak is the first step's")
+    p.add_argument("--vocabs", default=",".join(map(str, VOCABS)), help="vocabulary sizes of the speed rows; "
+                                                                        "the first is the error table's")
     p.add_argument("--out", help="also write the Markdown tables here")
     a = p.parse_args(argv)
     tokens = a.tokens or (256 if a.quick else 1024)
     dim = a.dim or (256 if a.quick else 512)
     ks = [1, 8, 64, 512] if a.quick else [1, 8, 64, 512, 4096]
     repeats = a.repeats or (1 if a.quick else 2)
-    lines = speed_table(tokens, dim, a.k, repeats) + [""] + error_table(32 if a.quick else 64, VOCABS[0], ks)
+    vocabs = [int(v) for v in a.vocabs.split(",") if v]
+    ks = [k for k in ks if k <= vocabs[0]]
+    lines = speed_table(tokens, dim, a.k, repeats, vocabs) + [""] + error_table(32 if a.quick else 64, vocabs[0], ks)
     table = "\n".join(lines)
     print(table)
     if a.out:
