@@ -109,7 +109,7 @@ def test_fused_head_never_builds_more_than_one_chunk_of_logits():
 
 
 def test_fused_head_keeps_the_inputs_dtypes_and_checks_its_inputs():
-    h, w, b, labels, zt = _head(seed=5)
+    h, w, _, labels, zt = _head(seed=5)
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
     out = fused_head_loss(hb, wb, labels, zt.float(), chunk_size=4)
     out.loss.backward()

@@ -206,10 +206,11 @@ def _check(hidden, weight, labels, teacher, bias, kind, temperature, chunk_size)
                              f"{teacher.vocab_size}; the student has {h.shape[0]} positions, V = {vocab}")
         check_sparse_temperature(who, teacher, temperature)
     elif isinstance(teacher, LinearTeacher):
-        if teacher.weight.shape[0] != vocab or teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).shape[0] != h.shape[0]:
-            raise ValueError(f"{who}: the linear teacher must cover {h.shape[0]} positions and V = {vocab}")
-        teacher = LinearTeacher(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).detach(),
-                                teacher.weight.detach(), None if teacher.bias is None else teacher.bias.detach())
+        ht = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).detach()
+        if teacher.weight.shape != (vocab, ht.shape[1]) or ht.shape[0] != h.shape[0]:
+            raise ValueError(f"{who}: the linear teacher's hidden {tuple(teacher.hidden.shape)} and weight "
+                             f"{tuple(teacher.weight.shape)} must cover {h.shape[0]} positions and V = {vocab}")
+        teacher = LinearTeacher(ht, teacher.weight.detach(), None if teacher.bias is None else teacher.bias.detach())
     elif teacher is not None:
         raise TypeError(f"{who}: teacher must be logits, a SparseTeacher, a LinearTeacher or None, "
                         f"got {type(teacher).__name__}")

@@ -78,7 +78,7 @@ class SparseTeacher:
                              f"[{int(ids.min())}, {int(ids.max())}]")
 
     @classmethod
-    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> "SparseTeacher":
+    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> SparseTeacher:
         r"""The top-k entries of :math:`\mathrm{softmax}(z/\tau)` of ``logits`` (…, V), flattened to
         (n, V), n the product of the leading dimensions; the tail as a log-sum-exp over the V − k
         logits left out. Computed without gradient (the teacher is frozen)."""
@@ -86,8 +86,8 @@ class SparseTeacher:
             raise ValueError("SparseTeacher.from_logits: logits must be a floating tensor (…, V)")
         vocab = logits.shape[-1]
         check_k(k, vocab)
-        with torch.no_grad():
-            z = logits.reshape(-1, vocab) / temperature
+        with torch.no_grad():  # half-precision logits: the log-sum-exps in float32
+            z = logits.reshape(-1, vocab).to(torch.promote_types(logits.dtype, torch.float32)) / temperature
             lse = z.logsumexp(-1, keepdim=True)
             top, ids = z.topk(k, dim=-1)
             if k == vocab:
@@ -98,7 +98,7 @@ class SparseTeacher:
 
     @classmethod
     def from_logprobs(cls, ids: Tensor, logprobs: Tensor, vocab_size: int,
-                      temperature: float = 1.0) -> "SparseTeacher":
+                      temperature: float = 1.0) -> SparseTeacher:
         r"""From stored top-k log-probabilities alone: the tail is
         :math:`\log(1 - \exp(\mathrm{logsumexp}(\mathrm{logprobs})))`, computed as ``log(-expm1(·))``
         and floored at the smallest normal number of the dtype where the kept mass rounds to 1
@@ -116,7 +116,7 @@ class SparseTeacher:
     def k(self) -> int:
         return self.ids.shape[1]
 
-    def rows(self, start: int, stop: int) -> "SparseTeacher":
+    def rows(self, start: int, stop: int) -> SparseTeacher:
         """Positions ``start:stop`` (views, no copy, no re-validation)."""
         new = object.__new__(SparseTeacher)
         for name, value in (("ids", self.ids[start:stop]), ("logprobs", self.logprobs[start:stop]),
@@ -125,7 +125,7 @@ class SparseTeacher:
             object.__setattr__(new, name, value)
         return new
 
-    def to(self, *args, **kwargs) -> "SparseTeacher":
+    def to(self, *args, **kwargs) -> SparseTeacher:
         """Moved like ``Tensor.to`` (ids keep int64; a dtype applies to the log-probabilities)."""
         return SparseTeacher(self.ids.to(*[a for a in args if not isinstance(a, torch.dtype)],
                                          **{k: v for k, v in kwargs.items() if k != "dtype"}),
