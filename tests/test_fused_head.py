@@ -48,13 +48,14 @@ def unfused(h, w, b, labels, teacher_logits, kind, temperature, ce_weight, diver
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("which", ["dense", "sparse", "linear"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 100])
-def test_fused_head_equals_the_unfused_computation(kind, which, chunk_size):
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_fused_head_equals_the_unfused_computation(kind, which, chunk_size, temperature):
     h, w, b, labels, zt = _head()
-    teacher, teacher_logits = _teacher(which, zt, 1.7)
+    teacher, teacher_logits = _teacher(which, zt, temperature)
     opts = {"beta": 0.3} if kind == "jsd" else {"alpha": 0.2} if kind.startswith("skew") else {}
-    got = fused_head_loss(h, w, labels, teacher, bias=b, kind=kind, temperature=1.7, ce_weight=0.6,
+    got = fused_head_loss(h, w, labels, teacher, bias=b, kind=kind, temperature=temperature, ce_weight=0.6,
                           divergence_weight=1.4, chunk_size=chunk_size, **opts)
-    want, ce, div = unfused(h, w, b, labels, teacher_logits, kind, 1.7, 0.6, 1.4, **opts)
+    want, ce, div = unfused(h, w, b, labels, teacher_logits, kind, temperature, 0.6, 1.4, **opts)
     assert got.loss.dtype == torch.float64 and torch.allclose(got.loss, want, rtol=1e-12, atol=1e-14)
     assert torch.allclose(got.ce, ce.detach(), rtol=1e-12) and torch.allclose(got.divergence, div.detach(), rtol=1e-12)
     assert not got.ce.requires_grad and not got.divergence.requires_grad

@@ -107,7 +107,12 @@ def per_position(kind: str, s: Tensor, t: Tensor | SparseTeacher, temperature: f
     """The divergence of ``kind`` at each row of (m, V) student logits against (m, V) teacher
     logits, or against a :class:`SparseTeacher` of m positions read as its (k + 1)-point ghost-token
     distribution (:func:`kd2m.losses.sparse_teacher.ghost_log_probs`): (m,)."""
-    ls = F.log_softmax(s / temperature, dim=-1)
+    return against_teacher(kind, F.log_softmax(s / temperature, dim=-1), t, temperature, beta, alpha)
+
+
+def against_teacher(kind: str, ls: Tensor, t: Tensor | SparseTeacher, temperature: float, beta: float,
+                    alpha: float) -> Tensor:
+    """:func:`per_position` from the student's (m, V) log-probabilities at ``temperature``."""
     if isinstance(t, SparseTeacher):
         return from_log_probs(kind, *ghost_log_probs(ls, t), beta, alpha)
     return from_log_probs(kind, ls, F.log_softmax(t / temperature, dim=-1), beta, alpha)

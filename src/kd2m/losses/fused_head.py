@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .divergences import CHUNK_ELEMENTS, check_sparse_temperature, per_position
+from .divergences import CHUNK_ELEMENTS, against_teacher, check_sparse_temperature
 from .inputs import check_nonnegative, check_positive
 from .sparse_teacher import SparseTeacher
 
@@ -79,13 +79,17 @@ def _teacher_rows(teacher, start: int, stop: int):
 def _chunk_sums(z: Tensor, labels: Tensor, teacher, spec: _Spec) -> tuple[Tensor, Tensor]:
     """Σ over the chunk's kept positions of the cross-entropy and of the divergence, from its
     (m, V) logits: two 0-dim tensors."""
-    ce = F.cross_entropy(z, labels, ignore_index=-100, reduction="sum")
     if teacher is None:
-        return ce, z.new_zeros(())
+        return F.cross_entropy(z, labels, ignore_index=-100, reduction="sum"), z.new_zeros(())
     if not isinstance(teacher, SparseTeacher):
         teacher = teacher.to(z.dtype)
-    keep = (labels != -100).to(z.dtype)
-    return ce, (per_position(spec.kind, z, teacher, spec.temperature, spec.beta, spec.alpha) * keep).sum()
+    keep = labels != -100
+    ls = F.log_softmax(z if spec.temperature == 1.0 else z / spec.temperature, dim=-1)
+    # at τ = 1 the cross-entropy reads the divergence's log-softmax: one (m, V) pass and buffer less
+    ls1 = ls if spec.temperature == 1.0 else F.log_softmax(z, dim=-1)
+    ce = -torch.where(keep, ls1.gather(-1, labels.clamp_min(0)[:, None])[:, 0], 0.0).sum()
+    div = against_teacher(spec.kind, ls, teacher, spec.temperature, spec.beta, spec.alpha)
+    return ce, (div * keep.to(z.dtype)).sum()
 
 
 class _FusedHead(torch.autograd.Function):
