@@ -17,5 +17,9 @@ from . import distances  # noqa: F401,E402  (registers the 13 KD²M distances)
 from . import logit, maps, relational  # noqa: F401,E402
 # the language-model field's token divergences: fkl rkl jsd skew_kl skew_rkl tvd
 from . import divergences  # noqa: F401,E402
+# a teacher's top-k log-probabilities (offline), and the student's head fused with its losses
+from .sparse_teacher import SparseTeacher  # noqa: F401,E402
+from .fused_head import HeadLoss, LinearTeacher, fused_head_loss  # noqa: F401,E402
 
-__all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS"]
+__all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS",
+           "SparseTeacher", "fused_head_loss", "LinearTeacher", "HeadLoss"]
