@@ -71,8 +71,8 @@ from ..methods import TermConfig
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
 
-__all__ = ["KD2MTrainer", "KD2MTrainingArguments", "CausalLMLogits", "DISTILLER_FILE", "parse_term_list",
-           "causal_targets", "on_adapter"]
+__all__ = ["KD2MTrainer", "KD2MTrainingArguments", "CausalLMLogits", "DistillerTrainerMixin", "DISTILLER_FILE",
+           "parse_term_list", "causal_targets", "on_adapter"]
 
 #: the file beside a saved student (and in each checkpoint) that holds the Distiller's state
 DISTILLER_FILE = "kd2m_distiller.pt"
@@ -207,7 +207,77 @@ class _DistillerCallback(TrainerCallback):
         self.distiller.zero_grad(set_to_none=True)
 
 
-class KD2MTrainer(Trainer):
+class DistillerTrainerMixin:
+    """What a ``transformers.Trainer`` subclass that owns a :class:`kd2m.Distiller` (as
+    ``self.distiller``) needs besides its loss: the projectors' sizing batch, the projectors in
+    the optimiser, saved beside the student and restored on resume. Mixed in before the Trainer."""
+
+    distiller: Distiller
+
+    # -- the projectors' sizes ------------------------------------------------------------------
+    def _example_ids(self, example) -> Tensor:
+        """``(n ≥ 2, L)`` input ids to size the projectors on (see ``example`` in the class docstring)."""
+        if example is None:
+            if self.train_dataset is None:
+                raise ValueError(f"{type(self).__name__}: the terms' projectors are sized on one batch: give train_dataset= "
+                                 "or example= (a batch of input_ids)")
+            dataset, collator = self.train_dataset, self.data_collator
+            try:
+                import datasets
+                is_hf_dataset = isinstance(dataset, datasets.Dataset)
+            except ImportError:
+                is_hf_dataset = False
+            if is_hf_dataset:
+                dataset = self._remove_unused_columns(dataset, description="training")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="training")
+            example = collator(list(itertools.islice(iter(dataset), 2)))
+        ids = example["input_ids"] if isinstance(example, Mapping) else example
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"{type(self).__name__}: example= must be a batch of input_ids (B, L) or a mapping holding "
+                             f"one, got {getattr(ids, 'shape', type(ids).__name__)}")
+        return ids if ids.shape[0] >= 2 else ids.repeat(2, 1)
+
+    # -- the optimiser, saving and resuming ------------------------------------------------------
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The Trainer's optimiser, with the Distiller's parameters (the projectors) as one more group."""
+        opt = super().create_optimizer(*args, **kwargs)
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        have = {id(p) for group in opt.param_groups for p in group["params"]}
+        if params and not any(id(p) in have for p in params):
+            opt.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        return opt
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The student's files (``save_pretrained``), and :data:`DISTILLER_FILE` beside them."""
+        super().save_model(output_dir, _internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.distiller.state_dict(), os.path.join(folder, DISTILLER_FILE))
+
+    def load_distiller(self, folder: str | os.PathLike) -> None:
+        """Load the Distiller's state saved in ``folder`` (a checkpoint or a saved student's folder)."""
+        path = os.path.join(folder, DISTILLER_FILE)
+        if not os.path.isfile(path):
+            if not self.distiller.state_dict():
+                return  # nothing to restore: no projector, no buffer
+            raise ValueError(f"{type(self).__name__}: {path} is missing (the terms' projectors are saved there by "
+                             f"{type(self).__name__}); resume from a checkpoint it saved, or start without resuming")
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        self.distiller.load_state_dict(state)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; resuming also restores the Distiller's state from the checkpoint."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if isinstance(folder, (str, os.PathLike)):
+            self.load_distiller(folder)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class KD2MTrainer(DistillerTrainerMixin, Trainer):
     """A ``transformers.Trainer`` whose loss is ``w_CE · CE + Σ_k λ_k · term_k`` against ``teacher``
     (see the module docstring).
 
@@ -256,30 +326,6 @@ class KD2MTrainer(Trainer):
         self.last_output = None
         self.add_callback(_DistillerCallback(self.distiller))
 
-    # -- the projectors' sizes ------------------------------------------------------------------
-    def _example_ids(self, example) -> Tensor:
-        """``(n ≥ 2, L)`` input ids to size the projectors on (see ``example`` in the class docstring)."""
-        if example is None:
-            if self.train_dataset is None:
-                raise ValueError("KD2MTrainer: the terms' projectors are sized on one batch: give train_dataset= "
-                                 "or example= (a batch of input_ids)")
-            dataset, collator = self.train_dataset, self.data_collator
-            try:
-                import datasets
-                is_hf_dataset = isinstance(dataset, datasets.Dataset)
-            except ImportError:
-                is_hf_dataset = False
-            if is_hf_dataset:
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
-            example = collator(list(itertools.islice(iter(dataset), 2)))
-        ids = example["input_ids"] if isinstance(example, Mapping) else example
-        if not isinstance(ids, Tensor) or ids.dim() != 2:
-            raise ValueError("KD2MTrainer: example= must be a batch of input_ids (B, L) or a mapping holding one, got "
-                             f"{getattr(ids, 'shape', type(ids).__name__)}")
-        return ids if ids.shape[0] >= 2 else ids.repeat(2, 1)
-
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None):
@@ -311,41 +357,3 @@ class KD2MTrainer(Trainer):
             share = share * self.accelerator.num_processes
         ce = torch.where(kept > 0, out.ce, torch.zeros_like(out.ce))  # an all-ignored micro-batch: CE's 0/0
         return self.distiller.method.ce_weight * ce * share + out.distill / steps
-
-    # -- the optimiser, saving and resuming ------------------------------------------------------
-    def create_optimizer(self, *args: Any, **kwargs: Any):
-        """The Trainer's optimiser, with the Distiller's parameters (the projectors) as one more group."""
-        opt = super().create_optimizer(*args, **kwargs)
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        have = {id(p) for group in opt.param_groups for p in group["params"]}
-        if params and not any(id(p) in have for p in params):
-            opt.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
-        return opt
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The student's files (``save_pretrained``), and :data:`DISTILLER_FILE` beside them."""
-        super().save_model(output_dir, _internal_call)
-        folder = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            os.makedirs(folder, exist_ok=True)
-            torch.save(self.distiller.state_dict(), os.path.join(folder, DISTILLER_FILE))
-
-    def load_distiller(self, folder: str | os.PathLike) -> None:
-        """Load the Distiller's state saved in ``folder`` (a checkpoint or a saved student's folder)."""
-        path = os.path.join(folder, DISTILLER_FILE)
-        if not os.path.isfile(path):
-            if not self.distiller.state_dict():
-                return  # nothing to restore: no projector, no buffer
-            raise ValueError(f"KD2MTrainer: {path} is missing (the terms' projectors are saved there by "
-                             "KD2MTrainer); resume from a KD2MTrainer checkpoint, or start without resuming")
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
-        self.distiller.load_state_dict(state)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """``Trainer.train``; resuming also restores the Distiller's state from the checkpoint."""
-        folder = resume_from_checkpoint
-        if folder is True:
-            folder = get_last_checkpoint(self.args.output_dir)
-        if isinstance(folder, (str, os.PathLike)):
-            self.load_distiller(folder)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
