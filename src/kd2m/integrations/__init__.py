@@ -4,7 +4,7 @@
   ``transformers.Trainer`` (``pip install "kd2m[hf]"``);
 - :mod:`kd2m.integrations.trl`: a kd2m hidden-state term added to TRL's GKD loss
   (``pip install "kd2m[trl]"``);
-- :mod:`kd2m.integrations.lightning`: ``KD2MCallback`` for Lightning (``pip install "kd2m[lightning]"``).
+- :mod:`kd2m.integrations.lightning`: ``KD2MMixin`` for a LightningModule (``pip install "kd2m[lightning]"``).
 
 Each module imports its library on import and says in one line which extra is missing.
 """

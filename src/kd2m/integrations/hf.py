@@ -282,7 +282,8 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
     (see the module docstring).
 
     Args:
-        *args, **kwargs: the Trainer's (``model=`` the student, ``args=``, ``train_dataset=`` …).
+        args, kwargs: the Trainer's positional and keyword arguments (``model=`` the student, ``args=``,
+            ``train_dataset=`` …).
         teacher: the causal LM to learn from (same vocabulary as the student); frozen here.
         terms: the term entries (default: ``args.kd2m_terms`` of a :class:`KD2MTrainingArguments`,
             else none); names, mappings or :class:`~kd2m.methods.TermConfig`.
@@ -291,8 +292,9 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
             projectors are sized on (default: the first two samples of ``train_dataset`` through
             the data collator).
 
-    ``trainer.distiller`` is the :class:`kd2m.Distiller`; its ``terms`` of the last batch are in
-    each ``compute_loss``'s ``trainer.last_output``."""
+    ``trainer.distiller`` is the :class:`kd2m.Distiller`; ``trainer.last_output`` its output on the
+    last batch (``terms``: each term's unweighted value); the training logs hold each term's mean
+    since the previous log as ``kd2m/<key>`` (and CE's as ``kd2m/ce``)."""
 
     # compute_loss scales for gradient accumulation itself (see the module docstring)
     loss_is_scaled_for_ga = True
@@ -324,6 +326,8 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
             self.distiller = Distiller(self.student_lm, self.teacher_lm, parsed, example=ids,
                                        ce_weight=float(ce_weight), task="lm")
         self.last_output = None
+        self._term_sums: dict = {}
+        self._term_count = 0
         self.add_callback(_DistillerCallback(self.distiller))
 
     # -- the loss -------------------------------------------------------------------------------
@@ -341,6 +345,10 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
         outputs = self.student_lm.output
         object.__setattr__(self.student_lm, "output", None)
         self.last_output = out
+        if model.training:  # each term's value, averaged over the steps until the next log
+            for key, value in {"ce": out.ce, **out.terms}.items():
+                self._term_sums[key] = self._term_sums.get(key, 0.0) + value.detach()
+            self._term_count += 1
         loss = self._scaled(out, labels, num_items_in_batch) if model.training else out.loss
         return (loss, outputs) if return_outputs else loss
 
@@ -357,3 +365,12 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
             share = share * self.accelerator.num_processes
         ce = torch.where(kept > 0, out.ce, torch.zeros_like(out.ce))  # an all-ignored micro-batch: CE's 0/0
         return self.distiller.method.ce_weight * ce * share + out.distill / steps
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, and on a training log each term's mean unweighted value (and CE's) over
+        the micro-batches since the last one, on this process: ``kd2m/<key>``."""
+        if "loss" in logs and self._term_count:
+            for key, total in self._term_sums.items():
+                logs[f"kd2m/{key}"] = round(float(total) / self._term_count, 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, *args, **kwargs)

@@ -49,7 +49,7 @@ class KD2MGKDTrainer(DistillerTrainerMixin, GKDTrainer):
     """TRL's ``GKDTrainer`` with kd2m hidden-state terms added to its loss (see the module docstring).
 
     Args:
-        *args, **kwargs: ``GKDTrainer``'s (``model=``, ``teacher_model=`` an instantiated causal LM,
+        args, kwargs: ``GKDTrainer``'s (``model=``, ``teacher_model=`` an instantiated causal LM,
             ``args=`` a ``GKDConfig``, ``train_dataset=``, ``processing_class=`` …).
         kd2m_terms: the terms (names, config-style mappings, a JSON list or names separated by
             commas); each must read features (``needs`` feats or maps).
