@@ -60,6 +60,9 @@ def test_without_terms_the_loss_is_the_models_own(tmp_path):
         torch.testing.assert_close(loss, own, rtol=1e-6, atol=1e-6)
         assert outputs.logits.shape == (4, LENGTH, VOCAB)
     assert trainer.last_output.terms == {}
+    unpadded = {"input_ids": ids, "labels": ids.clone()}
+    metrics = trainer.evaluate(eval_dataset=[{k: v[i] for k, v in unpadded.items()} for i in range(4)])
+    assert metrics["eval_loss"] == pytest.approx(float(student(**unpadded).loss), rel=1e-5)
 
 
 def test_teacher_stays_in_eval_mode_without_gradient_and_projectors_train_outside_the_student(tmp_path):
@@ -208,3 +211,18 @@ def test_arguments_from_a_command_line():
         KD2MTrainingArguments(output_dir="x", report_to="none", kd2m_terms="fkl,no_such_term")
     with pytest.raises(ValueError, match=r"kd2m_ce_weight"):
         KD2MTrainingArguments(output_dir="x", report_to="none", kd2m_ce_weight=-1.0)
+
+
+@pytest.mark.parametrize("module, missing, extra", [("kd2m.integrations.hf", "transformers", "hf"),
+                                                    ("kd2m.integrations.trl", "trl", "trl"),
+                                                    ("kd2m.integrations.lightning", "lightning", "lightning")])
+def test_a_missing_library_names_the_extra_in_one_line(monkeypatch, module, missing, extra):
+    import importlib
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, missing, None)   # as if it were not installed
+    for name in ("kd2m.integrations.hf", "kd2m.integrations.trl", "kd2m.integrations.lightning"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ImportError) as e:
+        importlib.import_module(module)
+    assert str(e.value).endswith(f'pip install "kd2m[{extra}]"') and "\n" not in str(e.value)
