@@ -51,9 +51,10 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,8 +72,8 @@ from ..methods import TermConfig
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
 
-__all__ = ["KD2MTrainer", "KD2MTrainingArguments", "CausalLMLogits", "DistillerTrainerMixin", "DISTILLER_FILE",
-           "parse_term_list", "causal_targets", "on_adapter"]
+__all__ = ["DISTILLER_FILE", "CausalLMLogits", "DistillerTrainerMixin", "KD2MTrainer", "KD2MTrainingArguments",
+           "causal_targets", "on_adapter", "parse_term_list"]
 
 #: the file beside a saved student (and in each checkpoint) that holds the Distiller's state
 DISTILLER_FILE = "kd2m_distiller.pt"
@@ -171,7 +172,7 @@ class CausalLMLogits(nn.Module):
         object.__setattr__(self, "output", None)
 
     @contextmanager
-    def feeding(self, runner: nn.Module | None, inputs: Mapping[str, Any]) -> Iterator["CausalLMLogits"]:
+    def feeding(self, runner: nn.Module | None, inputs: Mapping[str, Any]) -> Iterator[CausalLMLogits]:
         """Calls inside run ``runner`` (None: :attr:`model`) with ``inputs`` besides ``input_ids``."""
         object.__setattr__(self, "runner", runner)
         object.__setattr__(self, "inputs", dict(inputs))
@@ -219,8 +220,8 @@ class DistillerTrainerMixin:
         """``(n ≥ 2, L)`` input ids to size the projectors on (see ``example`` in the class docstring)."""
         if example is None:
             if self.train_dataset is None:
-                raise ValueError(f"{type(self).__name__}: the terms' projectors are sized on one batch: give train_dataset= "
-                                 "or example= (a batch of input_ids)")
+                raise ValueError(f"{type(self).__name__}: the terms' projectors are sized on one batch: give "
+                                 "train_dataset= or example= (a batch of input_ids)")
             dataset, collator = self.train_dataset, self.data_collator
             try:
                 import datasets
@@ -234,8 +235,8 @@ class DistillerTrainerMixin:
             example = collator(list(itertools.islice(iter(dataset), 2)))
         ids = example["input_ids"] if isinstance(example, Mapping) else example
         if not isinstance(ids, Tensor) or ids.dim() != 2:
-            raise ValueError(f"{type(self).__name__}: example= must be a batch of input_ids (B, L) or a mapping holding "
-                             f"one, got {getattr(ids, 'shape', type(ids).__name__)}")
+            raise ValueError(f"{type(self).__name__}: example= must be a batch of input_ids (B, L) or a mapping "
+                             f"holding one, got {getattr(ids, 'shape', type(ids).__name__)}")
         return ids if ids.shape[0] >= 2 else ids.repeat(2, 1)
 
     # -- the optimiser, saving and resuming ------------------------------------------------------

@@ -34,7 +34,8 @@ Needs the optional extra ``pip install "kd2m[lightning]"``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor, nn
 

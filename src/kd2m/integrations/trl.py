@@ -28,7 +28,8 @@ Needs the optional extra ``pip install "kd2m[trl]"`` (TRL ≥ 1.16: ``trl.experi
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,8 @@ except ImportError:
 
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
-from .hf import CausalLMLogits, DistillerTrainerMixin, _DistillerCallback, causal_targets, on_adapter, parse_term_list
+from .hf import (CausalLMLogits, DistillerTrainerMixin, _DistillerCallback, causal_targets, on_adapter,
+                 parse_term_list)
 
 __all__ = ["KD2MGKDTrainer"]
 
