@@ -17,7 +17,8 @@ nothing (``auto`` is then ``auto*1``: the calibration of :mod:`kd2m.auto_weight`
    the smaller K. K = 0 is the term switched off: its pilot is the CE-only student (``auto*0``
    trains bit-identical to it unless the term builds a projector, whose initialisation moves the
    random stream: then it differs by that only), so a term that helps at no K is not forced on
-   the student.
+   the student; a term chosen at K = 0 then trains as that student (CE at weight 1, whatever the
+   term's own CE weight). Named students are never chosen for (``auto`` is ``auto*1`` there).
    Written to ``select-k/selected.json`` with every K's mean;
 3. **reported grid**: the configuration as given, each of those terms at its ``auto*K``, on the
    reported seeds (which must not overlap the selection seeds).
@@ -161,7 +162,26 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
 
 
 def with_chosen(cfg: RunConfig, chosen: dict) -> RunConfig:
-    """``cfg`` with each chosen term at ``auto*K``."""
+    """``cfg`` (resolved) with each chosen term's single-term student at ``auto*K``.
+
+    Named students are never chosen for: an entry of theirs that gives no ``weight`` keeps the λ it
+    had before the choice (``auto``: ``auto*1``), written into the entry, since ``weights`` now
+    holds the chosen K. A term chosen at K = 0 (the term off) is reported as the student its pilot
+    was scored by, the CE-only one: CE at weight 1, not the term's own CE weight (KD's 0.1 would
+    train 0.1·CE, a student no pilot scored)."""
     weights = dict(cfg.weights or {})
+    students = {name: [_pinned(e, cfg, chosen) for e in entries] for name, entries in (cfg.students or {}).items()}
     weights.update({n: f"auto*{c['k']:g}" for n, c in chosen.items()})
-    return dataclasses.replace(cfg, weights=weights)
+    ce_weights = dict(cfg.ce_weights or {})
+    ce_of = {m.key: m.ce_weight for m in cfg.methods()}
+    ce_weights.update({n: 1.0 for n, c in chosen.items() if c["k"] == 0 and ce_of.get(n, 1.0) != 1.0})
+    # the resolved ``students`` hold the ``distill:`` student already (resolving again would add it twice)
+    return dataclasses.replace(cfg, weights=weights, ce_weights=ce_weights, students=students or None, distill=None)
+
+
+def _pinned(entry, cfg: RunConfig, chosen: dict):
+    """A named student's term entry with its λ written out where it would follow a chosen term's."""
+    name = entry if isinstance(entry, str) else entry.get("term", entry.get("metric"))
+    if name not in chosen or (isinstance(entry, dict) and "weight" in entry):
+        return entry
+    return {**({"term": entry} if isinstance(entry, str) else entry), "weight": cfg.weight_for(name)}

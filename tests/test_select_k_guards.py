@@ -1,0 +1,54 @@
+"""What the λ selection pilot (`weight: auto` in a grid, kd2m.select_k) and the dry-run card say
+is what trains: named students, K = 0, sweeps, torchrun, and the inputs refused before training."""
+import json
+
+import pytest
+
+from kd2m.cli import main
+
+
+def _write(tmp_path, extra: str = "", name: str = "c.yaml"):
+    """A tiny digits grid (1 epoch, seed 0, pilot seed 100) with the YAML lines ``extra`` after it."""
+    out = tmp_path / "g"
+    cfg = tmp_path / name
+    cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: [0]\nparallel: 1\nprogress: false\n"
+                   f"select_seeds: [100]\n{extra}")
+    return cfg, out
+
+
+def _final(out, method, seed=0):
+    return json.loads((out / method / f"seed{seed}" / "final.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def off_grid(tmp_path_factory):
+    """A grid whose pilot switches its terms off: K = 10⁶ collapses every student to chance, so
+    K = 0 wins for KD (CE weight 0.1 by default) and CW2; a named student and the ``distill:`` one
+    give CW2 no weight."""
+    tmp = tmp_path_factory.mktemp("off")
+    cfg, out = _write(tmp, "metrics: [cw2]\nbaselines: [ce, kd]\nweight: auto\nweights: {kd: auto}\n"
+                           "select_k: [0, 1000000]\nstudents: {pair: [{term: cw2}]}\ndistill: [cw2, {term: kd, weight: 1}]\n")
+    assert main(["bench", str(cfg)]) == 0
+    return out
+
+
+def test_a_named_student_without_a_weight_trains_at_auto_times_one(off_grid):
+    """Named students are never chosen for: their `auto` is auto×1 (README, the card, results.md),
+    not the K the pilot chose for the single-term student of the same term."""
+    chosen = json.loads((off_grid / "select-k/selected.json").read_text())["chosen"]
+    assert chosen["cw2"]["k"] == 0
+    assert _final(off_grid, "cw2")["settings"]["terms"][0]["weight"] == 0.0
+    pair = _final(off_grid, "pair")["settings"]["terms"][0]
+    assert pair["weight"] == 1.0 and pair["auto"]
+    assert "pair auto×1" in (off_grid / "results.md").read_text()
+    both = _final(off_grid, "cw2+kd")["settings"]["terms"]  # distill's student too (it ended the grid before)
+    assert (both[0]["weight"], both[0]["auto"], both[1]["weight"]) == (1.0, True, 1.0)
+
+
+def test_k_0_reports_the_student_the_pilot_scored(off_grid):
+    """K = 0 was scored by the CE-only student (CE weight 1): a KD chosen at K = 0 trains as that
+    student, not as 0.1·CE + 0·KD, a student no pilot scored."""
+    assert json.loads((off_grid / "select-k/selected.json").read_text())["chosen"]["kd"]["k"] == 0
+    kd, ce = _final(off_grid, "kd"), _final(off_grid, "ce")
+    assert "ce_weight" not in kd["settings"]  # CE weight 1
+    assert kd["test_acc"] == ce["test_acc"]
