@@ -52,3 +52,21 @@ def test_k_0_reports_the_student_the_pilot_scored(off_grid):
     kd, ce = _final(off_grid, "kd"), _final(off_grid, "ce")
     assert "ce_weight" not in kd["settings"]  # CE weight 1
     assert kd["test_acc"] == ce["test_acc"]
+
+
+@pytest.mark.parametrize("weight, sweep, lam", [("auto", "auto_weight=0.3,3", (1.0, True)),
+                                                ("0.05", "weight=0.01,0.1", (0.05, False))])
+def test_a_sweep_of_lambda_trains_a_named_student_at_its_own_lambda(tmp_path, weight, sweep, lam):
+    """A λ sweep runs named students once, at the configuration's λ (results.md's header says so);
+    an entry without a weight trained at the first swept value in every variant."""
+    cfg, out = _write(tmp_path, f"metrics: [cw2]\nbaselines: [ce]\nweight: {weight}\n"
+                                "students: {pair: [{term: cw2}]}\n")
+    assert main(["bench", str(cfg), "--sweep", sweep]) == 0
+    term = _final(out, "pair")["settings"]["terms"][0]
+    assert (term["weight"], term["auto"]) == lam
+    header = (out / "results.md").read_text().splitlines()[2]
+    auto = "auto×" if lam[1] else ""
+    assert f"pair {auto}{lam[0]:g}" in header
+    for v in sweep.split("=")[1].split(","):  # and the swept students' λ, each as it trained
+        assert f"cw2@{'auto*' if lam[1] else ''}{v} {auto}{v}" in header
+    assert not (out / "select-k").exists()  # a sweep chooses nothing
