@@ -70,3 +70,34 @@ def test_a_sweep_of_lambda_trains_a_named_student_at_its_own_lambda(tmp_path, we
     for v in sweep.split("=")[1].split(","):  # and the swept students' λ, each as it trained
         assert f"cw2@{'auto*' if lam[1] else ''}{v} {auto}{v}" in header
     assert not (out / "select-k").exists()  # a sweep chooses nothing
+
+
+def _card_students(card: str) -> dict:
+    """{student key: its section's text} of a reproduction card."""
+    parts = card.split("\n### ")[1:]
+    return {p.split(" — ")[0]: p for p in parts}
+
+
+def test_the_dry_run_card_lists_exactly_the_runs_a_sweep_trains(tmp_path, capsys):
+    """`--dry-run --sweep lr=…` showed the recipe's lr 0.05 and one student per method, while the
+    command trains every student once per swept lr and none at 0.05."""
+    args = ["bench", "--metrics", "cw2", "--baselines", "ce,kd", "--seeds", "0,", "--epochs", "1",
+            "--teacher-epochs", "1", "--parallel", "1", "--no-progress", "--out", str(tmp_path / "g"),
+            "--sweep", "lr=0.01,0.1"]
+    assert main(args + ["--dry-run"]) == 0
+    card = capsys.readouterr().out
+    lr_row = next(line for line in card.splitlines() if line.startswith("| lr |"))
+    assert lr_row == "| lr | 0.05 (teacher); students: 0.01, 0.1 | dataset default; --sweep |"
+    students = _card_students(card)
+    assert students["cw2@lr=0.01"].count("lr 0.01 (--sweep).") == 1
+    assert main(args) == 0
+    trained = {p.name for p in (tmp_path / "g").iterdir() if p.is_dir()} - {"teacher"}
+    assert set(students) == trained == {f"{m}@lr={v}" for m in ("ce", "kd", "cw2") for v in ("0.01", "0.1")}
+
+
+def test_the_dry_run_card_shows_each_swept_lambda(capsys):
+    assert main(["bench", "--dry-run", "--metrics", "cw2", "--baselines", "ce,kd", "--weight", "auto",
+                 "--sweep", "auto_weight=0.3,3"]) == 0
+    students = _card_students(capsys.readouterr().out)
+    assert set(students) == {"ce", "kd", "cw2@auto*0.3", "cw2@auto*3"}  # kd at its number runs once
+    assert "| auto×0.3 (--sweep) |" in students["cw2@auto*0.3"] and "| auto×3 (--sweep) |" in students["cw2@auto*3"]
