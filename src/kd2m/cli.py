@@ -138,9 +138,10 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
 def _selected(cfg, names, values):
     """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
     chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
+    from . import distributed as dist_ctx
     from .select_k import check_selection, select_k, with_chosen
     check_selection(cfg, names, values, cfg.select_seeds)
-    chosen = select_k(cfg, names, values, cfg.select_seeds, log=print)
+    chosen = select_k(cfg, names, values, cfg.select_seeds, log=lambda m: dist_ctx.is_main() and print(m, flush=True))
     return dataclasses.replace(with_chosen(cfg, chosen), select_k=list(values)).resolved(), chosen
 
 

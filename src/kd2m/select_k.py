@@ -130,6 +130,10 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
     the terms ``names`` (of :func:`plan`) and return :func:`choose`'s choice, also written to
     ``OUT/select-k/selected.json``."""
     from .grid import run_grid
+    from .runtime import resolve_device
+    # the process group first (under torchrun): only rank 0 may hold the output directory, and
+    # before it exists every rank is rank 0 (each would find the lock held by the other)
+    dist_ctx.setup(resolve_device(cfg.device))
     pilot_out = Path(cfg.out) / SELECT_DIR
     # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
     # table); terms at a fixed λ and named students (their λ written out) have nothing to choose
@@ -145,10 +149,12 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
             run_grid(pilot, sweep=("auto_weight", [v for v in values if v > 0]), log=log)
         except NonFiniteLossError as e:  # a K that diverges is a result of the pilot, not the end of it
             log(f"kd2m: note: in the pilot grid {e}")
+    dist_ctx.barrier()  # every rank reads the tables rank 0 has written
     rows = read_reported(pilot_out)[0]
     chosen = choose(rows, names, values, list(seeds))
-    atomic_write_json(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
-                                                  "candidates": [float(v) for v in values], "chosen": chosen})
+    if dist_ctx.is_main():
+        atomic_write_json(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
+                                                      "candidates": [float(v) for v in values], "chosen": chosen})
     lost = [n for n, c in chosen.items() if c is None]
     if lost:
         raise NonFiniteLossError(f"select_k: every K diverged in the pilot grid for {', '.join(lost)} "
