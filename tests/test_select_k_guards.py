@@ -125,3 +125,41 @@ def test_torchrun_two_ranks_choose_k_then_run_the_grid(tmp_path):
     assert _final(out, "cw2")["settings"]["terms"][0]["weight"] == k
     assert _final(out, "cw2")["settings"]["world_size"] == 2
     assert r.stdout.count("kd2m: cw2: K=0: ") == 1  # the choice is printed once, by rank 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--select-k", ""], "select_k: no K in ''"),
+    (["--select-k", ",,"], "select_k: no K in ',,'"),
+    (["--holdout", "0.2"], "holdout 0.2 would report on held-out training images the pilot grid chooses K on"),
+    (["--select-seeds", "2"], "seeds [0] would both choose λ and be reported"),  # a count, as --seeds 2
+])
+def test_selection_inputs_that_would_mislead_are_refused_before_anything_is_written(tmp_path, capsys, args, says):
+    """`--select-k ""` silently meant none; `--holdout` with a bare auto chose K on the very
+    images it reported on; `--select-seeds 2` meant seed 2 while `select_seeds: 2` meant 0, 1."""
+    cfg, out = _write(tmp_path, "metrics: [cw2]\nbaselines: [ce]\nweight: auto\n")
+    assert main(["bench", str(cfg)] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kd2m: error: ") and says in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_select_seeds_reads_a_bare_number_alike_on_the_command_line_and_in_yaml(tmp_path):
+    from kd2m.cli import build_parser, config_from_args
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("select_seeds: 2\n")
+    from_yaml = config_from_args(build_parser().parse_args(["bench", str(cfg)])).resolved().select_seeds
+    cfg.write_text("epochs: 1\n")
+    from_cli = config_from_args(build_parser().parse_args(["bench", str(cfg), "--select-seeds", "2"]))
+    assert from_yaml == from_cli.resolved().select_seeds == [0, 1]
+    one = config_from_args(build_parser().parse_args(["bench", str(cfg), "--select-seeds", "100,"]))
+    assert one.resolved().select_seeds == [100]
+
+
+@pytest.mark.parametrize("name", ["select-k", "results.md", "report"])
+def test_a_student_may_not_take_a_name_the_output_directory_uses(tmp_path, capsys, name):
+    """A student named `select-k` trained inside the pilot grid's directory."""
+    cfg, out = _write(tmp_path, f"metrics: [cw2]\nbaselines: [ce]\nweight: 0.1\nstudents: {{{name}: [cw2]}}\n")
+    assert main(["bench", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kd2m: error: students: '{name}' cannot name a student") and err.count("\n") == 1
+    assert not out.exists()

@@ -120,7 +120,7 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
         if f.metadata.get("cli") is False or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if f.name == "seeds":  # "3": three seeds 0,1,2; "0" (a count of none): seed 0; "5,7" or "5,": a list
+        if f.name in ("seeds", "select_seeds"):  # "3": seeds 0,1,2 (as in YAML); "0": seed 0; "5,7" or "5,": a list
             value = int(value) if value.strip().isdigit() and value.strip() != "0" else value
         overrides[f.name] = value
     if given is not None:

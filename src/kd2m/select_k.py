@@ -40,10 +40,8 @@ from .config import SELECT_SEEDS, ConfigError, RunConfig
 from .errors import NonFiniteLossError
 from .methods import parse_weight
 from .results import figure_of, read_reported
-from .rundir import RunDir
+from .rundir import SELECT_DIR, RunDir  # where the pilot grid lives, inside the output directory
 
-#: where the pilot grid lives, inside the output directory
-SELECT_DIR = "select-k"
 SELECTED_JSON = "selected.json"
 #: the candidate K of a bare ``weight: auto`` (0: the term off). Capped at 10, the top of the
 #: README's MNIST-1D sweep: with 30 among them the digits' pilot picked K = 30 for CW2, a cliff
@@ -100,6 +98,10 @@ def check_selection(cfg: RunConfig, names: list[str], values: list[float], seeds
                           "auto*1, not chosen)")
     if not names:
         raise ConfigError("select_k: no term to choose λ for (no metrics and no baseline at weight auto)")
+    if cfg.holdout:  # both holdouts are prefixes of one fixed permutation: the smaller lies inside the larger
+        raise ConfigError(f"select_k: holdout {cfg.holdout:g} would report on held-out training images the pilot "
+                          f"grid chooses K on (its select_holdout {cfg.select_holdout:g} is taken from the same fixed "
+                          "split); give --select-k none (auto is then auto*1, not chosen), or no --holdout")
 
 
 def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[int]) -> dict:
