@@ -163,3 +163,19 @@ def test_a_student_may_not_take_a_name_the_output_directory_uses(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"kd2m: error: students: '{name}' cannot name a student") and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--select-holdout", "0.999"], "select_holdout 0.999 leaves 1 training and 1436 held-out items of the 1437"),
+    (["--select-holdout", "0.001"], "select_holdout 0.001 leaves 1436 training and 1 held-out items of the 1437"),
+    (["--select-k", "none", "--holdout", "0.001"], "holdout 0.001 leaves 1436 training and 1 held-out items"),
+])
+def test_a_holdout_part_too_small_to_train_or_score_on_is_refused_before_training(tmp_path, capsys, args, says):
+    """One training image was reported as the teacher's output shape; one held-out image scored
+    every pilot at 0% and chose "the term off" on the tie."""
+    cfg, out = _write(tmp_path, "metrics: [cw2]\nbaselines: [ce]\nweight: auto\nselect_k: [0, 1]\n")
+    assert main(["bench", str(cfg)] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kd2m: error: ") and says in err and err.count("\n") == 1
+    assert "each part needs at least 10 (one per class)" in err and "between 0.007 and 0.993" in err
+    assert not list(out.glob("**/final.json")) and not list(out.glob("**/checkpoint.pt"))  # nothing trained

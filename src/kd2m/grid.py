@@ -184,12 +184,32 @@ def _probe_values(method: Method, bound, student, teacher, x, y, task) -> None:
         t_out.remove()
 
 
-def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -> list[dict]:
+def check_holdout_sizes(bundle, fraction: float, batch_size: int, key: str = "holdout") -> None:
+    """ConfigError when a holdout of ``fraction`` (the option ``key``) leaves a part too small to
+    train on or to score on: under one item per class (classification: a part without some class
+    teaches or scores nothing about it; one held-out image scores 0% or 100%) or under one batch
+    of blocks (text, whose classes are the vocabulary)."""
+    if not fraction:
+        return
+    n_train, n_held = len(bundle.train), len(bundle.test)
+    n = n_train + n_held
+    lm = bundle.task == "lm"
+    need, why = (batch_size, "one batch of blocks") if lm else (bundle.num_classes, "one per class")
+    if min(n_train, n_held) >= need:
+        return
+    lo, hi = math.ceil(1000 * need / n) / 1000, math.floor(1000 * (n - need) / n) / 1000
+    fix = f"give {key} between {lo:g} and {hi:g}" if lo <= hi else "use a larger dataset"
+    raise ConfigError(f"{key} {fraction:g} leaves {n_train} training and {n_held} held-out items of the {n} in the "
+                      f"training split; each part needs at least {need} ({why}): {fix}")
+
+
+def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print, holdout_key: str = "holdout") -> list[dict]:
     """Run (or resume) the whole grid; return the results rows of this configuration.
 
     Everything is checked before anything is written (the config, the memory guard, the data,
     :func:`preflight`); rank 0 then holds the output directory's lock for the whole grid, so a
-    second process into the same ``--out`` is refused at once."""
+    second process into the same ``--out`` is refused at once. ``holdout_key``: the option that
+    set ``cfg.holdout``, for the message refusing it (the pilot grid's is ``select_holdout``)."""
     cfg = cfg.resolved()
     out = RunDir(cfg.out)
     if cfg.threads:  # 0 = torch's default
@@ -205,6 +225,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
                                tokenizer=cfg.tokenizer, holdout=cfg.holdout)
     for w in caught:  # e.g. imagefolder's chosen size: one line, not a Python warning
         log(f"kd2m: note: {w.message}")
+    check_holdout_sizes(bundle, cfg.holdout, cfg.batch_size, holdout_key)
     preflight(cfg, students, bundle, device)
     lock = out.locked() if dist_ctx.is_main() else contextlib.nullcontext()
     with lock:

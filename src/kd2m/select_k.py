@@ -148,7 +148,7 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
     lock = RunDir(cfg.out).locked() if dist_ctx.is_main() else contextlib.nullcontext()
     with lock:
         try:
-            run_grid(pilot, sweep=("auto_weight", [v for v in values if v > 0]), log=log)
+            run_grid(pilot, sweep=("auto_weight", [v for v in values if v > 0]), log=log, holdout_key="select_holdout")
         except NonFiniteLossError as e:  # a K that diverges is a result of the pilot, not the end of it
             log(f"kd2m: note: in the pilot grid {e}")
     dist_ctx.barrier()  # every rank reads the tables rank 0 has written
