@@ -179,3 +179,30 @@ def test_a_holdout_part_too_small_to_train_or_score_on_is_refused_before_trainin
     assert err.startswith("kd2m: error: ") and says in err and err.count("\n") == 1
     assert "each part needs at least 10 (one per class)" in err and "between 0.007 and 0.993" in err
     assert not list(out.glob("**/final.json")) and not list(out.glob("**/checkpoint.pt"))  # nothing trained
+
+
+def test_a_finished_run_at_a_k_no_candidate_gives_is_refused_before_the_pilot_trains(tmp_path, capsys):
+    """With other candidates the pilot trained first, and then the grid refused the finished run
+    with a settings diff cut before the field that differs."""
+    cfg, out = _write(tmp_path, "metrics: [cw2]\nbaselines: [ce]\nweight: auto\n")
+    assert main(["bench", str(cfg), "--select-k", "0,1000000"]) == 0  # K = 10⁶ collapses: cw2 at auto×0
+    assert _final(out, "cw2")["settings"]["terms"][0]["weight"] == 0.0
+    capsys.readouterr()
+    assert main(["bench", str(cfg), "--select-k", "0.3,1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"kd2m: error: select_k: {out / 'cw2/seed0'} was trained at auto×0 (its final.json: "
+                   "terms[0].weight 0.0), and no candidate K (0.3, 1) gives it; use another --out, or delete "
+                   "that run directory to redo it\n")
+    assert not (out / "select-k/cw2@auto*0.3").exists()  # the pilot trained nothing
+
+
+def test_a_choice_that_moves_off_a_finished_run_names_the_field(tmp_path, capsys):
+    cfg, out = _write(tmp_path, "metrics: [cw2]\nbaselines: [ce]\nweight: auto\n")
+    assert main(["bench", str(cfg), "--select-k", "0,1000000"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(cfg), "--select-k", "0,0.3"]) == 2
+    k = json.loads((out / "select-k/selected.json").read_text())["chosen"]["cw2"]["k"]
+    assert k == 0.3  # the choice moved (auto×0.3 beats the term off on this holdout)
+    err = capsys.readouterr().err
+    assert err.startswith(f"kd2m: error: select_k: {out / 'cw2/seed0'} was trained at auto×0 (its final.json: "
+                          "terms[0].weight 0.0), and the pilot grid chose auto×0.3 for cw2; ") and err.count("\n") == 1

@@ -139,9 +139,11 @@ def _selected(cfg, names, values):
     """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
     chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
     from . import distributed as dist_ctx
-    from .select_k import check_selection, select_k, with_chosen
+    from .select_k import check_reused, check_selection, select_k, with_chosen
     check_selection(cfg, names, values, cfg.select_seeds)
+    check_reused(cfg, {n: list(values) for n in names})  # a finished run no candidate K can reuse
     chosen = select_k(cfg, names, values, cfg.select_seeds, log=lambda m: dist_ctx.is_main() and print(m, flush=True))
+    check_reused(cfg, {n: [c["k"]] for n, c in chosen.items()}, chosen=True)  # the choice moved off a finished run
     return dataclasses.replace(with_chosen(cfg, chosen), select_k=list(values)).resolved(), chosen
 
 

@@ -104,6 +104,40 @@ def check_selection(cfg: RunConfig, names: list[str], values: list[float], seeds
                           "split); give --select-k none (auto is then auto*1, not chosen), or no --holdout")
 
 
+def check_reused(cfg: RunConfig, candidates: dict[str, list[float]], chosen: bool = False) -> None:
+    """ConfigError when a finished run of the reported grid (``cfg``, resolved) holds a term of
+    ``candidates`` (name → the K it may train at) at a λ no such K gives: the grid would refuse it
+    (other settings) only once its turn came. Called before the pilot grid trains (the candidates:
+    a run no candidate can reuse is refused before anything trains) and after it has chosen
+    (``chosen``: each term's K), before the reported grid trains; the message names the field."""
+    from .atomic_io import read_json
+    from .rundir import FINAL_JSON
+    out = RunDir(cfg.out)
+    for name, values in candidates.items():
+        wanted = {}
+        for k in values:
+            m = next(m for m in with_chosen(cfg, {name: {"k": k}}).methods() if m.key == name)
+            wanted[k] = ([t.describe() for t in m.terms], m.ce_weight)
+        for seed in cfg.seeds:
+            path = out.run(name, seed) / FINAL_JSON
+            if not path.exists():
+                continue
+            settings = (read_json(path, "delete that run directory to redo it") or {}).get("settings") or {}
+            terms, ce_weight = settings.get("terms") or [{}], settings.get("ce_weight", 1.0)
+            if any((terms, ce_weight) == want for want in wanted.values()):
+                continue
+            had = terms[0]
+            w = had.get("weight")
+            lam = ("auto×" if had.get("auto") else "λ ") + (f"{w:g}" if isinstance(w, (int, float)) else str(w))
+            field = ", ".join(f"terms[0].{key} {had.get(key)!r}" for key in sorted(set(had) | set(wanted[k][0][0]))
+                              if had.get(key) != wanted[k][0][0].get(key))
+            field += f", ce_weight {ce_weight:g}" if ce_weight != wanted[k][1] else ""
+            now = (f"the pilot grid chose auto×{values[0]:g} for {name}" if chosen else
+                   f"no candidate K ({', '.join(f'{v:g}' for v in values)}) gives it")
+            raise ConfigError(f"select_k: {path.parent} was trained at {lam} (its final.json: {field}), and {now}; "
+                              "use another --out, or delete that run directory to redo it")
+
+
 def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[int]) -> dict:
     """Per term name: ``{"k": chosen K, "means": {K: mean holdout score or None}}`` from the pilot
     grid's results rows (a K with a seed missing — diverged — has mean None and is no candidate;
