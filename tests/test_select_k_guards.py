@@ -206,3 +206,9 @@ def test_a_choice_that_moves_off_a_finished_run_names_the_field(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"kd2m: error: select_k: {out / 'cw2/seed0'} was trained at auto×0 (its final.json: "
                           "terms[0].weight 0.0), and the pilot grid chose auto×0.3 for cw2; ") and err.count("\n") == 1
+
+
+def test_the_card_says_what_k_0_and_named_students_train_at(capsys):
+    assert main(["run", "--dry-run", "--select-k", "0,1", "--metrics", "cw2", "--baselines", "ce,kd"]) == 0
+    assert ("A term chosen at K = 0 trains as the CE-only student (CE weight 1), the student its pilot was; "
+            "named students keep their λ.") in capsys.readouterr().out

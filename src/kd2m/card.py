@@ -193,7 +193,8 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         lines += [f"λ of {', '.join(names)}: chosen before the grid by {how} among auto×"
                   f"{', auto×'.join(f'{k:g}' for k in values)} (0: the term off), on a holdout of "
                   f"{cfg.select_holdout:g} of the training split, seeds {cfg.select_seeds}; the λ below is "
-                  "what they would train at without it (`--select-k none`).", ""]
+                  "what they would train at without it (`--select-k none`). A term chosen at K = 0 trains as the "
+                  "CE-only student (CE weight 1), the student its pilot was; named students keep their λ.", ""]
     if sweep is not None:
         lines += [f"`--sweep {sweep_key}={','.join(f'{v:g}' for v in sweep[1])}`: one student per swept value "
                   "(`KEY@value`), as listed; what the sweep does not vary runs once.", ""]
