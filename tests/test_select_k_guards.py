@@ -212,3 +212,17 @@ def test_the_card_says_what_k_0_and_named_students_train_at(capsys):
     assert main(["run", "--dry-run", "--select-k", "0,1", "--metrics", "cw2", "--baselines", "ce,kd"]) == 0
     assert ("A term chosen at K = 0 trains as the CE-only student (CE weight 1), the student its pilot was; "
             "named students keep their λ.") in capsys.readouterr().out
+
+
+def test_a_run_made_with_other_settings_names_the_nested_field_that_differs(tmp_path):
+    """The settings diff cut each value to 60 characters: a term's description ended before its
+    weight, so the refusal hid the one field that differed."""
+    from kd2m.config import ConfigError
+    from kd2m.training.state import check_settings
+    term = {"term": "cw2", "weight": 0.3, "options": {"max_tokens": 256, "token_seed": 0},
+            "student_layer": "penultimate", "teacher_layer": "penultimate", "unit": "batch", "warmup": 0,
+            "schedule": "constant", "auto": True}
+    with pytest.raises(ConfigError) as e:
+        check_settings(tmp_path, {"terms": [term], "epochs": 1}, {"terms": [{**term, "weight": 1.0}], "epochs": 2})
+    assert f"{tmp_path} holds a run made with other settings (epochs 1 there, 2 now; " \
+           "terms[0].weight 0.3 there, 1.0 now);" in str(e.value)
