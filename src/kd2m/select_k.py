@@ -126,12 +126,12 @@ def check_reused(cfg: RunConfig, candidates: dict[str, list[float]], chosen: boo
             terms, ce_weight = settings.get("terms") or [{}], settings.get("ce_weight", 1.0)
             if any((terms, ce_weight) == want for want in wanted.values()):
                 continue
-            had = terms[0]
+            had, (like, like_ce) = terms[0], wanted[values[0]]  # the fields that differ from the first candidate's
             w = had.get("weight")
             lam = ("auto×" if had.get("auto") else "λ ") + (f"{w:g}" if isinstance(w, (int, float)) else str(w))
-            field = ", ".join(f"terms[0].{key} {had.get(key)!r}" for key in sorted(set(had) | set(wanted[k][0][0]))
-                              if had.get(key) != wanted[k][0][0].get(key))
-            field += f", ce_weight {ce_weight:g}" if ce_weight != wanted[k][1] else ""
+            field = ", ".join([f"terms[0].{key} {had.get(key)!r}" for key in sorted(set(had) | set(like[0]))
+                               if had.get(key) != like[0].get(key)] +
+                              ([f"ce_weight {ce_weight:g}"] if ce_weight != like_ce else [])) or "its terms"
             now = (f"the pilot grid chose auto×{values[0]:g} for {name}" if chosen else
                    f"no candidate K ({', '.join(f'{v:g}' for v in values)}) gives it")
             raise ConfigError(f"select_k: {path.parent} was trained at {lam} (its final.json: {field}), and {now}; "
