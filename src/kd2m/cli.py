@@ -120,7 +120,7 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
         if f.metadata.get("cli") is False or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if f.name == "seeds":  # "3": three seeds 0,1,2; "0" (a count of none): seed 0; "5,7" or "5,": a list
+        if f.name in ("seeds", "select_seeds"):  # "3": seeds 0,1,2 (as in YAML); "0": seed 0; "5,7" or "5,": a list
             value = int(value) if value.strip().isdigit() and value.strip() != "0" else value
         overrides[f.name] = value
     if given is not None:
@@ -138,9 +138,12 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
 def _selected(cfg, names, values):
     """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
     chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
-    from .select_k import check_selection, select_k, with_chosen
+    from . import distributed as dist_ctx
+    from .select_k import check_reused, check_selection, select_k, with_chosen
     check_selection(cfg, names, values, cfg.select_seeds)
-    chosen = select_k(cfg, names, values, cfg.select_seeds, log=print)
+    check_reused(cfg, {n: list(values) for n in names})  # a finished run no candidate K can reuse
+    chosen = select_k(cfg, names, values, cfg.select_seeds, log=lambda m: dist_ctx.is_main() and print(m, flush=True))
+    check_reused(cfg, {n: [c["k"]] for n, c in chosen.items()}, chosen=True)  # the choice moved off a finished run
     return dataclasses.replace(with_chosen(cfg, chosen), select_k=list(values)).resolved(), chosen
 
 

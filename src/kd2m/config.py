@@ -147,7 +147,8 @@ class RunConfig:
               "it chooses for every distance and every baseline at auto. none: choose nothing (auto is auto*1, one "
               "calibration). README: λ chosen on a holdout")
     select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones (default "
-                                          "100,101,102)")
+                                          "100,101,102), read as --seeds: a count (3: seeds 0,1,2) or a comma "
+                                          "list (one seed: 100,)")
     select_holdout: float = _opt(0.2, "the share of the training split the select_k pilot grid is scored on")
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
@@ -602,7 +603,7 @@ def _check_student_name(name, where: str) -> None:
     if not ok or name in taken or name.startswith("."):
         raise ConfigError(f"{where}: {_quote(name)} cannot name a student (it names its directory in the output "
                           "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
-                          "uses there (teacher, ce, results.csv, config.json, report, …)")
+                          "uses there (teacher, ce, results.csv, config.json, report, select-k, …)")
 
 
 def _seed_list(seeds, key: str = "seeds") -> list:
@@ -717,6 +718,10 @@ def _expected_types(name: str) -> tuple:
 
 def _check_value(name: str, value):
     types = _expected_types(name)
+    if name == "select_k" and isinstance(value, str) and not value.replace(",", "").strip():
+        # an empty comma list would read as [], which is `none`: nothing chosen, silently
+        raise ConfigError(f"select_k: no K in {_quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
+                          "to choose nothing")
     if list in types and isinstance(value, str):  # "w2,cw2" from the command line
         value = _str_list(name, value)
     if value is None and type(None) in types:

@@ -9,6 +9,7 @@ all ask :class:`RunDir`)::
       .kd2m.lock.info       pid, host and command line of that process (for the error message)
       config.json           the resolved RunConfig of the last run
       results.csv           one row per method × seed (summary.csv, results.md, results.json beside it)
+      select-k/             the pilot grid that chose the K of `weight: auto` (a grid of this layout)
       <method_key>/seed<seed>/   one training run ("teacher" for the teacher)
           final.json  model.pt  checkpoint.pt  log.jsonl
 
@@ -52,6 +53,7 @@ SWEEP_PNG = "sweep.png"
 BOUND_JSON = "bound.json"
 BOUND_MD = "bound.md"
 REPORT_DIR = "report"
+SELECT_DIR = "select-k"           # kd2m.select_k's pilot grid
 #: The marker that says "this directory is a kd2m output", its lock and the lock holder's description.
 MARKER = ".kd2m"
 LOCK = ".kd2m.lock"
