@@ -84,6 +84,7 @@ def test_report_md_of_a_language_model_grid_names_perplexity(tmp_path):
     assert "![test perplexity per method and paired Δ vs CE (lower is better)](accuracy.png)" in md
     assert "Test perplexity (lower is better) and the distillation loss D" in md
     assert "Test accuracy" not in md
+    assert {p.name for p in (lm / "report").iterdir()} == {"report.md", "accuracy.png", "curves.png"}
 
 
 def _plot_bold(rows, tmp_path) -> list[str]:

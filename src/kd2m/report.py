@@ -211,6 +211,21 @@ def plot_curves(logs: dict[str, list[list[dict]]], path: Path, fig_: "R.Figure" 
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel(f"test {fig_.name} ({fig_.direction})")
     ax_acc.set_title(f"test {fig_.name} (mean over seeds)", fontsize=10)
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=7)
+    ax_d.set_xlabel("epoch")
+    ax_d.set_ylabel("distillation loss D (train, per sample)")
+    ax_d.set_title("distillation loss (mean over seeds)", fontsize=10)
+    if any_distill:
+        ax_d.set_yscale("log")
+        ax_d.legend(fontsize=7)
+    else:
+        ax_d.text(0.5, 0.5, "no feature-distillation runs", ha="center", va="center", transform=ax_d.transAxes)
+    ax_d.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 #: the diagnostics drawn by plot_diagnostics: (log.jsonl `diag` key, axis label, panel title)
 DIAG_PANELS = (("w2", "W2 to the teacher (feature units)", "student ↔ teacher feature W2"),
                ("same_class_mass", "share of the OT plan within a class", "OT plan mass on same-class pairs"))
