@@ -332,7 +332,8 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     return text
 
 
-def best_separated(rows: list[dict], stats: list[dict] | None = None, fig: Figure | None = None) -> tuple[str | None, str]:
+def best_separated(rows: list[dict], stats: list[dict] | None = None,
+                   fig: Figure | None = None) -> tuple[str | None, str]:
     """The student to print in bold, and a note when there is none: the one bolding rule of every
     output (results.md, ``kd2m run``'s table, ``kd2m table``, the report's plots).
 
