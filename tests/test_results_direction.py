@@ -84,6 +84,8 @@ def test_report_md_of_a_language_model_grid_names_perplexity(tmp_path):
     assert "![test perplexity per method and paired Δ vs CE (lower is better)](accuracy.png)" in md
     assert "Test perplexity (lower is better) and the distillation loss D" in md
     assert "Test accuracy" not in md
+    assert "Perplexity: exp of the mean next-token cross-entropy" in md and "lower is better" in md
+    assert "Perplexity: exp of the mean next-token cross-entropy" in (lm / "results.md").read_text()
     assert {p.name for p in (lm / "report").iterdir()} == {"report.md", "accuracy.png", "curves.png"}
 
 
@@ -147,3 +149,17 @@ def test_the_k_pilot_breaks_a_perplexity_tie_towards_the_smaller_k():
     assert chosen["fkl"]["k"] == 1                         # the lowest perplexity, not the highest
     chosen = choose(pilot({0: 0.5, 1: 0.9, 3: 0.9}, acc=True), ["fkl"], [0, 1, 3], [100, 101])
     assert chosen["fkl"]["k"] == 1                         # equal accuracy: the smaller K too
+
+
+def test_table_names_a_diverged_run_as_results_md_does(tmp_path, capsys):
+    """`kd2m table` printed "cw2 diverged on seeds label, seeds" (it joined the keys of the record)
+    and also called that method unfinished."""
+    rows = [r for r in digits_close_rows() if not (r["method"] == "gauss_cw2" and r["seed"] == 3)]
+    d = tmp_path / "digits"
+    d.mkdir()
+    R.write_reports(d, rows, "digits", expected_seeds=SEEDS,
+                    diverged={"gauss_cw2": {"label": "CW2 (G)", "seeds": [3]}})
+    assert main(["table", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "(!) digits: CW2 (G) diverged on seed 3 (left out of its mean)" in out
+    assert "unfinished" not in out

@@ -317,11 +317,14 @@ def cmd_table(args) -> int:
             raise ValueError(f"two run directories hold dataset {dataset!r}; give one per dataset")
         runs[dataset] = rows
         want = meta.get("expected_seeds")
-        short = [f"{s['label']} {s['n']}/{want}" for s in summarize(rows) if want and s["n"] < want]
+        diverged = meta.get("diverged") or {}  # {method key: {"label", "seeds"}}, as results.md flags them
+        short = [f"{s['label']} {s['n']}/{want}" for s in summarize(rows)
+                 if want and s["n"] + len(diverged.get(s["method"], {}).get("seeds", ())) < want]
         if short:
             notes.append(f"{dataset}: unfinished ({', '.join(short)} seeds)")
-        for label, seeds in (meta.get("diverged") or {}).items():
-            notes.append(f"{dataset}: {label} diverged on seeds {', '.join(map(str, seeds))} (left out of its mean)")
+        for d_ in diverged.values():
+            notes.append(f"{dataset}: {d_['label']} diverged on seed{'s' if len(d_['seeds']) > 1 else ''} "
+                         f"{', '.join(map(str, d_['seeds']))} (left out of its mean)")
     table = paper_table(runs) + "".join(f"\n(!) {n}" for n in notes) + ("\n" if notes else "")
     print(table)
     if args.out:

@@ -386,7 +386,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
     ``--out``) is refused, naming the difference. A pair without a common seed is refused too."""
     fig = figure_of(rows)
     groups = per_seed_figures(rows, fig)
-    what = "(%)" if fig is ACCURACY else f"({fig.name})"
+    what = "(%)" if fig == ACCURACY else f"({fig.name})"
     lines = [f"| A | B | seeds | A {what} | B {what} | Δ A − B [95% CI] | p | A wins | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     needed = []
@@ -470,7 +470,7 @@ PPL_NOTE = ("Perplexity: exp of the mean next-token cross-entropy over every hel
 
 def note(rows: list[dict]) -> str:
     """The explanation printed under a table of ``rows``."""
-    return PPL_NOTE if figure_of(rows) is PERPLEXITY else NOTE
+    return PPL_NOTE if figure_of(rows) == PERPLEXITY else NOTE
 
 
 def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "",
