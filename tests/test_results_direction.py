@@ -163,3 +163,14 @@ def test_table_names_a_diverged_run_as_results_md_does(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(!) digits: CW2 (G) diverged on seed 3 (left out of its mean)" in out
     assert "unfinished" not in out
+
+
+def test_a_sweep_of_a_language_model_grid_plots_perplexity(tmp_path):
+    """plot_sweep drew test accuracy (token accuracy, in %) under "test accuracy (%)" for a text
+    grid, whose figure is perplexity."""
+    from kd2m.grid import plot_sweep
+    rows = [{"dataset": "python_docs", "method": m, "seed": s, "test_acc": 0.3, "test_ppl": p}
+            for s in (0, 1) for m, p in (("ce", 120.0), ("fkl@0.1", 110.0), ("fkl@1", 130.0))]
+    ax = plot_sweep(rows, "weight", tmp_path / "sweep.png").axes[0]
+    assert ax.get_ylabel() == "test perplexity (lower is better)"
+    assert sorted(ax.lines[0].get_ydata()) == [110.0, 130.0]     # the perplexities, not 100 × accuracy
