@@ -92,7 +92,9 @@ def test_report_md_of_a_language_model_grid_names_perplexity(tmp_path):
 def _plot_bold(rows, tmp_path) -> list[str]:
     from kd2m.report import plot_accuracy
     fig = plot_accuracy(rows, tmp_path / "accuracy.png")
-    return sorted({t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_fontweight() == "bold"})
+    bold = sorted({t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_fontweight() == "bold"})
+    assert ("not separated from the runner-up" in fig.axes[0].get_xlabel()) == (not bold)
+    return bold
 
 
 @pytest.mark.parametrize("which", ["digits_close", "lm"])

@@ -89,13 +89,14 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = ""):
     for a percentage only). Right: the paired Δ vs the CE-only student with its 95% interval per
     method (the numbers of summary.csv), in the figure's unit; an interval clear of 0 is drawn
     solid, one that crosses 0 hollow. The axes say which direction is better. The best student
-    by :func:`kd2m.results.best_separated` (the tables' rule) has its label in bold.
+    by :func:`kd2m.results.best_separated` (the tables' rule) has its label in bold; without one,
+    the x axis says why.
 
     Returns the matplotlib figure drawn (also saved to ``path``)."""
     fig_ = R.figure_of(rows)
     summary = R.summarize(rows)
     stats = {s["method"]: s for s in summary}
-    best, _ = R.best_separated(rows, summary, fig_)
+    best, why_not = R.best_separated(rows, summary, fig_)
     methods = _order(list(stats))
     colors = _colors(methods)
     width = max(5.0, 0.8 * len(methods) + 2)
@@ -128,6 +129,9 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = ""):
     ax.set_xticks(xs)
     ax.set_xticklabels([R.label(m) for m in methods], rotation=30, ha="right", fontsize=8)
     _bold_label(ax, methods, best)
+    if why_not:  # the tables say the same under them
+        ax.set_xlabel("no label in bold: the best mean is not separated from the runner-up by a paired interval",
+                      fontsize=7)
     ax.set_ylabel(f"test {fig_.name} ({fig_.direction})")
     ax.set_title(title or f"test {fig_.name}: mean ± std over seeds", fontsize=10)
     ax.grid(axis="y", alpha=0.3, zorder=0)
