@@ -8,23 +8,56 @@ in two directories; this pairs them. For each method both grids hold: A − B, A
 student) and B − CE, each a paired mean over the seeds both have with its 95% Student-t interval
 (:func:`kd2m.results.paired_delta`); then, per seed, the mean over those methods of A − B, and
 the mean Δ vs CE of each grid. Accuracy in points, or perplexity (lower is better) for text.
-A and B must be the same benchmark with the same CE-only student on every shared seed (checked:
-the two grids' CE-only runs must agree exactly, else the pairing means nothing).
+A and B must be the same benchmark, each method trained alike in both but for how its λ was set:
+every run of a shared seed is checked against its counterpart by its stored settings (final.json),
+as ``kd2m compare`` checks a pair (:func:`kd2m.results.settings_difference`), allowing only each
+term's λ (``weight``, ``auto``) and ``auto_every`` to differ — the teacher's settings are checked
+too, which the CE-only student, trained without a teacher, cannot show; and the two grids' CE-only
+runs must agree exactly. Otherwise the pairing means nothing, and is refused, naming the difference.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
+from kd2m.atomic_io import read_json
 from kd2m.catalog import CE, TEACHER
-from kd2m.results import figure_of, fmt_delta, label, paired_delta, per_seed_figures, read_reported, verdict
+from kd2m.results import (figure_of, fmt_delta, label, paired_delta, per_seed_figures, read_reported,
+                          settings_difference, verdict)
+from kd2m.rundir import FINAL_JSON
+
+#: what a method's runs in the two grids may differ in: how its λ was set (each term's weight and
+#: whether it is `auto`, compared apart from the terms' other settings; ``auto_every``) and the seed
+LAMBDA_SELECTION = frozenset({"seed", "auto_every"})
+TERM_LAMBDA = ("weight", "auto")
 
 
 def fmt(d: dict) -> str:
     """The table's Δ [interval], in bold where the interval excludes 0."""
     bold = "**" if verdict(d) != "—" else ""
     return f"{bold}{fmt_delta(d)}{bold}"
+
+
+def run_settings(grid: str, rows: list[dict]) -> dict:
+    """{(method, seed): the settings the run stored in its final.json}, terms without their λ."""
+    out = {}
+    for r in rows:
+        if r["method"] == TEACHER:
+            continue
+        if not r.get("run_dir"):
+            raise SystemExit(f"{grid}: the row of {r['method']} seed {r['seed']} names no run directory: its "
+                             "settings cannot be compared; rerun that grid to rebuild its results")
+        path = Path(grid) / r["run_dir"] / FINAL_JSON
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist: the settings of {r['method']} seed {r['seed']} cannot be "
+                             "compared; rerun that grid to rebuild its results")
+        settings = dict((read_json(path, "rerun that grid to redo the run") or {}).get("settings") or {})
+        if "terms" in settings:
+            settings["terms"] = [{k: v for k, v in t.items() if k not in TERM_LAMBDA} for t in settings["terms"]]
+        out[(r["method"], int(r["seed"]))] = settings
+    return out
 
 
 def main(argv=None) -> int:
@@ -45,6 +78,14 @@ def main(argv=None) -> int:
         raise SystemExit("the two grids' CE-only students differ on a shared seed: not the same benchmark and "
                          "settings, so their methods cannot be paired")
     methods = args.methods.split(",") if args.methods else [m for m in a if m in b and m not in (CE, TEACHER)]
+    settings_a, settings_b = run_settings(args.a, rows_a), run_settings(args.b, rows_b)
+    for m in [CE] + methods:
+        for s in shared:
+            if (m, s) in settings_a and (m, s) in settings_b:
+                diff = settings_difference(settings_a[m, s], settings_b[m, s], own=LAMBDA_SELECTION)
+                if diff:
+                    raise SystemExit(f"{label(m)} seed {s} was trained with other settings in the two grids "
+                                     f"({'; '.join(diff)}), not only another λ: its runs cannot be paired")
     better = fig.higher_is_better
     print("| method | A − B | A − CE | B − CE |\n|---|---|---|---|")
     per_seed = {s: [] for s in shared}

@@ -199,8 +199,11 @@ def test_compare_grids_pairs_one_method_across_two_grids(tmp_path, capsys):
     ce = {0: 0.60, 1: 0.62, 2: 0.61}
     grids = {"a": {"cw2": {0: 0.75, 1: 0.78, 2: 0.74}}, "b": {"cw2": {0: 0.74, 1: 0.75, 2: 0.74}}}
     for name, methods in grids.items():
-        rows = [{"method": m, "seed": s, "test_acc": v} for m, by in {"ce": ce, **methods}.items() for s, v in by.items()]
-        (tmp_path / name).mkdir()
+        rows = [{"method": m, "seed": s, "test_acc": v, "run_dir": f"{m}/seed{s}"}
+                for m, by in {"ce": ce, **methods}.items() for s, v in by.items()]
+        for r in rows:  # each run's stored settings: the same in both grids
+            (tmp_path / name / r["run_dir"]).mkdir(parents=True)
+            (tmp_path / name / r["run_dir"] / "final.json").write_text(json.dumps({"settings": {"epochs": 1}}))
         (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
     assert load("compare_grids").main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out

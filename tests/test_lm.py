@@ -242,46 +242,48 @@ def test_a_vocabulary_mismatch_is_refused_before_training(tmp_path):
     assert not (tmp_path / "out" / "teacher").exists()
 
 
+def _readme_trainer_snippet() -> str:
+    """The code block of the README's "In your own Hugging Face loop", as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("**In your own Hugging Face loop.**", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
-    """The README's Trainer snippet: CE + a KD²M distance between the last hidden states, the
-    projector trained with the student, the teacher untouched."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    """The README's Trainer snippet, executed as written: CE + a KD²M distance between the last
+    hidden states, the projector trained with the student, the teacher in eval mode (its dropout
+    off) and untouched while it teaches, and the saved student loading back with no unexpected
+    key (a projector set as the student's submodule was saved with it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
     from kd2m import KD2MLoss
+    snippet = {}
+    exec(compile(_readme_trainer_snippet(), "README.md", "exec"), snippet)
+    KD2MTrainer = snippet["KD2MTrainer"]
     torch.manual_seed(0)
     student = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=1, n_embd=16, n_head=2))
-    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2)).eval()
-    teacher.requires_grad_(False)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
+    assert teacher.training  # as built: dropout on, until the snippet says otherwise
+    teaching = []            # the teacher's mode at each of its forward passes
+    teacher.register_forward_pre_hook(lambda module, args, kwargs: teaching.append(module.training),
+                                      with_kwargs=True)
     data = [{"input_ids": torch.randint(0, 64, (16,))} for _ in range(16)]
     for item in data:
         item["labels"] = item["input_ids"].clone()
-
-    # --- the README's snippet ---
-    class KD2MTrainer(Trainer):
-        loss_is_scaled_for_ga = False   # compute_loss returns a per-batch mean
-
-        def __init__(self, *args, teacher, kd2m_loss, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.teacher, self.kd2m_loss = teacher.to(self.args.device), kd2m_loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = model(**inputs, output_hidden_states=True)            # out.loss: next-token CE
-            with torch.no_grad():
-                t = self.teacher(input_ids=inputs["input_ids"], output_hidden_states=True)
-            loss = out.loss + self.kd2m_loss(out.hidden_states[-1], t.hidden_states[-1])
-            return (loss, out) if return_outputs else loss
-
     kd2m_loss = KD2MLoss("gauss_w2", weight=0.1, unit="tokens", student_shape=(16, 16), teacher_shape=(16, 32))
-    student.kd2m_loss = kd2m_loss     # a submodule: the Trainer's optimizer trains its projector
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
                              use_cpu=True, save_strategy="no", learning_rate=1e-2, logging_steps=1)
     trainer = KD2MTrainer(model=student, args=args, train_dataset=data, teacher=teacher, kd2m_loss=kd2m_loss)
-    # --- end of the snippet ---
     proj_before = kd2m_loss.projector.weight.detach().clone()
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     result = trainer.train()
+    assert teaching == [False, False, False]   # one compute_loss per step, the teacher in eval mode in each
     assert math.isfinite(result.training_loss)
     assert not torch.equal(kd2m_loss.projector.weight, proj_before)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    trainer.save_model(str(tmp_path / "student"))
+    loaded, info = GPT2LMHeadModel.from_pretrained(str(tmp_path / "student"), output_loading_info=True)
+    assert list(info["unexpected_keys"]) == [] and list(info["missing_keys"]) == []
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_task_lm_picks_the_text_benchmark_and_refuses_an_image_dataset():

@@ -1,36 +1,42 @@
 """kd2m: knowledge distillation through distribution matching.
 
-Two entry points: ``kd2m.metrics.get(name, **options)`` (a distance between feature batches)
-and ``kd2m.KD2MLoss`` (the nn.Module for your training loop); ``kd2m.features.FeatureTap``
-gets features from any named layer; ``kd2m.losses.get(name)`` any registered loss term (the
-distances and the baselines: ``"dkd"``, ``"crd"``, ...).
+Entry points: ``kd2m.Distiller`` (a student, a frozen teacher and any terms, for your own loop),
+``kd2m.KD2MLoss`` (one distance as an ``nn.Module``), ``kd2m.metrics.get(name, **options)`` (a
+distance between feature batches), ``kd2m.losses.get(name, ctx, **options)`` (any term, the
+field's baselines included) and ``kd2m.FeatureTap`` (features from any named layer).
 
-Submodules and these names are imported on first use (:func:`__getattr__`), so ``import kd2m``
-stays light: ``kd2m --version`` and ``kd2m --help`` do not load torch.
+Every name is imported on first use, so that ``import kd2m`` (and the command line's ``--help``)
+loads neither torch nor POT until something needs them.
 """
+from __future__ import annotations
+
 import importlib
 
-#: the package's version: its one home (pyproject.toml reads it from here)
+#: the package's version, its one home (pyproject.toml reads it: [tool.setuptools.dynamic])
 __version__ = "0.1.0"
 
-#: public names and the submodule each lives in
-_LAZY = {"KD2MLoss": "loss", "hinton_kd": "loss", "FeatureTap": "features"}
-
-__all__ = ["metrics", "losses", "KD2MLoss", "FeatureTap", "hinton_kd", "__version__"]
+#: public name → the module that defines it
+_HOMES = {
+    "Distiller": "kd2m.training.distiller",
+    "DistillerOutput": "kd2m.training.distiller",
+    "KD2MLoss": "kd2m.loss",
+    "hinton_kd": "kd2m.loss",
+    "FeatureTap": "kd2m.features",
+}
+_SUBMODULES = ("losses", "metrics", "models", "data", "features", "tasks")
 
 
 def __getattr__(name: str):
-    """``kd2m.losses``, ``kd2m.KD2MLoss``, ...: the submodule (or the name in it), imported now."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if not name.startswith("_"):
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":  # the submodule exists but needs something missing
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kd2m.{name}")
+    raise AttributeError(f"module 'kd2m' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted([*globals(), *_HOMES, *_SUBMODULES])
+
+
+__all__ = ["Distiller", "DistillerOutput", "KD2MLoss", "FeatureTap", "hinton_kd", "losses", "metrics",
+           "__version__"]

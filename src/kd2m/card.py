@@ -106,6 +106,9 @@ def _schedule(term, entry: dict, user: RunConfig) -> str:
     opts = (user.term_options or {}).get(term.name, {})
     if term.warmup_epochs:
         where = "config" if "warmup" in entry or "warmup" in opts else "authors' default"
+        epochs, spec = user.resolved().epochs, term.spec
+        if where != "config" and spec.warmup_of and epochs != spec.warmup_of:  # kd2m.config._scale_warmups
+            where = f"the authors' {spec.warmup} of {spec.warmup_of} epochs, scaled to this run's {epochs}"
         parts.append(f"warm-up {term.warmup_epochs} epochs ({where})")
     if term.schedule != "constant":
         where = "config" if "schedule" in entry or "schedule" in opts else "kd2m default"

@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .features import PENULTIMATE
 from .methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
 from .models import available_models
+from .models.user import is_user_factory, load_factory
 from .monitor import require_tensorboard
 
 
@@ -48,16 +49,15 @@ DATASET_DEFAULTS = {
                             "kd": 1.0, "dkd": 0.1, "dist": 1.0},
                    # KD's λ = 1 was swept with CE at weight 1 (the authors' CIFAR loss is 0.1·CE + 0.9·KD)
                    ce_weights={"kd": 1.0},
-                   # DKD warms its λ up over 20 of mdistiller's 240 epochs: the same share of 10 is 1 epoch
-                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}, "dkd": {"warmup": 1}}),
+                   # (DKD's warm-up, 20 of mdistiller's 240 epochs, is scaled to the run: 1 of 10)
+                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}}),
     # MNIST-1D (Greydanus & Kobak): the paper's 1-D CNN teacher and MLP student, 4000 training
     # signals, no augmentation (so the teacher cache with one view is exact and saves the
     # teacher's forward pass every step). No λ was tuned here: every term uses `weight: auto`, its K
     # chosen on a holdout (kd2m.select_k; the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
     "mnist1d": dict(teacher="mnist1d_cnn", student="mnist1d_mlp", epochs=60, teacher_epochs=60, lr=0.05,
                     batch_size=100, weight="auto", num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
-                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0},
-                    term_options={"dkd": {"warmup": 5}}),
+                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0}),
 }
 #: seeds of a ``select_k`` pilot grid unless given: the repository's tuning seeds, never reported
 SELECT_SEEDS = (100, 101, 102)
@@ -113,8 +113,10 @@ class RunConfig:
                                "included): for choosing λ without touching the test set (--select-k)")
     image_size: int | None = _opt(None, "imagefolder: resize every image to this size (unset: the most common "
                                         "size); text: the block length in tokens")
-    teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME)")
-    student: str | None = _opt(None, "student model")
+    teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME, "
+                                      "hf:MODEL_TYPE, or package.module:factory: your own code, called with "
+                                      "num_classes=, in_channels=, image_size= and teacher_options)")
+    student: str | None = _opt(None, "student model (as --teacher; options from student_options)")
     teacher_options: dict | None = _opt(None, "keyword options of the teacher's constructor, e.g. {patch_size: 2} "
                                               "for a timm ViT on 8×8 images", cli=False)
     student_options: dict | None = _opt(None, "keyword options of the student's constructor", cli=False)
@@ -209,6 +211,7 @@ class RunConfig:
         _check_lists_and_numbers(c)
         _check_terms(c)
         c.students = _named_students(c)
+        _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
         return c
@@ -319,9 +322,16 @@ def _fill_defaults(c: RunConfig) -> None:
 def _check_models(c: RunConfig) -> None:
     for key in ("teacher", "student"):
         name = getattr(c, key)
+        if is_user_factory(name):
+            try:
+                load_factory(name)  # an import error is said now, not after the teacher trained
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+            continue
         if not (name in available_models() or str(name).startswith(("timm:", "torchvision:", "hf:"))):
             raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
-                              f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE)")
+                              f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE, "
+                              "package.module:factory for your own)")
 
 
 def _check_lists_and_numbers(c: RunConfig) -> None:
@@ -405,6 +415,34 @@ def _named_students(c: RunConfig) -> dict:
                               f"student {name!r} too; rename that one, or move distill's terms under students:")
         students[name] = c.distill
     return students
+
+
+def _scale_warmups(c: RunConfig) -> None:
+    """Warm-ups against the run's length. A term's registered warm-up is its authors' for their
+    schedule (DKD: 20 of mdistiller's 240 epochs, :meth:`kd2m.losses.TermSpec.warmup_for`): where
+    none is given, the term gets the same share of this run's epochs, written into
+    ``term_options`` so that config.json holds what runs. A warm-up given (``term_options`` or a
+    student's term entry) that reaches the run's epochs is refused: λ would reach its value only
+    in the last epoch, or never (a warm-up of 1 ramps nothing and is kept)."""
+    used = set(c.metrics) | set(c.baselines) | {_entry_name(e) for es in c.students.values() for e in es}
+    used = sorted(n for n in used if isinstance(n, str) and n in losses.available())
+    given = [(f"term_options: {n}", n, c.term_options[n]["warmup"]) for n in used
+             if "warmup" in c.term_options.get(n, {})]
+    given += [(f"students: {s}[{i}]", e.get("term"), e["warmup"]) for s, es in c.students.items()
+              for i, e in enumerate(es) if isinstance(e, dict) and "warmup" in e]
+    for where, name, w in given:
+        if isinstance(w, int) and not isinstance(w, bool) and 1 < w and w >= c.epochs:
+            spec = losses.spec(name) if name in losses.available() else None
+            scaled = (f" (the authors' {spec.warmup} of {spec.warmup_of} epochs, scaled to this run: "
+                      f"{spec.warmup_for(c.epochs)})") if spec is not None and spec.warmup_of else ""
+            reach = "its value only in the last epoch" if w == c.epochs else \
+                f"only {c.epochs / w:.2g} of its value, in the last epoch"
+            raise ConfigError(f"{where}: warmup {w} reaches the run's {c.epochs} epochs: λ of {name!r} would get to "
+                              f"{reach}; give a warmup below {c.epochs}, or leave it out{scaled}")
+    for n in used:
+        spec, opts = losses.spec(n), c.term_options.get(n, {})
+        if spec.warmup_of and "warmup" not in opts:
+            c.term_options = {**c.term_options, n: {**opts, "warmup": spec.warmup_for(c.epochs)}}
 
 
 def _check_ce_weights(c: RunConfig) -> None:

@@ -40,7 +40,8 @@ class TermConfig:
     authors' stages, :func:`kd2m.training.binding.default_layers`). ``unit``: what one sample of the distribution is (``"batch"``: an image;
     ``"spatial"`` / ``"sequence"``: a position or token of one image's map or one sequence;
     ``"tokens"``: a position of the batch, all of them in one distribution). ``warmup``: epochs over which λ grows
-    linearly from 0 (DKD's schedule; ``None`` = the term's registered default). ``schedule``:
+    linearly from 0 (DKD's schedule; ``None`` = the term's registered default, which
+    :meth:`kd2m.config.RunConfig.resolved` scales to its run's epochs). ``schedule``:
     ``"constant"``, ``"linear_up"`` (0 → λ over the run), ``"linear_down"`` (λ → 0) or
     ``"cosine_after:E"`` (λ until epoch E, then a half cosine to 0 at the last epoch: WKD's decay).
     ``auto``: λ is ``weight`` × a scale calibrated on the initial student (:mod:`kd2m.auto_weight`):

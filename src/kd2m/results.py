@@ -364,16 +364,27 @@ TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "p
                               "match", "teacher_cache"})
 
 
-def settings_difference(a: dict, b: dict) -> list[str]:
-    """The settings two runs differ in, other than their methods' own (terms, CE weight, seed, and
-    the teacher's settings where only one of them has a teacher): ``["epochs 3 vs 1", ...]``."""
+def settings_difference(a: dict, b: dict, own: frozenset = OWN_SETTINGS) -> list[str]:
+    """The settings two runs differ in, other than ``own`` (by default their methods' own: terms, CE
+    weight, seed) and the teacher's settings where only one of them has a teacher:
+    ``["epochs 3 vs 1", "terms[0].options.beta 8 vs 2", ...]`` — a nested setting named down to the
+    entry that differs."""
     out = []
     for k in sorted(set(a) | set(b)):
-        if k in OWN_SETTINGS or (k in TEACHER_SETTINGS and (k not in a or k not in b)):
+        if k in own or (k in TEACHER_SETTINGS and (k not in a or k not in b)):
             continue
-        if a.get(k) != b.get(k):
-            out.append(f"{k} {a.get(k)!r:.40} vs {b.get(k)!r:.40}")
+        out += _value_difference(k, a.get(k), b.get(k))
     return out
+
+
+def _value_difference(name: str, x, y) -> list[str]:
+    """``name``'s differences between ``x`` and ``y``, descending into mappings and equal-length lists."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        return [d for k in sorted(set(x) | set(y), key=str)
+                for d in _value_difference(f"{name}.{k}", x.get(k), y.get(k))]
+    if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        return [d for i, (u, v) in enumerate(zip(x, y)) for d in _value_difference(f"{name}[{i}]", u, v)]
+    return [] if x == y else [f"{name} {x!r:.40} vs {y!r:.40}"]
 
 
 def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict | None = None) -> str:
@@ -418,7 +429,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
 def seeds_for_power(deltas: list[float], power: float = 0.8, limit: int = 10_000) -> int | None:
     """The smallest number of seeds n at which a two-sided paired t-test at 5% detects a mean
     difference of the observed size with probability ``power``, the differences' spread being the
-    observed one: the least n with |mean| ≥ (t₀.₉₇₅,ₙ₋₁ + t_power,ₙ₋₁)·sd/√n (the usual
+    observed one: the least n with ``|mean|`` ≥ (t₀.₉₇₅,ₙ₋₁ + t_power,ₙ₋₁)·sd/√n (the usual
     normal-theory approximation). None when there is no spread to judge from (fewer than 2
     differences) or no difference at all; ``limit`` when even that many would not do."""
     from scipy import stats

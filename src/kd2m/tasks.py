@@ -38,6 +38,11 @@ def register_task(task: "Task") -> "Task":
     return task
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when narrower (bf16/fp16 logits under autocast), as it is otherwise (float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def get(name: str) -> "Task":
     """The registered task ``name``; ValueError listing them when unknown."""
     try:
@@ -111,7 +116,7 @@ class Classification(Task):
     diagnostics = True
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(_at_least_float32(logits), targets)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict:
@@ -158,7 +163,8 @@ class LanguageModeling(Task):
     best_key = "best_ppl"
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(_at_least_float32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1),
+                               ignore_index=-100)
 
     def term_view(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)

@@ -36,7 +36,8 @@ from .training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_lay
 from .training.build import (IndexedDataset, build_net, build_student, build_teacher, freeze,  # noqa: F401
                              make_loaders)
 from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
-from .training.step import EpochTally, Step, TermFailure, zero_nonfinite_gradients
+from .training.distiller import Distiller
+from .training.step import EpochTally, TermFailure, zero_nonfinite_gradients
 from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, teacher_cache  # noqa: F401
 
 __all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
@@ -100,13 +101,25 @@ class Trainer:
             self.teacher_out = OnlineTeacher(self.teacher, wanted_layers(self.terms, "teacher")) \
                 if self.teacher is not None else None
         params = list(model.parameters()) + [p for b in self.terms for p in b.module.parameters()]
+        # the optimiser's parameters by name, in its order: a non-finite gradient is named by them
+        self.param_names = [n for n, _ in model.named_parameters()] + \
+            [f"{b.key}.{n}" for b in self.terms for n, _ in b.module.named_parameters()]
         self.opt = make_optimizer(params, cfg)
         self.sched = make_scheduler(self.opt, cfg, self.epochs)
-        want = wanted_layers(self.terms, "student")
-        self.s_taps = Taps(model, want) if want else None
-        self.step = Step(model, self.terms, self.task, teacher_out=self.teacher_out, s_taps=self.s_taps,
-                         views=self.views, device=device, amp=amp_dtype(cfg.amp), ce_weight=self.method.ce_weight)
+        # the step is the front door's (kd2m.Distiller): a user's loop and this engine compute one loss
+        self.distiller = Distiller.from_bound(model, self.teacher, self.method, self.terms, self.task, device,
+                                              teacher_out=self.teacher_out, views=self.views, amp=amp_dtype(cfg.amp))
+        self.s_taps, self.step = self.distiller.s_taps, self.distiller.step
         self.scales = self._calibrate()
+
+    @property
+    def scales(self) -> list[float]:
+        """The λ scale of each term (1 unless ``auto``), as the distiller applies it."""
+        return self.distiller.scales
+
+    @scales.setter
+    def scales(self, value: list[float]) -> None:
+        self.distiller.scales, self.distiller.calibrated = list(value), True
 
     def _calibrate(self) -> list[float]:
         """The λ scale of each term (:func:`kd2m.auto_weight.calibrate`) on the student as it is now."""
@@ -183,7 +196,8 @@ class Trainer:
                 # at initialisation a flat term is the user's to fix; here it is what training did to
                 # the student (features collapsed under the term's pull): this run diverged, the grid goes on
                 raise NonFiniteLossError(f"recalibrating λ at epoch {epoch + 1}: {e}") from None
-        lam = [b.config.weight_at(epoch, self.epochs) * scale for b, scale in zip(self.terms, self.scales)]
+        self.distiller.set_epoch(epoch, self.epochs)
+        lam = self.distiller.weights()
         net.train()
         tally = EpochTally(len(self.terms), device)
         params = [p for group in self.opt.param_groups for p in group["params"]]
@@ -201,9 +215,9 @@ class Trainer:
                 for b in self.terms:  # term parameters live outside DDP: average their gradients as DDP does
                     if any(True for _ in b.module.parameters()):
                         dist_ctx.average_gradients(b.module)
-                grads_ok = zero_nonfinite_gradients(params)
+                grads_finite = zero_nonfinite_gradients(params)
                 self.opt.step()
-                tally.add(step, out, loss, distill, grads_ok)
+                tally.add(step, out, loss, distill, grads_finite)
         totals = tally.read()
         if totals["bad_steps"]:
             raise NonFiniteLossError(self._nonfinite_where(epoch, totals))
@@ -237,17 +251,25 @@ class Trainer:
         return self.task.evaluate(net, self.test_loader, self.device, self.cfg.channels_last)
 
     def _nonfinite_where(self, epoch: int, totals: dict) -> str:
-        """Where an epoch went non-finite: its first bad step, and what was non-finite there."""
+        """Where an epoch went non-finite: its first bad step, and what was non-finite there —
+        the student's or the teacher's features, the loss (its values), or, the loss being finite,
+        the gradients (which); under torchrun, the rank whose loss it was when it was another's
+        (its NaN reaches this rank's gradients through DDP's all-reduce)."""
         at = f"at epoch {epoch + 1}, step {totals['first_bad'] + 1}"
-        if not totals["first_is_local"]:
-            return f"non-finite loss {at} (on another rank)"
+        others = [r for r in totals["nonfinite_loss_ranks"] or () if r != dist_ctx.rank()]
+        if not totals["first_is_local"] or (others and not totals["first_loss_nonfinite"]):
+            return f"non-finite loss {at} (on {'rank ' + ', '.join(map(str, others)) if others else 'another rank'})"
         if totals["first_student_nonfinite"]:
             return f"non-finite student features {at}"
         if totals["first_teacher_nonfinite"]:
             return f"non-finite teacher features {at}"
         ce, *values = totals["first_values"]
         parts = ", ".join([f"ce={ce:.4g}"] + [f"{b.key}={v:.4g}" for b, v in zip(self.terms, values)])
-        return f"non-finite loss {at} ({parts})"
+        if totals["first_loss_nonfinite"] or totals["first_bad_gradient"] is None:
+            return f"non-finite loss {at} ({parts})"
+        name = self.param_names[totals["first_bad_gradient"]]
+        return (f"non-finite gradient {at} (in {totals['bad_gradients']} of {len(self.param_names)} parameters, "
+                f"the first {name}; the loss was finite: {parts})")
 
     def _checkpoint(self, history: list, epoch: int, elapsed: float) -> None:
         save_checkpoint(self.ckpt_path, {

@@ -59,8 +59,19 @@ def _flat(term: str, student_logits, teacher_logits, labels) -> tuple[Tensor, Te
 
 
 def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
-    """KL(p‖q) per row from log-probabilities, Σ_v p (log p − log q); 0·log 0 = 0."""
-    return torch.where(p_log > -math.inf, p_log.exp() * (p_log - q_log), 0.0).sum(-1)
+    """KL(p‖q) per row from log-probabilities, Σ_v p (log p − log q); 0·log 0 = 0. The difference
+    is zeroed too where p = 0: there it may be −inf − (−inf) (an entry masked in both), whose NaN
+    would reach the gradient through the product even though the value discards it."""
+    kept = p_log > -math.inf
+    return torch.where(kept, p_log.exp() * torch.where(kept, p_log - q_log, 0.0), 0.0).sum(-1)
+
+
+def _log_mix(a: Tensor, b: Tensor) -> Tensor:
+    """log(e^a + e^b) elementwise: −inf where both are −inf, with a zero gradient there (logsumexp's
+    own gradient at −inf, −inf is NaN)."""
+    both = (a == -math.inf) & (b == -math.inf)
+    mixed = torch.logsumexp(torch.stack([a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)]), dim=0)
+    return mixed.masked_fill(both, -math.inf)
 
 
 def _per_position(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
@@ -77,14 +88,14 @@ def _per_position(kind: str, s: Tensor, t: Tensor, temperature: float, beta: flo
         if beta == 1.0:
             return _kl(ls, lt)
         # m = (1 − β) p_S + β p_T, in log space
-        lm = torch.logsumexp(torch.stack([ls + math.log1p(-beta), lt + math.log(beta)]), dim=0)
+        lm = _log_mix(ls + math.log1p(-beta), lt + math.log(beta))
         return beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
     if kind == "skew_kl":   # KL(p_T ‖ α p_T + (1 − α) p_S)
-        lm = torch.logsumexp(torch.stack([lt + math.log(alpha), ls + math.log1p(-alpha)]), dim=0) \
+        lm = _log_mix(lt + math.log(alpha), ls + math.log1p(-alpha)) \
             if 0.0 < alpha < 1.0 else (lt if alpha == 1.0 else ls)
         return _kl(lt, lm)
     if kind == "skew_rkl":  # KL(p_S ‖ α p_S + (1 − α) p_T)
-        lm = torch.logsumexp(torch.stack([ls + math.log(alpha), lt + math.log1p(-alpha)]), dim=0) \
+        lm = _log_mix(ls + math.log(alpha), lt + math.log1p(-alpha)) \
             if 0.0 < alpha < 1.0 else (ls if alpha == 1.0 else lt)
         return _kl(ls, lm)
     if kind == "tvd":

@@ -81,7 +81,8 @@ def kd(*, student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4
 _DKD_MASK = 1000.0
 
 
-@register_term("dkd", label="DKD", needs=("logits", "labels"), paper="Zhao et al., CVPR 2022", warmup=20)
+@register_term("dkd", label="DKD", needs=("logits", "labels"), paper="Zhao et al., CVPR 2022", warmup=20,
+               warmup_of=240)
 @in_full_precision
 def dkd(*, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float = 1.0, beta: float = 8.0,
         temperature: float = 4.0, standardize: bool = False, **_) -> Tensor:
@@ -100,8 +101,14 @@ def dkd(*, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha
     non-target softmax subtracts 1000 from the target logit after dividing by T; both KLs are
     summed and divided by n (``size_average=False`` / batch). ``standardize`` as
     sunshangquan/logit-standardization-KD ``mdistiller/distillers/DKD.py``. mdistiller's
-    ``min(epoch / WARMUP, 1)`` ramp (WARMUP = 20) is a schedule, not part of this value: it is
-    the registration's ``warmup=20`` and the engine applies it to λ.
+    ``min(epoch / WARMUP, 1)`` ramp (epochs counted from 1; WARMUP = 20 in ``mdistiller/engine/cfg.py``
+    for its 240-epoch CIFAR-100 schedule; its ImageNet configs set 1 of 100) is a schedule, not part
+    of this value: it is the registration's ``warmup=20, warmup_of=240`` and the engine applies it
+    to λ. A run of another length gets the same share of its epochs, rounded, at least 1 — 15
+    epochs: 1 (20 epochs would leave λ at 0.75 of its value in the last one), 60: 5 — stored in the
+    resolved config's ``term_options`` and the run's settings and said on the ``--dry-run`` card; a
+    warm-up given in the config (``term_options: {dkd: {warmup: N}}``, or a term entry's
+    ``warmup``) is kept as given, and refused when N > 1 reaches the run's epochs.
 
     Parameters
     ----------

@@ -30,6 +30,7 @@ the engine composes ``CE + Σ_k λ_k · term_k``.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -85,6 +86,15 @@ class TermSpec:
     weight: float = 1.0          # the authors' λ (the loss weight of their released configs), the default
     ce_weight: float = 1.0       # the weight of CE the authors pair the term with (mdistiller's KD: 0.1)
     layers: str = "last_stage"   # where a map term reads by default: one of LAYER_DEFAULTS
+    warmup_of: int = 0           # the epochs of the authors' schedule ``warmup`` was set for (0: absolute)
+
+    def warmup_for(self, epochs: int) -> int:
+        """The authors' warm-up on a run of ``epochs``: the same share of it as of their schedule,
+        round(warmup · epochs / warmup_of), at least 1 epoch (1 ramps nothing); ``warmup`` where
+        it is absolute (no ``warmup_of``) or the term has none."""
+        if not (self.warmup and self.warmup_of):
+            return self.warmup
+        return max(1, math.floor(self.warmup * epochs / self.warmup_of + 0.5))
 
     @property
     def needs_maps(self) -> bool:
@@ -132,7 +142,7 @@ def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
 
 def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, family: str = "baseline",
                   paper: str = "", warmup: int = 0, weight: float = 1.0, ce_weight: float = 1.0,
-                  layers: str = "last_stage"):
+                  layers: str = "last_stage", warmup_of: int = 0):
     """Decorator: register a :class:`Term` subclass or a function under ``name`` with its facts.
 
     ``weight``: the default λ, as the authors' released configs weight the term against CE
@@ -142,6 +152,9 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
 
     ``warmup``: a schedule, not part of the term's value: the engine multiplies the term's λ by
     ``min(epoch / warmup, 1)`` (epochs counted from 1, as mdistiller's trainer does); 0: no warm-up.
+    ``warmup_of``: the length in epochs of the authors' schedule their ``warmup`` belongs to; a
+    run of another length (:meth:`kd2m.config.RunConfig.resolved`) gets the same share of its own
+    epochs (:meth:`TermSpec.warmup_for`). 0: ``warmup`` is a number of epochs whatever the run.
 
     ``layers``: a map term's default layers, as its authors' code feeds it (:data:`LAYER_DEFAULTS`).
     """
@@ -151,6 +164,8 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
         raise ValueError(f"term {name!r}: unknown needs {sorted(bad)}; valid: {INPUTS}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"term {name!r}: warmup must be an int ≥ 0 (epochs), got {warmup!r}")
+    if isinstance(warmup_of, bool) or not isinstance(warmup_of, int) or warmup_of < 0:
+        raise ValueError(f"term {name!r}: warmup_of must be an int ≥ 0 (epochs), got {warmup_of!r}")
     if layers not in LAYER_DEFAULTS:
         raise ValueError(f"term {name!r}: layers must be one of {LAYER_DEFAULTS}, got {layers!r}")
 
@@ -158,7 +173,7 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
         defaults = _keyword_options(obj)
         factory = obj if isinstance(obj, type) else None
         add_spec(TermSpec(name, label, obj, needs, tuple(k for k, _ in defaults), pairwise_factor, family,
-                          paper, defaults, factory, warmup, float(weight), float(ce_weight), layers))
+                          paper, defaults, factory, warmup, float(weight), float(ce_weight), layers, warmup_of))
         return obj
     return add
 

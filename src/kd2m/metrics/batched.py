@@ -178,7 +178,7 @@ def set_mmd_rbf(s: Tensor, t: Tensor, *, bandwidth: float | None = None, multipl
 
     Each value equals ``metrics.mmd_rbf(s[i], t[i], bandwidth=, multipliers=, unbiased=)``:
     one kernel matrix per set on the pooled, centred samples; the median-heuristic bandwidth is
-    computed per set. Cost: O(B (m_s + m_t)² (d + |M|)) time, O(B (m_s + m_t)²) memory.
+    computed per set. Cost: O(B (m_s + m_t)² (d + ``|M|``)) time, O(B (m_s + m_t)²) memory.
     """
     mults = _check_options("mmd_rbf", bandwidth, multipliers, unbiased)
     ns, nt = s.shape[-2], t.shape[-2]

@@ -10,6 +10,7 @@ invariant to rotations and translations of either cloud.
     \qquad C^S_{ik} = \|s_i - s_k\|^2,\ C^T_{jl} = \|t_j - t_l\|^2,\ a = \mathbf 1/n_s,\ b = \mathbf 1/n_t.
 
 How it is computed
+
 * The plan comes from POT's :func:`ot.gromov.gromov_wasserstein` (conditional gradient /
   Frank-Wolfe with exact line search, started from :math:`a b^\top` and, for equal batch
   sizes, also from the sample-wise coupling :math:`\gamma_{ii} = 1/n` — the best of the two is

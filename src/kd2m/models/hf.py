@@ -88,7 +88,11 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     if unknown:
         raise ValueError(f"model {name!r} takes no option {unknown[0]!r} (not a field of "
                          f"{type(config).__name__})")
-    lengths = {k: image_size for k in ("n_positions", "max_position_embeddings") if hasattr(config, k)}
+    # the block length only where the user gave no length: a config may alias the two names (GPT-2
+    # maps max_position_embeddings to n_positions), so a default for one would overwrite the other
+    length_keys = ("n_positions", "max_position_embeddings")
+    lengths = {} if any(k in options for k in length_keys) else \
+        {k: image_size for k in length_keys if hasattr(config, k)}
     # token ids inside the vocabulary: the defaults (e.g. GPT-2's 50256) would not be
     ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hasattr(config, k)}
     config = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes, **{**lengths, **ids, **options})

@@ -6,7 +6,8 @@ A new model is one function plus one decorator line::
     def my_net(num_classes, in_channels=3, image_size=32) -> nn.Module: ...
 
 Names with a ``timm:`` or ``torchvision:`` prefix build any model of those libraries
-(:mod:`kd2m.models.external`), randomly initialised.
+(:mod:`kd2m.models.external`), randomly initialised; ``package.module:factory`` calls a factory of
+the user's own code (:mod:`kd2m.models.user`).
 
 Contract every registered model keeps (the engine and :mod:`kd2m.features` rely on it): it
 returns logits ``(n, num_classes)`` only; its penultimate features ``(n, feature_dim)`` are the
@@ -59,7 +60,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     """A freshly initialised model ``name`` for ``(in_channels, image_size, image_size)`` inputs.
 
     ``name``: a registered name (:func:`available_models`), ``"timm:NAME"`` or
-    ``"torchvision:NAME"`` (:mod:`kd2m.models.external`). ``options``: keyword arguments of the
+    ``"torchvision:NAME"`` (:mod:`kd2m.models.external`), or ``"package.module:factory"`` (your own
+    code, :mod:`kd2m.models.user`). ``options``: keyword arguments of the
     model's constructor (``timm.create_model`` / ``torchvision.models.get_model`` for external
     models, e.g. ``patch_size=2`` for a ViT on 8×8 images; config keys ``teacher_options`` and
     ``student_options``).
@@ -69,8 +71,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     """
     from .external import build_external, is_external
     from .hf import build_hf, is_hf
+    from .user import build_user, is_user_factory
     if is_external(name):
         builder = functools.partial(build_external, name)
+    elif is_user_factory(name):
+        builder = functools.partial(build_user, name)
     elif is_hf(name):
         builder = functools.partial(build_hf, name)
     else:
@@ -78,7 +83,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
             builder = _MODELS[name]
         except KeyError:
             raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}, "
-                             "or timm:NAME / torchvision:NAME (see `kd2m metrics --models`)") from None
+                             "timm:NAME / torchvision:NAME (see `kd2m metrics --models`), or package.module:factory for your own") from None
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if int(value) < 1:
             raise ValueError(f"build_model({name!r}): {key} must be ≥ 1, got {value}")

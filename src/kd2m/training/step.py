@@ -94,7 +94,8 @@ class Step:
         """(w_CE·supervised + Σ_k λ_k·term_k, Σ_k λ_k·term_k) for the weights ``lam``."""
         distill = out.ce.new_zeros(())
         for v, w in zip(out.values, lam):
-            distill = distill + w * v.float()
+            # at least float32 (a term under bf16 autocast), float64 kept (a float64 student)
+            distill = distill + w * v.to(torch.promote_types(v.dtype, torch.float32))
         return self.ce_weight * out.ce + distill, distill
 
 
@@ -104,19 +105,27 @@ def _any_nonfinite(tensors) -> Tensor | None:
 
 
 def zero_nonfinite_gradients(params: list) -> Tensor:
-    """True (a 0-dim device tensor) when every gradient of ``params`` is finite; else every
-    gradient is zeroed in place, so the optimiser's step cannot write NaN into the weights
-    (as a gradient scaler skips an overflowing step). Under DDP the gradients are already
-    all-reduced here, so every rank gets the same answer and stays in step."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.ones((), dtype=torch.bool, device=params[0].device if params else "cpu")
+    """Whether the gradient of each of ``params`` is finite: a bool device tensor (len(params),),
+    True where a parameter has no gradient. Where one is not, every gradient is zeroed in place,
+    so the optimiser's step cannot write NaN into the weights (as a gradient scaler skips an
+    overflowing step). Under DDP the gradients are already all-reduced here, so every rank gets
+    the same answer and stays in step."""
+    device = params[0].device if params else "cpu"
+    has = [i for i, p in enumerate(params) if p.grad is not None]
+    if not has:
+        return torch.ones(len(params), dtype=torch.bool, device=device)
+    grads = [params[i].grad for i in has]
     # the largest |g| of each gradient (NaN propagates through the max; a finite gradient's
     # max-norm cannot overflow, unlike its 2-norm)
-    ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])).all()
+    each = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]))
+    ok = each.all()
     for g in grads:
         g.masked_fill_(~ok, 0.0)
-    return ok
+    if len(has) == len(params):
+        return each
+    finite = torch.ones(len(params), dtype=torch.bool, device=device)
+    finite[torch.tensor(has, device=device)] = each
+    return finite
 
 
 #: "no bad step" in the all-reduce of the first bad step (a minimum); exact in float64
@@ -138,18 +147,29 @@ class EpochTally:
         # at the first bad step: ce and each term, whether the student's / the teacher's features were non-finite
         self.first_values = torch.zeros(1 + n_terms, dtype=self.dtype, device=device)
         self.first_feats = torch.zeros(2, dtype=torch.bool, device=device)
+        # and whether the loss itself was non-finite, the index of the first non-finite gradient
+        # (-1: none) and how many were
+        self.first_loss_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_grads = torch.tensor([-1, 0], dtype=torch.long, device=device)
 
-    def add(self, step: int, out: StepOutputs, loss: Tensor, distill: Tensor, grads_ok: Tensor) -> None:
+    def add(self, step: int, out: StepOutputs, loss: Tensor, distill: Tensor, grads_finite: Tensor) -> None:
+        """Add a step; ``grads_finite``: :func:`zero_nonfinite_gradients`' answer for the step."""
         n = out.logits.shape[0]  # a shape, not a value: no read
         values = [loss, out.ce, distill] + list(out.values)
         row = torch.stack([v.detach().to(self.dtype) for v in values])
         self.sums += row * n
         self.seen += n
-        bad = ~(torch.isfinite(loss.detach()) & grads_ok)
+        loss_ok = torch.isfinite(loss.detach())
+        bad = ~(loss_ok & grads_finite.all())
         first = bad & (self.first_bad < 0)
         self.bad_steps += bad.to(self.dtype)
         self.first_bad = torch.where(first, step, self.first_bad)
         self.first_values = torch.where(first, torch.cat([row[1:2], row[3:]]), self.first_values)
+        self.first_loss_bad = torch.where(first, ~loss_ok, self.first_loss_bad)
+        if grads_finite.numel():  # the first non-finite one (argmax: the first maximum) and the count
+            nonfinite = (~grads_finite).long()
+            grads = torch.stack([torch.where(nonfinite.any(), nonfinite.argmax(), -1), nonfinite.sum()])
+            self.first_grads = torch.where(first, grads, self.first_grads)
         feats = []
         for side in (out.s_feats, out.t_feats):
             flag = _any_nonfinite(side.values())
@@ -158,7 +178,12 @@ class EpochTally:
 
     def read(self) -> dict:
         """The epoch's totals, read to the host once (after one all-reduce under torchrun): means
-        per sample, the number of non-finite steps, the first one and what it held."""
+        per sample, the number of non-finite steps, the first one and what it held on this rank
+        (``first_values``: CE and each term; whether the student's / the teacher's features, the
+        loss were non-finite; the index of the first non-finite gradient among the optimiser's
+        parameters and how many were), and, under torchrun, the ranks whose own loss was
+        non-finite at that step (``nonfinite_loss_ranks``; a NaN on one rank reaches every rank's
+        gradients through DDP's all-reduce, so a rank's finite loss there is not the cause)."""
         summed = torch.cat([self.sums, self.sums.new_tensor([self.seen]), self.bad_steps.reshape(1)])
         if dist_ctx.is_distributed():
             summed = dist_ctx.all_reduce_tensor(summed, "sum")
@@ -166,16 +191,29 @@ class EpochTally:
         first = torch.where(first < 0, _NO_STEP, first)
         if dist_ctx.is_distributed():
             first = dist_ctx.all_reduce_tensor(first, "min")
-        local = torch.cat([self.first_values, self.first_feats.to(self.dtype),
-                           (self.first_bad == first).to(self.dtype).reshape(1), first.to(self.dtype).reshape(1)])
+        here = self.first_bad == first
+        local = torch.cat([self.first_values, self.first_feats.to(self.dtype), here.to(self.dtype).reshape(1),
+                           self.first_loss_bad.to(self.dtype).reshape(1), self.first_grads.to(self.dtype),
+                           first.to(self.dtype).reshape(1)])
         host = torch.cat([summed, local]).tolist()      # the epoch's one read
         k = 3 + self.n_terms
         seen = host[k]
         means = [v / max(seen, 1) for v in host[:k]]
         first_step = int(host[-1])
-        return {"means": means, "seen": seen, "bad_steps": int(host[k + 1]),
+        j = k + 3 + self.n_terms  # after the sums, the count of samples and of bad steps, and first_values
+        bad_steps = int(host[k + 1])
+        ranks = None
+        if bad_steps and dist_ctx.is_distributed():  # every rank agrees on bad_steps: all of them reduce
+            flags = torch.zeros(dist_ctx.world_size(), dtype=self.dtype, device=self.device)
+            flags[dist_ctx.rank()] = (here & self.first_loss_bad).to(self.dtype)
+            ranks = [r for r, f in enumerate(dist_ctx.all_reduce_tensor(flags, "sum").tolist()) if f]
+        return {"means": means, "seen": seen, "bad_steps": bad_steps,
                 "first_bad": None if first_step == _NO_STEP else first_step,
-                "first_values": host[k + 2:k + 3 + self.n_terms],
-                "first_student_nonfinite": bool(host[k + 3 + self.n_terms]),
-                "first_teacher_nonfinite": bool(host[k + 4 + self.n_terms]),
-                "first_is_local": bool(host[k + 5 + self.n_terms])}
+                "first_values": host[k + 2:j],
+                "first_student_nonfinite": bool(host[j]),
+                "first_teacher_nonfinite": bool(host[j + 1]),
+                "first_is_local": bool(host[j + 2]),
+                "first_loss_nonfinite": bool(host[j + 3]),
+                "first_bad_gradient": None if host[j + 4] < 0 else int(host[j + 4]),
+                "bad_gradients": int(host[j + 5]),
+                "nonfinite_loss_ranks": ranks}

@@ -1,0 +1,98 @@
+"""Writes the documentation's reference pages from the code before Sphinx reads any source.
+
+- ``_generated/cli.md``: every command's ``--help``, from :func:`kd2m.cli.build_parser`;
+- ``_generated/config.md``: every configuration key with its default and help, from
+  :class:`kd2m.config.RunConfig`'s fields and the datasets' defaults;
+- ``_generated/terms.md``: the distances and the field's methods, from the term and metric
+  registries' own facts.
+
+Nothing here is typed twice: a new option, key or term appears on the next build.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:  # unchanged files keep Sphinx's cache valid
+        path.write_text(text)
+
+
+def _subparsers(parser):
+    for action in parser._actions:  # argparse exposes its subcommands nowhere else
+        if action.__class__.__name__ == "_SubParsersAction":
+            return action.choices
+    return {}
+
+
+def cli_page() -> str:
+    from kd2m.cli import build_parser
+    parser = build_parser()
+    out = ["# Command line", "", "Generated from the argument parser: each command's `--help`, as printed.", "",
+           "```text", parser.format_help().rstrip(), "```", ""]
+    for name, sub in _subparsers(parser).items():
+        out += [f"## `kd2m {name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def config_page() -> str:
+    from kd2m import config
+    out = ["# Configuration keys", "",
+           "Every key of a YAML config (`kd2m bench CONFIG`) is also a command-line option of `kd2m run` "
+           "and `kd2m bench` (with `-` for `_`), except those marked *YAML only*. Generated from "
+           "`kd2m.config.RunConfig`.", "",
+           "| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(config.RunConfig):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ""
+        default = "(dataset's)" if default is None else f"`{default!r}`"
+        meta = f.metadata
+        where = " *YAML only*" if meta.get("cli") is False else ""
+        out.append(f"| `{f.name}`{where} | {_cell(default)} | {_cell(meta.get('help', ''))} |")
+    out += ["", "## Defaults per dataset", "",
+            "A key left unset takes its dataset's default:", ""]
+    for name, values in [*config.DATASET_DEFAULTS.items(), ("other images", config.IMAGE_DEFAULTS),
+                         ("text", config.LM_DEFAULTS)]:
+        out.append(f"- **{name}**: " + ", ".join(f"`{k}` {_cell(v)}" for k, v in values.items()))
+    return "\n".join(out) + "\n"
+
+
+def terms_page() -> str:
+    from kd2m import losses, metrics
+    out = ["# Distances and the field's methods", "",
+           "Generated from the registries: each entry's facts as the engine reads them.", "",
+           "## KD²M distances", "", "| name | label | reads labels | options |", "|---|---|---|---|"]
+    for name in metrics.available():
+        s = metrics.spec(name)
+        out.append(f"| `{name}` | {_cell(s.label)} | {'yes' if s.uses_labels else 'no'} | "
+                   f"{', '.join(f'`{o}`' for o in s.options) or '—'} |")
+    out += ["", "## The field's methods (loss terms)", "",
+            "| name | label | needs | default λ | CE weight | warm-up (epochs) | paper |",
+            "|---|---|---|---|---|---|---|"]
+    for name in losses.available(family="baseline"):
+        s = losses.spec(name)
+        out.append(f"| `{name}` | {_cell(s.label)} | {', '.join(sorted(s.needs))} | {s.weight:g} | "
+                   f"{s.ce_weight:g} | {s.warmup or '—'} | {_cell(s.paper)} |")
+    return "\n".join(out) + "\n"
+
+
+def generate(app) -> None:
+    target = Path(app.srcdir) / "_generated"
+    _write(target / "cli.md", cli_page())
+    _write(target / "config.md", config_page())
+    _write(target / "terms.md", terms_page())
+
+
+def setup(app):
+    app.connect("builder-inited", generate)
+    return {"parallel_read_safe": True, "version": "1"}
