@@ -10,7 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from . import results as R, tasks
+from . import results as R
+from . import tasks
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from .catalog import EVAL_BATCH_SIZE, TEACHER
 from .rundir import MODEL_PT, RunDir

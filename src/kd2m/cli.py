@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .rundir import (BOUND_JSON, BOUND_MD, CONFIG_JSON, FINAL_JSON, LOG_JSONL, MODEL_PT, REPORT_DIR,  # light: no
-                     RESULTS_CSV, RESULTS_JSON, RESULTS_MD, SUMMARY_CSV, SWEEP_PNG, RunDir)  # torch at start-up
+from . import rundir as layout  # light: no torch at start-up
+from .rundir import FINAL_JSON, RunDir
 
 #: Longest error message printed (a hostile input must not become a huge message).
 MAX_ERROR_CHARS = 300
@@ -115,19 +115,22 @@ def _cli_type(f):
 #: the commands whose options are RunConfig's fields (building them imports the config, hence torch)
 RUN_COMMANDS = ("run", "bench")
 
-#: what each command writes (its --help says it; its last line names the files it wrote)
 def _run_files() -> str:
+    """What ``run``/``bench`` write (their --help says it; their last line names the files written)."""
     from .select_k import SELECT_DIR
-    return (f"Writes into --out: {RESULTS_CSV} (one row per method × seed), {SUMMARY_CSV} (one row per method: "
-            f"paired Δ vs CE), {RESULTS_MD} (the table), {RESULTS_JSON} (the rows and summary {RESULTS_MD} was made "
-            f"from), {CONFIG_JSON} (the resolved settings), {SWEEP_PNG} (with --sweep), {SELECT_DIR}/ (the pilot "
-            f"grid that chooses K of weight auto, when it runs) and one directory per run, <method>/seed<seed>/ "
-            f"({FINAL_JSON}, {MODEL_PT}, {LOG_JSONL}).")
+    return (f"Writes into --out: {layout.RESULTS_CSV} (one row per method × seed), {layout.SUMMARY_CSV} (one row "
+            f"per method: paired Δ vs CE), {layout.RESULTS_MD} (the table), {layout.RESULTS_JSON} (the rows and "
+            f"summary {layout.RESULTS_MD} was made from), {layout.CONFIG_JSON} (the resolved settings), "
+            f"{layout.SWEEP_PNG} (with --sweep), {SELECT_DIR}/ (the pilot grid that chooses K of weight auto, when "
+            f"it runs) and one directory per run, <method>/seed<seed>/ ({FINAL_JSON}, {layout.MODEL_PT}, "
+            f"{layout.LOG_JSONL}).")
 
 
-BOUND_FILES = f"Writes RUN_DIR/{BOUND_JSON} (every pair, the per-method summary, the settings) and RUN_DIR/{BOUND_MD}."
-REPORT_FILES = (f"Writes into RUN_DIR/{REPORT_DIR}/: report.md, accuracy.png, curves.png, diagnostics.png (when the "
-                "runs logged diagnostics) and embedding.png (classification, unless --no-embedding).")
+#: what ``bound`` and ``report`` write (their --help says it; their last line names the files written)
+BOUND_FILES = (f"Writes RUN_DIR/{layout.BOUND_JSON} (every pair, the per-method summary, the settings) and "
+               f"RUN_DIR/{layout.BOUND_MD}.")
+REPORT_FILES = (f"Writes into RUN_DIR/{layout.REPORT_DIR}/: report.md, accuracy.png, curves.png, diagnostics.png "
+                "(when the runs logged diagnostics) and embedding.png (classification, unless --no-embedding).")
 
 
 def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
@@ -155,13 +158,14 @@ def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="plots + report.md for a finished run directory", epilog=REPORT_FILES)
     rep.add_argument("run_dir")
     rep.add_argument("--no-embedding", action="store_true", help="skip the t-SNE feature embedding")
-    rep.add_argument("--device", default="auto")
+    rep.add_argument("--device", default="auto", help="device of the embedding's forward passes: auto, cpu, cuda, "
+                                                      "cuda:1 (default: auto)")
     bnd = sub.add_parser("bound", help="evaluate Theorem 1's terms on held-out data for trained pairs",
                          epilog=BOUND_FILES)
     bnd.add_argument("run_dir")
     bnd.add_argument("--samples", type=int, default=1000, help="held-out samples N for exact OT (default 1000)")
-    bnd.add_argument("--device", default="auto")
-    bnd.add_argument("--data-root", default=None)
+    bnd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto)")
+    bnd.add_argument("--data-root", default=None, help="where the dataset lives (default: the run's data_root)")
     tab = sub.add_parser("table", help="the paper's table over several run directories (datasets as columns)")
     tab.add_argument("run_dirs", nargs="+")
     tab.add_argument("--out", help="also write the Markdown table to this file (it writes nothing else)")
@@ -280,9 +284,9 @@ def cmd_run(args) -> int:
             out = RunDir(resolved.out)
             print(f"results: {out.results_csv} (one row per method × seed), {out.summary_csv} (one row per "
                   f"method, paired Δ vs CE), {out.results_md}, {out.results_json} (the rows and summary of "
-                  f"{RESULTS_MD}), {out.config_json}" + (f", {out.sweep_png}" if sweep else "")
+                  f"{layout.RESULTS_MD}), {out.config_json}" + (f", {out.sweep_png}" if sweep else "")
                   + (f", {out.root / SELECT_DIR}/ (the pilot grid)" if chosen else "")
-                  + f"; each run in {out.root}/<method>/seed<seed>/ ({FINAL_JSON}, {MODEL_PT}, {LOG_JSONL})")
+                  + f"; each run in {out.root}/<method>/seed<seed>/ ({FINAL_JSON}, {layout.MODEL_PT}, {layout.LOG_JSONL})")
     finally:
         dist_ctx.teardown()
     return 0

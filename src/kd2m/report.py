@@ -147,7 +147,7 @@ def _bold_label(ax, methods: list[str], best: str | None) -> None:
             tick.set_fontweight("bold")
 
 
-def _plot_deltas(ax, stats: dict, methods: list[str], colors: dict, fig_: "R.Figure", best: str | None) -> None:
+def _plot_deltas(ax, stats: dict, methods: list[str], colors: dict, fig_: R.Figure, best: str | None) -> None:
     ax.axhline(0.0, color="gray", ls="--", lw=0.8)
     for x, m in enumerate(methods):
         s = stats[m]
@@ -191,7 +191,7 @@ def _mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float
     return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
 
 
-def plot_curves(logs: dict[str, list[list[dict]]], path: Path, fig_: "R.Figure" = R.ACCURACY) -> None:
+def plot_curves(logs: dict[str, list[list[dict]]], path: Path, fig_: R.Figure = R.ACCURACY) -> None:
     """The task's test figure per epoch (``fig_``: accuracy in %, perplexity) and the distillation
     loss D per epoch (log scale), mean over seeds."""
     methods = _order(list(logs))
@@ -450,8 +450,8 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
           R.note(rows), "",
           f"![test {fig_.name} per method and paired Δ vs CE ({fig_.direction})](accuracy.png)", "",
           "## Training curves", "",
-          f"Test {fig_.name} ({fig_.direction}) and the distillation loss D (per training sample, log scale) per "
-          "epoch, mean over seeds.",
+          (f"Test {fig_.name} ({fig_.direction}) and the distillation loss D (per training sample, log scale) per "
+           "epoch, mean over seeds."),
           "", "![training curves](curves.png)", ""]
     if diagnostics is not None:
         md += ["## Feature gap during training", "", _diagnostics_text(logs), "",

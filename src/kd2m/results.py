@@ -44,7 +44,7 @@ class Figure:
     unit: str       # what Δ is counted in
 
     @classmethod
-    def of(cls, task) -> "Figure":
+    def of(cls, task) -> Figure:
         return cls(task.primary, task.figure_scale, task.higher_is_better, task.figure_name, task.figure_unit)
 
     @property
