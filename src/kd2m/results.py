@@ -42,19 +42,12 @@ class Figure:
     higher_is_better: bool
     name: str       # the table's column title
     unit: str       # what Δ is counted in
+    direction: str  # "higher is better" / "lower is better", as tables and plots say it
 
     @classmethod
     def of(cls, task) -> Figure:
-        return cls(task.primary, task.figure_scale, task.higher_is_better, task.figure_name, task.figure_unit)
-
-    @property
-    def direction(self) -> str:
-        """"higher is better" or "lower is better"."""
-        return "higher is better" if self.higher_is_better else "lower is better"
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether value ``a`` of the figure is better than ``b`` (in the task's direction)."""
-        return a > b if self.higher_is_better else a < b
+        return cls(task.primary, task.figure_scale, task.higher_is_better, task.figure_name, task.figure_unit,
+                   task.direction)
 
 
 ACCURACY = Figure.of(tasks.get("classification"))
