@@ -500,20 +500,22 @@ def _weights_text(methods: list) -> str:
     return ", ".join(parts)
 
 
-def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
-    """Accuracy (mean ± std over seeds) against the swept value, one line per metric."""
+def plot_sweep(rows: list[dict], key: str, path: Path):
+    """The task's test figure (:func:`kd2m.results.figure_of`: accuracy in %, or perplexity), mean
+    ± std over seeds, against the swept value, one line per metric. Returns the figure drawn."""
     # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    figure = R.figure_of(rows)
     lines: dict[str, dict[float, list[float]]] = {}
-    ce = [100 * r["test_acc"] for r in rows if r["method"] == CE]
+    ce = [figure.scale * r[figure.key] for r in rows if r["method"] == CE]
     for r in rows:
         base, _, val = r["method"].partition("@")
         if not val:
             continue
         v = float(val.split("=")[-1].replace("auto*", ""))
-        lines.setdefault(base, {}).setdefault(v, []).append(100 * r["test_acc"])
+        lines.setdefault(base, {}).setdefault(v, []).append(figure.scale * r[figure.key])
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -527,9 +529,10 @@ def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
         ax.axhline(statistics.fmean(ce), color="gray", ls="--", label="student (CE only)")
     ax.set_xscale("log")
     ax.set_xlabel(key if key != "weight" else "λ (distillation weight)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {figure.name} ({figure.direction})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    return fig
