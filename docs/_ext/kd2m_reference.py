@@ -4,7 +4,10 @@
 - ``_generated/config.md``: every configuration key with its default and help, from
   :class:`kd2m.config.RunConfig`'s fields and the datasets' defaults;
 - ``_generated/terms.md``: the distances and the field's methods, from the term and metric
-  registries' own facts.
+  registries' own facts;
+- ``_generated/digits_headline.md`` and ``_generated/digits_results.md``: the digits experiment's
+  headline table and its full table, from the tool's own files in ``experiments/digits/``
+  (:func:`kd2m.results.read_summary`, ``results.md``), never copied by hand.
 
 Nothing here is typed twice: a new option, key or term appears on the next build.
 """
@@ -86,11 +89,38 @@ def terms_page() -> str:
     return "\n".join(out) + "\n"
 
 
+#: the experiment folder whose tables the results pages show (relative to the repository root)
+DIGITS = Path("experiments") / "digits"
+
+
+def digits_headline(root: Path) -> str:
+    from kd2m.results import headline_table, read_summary
+    return headline_table(read_summary(root / DIGITS / "summary.csv"), top=3)
+
+
+def digits_results(root: Path) -> str:
+    """``results.md`` as the run wrote it, less its header line (the page has its own)."""
+    text = (root / DIGITS / "results.md").read_text()
+    return text[text.index("| method"):] if "| method" in text else text
+
+
+def env_line(root: Path) -> str:
+    import json
+    env = json.loads((root / DIGITS / "env.json").read_text())
+    return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
+            f"`{env['cpu_capability']}` kernels, {env['torch_threads']} thread per process, Python "
+            f"{env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
+
+
 def generate(app) -> None:
     target = Path(app.srcdir) / "_generated"
+    root = Path(app.srcdir).parent
     _write(target / "cli.md", cli_page())
     _write(target / "config.md", config_page())
     _write(target / "terms.md", terms_page())
+    _write(target / "digits_headline.md", digits_headline(root))
+    _write(target / "digits_results.md", digits_results(root))
+    _write(target / "digits_env.md", env_line(root))
 
 
 def setup(app):
