@@ -70,21 +70,38 @@ def config_page() -> str:
     return "\n".join(out) + "\n"
 
 
+def _option_defaults(fn, names) -> dict:
+    """Defaults of a metric function's keyword options, from its signature."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: params[n].default for n in names if n in params and params[n].default is not inspect.Parameter.empty}
+
+
+def _options_cell(names, defaults) -> str:
+    cells = [f"`{n}={defaults[n]!r}`" if n in defaults else f"`{n}`" for n in names]
+    return _cell(", ".join(cells)) if cells else "—"
+
+
 def terms_page() -> str:
     from kd2m import losses, metrics
     out = ["# Distances and the field's methods", "",
-           "Generated from the registries: each entry's facts as the engine reads them.", "",
-           "## KD²M distances", "", "| name | label | reads labels | options |", "|---|---|---|---|"]
+           "Generated from the registries: each entry's facts as the engine reads them "
+           "(`kd2m.metrics.spec(name)`, `kd2m.losses.spec(name)`).", "",
+           "## KD²M distances", "", "| name | label | reads labels | options (defaults) |", "|---|---|---|---|"]
     for name in metrics.available():
         s = metrics.spec(name)
         out.append(f"| `{name}` | {_cell(s.label)} | {'yes' if s.uses_labels else 'no'} | "
-                   f"{', '.join(f'`{o}`' for o in s.options) or '—'} |")
+                   f"{_options_cell(s.options, _option_defaults(s.fn, s.options))} |")
     out += ["", "## The field's methods (loss terms)", "",
-            "| name | label | needs | default λ | CE weight | warm-up (epochs) | paper |",
-            "|---|---|---|---|---|---|---|"]
+            "| name | label | needs | options (defaults) | default λ | CE weight | warm-up (epochs) | paper |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in losses.available(family="baseline"):
         s = losses.spec(name)
-        out.append(f"| `{name}` | {_cell(s.label)} | {', '.join(sorted(s.needs))} | {s.weight:g} | "
+        out.append(f"| `{name}` | {_cell(s.label)} | {', '.join(sorted(s.needs))} | "
+                   f"{_options_cell(s.options, dict(s.defaults or ()))} | {s.weight:g} | "
                    f"{s.ce_weight:g} | {s.warmup or '—'} | {_cell(s.paper)} |")
     return "\n".join(out) + "\n"
 
@@ -99,9 +116,11 @@ def digits_headline(root: Path) -> str:
 
 
 def digits_results(root: Path) -> str:
-    """``results.md`` as the run wrote it, less its header line (the page has its own)."""
-    text = (root / DIGITS / "results.md").read_text()
-    return text[text.index("| method"):] if "| method" in text else text
+    """``results.md`` as the run wrote it, less its title line (the page has its own)."""
+    lines = (root / DIGITS / "results.md").read_text().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip() + "\n"
 
 
 def env_line(root: Path) -> str:
