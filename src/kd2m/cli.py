@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="kd2m", description="Knowledge distillation through distribution matching.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the grid (default: digits, 3 seeds, every paper metric + baselines)")
+    run = sub.add_parser("run", help="run the grid (default: digits, 10 seeds, the paper metrics + KD, DKD, DIST)")
     _add_run_options(run)
     bench = sub.add_parser("bench", help="run a benchmark grid from a YAML config (e.g. configs/paper/cifar10.yaml)")
     bench.add_argument("config_file", nargs="?", help="YAML config")
