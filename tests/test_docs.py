@@ -146,3 +146,13 @@ def test_experiment_folder_holds_the_tools_files_and_no_weights():
     import json
     env = json.loads((EXPERIMENT / "env.json").read_text())
     assert env["cpu_capability"] and env["torch_version"] and env["kd2m_version"]
+
+
+def test_readme_whats_inside_names_every_registered_distance_and_divergence():
+    """The README's short table names the registries' distances exactly, and only registered divergences."""
+    from kd2m import losses, metrics
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in README.read_text().splitlines()
+            if line.startswith("| ") and line.count("|") == 3}
+    assert set(re.findall(r"`(\w+)`", rows["distances"])) == set(metrics.available())
+    divergences = set(re.findall(r"`(\w+)`", rows["LM divergences"]))
+    assert divergences and divergences <= set(losses.available())
