@@ -156,3 +156,14 @@ def test_readme_whats_inside_names_every_registered_distance_and_divergence():
     assert set(re.findall(r"`(\w+)`", rows["distances"])) == set(metrics.available())
     divergences = set(re.findall(r"`(\w+)`", rows["LM divergences"]))
     assert divergences and divergences <= set(losses.available())
+
+
+def test_intervals_quoted_beside_the_digits_tables_are_the_runs():
+    """Every "Δ [low, high]" that the experiment's README and the README quote is in the run's own
+    results.md (written by `kd2m run`; minus signs typeset either way)."""
+    table = (EXPERIMENT / "results.md").read_text()
+    for path in (EXPERIMENT / "README.md", README):
+        quoted = re.findall(r"[+−-]\d+\.\d\d \[[+−-]\d+\.\d\d, [+−-]\d+\.\d\d\]", path.read_text())
+        assert quoted, path
+        for q in quoted:
+            assert q.replace("−", "-") in table, f"{path.relative_to(ROOT)}: {q} is not in results.md"
