@@ -127,7 +127,8 @@ def env_line(root: Path) -> str:
     import json
     env = json.loads((root / DIGITS / "env.json").read_text())
     return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
-            f"`{env['cpu_capability']}` kernels, {env['torch_threads']} thread per process, Python "
+            f"`{env['cpu_capability']}` kernels, {env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''} "
+            f"per process, Python "
             f"{env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
 
 
