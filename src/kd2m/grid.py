@@ -21,6 +21,7 @@ from . import results as R
 from . import tasks
 from .atomic_io import atomic_write_json
 from .config import RunConfig
+from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError
 from .data import build_dataset, dataset_labels
 from .methods import Method, method_label, parse_weight
@@ -232,6 +233,7 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print, h
         if dist_ctx.is_main():
             clean_temp_files(out.root)  # what a killed atomic write left behind
             atomic_write_json(out.config_json, cfg.to_dict())
+            atomic_write_json(out.env_json, describe_environment())
         return _run_seeds(cfg, students, bundle, device, out, sweep, log)
 
 

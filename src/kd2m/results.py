@@ -567,3 +567,34 @@ def paper_table(runs: dict[str, list[dict]]) -> str:
     text = "\n".join(lines) + "\n"
     notes = [f"{ds} ({figs[ds].direction}): {note}" for ds, (_, note) in bold.items() if note]
     return text + "".join(f"\n{n}\n" for n in notes)
+
+
+def read_summary(path: str | Path) -> list[dict]:
+    """The rows of a ``summary.csv`` (:func:`write_reports`), numbers as numbers (empty Δ cells: NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        t = {"method": r["method"], "label": r["label"], "n": int(r["n_seeds"])}
+        for k in ("mean", "std", "delta", "delta_ci_low", "delta_ci_high", "p_value"):
+            t[k] = float(r[k]) if r.get(k, "") != "" else float("nan")
+        t["wins"] = int(r["wins"]) if r.get("wins", "") != "" else None
+        out.append(t)
+    return out
+
+
+def headline_table(summary: list[dict], top: int = 3, figure: str = "accuracy (%)",
+                   higher_is_better: bool = True) -> str:
+    """A short Markdown table of :func:`read_summary`'s rows: the teacher, the CE-only student and the
+    ``top`` students with the best mean paired Δ vs CE, each with its interval, wins and verdict."""
+    fixed = [s for s in summary if s["method"] in (TEACHER, CE)]
+    others = [s for s in summary if s["method"] not in (TEACHER, CE) and not math.isnan(s["delta"])]
+    others.sort(key=lambda s: -s["delta"] if higher_is_better else s["delta"])
+    lines = [f"| method | {figure} | seeds | Δ vs CE [95% CI] | wins | vs CE |", "|---|---|---|---|---|---|"]
+    for s in fixed + others[:top]:
+        if s["method"] in (TEACHER, CE):
+            lines.append(f"| {s['label']} | {fmt(s['mean'], s['std'])} | {s['n']} | | | |")
+        else:
+            lines.append(f"| {s['label']} | {fmt(s['mean'], s['std'])} | {s['n']} | {fmt_delta(s)} | "
+                         f"{s['wins']}/{s['n']} | {verdict({**s, 'higher_is_better': higher_is_better})} |")
+    return "\n".join(lines) + "\n"
