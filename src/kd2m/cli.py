@@ -121,6 +121,7 @@ def _run_files() -> str:
     return (f"Writes into --out: {layout.RESULTS_CSV} (one row per method × seed), {layout.SUMMARY_CSV} (one row "
             f"per method: paired Δ vs CE), {layout.RESULTS_MD} (the table), {layout.RESULTS_JSON} (the rows and "
             f"summary {layout.RESULTS_MD} was made from), {layout.CONFIG_JSON} (the resolved settings), "
+            f"{layout.ENV_JSON} (where it ran: kd2m, commit, CPU, torch and its kernel path, threads), "
             f"{layout.SWEEP_PNG} (with --sweep), {SELECT_DIR}/ (the pilot grid that chooses K of weight auto, when "
             f"it runs) and one directory per run, <method>/seed<seed>/ ({FINAL_JSON}, {layout.MODEL_PT}, "
             f"{layout.LOG_JSONL}).")
@@ -287,7 +288,8 @@ def cmd_run(args) -> int:
             out = RunDir(resolved.out)
             print(f"results: {out.results_csv} (one row per method × seed), {out.summary_csv} (one row per "
                   f"method, paired Δ vs CE), {out.results_md}, {out.results_json} (the rows and summary of "
-                  f"{layout.RESULTS_MD}), {out.config_json}" + (f", {out.sweep_png}" if sweep else "")
+                  f"{layout.RESULTS_MD}), {out.config_json}, {out.env_json} (where it ran)"
+                  + (f", {out.sweep_png}" if sweep else "")
                   + (f", {out.root / SELECT_DIR}/ (the pilot grid)" if chosen else "")
                   + f"; each run in {out.root}/<method>/seed<seed>/ ({FINAL_JSON}, {layout.MODEL_PT}, {layout.LOG_JSONL})")
     finally:
