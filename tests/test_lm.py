@@ -243,17 +243,17 @@ def test_a_vocabulary_mismatch_is_refused_before_training(tmp_path):
 
 
 def _readme_trainer_snippet() -> str:
-    """The code block of the README's "In your own Hugging Face loop", as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("**In your own Hugging Face loop.**", 1)[1]
+    """The code block of "In your own Hugging Face loop" (docs/integrations.md), as written."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    section = page.split("**In your own Hugging Face loop.**", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
-    """The README's KD2MTrainer snippet, executed as written: CE + fkl + a KD²M distance between
-    the last hidden states, the projector trained with the student, the teacher in eval mode (its
-    dropout off) and untouched while it teaches, and the saved student loading back with no
-    unexpected key, the projector saved beside it."""
+    """The KD2MTrainer snippet of docs/integrations.md, executed as written: CE + fkl + a KD²M
+    distance between the last hidden states, the projector trained with the student, the teacher
+    in eval mode (its dropout off) and untouched while it teaches, and the saved student loading
+    back with no unexpected key, the projector saved beside it."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     student = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=1, n_embd=16, n_head=2))
@@ -269,12 +269,12 @@ def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
     snippet = {"student": student, "teacher": teacher, "data": data, "out_dir": str(tmp_path)}
     code = _readme_trainer_snippet()
     trainer_line = code.index("trainer.train()")
-    exec(compile(code[:trainer_line], "README.md", "exec"), snippet)   # up to the training
+    exec(compile(code[:trainer_line], "docs/integrations.md", "exec"), snippet)   # up to the training
     trainer = snippet["trainer"]
     projector = trainer.distiller.term_modules[1].loss.projector.weight
     proj_before = projector.detach().clone()
     probes = len(teaching)   # the projectors' sizing forward
-    exec(compile(code[trainer_line:], "README.md", "exec"), snippet)   # the training and the save
+    exec(compile(code[trainer_line:], "docs/integrations.md", "exec"), snippet)   # the training and the save
     assert teaching[probes:] == [False, False, False]   # one compute_loss per step, the teacher in eval mode in each
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
     assert not torch.equal(projector.detach(), proj_before)
