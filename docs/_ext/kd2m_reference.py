@@ -132,15 +132,22 @@ def env_line(root: Path) -> str:
             f"{env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
 
 
+#: every generated page (``_generated/NAME.md``) and what writes it from the repository's root
+PAGES = {
+    "cli": lambda root: cli_page(),
+    "config": lambda root: config_page(),
+    "terms": lambda root: terms_page(),
+    "digits_headline": digits_headline,
+    "digits_results": digits_results,
+    "digits_env": env_line,
+}
+
+
 def generate(app) -> None:
     target = Path(app.srcdir) / "_generated"
     root = Path(app.srcdir).parent
-    _write(target / "cli.md", cli_page())
-    _write(target / "config.md", config_page())
-    _write(target / "terms.md", terms_page())
-    _write(target / "digits_headline.md", digits_headline(root))
-    _write(target / "digits_results.md", digits_results(root))
-    _write(target / "digits_env.md", env_line(root))
+    for name, page in PAGES.items():
+        _write(target / f"{name}.md", page(root))
 
 
 def setup(app):
