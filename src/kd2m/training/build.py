@@ -3,7 +3,6 @@ sees the same data order."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .. import distributed as dist_ctx
 from ..catalog import EVAL_BATCH_SIZE
 from ..models import build_model, load_pretrained
-from ..models.hf import is_hf, load_hf_directory
+from ..models.hf import is_hf, is_hf_pretrained, load_hf_pretrained
 from ..teacher_cache import FixedViews, ViewSampler
 
 __all__ = ["IndexedDataset", "make_loaders", "build_net", "build_student", "build_teacher", "freeze"]
@@ -74,8 +73,8 @@ def build_net(cfg, bundle, seed: int, role: str) -> nn.Module:
     ``pretrained_<role>`` file): the same weights for every method of that seed."""
     torch.manual_seed(_INIT_SEED[role] * (seed + 1))
     name, weights = getattr(cfg, role), getattr(cfg, f"pretrained_{role}")
-    if weights and is_hf(name) and Path(weights).is_dir():  # a save_pretrained directory: its own architecture
-        return load_hf_directory(weights, bundle.num_classes, bundle.image_size)
+    if is_hf(name) and is_hf_pretrained(weights):  # a save_pretrained directory or GGUF file: its own architecture
+        return load_hf_pretrained(weights, bundle.num_classes, bundle.image_size)
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size,
                         **(getattr(cfg, f"{role}_options") or {}))
     if weights:
