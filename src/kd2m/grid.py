@@ -225,7 +225,9 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         jobs = {seed: (cfg, students, seed, str(out.root), str(device), i < workers) for i, seed in enumerate(cfg.seeds)}
         fresh = _collect(_parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     else:
-        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0]))
+        shared: dict = {}  # a teacher that no seed trains, built once for all of them
+        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0],
+                                      shared=shared))
                    for seed in cfg.seeds)
         fresh = _collect(results, rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     own = _settle_rows(csv_path, fresh, {TEACHER} | {m.key for _, m in students}, cfg.seeds) \
@@ -385,8 +387,19 @@ def check_auto_weights(students, bundle, device, out: RunDir, seed: int, teacher
                 trainer.remove_hooks()
 
 
+def _teacher_of(cfg, bundle, seed: int, shared: dict | None) -> torch.nn.Module:
+    """The seed's teacher. A pretrained one that no epoch trains is its file's weights whatever
+    the seed: built once and shared by the seeds of this process (``shared``; frozen, so no seed
+    changes it), not loaded again per seed."""
+    if shared is None or not (cfg.pretrained_teacher and cfg.teacher_epochs == 0):
+        return build_teacher(cfg, bundle, seed)
+    if "teacher" not in shared:
+        shared["teacher"] = build_teacher(cfg, bundle, seed)
+    return shared["teacher"]
+
+
 def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
-                precheck_auto: bool = True) -> list[tuple[dict | str, str, bool]]:
+                precheck_auto: bool = True, shared: dict | None = None) -> list[tuple[dict | str, str, bool]]:
     """Teacher, then every student of one seed; (results row, label, finished earlier) per run.
 
     Every run goes through fit(): a finished one returns its final.json at once after checking
@@ -394,7 +407,7 @@ def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
     config never silently reuses old results). A student whose loss goes non-finite is recorded
     (its ``diverged.json``; the row is the reason, a string) and the grid goes on: in a λ sweep
     the largest λ diverging is a result, not the end of the sweep. A diverging teacher stops it."""
-    teacher = build_teacher(cfg, bundle, seed)
+    teacher = _teacher_of(cfg, bundle, seed, shared)
     caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
     runs = []
     for vcfg, method in [(cfg, Method(TEACHER))] + students:
@@ -441,7 +454,12 @@ def _seed_worker(job) -> list[tuple[dict, str, bool]]:
                            tokenizer=cfg.tokenizer, holdout=cfg.holdout)
     cfg = dataclasses.replace(cfg, progress=False)
     students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
-    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto)
+    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto,
+                       shared=_WORKER_SHARED)
+
+
+#: a seed worker's teacher shared by the seeds it trains (:func:`_teacher_of`); a worker serves one grid
+_WORKER_SHARED: dict = {}
 
 
 def _csv_view(row: dict) -> dict:
