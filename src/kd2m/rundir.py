@@ -11,6 +11,8 @@ all ask :class:`RunDir`)::
       results.csv           one row per method × seed (summary.csv, results.md, results.json beside it)
       <method_key>/seed<seed>/   one training run ("teacher" for the teacher)
           final.json  model.pt  checkpoint.pt  log.jsonl
+          (a pretrained teacher no epoch trains has no model.pt: its final.json's
+          ``weights`` references the file by path and content digest)
 
 The contract of :meth:`RunDir.locked` (the engine wraps a whole grid in it):
 

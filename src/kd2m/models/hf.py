@@ -325,10 +325,19 @@ def _gguf_reader(path: str | os.PathLike):
 
 def gguf_storage(path: str | os.PathLike) -> str:
     """How the GGUF file ``path`` stores its weights, e.g. ``"Q4_1 ×210, F32 ×61, Q8_0 ×1"`` (tensor
-    types by count, most first): what dequantising to :data:`GGUF_DTYPE` starts from."""
+    types by count, most first): what dequantising to :data:`GGUF_DTYPE` starts from. Memoised
+    per file version (each seed's teacher result states it)."""
     from collections import Counter
-    kinds = Counter(t.tensor_type.name for t in _gguf_reader(path).tensors)
-    return ", ".join(f"{k} ×{n}" for k, n in kinds.most_common())
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_STORAGE:
+        kinds = Counter(t.tensor_type.name for t in _gguf_reader(path).tensors)
+        _GGUF_STORAGE[key] = ", ".join(f"{k} ×{n}" for k, n in kinds.most_common())
+    return _GGUF_STORAGE[key]
+
+
+#: gguf_storage's memo: (real path, size, mtime in ns) -> its description
+_GGUF_STORAGE: dict[tuple, str] = {}
 
 
 #: the keys of a config read from a GGUF file that say how it was stored, not the architecture
