@@ -27,7 +27,8 @@ extensions = [
     "kd2m_reference",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "api/_autosummary_templates"]
+# pages that other pages include (the registries' tables, the experiments' tables): not pages of their own
+exclude_patterns = ["_build", "api/_autosummary_templates", "_generated/terms.md", "_generated/digits_*.md"]
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 

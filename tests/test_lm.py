@@ -243,21 +243,21 @@ def test_a_vocabulary_mismatch_is_refused_before_training(tmp_path):
 
 
 def _readme_trainer_snippet() -> str:
-    """The code block of the README's "In your own Hugging Face loop", as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("**In your own Hugging Face loop.**", 1)[1]
+    """The code block of "In your own Hugging Face loop" (docs/integrations.md), as written."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    section = page.split("**In your own Hugging Face loop.**", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
-    """The README's Trainer snippet, executed as written: CE + a KD²M distance between the last
+    """The Trainer snippet of docs/integrations.md, executed as written: CE + a KD²M distance between the last
     hidden states, the projector trained with the student, the teacher in eval mode (its dropout
     off) and untouched while it teaches, and the saved student loading back with no unexpected
     key (a projector set as the student's submodule was saved with it)."""
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
     from kd2m import KD2MLoss
     snippet = {}
-    exec(compile(_readme_trainer_snippet(), "README.md", "exec"), snippet)
+    exec(compile(_readme_trainer_snippet(), "docs/integrations.md", "exec"), snippet)
     KD2MTrainer = snippet["KD2MTrainer"]
     torch.manual_seed(0)
     student = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=1, n_embd=16, n_head=2))
