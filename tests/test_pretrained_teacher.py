@@ -153,7 +153,7 @@ def test_a_gguf_tokenizer_can_be_named_and_the_card_says_how_the_teacher_compute
     assert rc == 0, err
     assert f"| teacher | hf:llama | {teacher} (its metadata) |" in out
     assert f"| pretrained_teacher | {teacher} (GGUF, stored as F32 ×21; dequantised, computes in float32) |" in out
-    assert f"| tokenizer | {teacher} |" in out
+    assert f"| tokenizer | {teacher} | {teacher} (its own tokenizer) |" in out
 
 
 # ---------------------------------------------------------------------- no per-seed copy, read back

@@ -54,11 +54,16 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
 
 def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
     """``DIR/config.json`` where a role's model and options are those of its ``save_pretrained``
-    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), else None."""
+    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), ``FILE.gguf (its
+    metadata)`` where those of a GGUF file, ``FILE.gguf (its own tokenizer)`` for the tokenizer a
+    GGUF file holds, else None."""
+    from .models.hf import is_gguf
+    if key == "tokenizer":
+        own = [w for w in (cfg.pretrained_teacher, cfg.pretrained_student) if is_gguf(w) and w == cfg.tokenizer]
+        return f"{own[0]} (its own tokenizer)" if own else None
     role = key.split("_")[0]
     if key not in ("teacher", "student", "teacher_options", "student_options"):
         return None
-    from .models.hf import is_gguf
     weights = getattr(cfg, f"pretrained_{role}")
     if not _hf_directory(cfg, role):
         return None
