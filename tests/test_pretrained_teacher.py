@@ -10,7 +10,6 @@ random Llama (2 layers, width 16) with a byte-level BPE tokenizer of 262 tokens 
 as llama.cpp's converter writes one (``tokenizer.ggml.model = gpt2``, tokens, merges, token types)."""
 import doctest
 import json
-import os
 
 import pytest
 import torch
@@ -239,6 +238,6 @@ def test_a_missing_gguf_file_is_refused(tmp_path, capsys):
 
 # ---------------------------------------------------------------------- the module's own example
 def test_the_hf_module_docstring_example_runs_as_written():
-    import kd2m.models.hf as hf
+    from kd2m.models import hf
     result = doctest.testmod(hf, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
