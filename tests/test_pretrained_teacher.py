@@ -138,6 +138,17 @@ def test_a_gguf_teacher_runs_end_to_end_with_its_config_its_tokenizer_and_no_cop
     assert rc == 0 and out.count("(finished earlier)") == 6, err
 
 
+def test_an_untrained_gguf_teacher_is_loaded_once_for_the_checks_and_every_seed(tmp_path, capsys, monkeypatch):
+    import kd2m.training.build as build
+    loads = []
+    real = build.load_hf_pretrained
+    monkeypatch.setattr(build, "load_hf_pretrained", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    teacher = write_gguf(tmp_path / "tiny.gguf")
+    rc, _, err = _kd2m(capsys, *_lm_run(tmp_path, teacher, seeds="0,1,2"))
+    assert rc == 0, err
+    assert loads == [str(teacher)]                             # not once for the checks and once per seed
+
+
 def test_a_gguf_tokenizer_can_be_named_and_the_card_says_how_the_teacher_computes(tmp_path, capsys):
     teacher = write_gguf(tmp_path / "tiny.gguf")
     rc, out, err = _kd2m(capsys, *_lm_run(tmp_path, teacher, "--tokenizer", teacher, seeds="0"))
