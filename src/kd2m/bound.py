@@ -14,7 +14,7 @@ from . import results as R
 from . import tasks
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from .catalog import EVAL_BATCH_SIZE, TEACHER
-from .rundir import MODEL_PT, RunDir
+from .rundir import FINAL_JSON, MODEL_PT, RunDir
 from .runtime import resolve_device
 from .theorem import TOL, ModelOutputs, bound_terms, model_outputs, terms_from_outputs  # noqa: F401 (the API)
 
@@ -44,10 +44,16 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 def load_model(run_dir: Path, row: dict, name: str, bundle, device, options: dict | None = None) -> nn.Module:
     """Rebuild model ``name`` with its constructor ``options`` (the run's ``teacher_options`` or
     ``student_options``: a ViT built with ``patch_size: 2`` has other weights than the default
-    one) and load the weights of the results row ``row``."""
+    one) and load the weights of the results row ``row``: its ``model.pt``, or the pretrained
+    file its final.json references in place of one (a teacher no epoch trained)."""
     from .models import build_model
-    path = RunDir(run_dir).run_of_row(row) / MODEL_PT
+    run = RunDir(run_dir).run_of_row(row)
+    path = run / MODEL_PT
     if not path.is_file():
+        result = read_json(run / FINAL_JSON, "rerun the grid's command") if (run / FINAL_JSON).is_file() else None
+        if isinstance(result, dict) and isinstance(result.get("weights"), dict):
+            from .training.build import build_referenced
+            return build_referenced(result["weights"], name, bundle, options).to(device).eval()
         raise FileNotFoundError(f"{path} not found (the run of {row['method']} seed {row['seed']} has no weights)")
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **(options or {}))
     model.load_state_dict(load_checkpoint(path))

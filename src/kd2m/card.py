@@ -54,22 +54,35 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
 
 def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
     """``DIR/config.json`` where a role's model and options are those of its ``save_pretrained``
-    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), else None."""
+    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), ``FILE.gguf (its
+    metadata)`` where those of a GGUF file, ``FILE.gguf (its own tokenizer)`` for the tokenizer a
+    GGUF file holds, else None."""
+    from .models.hf import is_gguf
+    if key == "tokenizer":
+        own = [w for w in (cfg.pretrained_teacher, cfg.pretrained_student) if is_gguf(w) and w == cfg.tokenizer]
+        return f"{own[0]} (its own tokenizer)" if own else None
     role = key.split("_")[0]
     if key not in ("teacher", "student", "teacher_options", "student_options"):
         return None
     weights = getattr(cfg, f"pretrained_{role}")
-    return f"{weights}/config.json" if _hf_directory(cfg, role) else None
+    if not _hf_directory(cfg, role):
+        return None
+    return f"{weights} (its metadata)" if is_gguf(weights) else f"{weights}/config.json"
 
 
 def _hf_directory(cfg: RunConfig, role: str) -> bool:
-    """Whether ``role`` is built from a ``save_pretrained`` directory (as
+    """Whether ``role`` is built from a ``save_pretrained`` directory or a GGUF file (as
     :func:`kd2m.training.build.build_net` builds it)."""
-    from pathlib import Path
+    from .models.hf import is_hf, is_hf_pretrained
+    return is_hf(getattr(cfg, role)) and is_hf_pretrained(getattr(cfg, f"pretrained_{role}"))
 
-    from .models.hf import is_hf
-    weights = getattr(cfg, f"pretrained_{role}")
-    return bool(weights) and is_hf(getattr(cfg, role)) and Path(weights).is_dir()
+
+def _pretrained_value(cfg: RunConfig, key: str, value):
+    """A GGUF file's path with how it stores its weights and the dtype the model computes in."""
+    from .models.hf import GGUF_DTYPE, gguf_storage, is_gguf
+    if key not in ("pretrained_teacher", "pretrained_student") or not is_gguf(value):
+        return value
+    return f"{value} (GGUF, stored as {gguf_storage(value)}; dequantised, computes in {str(GGUF_DTYPE)[6:]})"
 
 
 def _entry_of(user: RunConfig, method: Method, index: int) -> dict:
@@ -156,8 +169,8 @@ def _models(cfg: RunConfig):
 
     def build(role: str):
         if _hf_directory(cfg, role):  # its own architecture, as a grid builds it
-            from .models.hf import load_hf_directory
-            return load_hf_directory(getattr(cfg, f"pretrained_{role}"), classes, size)
+            from .models.hf import load_hf_pretrained
+            return load_hf_pretrained(getattr(cfg, f"pretrained_{role}"), classes, size)
         return build_model(getattr(cfg, role), classes, channels, size, **(getattr(cfg, f"{role}_options") or {}))
 
     with torch.random.fork_rng(devices=[]):
@@ -211,7 +224,8 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
             lines.append(f"| {key} | {value} (teacher); students: {', '.join(f'{v:g}' for v in sweep[1])} | "
                          f"{_field_source(user, key, given)}; --sweep |")
             continue
-        lines.append(f"| {key} | {value} | {_pretrained_source(cfg, key) or _field_source(user, key, given)} |")
+        lines.append(f"| {key} | {_pretrained_value(cfg, key, value)} | "
+                     f"{_pretrained_source(cfg, key) or _field_source(user, key, given)} |")
     models = _models(cfg)
     lines += ["", "## Students", ""]
     from .select_k import plan

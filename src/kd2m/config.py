@@ -104,8 +104,9 @@ class RunConfig:
                                   "(your .txt/.jsonl files)")
     task: str | None = _opt(None, "classification or lm (default: the dataset's); --task lm alone runs the "
                                   "offline text benchmark (python_docs)")
-    tokenizer: str | None = _opt(None, "text: a local model directory whose tokenizer to use (default: bytes, "
-                                       "a 257-token vocabulary)")
+    tokenizer: str | None = _opt(None, "text: a local model directory or GGUF file whose tokenizer to use "
+                                       "(default: a GGUF --pretrained-teacher's own, else bytes, a 257-token "
+                                       "vocabulary)")
     data_root: str | None = _opt(None, "where datasets live (imagefolder: a dir with train/ and test/)")
     download: bool = _opt(False, "download the dataset if missing", flag=True)
     holdout: float = _opt(0.0, "evaluate on this fraction of the training split instead of the test split (a "
@@ -180,7 +181,8 @@ class RunConfig:
                                  "image and look them up each step (offline distillation; 1 is exact without "
                                  "augmentation)")
     max_cache_mb: float = _opt(8192.0, "refuse a --teacher-cache table larger than this (MiB)")
-    pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True)")
+    pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True); "
+                                               "lm: a save_pretrained folder or a .gguf file")
     pretrained_student: str | None = _opt(None, "local weights file for the student initialisation")
     max_pairwise_mb: float = _opt(2048.0, "refuse O(n²) distances whose buffers would exceed this (MiB)")
     progress: bool = _opt(True, "progress bars (--no-progress: none)", flag=True)
@@ -349,20 +351,30 @@ def _fill_hf_models(c: RunConfig, given: set) -> None:
     its options are its config (what config.json, the card and every run's settings then record);
     options or another model type given with it are refused, as they would be ignored. Else the
     text defaults' GPT-2 options go to another model type under the names its config takes
-    (``hidden_size`` …), only those it has."""
-    from .models.hf import hf_directory_config, is_hf
+    (``hidden_size`` …), only those it has. A GGUF file is a directory's like (its metadata is
+    its config), and its tokenizer is the data's unless ``tokenizer`` is given."""
+    from .models.hf import hf_directory_config, hf_gguf_config, is_gguf, is_hf
     for role in ("teacher", "student"):
         name, weights, key = getattr(c, role), getattr(c, f"pretrained_{role}"), f"{role}_options"
         if not is_hf(name):
             continue
-        directory = hf_directory_config(weights) if weights and Path(weights).is_dir() else None
+        source = "its metadata" if is_gguf(weights) else "its config.json"
+        if is_gguf(weights):
+            try:  # a missing, corrupt or unloadable file is refused now, before any data is read
+                directory = hf_gguf_config(weights)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"pretrained_{role}: {e}") from None
+            if c.tokenizer is None:
+                c.tokenizer = weights  # its own vocabulary: the tokenizer its model was trained with
+        else:
+            directory = hf_directory_config(weights) if weights and Path(weights).is_dir() else None
         if directory is not None:
             built = f"hf:{directory['model_type']}"
             if role in given and name != built:
-                raise ConfigError(f"{role}: {name}, but pretrained_{role} {weights} holds a {built} model (its "
-                                  f"config.json); give {role}: {built}, or leave {role} out")
+                raise ConfigError(f"{role}: {name}, but pretrained_{role} {weights} holds a {built} model ({source}); "
+                                  f"give {role}: {built}, or leave {role} out")
             if key in given and getattr(c, key) and getattr(c, key) != directory:
-                raise ConfigError(f"{key}: pretrained_{role} {weights} holds its own architecture (its config.json), "
+                raise ConfigError(f"{key}: pretrained_{role} {weights} holds its own architecture ({source}), "
                                   f"so these options would be ignored; leave {key} out")
             setattr(c, role, built)
             setattr(c, key, directory)

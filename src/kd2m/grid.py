@@ -95,13 +95,15 @@ def check_memory(cfg: RunConfig, students: list[tuple[RunConfig, Method]]) -> No
                     "gauss_ckl); sinkhorn is no lighter here (it also holds n×n matrices)")
 
 
-def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, device) -> None:
+def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, device,
+              shared: dict | None = None) -> None:
     """Check, before anything trains, what would otherwise fail after the teacher trained: the
     pretrained files load into the models, every term's layers exist and have the shape it needs,
-    its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see."""
+    its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see.
+    ``shared``: where a teacher that no seed trains is kept for the seeds (:func:`_teacher_of`)."""
     seed = cfg.seeds[0]
     with fork_rng(device):
-        teacher = build_teacher(cfg, bundle, seed).to(device).eval()
+        teacher = _teacher_of(cfg, bundle, seed, shared).to(device).eval()  # shared: kept for the seeds
         built: dict = {}
 
         def student_for(vcfg: RunConfig):
@@ -227,30 +229,35 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print, h
     for w in caught:  # e.g. imagefolder's chosen size: one line, not a Python warning
         log(f"kd2m: note: {w.message}")
     check_holdout_sizes(bundle, cfg.holdout, cfg.batch_size, holdout_key)
-    preflight(cfg, students, bundle, device)
+    shared: dict = {}  # a teacher that no seed trains: the one preflight builds, for every seed
+    preflight(cfg, students, bundle, device, shared)
     lock = out.locked() if dist_ctx.is_main() else contextlib.nullcontext()
     with lock:
         if dist_ctx.is_main():
             clean_temp_files(out.root)  # what a killed atomic write left behind
             atomic_write_json(out.config_json, cfg.to_dict())
             atomic_write_json(out.env_json, describe_environment())
-        return _run_seeds(cfg, students, bundle, device, out, sweep, log)
+        return _run_seeds(cfg, students, bundle, device, out, sweep, log, shared)
 
 
-def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[dict]:
+def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log, shared: dict | None = None) -> list[dict]:
     csv_path = out.results_csv
     rows = R.read_rows(csv_path)
     failures: list[str] = []  # errors of diverged students: the grid finishes the others first
     t_start = time.perf_counter()
     workers = min(cfg.parallel or 1, len(cfg.seeds)) if not dist_ctx.is_distributed() else 1
     if workers > 1:
+        if shared is not None:
+            shared.clear()  # each worker builds its own: this process need not hold one through the grid
         # Seeds are independent (each run seeds itself), so they train in separate processes, one
         # CPU thread each; this process alone writes results.csv and holds the directory's lock.
         # each worker's first seed calibrates its `weight: auto` students before training any
         jobs = {seed: (cfg, students, seed, str(out.root), str(device), i < workers) for i, seed in enumerate(cfg.seeds)}
         fresh = _collect(_parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     else:
-        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0]))
+        shared = {} if shared is None else shared  # a teacher that no seed trains, built once for all of them
+        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0],
+                                      shared=shared))
                    for seed in cfg.seeds)
         fresh = _collect(results, rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     own = _settle_rows(csv_path, fresh, {TEACHER} | {m.key for _, m in students}, cfg.seeds) \
@@ -410,8 +417,19 @@ def check_auto_weights(students, bundle, device, out: RunDir, seed: int, teacher
                 trainer.remove_hooks()
 
 
+def _teacher_of(cfg, bundle, seed: int, shared: dict | None) -> torch.nn.Module:
+    """The seed's teacher. A pretrained one that no epoch trains is its file's weights whatever
+    the seed: built once and shared by the seeds of this process (``shared``; frozen, so no seed
+    changes it), not loaded again per seed."""
+    if shared is None or not (cfg.pretrained_teacher and cfg.teacher_epochs == 0):
+        return build_teacher(cfg, bundle, seed)
+    if "teacher" not in shared:
+        shared["teacher"] = build_teacher(cfg, bundle, seed)
+    return shared["teacher"]
+
+
 def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
-                precheck_auto: bool = True) -> list[tuple[dict | str, str, bool]]:
+                precheck_auto: bool = True, shared: dict | None = None) -> list[tuple[dict | str, str, bool]]:
     """Teacher, then every student of one seed; (results row, label, finished earlier) per run.
 
     Every run goes through fit(): a finished one returns its final.json at once after checking
@@ -419,7 +437,7 @@ def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
     config never silently reuses old results). A student whose loss goes non-finite is recorded
     (its ``diverged.json``; the row is the reason, a string) and the grid goes on: in a λ sweep
     the largest λ diverging is a result, not the end of the sweep. A diverging teacher stops it."""
-    teacher = build_teacher(cfg, bundle, seed)
+    teacher = _teacher_of(cfg, bundle, seed, shared)
     caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
     runs = []
     for vcfg, method in [(cfg, Method(TEACHER))] + students:
@@ -466,7 +484,12 @@ def _seed_worker(job) -> list[tuple[dict, str, bool]]:
                            tokenizer=cfg.tokenizer, holdout=cfg.holdout)
     cfg = dataclasses.replace(cfg, progress=False)
     students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
-    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto)
+    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto,
+                       shared=_WORKER_SHARED)
+
+
+#: a seed worker's teacher shared by the seeds it trains (:func:`_teacher_of`); a worker serves one grid
+_WORKER_SHARED: dict = {}
 
 
 def _csv_view(row: dict) -> dict:

@@ -13,6 +13,8 @@ all ask :class:`RunDir`)::
       select-k/             the pilot grid that chose the K of `weight: auto` (a grid of this layout)
       <method_key>/seed<seed>/   one training run ("teacher" for the teacher)
           final.json  model.pt  checkpoint.pt  log.jsonl
+          (a pretrained teacher no epoch trains has no model.pt: its final.json's
+          ``weights`` references the file by path and content digest)
 
 The contract of :meth:`RunDir.locked` (the engine wraps a whole grid in it):
 

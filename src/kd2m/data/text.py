@@ -12,7 +12,8 @@ tokenized, packed into fixed-length blocks, with a deterministic held-out split.
   code), one document per distinct topic. Nothing is downloaded; the text is that of the running
   Python (it changes a little between patch releases).
 
-Tokens: a Hugging Face tokenizer from a local model directory (``tokenizer: DIR``; never a hub),
+Tokens: a Hugging Face tokenizer from a local model directory or GGUF file (``tokenizer: DIR`` or
+``tokenizer: FILE.gguf``; never a hub),
 or by default bytes: each UTF-8 byte is a token (0–255) and 256 ends a document, a 257-token
 vocabulary for models trained from scratch. Documents are joined with the end-of-document token
 and cut into blocks of ``block + 1`` tokens; item ``(x, y)`` is the block's first ``block`` tokens
@@ -66,7 +67,8 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer read from a local directory (``local_files_only=True``)."""
+    """A Hugging Face tokenizer read from a local directory, or from a GGUF file's metadata (the
+    vocabulary and merges llama.cpp stores there); ``local_files_only=True``."""
 
     def __init__(self, path: str):
         self.name = str(path)
@@ -75,6 +77,18 @@ class HFTokenizer:
         except ImportError:
             raise ValueError('tokenizer: a model directory\'s tokenizer needs transformers: pip install -e ".[lm]"') \
                 from None
+        from ..models.hf import hf_gguf_config, is_gguf
+        if is_gguf(path):
+            hf_gguf_config(path)  # a missing, corrupt or unsupported file said as such, not as a tokenizer error
+            try:
+                self.tok = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                         local_files_only=True)
+            except Exception as e:  # noqa: BLE001 (its metadata converted by transformers: any error, one line)
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                raise ValueError(f"tokenizer: {path}: no loadable tokenizer in this GGUF file ({reason}); give "
+                                 "--tokenizer DIR, the tokenizer its model was trained with") from None
+            self._check_size()
+            return
         if not Path(path).is_dir():
             raise DatasetNotFoundError(f"tokenizer: {path} is not a directory (a Hugging Face model directory "
                                        "with its tokenizer files is expected)")
@@ -88,10 +102,13 @@ class HFTokenizer:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"tokenizer: {path}: no loadable tokenizer ({str(e).splitlines()[0][:120]})") from None
+        self._check_size()
+
+    def _check_size(self) -> None:
         self.vocab_size = len(self.tok)
         if self.vocab_size < 2:
-            raise ValueError(f"tokenizer: {path}: its vocabulary has {self.vocab_size} token(s); give the directory "
-                             "of a real tokenizer, or leave tokenizer out for bytes")
+            raise ValueError(f"tokenizer: {self.name}: its vocabulary has {self.vocab_size} token(s); give the "
+                             "directory of a real tokenizer, or leave tokenizer out for bytes")
         self.eos_token_id = self.tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -109,7 +126,7 @@ def has_tokenizer_files(path: str | Path) -> bool:
 
 
 def tokenizer_for(spec: str | None):
-    """``None`` or ``"bytes"``: :class:`ByteTokenizer`; else a model directory's tokenizer."""
+    """``None`` or ``"bytes"``: :class:`ByteTokenizer`; else a model directory's (or GGUF file's) tokenizer."""
     return ByteTokenizer() if spec in (None, "bytes") else HFTokenizer(spec)
 
 
