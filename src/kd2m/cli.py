@@ -42,6 +42,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """One option per field of RunConfig (its help is on the field, its default is the one a run
     resolves: :func:`default_help`): the CLI cannot drift from the config."""
     import dataclasses
+
     from .config import RunConfig
     for f in dataclasses.fields(RunConfig):
         meta = f.metadata
@@ -388,9 +389,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_metrics(args) -> int:
+    from . import losses
     from .data import available_datasets
     from .models import available_models
-    from . import losses
     print("distances (--metrics): " + ", ".join(losses.available("kd2m")))
     print("baselines (--baselines): ce, " + ", ".join(losses.available("baseline")))
     if args.models:

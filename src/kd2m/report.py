@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from . import results as R
-from .catalog import CE, TEACHER
 from .atomic_io import atomic_write_text, read_jsonl
+from .catalog import CE, TEACHER
 from .rundir import LOG_JSONL, RunDir
 
 __all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_diagnostics", "plot_embedding", "embedding_features",
@@ -57,6 +57,7 @@ def _figure(figsize):
 
 def _save(fig, path: Path) -> None:
     import io
+
     from .atomic_io import atomic_write_bytes
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -18,8 +18,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic_io import atomic_write_json, atomic_write_text, read_json
 from . import losses, tasks
+from .atomic_io import atomic_write_json, atomic_write_text, read_json
 from .catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
 from .methods import method_label
 from .published import CIFAR100, KD2M_PAPER

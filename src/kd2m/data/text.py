@@ -77,7 +77,7 @@ class HFTokenizer:
         except ImportError:
             raise ValueError('tokenizer: a model directory\'s tokenizer needs transformers: pip install -e ".[lm]"') \
                 from None
-        from ..models.hf import hf_gguf_config, is_gguf
+        from ..models.hf import TOKENIZER_FILES, has_tokenizer_files, hf_gguf_config, is_gguf
         if is_gguf(path):
             hf_gguf_config(path)  # a missing, corrupt or unsupported file said as such, not as a tokenizer error
             try:
@@ -113,16 +113,6 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
-
-
-#: the files a Hugging Face tokenizer is saved as (one of them at least, whatever its kind)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-
-
-def has_tokenizer_files(path: str | Path) -> bool:
-    """Whether the directory ``path`` holds a saved tokenizer (not only a model's config and weights)."""
-    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def tokenizer_for(spec: str | None):

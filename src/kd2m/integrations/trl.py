@@ -41,8 +41,7 @@ except ImportError:
 
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
-from .hf import (CausalLMLogits, DistillerTrainerMixin, _DistillerCallback, causal_targets, on_adapter,
-                 parse_term_list)
+from .hf import CausalLMLogits, DistillerTrainerMixin, _DistillerCallback, causal_targets, on_adapter, parse_term_list
 
 __all__ = ["KD2MGKDTrainer"]
 

@@ -252,7 +252,6 @@ def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None,
                          "save_pretrained") from None
     vocab = model.get_output_embeddings().weight.shape[0]
     if num_classes is not None and vocab != num_classes:
-        from ..data.text import has_tokenizer_files
         hint = (f"give the data this directory's tokenizer (tokenizer: {path})" if has_tokenizer_files(path) else
                 f"{path} holds no tokenizer files: give the data (tokenizer: DIR) the tokenizer this model was "
                 "trained with")
@@ -280,6 +279,16 @@ GGUF_SUFFIX = ".gguf"
 #: the dtype a GGUF model computes in: transformers dequantises every tensor (Q4_1, Q8_0 …) to it
 GGUF_DTYPE = torch.float32
 GGUF_INSTALL_HINT = 'pip install gguf (or pip install -e ".[lm]")'
+
+
+#: the files a Hugging Face tokenizer is saved as (one of them at least, whatever its kind)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    """Whether the directory ``path`` holds a saved tokenizer (not only a model's config and weights)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def is_gguf(path) -> bool:
