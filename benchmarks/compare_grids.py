@@ -24,8 +24,16 @@ from pathlib import Path
 
 from kd2m.atomic_io import read_json
 from kd2m.catalog import CE, TEACHER
-from kd2m.results import (figure_of, fmt_delta, label, paired_delta, per_seed_figures, read_reported,
-                          settings_difference, verdict)
+from kd2m.results import (
+    figure_of,
+    fmt_delta,
+    label,
+    paired_delta,
+    per_seed_figures,
+    read_reported,
+    settings_difference,
+    verdict,
+)
 from kd2m.rundir import FINAL_JSON
 
 #: what a method's runs in the two grids may differ in: how its λ was set (each term's weight and

@@ -46,11 +46,11 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
-
-import torch
+from collections.abc import Callable
 
 import ot
+import torch
+
 from kd2m import metrics
 
 EXPECTED = ["w2", "cw2", "jw2", "gw2", "sinkhorn", "sliced_w2", "gauss_w2", "gauss_cw2", "gauss_kl",
@@ -175,6 +175,7 @@ def geomloss_counterpart(batch, opts: dict):
     The scaling is the coarsest that brings geomloss within GEOMLOSS_MATCH of our converged value
     (or the finest tried, with its difference, when none does)."""
     from geomloss import SamplesLoss
+
     from kd2m.metrics.entropic import sinkhorn
     s, t = batch[0], batch[1]
     eps = opts["eps"]

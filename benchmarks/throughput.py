@@ -186,7 +186,7 @@ def main(argv=None):
             if mode == "cached":
                 goals[row] = "report" if name == "crd" else ("≥ 0.8" if name in EXACT_OT else "≥ 0.9")
 
-    for name, fn in steps.items():  # warm-up (compilation, allocator, solver imports, CRD's Z)
+    for _name, fn in steps.items():  # warm-up (compilation, allocator, solver imports, CRD's Z)
         fn()
     sync(device)
     rates = {name: [] for name in steps}

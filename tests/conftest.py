@@ -14,6 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from helpers import TINY_GRID, one_line_exit_2, run_cli  # noqa: E402
 
 torch.set_num_threads(1)

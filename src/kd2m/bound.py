@@ -11,9 +11,10 @@ from pathlib import Path
 from torch import nn
 
 from . import results as R
+from . import tasks
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from .catalog import EVAL_BATCH_SIZE, TEACHER
-from .rundir import MODEL_PT, RunDir
+from .rundir import FINAL_JSON, MODEL_PT, RunDir
 from .runtime import resolve_device
 from .theorem import TOL, ModelOutputs, bound_terms, model_outputs, terms_from_outputs  # noqa: F401 (the API)
 
@@ -43,10 +44,16 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
 def load_model(run_dir: Path, row: dict, name: str, bundle, device, options: dict | None = None) -> nn.Module:
     """Rebuild model ``name`` with its constructor ``options`` (the run's ``teacher_options`` or
     ``student_options``: a ViT built with ``patch_size: 2`` has other weights than the default
-    one) and load the weights of the results row ``row``."""
+    one) and load the weights of the results row ``row``: its ``model.pt``, or the pretrained
+    file its final.json references in place of one (a teacher no epoch trained)."""
     from .models import build_model
-    path = RunDir(run_dir).run_of_row(row) / MODEL_PT
+    run = RunDir(run_dir).run_of_row(row)
+    path = run / MODEL_PT
     if not path.is_file():
+        result = read_json(run / FINAL_JSON, "rerun the grid's command") if (run / FINAL_JSON).is_file() else None
+        if isinstance(result, dict) and isinstance(result.get("weights"), dict):
+            from .training.build import build_referenced
+            return build_referenced(result["weights"], name, bundle, options).to(device).eval()
         raise FileNotFoundError(f"{path} not found (the run of {row['method']} seed {row['seed']} has no weights)")
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **(options or {}))
     model.load_state_dict(load_checkpoint(path))
@@ -115,9 +122,10 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
     run_dir = Path(run_dir)
     cfg, rows = load_run(run_dir)
     from .data import dataset_task
-    if dataset_task(cfg["dataset"]) != "classification":
-        raise ValueError(f"kd2m bound: Theorem 1 bounds a classifier's risk; {run_dir} trained language models "
-                         f"({cfg['dataset']}): their paired perplexities are in results.md")
+    task = tasks.get(dataset_task(cfg["dataset"]))
+    if not task.diagnostics:  # Theorem 1 is about a classifier's risk on pooled features (Task.diagnostics)
+        raise ValueError(f"kd2m bound: Theorem 1 bounds a classifier's risk; {run_dir} trained a {task.name} task "
+                         f"({cfg['dataset']}): its paired test {task.figure_name} is in results.md")
     dev = resolve_device(device)
     bundle = build_dataset(cfg["dataset"], data_root=data_root or cfg.get("data_root"), download=False,
                            augment=False, image_size=cfg.get("image_size"), holdout=cfg.get("holdout") or 0.0)

@@ -52,6 +52,39 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
     return "kd2m default"
 
 
+def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
+    """``DIR/config.json`` where a role's model and options are those of its ``save_pretrained``
+    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), ``FILE.gguf (its
+    metadata)`` where those of a GGUF file, ``FILE.gguf (its own tokenizer)`` for the tokenizer a
+    GGUF file holds, else None."""
+    from .models.hf import is_gguf
+    if key == "tokenizer":
+        own = [w for w in (cfg.pretrained_teacher, cfg.pretrained_student) if is_gguf(w) and w == cfg.tokenizer]
+        return f"{own[0]} (its own tokenizer)" if own else None
+    role = key.split("_")[0]
+    if key not in ("teacher", "student", "teacher_options", "student_options"):
+        return None
+    weights = getattr(cfg, f"pretrained_{role}")
+    if not _hf_directory(cfg, role):
+        return None
+    return f"{weights} (its metadata)" if is_gguf(weights) else f"{weights}/config.json"
+
+
+def _hf_directory(cfg: RunConfig, role: str) -> bool:
+    """Whether ``role`` is built from a ``save_pretrained`` directory or a GGUF file (as
+    :func:`kd2m.training.build.build_net` builds it)."""
+    from .models.hf import is_hf, is_hf_pretrained
+    return is_hf(getattr(cfg, role)) and is_hf_pretrained(getattr(cfg, f"pretrained_{role}"))
+
+
+def _pretrained_value(cfg: RunConfig, key: str, value):
+    """A GGUF file's path with how it stores its weights and the dtype the model computes in."""
+    from .models.hf import GGUF_DTYPE, gguf_storage, is_gguf
+    if key not in ("pretrained_teacher", "pretrained_student") or not is_gguf(value):
+        return value
+    return f"{value} (GGUF, stored as {gguf_storage(value)}; dequantised, computes in {str(GGUF_DTYPE)[6:]})"
+
+
 def _entry_of(user: RunConfig, method: Method, index: int) -> dict:
     """The config entry a term came from (students:/distill:), or {} for a metrics/baselines name."""
     entries = dict(user.students or {})
@@ -61,7 +94,9 @@ def _entry_of(user: RunConfig, method: Method, index: int) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
-def _weight_source(user: RunConfig, term, entry: dict) -> str:
+def _weight_source(user: RunConfig, term, entry: dict, swept: bool = False) -> str:
+    if swept:
+        return "--sweep"
     if "weight" in entry:
         return "config"
     if term.name in (user.weights or {}):
@@ -76,7 +111,7 @@ def _weight_source(user: RunConfig, term, entry: dict) -> str:
     return "authors' default"
 
 
-def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
+def _option_sources(user: RunConfig, term, entry: dict, sweep_key: str | None = None) -> list[str]:
     given = dict(entry.get("options") or {})
     from_config = dict((user.term_options or {}).get(term.name, {}))
     from_dataset = defaults_for(user.resolved().dataset).get("term_options", {}).get(term.name, {})
@@ -87,6 +122,8 @@ def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
             where = "config"
         elif key in from_dataset:
             where = "dataset default"
+        elif sweep_key == "kd_temperature":  # kd's temperature: the run's kd_temperature, here swept
+            where = "--sweep"
         else:  # kd's temperature: the run's kd_temperature
             where = _field_source(user, "kd_temperature")
         out.append(f"{key}={value!r} ({where})")
@@ -129,9 +166,15 @@ def _models(cfg: RunConfig):
             return None
         classes, channels, size = SHAPES[cfg.dataset]
         example = torch.zeros(2, channels, size, size)
+
+    def build(role: str):
+        if _hf_directory(cfg, role):  # its own architecture, as a grid builds it
+            from .models.hf import load_hf_pretrained
+            return load_hf_pretrained(getattr(cfg, f"pretrained_{role}"), classes, size)
+        return build_model(getattr(cfg, role), classes, channels, size, **(getattr(cfg, f"{role}_options") or {}))
+
     with torch.random.fork_rng(devices=[]):
-        student = build_model(cfg.student, classes, channels, size, **(cfg.student_options or {})).eval()
-        teacher = build_model(cfg.teacher, classes, channels, size, **(cfg.teacher_options or {})).eval()
+        student, teacher = build("student").eval(), build("teacher").eval()
     return student, teacher, example
 
 
@@ -164,7 +207,10 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
     line set (a value equal to kd2m's default is then still "config"). Builds the models to
     resolve default layers (no data is needed for datasets of known shape); trains and writes
     nothing."""
+    from .grid import sweep_variants
     cfg = user.resolved()
+    students = sweep_variants(cfg, sweep)  # exactly the runs the grid trains
+    sweep_key = sweep[0] if sweep is not None else None
     lines = [f"# Reproduction card: what `{command}` would run (nothing is trained)", "",
              "## Recipe (teacher and every student)", "", "| setting | value | from |", "|---|---|---|"]
     for key in RECIPE:
@@ -174,7 +220,12 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         if (key == "lr_min" and cfg.lr_schedule != "cosine") or (key == "lr_gamma" and cfg.lr_schedule == "cosine") \
                 or (key == "momentum" and cfg.optimizer != "sgd"):
             continue
-        lines.append(f"| {key} | {value} | {_field_source(user, key, given)} |")
+        if key == sweep_key:  # the teacher trains with the recipe's value, every student with each swept one
+            lines.append(f"| {key} | {value} (teacher); students: {', '.join(f'{v:g}' for v in sweep[1])} | "
+                         f"{_field_source(user, key, given)}; --sweep |")
+            continue
+        lines.append(f"| {key} | {_pretrained_value(cfg, key, value)} | "
+                     f"{_pretrained_source(cfg, key) or _field_source(user, key, given)} |")
     models = _models(cfg)
     lines += ["", "## Students", ""]
     from .select_k import plan
@@ -185,24 +236,34 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         lines += [f"λ of {', '.join(names)}: chosen before the grid by {how} among auto×"
                   f"{', auto×'.join(f'{k:g}' for k in values)} (0: the term off), on a holdout of "
                   f"{cfg.select_holdout:g} of the training split, seeds {cfg.select_seeds}; the λ below is "
-                  "what they would train at without it (`--select-k none`).", ""]
-    for method in cfg.methods():
-        if method.key == CE:
-            lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", ""]
+                  "what they would train at without it (`--select-k none`). A term chosen at K = 0 trains as the "
+                  "CE-only student (CE weight 1), the student its pilot was; named students keep their λ.", ""]
+    if sweep is not None:
+        lines += [f"`--sweep {sweep_key}={','.join(f'{v:g}' for v in sweep[1])}`: one student per swept value "
+                  "(`KEY@value`), as listed; what the sweep does not vary runs once.", ""]
+    for vcfg, method in students:
+        key = method.key.partition("@")[0]  # the student's name in the config (a swept one is `name@value`)
+        varied = "@" in method.key
+        swept = [] if not varied or sweep_key in ("weight", "auto_weight") else \
+            [f"{sweep_key} {getattr(vcfg, sweep_key):g} (--sweep)."]
+        if key == CE:
+            lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", *swept, ""]
             continue
-        given_ce = method.key in (user.ce_weights or {})
+        given_ce = key in (user.ce_weights or {})
         ce_from = "config" if given_ce else (
-            "dataset default" if user.ce_weights is None and method.key in
+            "dataset default" if user.ce_weights is None and key in
             defaults_for(user.resolved().dataset).get("ce_weights", {}) and user.weights is None
             else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
             else "kd2m default")
-        lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", "",
-                  "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
+        lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", *swept,
+                  "", "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
         for i, t in enumerate(method.terms):
-            entry = _entry_of(user, method, i)
+            entry = _entry_of(user, dataclasses.replace(method, key=key), i)
             lam = ("auto×" if t.auto else "") + f"{t.weight:g}"
-            lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({_weight_source(user, t, entry)}) | "
-                         f"{_schedule(t, entry, user)} | {'; '.join(_option_sources(user, t, entry)) or '—'} | "
+            lam_from = _weight_source(user, t, entry, swept=varied and sweep_key in ("weight", "auto_weight"))
+            options = _option_sources(user, t, entry, sweep_key if varied else None)
+            lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({lam_from}) | "
+                         f"{_schedule(t, entry, user)} | {'; '.join(options) or '—'} | "
                          f"{_layers(t, models, entry, user, given)} |")
         lines.append("")
     if models is None:

@@ -104,15 +104,16 @@ class RunConfig:
                                   "(your .txt/.jsonl files)")
     task: str | None = _opt(None, "classification or lm (default: the dataset's); --task lm alone runs the "
                                   "offline text benchmark (python_docs)")
-    tokenizer: str | None = _opt(None, "text: a local model directory whose tokenizer to use (default: bytes, "
-                                       "a 257-token vocabulary)")
+    tokenizer: str | None = _opt(None, "text: a local model directory or GGUF file whose tokenizer to use "
+                                       "(default: a GGUF --pretrained-teacher's own, else bytes, a 257-token "
+                                       "vocabulary)")
     data_root: str | None = _opt(None, "where datasets live (imagefolder: a dir with train/ and test/)")
     download: bool = _opt(False, "download the dataset if missing", flag=True)
     holdout: float = _opt(0.0, "evaluate on this fraction of the training split instead of the test split (a "
                                "fixed random part, the same for every run; the rest trains, the teacher "
                                "included): for choosing λ without touching the test set (--select-k)")
-    image_size: int | None = _opt(None, "imagefolder: resize every image to this size (default: the most common "
-                                        "size); text: the block length in tokens (default 64)")
+    image_size: int | None = _opt(None, "imagefolder: resize every image to this size (unset: the most common "
+                                        "size); text: the block length in tokens")
     teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME, "
                                       "hf:MODEL_TYPE, or package.module:factory: your own code, called with "
                                       "num_classes=, in_channels=, image_size= and teacher_options)")
@@ -123,8 +124,7 @@ class RunConfig:
     metrics: list = _opt(None, "comma list of KD²M distances, one student each (e.g. w2,cw2,gauss_kl)",
                          factory=lambda: list(PAPER_METRICS))
     baselines: list | None = _opt(None, "comma list: ce (the CE-only student) and/or baseline terms, one student "
-                                        "each (e.g. ce,kd,dkd,dist,pkt,rkd,crd; default ce,kd,dkd,dist, and for "
-                                        "text ce,fkl,rkl,jsd)")
+                                        "each (e.g. ce,kd,dkd,dist,pkt,rkd,crd)")
     students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
                                        "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
     distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
@@ -146,47 +146,48 @@ class RunConfig:
               "split minus a holdout (select_holdout) and scored on it; each term then runs at its best K. Given, "
               "it chooses for every distance and every baseline at auto. none: choose nothing (auto is auto*1, one "
               "calibration). README: λ chosen on a holdout")
-    select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones (default "
-                                          "100,101,102)")
+    select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones, read as "
+                                          "--seeds: a count (3: seeds 0,1,2) or a comma list (one seed: 100,)")
     select_holdout: float = _opt(0.2, "the share of the training split the select_k pilot grid is scored on")
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
-    teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
+    teacher_epochs: int | None = _opt(None, "teacher epochs (0 = use --pretrained-teacher as is; unset: --epochs)")
     seeds: typing.Any = _opt(None, "number of seeds (e.g. 3: seeds 0,1,2) or a comma list (e.g. 5,7; one seed: 5,)")
-    batch_size: int | None = _opt(None, "batch size per process (default 128)")
+    batch_size: int | None = _opt(None, "batch size per process")
     lr: float | None = _opt(None, "initial learning rate")
-    teacher_lr: float | None = _opt(None, "learning rate of the teacher's training (default: --lr)")
+    teacher_lr: float | None = _opt(None, "learning rate of the teacher's training (unset: --lr)")
     lr_min: float = _opt(1e-4, "final learning rate of the cosine schedule")
     lr_schedule: str = _opt("cosine", "cosine (lr → lr-min) or multistep (×lr-gamma at lr-milestones)")
     lr_milestones: list = _opt(None, "multistep: comma list of epochs where lr is multiplied by --lr-gamma",
                                factory=list)
     lr_gamma: float = _opt(0.1, "multistep factor")
-    optimizer: str | None = _opt(None, "sgd (default: with momentum and weight decay) or adamw (the text default)")
+    optimizer: str | None = _opt(None, "sgd (with momentum and weight decay) or adamw")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "SGD weight decay")
-    device: str = _opt("auto", "auto (default), cpu, cuda, cuda:1")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1")
     out: str | None = _opt(None, "output directory (default runs/<dataset>)")
     num_workers: int | None = _opt(None, "data loader workers")
-    threads: int | None = _opt(None, "CPU threads for torch (0 = torch's default; digits defaults to 1)")
-    unit: str | None = _opt(None, "what one sample of the metrics' distributions is: batch (default: an image), "
+    threads: int | None = _opt(None, "CPU threads for torch (0 = torch's default)")
+    unit: str | None = _opt(None, "what one sample of the metrics' distributions is: batch (an image), "
                                   "spatial (each map's positions), sequence (each sequence's tokens), tokens (every "
-                                  "token of the batch: the text default)")
-    student_layer: str = _opt("penultimate", "student layer the distances match (module path; default penultimate)")
-    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path; default penultimate)")
-    match: str = _opt("global", "global (default: gather features over ranks) or local")
-    amp: str = _opt("none", "none (default), bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
+                                  "token of the batch)")
+    student_layer: str = _opt("penultimate", "student layer the distances match (module path)")
+    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path)")
+    match: str = _opt("global", "global (gather features over ranks) or local")
+    amp: str = _opt("none", "none, bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
     channels_last: bool = _opt(False, "channels_last memory format", flag=True)
     compile: bool = _opt(False, "torch.compile the student", flag=True)
     teacher_cache: int | None = _opt(None, "K > 0: compute the teacher's outputs once for K fixed views of each training "
                                  "image and look them up each step (offline distillation; 1 is exact without "
                                  "augmentation)")
     max_cache_mb: float = _opt(8192.0, "refuse a --teacher-cache table larger than this (MiB)")
-    pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True)")
+    pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True); "
+                                               "lm: a save_pretrained folder or a .gguf file")
     pretrained_student: str | None = _opt(None, "local weights file for the student initialisation")
     max_pairwise_mb: float = _opt(2048.0, "refuse O(n²) distances whose buffers would exceed this (MiB)")
     progress: bool = _opt(True, "progress bars (--no-progress: none)", flag=True)
-    parallel: int | None = _opt(None, "seeds trained at once, each in its own process with one thread (default: 2 "
-                                      "for digits and mnist1d, 1 otherwise; 1 under torchrun); results are the same as "
+    parallel: int | None = _opt(None, "seeds trained at once, each in its own process with one thread (1 under "
+                                      "torchrun, whatever is given); results are the same as "
                                       "sequential runs at the same thread count: each worker uses --threads "
                                       "(0: 1 thread), and a CPU run's thread count is part of its stored settings")
     # kd2m.monitor (neither changes what a run trains, so neither is part of a run's settings)
@@ -216,6 +217,7 @@ class RunConfig:
         _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
+        _check_lm(c)
         return c
 
     def teacher_config(self) -> "RunConfig":
@@ -306,6 +308,8 @@ def _fill_defaults(c: RunConfig) -> None:
         c.weights = {k: w for k, w in default_weights.items()
                      if c.weight is None or losses.spec(k).family != "kd2m"}
     default_options = defaults.pop("term_options", {})
+    given_models = {k for k in ("teacher", "student", "teacher_options", "student_options")
+                    if getattr(c, k) is not None}
     if c.baselines is None:
         c.baselines = list(defaults["baselines"])
     if c.term_options is None:
@@ -313,6 +317,7 @@ def _fill_defaults(c: RunConfig) -> None:
     for key, value in defaults.items():
         if getattr(c, key) is None:
             setattr(c, key, value)
+    _fill_hf_models(c, given_models)
     if c.teacher_epochs is None:
         c.teacher_epochs = c.epochs
     if c.out is None:
@@ -334,6 +339,79 @@ def _check_models(c: RunConfig) -> None:
             raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
                               f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE, "
                               "package.module:factory for your own)")
+
+
+#: the text defaults' GPT-2 options by the names every transformers config answers to
+_HF_COMMON_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads"}
+
+
+def _fill_hf_models(c: RunConfig, given: set) -> None:
+    """What each ``hf:`` network really is. A ``save_pretrained`` directory given as
+    ``pretrained_<role>`` decides its architecture: the role is named after its ``model_type`` and
+    its options are its config (what config.json, the card and every run's settings then record);
+    options or another model type given with it are refused, as they would be ignored. Else the
+    text defaults' GPT-2 options go to another model type under the names its config takes
+    (``hidden_size`` …), only those it has. A GGUF file is a directory's like (its metadata is
+    its config), and its tokenizer is the data's unless ``tokenizer`` is given."""
+    from .models.hf import hf_directory_config, hf_gguf_config, is_gguf, is_hf
+    for role in ("teacher", "student"):
+        name, weights, key = getattr(c, role), getattr(c, f"pretrained_{role}"), f"{role}_options"
+        if not is_hf(name):
+            continue
+        source = "its metadata" if is_gguf(weights) else "its config.json"
+        if is_gguf(weights):
+            try:  # a missing, corrupt or unloadable file is refused now, before any data is read
+                directory = hf_gguf_config(weights)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"pretrained_{role}: {e}") from None
+            if c.tokenizer is None:
+                c.tokenizer = weights  # its own vocabulary: the tokenizer its model was trained with
+        else:
+            directory = hf_directory_config(weights) if weights and Path(weights).is_dir() else None
+        if directory is not None:
+            built = f"hf:{directory['model_type']}"
+            if role in given and name != built:
+                raise ConfigError(f"{role}: {name}, but pretrained_{role} {weights} holds a {built} model ({source}); "
+                                  f"give {role}: {built}, or leave {role} out")
+            if key in given and getattr(c, key) and getattr(c, key) != directory:
+                raise ConfigError(f"{key}: pretrained_{role} {weights} holds its own architecture ({source}), "
+                                  f"so these options would be ignored; leave {key} out")
+            setattr(c, role, built)
+            setattr(c, key, directory)
+        elif key not in given and name != LM_DEFAULTS[role] and getattr(c, key):
+            setattr(c, key, _hf_defaults_for(name, getattr(c, key)))
+
+
+def _hf_defaults_for(name: str, options: dict) -> dict:
+    """The default GPT-2 ``options`` for model ``name`` (``hf:MODEL_TYPE``): those its config has,
+    under their common names; {} where transformers or the type is unknown (the build says why)."""
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.for_model(name[len("hf:"):])
+    except (ImportError, ValueError):
+        return {}
+    renamed = {_HF_COMMON_NAMES.get(k, k): v for k, v in options.items()}
+    return {k: v for k, v in renamed.items() if hasattr(config, k)}
+
+
+def _check_lm(c: RunConfig) -> None:
+    """Language models read text, and text's distances need a next token per sample: ``hf:``
+    models only on text datasets; no distance pooled per sequence (unit batch) on text."""
+    lm = dataset_task(c.dataset) == "lm"
+    for role in ("teacher", "student"):
+        if str(getattr(c, role)).startswith("hf:") and not lm:
+            raise ConfigError(f"{role}: {getattr(c, role)} is a language model, for text datasets (python_docs, "
+                              f"text:PATH); {c.dataset!r} is for {dataset_task(c.dataset)}: choose another {role}")
+    if not lm:
+        return
+    valid = "tokens (every token of the batch a sample: the text default) or sequence (each sequence's tokens)"
+    for method in c.methods():
+        for t in method.terms:
+            if t.spec.family == "kd2m" and t.unit == "batch":
+                where = "unit: batch" if method.key in (c.metrics or []) else \
+                    f"students: {method.key}: {t.name} has unit batch (an entry's default when it gives none)"
+                raise ConfigError(f"{where}: a sequence pooled into one sample has no next-token label to match on "
+                                  f"text; give unit {valid}")
 
 
 def _check_lists_and_numbers(c: RunConfig) -> None:
@@ -535,7 +613,7 @@ def _check_student_name(name, where: str) -> None:
     if not ok or name in taken or name.startswith("."):
         raise ConfigError(f"{where}: {_quote(name)} cannot name a student (it names its directory in the output "
                           "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
-                          "uses there (teacher, ce, results.csv, config.json, report, …)")
+                          "uses there (teacher, ce, results.csv, config.json, report, select-k, …)")
 
 
 def _seed_list(seeds, key: str = "seeds") -> list:
@@ -650,6 +728,10 @@ def _expected_types(name: str) -> tuple:
 
 def _check_value(name: str, value):
     types = _expected_types(name)
+    if name == "select_k" and isinstance(value, str) and not value.replace(",", "").strip():
+        # an empty comma list would read as [], which is `none`: nothing chosen, silently
+        raise ConfigError(f"select_k: no K in {_quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
+                          "to choose nothing")
     if list in types and isinstance(value, str):  # "w2,cw2" from the command line
         value = _str_list(name, value)
     if value is None and type(None) in types:

@@ -35,7 +35,7 @@ transposed view), so downstream every 3-D tensor is ``(n, L, d)`` and every 4-D 
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn

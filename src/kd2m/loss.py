@@ -14,7 +14,6 @@ from . import metrics
 from .metrics import batched
 from .projectors import build_projector
 
-
 UNITS = ("batch", "spatial", "sequence", "tokens", "class")
 #: unit="tokens": positions kept per step (exact OT is O(n³) in them), and the seed that picks them
 MAX_TOKENS = 256

@@ -84,8 +84,10 @@ class TermConfig:
         epochs counted from 1 by its trainer).
         """
         w = self.weight
-        if self.warmup_epochs > 0:
-            w *= min((epoch + 1) / self.warmup_epochs, 1.0)
+        # no warm-up given: the authors' share of the run (DKD's 20 of 240 epochs), as a grid's config gets it
+        warmup = self.warmup if self.warmup is not None else self.spec.warmup_for(epochs)
+        if warmup > 0:
+            w *= min((epoch + 1) / warmup, 1.0)
         kind, start = parse_schedule(self.schedule)
         if kind == "linear_up":
             w *= (epoch + 1) / max(epochs, 1)

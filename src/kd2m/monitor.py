@@ -238,7 +238,7 @@ class Monitor:
 
     @classmethod
     def for_run(cls, cfg, model_role: str, run_dir: Path, title: str, settings: dict, history: list[dict],
-                teacher: nn.Module | None, test_set, device, task=None) -> "Monitor | None":
+                teacher: nn.Module | None, test_set, device, task=None) -> Monitor | None:
         """``model_role``: "teacher" or "student"; ``teacher``: the student's teacher (None for the
         teacher's own run); ``task``: the run's :class:`~kd2m.tasks.Task` (the diagnostics run
         where its ``diagnostics`` says Theorem 1's terms apply). Only the main process monitors

@@ -2,7 +2,8 @@
 entries through :func:`add_entry`, so a name is registered once, with one error if it is not."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 

@@ -326,11 +326,13 @@ class Trainer:
                               f"{self.task.primary}); delete that run directory to redo it")
         check_settings(self.run_dir, result.get("settings"), self.settings)
         weights = self.run_dir / MODEL_PT
-        if load_finished:
-            if not weights.exists():
-                raise ConfigError(f"{self.final_path} marks this run finished but {weights} is missing; "
-                                  f"delete {self.run_dir} to retrain it")
+        if load_finished and weights.exists():
             self.model.load_state_dict(load_checkpoint(weights))
+        elif load_finished and not isinstance(result.get("weights"), dict):
+            raise ConfigError(f"{self.final_path} marks this run finished but {weights} is missing; "
+                              f"delete {self.run_dir} to retrain it")
+        # else a pretrained teacher no epoch trained: the model was built from the file its final.json
+        # references, whose content the settings just checked (their pretrained digest)
         if dist_ctx.is_main():  # a kill after final.json left the resume state behind: drop it now
             _remove(self.ckpt_path)
         self.model.to(self.device)
@@ -369,13 +371,37 @@ class Trainer:
                   "epochs": self.epochs, "seconds": round(elapsed, 3), "settings": self.settings}
         if any(b.config.auto for b in self.terms):
             result["auto_scales"] = {b.key: s for b, s in zip(self.terms, self.scales)}
+        reference = self._pretrained_reference()
+        if reference is not None:
+            result["weights"] = reference
         if dist_ctx.is_main():
             self._write_log(history)
-            save_checkpoint(self.run_dir / MODEL_PT, self.model.state_dict())
+            if reference is None:
+                save_checkpoint(self.run_dir / MODEL_PT, self.model.state_dict())
             atomic_write_json(self.final_path, result)
             _remove(self.ckpt_path)  # the resume state is no longer needed once the final weights are written
         dist_ctx.barrier()  # no rank starts the next run before rank 0 has written this one
         return result
+
+
+    def _pretrained_reference(self) -> dict | None:
+        """For a teacher no epoch trains from its ``pretrained_teacher`` file: that file by its
+        absolute path and content digest (:func:`kd2m.models.pretrained.weights_identity`), the
+        dtype its model computes in and, for a GGUF file, how the file stores the weights. Its
+        final.json holds this in place of a ``model.pt``: the weights are the file's, the same for
+        every seed (a 135M-parameter teacher would be 538 MB written per seed). None for any
+        other run."""
+        path = self.cfg.pretrained_teacher
+        if not (self.method.is_teacher and self.epochs == 0 and path):
+            return None
+        from .models.hf import gguf_storage, is_gguf
+        from .models.pretrained import weights_identity
+        dtype = next(self.model.parameters()).dtype
+        reference = {"file": os.path.abspath(path), "identity": weights_identity(path),
+                     "dtype": str(dtype).removeprefix("torch.")}
+        if is_gguf(path):
+            reference["stored_as"] = f"GGUF: {gguf_storage(path)}, dequantised"
+        return reference
 
 
 def _remove(path: Path) -> None:

@@ -3,9 +3,10 @@ import subprocess
 import time
 
 import pytest
-from helpers import ENV, kd2m_cmd, read_csv
 
 from kd2m.config import PAPER_METRICS
+
+from helpers import ENV, kd2m_cmd, read_csv
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+
 from helpers import ENV, one_line_error
 
 

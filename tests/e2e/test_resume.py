@@ -7,9 +7,10 @@ import time
 
 import pytest
 import torch
-from helpers import ENV, kd2m_cmd, read_csv
 
 from kd2m.atomic_io import load_checkpoint
+
+from helpers import ENV, kd2m_cmd, read_csv
 
 
 def test_killed_bench_grid_resumes_without_redoing_or_duplicating(tmp_path):

@@ -6,7 +6,6 @@ import pytest
 
 from helpers import REPO_ROOT
 
-
 ROOT = REPO_ROOT
 
 
@@ -131,6 +130,18 @@ def test_divergence_memory_benchmark_rows(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| fkl |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert len(cells) == 6 and float(cells[2]) >= 0 and float(cells[4]) >= 0
+
+
+def test_fused_head_benchmark_rows(tmp_path):
+    """benchmarks/fused_head.py: an unfused and a fused measurement per vocabulary in fresh
+    processes, and the sparse teacher's error per divergence, at tiny sizes."""
+    table = load("fused_head").main(["--quick", "--tokens", "16", "--dim", "8", "--k", "4", "--vocabs", "600,900",
+                                     "--out", str(tmp_path / "f.md")])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ")}
+    assert float(rows["600"][1]) >= 0 and float(rows["900"][3]) >= 0 and float(rows["900"][6]) > 0
+    errors = [float(c) for c in rows["fkl (" + next(r for r in rows if r.startswith("fkl (")).split("(")[1]]]
+    assert len(errors) == 4 and all(0 <= e <= 1 for e in errors) and errors == sorted(errors, reverse=True)
 
 
 def test_feature_balance_is_the_ratio_of_gradient_norms_at_the_features(tmp_path, capsys):

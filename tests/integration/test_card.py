@@ -1,9 +1,9 @@
 """`kd2m bench CONFIG --dry-run`: the reproduction card — every method's effective settings and
 where each comes from — printed without training or writing anything."""
 
-from helpers import REPO_ROOT
-
 from kd2m.cli import main
+
+from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
 

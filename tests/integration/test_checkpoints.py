@@ -3,10 +3,11 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_GRID, fail_writes, one_line_error, run_cli
 
 import kd2m.atomic_io as ckpt_mod
 from kd2m.atomic_io import atomic_write_bytes, load_checkpoint
+
+from helpers import TINY_GRID, fail_writes, one_line_error, run_cli
 
 
 def _evil_pickle(path, marker):

@@ -3,10 +3,11 @@ no common seed."""
 import importlib.util
 
 import pytest
-from helpers import ONE_EPOCH_GRID, REPO_ROOT, one_line_error, run_cli
 
 from kd2m import results as R
 from kd2m.cli import main
+
+from helpers import ONE_EPOCH_GRID, REPO_ROOT, one_line_error, run_cli
 
 
 def test_compare_refuses_runs_trained_with_other_settings(tmp_path, capsys):

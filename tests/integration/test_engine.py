@@ -5,11 +5,12 @@ import subprocess
 
 import pytest
 import torch
-from helpers import ENV, REPO_ROOT, kd2m_cmd, read_csv
 
 from kd2m.atomic_io import load_checkpoint
 from kd2m.cli import main
 from kd2m.config import PAPER_METRICS, RunConfig, load_yaml
+
+from helpers import ENV, REPO_ROOT, kd2m_cmd, read_csv
 
 
 def test_run_one_epoch_every_paper_metric(tmp_path, capsys):

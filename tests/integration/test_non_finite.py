@@ -5,6 +5,11 @@ import subprocess
 
 import pytest
 import torch
+
+from kd2m import metrics
+from kd2m.atomic_io import load_checkpoint
+from kd2m.cli import main
+
 from helpers import (
     ENV,
     ONE_EPOCH_GRID,
@@ -14,10 +19,6 @@ from helpers import (
     one_line_exit_2,
     run_cli,
 )
-
-from kd2m import metrics
-from kd2m.atomic_io import load_checkpoint
-from kd2m.cli import main
 
 
 def test_huge_learning_rate_stops_with_epoch_and_step(tmp_path):

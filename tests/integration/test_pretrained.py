@@ -2,6 +2,7 @@
 import json
 
 import torch
+
 from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 

@@ -1,10 +1,11 @@
 """Models and weights that cannot work are refused before any teacher or student trains."""
 import pytest
 import torch
-from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 from kd2m import metrics
 from kd2m.config import ConfigError
+
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 
 def test_a_model_with_tuple_outputs_or_a_too_small_input_is_refused_before_training():

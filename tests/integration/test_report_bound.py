@@ -15,14 +15,14 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from helpers import REPO_ROOT
-
 from kd2m import results as R
 from kd2m.bound import bound_terms, evaluate_run, load_model, load_run
 from kd2m.cli import main
 from kd2m.config import load_yaml
 from kd2m.data import build_dataset
 from kd2m.report import make_report
+
+from helpers import REPO_ROOT
 
 REPO = REPO_ROOT
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -3,10 +3,11 @@ import csv
 import json
 
 import pytest
-from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 from kd2m import results as R
 from kd2m.cli import main
+
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 
 def _rows(path):

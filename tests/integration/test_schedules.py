@@ -4,9 +4,10 @@ import json
 import math
 
 import pytest
-from helpers import REPO_ROOT, one_line_exit_2
 
 from kd2m.cli import main
+
+from helpers import REPO_ROOT, one_line_exit_2
 
 
 def _log(path):

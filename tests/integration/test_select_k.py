@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from helpers import REPO_ROOT
-
 from kd2m.cli import main
 from kd2m.config import ConfigError, RunConfig
 from kd2m.data import build_dataset
 from kd2m.data.registry import holdout_split
 from kd2m.select_k import choose
+
+from helpers import REPO_ROOT
 
 
 def test_holdout_split_is_a_fixed_partition():

@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
-from helpers import ONE_EPOCH_GRID, run_cli
 
 from kd2m.cli import main
 from kd2m.config import RunConfig
 from kd2m.data import build_dataset
 from kd2m.features import FeatureTap
 from kd2m.train import Trainer, build_student, build_teacher, freeze
+
+from helpers import ONE_EPOCH_GRID, run_cli
 
 
 def test_two_same_name_terms_on_one_layer_get_their_own_log_keys(tmp_path, capsys):

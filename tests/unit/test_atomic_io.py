@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
-from helpers import fail_writes
 
 import kd2m.atomic_io as ckpt_mod
 from kd2m.atomic_io import atomic_write_bytes, load_checkpoint, save_checkpoint
+
+from helpers import fail_writes
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")

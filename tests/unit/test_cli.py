@@ -5,9 +5,10 @@ import time
 
 import pytest
 import torch
-from helpers import TINY_GRID, alias_bomb, bench_yaml, one_line_error, run_cli
 
 from kd2m.cli import main
+
+from helpers import TINY_GRID, alias_bomb, bench_yaml, one_line_error, run_cli
 
 
 def _random_bytes(path):

@@ -3,10 +3,11 @@ errors quoting bounded values, student entries and weights resolved as written, 
 import time
 
 import pytest
-from helpers import alias_bomb, bench_yaml, one_line_error, run_cli
 
 from kd2m import losses
 from kd2m.config import ConfigError, RunConfig, from_mapping, load_yaml
+
+from helpers import alias_bomb, bench_yaml, one_line_error, run_cli
 
 
 def test_a_444_byte_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import load_benchmark
-
 from kd2m import KD2MLoss, losses, metrics
 from kd2m.losses import TermContext
 from kd2m.metrics.batched import is_batched
 from kd2m.projectors import MapProjector
+
+from helpers import load_benchmark
 
 
 def _maps(n=3, c=5, h=3, w=4, seed=0, shift=0.7, teacher_hw=None):

@@ -10,10 +10,20 @@ Modules: ``registry`` (``DataBundle``, the registry, default data root), ``digit
 the sequence length), ``torchvision_sets`` (cifar10, cifar100, svhn), ``imagefolder`` (your own images),
 ``text`` (``python_docs`` and ``text:PATH``: token blocks for language models).
 """
-from .registry import (DEFAULT_DATA_ROOT, DataBundle, DatasetNotFoundError, available_datasets,  # noqa: F401
-                       build_dataset, dataset_labels, dataset_task, is_dataset, register_dataset,
-                       register_dataset_prefix, resolve_root)
 from . import digits, imagefolder, mnist1d, text, torchvision_sets  # noqa: F401,E402  (registers the datasets)
+from .registry import (  # noqa: F401
+                       DEFAULT_DATA_ROOT,
+                       DataBundle,
+                       DatasetNotFoundError,
+                       available_datasets,
+                       build_dataset,
+                       dataset_labels,
+                       dataset_task,
+                       is_dataset,
+                       register_dataset,
+                       register_dataset_prefix,
+                       resolve_root,
+)
 
 __all__ = ["build_dataset", "dataset_labels", "available_datasets", "register_dataset", "resolve_root", "DataBundle",
            "DatasetNotFoundError", "DEFAULT_DATA_ROOT"]

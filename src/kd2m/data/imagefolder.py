@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import datasets, transforms as T
+from torchvision import datasets
+from torchvision import transforms as T
 
 from .registry import DataBundle, DatasetNotFoundError, register_dataset
 from .torchvision_sets import image_transforms

@@ -61,7 +61,7 @@ def generate(args: dict = GENERATION_ARGS) -> dict[str, np.ndarray]:
     ``make_dataset`` seeds Python's and NumPy's global generators; their states are restored
     afterwards so building the data never changes the caller's random streams.
     """
-    from mnist1d.data import make_dataset, get_templates  # imported here: it pulls in matplotlib
+    from mnist1d.data import get_templates, make_dataset  # imported here: it pulls in matplotlib
     from mnist1d.utils import ObjectView
 
     py_state, np_state = random.getstate(), np.random.get_state()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchvision import datasets, transforms as T
+from torchvision import datasets
+from torchvision import transforms as T
 
 from .registry import DataBundle, DatasetNotFoundError, register_dataset, resolve_root
 

@@ -13,8 +13,8 @@ import functools
 from torch import Tensor
 
 from .. import metrics
-from ..metrics import batched
 from ..loss import KD2MLoss
+from ..metrics import batched
 from .registry import Term, TermContext, TermSpec, add_spec, spec
 
 #: options every distance term takes besides its metric's own

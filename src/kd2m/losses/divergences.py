@@ -19,6 +19,28 @@ gradient goes into one buffer the size of the logits, which the backward scales.
 memory of a call is that buffer plus a few ``chunk_size × V`` float32 temporaries (about 5 × 2²²
 × 4 bytes ≈ 80 MiB), whatever the number of positions, beside the logits themselves.
 ``benchmarks/divergences.py`` measures it.
+
+Sparse teacher: ``teacher_logits`` may be a :class:`~kd2m.losses.sparse_teacher.SparseTeacher`
+(the teacher's top-k log-probabilities at ``temperature`` and the log-mass of the rest, k·12 + 4
+bytes per token instead of 4·V). Each divergence is then taken between the (k + 1)-point
+distributions "the kept ids, then one ghost token holding the tail":
+
+.. math:: D\big(\tilde p_T \,\|\, \tilde p_S\big),\quad
+          \tilde p_T = \big(p_T(K),\ 1 - \textstyle\sum_K p_T\big),\quad
+          \tilde p_S = \big(p_S(K),\ 1 - \textstyle\sum_K p_S\big),
+
+exact on the kept support, the tail compared as one bucket (the student's tail mass is a
+log-sum-exp over its V − k other logits). Why this estimator: (i) it is exactly the full
+divergence when k = V, and when the student and the teacher spread their tails in the same
+proportions; (ii) every divergence here is an f-divergence, and merging tokens can only lower an
+f-divergence (data processing), so the estimate is a lower bound of the full value that tends to
+it as k grows, never negative, 0 only when the two agree on the kept ids and the tail's mass;
+(iii) the student is pulled to put the teacher's tail mass outside the kept ids, where dropping the
+tail (or renormalising the kept entries) lets it move that mass onto the kept ids. For the
+forward KL it equals DistillKit's ``sparse_kl_div`` with ``missing=SYMMETRIC_UNIFORM`` (the tail
+spread uniformly over the missing ids in both models), and the forward and reverse KL equal
+ModelOpt's ``TopLogitsKLLoss`` (its ghost token, without top-p).
+``benchmarks/fused_head.py`` tabulates its error against the full vocabulary at several k.
 """
 from __future__ import annotations
 
@@ -30,23 +52,35 @@ from torch import Tensor
 
 from .inputs import check_positive, in_full_precision
 from .registry import register_term
+from .sparse_teacher import SparseTeacher, ghost_log_probs
 
 #: logits per chunk when ``chunk_size`` is not given (see the module docstring)
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _flat(term: str, student_logits, teacher_logits, labels) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, V) student and teacher logits and the (n,) float mask of kept positions."""
+def _flat(term: str, student_logits, teacher_logits, labels) -> tuple[Tensor, Tensor | SparseTeacher, Tensor]:
+    """(n, V) student logits, the (n, V) teacher logits or the n-position :class:`SparseTeacher`,
+    and the (n,) float mask of kept positions."""
     for who, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if who == "teacher_logits" and isinstance(x, SparseTeacher):
+            continue
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"loss term {term!r}: {who} must be a floating tensor")
+            raise TypeError(f"loss term {term!r}: {who} must be a floating tensor (or, for the teacher, a "
+                            f"SparseTeacher)")
         if x.dim() not in (2, 3):
             raise ValueError(f"loss term {term!r}: {who} must be (B, L, V) or (n, V), got {tuple(x.shape)}")
-    if student_logits.shape != teacher_logits.shape:
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    if isinstance(teacher_logits, SparseTeacher):
+        if (len(teacher_logits), teacher_logits.vocab_size) != tuple(s.shape):
+            raise ValueError(f"loss term {term!r}: the sparse teacher covers {len(teacher_logits)} positions of a "
+                             f"vocabulary of {teacher_logits.vocab_size}, the student logits {tuple(s.shape)} "
+                             f"(positions, V); both must cover the same positions and vocabulary")
+        t = teacher_logits
+    elif student_logits.shape != teacher_logits.shape:
         raise ValueError(f"loss term {term!r}: student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ; both must cover the same positions and vocabulary")
-    s = student_logits.reshape(-1, student_logits.shape[-1])
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+    else:
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
     if labels is None:
         mask = torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
     else:
@@ -56,6 +90,11 @@ def _flat(term: str, student_logits, teacher_logits, labels) -> tuple[Tensor, Te
                              f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
         mask = (labels.reshape(-1) != -100).to(s.dtype)
     return s, t, mask
+
+
+def rows(teacher: Tensor | SparseTeacher, start: int, stop: int) -> Tensor | SparseTeacher:
+    """Positions ``start:stop`` of dense (n, V) teacher logits or of a :class:`SparseTeacher`."""
+    return teacher.rows(start, stop) if isinstance(teacher, SparseTeacher) else teacher[start:stop]
 
 
 def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
@@ -74,10 +113,24 @@ def _log_mix(a: Tensor, b: Tensor) -> Tensor:
     return mixed.masked_fill(both, -math.inf)
 
 
-def _per_position(kind: str, s: Tensor, t: Tensor, temperature: float, beta: float, alpha: float) -> Tensor:
-    """The divergence of ``kind`` at each row of (m, V) logits: (m,)."""
-    ls = F.log_softmax(s / temperature, dim=-1)
-    lt = F.log_softmax(t / temperature, dim=-1)
+def per_position(kind: str, s: Tensor, t: Tensor | SparseTeacher, temperature: float, beta: float,
+                 alpha: float) -> Tensor:
+    """The divergence of ``kind`` at each row of (m, V) student logits against (m, V) teacher
+    logits, or against a :class:`SparseTeacher` of m positions read as its (k + 1)-point ghost-token
+    distribution (:func:`kd2m.losses.sparse_teacher.ghost_log_probs`): (m,)."""
+    return against_teacher(kind, F.log_softmax(s / temperature, dim=-1), t, temperature, beta, alpha)
+
+
+def against_teacher(kind: str, ls: Tensor, t: Tensor | SparseTeacher, temperature: float, beta: float,
+                    alpha: float) -> Tensor:
+    """:func:`per_position` from the student's (m, V) log-probabilities at ``temperature``."""
+    if isinstance(t, SparseTeacher):
+        return from_log_probs(kind, *ghost_log_probs(ls, t), beta, alpha)
+    return from_log_probs(kind, ls, F.log_softmax(t / temperature, dim=-1), beta, alpha)
+
+
+def from_log_probs(kind: str, ls: Tensor, lt: Tensor, beta: float, alpha: float) -> Tensor:
+    """The divergence of ``kind`` per row of (m, W) student and teacher log-probabilities: (m,)."""
     if kind == "fkl":
         return _kl(lt, ls)
     if kind == "rkl":
@@ -109,19 +162,30 @@ def token_divergence(kind: str, student_logits: Tensor, teacher_logits: Tensor, 
     """Mean over kept positions of the per-position divergence ``kind`` (see the module docstring),
     computed over chunks of ``chunk_size`` positions (default: :data:`CHUNK_ELEMENTS` logits). 0-dim."""
     s, t, mask = _flat(kind, student_logits, teacher_logits, labels)
+    check_sparse_temperature(kind, t, temperature)
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // s.shape[1])
 
     def summed(cs, ct, cm):
-        return (_per_position(kind, cs, ct, temperature, beta, alpha) * cm).sum()
+        return (per_position(kind, cs, ct, temperature, beta, alpha) * cm).sum()
     if s.shape[0] <= chunk_size:  # one chunk: plain autograd
         total = summed(s, t, mask)
     elif torch.is_grad_enabled() and s.requires_grad:
         total = _Chunked.apply(s, t, mask, summed, chunk_size)
     else:
-        total = sum(summed(s[i:i + chunk_size], t[i:i + chunk_size], mask[i:i + chunk_size])
+        total = sum(summed(s[i:i + chunk_size], rows(t, i, i + chunk_size), mask[i:i + chunk_size])
                     for i in range(0, s.shape[0], chunk_size))
     return total / mask.sum().clamp_min(1.0)
+
+
+def check_sparse_temperature(term: str, teacher, temperature: float) -> None:
+    """A :class:`SparseTeacher` holds log-probabilities at one temperature; its tail cannot be
+    re-tempered exactly (that needs the tail's logits), so a divergence at another τ is refused."""
+    if isinstance(teacher, SparseTeacher) and not math.isclose(teacher.temperature, temperature):
+        raise ValueError(f"loss term {term!r}: the sparse teacher holds log-probabilities at temperature "
+                         f"{teacher.temperature}, the term asks for temperature {temperature}; build it with "
+                         f"SparseTeacher.from_logits(logits, k, temperature={temperature}) or set the term's "
+                         f"temperature to {teacher.temperature}")
 
 
 class _Chunked(torch.autograd.Function):
@@ -137,7 +201,7 @@ class _Chunked(torch.autograd.Function):
         for i in range(0, s.shape[0], chunk_size):
             leaf = s[i:i + chunk_size].detach().requires_grad_()
             with torch.enable_grad():
-                value = summed(leaf, t[i:i + chunk_size], mask[i:i + chunk_size])
+                value = summed(leaf, rows(t, i, i + chunk_size), mask[i:i + chunk_size])
             grad[i:i + chunk_size], = torch.autograd.grad(value, leaf)
             total += value.detach()
         ctx.save_for_backward(grad)

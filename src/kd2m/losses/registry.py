@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import Tensor, nn
 
@@ -178,7 +178,7 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
     return add
 
 
-def add_spec(s: "TermSpec") -> None:
+def add_spec(s: TermSpec) -> None:
     """Register a fully described term (what :func:`register_term` does after reading the signature)."""
     add_entry(_TERMS, "loss term", s.name, s)
 

@@ -11,8 +11,8 @@ Modules, one family each: ``exact`` (exact optimal transport: w2, cw2, jw2),
 ``gromov`` (gw2), ``entropic`` (sinkhorn), ``sliced`` (sliced_w2),
 ``gaussian`` (gauss_w2, gauss_cw2, gauss_kl, gauss_ckl), ``mmd`` (mmd_linear, mmd_rbf, cmmd_rbf).
 """
+from . import entropic, exact, gaussian, gromov, mmd, sliced  # noqa: F401  (registers the metrics)
 from ._base import Metric, available, check_inputs, get, spec  # noqa: F401
-from . import exact, gromov, entropic, sliced, gaussian, mmd  # noqa: F401  (registers the metrics)
 
 __all__ = ["get", "available", "Metric", "check_inputs", "spec",
            "exact", "gromov", "entropic", "sliced", "gaussian", "mmd"]

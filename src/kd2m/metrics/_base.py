@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
+
 from .. import value_checks
 from ..registry import add_entry
 
-_REGISTRY: dict[str, "MetricSpec"] = {}
+_REGISTRY: dict[str, MetricSpec] = {}
 
 
 @dataclass(frozen=True)

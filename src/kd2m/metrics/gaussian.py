@@ -33,8 +33,15 @@ from torch import Tensor
 
 from .. import value_checks
 from ._base import metric
-from .linalg import (DEFAULT_RIDGE, bures_trace, class_gaussian_factors, gaussian_factor, gaussian_kl,
-                     ridge_scale, singular_covariance_message)
+from .linalg import (
+    DEFAULT_RIDGE,
+    bures_trace,
+    class_gaussian_factors,
+    gaussian_factor,
+    gaussian_kl,
+    ridge_scale,
+    singular_covariance_message,
+)
 
 
 def _prepare(name: str, s: Tensor, t: Tensor, diagonal, ridge) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:

@@ -13,7 +13,7 @@ Reference: Gretton, Borgwardt, Rasch, Schölkopf & Smola (2012), A kernel two-sa
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

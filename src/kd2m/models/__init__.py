@@ -18,11 +18,11 @@ resnet8x4, resnet32x4), ``wrn`` (wrn_16_2, wrn_40_1, wrn_40_2), ``vgg`` (vgg8, v
 mnist1d_mlp: 1-D inputs ``(n, c, L)``); ``external`` (``"timm:NAME"`` /
 ``"torchvision:NAME"``: any model of those libraries, random init).
 """
-from .registry import available_models, build_model, describe_models, register_model  # noqa: F401
-from .pretrained import load_pretrained  # noqa: F401
-from .stage_info import Stage, stages  # noqa: F401
 # importing the modules registers their models
 from . import cifar_resnet, mnist1d, mobilenet, resnet, shufflenet, small, vgg, wrn  # noqa: F401,E402
+from .pretrained import load_pretrained  # noqa: F401
+from .registry import available_models, build_model, describe_models, register_model  # noqa: F401
+from .stage_info import Stage, stages  # noqa: F401
 
 __all__ = ["build_model", "available_models", "describe_models", "register_model", "load_pretrained", "stages",
            "Stage"]

@@ -88,7 +88,7 @@ def _torchvision(arch: str, num_classes: int, in_channels: int, image_size: int,
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     """Swap the first ``Conv2d`` for one reading ``in_channels`` channels (fresh init, same geometry)."""
-    for path, conv in model.named_modules():
+    for path, conv in model.named_modules():  # noqa: B007 (path is read after the loop: the one found)
         if isinstance(conv, nn.Conv2d):
             break
     else:

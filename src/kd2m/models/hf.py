@@ -1,20 +1,35 @@
 """Causal language models from Hugging Face ``transformers`` by name: ``"hf:MODEL_TYPE"``.
 
+    >>> import torch
     >>> from kd2m.models import build_model
-    >>> lm = build_model("hf:gpt2", num_classes=257, image_size=64, n_layer=2, n_embd=64, n_head=2)  # doctest: +SKIP
-    >>> lm(ids).shape            # ids (B, L) int64 -> logits (B, L, vocab)                        # doctest: +SKIP
+    >>> lm = build_model("hf:gpt2", num_classes=257, in_channels=1, image_size=64, n_layer=2, n_embd=64, n_head=2)
+    >>> ids = torch.randint(0, 257, (3, 64))     # (B, L) int64 token ids
+    >>> lm(ids).shape                            # -> next-token logits (B, L, vocab)
+    torch.Size([3, 64, 257])
 
 ``MODEL_TYPE`` is a ``transformers`` model type (``gpt2``, ``llama``, ``qwen2``, …); the options are
 its config's (``n_layer``, ``n_embd``, ``hidden_size`` …) and the model is built from that config
 with random weights (``AutoModelForCausalLM.from_config``): never a hub download. The vocabulary is
 the data's (``num_classes``) and the longest sequence its block length (``image_size``) unless
-the options say otherwise (a different vocabulary size is refused). Needs the optional extra:
-``pip install -e ".[lm]"``.
+the options say otherwise (a different vocabulary size, or fewer positions than a block, is
+refused). Needs the optional extra: ``pip install -e ".[lm]"``.
+
+Every model is causal: position ``i``'s logits depend on tokens ``0..i`` only. Encoder families
+that ``transformers`` also builds as causal LMs (``bert``, ``roberta`` …) see the whole sequence
+unless their config says ``is_decoder``; kd2m sets it, and refuses any model whose logits still
+change when a later token does (:func:`check_causal`), since it would be scored on tokens it sees.
 
 A local model directory (``save_pretrained``'s layout: ``config.json`` and weights) given as
 ``--pretrained-teacher DIR`` / ``--pretrained-student DIR`` is loaded with
 ``from_pretrained(DIR, local_files_only=True)`` (:func:`load_hf_directory`), its architecture from
 the directory's config.
+
+A GGUF file (llama.cpp's format, e.g. a quantised ``SmolLM2-135M-Instruct.Q4_1.gguf``) given as
+``--pretrained-teacher FILE.gguf`` is loaded the same way, from the local file only
+(``from_pretrained(its folder, gguf_file=its name)``, which needs the ``gguf`` package): its
+quantised weights are dequantised, and the model computes in :data:`GGUF_DTYPE` (float32); its
+tokenizer, read from the same file, is the data's unless ``--tokenizer`` names another
+(:func:`load_hf_gguf`, :func:`hf_gguf_config`).
 
 The module kd2m trains is the ``transformers`` model itself, with its class swapped for a
 subclass whose ``forward(input_ids)`` returns the logits tensor ``(B, L, V)`` instead of a
@@ -25,13 +40,24 @@ engine, which calls ``model(x)`` and reads a tensor of logits, needs no special 
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import json
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 PREFIX = "hf:"
 INSTALL_HINT = 'pip install -e ".[lm]"'
+#: the options that set the longest sequence (GPT-2's config maps one onto the other)
+LENGTH_OPTIONS = ("n_positions", "max_position_embeddings")
+#: config.json keys that describe how a directory was saved, not the architecture
+SAVE_KEYS = ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+#: the weights files a save_pretrained directory may hold
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 _LOGITS_CLASSES: dict[type, type] = {}
 
@@ -46,6 +72,7 @@ def _transformers():
     except ImportError:
         raise ValueError(f"hf: models need Hugging Face transformers: {INSTALL_HINT}") from None
     transformers.logging.set_verbosity_error()  # its advice on unused config keys is not the user's concern here
+    transformers.logging.disable_progress_bar()  # a bar per directory loaded: stderr keeps kd2m's lines only
     return transformers
 
 
@@ -68,6 +95,54 @@ def returning_logits(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_causal(model: nn.Module, name: str, length: int = 8) -> None:
+    """ValueError unless ``model`` is causal: on a probe sequence of ``length`` tokens, replacing its
+    second half leaves the logits of its first half unchanged. A model that sees the token it must
+    predict would train and score as if it could read the answer (perplexity near 1).
+
+    The probe's ids are fixed (no random draw: the runs' RNG is untouched), and the model is run
+    in eval mode (no dropout) without gradients, then put back in its mode."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    half = max(length // 2, 1)
+    ids = (torch.arange(2 * half) * 7 + 1) % vocab
+    later = ids.clone()
+    later[half:] = (later[half:] + 1) % vocab
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a, b = (model(input_ids=x.unsqueeze(0).to(device)) for x in (ids, later))
+            a, b = (getattr(z, "logits", z).float() for z in (a, b))
+    finally:
+        model.train(was_training)
+    leak = float((a[:, :half] - b[:, :half]).abs().max())
+    if not leak <= 1e-6 * (1 + float(a.abs().max())):
+        raise ValueError(f"model {name}: not causal (a position's logits change by {leak:.2g} when a later token "
+                         "does): it would see the tokens it must predict; use a decoder model (hf:gpt2, hf:llama, "
+                         "…) or leave is_decoder out of its options")
+
+
+def _check_options(name: str, config, options: dict) -> None:
+    """Each option the type of the config's own default: integers (layers, widths, heads, positions)
+    whole and ≥ 1 (≥ 0 for token ids and where the default is 0), numbers numbers, flags booleans."""
+    for key, value in options.items():
+        default = getattr(config, key, None)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            low = 0 if key.endswith("_id") or default == 0 else 1
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            want = f"an integer ≥ {low}"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"model {name!r}: option {key} must be {want} (its default is {default!r}), got "
+                             f"{value!r:.40}")
+
+
 def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int = 64, **options) -> nn.Module:
     """A freshly initialised ``"hf:MODEL_TYPE"`` causal LM for a vocabulary of ``num_classes``
     tokens and sequences of up to ``image_size`` tokens (see the module docstring)."""
@@ -80,6 +155,10 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     except ValueError:
         raise ValueError(f"unknown Hugging Face model type {model_type!r} (hf:{model_type}); e.g. hf:gpt2, "
                          "hf:llama") from None
+    if options.get("model_type", model_type) != model_type:
+        raise ValueError(f"model {name!r}: option model_type {options['model_type']!r} is another model; give "
+                         f"hf:{options['model_type']}")
+    options.pop("model_type", None)  # a save_pretrained config as options (a run's recorded teacher_options)
     vocab = options.pop("vocab_size", num_classes)
     if vocab != num_classes:
         raise ValueError(f"model {name!r}: vocab_size {vocab} is not the data's vocabulary ({num_classes} tokens); "
@@ -88,40 +167,258 @@ def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int 
     if unknown:
         raise ValueError(f"model {name!r} takes no option {unknown[0]!r} (not a field of "
                          f"{type(config).__name__})")
-    # the block length only where the user gave no length: a config may alias the two names (GPT-2
-    # maps max_position_embeddings to n_positions), so a default for one would overwrite the other
-    length_keys = ("n_positions", "max_position_embeddings")
-    lengths = {} if any(k in options for k in length_keys) else \
-        {k: image_size for k in length_keys if hasattr(config, k)}
-    # token ids inside the vocabulary: the defaults (e.g. GPT-2's 50256) would not be
-    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hasattr(config, k)}
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes, **{**lengths, **ids, **options})
+    _check_options(name, config, options)
+    given = {k: options[k] for k in LENGTH_OPTIONS if k in options}
+    # the block length where no length option is given: one given is honoured (GPT-2 reads
+    # max_position_embeddings as n_positions, so injecting the other would replace it)
+    lengths = {} if given else {k: image_size for k in LENGTH_OPTIONS if hasattr(config, k)}
+    # token ids inside the vocabulary where the defaults (e.g. GPT-2's 50256) are not; a default of
+    # None stays None: a pad id is the embedding's padding_idx (Llama's), a row frozen at zero, and
+    # every id of the data's vocabulary is a real token
+    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if isinstance(getattr(config, k, None), int) and getattr(config, k) >= num_classes}
+    decoder = {"is_decoder": True} if hasattr(config, "is_decoder") else {}  # encoder families: causal
     if in_channels != 1:
         raise ValueError(f"model {name!r} reads token ids (one channel); the data has {in_channels} channels")
-    return returning_logits(transformers.AutoModelForCausalLM.from_config(config))
+
+    def build(lengths: dict):
+        try:
+            built = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes,
+                                                      **{**lengths, **ids, **decoder, **options})
+            return transformers.AutoModelForCausalLM.from_config(built)
+        except Exception as e:  # noqa: BLE001 (transformers' own validation errors: one line, with the model's name)
+            reason = str(e).strip().splitlines()
+            raise ValueError(f"model {name!r}: its options do not build a {type(config).__name__} "
+                             f"({' '.join(reason[:2])[:160] or type(e).__name__})") from None
+
+    model = build(lengths)
+    offset = _position_offset(model)
+    if lengths and offset:  # RoBERTa's family numbers positions from pad_token_id + 1: a block needs more
+        model = build({k: v + offset for k, v in lengths.items()})
+    for key, value in given.items():  # honoured, so it must hold a block
+        if value < image_size + offset:
+            numbered = f", numbered from {offset}" if offset else ""
+            raise ValueError(f"model {name!r}: {key} {value} is fewer positions than a block of the data needs "
+                             f"({image_size} tokens{numbered}); give {key} ≥ {image_size + offset}, or leave it out "
+                             "(the block length)")
+    check_causal(model, name, min(8, image_size))
+    return returning_logits(model)
 
 
-def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None) -> nn.Module:
+def _position_offset(model: nn.Module) -> int:
+    """How many positions a model numbers before its first token: ``padding_idx + 1`` where its
+    position embedding has a padding index (RoBERTa and its kin), else 0."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    pad = getattr(positions, "padding_idx", None)
+    return pad + 1 if isinstance(positions, nn.Embedding) and pad is not None else 0
+
+
+def hf_directory_config(path: str | os.PathLike) -> dict | None:
+    """The architecture a ``save_pretrained`` directory holds: its ``config.json`` without the keys
+    that say how it was saved (:data:`SAVE_KEYS`), or None when ``path`` is no such directory."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return None
+    if "is_decoder" in config:
+        config["is_decoder"] = True  # as load_hf_directory builds it
+    return {k: v for k, v in config.items() if k not in SAVE_KEYS}
+
+
+def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None,
+                      block: int | None = None) -> nn.Module:
     """The causal LM saved in the local directory ``path`` (``config.json`` + weights), never from a
-    hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``)."""
+    hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``), and its
+    positions, where its config counts them, must hold a block of ``block`` tokens."""
     transformers = _transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; a Hugging Face model directory (save_pretrained's "
                                 "layout) is expected")
+    weights = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a loadable causal LM ({str(e).splitlines()[0][:160]})") from None
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if hasattr(config, "is_decoder"):  # an encoder family (BERT …) is built causal, as by name
+            config.is_decoder = True
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), config=config, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (safetensors' and torch's errors are no OSError: one line, the file named)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        where = f"{path / weights[0]}" if len(weights) == 1 else f"{path} ({', '.join(weights) or 'no weights file'})"
+        raise ValueError(f"{where}: not a loadable causal LM ({reason}); save the model again with "
+                         "save_pretrained") from None
     vocab = model.get_output_embeddings().weight.shape[0]
     if num_classes is not None and vocab != num_classes:
-        raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's {num_classes}; use its tokenizer "
-                         "for the data (tokenizer: the same directory)")
+        hint = (f"give the data this directory's tokenizer (tokenizer: {path})" if has_tokenizer_files(path) else
+                f"{path} holds no tokenizer files: give the data (tokenizer: DIR) the tokenizer this model was "
+                "trained with")
+        raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's {num_classes}; {hint}")
+    return _checked_positions(model, path, block, "its config.json")
+
+
+def _checked_positions(model: nn.Module, path: Path, block: int | None, where: str) -> nn.Module:
+    """``model``, causal and with positions (where its config counts them) for a block of ``block``
+    tokens, returning logits; ValueError naming ``path`` otherwise."""
+    length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    offset = _position_offset(model)
+    if block is not None and length is not None and length < block + offset:
+        # learned positions would fail on a block; rotary ones would run past what the model was trained on
+        numbered = f", numbered from {offset}" if offset else ""
+        raise ValueError(f"{path}: {where} holds {length} positions, fewer than a block of the data needs "
+                         f"({block} tokens{numbered}); give --image-size {length - offset} or less")
+    check_causal(model, f"in {path}", min(8, int(length or 8)))
     return returning_logits(model)
+
+
+# ------------------------------------------------------------------------------- GGUF files
+#: the suffix that makes a pretrained path a GGUF file
+GGUF_SUFFIX = ".gguf"
+#: the dtype a GGUF model computes in: transformers dequantises every tensor (Q4_1, Q8_0 …) to it
+GGUF_DTYPE = torch.float32
+GGUF_INSTALL_HINT = 'pip install gguf (or pip install -e ".[lm]")'
+
+
+#: the files a Hugging Face tokenizer is saved as (one of them at least, whatever its kind)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    """Whether the directory ``path`` holds a saved tokenizer (not only a model's config and weights)."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def is_gguf(path) -> bool:
+    """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix; it need not exist)."""
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(GGUF_SUFFIX)
+
+
+def is_hf_pretrained(path) -> bool:
+    """Whether ``path`` is a Hugging Face model kd2m builds itself from (its own architecture): a
+    ``save_pretrained`` directory or a GGUF file."""
+    return bool(path) and (Path(path).is_dir() or is_gguf(path))
+
+
+def hf_pretrained_config(path) -> dict | None:
+    """The architecture ``path`` holds (:func:`hf_directory_config` or :func:`hf_gguf_config`)."""
+    return hf_gguf_config(path) if is_gguf(path) else hf_directory_config(path)
+
+
+def load_hf_pretrained(path, num_classes: int | None = None, block: int | None = None) -> nn.Module:
+    """The causal LM of a ``save_pretrained`` directory or a GGUF file (:func:`is_hf_pretrained`)."""
+    return load_hf_gguf(path, num_classes, block) if is_gguf(path) else load_hf_directory(path, num_classes, block)
+
+
+def _gguf_reader(path: str | os.PathLike):
+    """``gguf.GGUFReader`` of the local file ``path`` (memory-mapped: nothing is loaded); a
+    ValueError naming the file when it is missing, not a GGUF file, or cut short."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file (--pretrained-teacher takes a local file; never a hub "
+                                "name)")
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError(f"{path}: GGUF files need the gguf package: {GGUF_INSTALL_HINT}") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 (a bad magic, a short read, numpy's errors on a cut file: one line)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{path}: not a readable GGUF file, corrupt or truncated ({reason}); download or convert "
+                         "it again") from None
+    return reader
+
+
+def gguf_storage(path: str | os.PathLike) -> str:
+    """How the GGUF file ``path`` stores its weights, e.g. ``"Q4_1 ×210, F32 ×61, Q8_0 ×1"`` (tensor
+    types by count, most first): what dequantising to :data:`GGUF_DTYPE` starts from. Memoised
+    per file version (each seed's teacher result states it)."""
+    from collections import Counter
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_STORAGE:
+        kinds = Counter(t.tensor_type.name for t in _gguf_reader(path).tensors)
+        _GGUF_STORAGE[key] = ", ".join(f"{k} ×{n}" for k, n in kinds.most_common())
+    return _GGUF_STORAGE[key]
+
+
+#: gguf_storage's memo: (real path, size, mtime in ns) -> its description
+_GGUF_STORAGE: dict[tuple, str] = {}
+
+
+#: the keys of a config read from a GGUF file that say how it was stored, not the architecture
+GGUF_SAVE_KEYS = ("quantization_config", "_model_name_or_path")
+
+
+def hf_gguf_config(path: str | os.PathLike) -> dict:
+    """The architecture the GGUF file ``path`` holds, as ``transformers`` reads it from the file's
+    metadata (``model_type``, ``hidden_size`` …; what :func:`hf_directory_config` gives for a
+    directory). ValueError naming the file when it is no readable GGUF file or holds an
+    architecture ``transformers`` cannot load. Memoised per file version (a run resolves its
+    config several times; reading a 100 MB file's metadata takes seconds)."""
+    st = os.stat(path) if Path(path).is_file() else None
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns) if st else None
+    if key not in _GGUF_CONFIGS:
+        config = _read_gguf_config(path)
+        if key is None:
+            return config
+        _GGUF_CONFIGS[key] = config
+    return copy.deepcopy(_GGUF_CONFIGS[key])
+
+
+#: hf_gguf_config's memo: (real path, size, mtime in ns) -> config
+_GGUF_CONFIGS: dict[tuple, dict] = {}
+
+
+def _read_gguf_config(path: str | os.PathLike) -> dict:
+    reader = _gguf_reader(path)  # a corrupt or cut file is said as such, before transformers' own message
+    field = reader.fields.get("general.architecture")
+    architecture = field.contents() if field is not None else None
+    transformers = _transformers()
+    path = Path(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (transformers' refusal of an architecture is a ValueError or a KeyError)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"{path}: a GGUF of architecture {architecture!r}, which transformers cannot load "
+                         f"({reason}); give a GGUF of a supported architecture (llama, mistral, qwen2, …) or a "
+                         "save_pretrained folder") from None
+    if hasattr(config, "is_decoder"):
+        config.is_decoder = True  # as load_hf_gguf builds it
+    return {k: v for k, v in config.to_diff_dict().items() if k not in SAVE_KEYS + GGUF_SAVE_KEYS}
+
+
+def load_hf_gguf(path: str | os.PathLike, num_classes: int | None = None, block: int | None = None) -> nn.Module:
+    """The causal LM stored in the local GGUF file ``path`` (never a hub), its weights dequantised to
+    :data:`GGUF_DTYPE`; its vocabulary must be the data's (``num_classes``) and its positions hold
+    a block of ``block`` tokens."""
+    hf_gguf_config(path)  # readable, and an architecture transformers loads: said as such
+    transformers = _transformers()
+    path = Path(path)
+    try:
+        # its dequantising bar is a bare tqdm on stderr, which disable_progress_bar does not reach
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=GGUF_DTYPE, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (a cut tensor, an unknown quantisation: one line, the file named)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path}: not a loadable causal LM ({reason}); download or convert it again") from None
+    model.config.quantization_config = None  # dequantised: nothing of the file's storage is left to describe
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if num_classes is not None and vocab != num_classes:
+        raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's tokenizer {num_classes}; leave "
+                         f"--tokenizer out (the file's own tokenizer is used) or give the tokenizer this model was "
+                         "trained with")
+    return _checked_positions(model, path, block, "its metadata")
 
 
 def describe_hf() -> str:
     return ("Causal language models of Hugging Face transformers, randomly initialised from their config:\n"
             "  hf:MODEL_TYPE      e.g. hf:gpt2 with options {n_layer: 4, n_embd: 128, n_head: 4}, hf:llama with\n"
             "                     {hidden_size: 64, num_hidden_layers: 2, ...}; a save_pretrained directory loads\n"
-            f"                     with --pretrained-teacher DIR (local files only). Needs {INSTALL_HINT}.")
+            "                     with --pretrained-teacher DIR, a GGUF file with --pretrained-teacher FILE.gguf\n"
+            f"                     (local files only). Needs {INSTALL_HINT}.")

@@ -17,7 +17,6 @@ residual), so they can be negative; they are what the authors feed AT, NST, FitN
 """
 from __future__ import annotations
 
-
 from torch import Tensor, nn
 
 from .authors_init import init_like_authors

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18, resnet34 as tv_resnet34
+from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models import resnet34 as tv_resnet34
 
 from .registry import register_model
 

@@ -21,7 +21,7 @@ import importlib
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -18,7 +18,6 @@ map (the authors' ``preact=True``).
 """
 from __future__ import annotations
 
-
 from torch import Tensor, nn
 
 from .authors_init import init_like_authors

@@ -17,7 +17,6 @@ next block's ``bn1`` output, BN without ReLU.
 """
 from __future__ import annotations
 
-
 from torch import Tensor, nn
 from torch.nn import functional as F
 

@@ -2,8 +2,8 @@
 sees the same data order."""
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .. import distributed as dist_ctx
 from ..catalog import EVAL_BATCH_SIZE
 from ..models import build_model, load_pretrained
-from ..models.hf import is_hf, load_hf_directory
+from ..models.hf import is_hf, is_hf_pretrained, load_hf_pretrained
 from ..teacher_cache import FixedViews, ViewSampler
 
-__all__ = ["IndexedDataset", "make_loaders", "build_net", "build_student", "build_teacher", "freeze"]
+__all__ = ["IndexedDataset", "make_loaders", "build_net", "build_student", "build_teacher", "build_referenced",
+           "freeze"]
 
 
 class IndexedDataset(Dataset):
@@ -74,8 +75,8 @@ def build_net(cfg, bundle, seed: int, role: str) -> nn.Module:
     ``pretrained_<role>`` file): the same weights for every method of that seed."""
     torch.manual_seed(_INIT_SEED[role] * (seed + 1))
     name, weights = getattr(cfg, role), getattr(cfg, f"pretrained_{role}")
-    if weights and is_hf(name) and Path(weights).is_dir():  # a save_pretrained directory: its own architecture
-        return load_hf_directory(weights, bundle.num_classes)
+    if is_hf(name) and is_hf_pretrained(weights):  # a save_pretrained directory or GGUF file: its own architecture
+        return load_hf_pretrained(weights, bundle.num_classes, bundle.image_size)
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size,
                         **(getattr(cfg, f"{role}_options") or {}))
     if weights:
@@ -85,6 +86,26 @@ def build_net(cfg, bundle, seed: int, role: str) -> nn.Module:
         head_learned = role == "student" or cfg.teacher_epochs > 0
         load_pretrained(model, weights, new_head=head_learned, on_new_head=_say_once)
     return model
+
+
+def build_referenced(reference: dict, name: str, bundle, options: dict | None = None) -> nn.Module:
+    """The network of a run whose final.json references a pretrained file in place of a
+    ``model.pt`` of its own (a teacher no epoch trained: :meth:`kd2m.train.Trainer._finish`),
+    built as :func:`build_net` built it. A file gone, or changed since the run (its content
+    digest, ``reference["identity"]``), is refused, never another teacher scored as the run's."""
+    from ..models.pretrained import weights_identity
+    file = reference.get("file")
+    if not file or not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: the pretrained weights this run's teacher references (in place of a "
+                                "model.pt) are gone; restore the file, or rerun the grid")
+    now = weights_identity(file)
+    if now != reference.get("identity"):
+        raise ValueError(f"{file}: changed since the run (its content is {now[:23]}…, the run's "
+                         f"{str(reference.get('identity'))[:23]}…); restore the file the run used, or rerun the grid")
+    if is_hf(name) and is_hf_pretrained(file):
+        return load_hf_pretrained(file, bundle.num_classes, bundle.image_size)
+    model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **(options or {}))
+    return load_pretrained(model, file)
 
 
 _SAID: set = set()

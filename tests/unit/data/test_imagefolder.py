@@ -2,8 +2,9 @@
 image named before training."""
 import numpy as np
 import pytest
-from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 from PIL import Image
+
+from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 
 def _pngs(root, sizes, mode="L"):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import REPO_ROOT
-
 from kd2m.features import FeatureTap, last_linear_name
 from kd2m.models import build_model, load_pretrained
+
+from helpers import REPO_ROOT
 
 ZOO = ["resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
        "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2"]

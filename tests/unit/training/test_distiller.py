@@ -110,8 +110,10 @@ def test_warmup_without_epoch_and_auto_without_calibration_are_refused(batch):
     d = kd2m.Distiller(student, teacher, ["dkd"], example=x[:2])
     with pytest.raises(ValueError, match=r"set_epoch\(epoch, epochs\)"):
         d(x, y)
-    d.set_epoch(1, 40)  # DKD's registered warm-up: 20 epochs
+    d.set_epoch(1, 240)  # DKD's warm-up: its authors' 20 epochs of their 240
     assert d(x, y).weights["dkd"] == pytest.approx(1.0 * 2 / 20)
+    d.set_epoch(1, 40)  # the same share of a 40-epoch run, as kd2m run scales it: round(20·40/240) = 3
+    assert d(x, y).weights["dkd"] == pytest.approx(1.0 * 2 / 3)
     a = kd2m.Distiller(student, teacher, [{"term": "w2", "weight": "auto"}], example=x[:2])
     with pytest.raises(ValueError, match=r"calibrate"):
         a(x, y)
