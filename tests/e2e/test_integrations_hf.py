@@ -177,7 +177,7 @@ def test_two_gloo_processes_train_as_one_process_on_the_doubled_batch(tmp_path, 
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TEST_DIR": str(Path(__file__).parent),
-           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([SRC, str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
