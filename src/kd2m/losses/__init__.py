@@ -19,7 +19,8 @@ from . import logit, maps, relational  # noqa: F401,E402
 from . import divergences  # noqa: F401,E402
 # a teacher's top-k log-probabilities (offline), and the student's head fused with its losses
 from .sparse_teacher import SparseTeacher  # noqa: F401,E402
-from .fused_head import HeadLoss, LinearTeacher, fused_head_loss  # noqa: F401,E402
+from .fused_head import HeadLoss, LinearTeacher, TokenDivergence, fused_head_loss, fused_head_terms  # noqa: F401,E402
 
 __all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS",
-           "SparseTeacher", "fused_head_loss", "LinearTeacher", "HeadLoss"]
+           "SparseTeacher", "fused_head_loss", "LinearTeacher", "HeadLoss",
+           "fused_head_terms", "TokenDivergence"]

@@ -28,7 +28,7 @@ computation at V = 49 152 and V = 128 256.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -219,3 +219,112 @@ def _check(hidden, weight, labels, teacher, bias, kind, temperature, chunk_size)
         raise TypeError(f"{who}: teacher must be logits, a SparseTeacher, a LinearTeacher or None, "
                         f"got {type(teacher).__name__}")
     return h, labels.reshape(-1).long(), teacher
+
+
+class TokenDivergence(NamedTuple):
+    """One token divergence of :func:`fused_head_terms`: its ``kind`` (one of :data:`DIVERGENCES`)
+    and options, as the registered term of that name takes them."""
+    kind: str
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+
+
+def _chunk_values(z: Tensor, labels: Tensor, teacher, divergences: Sequence[TokenDivergence]) -> Tensor:
+    """(1 + m,): Σ over the chunk's kept positions of the cross-entropy, then of each divergence,
+    from its (c, V) logits; one log-softmax per distinct temperature."""
+    keep = labels != -100
+    if teacher is not None and not isinstance(teacher, SparseTeacher):
+        teacher = teacher.to(z.dtype)
+    by_tau = {1.0: F.log_softmax(z, dim=-1)}
+    sums = [-torch.where(keep, by_tau[1.0].gather(-1, labels.clamp_min(0)[:, None])[:, 0], 0.0).sum()]
+    for d in divergences:
+        if d.temperature not in by_tau:
+            by_tau[d.temperature] = F.log_softmax(z / d.temperature, dim=-1)
+        per = against_teacher(d.kind, by_tau[d.temperature], teacher, d.temperature, d.beta, d.alpha)
+        sums.append((per * keep.to(z.dtype)).sum())
+    return torch.stack(sums)
+
+
+class _FusedHeadTerms(torch.autograd.Function):
+    """Numerical kernel of :func:`fused_head_terms`. The forward takes every chunk's values without
+    gradient; the backward, given the incoming gradient of each output, rebuilds each chunk's
+    logits and takes the gradient of their weighted sum there: one (chunk, V) block at a time
+    again, and each output differentiable on its own (``weight: auto`` takes the cross-entropy's
+    and each term's gradient apart). The price is one more ``h W^T`` per chunk than
+    :class:`_FusedHead`. First-order gradients only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher, divergences, chunk_size):
+        work = torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.to(work)
+        b = None if bias is None else bias.to(work)
+        sums = torch.zeros(1 + len(divergences), dtype=work, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, hidden.shape[0], chunk_size):
+                h = hidden[i:i + chunk_size].to(work)
+                z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+                sums += _chunk_values(z, labels[i:i + chunk_size], _teacher_rows(teacher, i, i + chunk_size),
+                                      divergences)
+        n_kept = (labels != -100).sum().clamp_min(1).to(work)
+        ctx.save_for_backward(hidden, weight, bias, n_kept)
+        ctx.labels, ctx.teacher, ctx.divergences, ctx.chunk_size = labels, teacher, divergences, chunk_size
+        return tuple(v.clone() for v in sums / n_kept)  # separate outputs, not views of one tensor
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden, weight, bias, n_kept = ctx.saved_tensors
+        work = torch.promote_types(hidden.dtype, torch.float32)
+        coef = torch.stack([torch.zeros((), dtype=work, device=hidden.device) if g is None else g.to(work)
+                            for g in grads]) / n_kept
+        w = weight.to(work)
+        b = None if bias is None else bias.to(work)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros(hidden.shape, dtype=work, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=work, device=bias.device) if need_b else None
+        for i in range(0, hidden.shape[0], ctx.chunk_size):
+            h = hidden[i:i + ctx.chunk_size].to(work)
+            with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+                z = (h @ w.T if b is None else torch.addmm(b, h, w.T)).detach().requires_grad_()
+                values = _chunk_values(z, ctx.labels[i:i + ctx.chunk_size],
+                                       _teacher_rows(ctx.teacher, i, i + ctx.chunk_size), ctx.divergences)
+                g, = torch.autograd.grad((coef * values).sum(), z)
+            if need_h:
+                grad_h[i:i + ctx.chunk_size] = g @ w
+            if need_w:
+                grad_w.addmm_(g.T, h)
+            if need_b:
+                grad_b += g.sum(0)
+        out = [None if g is None else g.to(x.dtype) for g, x in ((grad_h, hidden), (grad_w, weight), (grad_b, bias))]
+        return (*out, None, None, None, None)
+
+
+def fused_head_terms(hidden: Tensor, weight: Tensor, labels: Tensor, teacher=None,
+                     divergences: Sequence[TokenDivergence] = (), *, bias: Tensor | None = None,
+                     chunk_size: int | None = None) -> tuple[Tensor, list[Tensor]]:
+    r"""The next-token cross-entropy and each of ``divergences`` (means over the kept positions,
+    the values of the registered terms on the logits :math:`hW^\top + b`) from the student's hidden
+    states and output layer, chunk by chunk, as :func:`fused_head_loss`; each returned value is a
+    0-dim tensor differentiable on its own, so a caller weighs them as it likes (the training
+    step's :math:`w_{CE}\,\mathrm{ce} + \sum_k \lambda_k D_k`). Inputs as :func:`fused_head_loss`'s;
+    no ``teacher`` (None) is allowed only with no divergences.
+
+    Returns ``(ce, [D_1, …, D_m])``.
+    """
+    divergences = tuple(TokenDivergence(*d) for d in divergences)
+    if not divergences:
+        teacher = None  # the cross-entropy alone reads no teacher
+    first = divergences[0] if divergences else TokenDivergence("fkl")
+    hidden, labels, teacher = _check(hidden, weight, labels, teacher, bias, first.kind, first.temperature, chunk_size)
+    for d in divergences:
+        if d.kind not in DIVERGENCES:
+            raise ValueError(f"fused_head_terms: kind must be one of {', '.join(DIVERGENCES)}, got {d.kind!r}")
+        check_positive(d.kind, temperature=d.temperature)
+        check_sparse_temperature(d.kind, teacher, d.temperature)
+    if divergences and teacher is None:
+        raise ValueError("fused_head_terms: the divergences need a teacher (logits, SparseTeacher or LinearTeacher)")
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    ce, *values = _FusedHeadTerms.apply(hidden, weight, bias, labels, teacher, divergences, chunk_size)
+    return ce, values
