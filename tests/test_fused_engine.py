@@ -118,3 +118,14 @@ def test_the_fused_step_reads_a_sparse_teacher_as_the_divergences_do():
         want = kd2m.losses.get(name)(student_logits=z, teacher_logits=sparse, labels=y.reshape(-1))
         assert float(values[k]) == pytest.approx(float(want), rel=1e-12)
     assert float(ce) == pytest.approx(float(F.cross_entropy(z, y.reshape(-1), ignore_index=-100)), rel=1e-12)
+
+
+def test_the_head_is_fused_only_where_the_logits_are_the_output_layer_of_the_hidden_states():
+    from kd2m.models.hf import fused_output_layer
+    torch.manual_seed(0)
+    short = build_model("hf:gpt2", V, 1, 4, n_layer=1, n_embd=8, n_head=2)  # 4 positions: the probe fits them
+    assert fused_output_layer(short) is short.lm_head
+    shifted = _lm("llama", 0)
+    shifted.register_forward_hook(lambda m, i, out: out + 1.0)  # something after the head: not fusable
+    assert fused_output_layer(shifted) is None
+    assert fused_output_layer(torch.nn.Linear(3, V)) is None  # not an hf: model

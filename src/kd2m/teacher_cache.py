@@ -168,7 +168,7 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
                         batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                         num_workers: int = 0, show_progress: bool = False, max_mb: float | None = None,
                         raw: bool = False, topk: int | None = None, temperature: float = 1.0) -> TeacherCache:
-    """Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
+    r"""Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
 
     ``raw``: keep the layer's per-position features (a language model's tokens ``(L, d)``, as
     ``FeatureTap(pool="none")`` gives them) instead of pooled ones; logits keep whatever shape the

@@ -83,7 +83,10 @@ def fused_output_layer(model: nn.Module) -> nn.Linear | None:
     if not isinstance(head, nn.Linear):
         return None
     vocab = head.weight.shape[0]
-    ids = ((torch.arange(8) * 7 + 1) % vocab).unsqueeze(0).to(head.weight.device)
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8
+    length = max(1, min(8, positions - _position_offset(model)))  # within the positions it holds
+    ids = ((torch.arange(length) * 7 + 1) % vocab).unsqueeze(0).to(head.weight.device)
     was_training = model.training
     model.eval()
     try:
