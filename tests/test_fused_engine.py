@@ -129,3 +129,26 @@ def test_the_head_is_fused_only_where_the_logits_are_the_output_layer_of_the_hid
     shifted.register_forward_hook(lambda m, i, out: out + 1.0)  # something after the head: not fusable
     assert fused_output_layer(shifted) is None
     assert fused_output_layer(torch.nn.Linear(3, V)) is None  # not an hf: model
+
+
+def test_the_gradient_taken_in_the_forward_is_exact_for_its_weights_and_for_any_other():
+    """fused_head_terms(weights=…) takes the weighted loss's gradient in its one pass; another
+    combination (CE alone, as weight: auto asks) is rebuilt in the backward: both exact."""
+    from kd2m.losses.fused_head import TokenDivergence, fused_head_terms
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(19, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (19,), generator=g)
+    labels[:2] = -100
+    teacher = 2 * torch.randn(19, V, generator=g, dtype=torch.float64)
+    divs = [TokenDivergence("jsd", 1.0, 0.3), TokenDivergence("rkl", 2.0)]
+    z = h @ w.T
+    plain = [F.cross_entropy(z, labels, ignore_index=-100)] + [
+        kd2m.losses.get(d.kind, temperature=d.temperature, **({"beta": d.beta} if d.kind == "jsd" else {}))(
+            student_logits=z, teacher_logits=teacher, labels=labels) for d in divs]
+    for combination in ([0.5, 0.7, 1.3], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0]):
+        want = torch.autograd.grad(sum(c * v for c, v in zip(combination, plain)), (h, w), retain_graph=True)
+        ce, values = fused_head_terms(h, w, labels, teacher, divs, weights=[0.5, 0.7, 1.3], chunk_size=4)
+        got = torch.autograd.grad(sum(c * v for c, v in zip(combination, [ce, *values])), (h, w))
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13), combination

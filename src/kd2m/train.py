@@ -208,7 +208,7 @@ class Trainer:
                 x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
                 key = key.to(device, non_blocking=True)
                 try:
-                    out = self.step.forward(x, y, key, net=net)
+                    out = self.step.forward(x, y, key, net=net, lam=lam)
                 except TermFailure as f:
                     raise self._term_failure(f, epoch, step) from None
                 loss, distill = self.step.loss(out, lam)

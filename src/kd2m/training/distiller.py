@@ -207,7 +207,7 @@ class Distiller(nn.Module):
             if any("index" in b.needs for b in self.bound):
                 raise ValueError("Distiller: a memory-bank term (CRD) needs index= (each sample's training-set index)")
             index = torch.arange(x.shape[0], device=x.device)
-        out = self.step.forward(x, y, index * self.step.views)
+        out = self.step.forward(x, y, index * self.step.views, lam=lam)
         loss, distill = self.step.loss(out, lam)
         return DistillerOutput(loss, out.ce, distill, {b.key: v for b, v in zip(self.bound, out.values)},
                                {b.key: w for b, w in zip(self.bound, lam)}, out.logits)

@@ -50,12 +50,16 @@ class FusedHead:
                     return None  # the head's own output (or a module around it) is tapped: the logits
         return cls(head, [_divergence(b) if b.config.name in DIVERGENCES else None for b in terms])
 
-    def __call__(self, hidden: Tensor, labels: Tensor, teacher, which: list | None) -> tuple[Tensor, dict]:
+    def __call__(self, hidden: Tensor, labels: Tensor, teacher, which: list | None,
+                 weights: list | None = None) -> tuple[Tensor, dict]:
         """(the cross-entropy, ``{term index: value}``) of the divergence terms asked for
-        (``which``: a flag per term, None for all), from ``hidden`` (B, L, d) and ``labels`` (B·L,)."""
+        (``which``: a flag per term, None for all), from ``hidden`` (B, L, d) and ``labels`` (B·L,);
+        ``weights``: ``[w_CE, λ per term]`` as the loss will weigh them (their gradient is then
+        taken in the forward), or None."""
         asked = [k for k, d in enumerate(self.divergences) if d is not None and (which is None or which[k])]
         ce, values = fused_head_terms(hidden, self.head.weight, labels, teacher if asked else None,
-                                      [self.divergences[k] for k in asked], bias=self.head.bias)
+                                      [self.divergences[k] for k in asked], bias=self.head.bias,
+                                      weights=None if weights is None else [weights[0]] + [weights[1 + k] for k in asked])
         return ce, dict(zip(asked, values))
 
 

@@ -70,12 +70,14 @@ class Step:
         self.device, self.amp, self.ce_weight = device, amp, ce_weight
         self.head = FusedHead.for_step(net, terms, task) if fused_head else None
 
-    def forward(self, x: Tensor, y: Tensor, key: Tensor, *, net=None, amp="run", which: list | None = None
-                ) -> StepOutputs:
+    def forward(self, x: Tensor, y: Tensor, key: Tensor, *, net=None, amp="run", which: list | None = None,
+                lam: list | None = None) -> StepOutputs:
         """The step's forward on batch ``(x, y)`` with training-set keys ``key``. ``net``: the
         network to run (default: the step's; training passes its DDP/compiled wrapper);
         ``amp``: the autocast dtype (default: the run's; calibration passes None); ``which``: a
-        flag per term, False to skip it (its value is then None)."""
+        flag per term, False to skip it (its value is then None); ``lam``: the λ :meth:`loss`
+        will be given, so that the fused head takes the loss's gradient in its one pass (any
+        other λ stays exact, at the price of a second pass in the backward)."""
         net = self.net if net is None else net
         amp = self.amp if amp == "run" else amp
         t_feats, t_logits = {}, None
@@ -97,7 +99,8 @@ class Step:
         t_view = self.task.term_view(t_logits, y)[0] if t_logits is not None else None
         fused = {}
         if hidden is not None:
-            ce, fused = self._fused(hidden, labels, t_view, which)
+            ce, fused = self._fused(hidden, labels, t_view, which,
+                                    None if lam is None else [self.ce_weight, *lam])
         values = []
         for k, b in enumerate(self.terms):
             if k in fused or (which is not None and not which[k]):
@@ -109,10 +112,10 @@ class Step:
                 raise TermFailure(b, e) from e
         return StepOutputs(logits, ce, values, s_feats, t_feats, hidden)
 
-    def _fused(self, hidden: Tensor, labels: Tensor, teacher, which) -> tuple[Tensor, dict]:
+    def _fused(self, hidden: Tensor, labels: Tensor, teacher, which, weights) -> tuple[Tensor, dict]:
         """The fused head's cross-entropy and divergence values; an error names the first divergence."""
         try:
-            return self.head(hidden, labels, teacher, which)
+            return self.head(hidden, labels, teacher, which, weights)
         except (ValueError, TypeError, RuntimeError) as e:
             first = next((b for b, d in zip(self.terms, self.head.divergences) if d is not None), None)
             if first is None:
