@@ -3,6 +3,7 @@
 The reference pages (command line, configuration keys, the registries' tables) are generated
 from the code at build time by ``_ext/kd2m_reference.py``, so they cannot drift from it.
 """
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ extensions = [
     "kd2m_reference",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "api/_autosummary_templates"]
+# pages that other pages include (the registries' tables, the experiments' tables): not pages of their own
+exclude_patterns = ["_build", "api/_autosummary_templates", "_generated/terms.md", "_generated/digits_*.md"]
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
@@ -38,8 +40,8 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = True
-# the package's entry-point module runs the command line when imported
-autosummary_mock_imports: list[str] = []
+# the integrations' libraries are optional extras: a site built with [docs] alone mocks them
+autodoc_mock_imports = [name for name in ("transformers", "trl", "lightning") if importlib.util.find_spec(name) is None]
 
 html_theme = "alabaster"
 html_title = f"kd2m {release}"

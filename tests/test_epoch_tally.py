@@ -125,12 +125,12 @@ def test_large_finite_gradients_pass_and_non_finite_ones_are_zeroed():
     small = torch.nn.Parameter(torch.zeros(3))
     big.grad, small.grad = torch.full((4, 4), 1e30), T([1.0, -2.0, 3.0])
     assert math.isinf(float(torch.linalg.vector_norm(big.grad)))   # what a 2-norm check would read
-    ok = zero_nonfinite_gradients([big, small])
-    assert bool(ok) and (big.grad == 1e30).all() and small.grad.tolist() == [1.0, -2.0, 3.0]
+    ok = zero_nonfinite_gradients([big, small])  # one flag per parameter
+    assert ok.tolist() == [True, True] and (big.grad == 1e30).all() and small.grad.tolist() == [1.0, -2.0, 3.0]
     for bad in (math.inf, math.nan):
         small.grad = T([1.0, bad, 3.0])
         big.grad = torch.full((4, 4), 1e30)
-        assert not bool(zero_nonfinite_gradients([big, small]))
+        assert zero_nonfinite_gradients([big, small]).tolist() == [True, False]  # which one was not finite
         assert (big.grad == 0).all() and (small.grad == 0).all()
 
 

@@ -1,5 +1,5 @@
 """Guards on what a user compares and trains: two grids paired only when their runs differ in λ
-alone, the README's Hugging Face Trainer snippet as written, warm-ups given in epochs against the
+alone, the Hugging Face Trainer snippet (docs/integrations.md) as written, warm-ups given in epochs against the
 run's length, and a non-finite step named for what went non-finite (and where, under torchrun)."""
 import importlib.util
 import json

@@ -243,47 +243,47 @@ def test_a_vocabulary_mismatch_is_refused_before_training(tmp_path):
 
 
 def _readme_trainer_snippet() -> str:
-    """The code block of the README's "In your own Hugging Face loop", as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("**In your own Hugging Face loop.**", 1)[1]
+    """The code block of "In your own Hugging Face loop" (docs/integrations.md), as written."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    section = page.split("**In your own Hugging Face loop.**", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
-    """The README's Trainer snippet, executed as written: CE + a KD²M distance between the last
-    hidden states, the projector trained with the student, the teacher in eval mode (its dropout
-    off) and untouched while it teaches, and the saved student loading back with no unexpected
-    key (a projector set as the student's submodule was saved with it)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
-    from kd2m import KD2MLoss
-    snippet = {}
-    exec(compile(_readme_trainer_snippet(), "README.md", "exec"), snippet)
-    KD2MTrainer = snippet["KD2MTrainer"]
+    """The KD2MTrainer snippet of docs/integrations.md, executed as written: CE + fkl + a KD²M
+    distance between the last hidden states, the projector trained with the student, the teacher
+    in eval mode (its dropout off) and untouched while it teaches, and the saved student loading
+    back with no unexpected key, the projector saved beside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     student = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=1, n_embd=16, n_head=2))
     teacher = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_embd=32, n_head=2))
-    assert teacher.training  # as built: dropout on, until the snippet says otherwise
+    assert teacher.training  # as built: dropout on, until the trainer says otherwise
     teaching = []            # the teacher's mode at each of its forward passes
     teacher.register_forward_pre_hook(lambda module, args, kwargs: teaching.append(module.training),
                                       with_kwargs=True)
     data = [{"input_ids": torch.randint(0, 64, (16,))} for _ in range(16)]
     for item in data:
         item["labels"] = item["input_ids"].clone()
-    kd2m_loss = KD2MLoss("gauss_w2", weight=0.1, unit="tokens", student_shape=(16, 16), teacher_shape=(16, 32))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, save_strategy="no", learning_rate=1e-2, logging_steps=1)
-    trainer = KD2MTrainer(model=student, args=args, train_dataset=data, teacher=teacher, kd2m_loss=kd2m_loss)
-    proj_before = kd2m_loss.projector.weight.detach().clone()
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    result = trainer.train()
-    assert teaching == [False, False, False]   # one compute_loss per step, the teacher in eval mode in each
-    assert math.isfinite(result.training_loss)
-    assert not torch.equal(kd2m_loss.projector.weight, proj_before)
+    snippet = {"student": student, "teacher": teacher, "data": data, "out_dir": str(tmp_path)}
+    code = _readme_trainer_snippet()
+    trainer_line = code.index("trainer.train()")
+    exec(compile(code[:trainer_line], "docs/integrations.md", "exec"), snippet)   # up to the training
+    trainer = snippet["trainer"]
+    projector = trainer.distiller.term_modules[1].loss.projector.weight
+    proj_before = projector.detach().clone()
+    probes = len(teaching)   # the projectors' sizing forward
+    exec(compile(code[trainer_line:], "docs/integrations.md", "exec"), snippet)   # the training and the save
+    assert teaching[probes:] == [False, False, False]   # one compute_loss per step, the teacher in eval mode in each
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert not torch.equal(projector.detach(), proj_before)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
-    trainer.save_model(str(tmp_path / "student"))
     loaded, info = GPT2LMHeadModel.from_pretrained(str(tmp_path / "student"), output_loading_info=True)
     assert list(info["unexpected_keys"]) == [] and list(info["missing_keys"]) == []
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in loaded.state_dict().items())
+    saved = torch.load(tmp_path / "student" / "kd2m_distiller.pt", weights_only=True)
+    assert torch.equal(saved["term_modules.1.loss.projector.weight"], projector.detach())
 
 
 def test_task_lm_picks_the_text_benchmark_and_refuses_an_image_dataset():

@@ -1,6 +1,7 @@
 """The README's loss-in-your-own-loop snippet runs as written and distills: against a CE-only
 twin (same initial weights, same batches), it brings the student's features closer to the
-teacher's under the snippet's own distance."""
+teacher's under the snippet's own distance; the "Adding a loss term" example of the extending
+page (docs/extending.md) registers a term that trains."""
 import copy
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from torch import nn
 from kd2m import FeatureTap, metrics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
 def _snippet() -> str:
@@ -50,11 +52,11 @@ def test_readme_snippet_runs_and_distills():
 
 
 def test_readme_adding_a_loss_term_example_registers_and_trains():
-    """The "Adding a loss term" example, as written, registers a term that `kd2m.losses.get` builds
+    """The "Adding a loss term" example of docs/extending.md, as written, registers a term that `kd2m.losses.get` builds
     and that trains a projector (in a fresh process: registering mutates the registry)."""
     import subprocess
     import sys
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", EXTENDING.read_text(), re.S)
     code = next(b for b in blocks if "@register_term" in b).replace("from .registry import",
                                                                      "from kd2m.losses.registry import")
     check = code + '''

@@ -24,7 +24,8 @@ def test_paper_table_has_datasets_as_columns_and_bold_best_student():
             "svhn": rows("svhn", {"teacher": [0.97, 0.97], "ce": [0.93, 0.95], "cw2": [0.90, 0.92]})}
     table = R.paper_table(runs)
     lines = table.strip().splitlines()
-    assert lines[0] == "| method | cifar10 (ours) | svhn (ours) | cifar10 (paper) | svhn (paper) |"
+    assert lines[0] == ("| method | cifar10 (ours): test accuracy (%) | svhn (ours): test accuracy (%) | "
+                        "cifar10 (paper): test accuracy (%) | svhn (paper): test accuracy (%) |")
     by = {ln.split("|")[1].strip(): ln for ln in lines[2:]}
     assert list(by) == ["teacher", "student (CE only)", "CW2 (E)"]  # the paper's row order
     assert "**86.00 ± 1.41**" in by["CW2 (E)"] and "**94.00 ± 1.41**" in by["student (CE only)"]

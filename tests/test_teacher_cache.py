@@ -177,14 +177,14 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
 
 
 def test_readme_own_loop_snippet_runs():
-    """The README's teacher-cache snippet, as written, with a real loss in place of its '...'."""
+    """The teacher-cache snippet of docs/concepts.md, as written, with a real loss in place of its '...'."""
     import re
     from pathlib import Path
     from torch.utils.data import DataLoader, RandomSampler
 
     from kd2m import FeatureTap, KD2MLoss
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "ViewSampler" in c)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", page, re.S) if "ViewSampler" in c)
     code = code.replace("        ...", "        losses.append(float(loss_fn(tap(x), t_feats, y).detach()))")
     train_set, K, seed, epochs, device = Augmented(n=20), 2, 0, 2, torch.device("cpu")
     teacher = build_model("digits_cnn", 4, 3, 10).eval()
@@ -194,5 +194,5 @@ def test_readme_own_loop_snippet_runs():
                  DataLoader=DataLoader, RandomSampler=RandomSampler, train_set=train_set, K=K, seed=seed,
                  epochs=epochs, device=device, teacher=teacher, losses=[], loss_fn=KD2MLoss("w2", weight=1.0),
                  tap=lambda x: (student(x), s_tap.feature)[1])
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/concepts.md", "exec"), scope)
     assert len(scope["losses"]) == epochs and all(v > 0 for v in scope["losses"])

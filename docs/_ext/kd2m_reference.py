@@ -4,7 +4,10 @@
 - ``_generated/config.md``: every configuration key with its default and help, from
   :class:`kd2m.config.RunConfig`'s fields and the datasets' defaults;
 - ``_generated/terms.md``: the distances and the field's methods, from the term and metric
-  registries' own facts.
+  registries' own facts;
+- ``_generated/digits_headline.md`` and ``_generated/digits_results.md``: the digits experiment's
+  headline table and its full table, from the tool's own files in ``experiments/digits/``
+  (:func:`kd2m.results.read_summary`, ``results.md``), never copied by hand.
 
 Nothing here is typed twice: a new option, key or term appears on the next build.
 """
@@ -67,30 +70,84 @@ def config_page() -> str:
     return "\n".join(out) + "\n"
 
 
+def _option_defaults(fn, names) -> dict:
+    """Defaults of a metric function's keyword options, from its signature."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: params[n].default for n in names if n in params and params[n].default is not inspect.Parameter.empty}
+
+
+def _options_cell(names, defaults) -> str:
+    cells = [f"`{n}={defaults[n]!r}`" if n in defaults else f"`{n}`" for n in names]
+    return _cell(", ".join(cells)) if cells else "—"
+
+
 def terms_page() -> str:
     from kd2m import losses, metrics
     out = ["# Distances and the field's methods", "",
-           "Generated from the registries: each entry's facts as the engine reads them.", "",
-           "## KD²M distances", "", "| name | label | reads labels | options |", "|---|---|---|---|"]
+           "Generated from the registries: each entry's facts as the engine reads them "
+           "(`kd2m.metrics.spec(name)`, `kd2m.losses.spec(name)`).", "",
+           "## KD²M distances", "", "| name | label | reads labels | options (defaults) |", "|---|---|---|---|"]
     for name in metrics.available():
         s = metrics.spec(name)
         out.append(f"| `{name}` | {_cell(s.label)} | {'yes' if s.uses_labels else 'no'} | "
-                   f"{', '.join(f'`{o}`' for o in s.options) or '—'} |")
+                   f"{_options_cell(s.options, _option_defaults(s.fn, s.options))} |")
     out += ["", "## The field's methods (loss terms)", "",
-            "| name | label | needs | default λ | CE weight | warm-up (epochs) | paper |",
-            "|---|---|---|---|---|---|---|"]
+            "| name | label | needs | options (defaults) | default λ | CE weight | warm-up (epochs) | paper |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in losses.available(family="baseline"):
         s = losses.spec(name)
-        out.append(f"| `{name}` | {_cell(s.label)} | {', '.join(sorted(s.needs))} | {s.weight:g} | "
+        out.append(f"| `{name}` | {_cell(s.label)} | {', '.join(sorted(s.needs))} | "
+                   f"{_options_cell(s.options, dict(s.defaults or ()))} | {s.weight:g} | "
                    f"{s.ce_weight:g} | {s.warmup or '—'} | {_cell(s.paper)} |")
     return "\n".join(out) + "\n"
 
 
+#: the experiment folder whose tables the results pages show (relative to the repository root)
+DIGITS = Path("experiments") / "digits"
+
+
+def digits_headline(root: Path) -> str:
+    from kd2m.results import headline_table, read_summary
+    return headline_table(read_summary(root / DIGITS / "summary.csv"), top=3)
+
+
+def digits_results(root: Path) -> str:
+    """``results.md`` as the run wrote it, less its title line (the page has its own)."""
+    lines = (root / DIGITS / "results.md").read_text().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip() + "\n"
+
+
+def env_line(root: Path) -> str:
+    import json
+    env = json.loads((root / DIGITS / "env.json").read_text())
+    return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
+            f"`{env['cpu_capability']}` kernels, {env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''} "
+            f"per process, Python "
+            f"{env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
+
+
+#: every generated page (``_generated/NAME.md``) and what writes it from the repository's root
+PAGES = {
+    "cli": lambda root: cli_page(),
+    "config": lambda root: config_page(),
+    "terms": lambda root: terms_page(),
+    "digits_headline": digits_headline,
+    "digits_results": digits_results,
+    "digits_env": env_line,
+}
+
+
 def generate(app) -> None:
     target = Path(app.srcdir) / "_generated"
-    _write(target / "cli.md", cli_page())
-    _write(target / "config.md", config_page())
-    _write(target / "terms.md", terms_page())
+    root = Path(app.srcdir).parent
+    for name, page in PAGES.items():
+        _write(target / f"{name}.md", page(root))
 
 
 def setup(app):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+#: the package's version, its one home (pyproject.toml reads it: [tool.setuptools.dynamic])
 __version__ = "0.1.0"
 
 #: public name → the module that defines it

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from . import results as R
+from . import tasks
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from .catalog import EVAL_BATCH_SIZE, TEACHER
 from .rundir import MODEL_PT, RunDir
@@ -115,9 +116,10 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
     run_dir = Path(run_dir)
     cfg, rows = load_run(run_dir)
     from .data import dataset_task
-    if dataset_task(cfg["dataset"]) != "classification":
-        raise ValueError(f"kd2m bound: Theorem 1 bounds a classifier's risk; {run_dir} trained language models "
-                         f"({cfg['dataset']}): their paired perplexities are in results.md")
+    task = tasks.get(dataset_task(cfg["dataset"]))
+    if not task.diagnostics:  # Theorem 1 is about a classifier's risk on pooled features (Task.diagnostics)
+        raise ValueError(f"kd2m bound: Theorem 1 bounds a classifier's risk; {run_dir} trained a {task.name} task "
+                         f"({cfg['dataset']}): its paired test {task.figure_name} is in results.md")
     dev = resolve_device(device)
     bundle = build_dataset(cfg["dataset"], data_root=data_root or cfg.get("data_root"), download=False,
                            augment=False, image_size=cfg.get("image_size"), holdout=cfg.get("holdout") or 0.0)

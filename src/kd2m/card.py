@@ -81,7 +81,9 @@ def _entry_of(user: RunConfig, method: Method, index: int) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
-def _weight_source(user: RunConfig, term, entry: dict) -> str:
+def _weight_source(user: RunConfig, term, entry: dict, swept: bool = False) -> str:
+    if swept:
+        return "--sweep"
     if "weight" in entry:
         return "config"
     if term.name in (user.weights or {}):
@@ -96,7 +98,7 @@ def _weight_source(user: RunConfig, term, entry: dict) -> str:
     return "authors' default"
 
 
-def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
+def _option_sources(user: RunConfig, term, entry: dict, sweep_key: str | None = None) -> list[str]:
     given = dict(entry.get("options") or {})
     from_config = dict((user.term_options or {}).get(term.name, {}))
     from_dataset = defaults_for(user.resolved().dataset).get("term_options", {}).get(term.name, {})
@@ -107,6 +109,8 @@ def _option_sources(user: RunConfig, term, entry: dict) -> list[str]:
             where = "config"
         elif key in from_dataset:
             where = "dataset default"
+        elif sweep_key == "kd_temperature":  # kd's temperature: the run's kd_temperature, here swept
+            where = "--sweep"
         else:  # kd's temperature: the run's kd_temperature
             where = _field_source(user, "kd_temperature")
         out.append(f"{key}={value!r} ({where})")
@@ -190,7 +194,10 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
     line set (a value equal to kd2m's default is then still "config"). Builds the models to
     resolve default layers (no data is needed for datasets of known shape); trains and writes
     nothing."""
+    from .grid import sweep_variants
     cfg = user.resolved()
+    students = sweep_variants(cfg, sweep)  # exactly the runs the grid trains
+    sweep_key = sweep[0] if sweep is not None else None
     lines = [f"# Reproduction card: what `{command}` would run (nothing is trained)", "",
              "## Recipe (teacher and every student)", "", "| setting | value | from |", "|---|---|---|"]
     for key in RECIPE:
@@ -202,6 +209,10 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
             continue
         if key == "teacher_topk":  # what the top-K cache keeps per token, against the dense 4·V
             value = f"{value} ({12 * value + 4} bytes per token; every logit: 4·V)"
+        if key == sweep_key:  # the teacher trains with the recipe's value, every student with each swept one
+            lines.append(f"| {key} | {value} (teacher); students: {', '.join(f'{v:g}' for v in sweep[1])} | "
+                         f"{_field_source(user, key, given)}; --sweep |")
+            continue
         lines.append(f"| {key} | {value} | {_pretrained_source(cfg, key) or _field_source(user, key, given)} |")
     models = _models(cfg)
     lines += ["", "## Students", ""]
@@ -213,24 +224,34 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         lines += [f"λ of {', '.join(names)}: chosen before the grid by {how} among auto×"
                   f"{', auto×'.join(f'{k:g}' for k in values)} (0: the term off), on a holdout of "
                   f"{cfg.select_holdout:g} of the training split, seeds {cfg.select_seeds}; the λ below is "
-                  "what they would train at without it (`--select-k none`).", ""]
-    for method in cfg.methods():
-        if method.key == CE:
-            lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", ""]
+                  "what they would train at without it (`--select-k none`). A term chosen at K = 0 trains as the "
+                  "CE-only student (CE weight 1), the student its pilot was; named students keep their λ.", ""]
+    if sweep is not None:
+        lines += [f"`--sweep {sweep_key}={','.join(f'{v:g}' for v in sweep[1])}`: one student per swept value "
+                  "(`KEY@value`), as listed; what the sweep does not vary runs once.", ""]
+    for vcfg, method in students:
+        key = method.key.partition("@")[0]  # the student's name in the config (a swept one is `name@value`)
+        varied = "@" in method.key
+        swept = [] if not varied or sweep_key in ("weight", "auto_weight") else \
+            [f"{sweep_key} {getattr(vcfg, sweep_key):g} (--sweep)."]
+        if key == CE:
+            lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", *swept, ""]
             continue
-        given_ce = method.key in (user.ce_weights or {})
+        given_ce = key in (user.ce_weights or {})
         ce_from = "config" if given_ce else (
-            "dataset default" if user.ce_weights is None and method.key in
+            "dataset default" if user.ce_weights is None and key in
             defaults_for(user.resolved().dataset).get("ce_weights", {}) and user.weights is None
             else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
             else "kd2m default")
-        lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", "",
-                  "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
+        lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", *swept,
+                  "", "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
         for i, t in enumerate(method.terms):
-            entry = _entry_of(user, method, i)
+            entry = _entry_of(user, dataclasses.replace(method, key=key), i)
             lam = ("auto×" if t.auto else "") + f"{t.weight:g}"
-            lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({_weight_source(user, t, entry)}) | "
-                         f"{_schedule(t, entry, user)} | {'; '.join(_option_sources(user, t, entry)) or '—'} | "
+            lam_from = _weight_source(user, t, entry, swept=varied and sweep_key in ("weight", "auto_weight"))
+            options = _option_sources(user, t, entry, sweep_key if varied else None)
+            lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({lam_from}) | "
+                         f"{_schedule(t, entry, user)} | {'; '.join(options) or '—'} | "
                          f"{_layers(t, models, entry, user, given)} |")
         lines.append("")
     if models is None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import signal
 import sys
 from pathlib import Path
 
-from .rundir import FINAL_JSON, RunDir  # light: no torch at start-up
+from . import rundir as layout  # light: no torch at start-up
+from .rundir import FINAL_JSON, RunDir
 
 #: Longest error message printed (a hostile input must not become a huge message).
 MAX_ERROR_CHARS = 300
@@ -37,7 +39,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """One option per field of RunConfig (its help is on the field): the CLI cannot drift from the config."""
+    """One option per field of RunConfig (its help is on the field, its default is the one a run
+    resolves: :func:`default_help`): the CLI cannot drift from the config."""
     import dataclasses
     from .config import RunConfig
     for f in dataclasses.fields(RunConfig):
@@ -51,8 +54,51 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         elif meta.get("flag"):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=meta["help"])
         else:
-            p.add_argument(flag, type=_cli_type(f), default=argparse.SUPPRESS, help=meta["help"])
+            p.add_argument(flag, type=_cli_type(f), default=argparse.SUPPRESS,
+                           help=meta["help"] + default_help(f.name))
     p.add_argument("--config", type=str, help="YAML file with the same keys (command-line options override it)")
+
+
+#: options whose help says their default in words (it is the dataset, or follows from it)
+DEFAULT_IN_WORDS = frozenset({"dataset", "task", "out"})
+
+
+@functools.lru_cache(maxsize=1)
+def resolved_defaults() -> dict:
+    """{dataset: the RunConfig a run on it resolves with no option given}: the one source of the
+    defaults that the options' help states (:func:`default_help`)."""
+    from .config import RunConfig
+    from .data import available_datasets
+    names = sorted(available_datasets(), key=lambda d: (d != "digits", d != "mnist1d", d))  # the grids' first
+    return {d: RunConfig(dataset=d).resolved() for d in names}
+
+
+def _default_text(value) -> str:
+    if isinstance(value, list):
+        if value and value == list(range(len(value))):  # seeds 0..n-1: a count
+            return str(len(value))
+        return ",".join(map(_default_text, value)) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def default_help(name: str) -> str:
+    """`` (default: V)`` for RunConfig field ``name``, or `` (default by dataset: digits 10;
+    mnist1d 60; ...)`` where the datasets' defaults differ (datasets with the same value grouped
+    with "/"), as :func:`resolved_defaults` resolves them; "" where no dataset sets it (the help
+    says what an unset value means) or the help says it in words."""
+    if name in DEFAULT_IN_WORDS:
+        return ""
+    values = {d: getattr(cfg, name) for d, cfg in resolved_defaults().items()}
+    if all(v is None for v in values.values()):
+        return ""
+    groups: dict[str, list[str]] = {}
+    for d, v in values.items():
+        groups.setdefault("unset" if v is None else _default_text(v), []).append(d)
+    if len(groups) == 1:
+        return f" (default: {next(iter(groups))})"
+    return " (default by dataset: " + "; ".join(f"{'/'.join(ds)} {v}" for v, ds in groups.items()) + ")"
 
 
 def _cli_type(f):
@@ -66,37 +112,69 @@ def _cli_type(f):
     return str
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the commands whose options are RunConfig's fields (building them imports the config, hence torch)
+RUN_COMMANDS = ("run", "bench")
+
+def _run_files() -> str:
+    """What ``run``/``bench`` write (their --help says it; their last line names the files written)."""
+    from .select_k import SELECT_DIR
+    return (f"Writes into --out: {layout.RESULTS_CSV} (one row per method × seed), {layout.SUMMARY_CSV} (one row "
+            f"per method: paired Δ vs CE), {layout.RESULTS_MD} (the table), {layout.RESULTS_JSON} (the rows and "
+            f"summary {layout.RESULTS_MD} was made from), {layout.CONFIG_JSON} (the resolved settings), "
+            f"{layout.ENV_JSON} (where it ran: kd2m, commit, CPU, torch and its kernel path, threads), "
+            f"{layout.SWEEP_PNG} (with --sweep), {SELECT_DIR}/ (the pilot grid that chooses K of weight auto, when "
+            f"it runs) and one directory per run, <method>/seed<seed>/ ({FINAL_JSON}, {layout.MODEL_PT}, "
+            f"{layout.LOG_JSONL}).")
+
+
+#: what ``bound`` and ``report`` write (their --help says it; their last line names the files written)
+BOUND_FILES = (f"Writes RUN_DIR/{layout.BOUND_JSON} (every pair, the per-method summary, the settings) and "
+               f"RUN_DIR/{layout.BOUND_MD}.")
+REPORT_FILES = (f"Writes into RUN_DIR/{layout.REPORT_DIR}/: report.md, accuracy.png, curves.png, diagnostics.png "
+                "(when the runs logged diagnostics) and embedding.png (classification, unless --no-embedding).")
+
+
+def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
+    """The ``kd2m`` parser. ``run_options=False`` leaves out the options of ``run``/``bench`` (the
+    fields of RunConfig): ``kd2m --help``, ``--version`` and the other commands then parse without
+    importing torch."""
+    from . import __version__
     p = Parser(prog="kd2m", description="Knowledge distillation through distribution matching.")
+    p.add_argument("--version", action="version", version=f"kd2m {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the grid (default: digits, 3 seeds, every paper metric + baselines)")
-    _add_run_options(run)
+    run = sub.add_parser("run", help="run the default grid (digits unless --dataset: every paper metric and the "
+                                     "baselines; `kd2m run --help` gives each option's default)")
     bench = sub.add_parser("bench", help="run a benchmark grid from a YAML config (e.g. configs/paper/cifar10.yaml)")
     bench.add_argument("config_file", nargs="?", help="YAML config")
-    _add_run_options(bench)
+    if run_options:
+        _add_run_options(run)
+        _add_run_options(bench)
+        run.epilog = bench.epilog = _run_files()
     bench.add_argument("--sweep", type=str, help="KEY=v1,v2,... e.g. weight=1e-7,1e-6,1e-5,1e-4")
     for parser in (run, bench):
         parser.add_argument("--dry-run", action="store_true",
                             help="print the reproduction card (every method's effective settings and where each "
                                  "comes from) and train nothing")
-    rep = sub.add_parser("report", help="plots + report.md for a finished run directory")
+    rep = sub.add_parser("report", help="plots + report.md for a finished run directory", epilog=REPORT_FILES)
     rep.add_argument("run_dir")
     rep.add_argument("--no-embedding", action="store_true", help="skip the t-SNE feature embedding")
-    rep.add_argument("--device", default="auto")
-    bnd = sub.add_parser("bound", help="evaluate Theorem 1's terms on held-out data for trained pairs")
+    rep.add_argument("--device", default="auto", help="device of the embedding's forward passes: auto, cpu, cuda, "
+                                                      "cuda:1 (default: auto)")
+    bnd = sub.add_parser("bound", help="evaluate Theorem 1's terms on held-out data for trained pairs",
+                         epilog=BOUND_FILES)
     bnd.add_argument("run_dir")
     bnd.add_argument("--samples", type=int, default=1000, help="held-out samples N for exact OT (default 1000)")
-    bnd.add_argument("--device", default="auto")
-    bnd.add_argument("--data-root", default=None)
+    bnd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto)")
+    bnd.add_argument("--data-root", default=None, help="where the dataset lives (default: the run's data_root)")
     tab = sub.add_parser("table", help="the paper's table over several run directories (datasets as columns)")
     tab.add_argument("run_dirs", nargs="+")
-    tab.add_argument("--out", help="also write the Markdown table to this file")
+    tab.add_argument("--out", help="also write the Markdown table to this file (it writes nothing else)")
     cmp_ = sub.add_parser("compare", help="paired Δ between methods of one run directory (e.g. weight auto vs swept λ)")
     cmp_.add_argument("run_dir")
     cmp_.add_argument("pairs", nargs="*", help="A:B pairs of method keys (Δ = A − B)")
     cmp_.add_argument("--suffix", help="compare every method KEY+SUFFIX with KEY, e.g. --suffix '@auto*1'")
-    cmp_.add_argument("--out", help="also write the Markdown table to this file")
+    cmp_.add_argument("--out", help="also write the Markdown table to this file (it writes nothing else)")
     met = sub.add_parser("metrics", help="list metrics, models and datasets")
     met.add_argument("--models", action="store_true")
     return p
@@ -120,7 +198,7 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
         if f.metadata.get("cli") is False or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if f.name == "seeds":  # "3": three seeds 0,1,2; "0" (a count of none): seed 0; "5,7" or "5,": a list
+        if f.name in ("seeds", "select_seeds"):  # "3": seeds 0,1,2 (as in YAML); "0": seed 0; "5,7" or "5,": a list
             value = int(value) if value.strip().isdigit() and value.strip() != "0" else value
         overrides[f.name] = value
     if given is not None:
@@ -138,9 +216,12 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
 def _selected(cfg, names, values):
     """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
     chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
-    from .select_k import check_selection, select_k, with_chosen
+    from . import distributed as dist_ctx
+    from .select_k import check_reused, check_selection, select_k, with_chosen
     check_selection(cfg, names, values, cfg.select_seeds)
-    chosen = select_k(cfg, names, values, cfg.select_seeds, log=print)
+    check_reused(cfg, {n: list(values) for n in names})  # a finished run no candidate K can reuse
+    chosen = select_k(cfg, names, values, cfg.select_seeds, log=lambda m: dist_ctx.is_main() and print(m, flush=True))
+    check_reused(cfg, {n: [c["k"]] for n, c in chosen.items()}, chosen=True)  # the choice moved off a finished run
     return dataclasses.replace(with_chosen(cfg, chosen), select_k=list(values)).resolved(), chosen
 
 
@@ -173,7 +254,7 @@ def cmd_run(args) -> int:
               end="")
         return 0
     resolved = cfg.resolved()
-    from .select_k import auto_terms, plan
+    from .select_k import SELECT_DIR, auto_terms, plan
     selection, chosen = plan(resolved, sweep), None
     if selection:
         cfg, chosen = _selected(resolved, *selection)
@@ -206,7 +287,11 @@ def cmd_run(args) -> int:
                       "not on the test split.")
             out = RunDir(resolved.out)
             print(f"results: {out.results_csv} (one row per method × seed), {out.summary_csv} (one row per "
-                  f"method, paired Δ vs CE), {out.results_md}" + (f", {out.sweep_png}" if sweep else ""))
+                  f"method, paired Δ vs CE), {out.results_md}, {out.results_json} (the rows and summary of "
+                  f"{layout.RESULTS_MD}), {out.config_json}, {out.env_json} (where it ran)"
+                  + (f", {out.sweep_png}" if sweep else "")
+                  + (f", {out.root / SELECT_DIR}/ (the pilot grid)" if chosen else "")
+                  + f"; each run in {out.root}/<method>/seed<seed>/ ({FINAL_JSON}, {layout.MODEL_PT}, {layout.LOG_JSONL})")
     finally:
         dist_ctx.teardown()
     return 0
@@ -215,7 +300,8 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from .report import make_report
     path = make_report(args.run_dir, embedding=not args.no_embedding, device=args.device)
-    print(f"report: {path}")
+    pictures = sorted(p.name for p in path.parent.glob("*.png"))
+    print(f"report: {path} ({', '.join(pictures)} beside it)")
     return 0
 
 
@@ -223,7 +309,7 @@ def cmd_bound(args) -> int:
     from .bound import evaluate_run
     table, path = evaluate_run(args.run_dir, samples=args.samples, device=args.device, data_root=args.data_root)
     print(table)
-    print(f"bound results: {path}")
+    print(f"bound results: {path}, {RunDir(args.run_dir).bound_md}")
     return 0
 
 
@@ -240,15 +326,19 @@ def cmd_table(args) -> int:
             raise ValueError(f"two run directories hold dataset {dataset!r}; give one per dataset")
         runs[dataset] = rows
         want = meta.get("expected_seeds")
-        short = [f"{s['label']} {s['n']}/{want}" for s in summarize(rows) if want and s["n"] < want]
+        diverged = meta.get("diverged") or {}  # {method key: {"label", "seeds"}}, as results.md flags them
+        short = [f"{s['label']} {s['n']}/{want}" for s in summarize(rows)
+                 if want and s["n"] + len(diverged.get(s["method"], {}).get("seeds", ())) < want]
         if short:
             notes.append(f"{dataset}: unfinished ({', '.join(short)} seeds)")
-        for label, seeds in (meta.get("diverged") or {}).items():
-            notes.append(f"{dataset}: {label} diverged on seeds {', '.join(map(str, seeds))} (left out of its mean)")
+        for d_ in diverged.values():
+            notes.append(f"{dataset}: {d_['label']} diverged on seed{'s' if len(d_['seeds']) > 1 else ''} "
+                         f"{', '.join(map(str, d_['seeds']))} (left out of its mean)")
     table = paper_table(runs) + "".join(f"\n(!) {n}" for n in notes) + ("\n" if notes else "")
     print(table)
     if args.out:
         atomic_write_text(args.out, table)
+        print(f"table: {args.out}")
     return 0
 
 
@@ -293,6 +383,7 @@ def cmd_compare(args) -> int:
     print(table)
     if args.out:
         atomic_write_text(args.out, table)
+        print(f"table: {args.out}")
     return 0
 
 
@@ -324,8 +415,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                            f"(see kd2m {args.command} --help)\n")
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The command a command line names (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(run_options=_command_of(argv) in RUN_COMMANDS)
     args = parser.parse_args(argv)
     _check_args(parser, args)
     debug = args.debug or os.environ.get("KD2M_DEBUG") == "1"

@@ -111,8 +111,8 @@ class RunConfig:
     holdout: float = _opt(0.0, "evaluate on this fraction of the training split instead of the test split (a "
                                "fixed random part, the same for every run; the rest trains, the teacher "
                                "included): for choosing λ without touching the test set (--select-k)")
-    image_size: int | None = _opt(None, "imagefolder: resize every image to this size (default: the most common "
-                                        "size); text: the block length in tokens (default 64)")
+    image_size: int | None = _opt(None, "imagefolder: resize every image to this size (unset: the most common "
+                                        "size); text: the block length in tokens")
     teacher: str | None = _opt(None, "teacher model (`kd2m metrics --models`; timm:NAME, torchvision:NAME, "
                                       "hf:MODEL_TYPE, or package.module:factory: your own code, called with "
                                       "num_classes=, in_channels=, image_size= and teacher_options)")
@@ -123,8 +123,7 @@ class RunConfig:
     metrics: list = _opt(None, "comma list of KD²M distances, one student each (e.g. w2,cw2,gauss_kl)",
                          factory=lambda: list(PAPER_METRICS))
     baselines: list | None = _opt(None, "comma list: ce (the CE-only student) and/or baseline terms, one student "
-                                        "each (e.g. ce,kd,dkd,dist,pkt,rkd,crd; default ce,kd,dkd,dist, and for "
-                                        "text ce,fkl,rkl,jsd)")
+                                        "each (e.g. ce,kd,dkd,dist,pkt,rkd,crd)")
     students: dict | None = _opt(None, "named students with several terms: {name: [{term, weight, options, "
                                        "student_layer, teacher_layer, unit, warmup, schedule}, ...]}", cli=False)
     distill: list | None = _opt(None, "one student with these terms (layer pairs), named after them", cli=False)
@@ -146,35 +145,35 @@ class RunConfig:
               "split minus a holdout (select_holdout) and scored on it; each term then runs at its best K. Given, "
               "it chooses for every distance and every baseline at auto. none: choose nothing (auto is auto*1, one "
               "calibration). README: λ chosen on a holdout")
-    select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones (default "
-                                          "100,101,102)")
+    select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones, read as "
+                                          "--seeds: a count (3: seeds 0,1,2) or a comma list (one seed: 100,)")
     select_holdout: float = _opt(0.2, "the share of the training split the select_k pilot grid is scored on")
     kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
     epochs: int | None = _opt(None, "student epochs")
-    teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs; 0 = use --pretrained-teacher as is)")
+    teacher_epochs: int | None = _opt(None, "teacher epochs (0 = use --pretrained-teacher as is; unset: --epochs)")
     seeds: typing.Any = _opt(None, "number of seeds (e.g. 3: seeds 0,1,2) or a comma list (e.g. 5,7; one seed: 5,)")
-    batch_size: int | None = _opt(None, "batch size per process (default 128)")
+    batch_size: int | None = _opt(None, "batch size per process")
     lr: float | None = _opt(None, "initial learning rate")
-    teacher_lr: float | None = _opt(None, "learning rate of the teacher's training (default: --lr)")
+    teacher_lr: float | None = _opt(None, "learning rate of the teacher's training (unset: --lr)")
     lr_min: float = _opt(1e-4, "final learning rate of the cosine schedule")
     lr_schedule: str = _opt("cosine", "cosine (lr → lr-min) or multistep (×lr-gamma at lr-milestones)")
     lr_milestones: list = _opt(None, "multistep: comma list of epochs where lr is multiplied by --lr-gamma",
                                factory=list)
     lr_gamma: float = _opt(0.1, "multistep factor")
-    optimizer: str | None = _opt(None, "sgd (default: with momentum and weight decay) or adamw (the text default)")
+    optimizer: str | None = _opt(None, "sgd (with momentum and weight decay) or adamw")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "SGD weight decay")
-    device: str = _opt("auto", "auto (default), cpu, cuda, cuda:1")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1")
     out: str | None = _opt(None, "output directory (default runs/<dataset>)")
     num_workers: int | None = _opt(None, "data loader workers")
-    threads: int | None = _opt(None, "CPU threads for torch (0 = torch's default; digits defaults to 1)")
-    unit: str | None = _opt(None, "what one sample of the metrics' distributions is: batch (default: an image), "
+    threads: int | None = _opt(None, "CPU threads for torch (0 = torch's default)")
+    unit: str | None = _opt(None, "what one sample of the metrics' distributions is: batch (an image), "
                                   "spatial (each map's positions), sequence (each sequence's tokens), tokens (every "
-                                  "token of the batch: the text default)")
-    student_layer: str = _opt("penultimate", "student layer the distances match (module path; default penultimate)")
-    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path; default penultimate)")
-    match: str = _opt("global", "global (default: gather features over ranks) or local")
-    amp: str = _opt("none", "none (default), bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
+                                  "token of the batch)")
+    student_layer: str = _opt("penultimate", "student layer the distances match (module path)")
+    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path)")
+    match: str = _opt("global", "global (gather features over ranks) or local")
+    amp: str = _opt("none", "none, bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
     channels_last: bool = _opt(False, "channels_last memory format", flag=True)
     compile: bool = _opt(False, "torch.compile the student", flag=True)
     teacher_cache: int | None = _opt(None, "K > 0: compute the teacher's outputs once for K fixed views of each training "
@@ -189,8 +188,8 @@ class RunConfig:
     pretrained_student: str | None = _opt(None, "local weights file for the student initialisation")
     max_pairwise_mb: float = _opt(2048.0, "refuse O(n²) distances whose buffers would exceed this (MiB)")
     progress: bool = _opt(True, "progress bars (--no-progress: none)", flag=True)
-    parallel: int | None = _opt(None, "seeds trained at once, each in its own process with one thread (default: 2 "
-                                      "for digits and mnist1d, 1 otherwise; 1 under torchrun); results are the same as "
+    parallel: int | None = _opt(None, "seeds trained at once, each in its own process with one thread (1 under "
+                                      "torchrun, whatever is given); results are the same as "
                                       "sequential runs at the same thread count: each worker uses --threads "
                                       "(0: 1 thread), and a CPU run's thread count is part of its stored settings")
     # kd2m.monitor (neither changes what a run trains, so neither is part of a run's settings)
@@ -629,7 +628,7 @@ def _check_student_name(name, where: str) -> None:
     if not ok or name in taken or name.startswith("."):
         raise ConfigError(f"{where}: {_quote(name)} cannot name a student (it names its directory in the output "
                           "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
-                          "uses there (teacher, ce, results.csv, config.json, report, …)")
+                          "uses there (teacher, ce, results.csv, config.json, report, select-k, …)")
 
 
 def _seed_list(seeds, key: str = "seeds") -> list:
@@ -744,6 +743,10 @@ def _expected_types(name: str) -> tuple:
 
 def _check_value(name: str, value):
     types = _expected_types(name)
+    if name == "select_k" and isinstance(value, str) and not value.replace(",", "").strip():
+        # an empty comma list would read as [], which is `none`: nothing chosen, silently
+        raise ConfigError(f"select_k: no K in {_quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
+                          "to choose nothing")
     if list in types and isinstance(value, str):  # "w2,cw2" from the command line
         value = _str_list(name, value)
     if value is None and type(None) in types:

@@ -21,6 +21,7 @@ from . import results as R
 from . import tasks
 from .atomic_io import atomic_write_json
 from .config import RunConfig
+from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError
 from .data import build_dataset, dataset_labels
 from .methods import Method, method_label, parse_weight
@@ -44,7 +45,8 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
     A ``weight`` sweep varies λ of the distances only: the baselines and named students run once.
     An ``auto_weight`` sweep (the factor K of ``auto*K``) varies the distances' λ and that of every
     baseline whose λ is ``auto``: the same budget and rule for both (the baselines at a number, and
-    named students, run once).
+    named students, run once). What runs once runs at its λ of ``cfg``, as results.md's header says:
+    a named student's entry without a ``weight`` takes the configuration's λ, not a swept one.
     Any other key (``lr``, ...) changes every student, so every student — the CE-only one
     included, or its Δ would compare against another lr — runs once per value (keys
     ``method@key=value``). The teacher always trains with the base settings."""
@@ -53,6 +55,7 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
     key, values = sweep
     check, bound = SWEEPABLE[key]
     out, seen = [], set()
+    base = {m.key: m for m in cfg.methods()}
     for v in values:
         if not math.isfinite(v) or not check(v):
             raise ConfigError(f"--sweep {key}: every value must be a finite number {bound}, got {v:g}")
@@ -72,7 +75,7 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
                 m = dataclasses.replace(m, key=f"{m.key}@{tag}")
             if m.key not in seen:
                 seen.add(m.key)
-                out.append((vcfg, m))
+                out.append((vcfg, m) if swept else (cfg, base[m.key]))
     return out
 
 
@@ -186,12 +189,32 @@ def _probe_values(method: Method, bound, student, teacher, x, y, task) -> None:
         t_out.remove()
 
 
-def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -> list[dict]:
+def check_holdout_sizes(bundle, fraction: float, batch_size: int, key: str = "holdout") -> None:
+    """ConfigError when a holdout of ``fraction`` (the option ``key``) leaves a part too small to
+    train on or to score on: under one item per class (classification: a part without some class
+    teaches or scores nothing about it; one held-out image scores 0% or 100%) or under one batch
+    of blocks (text, whose classes are the vocabulary)."""
+    if not fraction:
+        return
+    n_train, n_held = len(bundle.train), len(bundle.test)
+    n = n_train + n_held
+    lm = bundle.task == "lm"
+    need, why = (batch_size, "one batch of blocks") if lm else (bundle.num_classes, "one per class")
+    if min(n_train, n_held) >= need:
+        return
+    lo, hi = math.ceil(1000 * need / n) / 1000, math.floor(1000 * (n - need) / n) / 1000
+    fix = f"give {key} between {lo:g} and {hi:g}" if lo <= hi else "use a larger dataset"
+    raise ConfigError(f"{key} {fraction:g} leaves {n_train} training and {n_held} held-out items of the {n} in the "
+                      f"training split; each part needs at least {need} ({why}): {fix}")
+
+
+def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print, holdout_key: str = "holdout") -> list[dict]:
     """Run (or resume) the whole grid; return the results rows of this configuration.
 
     Everything is checked before anything is written (the config, the memory guard, the data,
     :func:`preflight`); rank 0 then holds the output directory's lock for the whole grid, so a
-    second process into the same ``--out`` is refused at once."""
+    second process into the same ``--out`` is refused at once. ``holdout_key``: the option that
+    set ``cfg.holdout``, for the message refusing it (the pilot grid's is ``select_holdout``)."""
     cfg = cfg.resolved()
     out = RunDir(cfg.out)
     if cfg.threads:  # 0 = torch's default
@@ -207,12 +230,14 @@ def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print) -
                                tokenizer=cfg.tokenizer, holdout=cfg.holdout)
     for w in caught:  # e.g. imagefolder's chosen size: one line, not a Python warning
         log(f"kd2m: note: {w.message}")
+    check_holdout_sizes(bundle, cfg.holdout, cfg.batch_size, holdout_key)
     preflight(cfg, students, bundle, device)
     lock = out.locked() if dist_ctx.is_main() else contextlib.nullcontext()
     with lock:
         if dist_ctx.is_main():
             clean_temp_files(out.root)  # what a killed atomic write left behind
             atomic_write_json(out.config_json, cfg.to_dict())
+            atomic_write_json(out.env_json, describe_environment())
         return _run_seeds(cfg, students, bundle, device, out, sweep, log)
 
 
@@ -240,7 +265,7 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log) -> list[d
         if seeds:
             diverged[m.key] = {"label": m.label, "seeds": seeds}
     if dist_ctx.is_main():
-        R.write_reports(out.root, own, cfg.dataset, header=_header(cfg), expected_seeds=len(cfg.seeds),
+        R.write_reports(out.root, own, cfg.dataset, header=_header(cfg, students, sweep), expected_seeds=len(cfg.seeds),
                         reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
         if sweep is not None:
             plot_sweep(own, sweep[0], out.sweep_png)
@@ -453,20 +478,25 @@ def _csv_view(row: dict) -> dict:
     return R.typed_row({k: row.get(k) for k in R.FIELDS + R.LM_FIELDS})
 
 
-def _header(cfg: RunConfig) -> str:
+def _header(cfg: RunConfig, students: list | None = None, sweep=None) -> str:
+    """results.md's first lines: the recipe, and every student's λ as it trained (``students``, of
+    :func:`sweep_variants`; a swept key other than λ is named with its values)."""
     sched = (f"cosine → {cfg.lr_min:g}" if cfg.lr_schedule == "cosine" else
              f"×{cfg.lr_gamma:g} at epochs {', '.join(map(str, cfg.lr_milestones))}")
+    swept = (f", students' {sweep[0]} swept: {', '.join(f'{v:g}' for v in sweep[1])}"
+             if sweep is not None and sweep[0] not in ("weight", "auto_weight") else "")
+    methods = [m for _, m in students] if students is not None else cfg.methods()
     return (f"# kd2m results: {cfg.dataset}\n\nteacher `{cfg.teacher}` → student `{cfg.student}`, "
-            f"{cfg.epochs} epochs (teacher {cfg.teacher_epochs}), batch {cfg.batch_size}, lr {cfg.lr:g} {sched}, "
-            f"λ: {_weights_text(cfg)}, seeds {cfg.seeds}."
+            f"{cfg.epochs} epochs (teacher {cfg.teacher_epochs}), batch {cfg.batch_size}, lr {cfg.lr:g} {sched}"
+            f"{swept}, λ: {_weights_text(methods)}, seeds {cfg.seeds}."
             + (f" **Scored on a holdout of {cfg.holdout:g} of the training split** (trained on the rest, the "
                "teacher too), not on the test split." if cfg.holdout else ""))
 
 
-def _weights_text(cfg: RunConfig) -> str:
+def _weights_text(methods: list) -> str:
     """Every student's λ, as it trained (one λ when they share it), and its CE weight where not 1."""
     parts = []
-    for m in cfg.methods():
+    for m in methods:
         if m.terms:
             parts.append(f"{m.key} " + " + ".join(("auto×" if t.auto else "") + f"{t.weight:g}" for t in m.terms)
                          + (f" (CE×{m.ce_weight:g})" if m.ce_weight != 1.0 else ""))
@@ -476,20 +506,22 @@ def _weights_text(cfg: RunConfig) -> str:
     return ", ".join(parts)
 
 
-def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
-    """Accuracy (mean ± std over seeds) against the swept value, one line per metric."""
+def plot_sweep(rows: list[dict], key: str, path: Path):
+    """The task's test figure (:func:`kd2m.results.figure_of`: accuracy in %, or perplexity), mean
+    ± std over seeds, against the swept value, one line per metric. Returns the figure drawn."""
     # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    figure = R.figure_of(rows)
     lines: dict[str, dict[float, list[float]]] = {}
-    ce = [100 * r["test_acc"] for r in rows if r["method"] == CE]
+    ce = [figure.scale * r[figure.key] for r in rows if r["method"] == CE]
     for r in rows:
         base, _, val = r["method"].partition("@")
         if not val:
             continue
         v = float(val.split("=")[-1].replace("auto*", ""))
-        lines.setdefault(base, {}).setdefault(v, []).append(100 * r["test_acc"])
+        lines.setdefault(base, {}).setdefault(v, []).append(figure.scale * r[figure.key])
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -503,9 +535,10 @@ def plot_sweep(rows: list[dict], key: str, path: Path) -> None:
         ax.axhline(statistics.fmean(ce), color="gray", ls="--", label="student (CE only)")
     ax.set_xscale("log")
     ax.set_xlabel(key if key != "weight" else "λ (distillation weight)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {figure.name} ({figure.direction})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    return fig

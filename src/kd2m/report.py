@@ -2,9 +2,10 @@
 
 :func:`make_report` writes into ``RUN_DIR/report/``:
 
-- ``accuracy.png``: test accuracy per method, mean ± sample std over seeds (each seed a dot),
+- ``accuracy.png``: the task's test figure per method (accuracy in %, or perplexity: lower is
+  better; :attr:`kd2m.tasks.Task.figure_name`), mean ± sample std over seeds (each seed a dot),
   the teacher and the CE-only student drawn apart (dark / hatched bars, dashed reference lines);
-- ``curves.png``: test accuracy per epoch and the distillation loss D per epoch (log scale),
+- ``curves.png``: that figure per epoch and the distillation loss D per epoch (log scale),
   mean over seeds, one line per method;
 - ``diagnostics.png`` (when the runs logged them, :mod:`kd2m.monitor`): per epoch, the exact W2
   between student and teacher features on a fixed test batch, and the share of its optimal
@@ -82,17 +83,26 @@ def _colors(methods: list[str]) -> dict[str, str]:
     return out
 
 
-def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
-    """Left: bar per method, mean accuracy (%) ± sample std over seeds, seeds as dots, zoomed
-    y-range. Right: the paired Δ vs the CE-only student with its 95% interval per method (the
-    numbers of summary.csv); an interval clear of 0 is drawn solid, one that crosses 0 hollow."""
-    stats = {s["method"]: s for s in R.summarize(rows)}
+def plot_accuracy(rows: list[dict], path: Path, title: str = ""):
+    """Left: bar per method, the task's figure (:func:`kd2m.results.figure_of`: test accuracy in %,
+    test perplexity) as mean ± sample std over seeds, seeds as dots, zoomed y-range (capped at 100
+    for a percentage only). Right: the paired Δ vs the CE-only student with its 95% interval per
+    method (the numbers of summary.csv), in the figure's unit; an interval clear of 0 is drawn
+    solid, one that crosses 0 hollow. The axes say which direction is better. The best student
+    by :func:`kd2m.results.best_separated` (the tables' rule) has its label in bold; without one,
+    the x axis says why.
+
+    Returns the matplotlib figure drawn (also saved to ``path``)."""
+    fig_ = R.figure_of(rows)
+    summary = R.summarize(rows)
+    stats = {s["method"]: s for s in summary}
+    best, why_not = R.best_separated(rows, summary, fig_)
     methods = _order(list(stats))
     colors = _colors(methods)
     width = max(5.0, 0.8 * len(methods) + 2)
     fig = _figure((2 * width, 4.2))
     ax = fig.add_subplot(1, 2, 1)
-    _plot_deltas(fig.add_subplot(1, 2, 2), stats, [m for m in methods if "delta" in stats[m]], colors)
+    _plot_deltas(fig.add_subplot(1, 2, 2), stats, [m for m in methods if "delta" in stats[m]], colors, fig_, best)
     xs = np.arange(len(methods))
     lo, hi = math.inf, -math.inf
     for x, m in zip(xs, methods):
@@ -114,17 +124,30 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
                         textcoords="offset points", va="center", ha="left", fontsize=7,
                         color="black" if m == TEACHER else "dimgray", annotation_clip=False)
     pad = max(0.5, 0.15 * (hi - lo))
-    ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + 1.5 * pad))
+    top = hi + 1.5 * pad
+    ax.set_ylim(max(0.0, lo - pad), min(100.0, top) if fig_.scale == 100.0 else top)  # a percentage stops at 100
     ax.set_xticks(xs)
     ax.set_xticklabels([R.label(m) for m in methods], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "accuracy: mean ± std over seeds", fontsize=10)
+    _bold_label(ax, methods, best)
+    if why_not:  # the tables say the same under them
+        ax.set_xlabel("no label in bold: the best mean is not separated from the runner-up by a paired interval",
+                      fontsize=7)
+    ax.set_ylabel(f"test {fig_.name} ({fig_.direction})")
+    ax.set_title(title or f"test {fig_.name}: mean ± std over seeds", fontsize=10)
     ax.grid(axis="y", alpha=0.3, zorder=0)
     fig.tight_layout()
     _save(fig, path)
+    return fig
 
 
-def _plot_deltas(ax, stats: dict, methods: list[str], colors: dict) -> None:
+def _bold_label(ax, methods: list[str], best: str | None) -> None:
+    """The x tick label of ``best`` (the tables' bold row) in bold."""
+    for m, tick in zip(methods, ax.get_xticklabels()):
+        if m == best:
+            tick.set_fontweight("bold")
+
+
+def _plot_deltas(ax, stats: dict, methods: list[str], colors: dict, fig_: R.Figure, best: str | None) -> None:
     ax.axhline(0.0, color="gray", ls="--", lw=0.8)
     for x, m in enumerate(methods):
         s = stats[m]
@@ -137,8 +160,10 @@ def _plot_deltas(ax, stats: dict, methods: list[str], colors: dict) -> None:
                     color=colors[m], markerfacecolor=colors[m] if clear else "white")
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([R.label(m) for m in methods], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("Δ accuracy vs CE-only (points)")
-    ax.set_title("paired Δ vs CE, 95% t-interval over seeds", fontsize=10)
+    _bold_label(ax, methods, best)
+    better = "above" if fig_.higher_is_better else "below"
+    ax.set_ylabel(f"Δ test {fig_.name} vs CE-only ({fig_.unit}; better: {better} 0)")
+    ax.set_title(f"paired Δ vs CE, 95% t-interval over seeds ({fig_.direction})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -166,18 +191,19 @@ def _mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float
     return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
 
 
-def plot_curves(logs: dict[str, list[list[dict]]], path: Path) -> None:
-    """Test accuracy per epoch and the distillation loss D per epoch (log scale), mean over seeds."""
+def plot_curves(logs: dict[str, list[list[dict]]], path: Path, fig_: R.Figure = R.ACCURACY) -> None:
+    """The task's test figure per epoch (``fig_``: accuracy in %, perplexity) and the distillation
+    loss D per epoch (log scale), mean over seeds."""
     methods = _order(list(logs))
     colors = _colors(methods)
     fig = _figure((11, 4))
     ax_acc, ax_d = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     any_distill = False
     for m in methods:
-        ep, acc = _mean_curve(logs[m], "test_acc")
+        ep, acc = _mean_curve(logs[m], fig_.key)
         style = dict(color=colors[m], lw=2.0 if m in (TEACHER, CE) else 1.3,
                      ls="--" if m == CE else "-", label=R.label(m))
-        ax_acc.plot(ep, [100 * a for a in acc], **style)
+        ax_acc.plot(ep, [fig_.scale * a for a in acc], **style)
         ep, d = _mean_curve(logs[m], "distill")
         if d and any(v > 0 for v in d):
             pos = [(e, v) for e, v in zip(ep, d) if v > 0]
@@ -187,8 +213,8 @@ def plot_curves(logs: dict[str, list[list[dict]]], path: Path) -> None:
     for ax in (ax_acc, ax_d):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.set_title("test accuracy (mean over seeds)", fontsize=10)
+    ax_acc.set_ylabel(f"test {fig_.name} ({fig_.direction})")
+    ax_acc.set_title(f"test {fig_.name} (mean over seeds)", fontsize=10)
     ax_acc.grid(alpha=0.3)
     ax_acc.legend(fontsize=7)
     ax_d.set_xlabel("epoch")
@@ -267,11 +293,14 @@ def _diagnostics_text(logs: dict[str, list[list[dict]]]) -> str:
 
 
 def best_distilled(rows: list[dict]) -> str | None:
-    """The feature-distillation method (a row with a ``metric``) with the highest mean accuracy; else ``kd``."""
+    """The feature-distillation method (a row with a ``metric``) with the best mean of the task's
+    figure (the highest accuracy, the lowest perplexity); else ``kd``."""
     stats = R.summarize(rows)
+    fig_ = R.figure_of(rows)
     metric_methods = {r["method"] for r in rows if r.get("metric")}
     cands = [s for s in stats if s["method"] in metric_methods] or [s for s in stats if s["method"] == "kd"]
-    return max(cands, key=lambda s: s["mean"])["method"] if cands else None
+    pick = max if fig_.higher_is_better else min
+    return pick(cands, key=lambda s: s["mean"])["method"] if cands else None
 
 
 def embedding_features(model, dataset, indices, device, layer: str = "penultimate") -> np.ndarray:
@@ -395,9 +424,10 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     out = RunDir(run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
     dataset = cfg.get("dataset", "")
-    plot_accuracy(rows, out / "accuracy.png", title=f"{dataset}: test accuracy, mean ± std over seeds")
+    fig_ = R.figure_of(rows)
+    plot_accuracy(rows, out / "accuracy.png", title=f"{dataset}: test {fig_.name}, mean ± std over seeds")
     logs = read_logs(run_dir, rows)
-    plot_curves(logs, out / "curves.png")
+    plot_curves(logs, out / "curves.png", fig_)
     diagnostics = plot_diagnostics(logs, out / "diagnostics.png")
     if diagnostics is None:
         (out / "diagnostics.png").unlink(missing_ok=True)  # not left over from an earlier report
@@ -418,9 +448,10 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
           "## Results", "",
           R.markdown_table(rows, dataset, meta.get("expected_seeds"), meta.get("reference"), meta.get("diverged")),
           R.note(rows), "",
-          "![accuracy per method and paired Δ vs CE](accuracy.png)", "",
+          f"![test {fig_.name} per method and paired Δ vs CE ({fig_.direction})](accuracy.png)", "",
           "## Training curves", "",
-          "Test accuracy and the distillation loss D (per training sample, log scale) per epoch, mean over seeds.",
+          (f"Test {fig_.name} ({fig_.direction}) and the distillation loss D (per training sample, log scale) per "
+           "epoch, mean over seeds."),
           "", "![training curves](curves.png)", ""]
     if diagnostics is not None:
         md += ["## Feature gap during training", "", _diagnostics_text(logs), "",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic_io import atomic_write_json, atomic_write_text, read_json
-from . import losses
+from . import losses, tasks
 from .catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
 from .methods import method_label
 from .published import CIFAR100, KD2M_PAPER
@@ -33,22 +33,47 @@ LM_FIELDS = ["test_ppl", "best_ppl"]
 
 @dataclass(frozen=True)
 class Figure:
-    """The held-out figure a table compares: its results-row key, its scale in the tables, and
-    whether a larger value is better (the task's :attr:`kd2m.tasks.Task.primary`)."""
+    """The held-out figure a table compares, as its task (:class:`kd2m.tasks.Task`) defines it: its
+    results-row key (:attr:`~kd2m.tasks.Task.primary`), its scale in the tables, whether a larger
+    value is better, its column title and what Δ is counted in. Built from the task only
+    (:meth:`of`): the task is the one home of these."""
     key: str
     scale: float
     higher_is_better: bool
     name: str       # the table's column title
     unit: str       # what Δ is counted in
+    direction: str  # "higher is better" / "lower is better", as tables and plots say it
+
+    @classmethod
+    def of(cls, task) -> Figure:
+        return cls(task.primary, task.figure_scale, task.higher_is_better, task.figure_name, task.figure_unit,
+                   task.direction)
 
 
-ACCURACY = Figure("test_acc", 100.0, True, "accuracy (%)", "accuracy points")
-PERPLEXITY = Figure("test_ppl", 1.0, False, "perplexity", "perplexity")
+ACCURACY = Figure.of(tasks.get("classification"))
+PERPLEXITY = Figure.of(tasks.get("lm"))
+
+
+def task_of(rows: list[dict]):
+    """The task ``rows`` were trained for: their dataset's (:func:`kd2m.data.dataset_task`) where
+    they name one known dataset, else the task whose own figure every row records (only a language
+    model's rows hold perplexity; every task's rows hold accuracy); classification otherwise."""
+    from .data import dataset_task, is_dataset
+    names = {r.get("dataset") for r in rows} - {None, ""}
+    if len(names) == 1:
+        name = next(iter(names))
+        if is_dataset(name):
+            return tasks.get(dataset_task(name))
+    own = [t for t in map(tasks.get, tasks.available())
+           if t.primary != tasks.Task.primary and rows and all(r.get(t.primary) not in (None, "") for r in rows)]
+    return own[0] if own else tasks.get("classification")
 
 
 def figure_of(rows: list[dict]) -> Figure:
-    """Perplexity (lower is better) where the rows are a language model's, else accuracy in %."""
-    return PERPLEXITY if rows and all(r.get("test_ppl") not in (None, "") for r in rows) else ACCURACY
+    """The figure the tables of ``rows`` compare: their task's (:func:`task_of`)."""
+    return Figure.of(task_of(rows))
+
+
 SUMMARY_FIELDS = ["method", "label", "n_seeds", "mean", "std", "delta", "delta_ci_low", "delta_ci_high", "p_value",
                   "wins"]
 
@@ -300,10 +325,17 @@ def markdown_table(rows: list[dict], dataset: str | None = None, expected_seeds:
     return text
 
 
-def best_separated(rows: list[dict], stats: list[dict], fig: Figure) -> tuple[str | None, str]:
-    """The student to print in bold, and a note when there is none: the best mean is bold only when
-    a paired interval over the seeds both have separates it from the runner-up's (a best that one
-    more seed, or another CPU, could swap is not a best)."""
+def best_separated(rows: list[dict], stats: list[dict] | None = None,
+                   fig: Figure | None = None) -> tuple[str | None, str]:
+    """The student to print in bold, and a note when there is none: the one bolding rule of every
+    output (results.md, ``kd2m run``'s table, ``kd2m table``, the report's plots).
+
+    The best mean in the task's direction (the highest accuracy, the lowest perplexity) is bold only
+    when a paired interval over the seeds both have separates it from the runner-up's (a best that
+    one more seed, or another CPU, could swap is not a best). ``stats``/``fig``: :func:`summarize`
+    and :func:`figure_of` of ``rows``, when the caller has them."""
+    fig = fig or figure_of(rows)
+    stats = summarize(rows) if stats is None else stats
     students = sorted((s for s in stats if s["method"] != TEACHER), key=lambda s: s["mean"],
                       reverse=fig.higher_is_better)
     if len(students) < 2:
@@ -358,7 +390,7 @@ def compare_table(rows: list[dict], pairs: list[tuple[str, str]], settings: dict
     ``--out``) is refused, naming the difference. A pair without a common seed is refused too."""
     fig = figure_of(rows)
     groups = per_seed_figures(rows, fig)
-    what = "(%)" if fig is ACCURACY else f"({fig.name})"
+    what = "(%)" if fig == ACCURACY else f"({fig.name})"
     lines = [f"| A | B | seeds | A {what} | B {what} | Δ A − B [95% CI] | p | A wins | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     needed = []
@@ -442,7 +474,7 @@ PPL_NOTE = ("Perplexity: exp of the mean next-token cross-entropy over every hel
 
 def note(rows: list[dict]) -> str:
     """The explanation printed under a table of ``rows``."""
-    return PPL_NOTE if figure_of(rows) is PERPLEXITY else NOTE
+    return PPL_NOTE if figure_of(rows) == PERPLEXITY else NOTE
 
 
 def write_reports(out_dir: str | Path, rows: list[dict], dataset: str, header: str = "",
@@ -501,18 +533,23 @@ def read_reported(run_dir: str | Path) -> tuple[list[dict], dict]:
 
 def paper_table(runs: dict[str, list[dict]]) -> str:
     """The paper's layout over several datasets: methods as rows, one column per dataset with
-    our mean ± std (best student per column in bold), then the paper's one-seed numbers.
+    our mean ± std of its task's figure (named in the column's title: test accuracy in %, test
+    perplexity), then the paper's one-seed accuracies. A column's best student is in bold by
+    :func:`best_separated`, the rule results.md follows; a column without one says why below.
 
     ``runs`` maps a dataset name to its results rows (e.g. from several run directories).
     """
-    stats = {ds: {s["method"]: s for s in summarize(rows)} for ds, rows in runs.items()}
+    figs = {ds: figure_of(rows) for ds, rows in runs.items()}
+    summaries = {ds: summarize(rows) for ds, rows in runs.items()}
+    stats = {ds: {s["method"]: s for s in summary} for ds, summary in summaries.items()}
+    bold = {ds: best_separated(runs[ds], summaries[ds], figs[ds]) for ds in runs}
     methods: list[str] = []
     for per in stats.values():
         methods += [m for m in per if m not in methods]
     methods = table_order(methods)
-    best = {ds: max((s["mean"] for m, s in per.items() if m != TEACHER), default=None) for ds, per in stats.items()}
     paper_cols = [ds for ds in runs if ds in KD2M_PAPER]
-    head = "| method | " + " | ".join(f"{ds} (ours)" for ds in runs) + "".join(f" | {ds} (paper)" for ds in paper_cols) + " |"
+    head = ("| method | " + " | ".join(f"{ds} (ours): test {figs[ds].name}" for ds in runs)
+            + "".join(f" | {ds} (paper): test {ACCURACY.name}" for ds in paper_cols) + " |")
     lines = [head, "|---" * (1 + len(runs) + len(paper_cols)) + "|"]
     for m in methods:
         cells = []
@@ -522,9 +559,42 @@ def paper_table(runs: dict[str, list[dict]]) -> str:
                 cells.append("—")
                 continue
             cell = fmt(s["mean"], s["std"])
-            cells.append(f"**{cell}**" if m != TEACHER and s["mean"] == best[ds] else cell)
+            cells.append(f"**{cell}**" if m == bold[ds][0] else cell)
         for ds in paper_cols:
             p = KD2M_PAPER[ds].get(m)
             cells.append(f"{p:.2f}" if p is not None else "—")
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    notes = [f"{ds} ({figs[ds].direction}): {note}" for ds, (_, note) in bold.items() if note]
+    return text + "".join(f"\n{n}\n" for n in notes)
+
+
+def read_summary(path: str | Path) -> list[dict]:
+    """The rows of a ``summary.csv`` (:func:`write_reports`), numbers as numbers (empty Δ cells: NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        t = {"method": r["method"], "label": r["label"], "n": int(r["n_seeds"])}
+        for k in ("mean", "std", "delta", "delta_ci_low", "delta_ci_high", "p_value"):
+            t[k] = float(r[k]) if r.get(k, "") != "" else float("nan")
+        t["wins"] = int(r["wins"]) if r.get("wins", "") != "" else None
+        out.append(t)
+    return out
+
+
+def headline_table(summary: list[dict], top: int = 3, figure: str = "accuracy (%)",
+                   higher_is_better: bool = True) -> str:
+    """A short Markdown table of :func:`read_summary`'s rows: the teacher, the CE-only student and the
+    ``top`` students with the best mean paired Δ vs CE, each with its interval, wins and verdict."""
+    fixed = [s for s in summary if s["method"] in (TEACHER, CE)]
+    others = [s for s in summary if s["method"] not in (TEACHER, CE) and not math.isnan(s["delta"])]
+    others.sort(key=lambda s: -s["delta"] if higher_is_better else s["delta"])
+    lines = [f"| method | {figure} | seeds | Δ vs CE [95% CI] | wins | vs CE |", "|---|---|---|---|---|---|"]
+    for s in fixed + others[:top]:
+        if s["method"] in (TEACHER, CE):
+            lines.append(f"| {s['label']} | {fmt(s['mean'], s['std'])} | {s['n']} | | | |")
+        else:
+            lines.append(f"| {s['label']} | {fmt(s['mean'], s['std'])} | {s['n']} | {fmt_delta(s)} | "
+                         f"{s['wins']}/{s['n']} | {verdict({**s, 'higher_is_better': higher_is_better})} |")
     return "\n".join(lines) + "\n"

@@ -8,7 +8,9 @@ all ask :class:`RunDir`)::
       .kd2m.lock            flock(2) lock held by the one process writing here
       .kd2m.lock.info       pid, host and command line of that process (for the error message)
       config.json           the resolved RunConfig of the last run
+      env.json              where it ran: kd2m/torch versions, git commit, CPU, kernel path, threads
       results.csv           one row per method × seed (summary.csv, results.md, results.json beside it)
+      select-k/             the pilot grid that chose the K of `weight: auto` (a grid of this layout)
       <method_key>/seed<seed>/   one training run ("teacher" for the teacher)
           final.json  model.pt  checkpoint.pt  log.jsonl
 
@@ -48,10 +50,12 @@ SUMMARY_CSV = "summary.csv"
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
 CONFIG_JSON = "config.json"
+ENV_JSON = "env.json"
 SWEEP_PNG = "sweep.png"
 BOUND_JSON = "bound.json"
 BOUND_MD = "bound.md"
 REPORT_DIR = "report"
+SELECT_DIR = "select-k"           # kd2m.select_k's pilot grid
 #: The marker that says "this directory is a kd2m output", its lock and the lock holder's description.
 MARKER = ".kd2m"
 LOCK = ".kd2m.lock"
@@ -124,6 +128,7 @@ class RunDir:
     results_md = property(lambda self: self.root / RESULTS_MD, doc="the Markdown table")
     results_json = property(lambda self: self.root / RESULTS_JSON, doc="rows and summary as JSON")
     config_json = property(lambda self: self.root / CONFIG_JSON, doc="the resolved RunConfig")
+    env_json = property(lambda self: self.root / ENV_JSON, doc="where the grid ran (kd2m.environment)")
     sweep_png = property(lambda self: self.root / SWEEP_PNG, doc="the --sweep plot")
     bound_json = property(lambda self: self.root / BOUND_JSON, doc="`kd2m bound` results")
     bound_md = property(lambda self: self.root / BOUND_MD, doc="`kd2m bound` table")

@@ -17,7 +17,8 @@ nothing (``auto`` is then ``auto*1``: the calibration of :mod:`kd2m.auto_weight`
    the smaller K. K = 0 is the term switched off: its pilot is the CE-only student (``auto*0``
    trains bit-identical to it unless the term builds a projector, whose initialisation moves the
    random stream: then it differs by that only), so a term that helps at no K is not forced on
-   the student.
+   the student; a term chosen at K = 0 then trains as that student (CE at weight 1, whatever the
+   term's own CE weight). Named students are never chosen for (``auto`` is ``auto*1`` there).
    Written to ``select-k/selected.json`` with every K's mean;
 3. **reported grid**: the configuration as given, each of those terms at its ``auto*K``, on the
    reported seeds (which must not overlap the selection seeds).
@@ -39,10 +40,8 @@ from .config import SELECT_SEEDS, ConfigError, RunConfig
 from .errors import NonFiniteLossError
 from .methods import parse_weight
 from .results import figure_of, read_reported
-from .rundir import RunDir
+from .rundir import SELECT_DIR, RunDir  # where the pilot grid lives, inside the output directory
 
-#: where the pilot grid lives, inside the output directory
-SELECT_DIR = "select-k"
 SELECTED_JSON = "selected.json"
 #: the candidate K of a bare ``weight: auto`` (0: the term off). Capped at 10, the top of the
 #: README's MNIST-1D sweep: with 30 among them the digits' pilot picked K = 30 for CW2, a cliff
@@ -99,6 +98,44 @@ def check_selection(cfg: RunConfig, names: list[str], values: list[float], seeds
                           "auto*1, not chosen)")
     if not names:
         raise ConfigError("select_k: no term to choose λ for (no metrics and no baseline at weight auto)")
+    if cfg.holdout:  # both holdouts are prefixes of one fixed permutation: the smaller lies inside the larger
+        raise ConfigError(f"select_k: holdout {cfg.holdout:g} would report on held-out training images the pilot "
+                          f"grid chooses K on (its select_holdout {cfg.select_holdout:g} is taken from the same fixed "
+                          "split); give --select-k none (auto is then auto*1, not chosen), or no --holdout")
+
+
+def check_reused(cfg: RunConfig, candidates: dict[str, list[float]], chosen: bool = False) -> None:
+    """ConfigError when a finished run of the reported grid (``cfg``, resolved) holds a term of
+    ``candidates`` (name → the K it may train at) at a λ no such K gives: the grid would refuse it
+    (other settings) only once its turn came. Called before the pilot grid trains (the candidates:
+    a run no candidate can reuse is refused before anything trains) and after it has chosen
+    (``chosen``: each term's K), before the reported grid trains; the message names the field."""
+    from .atomic_io import read_json
+    from .rundir import FINAL_JSON
+    out = RunDir(cfg.out)
+    for name, values in candidates.items():
+        wanted = {}
+        for k in values:
+            m = next(m for m in with_chosen(cfg, {name: {"k": k}}).methods() if m.key == name)
+            wanted[k] = ([t.describe() for t in m.terms], m.ce_weight)
+        for seed in cfg.seeds:
+            path = out.run(name, seed) / FINAL_JSON
+            if not path.exists():
+                continue
+            settings = (read_json(path, "delete that run directory to redo it") or {}).get("settings") or {}
+            terms, ce_weight = settings.get("terms") or [{}], settings.get("ce_weight", 1.0)
+            if any((terms, ce_weight) == want for want in wanted.values()):
+                continue
+            had, (like, like_ce) = terms[0], wanted[values[0]]  # the fields that differ from the first candidate's
+            w = had.get("weight")
+            lam = ("auto×" if had.get("auto") else "λ ") + (f"{w:g}" if isinstance(w, (int, float)) else str(w))
+            field = ", ".join([f"terms[0].{key} {had.get(key)!r}" for key in sorted(set(had) | set(like[0]))
+                               if had.get(key) != like[0].get(key)] +
+                              ([f"ce_weight {ce_weight:g}"] if ce_weight != like_ce else [])) or "its terms"
+            now = (f"the pilot grid chose auto×{values[0]:g} for {name}" if chosen else
+                   f"no candidate K ({', '.join(f'{v:g}' for v in values)}) gives it")
+            raise ConfigError(f"select_k: {path.parent} was trained at {lam} (its final.json: {field}), and {now}; "
+                              "use another --out, or delete that run directory to redo it")
 
 
 def choose(rows: list[dict], names: list[str], values: list[float], seeds: list[int]) -> dict:
@@ -129,6 +166,10 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
     the terms ``names`` (of :func:`plan`) and return :func:`choose`'s choice, also written to
     ``OUT/select-k/selected.json``."""
     from .grid import run_grid
+    from .runtime import resolve_device
+    # the process group first (under torchrun): only rank 0 may hold the output directory, and
+    # before it exists every rank is rank 0 (each would find the lock held by the other)
+    dist_ctx.setup(resolve_device(cfg.device))
     pilot_out = Path(cfg.out) / SELECT_DIR
     # the students whose λ is chosen, and the CE-only one (K = 0, and the reference of the pilot's
     # table); terms at a fixed λ and named students (their λ written out) have nothing to choose
@@ -141,13 +182,15 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
     lock = RunDir(cfg.out).locked() if dist_ctx.is_main() else contextlib.nullcontext()
     with lock:
         try:
-            run_grid(pilot, sweep=("auto_weight", [v for v in values if v > 0]), log=log)
+            run_grid(pilot, sweep=("auto_weight", [v for v in values if v > 0]), log=log, holdout_key="select_holdout")
         except NonFiniteLossError as e:  # a K that diverges is a result of the pilot, not the end of it
             log(f"kd2m: note: in the pilot grid {e}")
+    dist_ctx.barrier()  # every rank reads the tables rank 0 has written
     rows = read_reported(pilot_out)[0]
     chosen = choose(rows, names, values, list(seeds))
-    atomic_write_json(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
-                                                  "candidates": [float(v) for v in values], "chosen": chosen})
+    if dist_ctx.is_main():
+        atomic_write_json(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
+                                                      "candidates": [float(v) for v in values], "chosen": chosen})
     lost = [n for n, c in chosen.items() if c is None]
     if lost:
         raise NonFiniteLossError(f"select_k: every K diverged in the pilot grid for {', '.join(lost)} "
@@ -161,7 +204,26 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
 
 
 def with_chosen(cfg: RunConfig, chosen: dict) -> RunConfig:
-    """``cfg`` with each chosen term at ``auto*K``."""
+    """``cfg`` (resolved) with each chosen term's single-term student at ``auto*K``.
+
+    Named students are never chosen for: an entry of theirs that gives no ``weight`` keeps the λ it
+    had before the choice (``auto``: ``auto*1``), written into the entry, since ``weights`` now
+    holds the chosen K. A term chosen at K = 0 (the term off) is reported as the student its pilot
+    was scored by, the CE-only one: CE at weight 1, not the term's own CE weight (KD's 0.1 would
+    train 0.1·CE, a student no pilot scored)."""
     weights = dict(cfg.weights or {})
+    students = {name: [_pinned(e, cfg, chosen) for e in entries] for name, entries in (cfg.students or {}).items()}
     weights.update({n: f"auto*{c['k']:g}" for n, c in chosen.items()})
-    return dataclasses.replace(cfg, weights=weights)
+    ce_weights = dict(cfg.ce_weights or {})
+    ce_of = {m.key: m.ce_weight for m in cfg.methods()}
+    ce_weights.update({n: 1.0 for n, c in chosen.items() if c["k"] == 0 and ce_of.get(n, 1.0) != 1.0})
+    # the resolved ``students`` hold the ``distill:`` student already (resolving again would add it twice)
+    return dataclasses.replace(cfg, weights=weights, ce_weights=ce_weights, students=students or None, distill=None)
+
+
+def _pinned(entry, cfg: RunConfig, chosen: dict):
+    """A named student's term entry with its λ written out where it would follow a chosen term's."""
+    name = entry if isinstance(entry, str) else entry.get("term", entry.get("metric"))
+    if name not in chosen or (isinstance(entry, dict) and "weight" in entry):
+        return entry
+    return {**({"term": entry} if isinstance(entry, str) else entry), "weight": cfg.weight_for(name)}

@@ -7,7 +7,9 @@ preflight and the monitor never name a loss or a score: they ask the run's :clas
   classes for a classifier);
 - what the loss terms see (:meth:`Task.term_view`: the logits and labels a term is called with);
 - what evaluation reports (:meth:`Task.evaluate`: held-out figures, the first of which,
-  :attr:`Task.primary`, is the one tables compare, "higher is better" or not);
+  :attr:`Task.primary`, is the one tables compare, "higher is better" or not; its name, unit and
+  direction in tables and plots are :attr:`Task.figure_name`, :attr:`Task.figure_unit`,
+  :attr:`Task.higher_is_better`: every output reads them here);
 - what a model must return (:meth:`Task.check_outputs`).
 
 A dataset names its task (``DataBundle.task``); :func:`get` returns it. Classification is the
@@ -62,6 +64,12 @@ class Task:
     primary: str = "test_acc"
     #: whether a larger :attr:`primary` is better
     higher_is_better: bool = True
+    #: how tables and plots title :attr:`primary`, its unit included ("accuracy (%)")
+    figure_name: str = "accuracy (%)"
+    #: :attr:`primary` as tables and plots show it = ``figure_scale`` × as recorded (a fraction → %)
+    figure_scale: float = 100.0
+    #: what a difference of :attr:`primary` (a paired Δ) is counted in
+    figure_unit: str = "accuracy points"
     #: whether Theorem 1's per-epoch diagnostics (:mod:`kd2m.monitor`) apply to its models
     diagnostics: bool = True
 
@@ -78,6 +86,11 @@ class Task:
     def better(self, a: float, b: float) -> bool:
         """Whether figure :attr:`primary` value ``a`` is better than ``b``."""
         return a > b if self.higher_is_better else a < b
+
+    @property
+    def direction(self) -> str:
+        """"higher is better" or "lower is better", as tables and plots say it."""
+        return "higher is better" if self.higher_is_better else "lower is better"
 
     def describe(self, figures: dict) -> str:
         """A run's figures in a few characters for a progress line ("acc 95.12%")."""
@@ -103,6 +116,7 @@ class Classification(Task):
     name = "classification"
     primary = "test_acc"
     higher_is_better = True
+    figure_name, figure_scale, figure_unit = "accuracy (%)", 100.0, "accuracy points"
     diagnostics = True
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -148,6 +162,7 @@ class LanguageModeling(Task):
     name = "lm"
     primary = "test_ppl"
     higher_is_better = False
+    figure_name, figure_scale, figure_unit = "perplexity", 1.0, "perplexity"
     diagnostics = False     # Theorem 1 is about a classifier's risk on pooled features
     best_key = "best_ppl"
     fuses_head = True

@@ -83,7 +83,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
             builder = _MODELS[name]
         except KeyError:
             raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}, "
-                             "timm:NAME / torchvision:NAME (see `kd2m metrics --models`), or package.module:factory for your own") from None
+                             "or timm:NAME / torchvision:NAME (see `kd2m metrics --models`), or "
+                             "package.module:factory for your own") from None
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if int(value) < 1:
             raise ValueError(f"build_model({name!r}): {key} must be ≥ 1, got {value}")

@@ -69,9 +69,24 @@ def check_settings(run_dir: Path, stored: dict | None, current: dict) -> None:
         return
     diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if diff:
-        what = "; ".join(f"{k} {stored.get(k)!r:.60} there, {current.get(k)!r:.60} now" for k in diff[:4])
+        what = "; ".join(_difference(k, stored.get(k), current.get(k)) for k in diff[:4])
         raise ConfigError(f"{run_dir} holds a run made with other settings ({what}); "
                           "use another --out, or delete that directory to redo it")
+
+
+def _difference(path: str, there, now) -> str:
+    """'path there-value there, now-value now' at the first place two settings differ, descending
+    into mappings and equal-length lists (``terms[0].weight 0.3 there, 1.0 now``): a whole term's
+    description cut to a few characters hides the field that differs."""
+    while True:
+        if isinstance(there, dict) and isinstance(now, dict):
+            key = next(k for k in sorted(set(there) | set(now), key=str) if there.get(k) != now.get(k))
+            path, there, now = f"{path}.{key}", there.get(key), now.get(key)
+        elif isinstance(there, list) and isinstance(now, list) and len(there) == len(now):
+            i = next(i for i, (a, b) in enumerate(zip(there, now)) if a != b)
+            path, there, now = f"{path}[{i}]", there[i], now[i]
+        else:
+            return f"{path} {there!r:.60} there, {now!r:.60} now"
 
 
 def make_optimizer(params, cfg):

@@ -1,0 +1,175 @@
+"""The README and the documentation pages: their examples run, their links resolve, the README
+stays short, they speak of the project only, and the README's headline table is the one the
+digits experiment's own files hold.
+
+Convention: a ```python block preceded by the line ``<!-- test: run -->`` runs as written here,
+with tiny stand-ins for the names a user brings (``student``, ``teacher``, ``loader``, ``opt``);
+other blocks are run by the tests named beside them on their pages, or are fragments.
+"""
+import re
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(DOCS / "_ext"))  # the site's generator: which pages its build writes
+EXPERIMENT = ROOT / "experiments" / "digits"
+MAX_README_LINES = 150
+
+
+def pages() -> list[Path]:
+    """README.md, experiments/*/README.md and every hand-written page under docs/ (not the
+    generated or built ones)."""
+    found = [README, *sorted((ROOT / "experiments").glob("*/README.md"))]
+    for p in sorted(DOCS.rglob("*.md")):
+        rel = p.relative_to(DOCS).parts
+        if rel[0] not in ("_build", "_generated", "_autosummary"):
+            found.append(p)
+    return found
+
+
+def marked_blocks(path: Path) -> list[str]:
+    return re.findall(r"<!-- test: run -->\n```python\n(.*?)```", path.read_text(), re.S)
+
+
+RUNNABLE = [(p, i, code) for p in pages() for i, code in enumerate(marked_blocks(p))]
+
+
+def _stand_ins() -> dict:
+    """A tiny frozen teacher, a student of the same feature width (the README's `KD2MLoss("cw2")`
+    has no projector), three batches of 32, and an optimiser."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    student = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(96, 6)
+    y = teacher(x).argmax(1).detach()
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32)]
+    return {"student": student, "teacher": teacher, "loader": loader,
+            "opt": torch.optim.SGD(student.parameters(), lr=0.05)}
+
+
+def test_examples_are_marked_to_run():
+    names = {p.name for p, _, _ in RUNNABLE}
+    assert {"README.md", "integrations.md"} <= names, names
+
+
+@pytest.mark.parametrize("path,index,code", RUNNABLE, ids=[f"{p.relative_to(ROOT)}[{i}]" for p, i, _ in RUNNABLE])
+def test_marked_example_runs_as_written(path, index, code):
+    scope = _stand_ins()
+    before = [q.detach().clone() for q in scope["student"].parameters()]
+    exec(compile(code, str(path.relative_to(ROOT)), "exec"), scope)
+    after = list(scope["student"].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the example trained nothing"
+
+
+# ---------------------------------------------------------------------------- links
+def _slug(heading: str) -> str:
+    """MyST's (GitHub's) anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading.strip()).lower()
+    text = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {_slug(m.group(2)) for m in re.finditer(r"^(#{1,6}) (.+)$", text, re.M)}
+
+
+def _links(path: Path):
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+        yield m.group(1)
+
+
+LINKS = [(p, link) for p in pages() for link in _links(p) if not re.match(r"[a-z]+:", link)]
+
+
+def test_pages_have_links():
+    assert len(LINKS) > 40
+
+
+@pytest.mark.parametrize("path,link", LINKS, ids=[f"{p.relative_to(ROOT)}->{l}" for p, l in LINKS])
+def test_relative_link_resolves(path, link):
+    target, _, anchor = link.partition("#")
+    dest = (path.parent / target).resolve() if target else path
+    if DOCS / "_generated" in dest.parents:  # written by the site's build: the generator must name it
+        import kd2m_reference
+        assert dest.stem in kd2m_reference.PAGES, f"{path.relative_to(ROOT)}: {link}: no generated page {dest.stem}"
+        return
+    assert dest.exists(), f"{path.relative_to(ROOT)}: {link} names no file"
+    assert ROOT in dest.parents or dest == ROOT, f"{link} points outside the repository"
+    if anchor:
+        assert dest.suffix == ".md", link
+        assert anchor in _anchors(dest), f"{path.relative_to(ROOT)}: no heading #{anchor} in {target or path.name}"
+
+
+# ---------------------------------------------------------------------------- wording
+def test_readme_is_short():
+    assert len(README.read_text().splitlines()) <= MAX_README_LINES
+
+
+@pytest.mark.parametrize("path", pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_speak_of_the_project_only(path):
+    text = path.read_text()
+    for pattern in (r"\bsessions?\b", r"\.\./shared", r"/tmp/", r"\bthis round\b", r"\bthe filer\b", r"\bwe tried\b"):
+        assert not re.search(pattern, text, re.I), f"{path.relative_to(ROOT)}: {pattern}"
+
+
+def test_the_paper_is_cited_by_title_authors_and_venue():
+    for path in (README, DOCS / "index.md", DOCS / "concepts.md"):
+        text = " ".join(path.read_text().split())
+        assert "KD²M: An unifying framework for feature knowledge distillation" in text, path
+        assert "E. F. Montesuma" in text and "GSI 2025" in text and "2504.01757" in text, path
+
+
+# ---------------------------------------------------------------------------- results
+def test_readme_headline_table_is_the_experiments_summary():
+    """Every row of the README's headline table equals the row that kd2m.results renders from
+    experiments/digits/summary.csv, and the table shows the teacher, CE and the best students."""
+    from kd2m.results import headline_table, read_summary
+    summary = read_summary(EXPERIMENT / "summary.csv")
+    text = README.read_text()
+    shown = text.split("<!-- headline: experiments/digits/summary.csv", 1)[1]
+    table = [line for line in shown.split("\n\n", 1)[0].splitlines() if line.startswith("|")]
+    assert table == headline_table(summary, top=3).strip().splitlines()
+    best = max((s for s in summary if s["method"] not in ("teacher", "ce")), key=lambda s: s["delta"])
+    assert f"| {best['label']} | {best['mean']:.2f} ± {best['std']:.2f} | {best['n']} | {best['delta']:+.2f} [" in text
+
+
+def test_experiment_folder_holds_the_tools_files_and_no_weights():
+    names = {p.name for p in EXPERIMENT.iterdir()}
+    assert {"README.md", "results.csv", "summary.csv", "results.md", "results.json", "config.json",
+            "env.json"} <= names
+    assert not [p for p in EXPERIMENT.rglob("*") if p.suffix in (".pt", ".pth")]
+    assert sum(p.stat().st_size for p in EXPERIMENT.rglob("*") if p.is_file()) < 500_000
+    import json
+    env = json.loads((EXPERIMENT / "env.json").read_text())
+    assert env["cpu_capability"] and env["torch_version"] and env["kd2m_version"]
+
+
+def test_readme_whats_inside_names_every_registered_distance_and_divergence():
+    """The README's short table names the registries' distances exactly, and only registered divergences."""
+    from kd2m import losses, metrics
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in README.read_text().splitlines()
+            if line.startswith("| ") and line.count("|") == 3}
+    assert set(re.findall(r"`(\w+)`", rows["distances"])) == set(metrics.available())
+    divergences = set(re.findall(r"`(\w+)`", rows["LM divergences"]))
+    assert divergences and divergences <= set(losses.available())
+
+
+def test_intervals_quoted_beside_the_digits_tables_are_the_runs():
+    """Every "Δ [low, high]" that the experiment's README and the README quote is in the run's own
+    results.md (written by `kd2m run`; minus signs typeset either way)."""
+    table = (EXPERIMENT / "results.md").read_text()
+    for path in (EXPERIMENT / "README.md", README):
+        quoted = re.findall(r"[+−-]\d+\.\d\d \[[+−-]\d+\.\d\d, [+−-]\d+\.\d\d\]", path.read_text())
+        assert quoted, path
+        for q in quoted:
+            assert q.replace("−", "-") in table, f"{path.relative_to(ROOT)}: {q} is not in results.md"
