@@ -153,7 +153,8 @@ def _corpus_config(tmp_path, **extra):
 
 
 def _bench(path, *args):
-    return subprocess.run([sys.executable, "-m", "kd2m", "bench", str(path), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "kd2m", "bench", str(path), *args], capture_output=True, text=True,
+                          check=False)
 
 
 def test_a_k_above_the_vocabulary_and_a_dense_term_are_refused_in_one_line_before_training(tmp_path):

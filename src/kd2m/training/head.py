@@ -33,7 +33,7 @@ class FusedHead:
         self.head, self.divergences = head, divergences
 
     @classmethod
-    def for_step(cls, net: nn.Module, terms: list, task) -> "FusedHead | None":
+    def for_step(cls, net: nn.Module, terms: list, task) -> FusedHead | None:
         """The fused head of ``net`` under ``terms`` for ``task``, or None (the plain step)."""
         if not getattr(task, "fuses_head", False):
             return None
