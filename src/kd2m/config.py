@@ -180,6 +180,10 @@ class RunConfig:
     teacher_cache: int | None = _opt(None, "K > 0: compute the teacher's outputs once for K fixed views of each training "
                                  "image and look them up each step (offline distillation; 1 is exact without "
                                  "augmentation)")
+    teacher_topk: int | None = _opt(None, "K ≥ 1: the teacher cache keeps each token's top-K ids and log-probabilities "
+                                          "and the log-mass of the rest (12·K + 4 bytes per token instead of 4·V; "
+                                          "read by fkl, rkl, jsd, skew_kl, skew_rkl, tvd; terms on the full logits "
+                                          "are refused); default: every logit")
     max_cache_mb: float = _opt(8192.0, "refuse a --teacher-cache table larger than this (MiB)")
     pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True); "
                                                "lm: a save_pretrained folder or a .gguf file")
@@ -217,6 +221,7 @@ class RunConfig:
         _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
+        _check_topk(c)
         _check_lm(c)
         return c
 
@@ -565,6 +570,28 @@ def _check_methods(c: RunConfig, cache_by_default: bool) -> None:
         raise ConfigError("teacher_epochs: 0 trains no teacher, and no --pretrained-teacher was given: the "
                           "students would learn from a random network; give --pretrained-teacher FILE or "
                           "--teacher-epochs N")
+
+
+def _check_topk(c: RunConfig) -> None:
+    """``teacher_topk``: an integer ≥ 1, with the teacher cache it belongs to, and students whose
+    terms read the teacher's logits only through the token divergences (at one temperature)."""
+    k = c.teacher_topk
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"teacher_topk: must be an integer ≥ 1 (the teacher's tokens kept per position), got {k!r}")
+    if not c.teacher_cache:
+        raise ConfigError("teacher_topk: the top-K teacher is what the teacher cache keeps, and teacher_cache is 0 "
+                          "(the online teacher); give --teacher-cache 1, or leave teacher_topk out")
+    from .losses.fused_head import DIVERGENCES
+    from .training.teacher import sparse_temperature
+    for method in c.methods():
+        dense = [t.name for t in method.terms if t.reads_logits and t.name not in DIVERGENCES]
+        if dense:
+            raise ConfigError(f"teacher_topk: {method.key}: {', '.join(dense)} read(s) the teacher's full logits, "
+                              f"which a top-{k} cache does not keep (only {', '.join(DIVERGENCES)} read it); "
+                              "drop the term, or leave teacher_topk out (every logit)")
+        sparse_temperature(method)
 
 
 def _split_schedule(opts: dict) -> tuple[dict, dict]:

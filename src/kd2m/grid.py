@@ -119,6 +119,10 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.stack([torch.as_tensor(it[1]) for it in items]).to(device)
         task = tasks.get(bundle.task)
+        for vcfg in [cfg] + [v for v, _ in students]:
+            if (vcfg.teacher_topk or 0) > bundle.num_classes:
+                raise ConfigError(f"teacher_topk: {vcfg.teacher_topk} is more than the data's vocabulary "
+                                  f"({bundle.num_classes} tokens); give at most {bundle.num_classes}")
         check_training_forward(teacher, x, bundle.num_classes, "teacher", cfg.teacher, task)
         for vcfg in {v.student: v for v, _ in students}.values() or [cfg]:
             check_training_forward(student_for(vcfg), x, bundle.num_classes, "student", vcfg.student, task)

@@ -38,7 +38,8 @@ from .training.build import (IndexedDataset, build_net, build_student, build_tea
 from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
 from .training.distiller import Distiller
 from .training.step import EpochTally, TermFailure, zero_nonfinite_gradients
-from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, teacher_cache  # noqa: F401
+from .training.teacher import (CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer,  # noqa: F401
+                               sparse_temperature, teacher_cache)
 
 __all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
            "bind_terms", "Taps", "OnlineTeacher", "CachedTeacher"]
@@ -92,7 +93,8 @@ class Trainer:
         if self.teacher is not None and cfg.teacher_cache:
             layer, raw = cached_layer(cfg, self.method, self.terms)
             views = FixedViews(self.bundle.train, cfg.teacher_cache, self.seed)
-            cache = teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches, raw)
+            cache = teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches, raw,
+                                  sparse_temperature(self.method))
             self.train_loader, self.test_loader = make_loaders(self.bundle, cfg, self.seed, device, views=views)
             self.teacher_out = CachedTeacher(cache, layer, raw)
             self.views = cfg.teacher_cache
@@ -206,7 +208,7 @@ class Trainer:
                 x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
                 key = key.to(device, non_blocking=True)
                 try:
-                    out = self.step.forward(x, y, key, net=net)
+                    out = self.step.forward(x, y, key, net=net, lam=lam)
                 except TermFailure as f:
                     raise self._term_failure(f, epoch, step) from None
                 loss, distill = self.step.loss(out, lam)
