@@ -16,11 +16,11 @@ from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_sp
 # the registrations: the 13 KD²M distances; the baselines kd dkd dist wkd_l (logit), fitnet at nst
 # wkd_f (maps), pkt rkd crd (relational); the language-model field's token divergences fkl rkl jsd
 # skew_kl skew_rkl tvd
-from . import distances, divergences, logit, maps, relational  # noqa: E402,I001
+from . import distances, divergences, logit, maps, relational  # noqa: F401 (registered on import)
 
 # a teacher's top-k log-probabilities (offline), and the student's head fused with its losses
-from .fused_head import HeadLoss, LinearTeacher, TokenDivergence, fused_head_loss, fused_head_terms  # noqa: E402
-from .sparse_teacher import SparseTeacher  # noqa: E402
+from .fused_head import HeadLoss, LinearTeacher, TokenDivergence, fused_head_loss, fused_head_terms
+from .sparse_teacher import SparseTeacher
 
 __all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS", "FunctionTerm",
            "add_spec", "check_options", "SparseTeacher", "fused_head_loss", "fused_head_terms", "LinearTeacher",
