@@ -28,7 +28,6 @@ from .models import available_models
 from .models.user import is_user_factory, load_factory
 from .monitor import require_tensorboard
 
-
 #: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
 #: configs/mnist1d.yaml write these out; tests/test_engine.py checks that they agree.
 DATASET_DEFAULTS = {
@@ -202,7 +201,7 @@ class RunConfig:
                                    "--no-diagnostics: off)", flag=True)
 
     # ------------------------------------------------------------------
-    def resolved(self) -> "RunConfig":
+    def resolved(self) -> RunConfig:
         """A copy with dataset-dependent defaults filled in and every value checked."""
         c = dataclasses.replace(self)
         if c.dataset is None:  # --task lm alone: the offline text benchmark
@@ -225,7 +224,7 @@ class RunConfig:
         _check_lm(c)
         return c
 
-    def teacher_config(self) -> "RunConfig":
+    def teacher_config(self) -> RunConfig:
         """The settings the teacher trains with: these, with ``teacher_lr`` where given."""
         return dataclasses.replace(self, lr=self.teacher_lr) if self.teacher_lr else self
 
@@ -680,7 +679,7 @@ def _check_fraction(key: str, v, zero: bool) -> None:
                           f"got {v!r}")
 
 
-def _check_numbers(c: "RunConfig") -> None:
+def _check_numbers(c: RunConfig) -> None:
     """Every number in range, NaN and inf refused (NaN passes every `x < 0` check)."""
     for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0),
                      ("num_workers", 0), ("threads", 0), ("parallel", 1), ("auto_every", 0)):

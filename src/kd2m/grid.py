@@ -20,12 +20,12 @@ from . import distributed as dist_ctx
 from . import results as R
 from . import tasks
 from .atomic_io import atomic_write_json
+from .catalog import CE, TEACHER
 from .config import RunConfig
+from .data import build_dataset, dataset_labels
 from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError
-from .data import build_dataset, dataset_labels
 from .methods import Method, method_label, parse_weight
-from .catalog import CE, TEACHER
 from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
 from .runtime import fork_rng, resolve_device
 from .train import Trainer, fit

@@ -30,10 +30,10 @@ from .runtime import to_device
 
 __all__ = ["Task", "Classification", "LanguageModeling", "get", "available", "register_task"]
 
-_TASKS: dict[str, "Task"] = {}
+_TASKS: dict[str, Task] = {}
 
 
-def register_task(task: "Task") -> "Task":
+def register_task(task: Task) -> Task:
     """Make ``task`` available under ``task.name``."""
     add_entry(_TASKS, "task", task.name, task)
     return task
@@ -44,7 +44,7 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def get(name: str) -> "Task":
+def get(name: str) -> Task:
     """The registered task ``name``; ValueError listing them when unknown."""
     try:
         return _TASKS[name]

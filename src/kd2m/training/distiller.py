@@ -26,8 +26,8 @@ student's.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +130,7 @@ class Distiller(nn.Module):
     @classmethod
     def from_bound(cls, student: nn.Module, teacher: nn.Module | None, method: Method, bound: list[BoundTerm],
                    task, device: torch.device, *, teacher_out: TeacherOutputs | None = None, views: int = 1,
-                   amp=None) -> "Distiller":
+                   amp=None) -> Distiller:
         """A Distiller over terms the engine has bound already, reading the teacher from
         ``teacher_out`` (a cache) when given: how :class:`kd2m.train.Trainer` builds its step."""
         self = cls.__new__(cls)
@@ -190,7 +190,7 @@ class Distiller(nn.Module):
         return [b.config.weight_at(epoch, epochs) * s for b, s in zip(self.bound, self.scales)]
 
     # -- the step --------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         """The terms' modules (projectors) follow ``mode``; the teacher stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:

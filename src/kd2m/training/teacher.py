@@ -2,8 +2,8 @@
 up in a :class:`~kd2m.teacher_cache.TeacherCache`."""
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from .. import distributed as dist_ctx
 from ..errors import ConfigError
