@@ -35,7 +35,7 @@ __all__ = ["reproduction_card"]
 RECIPE = ("task", "dataset", "tokenizer", "image_size", "teacher", "teacher_options", "student", "student_options",
           "pretrained_teacher", "pretrained_student", "epochs", "teacher_epochs", "batch_size", "optimizer", "lr",
           "teacher_lr", "lr_schedule", "lr_min", "lr_milestones", "lr_gamma", "momentum", "weight_decay", "amp",
-          "unit", "match", "teacher_cache", "seeds", "holdout")
+          "unit", "match", "teacher_cache", "teacher_topk", "seeds", "holdout")
 
 
 def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
@@ -220,6 +220,8 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
         if (key == "lr_min" and cfg.lr_schedule != "cosine") or (key == "lr_gamma" and cfg.lr_schedule == "cosine") \
                 or (key == "momentum" and cfg.optimizer != "sgd"):
             continue
+        if key == "teacher_topk":  # what the top-K cache keeps per token, against the dense 4·V
+            value = f"{value} ({12 * value + 4} bytes per token; every logit: 4·V)"
         if key == sweep_key:  # the teacher trains with the recipe's value, every student with each swept one
             lines.append(f"| {key} | {value} (teacher); students: {', '.join(f'{v:g}' for v in sweep[1])} | "
                          f"{_field_source(user, key, given)}; --sweep |")

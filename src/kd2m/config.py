@@ -28,7 +28,6 @@ from .models import available_models
 from .models.user import is_user_factory, load_factory
 from .monitor import require_tensorboard
 
-
 #: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
 #: configs/mnist1d.yaml write these out; tests/integration/test_engine.py checks that they agree.
 DATASET_DEFAULTS = {
@@ -180,6 +179,10 @@ class RunConfig:
     teacher_cache: int | None = _opt(None, "K > 0: compute the teacher's outputs once for K fixed views of each training "
                                  "image and look them up each step (offline distillation; 1 is exact without "
                                  "augmentation)")
+    teacher_topk: int | None = _opt(None, "K ≥ 1: the teacher cache keeps each token's top-K ids and log-probabilities "
+                                          "and the log-mass of the rest (12·K + 4 bytes per token instead of 4·V; "
+                                          "read by fkl, rkl, jsd, skew_kl, skew_rkl, tvd; terms on the full logits "
+                                          "are refused); default: every logit")
     max_cache_mb: float = _opt(8192.0, "refuse a --teacher-cache table larger than this (MiB)")
     pretrained_teacher: str | None = _opt(None, "local weights file for the teacher (loaded with weights_only=True); "
                                                "lm: a save_pretrained folder or a .gguf file")
@@ -198,7 +201,7 @@ class RunConfig:
                                    "--no-diagnostics: off)", flag=True)
 
     # ------------------------------------------------------------------
-    def resolved(self) -> "RunConfig":
+    def resolved(self) -> RunConfig:
         """A copy with dataset-dependent defaults filled in and every value checked."""
         c = dataclasses.replace(self)
         if c.dataset is None:  # --task lm alone: the offline text benchmark
@@ -217,10 +220,11 @@ class RunConfig:
         _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
+        _check_topk(c)
         _check_lm(c)
         return c
 
-    def teacher_config(self) -> "RunConfig":
+    def teacher_config(self) -> RunConfig:
         """The settings the teacher trains with: these, with ``teacher_lr`` where given."""
         return dataclasses.replace(self, lr=self.teacher_lr) if self.teacher_lr else self
 
@@ -567,6 +571,28 @@ def _check_methods(c: RunConfig, cache_by_default: bool) -> None:
                           "--teacher-epochs N")
 
 
+def _check_topk(c: RunConfig) -> None:
+    """``teacher_topk``: an integer ≥ 1, with the teacher cache it belongs to, and students whose
+    terms read the teacher's logits only through the token divergences (at one temperature)."""
+    k = c.teacher_topk
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"teacher_topk: must be an integer ≥ 1 (the teacher's tokens kept per position), got {k!r}")
+    if not c.teacher_cache:
+        raise ConfigError("teacher_topk: the top-K teacher is what the teacher cache keeps, and teacher_cache is 0 "
+                          "(the online teacher); give --teacher-cache 1, or leave teacher_topk out")
+    from .losses.fused_head import DIVERGENCES
+    from .training.teacher import sparse_temperature
+    for method in c.methods():
+        dense = [t.name for t in method.terms if t.reads_logits and t.name not in DIVERGENCES]
+        if dense:
+            raise ConfigError(f"teacher_topk: {method.key}: {', '.join(dense)} read(s) the teacher's full logits, "
+                              f"which a top-{k} cache does not keep (only {', '.join(DIVERGENCES)} read it); "
+                              "drop the term, or leave teacher_topk out (every logit)")
+        sparse_temperature(method)
+
+
 def _split_schedule(opts: dict) -> tuple[dict, dict]:
     """A term's options without the schedule keys (``warmup``, ``schedule``) that may be given among them."""
     sched = {k: opts.pop(k) for k in ("warmup", "schedule") if k in opts}
@@ -653,7 +679,7 @@ def _check_fraction(key: str, v, zero: bool) -> None:
                           f"got {v!r}")
 
 
-def _check_numbers(c: "RunConfig") -> None:
+def _check_numbers(c: RunConfig) -> None:
     """Every number in range, NaN and inf refused (NaN passes every `x < 0` check)."""
     for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0),
                      ("num_workers", 0), ("threads", 0), ("parallel", 1), ("auto_every", 0)):

@@ -20,12 +20,12 @@ from . import distributed as dist_ctx
 from . import results as R
 from . import tasks
 from .atomic_io import atomic_write_json
+from .catalog import CE, TEACHER
 from .config import RunConfig
+from .data import build_dataset, dataset_labels
 from .environment import describe_environment
 from .errors import ConfigError, NonFiniteLossError
-from .data import build_dataset, dataset_labels
 from .methods import Method, method_label, parse_weight
-from .catalog import CE, TEACHER
 from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
 from .runtime import fork_rng, resolve_device
 from .train import Trainer, fit
@@ -119,6 +119,10 @@ def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, 
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.stack([torch.as_tensor(it[1]) for it in items]).to(device)
         task = tasks.get(bundle.task)
+        for vcfg in [cfg] + [v for v, _ in students]:
+            if (vcfg.teacher_topk or 0) > bundle.num_classes:
+                raise ConfigError(f"teacher_topk: {vcfg.teacher_topk} is more than the data's vocabulary "
+                                  f"({bundle.num_classes} tokens); give at most {bundle.num_classes}")
         check_training_forward(teacher, x, bundle.num_classes, "teacher", cfg.teacher, task)
         for vcfg in {v.student: v for v, _ in students}.values() or [cfg]:
             check_training_forward(student_for(vcfg), x, bundle.num_classes, "student", vcfg.student, task)

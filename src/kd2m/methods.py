@@ -71,6 +71,12 @@ class TermConfig:
         return self.spec.needs_maps or self.unit != "batch"
 
     @property
+    def reads_logits(self) -> bool:
+        """Its value reads the logits: a logit term, or a KD²M distance with unit batch (per
+        position, a distance matches features alone and drops the logits)."""
+        return "logits" in self.spec.needs and not (self.spec.family == "kd2m" and self.unit != "batch")
+
+    @property
     def warmup_epochs(self) -> int:
         return int(self.warmup if self.warmup is not None else getattr(self.spec, "warmup", 0))
 

@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed as dist_ctx
+from .losses.sparse_teacher import SparseTeacher
 from .registry import add_entry
 from .runtime import to_device
 
 __all__ = ["Task", "Classification", "LanguageModeling", "get", "available", "register_task"]
 
-_TASKS: dict[str, "Task"] = {}
+_TASKS: dict[str, Task] = {}
 
 
-def register_task(task: "Task") -> "Task":
+def register_task(task: Task) -> Task:
     """Make ``task`` available under ``task.name``."""
     add_entry(_TASKS, "task", task.name, task)
     return task
@@ -43,7 +44,7 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def get(name: str) -> "Task":
+def get(name: str) -> Task:
     """The registered task ``name``; ValueError listing them when unknown."""
     try:
         return _TASKS[name]
@@ -74,6 +75,9 @@ class Task:
 
     #: the key of the best epoch's :attr:`primary` in a run's result (``final.json``)
     best_key: str = "best_acc"
+    #: whether a step may compute the supervised loss and the token divergences from the model's
+    #: last hidden states and output layer (:mod:`kd2m.training.head`) instead of its logits
+    fuses_head: bool = False
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The supervised part of the loss (0-dim, float32 or wider)."""
@@ -161,13 +165,19 @@ class LanguageModeling(Task):
     figure_name, figure_scale, figure_unit = "perplexity", 1.0, "perplexity"
     diagnostics = False     # Theorem 1 is about a classifier's risk on pooled features
     best_key = "best_ppl"
+    fuses_head = True
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(_at_least_float32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1),
                                ignore_index=-100)
 
-    def term_view(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    def term_view(self, logits, targets: Tensor) -> tuple:
+        """Logits (B, L, V) as (B·L, V) and the targets as (B·L,); a teacher's
+        :class:`~kd2m.losses.sparse_teacher.SparseTeacher` (already per position) and the
+        student's absent logits (None: the fused head) as they are."""
+        if logits is not None and not isinstance(logits, SparseTeacher):
+            logits = logits.reshape(-1, logits.shape[-1])
+        return logits, targets.reshape(-1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict:

@@ -19,6 +19,10 @@ and K·N teacher forwards up front instead of epochs·N. Transforms must draw th
 from torch's RNG (torchvision's do); a transform using Python's ``random`` is not pinned.
 
 Memory: ``N·K·(d + classes)·4`` bytes on the training device (CIFAR-10, d=512, K=4: 418 MB).
+A language model's logits are ``4·V`` bytes per token (196 KiB at V = 49 152); with ``topk`` the
+table keeps each position's top-k ids and log-probabilities and the log-mass of the rest instead
+(:class:`SparseTable`, read as a :class:`~kd2m.losses.sparse_teacher.SparseTeacher`): ``12·k + 4``
+bytes per token.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from . import distributed as dist_ctx
 from .catalog import EVAL_BATCH_SIZE
 from .features import FeatureTap
+from .losses.sparse_teacher import SparseTeacher, check_k
 from .runtime import autocast, progress, to_device
 
 _M64 = 2**64 - 1
@@ -117,15 +122,44 @@ class ViewSampler(Sampler):
 
 
 @dataclass
+class SparseTable:
+    """The teacher's top-k next-token log-probabilities at ``temperature`` for every key:
+    ``ids`` (N·K, …, k) int64, ``logprobs`` (N·K, …, k) and ``tail`` (N·K, …) float32 (see
+    :class:`~kd2m.losses.sparse_teacher.SparseTeacher`), over a vocabulary of ``vocab_size``."""
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+    vocab_size: int
+    temperature: float
+
+    def lookup(self, keys: Tensor) -> SparseTeacher:
+        """The rows of these keys, every position of them one row of a SparseTeacher."""
+        k = self.ids.shape[-1]
+        return SparseTeacher(self.ids.index_select(0, keys).reshape(-1, k),
+                             self.logprobs.index_select(0, keys).reshape(-1, k),
+                             self.tail.index_select(0, keys).reshape(-1), self.vocab_size, self.temperature)
+
+
+def bytes_per_token(topk: int | None, vocab: int) -> int:
+    """What the cache keeps per position of the teacher's logits: ``4·V`` (float32 logits), or
+    ``12·k + 4`` with ``topk`` = k (int64 ids, float32 log-probabilities, a float32 tail)."""
+    return 4 * vocab if topk is None else 12 * topk + 4
+
+
+@dataclass
 class TeacherCache:
     """The teacher's ``features (N·K, d)`` (or per-position ``(N·K, L, d)``) and ``logits (N·K, classes)``
     (a language model's ``(N·K, L, V)``), float32, rows in key order."""
 
     features: Tensor
-    logits: Tensor
+    logits: Tensor | SparseTable
 
-    def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """Features and logits of the items with these keys (a ``(n,)`` int64 tensor on the cache's device)."""
+    def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor | SparseTeacher]:
+        """Features and logits of the items with these keys (a ``(n,)`` int64 tensor on the cache's
+        device); a sparse table's as a SparseTeacher over their positions."""
+        if isinstance(self.logits, SparseTable):
+            return self.features.index_select(0, keys), self.logits.lookup(keys)
         return self.features.index_select(0, keys), self.logits.index_select(0, keys)
 
 
@@ -133,16 +167,18 @@ class TeacherCache:
 def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, device: torch.device,
                         batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                         num_workers: int = 0, show_progress: bool = False, max_mb: float | None = None,
-                        raw: bool = False) -> TeacherCache:
-    """Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
+                        raw: bool = False, topk: int | None = None, temperature: float = 1.0) -> TeacherCache:
+    r"""Run ``teacher`` (eval mode) once over every view of every item and keep its ``layer`` features and logits.
 
     ``raw``: keep the layer's per-position features (a language model's tokens ``(L, d)``, as
     ``FeatureTap(pool="none")`` gives them) instead of pooled ones; logits keep whatever shape the
-    model gives per item.
+    model gives per item. ``topk``: keep, per position, the top-k ids and log-probabilities of
+    :math:`\mathrm{softmax}(z/\tau)` at τ = ``temperature`` and the log-mass of the rest
+    (:class:`SparseTable`) instead of the logits; a k above the vocabulary is refused (ValueError).
 
     The same autocast as the training step (``amp_dtype``) is used, so the cached outputs are what
     an online step would have computed; they are stored in float32. A table larger than
-    ``max_mb`` MiB is refused (ValueError naming its size) before it is allocated.
+    ``max_mb`` MiB is refused (ValueError naming its size and the bytes per token) before it is allocated.
 
     Under torch.distributed the batches are dealt round-robin to the ranks, each fills its rows
     of a zero table and one all-reduce sums them: every rank ends with the whole table after
@@ -160,14 +196,11 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
 
     with FeatureTap(teacher, layer, pool="none" if raw else "avg") as tap:
         f, out = forward(views[0][0].unsqueeze(0))  # the shapes, before allocating
-        need = n * (f[0].numel() + out[0].numel()) * 4 / 2**20
-        if max_mb is not None and need > max_mb:
-            raise ValueError(
-                f"teacher_cache: {views.views} view(s) of {views.images} items × ({f[0].numel()} features + "
-                f"{out[0].numel()} logits) in float32 need {need:,.0f} MiB, over --max-cache-mb {max_mb:g}; "
-                "use fewer views, raise --max-cache-mb, or the online teacher (teacher_cache: 0)")
+        if topk is not None:
+            check_k(topk, out.shape[-1])
+        _check_size(views, f[0], out[0], topk, max_mb)
         feats = torch.zeros(n, *f.shape[1:], device=device)
-        logits = torch.zeros(n, *out.shape[1:], device=device)
+        logits = _empty_logits(n, out.shape[1:], topk, temperature, device)
         world, rank = dist_ctx.world_size(), dist_ctx.rank()
         mine = [k for k in range(n) if (k // batch_size) % world == rank]  # whole batches, round-robin
         loader = DataLoader(Subset(views, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -176,8 +209,48 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
             f, out = forward(x)
             key = key.to(device)
             feats.index_copy_(0, key, f)
-            logits.index_copy_(0, key, out)
+            _store(logits, key, out)
     if world > 1:
         dist.all_reduce(feats)
-        dist.all_reduce(logits)
+        for table in (logits.ids, logits.logprobs, logits.tail) if topk is not None else (logits,):
+            dist.all_reduce(table)
     return TeacherCache(feats, logits)
+
+
+def _check_size(views: FixedViews, f: Tensor, out: Tensor, topk: int | None, max_mb: float | None) -> None:
+    """ValueError where the table of ``views`` would exceed ``max_mb`` MiB (one item's features
+    ``f`` and logits ``out``), naming its size and what it keeps per item and per token."""
+    positions = out[..., 0].numel()  # tokens per item (1 for a classifier)
+    per_token = bytes_per_token(topk, out.shape[-1])
+    need = len(views) * (f.numel() * 4 + positions * per_token) / 2**20
+    if max_mb is None or need <= max_mb:
+        return
+    kept = f"{out.numel()} logits" if topk is None else f"{positions} × top-{topk} logits"
+    per = f"; {per_token:,} bytes per token" if positions > 1 or topk is not None else ""
+    sparse = " or --teacher-topk K (12·K + 4 bytes per token)" if topk is None and positions > 1 else ""
+    raise ValueError(
+        f"teacher_cache: {views.views} view(s) of {views.images} items × ({f.numel()} features + {kept}) in "
+        f"float32 need {need:,.0f} MiB{per}, over --max-cache-mb {max_mb:g}; use fewer views{sparse}, raise "
+        "--max-cache-mb, or the online teacher (teacher_cache: 0)")
+
+
+def _empty_logits(n: int, shape, topk: int | None, temperature: float, device) -> Tensor | SparseTable:
+    """A zero table for ``n`` items of logits of ``shape`` (…, V), or their top-``topk`` entries."""
+    if topk is None:
+        return torch.zeros(n, *shape, device=device)
+    *lead, vocab = shape
+    return SparseTable(torch.zeros(n, *lead, topk, dtype=torch.long, device=device),
+                       torch.zeros(n, *lead, topk, device=device), torch.zeros(n, *lead, device=device),
+                       int(vocab), float(temperature))
+
+
+def _store(table: Tensor | SparseTable, key: Tensor, out: Tensor) -> None:
+    """Write the logits ``out`` (b, …, V) of the items ``key`` into ``table``."""
+    if not isinstance(table, SparseTable):
+        table.index_copy_(0, key, out)
+        return
+    top = SparseTeacher.from_logits(out, table.ids.shape[-1], table.temperature)
+    lead = out.shape[:-1]
+    table.ids.index_copy_(0, key, top.ids.reshape(*lead, -1))
+    table.logprobs.index_copy_(0, key, top.logprobs.reshape(*lead, -1))
+    table.tail.index_copy_(0, key, top.tail_logprob.reshape(lead))

@@ -24,8 +24,8 @@ from torch import nn
 from . import distributed as dist_ctx
 from . import monitor as watch
 from . import tasks, value_checks
-from .auto_weight import calibrate
 from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json, save_checkpoint
+from .auto_weight import calibrate
 from .data import dataset_labels
 from .errors import ConfigError, NonFiniteLossError
 from .methods import Method
@@ -33,12 +33,11 @@ from .rundir import CHECKPOINT_PT, DIVERGED_JSON, FINAL_JSON, LOG_JSONL, MODEL_P
 from .runtime import amp_dtype, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
 from .teacher_cache import FixedViews
 from .training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_layers  # noqa: F401 (the engine's API)
-from .training.build import (IndexedDataset, build_net, build_student, build_teacher, freeze,  # noqa: F401
-                             make_loaders)
-from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
+from .training.build import IndexedDataset, build_net, build_student, build_teacher, freeze, make_loaders  # noqa: F401
 from .training.distiller import Distiller
+from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
 from .training.step import EpochTally, TermFailure, zero_nonfinite_gradients
-from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, teacher_cache  # noqa: F401
+from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, sparse_temperature, teacher_cache  # noqa: F401
 
 __all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
            "bind_terms", "Taps", "OnlineTeacher", "CachedTeacher"]
@@ -92,7 +91,8 @@ class Trainer:
         if self.teacher is not None and cfg.teacher_cache:
             layer, raw = cached_layer(cfg, self.method, self.terms)
             views = FixedViews(self.bundle.train, cfg.teacher_cache, self.seed)
-            cache = teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches, raw)
+            cache = teacher_cache(self.teacher, views, layer, cfg, device, self.teacher_caches, raw,
+                                  sparse_temperature(self.method))
             self.train_loader, self.test_loader = make_loaders(self.bundle, cfg, self.seed, device, views=views)
             self.teacher_out = CachedTeacher(cache, layer, raw)
             self.views = cfg.teacher_cache
@@ -206,7 +206,7 @@ class Trainer:
                 x, y = to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
                 key = key.to(device, non_blocking=True)
                 try:
-                    out = self.step.forward(x, y, key, net=net)
+                    out = self.step.forward(x, y, key, net=net, lam=lam)
                 except TermFailure as f:
                     raise self._term_failure(f, epoch, step) from None
                 loss, distill = self.step.loss(out, lam)

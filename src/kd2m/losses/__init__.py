@@ -10,32 +10,18 @@ The KD²M distances (family ``"kd2m"``, :mod:`kd2m.losses.distances`) and the fi
 share one registry (:mod:`kd2m.losses.registry`) whose entries carry their facts: table label,
 the inputs they need, their O(n²) memory factor, their paper, a warm-up schedule (DKD).
 """
-# the baselines: kd dkd dist wkd_l (logit), fitnet at nst wkd_f (maps), pkt rkd crd (relational)
-# the language-model field's token divergences: fkl rkl jsd skew_kl skew_rkl tvd
-from . import (  # noqa: F401,E402
-                       distances,  # noqa: F401,E402  (registers the 13 KD²M distances)
-                       divergences,  # noqa: F401,E402
-                       logit,
-                       maps,
-                       relational,
-)
-from .fused_head import HeadLoss, LinearTeacher, fused_head_loss  # noqa: F401,E402
-from .registry import (  # noqa: F401,E501
-                       INPUTS,
-                       FunctionTerm,
-                       Term,
-                       TermContext,
-                       TermSpec,
-                       add_spec,
-                       available,
-                       check_options,
-                       get,
-                       register_term,
-                       spec,
-)
+from .registry import (INPUTS, FunctionTerm, Term, TermContext, TermSpec, add_spec, available, check_options, get,
+                       register_term, spec)
+
+# the registrations: the 13 KD²M distances; the baselines kd dkd dist wkd_l (logit), fitnet at nst
+# wkd_f (maps), pkt rkd crd (relational); the language-model field's token divergences fkl rkl jsd
+# skew_kl skew_rkl tvd
+from . import distances, divergences, logit, maps, relational  # noqa: F401 (registered on import)
 
 # a teacher's top-k log-probabilities (offline), and the student's head fused with its losses
-from .sparse_teacher import SparseTeacher  # noqa: F401,E402
+from .fused_head import HeadLoss, LinearTeacher, TokenDivergence, fused_head_loss, fused_head_terms
+from .sparse_teacher import SparseTeacher
 
-__all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS",
-           "SparseTeacher", "fused_head_loss", "LinearTeacher", "HeadLoss"]
+__all__ = ["get", "available", "spec", "register_term", "Term", "TermContext", "TermSpec", "INPUTS", "FunctionTerm",
+           "add_spec", "check_options", "SparseTeacher", "fused_head_loss", "fused_head_terms", "LinearTeacher",
+           "HeadLoss", "TokenDivergence"]

@@ -28,6 +28,7 @@ computation at V = 49 152 and V = 128 256.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -219,3 +220,130 @@ def _check(hidden, weight, labels, teacher, bias, kind, temperature, chunk_size)
         raise TypeError(f"{who}: teacher must be logits, a SparseTeacher, a LinearTeacher or None, "
                         f"got {type(teacher).__name__}")
     return h, labels.reshape(-1).long(), teacher
+
+
+class TokenDivergence(NamedTuple):
+    """One token divergence of :func:`fused_head_terms`: its ``kind`` (one of :data:`DIVERGENCES`)
+    and options, as the registered term of that name takes them."""
+    kind: str
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+
+
+def _chunk_values(z: Tensor, labels: Tensor, teacher, divergences: Sequence[TokenDivergence]) -> Tensor:
+    """(1 + m,): Σ over the chunk's kept positions of the cross-entropy, then of each divergence,
+    from its (c, V) logits; one log-softmax per distinct temperature."""
+    keep = labels != -100
+    if teacher is not None and not isinstance(teacher, SparseTeacher):
+        teacher = teacher.to(z.dtype)
+    by_tau = {1.0: F.log_softmax(z, dim=-1)}
+    sums = [-torch.where(keep, by_tau[1.0].gather(-1, labels.clamp_min(0)[:, None])[:, 0], 0.0).sum()]
+    for d in divergences:
+        if d.temperature not in by_tau:
+            by_tau[d.temperature] = F.log_softmax(z / d.temperature, dim=-1)
+        per = against_teacher(d.kind, by_tau[d.temperature], teacher, d.temperature, d.beta, d.alpha)
+        sums.append((per * keep.to(z.dtype)).sum())
+    return torch.stack(sums)
+
+
+def _over_chunks(hidden, weight, bias, labels, teacher, divergences, chunk_size, coef=None, need=(False,) * 3):
+    r"""Numerical kernel of :class:`_FusedHeadTerms`: the (1 + m,) sums of the outputs over every
+    chunk and, where ``coef`` (1 + m,) is given, the gradients of :math:`\sum_k c_k\,\mathrm{sum}_k`
+    with respect to ``hidden``, ``weight`` and ``bias`` (those ``need`` names; else None), one
+    chunk's logits at a time."""
+    work = torch.promote_types(hidden.dtype, torch.float32)
+    w = weight.to(work)
+    b = None if bias is None else bias.to(work)
+    sums = torch.zeros(1 + len(divergences), dtype=work, device=hidden.device)
+    grads = [torch.zeros(x.shape, dtype=work, device=x.device) if coef is not None and n else None
+             for x, n in zip((hidden, weight, bias), need)]
+    for i in range(0, hidden.shape[0], chunk_size):
+        h = hidden[i:i + chunk_size].detach().to(work)
+        with torch.set_grad_enabled(coef is not None), torch.autocast(hidden.device.type, enabled=False):
+            z = (h @ w.T if b is None else torch.addmm(b, h, w.T)).detach().requires_grad_(coef is not None)
+            values = _chunk_values(z, labels[i:i + chunk_size], _teacher_rows(teacher, i, i + chunk_size),
+                                   divergences)
+            g = torch.autograd.grad((coef * values).sum(), z)[0] if coef is not None else None
+        sums += values.detach()
+        if grads[0] is not None:
+            grads[0][i:i + chunk_size] = g @ w
+        if grads[1] is not None:
+            grads[1].addmm_(g.T, h)
+        if grads[2] is not None:
+            grads[2] += g.sum(0)
+    return sums, grads
+
+
+class _FusedHeadTerms(torch.autograd.Function):
+    r"""The outputs of :func:`fused_head_terms`, each differentiable on its own. Where the caller
+    says how it will weigh them (``weights``: the training step's :math:`w_{CE}, \lambda_k`), the
+    forward also takes the gradient of that weighted sum chunk by chunk, as :class:`_FusedHead`
+    does, and the backward hands it back when the incoming gradients are those weights; any other
+    combination (``weight: auto`` takes the cross-entropy's and each term's gradient apart) has the
+    backward rebuild each chunk's logits and take it there. First-order gradients only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher, divergences, chunk_size, weights):
+        work = torch.promote_types(hidden.dtype, torch.float32)
+        n_kept = (labels != -100).sum().clamp_min(1).to(work)
+        need = ctx.needs_input_grad[:3]
+        coef = None if weights is None or not any(need) else \
+            torch.tensor(weights, dtype=work, device=hidden.device) / n_kept
+        sums, grads = _over_chunks(hidden, weight, bias, labels, teacher, divergences, chunk_size, coef, need)
+        ctx.save_for_backward(hidden, weight, bias, n_kept, *grads)
+        ctx.labels, ctx.teacher, ctx.divergences, ctx.chunk_size = labels, teacher, divergences, chunk_size
+        ctx.weights = None if coef is None else weights
+        return tuple(v.clone() for v in sums / n_kept)  # separate outputs, not views of one tensor
+
+    @staticmethod
+    def backward(ctx, *incoming):
+        hidden, weight, bias, n_kept, *grads = ctx.saved_tensors
+        work = n_kept.dtype
+        g = torch.stack([torch.zeros((), dtype=work, device=hidden.device) if x is None else x.to(work)
+                         for x in incoming])
+        if ctx.weights is None or not torch.equal(g, g.new_tensor(ctx.weights)):  # another combination
+            grads = _over_chunks(hidden, weight, bias, ctx.labels, ctx.teacher, ctx.divergences, ctx.chunk_size,
+                                 g / n_kept, ctx.needs_input_grad[:3])[1]
+        out = [None if d is None else d.to(x.dtype) for d, x in zip(grads, (hidden, weight, bias))]
+        return (*out, None, None, None, None, None)
+
+
+def fused_head_terms(hidden: Tensor, weight: Tensor, labels: Tensor, teacher=None,
+                     divergences: Sequence[TokenDivergence] = (), *, bias: Tensor | None = None,
+                     chunk_size: int | None = None, weights: Sequence[float] | None = None
+                     ) -> tuple[Tensor, list[Tensor]]:
+    r"""The next-token cross-entropy and each of ``divergences`` (means over the kept positions,
+    the values of the registered terms on the logits :math:`hW^\top + b`) from the student's hidden
+    states and output layer, chunk by chunk, as :func:`fused_head_loss`; each returned value is a
+    0-dim tensor differentiable on its own, so a caller weighs them as it likes (the training
+    step's :math:`w_{CE}\,\mathrm{ce} + \sum_k \lambda_k D_k`). Inputs as :func:`fused_head_loss`'s;
+    no ``teacher`` (None) is allowed only with no divergences. ``weights``: the
+    :math:`(w_{CE}, \lambda_1, …, \lambda_m)` the caller will back-propagate
+    :math:`w_{CE}\,\mathrm{ce} + \sum_k \lambda_k D_k` with: its gradient is then taken in the
+    forward, one pass over the chunks (any other combination is still exact, the backward then
+    rebuilding each chunk's logits).
+
+    Returns ``(ce, [D_1, …, D_m])``.
+    """
+    divergences = tuple(TokenDivergence(*d) for d in divergences)
+    if not divergences:
+        teacher = None  # the cross-entropy alone reads no teacher
+    first = divergences[0] if divergences else TokenDivergence("fkl")
+    hidden, labels, teacher = _check(hidden, weight, labels, teacher, bias, first.kind, first.temperature, chunk_size)
+    for d in divergences:
+        if d.kind not in DIVERGENCES:
+            raise ValueError(f"fused_head_terms: kind must be one of {', '.join(DIVERGENCES)}, got {d.kind!r}")
+        check_positive(d.kind, temperature=d.temperature)
+        check_sparse_temperature(d.kind, teacher, d.temperature)
+    if divergences and teacher is None:
+        raise ValueError("fused_head_terms: the divergences need a teacher (logits, SparseTeacher or LinearTeacher)")
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if weights is not None:
+        weights = tuple(float(x) for x in weights)
+        if len(weights) != 1 + len(divergences):
+            raise ValueError(f"fused_head_terms: weights must give the cross-entropy's and each divergence's "
+                             f"({1 + len(divergences)} numbers), got {len(weights)}")
+    ce, *values = _FusedHeadTerms.apply(hidden, weight, bias, labels, teacher, divergences, chunk_size, weights)
+    return ce, values

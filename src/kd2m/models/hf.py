@@ -76,9 +76,40 @@ def _transformers():
     return transformers
 
 
-def _logits_forward(self, input_ids: Tensor, **kwargs) -> Tensor:
-    """``input_ids`` (B, L) -> next-token logits (B, L, V): the ``ModelOutput``'s ``logits``."""
+def _logits_forward(self, input_ids: Tensor, last_hidden: bool = False, **kwargs) -> Tensor:
+    """``input_ids`` (B, L) -> next-token logits (B, L, V): the ``ModelOutput``'s ``logits``.
+    ``last_hidden``: the final hidden states (B, L, d) instead, the output layer's input, its
+    logits never built (the engine's fused head, :func:`fused_output_layer`)."""
+    if last_hidden:
+        return self.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     return super(type(self), self).forward(input_ids=input_ids, use_cache=False, **kwargs).logits
+
+
+def fused_output_layer(model: nn.Module) -> nn.Linear | None:
+    """The output layer of a kd2m ``hf:`` model whose logits are exactly that layer applied to
+    ``model(ids, last_hidden=True)`` (GPT-2's, Llama's: tied embeddings included), else None: a
+    model that scales or caps its logits after the head (Gemma-2's soft cap, Cohere's scale), or
+    any other model. Checked on a fixed probe sequence (eval mode, no gradients, no random draw)."""
+    if type(model) not in _LOGITS_CLASSES.values():
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    vocab = head.weight.shape[0]
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8
+    length = max(1, min(8, positions - _position_offset(model)))  # within the positions it holds
+    ids = ((torch.arange(length) * 7 + 1) % vocab).unsqueeze(0).to(head.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, hidden = model(ids), model(ids, last_hidden=True)
+            same = hidden.shape[-1] == head.in_features and torch.allclose(head(hidden), logits, rtol=1e-5,
+                                                                           atol=1e-6)
+    finally:
+        model.train(was_training)
+    return head if same else None
 
 
 def returning_logits(model: nn.Module) -> nn.Module:

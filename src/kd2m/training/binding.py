@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from .. import losses
 from ..errors import ConfigError
-from ..features import PENULTIMATE, FeatureTap, last_linear_name, last_map_layer
+from ..features import PENULTIMATE, FeatureTap, last_linear_name, last_map_layer, to_matrix
+from ..losses.sparse_teacher import SparseTeacher
 from ..methods import Method, TermConfig
 from ..models import stages
 from ..runtime import fork_rng
@@ -47,8 +48,10 @@ class BoundTerm:
             sl, tl = self.pairs[pair]
             kw["student_feats"] = s_feats[(sl, self.raw)]
             kw["teacher_feats"] = t_feats[(tl, self.raw)].detach()
-        if "logits" in self.needs:
-            kw["student_logits"], kw["teacher_logits"] = logits, t_logits.detach()
+        if "logits" in self.needs and self.config.reads_logits:
+            # a SparseTeacher holds no graph (taken without gradient from a frozen teacher)
+            kw["student_logits"] = logits
+            kw["teacher_logits"] = t_logits if isinstance(t_logits, SparseTeacher) else t_logits.detach()
         if "labels" in self.needs:
             kw["labels"] = y
         if "index" in self.needs:
@@ -129,6 +132,13 @@ class Taps:
         raw = sorted({layer for layer, raw in wanted if raw})
         self.pooled = FeatureTap(model, pooled) if pooled else None
         self.raw = FeatureTap(model, raw, pool="none") if raw else None
+
+    def head_input(self, hidden: Tensor) -> None:
+        """Record ``hidden`` as the ``penultimate`` layer (the last ``nn.Linear``'s input) where
+        that layer did not run (the fused head, :mod:`kd2m.training.head`), as its hook would."""
+        for tap in (self.pooled, self.raw):
+            if tap is not None and PENULTIMATE in tap.layers:
+                tap.features[PENULTIMATE] = to_matrix(hidden, tap.pool, tap.layouts[PENULTIMATE])
 
     def features(self) -> dict:
         out = {}

@@ -26,8 +26,8 @@ student's.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,13 +53,14 @@ class DistillerOutput:
     supervised loss (cross-entropy over classes, or over next tokens for ``task="lm"``);
     ``distill``: ``Σ_k λ_k · term_k``; ``terms``: each term's **unweighted** value by its key
     (the term's name, ``name@layer`` where a name repeats); ``weights``: the λ each term had in
-    this call; ``logits``: the student's output."""
+    this call; ``logits``: the student's output, None where its cross-entropy and token
+    divergences were computed from its hidden states by the fused head (``task="lm"``)."""
     loss: Tensor
     ce: Tensor
     distill: Tensor
     terms: dict
     weights: dict
-    logits: Tensor
+    logits: Tensor | None
 
 
 def parse_terms(terms: Iterable[str | Mapping | TermConfig]) -> tuple[TermConfig, ...]:
@@ -97,11 +98,15 @@ class Distiller(nn.Module):
         train_labels: ``(num_data,)`` every training sample's label, for CRD's negatives.
         match: ``"global"`` (default: under torchrun the distances see the features of every
             rank's batch, as one large batch would) or ``"local"``.
+        fused_head: for ``task="lm"``, compute the cross-entropy and the token divergences from
+            the student's last hidden states and output layer, chunk by chunk, where the student
+            allows (:mod:`kd2m.training.head`; an ``hf:`` model); False: from its logits.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, terms: Sequence = (), *, example: Tensor,
                  ce_weight: float = 1.0, task: str = "classification", num_classes: int | None = None,
-                 num_data: int | None = None, train_labels: Tensor | None = None, match: str = "global"):
+                 num_data: int | None = None, train_labels: Tensor | None = None, match: str = "global",
+                 fused_head: bool = True):
         super().__init__()
         method = Method(DISTILLER_KEY, parse_terms(terms), float(ce_weight))
         if method.terms and teacher is None:
@@ -120,12 +125,12 @@ class Distiller(nn.Module):
         dtype = next((p.dtype for p in student.parameters() if p.is_floating_point()), None)
         for b in bound:
             b.module.to(dtype=dtype)
-        self._build(student, teacher, method, bound, tasks.get(task), example.device)
+        self._build(student, teacher, method, bound, tasks.get(task), example.device, fused_head=fused_head)
 
     @classmethod
     def from_bound(cls, student: nn.Module, teacher: nn.Module | None, method: Method, bound: list[BoundTerm],
                    task, device: torch.device, *, teacher_out: TeacherOutputs | None = None, views: int = 1,
-                   amp=None) -> "Distiller":
+                   amp=None) -> Distiller:
         """A Distiller over terms the engine has bound already, reading the teacher from
         ``teacher_out`` (a cache) when given: how :class:`kd2m.train.Trainer` builds its step."""
         self = cls.__new__(cls)
@@ -133,7 +138,8 @@ class Distiller(nn.Module):
         self._build(student, teacher, method, bound, task, device, teacher_out=teacher_out, views=views, amp=amp)
         return self
 
-    def _build(self, student, teacher, method, bound, task, device, *, teacher_out=None, views=1, amp=None):
+    def _build(self, student, teacher, method, bound, task, device, *, teacher_out=None, views=1, amp=None,
+               fused_head=True):
         # neither network is a submodule: the student's weights are the user's, the teacher's frozen
         object.__setattr__(self, "student", student)
         object.__setattr__(self, "teacher", teacher)
@@ -145,7 +151,7 @@ class Distiller(nn.Module):
         want = wanted_layers(bound, "student")
         self.s_taps = Taps(student, want) if want else None
         self.step = Step(student, bound, task, teacher_out=teacher_out, s_taps=self.s_taps, views=views,
-                         device=device, amp=amp, ce_weight=method.ce_weight)
+                         device=device, amp=amp, ce_weight=method.ce_weight, fused_head=fused_head)
         self.scales = [1.0] * len(bound)
         self.calibrated = False
         self.epoch: int | None = None
@@ -184,7 +190,7 @@ class Distiller(nn.Module):
         return [b.config.weight_at(epoch, epochs) * s for b, s in zip(self.bound, self.scales)]
 
     # -- the step --------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         """The terms' modules (projectors) follow ``mode``; the teacher stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:
@@ -201,7 +207,7 @@ class Distiller(nn.Module):
             if any("index" in b.needs for b in self.bound):
                 raise ValueError("Distiller: a memory-bank term (CRD) needs index= (each sample's training-set index)")
             index = torch.arange(x.shape[0], device=x.device)
-        out = self.step.forward(x, y, index * self.step.views)
+        out = self.step.forward(x, y, index * self.step.views, lam=lam)
         loss, distill = self.step.loss(out, lam)
         return DistillerOutput(loss, out.ce, distill, {b.key: v for b, v in zip(self.bound, out.values)},
                                {b.key: w for b, w in zip(self.bound, lam)}, out.logits)

@@ -35,6 +35,8 @@ def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int
                  match=cfg.match, terms=[t.describe() for t in method.terms])
         if cfg.teacher_cache:
             s.update(teacher_cache=cfg.teacher_cache)  # K fixed views: other augmentations than online
+            if getattr(cfg, "teacher_topk", None):  # only when set: dense-cache runs keep their settings
+                s.update(teacher_topk=cfg.teacher_topk)
     elif method.terms:
         s.update(terms=[t.describe() for t in method.terms])
     if method.ce_weight != 1.0:  # only when set: runs made before CE had a weight keep their settings

@@ -6,7 +6,9 @@ beside it under the run's autocast), the student's logits and taps, the task's s
 (:mod:`kd2m.tasks`) and each bound term's unweighted value; :meth:`Step.loss` composes them.
 Training (:meth:`kd2m.train.Trainer._epoch`), the ``weight: auto`` calibration
 (:func:`kd2m.auto_weight.calibrate`) and the grid's probe of every term before training
-(:func:`kd2m.grid.preflight`) all run it, so they cannot disagree about what a term sees.
+(:func:`kd2m.grid.preflight`) all run it, so they cannot disagree about what a term sees. A
+causal language model's step computes its cross-entropy and token divergences from its last
+hidden states and output layer, never building its logits (:mod:`kd2m.training.head`).
 
 :class:`EpochTally` keeps what an epoch reports — the per-sample sums of the loss, CE, the
 distillation part and every term, and whether and where a step went non-finite — in one tensor
@@ -24,15 +26,21 @@ from torch import Tensor
 
 from .. import distributed as dist_ctx
 from ..runtime import autocast
+from .head import FusedHead
 
 
 @dataclass
 class StepOutputs:
-    logits: Tensor
+    logits: Tensor | None  # None where the fused head computed the losses (see ``hidden``)
     ce: Tensor            # the task's supervised loss (cross-entropy, over classes or next tokens)
     values: list          # one 0-dim tensor per term (None where a term was not asked for)
     s_feats: dict
     t_feats: dict
+    hidden: Tensor | None = None  # the output layer's input, where the fused head ran instead of it
+
+    @property
+    def batch_size(self) -> int:
+        return (self.logits if self.logits is not None else self.hidden).shape[0]
 
 
 class TermFailure(Exception):
@@ -50,45 +58,69 @@ class Step:
     ``teacher_out``: a :class:`~kd2m.training.teacher.TeacherOutputs` (``online``: run on the
     batch under the autocast; else looked up by key first) or None; ``s_taps``: the student's
     :class:`~kd2m.training.binding.Taps` (or None); ``views``: the teacher cache's views per
-    sample (keys are ``index·views + view``); ``amp``: the autocast dtype or None."""
+    sample (keys are ``index·views + view``); ``amp``: the autocast dtype or None;
+    ``fused_head``: compute a causal LM's cross-entropy and token divergences from its hidden
+    states and output layer where it allows (:class:`~kd2m.training.head.FusedHead`; False: from
+    its logits, the same values)."""
 
     def __init__(self, net, terms: list, task, *, teacher_out=None, s_taps=None, views: int = 1,
-                 device: torch.device, amp=None, ce_weight: float = 1.0):
+                 device: torch.device, amp=None, ce_weight: float = 1.0, fused_head: bool = True):
         self.net, self.terms, self.task = net, terms, task
         self.teacher_out, self.s_taps, self.views = teacher_out, s_taps, views
         self.device, self.amp, self.ce_weight = device, amp, ce_weight
+        self.head = FusedHead.for_step(net, terms, task) if fused_head else None
 
-    def forward(self, x: Tensor, y: Tensor, key: Tensor, *, net=None, amp="run", which: list | None = None
-                ) -> StepOutputs:
+    def forward(self, x: Tensor, y: Tensor, key: Tensor, *, net=None, amp="run", which: list | None = None,
+                lam: list | None = None) -> StepOutputs:
         """The step's forward on batch ``(x, y)`` with training-set keys ``key``. ``net``: the
         network to run (default: the step's; training passes its DDP/compiled wrapper);
         ``amp``: the autocast dtype (default: the run's; calibration passes None); ``which``: a
-        flag per term, False to skip it (its value is then None)."""
+        flag per term, False to skip it (its value is then None); ``lam``: the λ :meth:`loss`
+        will be given, so that the fused head takes the loss's gradient in its one pass (any
+        other λ stays exact, at the price of a second pass in the backward)."""
         net = self.net if net is None else net
         amp = self.amp if amp == "run" else amp
         t_feats, t_logits = {}, None
         if self.teacher_out is not None and not self.teacher_out.online:
             t_feats, t_logits = self.teacher_out(x, key)
+        logits = hidden = None
         with autocast(self.device, amp):
-            logits = net(x)
-            ce = self.task.supervised_loss(logits, y)
+            if self.head is None:
+                logits = net(x)
+                ce = self.task.supervised_loss(logits, y)
+            else:
+                hidden = net(x, last_hidden=True)
             if self.teacher_out is not None and self.teacher_out.online:
                 t_feats, t_logits = self.teacher_out(x, key)
+        if hidden is not None and self.s_taps is not None:
+            self.s_taps.head_input(hidden)  # the output layer did not run: its input, as its hook records it
         s_feats = self.s_taps.features() if self.s_taps is not None else {}
-        index = key // self.views
+        s_view, labels = self.task.term_view(logits, y)
+        t_view = self.task.term_view(t_logits, y)[0] if t_logits is not None else None
+        fused = {}
+        if hidden is not None:
+            ce, fused = self._fused(hidden, labels, t_view, which,
+                                    None if lam is None else [self.ce_weight, *lam])
         values = []
-        if self.terms:
-            s_view, labels = self.task.term_view(logits, y)
-            t_view = self.task.term_view(t_logits, y)[0] if t_logits is not None else None
-            for k, b in enumerate(self.terms):
-                if which is not None and not which[k]:
-                    values.append(None)
-                    continue
-                try:
-                    values.append(b(s_feats, t_feats, labels, s_view, t_view, index))
-                except (ValueError, TypeError, RuntimeError) as e:
-                    raise TermFailure(b, e) from e
-        return StepOutputs(logits, ce, values, s_feats, t_feats)
+        for k, b in enumerate(self.terms):
+            if k in fused or (which is not None and not which[k]):
+                values.append(fused.get(k))
+                continue
+            try:
+                values.append(b(s_feats, t_feats, labels, s_view, t_view, key // self.views))
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise TermFailure(b, e) from e
+        return StepOutputs(logits, ce, values, s_feats, t_feats, hidden)
+
+    def _fused(self, hidden: Tensor, labels: Tensor, teacher, which, weights) -> tuple[Tensor, dict]:
+        """The fused head's cross-entropy and divergence values; an error names the first divergence."""
+        try:
+            return self.head(hidden, labels, teacher, which, weights)
+        except (ValueError, TypeError, RuntimeError) as e:
+            first = next((b for b, d in zip(self.terms, self.head.divergences) if d is not None), None)
+            if first is None:
+                raise
+            raise TermFailure(first, e) from e
 
     def loss(self, out: StepOutputs, lam: list) -> tuple[Tensor, Tensor]:
         """(w_CE·supervised + Σ_k λ_k·term_k, Σ_k λ_k·term_k) for the weights ``lam``."""
@@ -154,7 +186,7 @@ class EpochTally:
 
     def add(self, step: int, out: StepOutputs, loss: Tensor, distill: Tensor, grads_finite: Tensor) -> None:
         """Add a step; ``grads_finite``: :func:`zero_nonfinite_gradients`' answer for the step."""
-        n = out.logits.shape[0]  # a shape, not a value: no read
+        n = out.batch_size  # a shape, not a value: no read
         values = [loss, out.ce, distill] + list(out.values)
         row = torch.stack([v.detach().to(self.dtype) for v in values])
         self.sums += row * n

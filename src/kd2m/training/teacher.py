@@ -2,17 +2,18 @@
 up in a :class:`~kd2m.teacher_cache.TeacherCache`."""
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from .. import distributed as dist_ctx
 from ..errors import ConfigError
+from ..losses.fused_head import DIVERGENCES
 from ..methods import cache_problem
 from ..runtime import amp_dtype, fork_rng
 from ..teacher_cache import FixedViews, build_teacher_cache
 from .binding import Taps
 
-__all__ = ["TeacherOutputs", "OnlineTeacher", "CachedTeacher", "cached_layer", "teacher_cache"]
+__all__ = ["TeacherOutputs", "OnlineTeacher", "CachedTeacher", "cached_layer", "teacher_cache", "sparse_temperature"]
 
 
 class TeacherOutputs:
@@ -73,17 +74,45 @@ def cached_layer(cfg, method, bound: list) -> tuple[str, bool]:
     return layers.pop() if layers else (cfg.teacher_layer, False)
 
 
-def teacher_cache(teacher, views: FixedViews, layer: str, cfg, device, memo: dict | None, raw: bool = False):
-    """The teacher's outputs on every view of ``views`` at ``layer`` (``raw``: per position);
-    ``memo`` (a dict) shares one table between the students of a seed that read the same layer."""
-    key = (id(teacher), views.views, views.seed, layer, raw, cfg.amp, cfg.channels_last)
+def teacher_cache(teacher, views: FixedViews, layer: str, cfg, device, memo: dict | None, raw: bool = False,
+                  temperature: float = 1.0):
+    """The teacher's outputs on every view of ``views`` at ``layer`` (``raw``: per position), its
+    logits as their top ``cfg.teacher_topk`` at ``temperature`` where that is set; ``memo`` (a
+    dict) shares one table between the students of a seed that read the same layer.
+
+    A table belongs to its teacher's weights and its corpus: the memo's key holds the teacher and
+    the dataset (kept alive by the entry, so their ids cannot pass to other objects) and every
+    teacher tensor's storage and in-place version, so a teacher trained or loaded again, or
+    another corpus, gets a table of its own, never the one built before."""
+    topk = getattr(cfg, "teacher_topk", None)
+    key = (id(teacher), id(views.base), _weights_version(teacher), views.views, views.seed, layer, raw, cfg.amp,
+           cfg.channels_last, topk, temperature if topk else None)
     if memo is not None and key in memo:
-        return memo[key]
+        return memo[key][-1]
     with fork_rng(device):  # building draws no randomness the training run would see
         cache = build_teacher_cache(teacher, views, layer, device, amp_dtype=amp_dtype(cfg.amp),
                                     channels_last=cfg.channels_last, num_workers=cfg.num_workers or 0,
                                     show_progress=cfg.progress and dist_ctx.is_main(), max_mb=cfg.max_cache_mb,
-                                    raw=raw)
+                                    raw=raw, topk=topk, temperature=temperature)
     if memo is not None:
-        memo[key] = cache
+        memo[key] = (teacher, views.base, cache)
     return cache
+
+
+def _weights_version(model: nn.Module) -> tuple:
+    """Where each parameter and buffer lives and how often it was written in place: changes when
+    an optimiser steps, a state dict is loaded, or the model moves."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def sparse_temperature(method) -> float:
+    """The one temperature of ``method``'s token divergences, at which a top-k cache keeps the
+    teacher's log-probabilities (1 where it has none); ConfigError where they differ (a top-k
+    table holds one temperature: its tail cannot be re-tempered)."""
+    taus = sorted({float({**dict(t.spec.defaults), **t.option_dict}.get("temperature", 1.0))
+                   for t in method.terms if t.name in DIVERGENCES})
+    if len(taus) > 1:
+        raise ConfigError(f"teacher_topk: {method.key}: its divergences ask for temperatures "
+                          f"{', '.join(f'{x:g}' for x in taus)}; the top-K cache holds the teacher's log-probabilities "
+                          "at one: give them one temperature, or leave teacher_topk out (every logit)")
+    return taus[0] if taus else 1.0

@@ -194,7 +194,9 @@ def test_sparse_teacher_inputs_are_checked():
         SparseTeacher(good.ids.clone().fill_(6).index_fill_(1, torch.tensor([0]), 0), good.logprobs,
                       good.tail_logprob, 6)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, 6\)"):
-        SparseTeacher(good.ids - 1, good.logprobs, good.tail_logprob, 6)
+        # a negative id in every row, whatever the random logits ranked first (good.ids - 1 holds none
+        # where no row kept id 0)
+        SparseTeacher(good.ids.clone().index_fill_(1, torch.tensor([0]), -1), good.logprobs, good.tail_logprob, 6)
     with pytest.raises(ValueError, match="int64"):
         SparseTeacher(good.ids.int(), good.logprobs, good.tail_logprob, 6)
     with pytest.raises(ValueError, match="tail_logprob"):
