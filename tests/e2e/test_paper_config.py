@@ -7,10 +7,10 @@ import json
 
 from torchvision import datasets
 
-from helpers import REPO_ROOT, register_checksums, write_cifar  # the tiny-files writers of the data tests
-
 from kd2m.cli import main
 from kd2m.data.torchvision_sets import CIFAR10_STATS
+
+from helpers import REPO_ROOT, register_checksums, write_cifar  # the tiny-files writers of the data tests
 
 CONFIG = REPO_ROOT / "configs" / "paper" / "cifar10.yaml"
 
@@ -20,6 +20,7 @@ def test_paper_cifar10_config_runs_online_and_cached(tmp_path, monkeypatch):
     register_checksums(monkeypatch, tmp_path, datasets.CIFAR10)
     # a teacher from a weights file, used as is (--teacher-epochs 0), as with a released teacher: halves the time
     import torch
+
     from kd2m.models import build_model
     torch.save(build_model("cifar_resnet34", 10).state_dict(), tmp_path / "teacher.pt")
     common = ["bench", str(CONFIG), "--data-root", str(tmp_path), "--epochs", "1", "--teacher-epochs", "0",
@@ -45,6 +46,7 @@ def test_crd_protocol_config_with_a_released_style_teacher(tmp_path, monkeypatch
     loads unchanged, the multistep schedule, baselines of every input kind (logits, pooled features
     with indices, maps) and a distance train, and results.md shows the published numbers."""
     import torch
+
     from kd2m.data.torchvision_sets import CIFAR100_STATS
     from kd2m.models import build_model
     write_cifar(tmp_path, datasets.CIFAR100, 100, "fine_labels", CIFAR100_STATS)

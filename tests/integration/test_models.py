@@ -174,6 +174,7 @@ def test_imagenet_style_head_is_replaced_only_when_its_shape_differs(tmp_path):
     """A 1000-class checkpoint loads its backbone under a fresh 10-class head (the paper's
     ImageNet setting); a same-task checkpoint loads whole, head included."""
     import torch
+
     from kd2m.models import build_model, load_pretrained
     src = build_model("digits_mlp", 1000, 1, 8)
     path = tmp_path / "imagenet_like.pt"

@@ -6,15 +6,15 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from helpers import REPO_ROOT
-
 from kd2m.config import ConfigError, RunConfig
 from kd2m.data import DataBundle, build_dataset
 from kd2m.features import FeatureTap
+from kd2m.methods import Method, TermConfig
 from kd2m.models import build_model
 from kd2m.teacher_cache import FixedViews, ViewSampler, build_teacher_cache
-from kd2m.methods import Method, TermConfig
 from kd2m.train import Trainer, fit, freeze
+
+from helpers import REPO_ROOT
 
 
 class Augmented(Dataset):
@@ -181,6 +181,7 @@ def test_interrupted_run_on_augmented_data_resumes_bit_identical(tmp_path, monke
 def test_readme_own_loop_snippet_runs():
     """The teacher-cache snippet of docs/concepts.md, as written, with a real loss in place of its '...'."""
     import re
+
     from torch.utils.data import DataLoader, RandomSampler
 
     from kd2m import FeatureTap, KD2MLoss

@@ -81,7 +81,7 @@ def test_spatial_gauss_w2_gradcheck():
     s, t = _maps(n=2, c=3, h=3, w=3)
     for diagonal in (False, True):
         loss = KD2MLoss("gauss_w2", unit="spatial", diagonal=diagonal)
-        assert torch.autograd.gradcheck(lambda x: loss(x, t), (s,), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(lambda x: loss(x, t), (s,), eps=1e-6, atol=1e-6)  # noqa: B023
 
 
 def _wkd_feature_loss(f_s, f_t, eps=1e-5, mean_cov_ratio=4.0):

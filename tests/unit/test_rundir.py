@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kd2m.rundir import (LOCK, LOCK_INFO, MARKER, OutputDirError, OutputDirInUseError, RunDir, clean_temp_files)
+from kd2m.rundir import LOCK, LOCK_INFO, MARKER, OutputDirError, OutputDirInUseError, RunDir, clean_temp_files
 
 
 def test_layout_paths(tmp_path):
@@ -165,6 +165,7 @@ def test_cli_error_line_for_a_busy_directory(tmp_path, capsys, monkeypatch):
 
 def test_clean_temp_files_removes_only_killed_atomic_writes(tmp_path):
     import tempfile
+
     from kd2m.atomic_io import atomic_write_text
     run = tmp_path / "cw2" / "seed0"
     run.mkdir(parents=True)

@@ -23,8 +23,8 @@ def refuse(*args, **kwargs):
 def cached_root(tmp_path_factory):
     """The one generation through kd2m for the whole module (it takes seconds), with every network
     path refused and the global RNGs checked; the other tests read its cache."""
-    import requests
     import mnist1d.data
+    import requests
     root = tmp_path_factory.mktemp("mnist1d")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mnist1d.data, "get_dataset", refuse)  # the package's only download path

@@ -13,12 +13,13 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision import datasets, transforms as T
+from torchvision import datasets
+from torchvision import transforms as T
 
-from kd2m.data import (DataBundle, DatasetNotFoundError, available_datasets, build_dataset, dataset_labels,
-                       resolve_root)
+from kd2m.data import DataBundle, DatasetNotFoundError, available_datasets, build_dataset, dataset_labels, resolve_root
 from kd2m.data.torchvision_sets import CIFAR10_STATS, CIFAR100_STATS, SVHN_STATS
 from kd2m.models import build_model
+
 from helpers import md5, pixels, register_checksums, write_cifar  # shared with the paper-config run
 
 

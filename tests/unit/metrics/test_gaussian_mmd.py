@@ -400,7 +400,7 @@ def test_gradcheck_gaussian_full_route_at_n_below_d(monkeypatch):
     s, t = _pair(3, 4, 6, seed=15)
     s.requires_grad_(), t.requires_grad_()
     for fn in (gaussian.gauss_w2, gaussian.gauss_kl):
-        assert torch.autograd.gradcheck(lambda a, b: fn(*_standardise(a, b), ridge=1e-2), (s, t), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda a, b: fn(*_standardise(a, b), ridge=1e-2), (s, t), fast_mode=True)  # noqa: B023
 
 
 @pytest.mark.parametrize("shape_s,shape_t", [((2, 4, 3), (2, 5, 3)), ((2, 2, 8), (2, 3, 8))])

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from kd2m.cli import main
+from kd2m.cli import main  # noqa: E402 (after the optional imports' skips)
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 MERGES = ["Ġ t", "e r", "Ġ a", "i n", "o n"]

@@ -71,8 +71,8 @@ def vgg_bn_count(cfg):
 def mobile_half_count():
     """mobilenetv2_T_w(T=6, W=0.5): channels int(c*0.5), the pw expansion conv exists even at t=1."""
     total, cin = conv(3, 16, 3) + bn(16), 16
-    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                       (6, 160, 3, 2), (6, 320, 1, 1)]:
+    for t, c, n, _stride in [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                             (6, 160, 3, 2), (6, 320, 1, 1)]:
         c = c // 2
         for _ in range(n):
             h = cin * t

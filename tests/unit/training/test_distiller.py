@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import kd2m
-from kd2m import metrics
+from kd2m import metrics, tasks
 from kd2m.methods import Method
 from kd2m.training.binding import Taps, bind_terms, wanted_layers
 from kd2m.training.step import Step
 from kd2m.training.teacher import OnlineTeacher
-from kd2m import tasks
 
 
 def _net(d_in, width, classes, dropout=0.0):
