@@ -109,13 +109,11 @@ def test_the_dry_run_card_shows_each_swept_lambda(capsys):
     (["--holdout", "0.2"], "holdout 0.2 would report on held-out training images the pilot grid chooses K on"),
     (["--select-seeds", "2"], "seeds [0] would both choose λ and be reported"),  # a count, as --seeds 2
 ])
-def test_selection_inputs_that_would_mislead_are_refused_before_anything_is_written(tmp_path, capsys, args, says):
+def test_selection_inputs_that_would_mislead_are_refused_before_anything_is_written(tmp_path, cli_refuses, args, says):
     """`--select-k ""` silently meant none; `--holdout` with a bare auto chose K on the very
     images it reported on; `--select-seeds 2` meant seed 2 while `select_seeds: 2` meant 0, 1."""
     cfg, out = _write(tmp_path, "metrics: [cw2]\nbaselines: [ce]\nweight: auto\n")
-    assert main(["bench", str(cfg)] + args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("kd2m: error: ") and says in err and err.count("\n") == 1
+    cli_refuses(["bench", cfg, *args], says)
     assert not out.exists()
 
 

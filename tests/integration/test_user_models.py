@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 
-from kd2m.cli import main
 from kd2m.models import build_model
 
 FACTORIES = textwrap.dedent("""
@@ -51,17 +50,16 @@ def test_factory_builds_with_kd2m_keywords_and_options(factory_dir):
     assert net(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_factory_student_trains_through_kd2m_run(factory_dir):
+def test_factory_student_trains_through_kd2m_run(factory_dir, tiny_grid):
     out = factory_dir / "run"
-    done = subprocess.run([sys.executable, "-m", "kd2m", "run", "--student", "my_models:tiny", "--metrics", "w2",
-                           "--baselines", "ce", "--seeds", "1", "--epochs", "1", "--teacher-epochs", "1",
-                           "--select-k", "none", "--no-progress", "--no-diagnostics", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "kd2m", "run", *tiny_grid, "--student", "my_models:tiny",
+                           "--select-k", "none", "--no-diagnostics", "--out", str(out)],
                           cwd=factory_dir, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    final = json.loads((out / "w2" / "seed0" / "final.json").read_text())
+    final = json.loads((out / "cw2" / "seed0" / "final.json").read_text())
     assert final["settings"]["model"] == "my_models:tiny"
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3  # teacher, CE-only student, W2 student
+    assert len(rows) == 1 + 3  # teacher, CE-only student, CW2 student
 
 
 @pytest.mark.parametrize("name, says", [
@@ -70,11 +68,8 @@ def test_factory_student_trains_through_kd2m_run(factory_dir):
     ("my_models:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable"),
     ("my_models:not_a_module", "the factory returned 'int', not an nn.Module"),
 ])
-def test_bad_factory_is_one_line_before_training(factory_dir, capsys, name, says):
+def test_bad_factory_is_one_line_before_training(factory_dir, cli_refuses, name, says):
     out = factory_dir / "bad"
-    code = main(["run", "--student", name, "--metrics", "w2", "--baselines", "ce", "--seeds", "1", "--epochs", "1",
-                 "--select-k", "none", "--no-progress", "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert err[-1].startswith("kd2m: error: ") and says in err[-1], err
+    cli_refuses(["run", "--student", name, "--metrics", "w2", "--baselines", "ce", "--seeds", "1", "--epochs", "1",
+                 "--select-k", "none", "--no-progress", "--out", out], says)
     assert not (out / "teacher").exists()  # nothing trained
