@@ -132,6 +132,17 @@ def test_divergence_memory_benchmark_rows(tmp_path):
     assert len(cells) == 6 and float(cells[2]) >= 0 and float(cells[4]) >= 0
 
 
+def test_startup_benchmark_rows(tmp_path):
+    """benchmarks/startup.py: one median per command, each against the full import (whose ratio is 1)."""
+    table = load("startup").main(["--repeats", "1", "--out", str(tmp_path / "s.md")])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| command")}
+    assert set(rows) == set(load("startup").COMMANDS)
+    assert all(float(seconds) > 0 for seconds, _ in rows.values())
+    assert rows[load("startup").REFERENCE][1] == "1.00"
+    assert (tmp_path / "s.md").read_text() == table
+
+
 def test_fused_head_benchmark_rows(tmp_path):
     """benchmarks/fused_head.py: an unfused and a fused measurement per vocabulary in fresh
     processes, and the sparse teacher's error per divergence, at tiny sizes."""
