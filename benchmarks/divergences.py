@@ -23,6 +23,7 @@ import sys
 import time
 
 from host_memory import reset_peak, status_kib
+from table_output import emit
 
 DEFAULT = ["fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd"]
 MiB = 2**20
@@ -75,12 +76,7 @@ def main(argv=None) -> str:
         chunked = measure(name, a.tokens, a.vocab, a.chunk)
         lines.append(f"| {name} | {whole['peak_mib']:.0f} | {whole['seconds']:.2f} | {chunked['peak_mib']:.0f} | "
                      f"{chunked['seconds']:.2f} | {chunked['peak_mib'] / whole['peak_mib']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

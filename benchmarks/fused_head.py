@@ -32,6 +32,7 @@ import sys
 import time
 
 from host_memory import reset_peak, status_kib
+from table_output import emit
 
 VOCABS = (49_152, 128_256)
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd")
@@ -171,12 +172,7 @@ def main(argv=None) -> str:
     vocabs = [int(v) for v in a.vocabs.split(",") if v]
     ks = [k for k in ks if k <= vocabs[0]]
     lines = speed_table(tokens, dim, a.k, repeats, vocabs) + [""] + error_table(32 if a.quick else 64, vocabs[0], ks)
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

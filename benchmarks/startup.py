@@ -17,7 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from table_output import emit
 
 #: name → the command line, in a fresh interpreter
 COMMANDS = {
@@ -51,12 +52,7 @@ def main(argv=None) -> str:
     for name, ts in times.items():
         med = statistics.median(ts)
         lines.append(f"| {name} | {med:.3f} | {med / ref:.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    return table
+    return emit("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

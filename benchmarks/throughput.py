@@ -39,6 +39,7 @@ import statistics
 import time
 
 import torch
+from table_output import emit
 
 from kd2m import losses, tasks
 from kd2m.features import PENULTIMATE
@@ -218,12 +219,7 @@ def main(argv=None):
         r = statistics.median(rates[name])
         lines.append(f"| {name} | {r:.1f} | {r / base:.2f} | {r / with_teacher:.2f} | {goals.get(name, '')} |"
                      + (f" {peaks[name] / 2**20:.0f} |" if mem else ""))
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

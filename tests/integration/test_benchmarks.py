@@ -1,23 +1,11 @@
 """The benchmark scripts still run and print what they promise (tiny sizes; no timing is asserted)."""
-import importlib.util
-import sys
 
 import pytest
 
 from helpers import REPO_ROOT
+from helpers import load_benchmark as load
 
 ROOT = REPO_ROOT
-
-
-def load(name):
-    """A benchmark script as a module, its directory on sys.path as `python benchmarks/X.py` has it
-    (for its sibling helpers, e.g. host_memory)."""
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_throughput_rows_per_term_and_mode(tmp_path):
