@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_ctx
 from .losses.sparse_teacher import SparseTeacher
+from .metrics._base import at_least_float32
 from .registry import add_entry
 from .runtime import to_device
 
@@ -37,11 +38,6 @@ def register_task(task: Task) -> Task:
     """Make ``task`` available under ``task.name``."""
     add_entry(_TASKS, "task", task.name, task)
     return task
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """``x`` in float32 when narrower (bf16/fp16 logits under autocast), as it is otherwise (float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def get(name: str) -> Task:
@@ -120,7 +116,7 @@ class Classification(Task):
     diagnostics = True
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(_at_least_float32(logits), targets)
+        return F.cross_entropy(at_least_float32(logits), targets)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device: torch.device, channels_last: bool = False) -> dict:
@@ -168,7 +164,7 @@ class LanguageModeling(Task):
     fuses_head = True
 
     def supervised_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(_at_least_float32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1),
+        return F.cross_entropy(at_least_float32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1),
                                ignore_index=-100)
 
     def term_view(self, logits, targets: Tensor) -> tuple:

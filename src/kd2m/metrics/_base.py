@@ -91,7 +91,7 @@ def check_inputs(name: str, s: Tensor, t: Tensor, labels, s_logits, t_logits, *,
         raise ValueError(f"{name}: logit widths differ: student C={s_logits.shape[1]}, teacher C={t_logits.shape[1]}")
 
 
-def _at_least_float32(x):
+def at_least_float32(x):
     """x upcast to float32 when it is a half-precision (bf16/fp16) tensor, else x itself.
 
     Half precision keeps 3-4 significant digits and fp16 overflows at 65504: squared distances
@@ -109,7 +109,7 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, labe
     """Register ``fn`` under ``name`` and wrap it with :func:`check_inputs` and a precision floor.
 
     The wrapped function sees half-precision features/logits upcast to float32 (see
-    :func:`_at_least_float32`), runs with autocast disabled, and its value is cast back to the
+    :func:`at_least_float32`), runs with autocast disabled, and its value is cast back to the
     promoted feature dtype.
 
     ``needs_labels``: the metric is class-conditional. ``same_dim``: student and teacher
@@ -131,7 +131,7 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, labe
             check_inputs(name, student_feats, teacher_feats, labels, student_logits, teacher_logits,
                          needs_labels=needs_labels, same_dim=same_dim)
             out_dtype = torch.promote_types(student_feats.dtype, teacher_feats.dtype)
-            s, t, sl, tl = (_at_least_float32(x) for x in (student_feats, teacher_feats, student_logits, teacher_logits))
+            s, t, sl, tl = (at_least_float32(x) for x in (student_feats, teacher_feats, student_logits, teacher_logits))
             # and no autocast inside: a bf16 GEMM in an OT cost or a kernel's distances changes the
             # value (w2 +4 % on clustered features), as half-precision inputs would
             with torch.autocast(device_type=s.device.type, enabled=False):

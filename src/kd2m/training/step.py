@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist_ctx
+from ..metrics._base import at_least_float32
 from ..runtime import autocast
 from .head import FusedHead
 
@@ -127,7 +128,7 @@ class Step:
         distill = out.ce.new_zeros(())
         for v, w in zip(out.values, lam):
             # at least float32 (a term under bf16 autocast), float64 kept (a float64 student)
-            distill = distill + w * v.to(torch.promote_types(v.dtype, torch.float32))
+            distill = distill + w * at_least_float32(v)
         return self.ce_weight * out.ce + distill, distill
 
 
