@@ -53,7 +53,8 @@ def one_line_exit_2(code, err, *needles):
 
 
 def run_cli(argv, capsys):
-    """``kd2m.cli.main(argv)`` in this process: (exit code, stdout, stderr)."""
+    """``kd2m.cli.main(argv)`` in this process: (exit code, stdout, stderr) of this call alone."""
+    capsys.readouterr()  # what ran before is not this call's output
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err

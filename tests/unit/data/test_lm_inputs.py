@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from kd2m.cli import main
+
+from helpers import one_line_exit_2, run_cli
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 TINY_HF = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
@@ -37,18 +38,13 @@ def _config(tmp_path, **extra):
 
 def _kd2m(capsys, *args):
     """``kd2m ARGS`` in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    rc = main(list(map(str, args)))
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_cli(args, capsys)
 
 
 def _refused(capsys, tmp_path, *args, said=()):
     """``kd2m ARGS`` refuses in one line, exit 2, before any training; returns that line."""
     rc, _, err = _kd2m(capsys, *args)
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("kd2m: error: "), err
-    for text in said:
-        assert text in err, err
+    one_line_exit_2(rc, err, *said)
     assert not (tmp_path / "out" / "teacher").exists()
     return err
 
