@@ -442,7 +442,9 @@ def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
     (its ``diverged.json``; the row is the reason, a string) and the grid goes on: in a λ sweep
     the largest λ diverging is a result, not the end of the sweep. A diverging teacher stops it."""
     teacher = _teacher_of(cfg, bundle, seed, shared)
-    caches: dict = {}  # this seed's teacher outputs, built once for all its students (teacher_cache > 0)
+    # the teacher's outputs, built once for all the students that read them (teacher_cache > 0): a
+    # teacher shared by the seeds shares its tables too (their key holds the views' seed where it matters)
+    caches: dict = shared.setdefault("caches", {}) if shared is not None and shared.get("teacher") is teacher else {}
     runs = []
     for vcfg, method in [(cfg, Method(TEACHER))] + students:
         if not method.is_teacher and precheck_auto:

@@ -78,6 +78,12 @@ class FixedViews(Dataset):
     def __len__(self) -> int:
         return len(self.base) * self.views
 
+    @property
+    def pinned_by(self) -> int | None:
+        """The seed that pins the views, or None where ``base`` draws no randomness (its
+        ``draws_randomness`` is False, as tokenised text): then every seed's views are the same."""
+        return self.seed if getattr(self.base, "draws_randomness", True) else None
+
     def view(self, index: int, view: int):
         """View ``view`` of item ``index``: ``(image, label)``, identical on every call."""
         # The CPU generator alone: torch.manual_seed would also (lazily) seed every CUDA device, per item.

@@ -44,6 +44,10 @@ DEFAULT_BLOCK = 64
 class TokenBlocks(Dataset):
     """Items ``(x, y)``: ``x = block[:-1]``, ``y = block[1:]`` of each row of ``blocks`` (N, block + 1)."""
 
+    #: an item is the same whatever the random stream (no augmentation): a teacher cache of these
+    #: items is the same for every seed (:class:`~kd2m.teacher_cache.FixedViews`)
+    draws_randomness = False
+
     def __init__(self, blocks: Tensor):
         self.blocks = blocks
 

@@ -78,14 +78,16 @@ def teacher_cache(teacher, views: FixedViews, layer: str, cfg, device, memo: dic
                   temperature: float = 1.0):
     """The teacher's outputs on every view of ``views`` at ``layer`` (``raw``: per position), its
     logits as their top ``cfg.teacher_topk`` at ``temperature`` where that is set; ``memo`` (a
-    dict) shares one table between the students of a seed that read the same layer.
+    dict) shares one table between the students that read the same layer: those of a seed, or
+    of every seed where the teacher and the views are the same for all (a pretrained teacher no
+    epoch trains, on data that draws no randomness).
 
     A table belongs to its teacher's weights and its corpus: the memo's key holds the teacher and
     the dataset (kept alive by the entry, so their ids cannot pass to other objects) and every
     teacher tensor's storage and in-place version, so a teacher trained or loaded again, or
     another corpus, gets a table of its own, never the one built before."""
     topk = getattr(cfg, "teacher_topk", None)
-    key = (id(teacher), id(views.base), _weights_version(teacher), views.views, views.seed, layer, raw, cfg.amp,
+    key = (id(teacher), id(views.base), _weights_version(teacher), views.views, views.pinned_by, layer, raw, cfg.amp,
            cfg.channels_last, topk, temperature if topk else None)
     if memo is not None and key in memo:
         return memo[key][-1]

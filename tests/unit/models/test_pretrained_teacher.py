@@ -144,6 +144,18 @@ def test_an_untrained_gguf_teacher_is_loaded_once_for_the_checks_and_every_seed(
     assert loads == [str(teacher)]                             # not once for the checks and once per seed
 
 
+def test_an_untrained_teacher_on_text_builds_its_top_k_table_once_for_every_seed(tmp_path, capsys, monkeypatch):
+    # the same weights on the same blocks give the same table whatever the seed: three seeds, one build
+    import kd2m.training.teacher as teacher_outputs
+    builds = []
+    real = teacher_outputs.build_teacher_cache
+    monkeypatch.setattr(teacher_outputs, "build_teacher_cache", lambda *a, **k: builds.append(k["topk"]) or real(*a, **k))
+    teacher = write_gguf(tmp_path / "tiny.gguf")
+    rc, _, err = _kd2m(capsys, *_lm_run(tmp_path, teacher, "--teacher-topk", "8", seeds="0,1,2"))
+    assert rc == 0, err
+    assert builds == [8]
+
+
 def test_a_gguf_tokenizer_can_be_named_and_the_card_says_how_the_teacher_computes(tmp_path, capsys):
     teacher = write_gguf(tmp_path / "tiny.gguf")
     rc, out, err = _kd2m(capsys, *_lm_run(tmp_path, teacher, "--tokenizer", teacher, seeds="0"))
