@@ -3,7 +3,7 @@
     python benchmarks/feature_balance.py configs/digits.yaml  --seeds 100,101,102 --out DIR
     python benchmarks/feature_balance.py configs/mnist1d.yaml --seeds 100,101,102 --out DIR
 
-`weight: auto` balances the gradient norms on the student's parameters θ (kd2m.auto_weight):
+`weight: auto` balances the gradient norms on the student's parameters θ (kd2m.training.auto_weight):
 λ_θ = E‖∇_θ CE‖ / E‖∇_θ D‖. The issue's alternative balances them on the features f the term reads
 (the student's penultimate features here): λ_f = E‖∇_f CE‖ / E‖∇_f D‖, over the same first four
 batches of the same initial student. This trains each config's teacher (as the config says; a
@@ -23,9 +23,9 @@ from collections import defaultdict
 
 from torch.utils.data import DataLoader
 
-import kd2m.auto_weight as auto_weight
-import kd2m.train as train_module
-from kd2m.cli import main as kd2m_main
+import kd2m.harness.trainer as train_module
+import kd2m.training.auto_weight as auto_weight
+from kd2m.harness.cli import main as kd2m_main
 from kd2m.runtime import fork_rng
 from kd2m.training.build import IndexedDataset
 

@@ -1,6 +1,6 @@
 """Start-up time of the command line: what `kd2m --version`, `kd2m --help` and an argument error
 cost, against importing what every command used to import first (torch, POT and the metrics, via
-`kd2m.train`).
+`kd2m.harness.trainer`).
 
     python benchmarks/startup.py                     # 5 repeats of each, interleaved
     python benchmarks/startup.py --repeats 9 --out results/startup.md
@@ -26,9 +26,9 @@ COMMANDS = {
     "kd2m --help": [sys.executable, "-m", "kd2m", "--help"],
     "kd2m --bogus (argument error)": [sys.executable, "-m", "kd2m", "--bogus"],
     "kd2m run --help (its options are the config's fields)": [sys.executable, "-m", "kd2m", "run", "--help"],
-    "import kd2m.train (torch, POT, the metrics)": [sys.executable, "-c", "import kd2m.train"],
+    "import kd2m.harness.trainer (torch, POT, the metrics)": [sys.executable, "-c", "import kd2m.harness.trainer"],
 }
-REFERENCE = "import kd2m.train (torch, POT, the metrics)"
+REFERENCE = "import kd2m.harness.trainer (torch, POT, the metrics)"
 
 
 def seconds(cmd: list[str]) -> float:

@@ -43,12 +43,12 @@ from table_output import emit
 
 from kd2m import losses, tasks
 from kd2m.features import PENULTIMATE
-from kd2m.methods import Method, TermConfig
 from kd2m.models import build_model
-from kd2m.teacher_cache import TeacherCache
 from kd2m.training.binding import Taps, bind_terms, wanted_layers
+from kd2m.training.methods import Method, TermConfig
 from kd2m.training.step import Step
 from kd2m.training.teacher import CachedTeacher, OnlineTeacher
+from kd2m.training.teacher_cache import TeacherCache
 
 DEFAULT_METRICS = "w2,cw2,jw2,gauss_w2,gauss_cw2,gauss_kl,mmd_rbf,sliced_w2,sinkhorn"
 DEFAULT_BASELINES = "kd,dkd,dist,wkd_l,pkt,rkd,crd,fitnet,at,nst"
@@ -75,7 +75,7 @@ def term_configs(metrics: str, baselines: str, spatial: str) -> list[tuple[str, 
 
 
 def make_step(net, teacher_out, s_taps, terms, opt, x, y, keys, amp_dtype):
-    """One optimizer step as :meth:`kd2m.train.Trainer._epoch` takes it, through the engine's own
+    """One optimizer step as :meth:`kd2m.harness.trainer.Trainer._epoch` takes it, through the engine's own
     :class:`~kd2m.training.step.Step`; ``teacher_out`` is None (CE only), an
     :class:`OnlineTeacher` (a forward per step) or a :class:`CachedTeacher` (lookup)."""
     engine_step = Step(net, terms, tasks.get("classification"), teacher_out=teacher_out, s_taps=s_taps,

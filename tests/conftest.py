@@ -50,7 +50,7 @@ def tiny_grid() -> list:
 
 @pytest.fixture
 def cli_refuses(capsys):
-    """``cli_refuses(argv, *needles)`` runs ``kd2m.cli.main(argv)`` and checks the refusal contract:
+    """``cli_refuses(argv, *needles)`` runs ``kd2m.harness.cli.main(argv)`` and checks the refusal contract:
     exit 2 and stderr exactly one ``kd2m: error: …`` line (no traceback) holding every needle; it
     returns that line."""
     def refuse(argv, *needles):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import kd2m.atomic_io as ckpt_mod
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 #: the repository's root: README.md, configs/, benchmarks/
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def one_line_exit_2(code, err, *needles):
 
 
 def run_cli(argv, capsys):
-    """``kd2m.cli.main(argv)`` in this process: (exit code, stdout, stderr) of this call alone."""
+    """``kd2m.harness.cli.main(argv)`` in this process: (exit code, stdout, stderr) of this call alone."""
     capsys.readouterr()  # what ran before is not this call's output
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

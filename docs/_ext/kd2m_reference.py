@@ -1,13 +1,13 @@
 """Writes the documentation's reference pages from the code before Sphinx reads any source.
 
-- ``_generated/cli.md``: every command's ``--help``, from :func:`kd2m.cli.build_parser`;
+- ``_generated/cli.md``: every command's ``--help``, from :func:`kd2m.harness.cli.build_parser`;
 - ``_generated/config.md``: every configuration key with its default and help, from
-  :class:`kd2m.config.RunConfig`'s fields and the datasets' defaults;
+  :class:`kd2m.harness.config.RunConfig`'s fields and the datasets' defaults;
 - ``_generated/terms.md``: the distances and the field's methods, from the term and metric
   registries' own facts;
 - ``_generated/digits_headline.md`` and ``_generated/digits_results.md``: the digits experiment's
   headline table and its full table, from the tool's own files in ``experiments/digits/``
-  (:func:`kd2m.results.read_summary`, ``results.md``), never copied by hand.
+  (:func:`kd2m.harness.results.read_summary`, ``results.md``), never copied by hand.
 
 Nothing here is typed twice: a new option, key or term appears on the next build.
 """
@@ -31,7 +31,7 @@ def _subparsers(parser):
 
 
 def cli_page() -> str:
-    from kd2m.cli import build_parser
+    from kd2m.harness.cli import build_parser
     parser = build_parser()
     out = ["# Command line", "", "Generated from the argument parser: each command's `--help`, as printed.", "",
            "```text", parser.format_help().rstrip(), "```", ""]
@@ -45,11 +45,11 @@ def _cell(value) -> str:
 
 
 def config_page() -> str:
-    from kd2m import config
+    from kd2m.harness import config
     out = ["# Configuration keys", "",
            "Every key of a YAML config (`kd2m bench CONFIG`) is also a command-line option of `kd2m run` "
            "and `kd2m bench` (with `-` for `_`), except those marked *YAML only*. Generated from "
-           "`kd2m.config.RunConfig`.", "",
+           "`kd2m.harness.config.RunConfig`.", "",
            "| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(config.RunConfig):
         if f.default is not dataclasses.MISSING:
@@ -111,7 +111,7 @@ DIGITS = Path("experiments") / "digits"
 
 
 def digits_headline(root: Path) -> str:
-    from kd2m.results import headline_table, read_summary
+    from kd2m.harness.results import headline_table, read_summary
     return headline_table(read_summary(root / DIGITS / "summary.csv"), top=3)
 
 

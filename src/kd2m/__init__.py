@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _HOMES = {
     "Distiller": "kd2m.training.distiller",
     "DistillerOutput": "kd2m.training.distiller",
-    "KD2MLoss": "kd2m.loss",
-    "hinton_kd": "kd2m.loss",
+    "KD2MLoss": "kd2m.losses.distance_loss",
+    "hinton_kd": "kd2m.losses.distance_loss",
     "FeatureTap": "kd2m.features",
 }
 _SUBMODULES = ("losses", "metrics", "models", "data", "features", "tasks")

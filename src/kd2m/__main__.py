@@ -1,6 +1,6 @@
 """``python -m kd2m`` == the ``kd2m`` command (also what ``torchrun -m kd2m`` runs)."""
 import sys
 
-from .cli import main
+from .harness.cli import main
 
 sys.exit(main())

@@ -17,3 +17,6 @@ BASELINE_ORDER = ["kd", "dkd", "dist", "wkd_l", "fitnet", "at", "nst", "pkt", "r
 #: Batch size of every held-out pass (test accuracy, the teacher cache's build, Theorem 1's
 #: estimates): no gradients are kept, so it may be larger than the training batch.
 EVAL_BATCH_SIZE = 512
+#: ... at most as many items as keep a batch's logits under this many MiB: a language model's item
+#: is a block of positions × its vocabulary (512 blocks of 128 tokens at V = 49 152 would be 12 GiB)
+EVAL_LOGITS_MIB = 256

@@ -1,7 +1,7 @@
 """The errors a user can fix, in the one low module every refusing module imports.
 
 Each is a ``ValueError``: the command line turns it into one line ``kd2m: error: …`` and exit
-code 2 (:mod:`kd2m.cli`). Nothing here imports the rest of kd2m, so any module may raise them
+code 2 (:mod:`kd2m.harness.cli`). Nothing here imports the rest of kd2m, so any module may raise them
 without an import circle.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ class NonFiniteLossError(ValueError):
     A ValueError: the user fixes it (a lower lr or λ), so the CLI exits 2 with one line.
 
     ``where``: the bare cause (epoch, step, values), recorded in the run's ``diverged.json``, so a
-    grid can report the run as diverged and go on (:func:`kd2m.grid.run_grid`)."""
+    grid can report the run as diverged and go on (:func:`kd2m.harness.grid.run_grid`)."""
 
     def __init__(self, message: str, where: str | None = None):
         super().__init__(message)

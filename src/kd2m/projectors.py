@@ -13,7 +13,7 @@ Built once from the per-sample shapes at the tapped layers (``TermContext.studen
 - ``unit="spatial"``, tokens ↔ map (a ViT layer against a conv layer): both sides are treated
   as sets of position vectors, nothing is reshaped or resized; the student's channels are
   projected (a map: 1×1 conv + BN; tokens: a bias-free Linear). A class token is dropped from
-  the token side when L = h·w + 1 (see :func:`kd2m.loss.spatial_sets`).
+  the token side when L = h·w + 1 (see :func:`kd2m.losses.distance_loss.spatial_sets`).
 - ``unit="spatial"``, tokens → tokens: a bias-free Linear d_S → d_T on every token; different
   token counts need nothing (the distance compares distributions of different sizes).
 

@@ -1,6 +1,6 @@
 """What every loop over batches needs: the device (checked), the seeded RNGs, the batch on the
-device in the run's memory format, the run's autocast, and a progress bar. Shared by the engine (:mod:`kd2m.train`) and the teacher
-cache (:mod:`kd2m.teacher_cache`), so the cached teacher outputs are computed exactly as an
+device in the run's memory format, the run's autocast, and a progress bar. Shared by the engine (:mod:`kd2m.harness.trainer`) and the teacher
+cache (:mod:`kd2m.training.teacher_cache`), so the cached teacher outputs are computed exactly as an
 online step computes them.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The task seam: what differs between kinds of supervised learning, in one small object each.
 
-The engine (:mod:`kd2m.training`, :mod:`kd2m.train`), the ``weight: auto`` calibration, the
+The engine (:mod:`kd2m.training`, :mod:`kd2m.harness.trainer`), the ``weight: auto`` calibration, the
 preflight and the monitor never name a loss or a score: they ask the run's :class:`Task`
 
 - how a batch's outputs meet its targets (:meth:`Task.supervised_loss`: cross-entropy over the
@@ -66,7 +66,7 @@ class Task:
     figure_scale: float = 100.0
     #: what a difference of :attr:`primary` (a paired Δ) is counted in
     figure_unit: str = "accuracy points"
-    #: whether Theorem 1's per-epoch diagnostics (:mod:`kd2m.monitor`) apply to its models
+    #: whether Theorem 1's per-epoch diagnostics (:mod:`kd2m.harness.monitor`) apply to its models
     diagnostics: bool = True
 
     #: the key of the best epoch's :attr:`primary` in a run's result (``final.json``)

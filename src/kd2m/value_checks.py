@@ -7,7 +7,7 @@ read per term per step serialises the whole step. Used standalone (``KD2MLoss`` 
 loop), the terms check eagerly and raise a ValueError that names the bad input. The engine runs
 its steps under :func:`deferred`: the terms skip the value checks (shape and dtype checks, which
 read no values, stay), a non-finite input flows through to a non-finite loss, and the engine's
-per-step device flag (:mod:`kd2m.train`) records the first bad step and raises once per epoch,
+per-step device flag (:mod:`kd2m.harness.trainer`) records the first bad step and raises once per epoch,
 naming the epoch and the step, as before.
 """
 from __future__ import annotations

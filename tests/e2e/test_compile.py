@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile's CPU backend needs a C++ compiler")

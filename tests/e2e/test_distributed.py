@@ -61,7 +61,7 @@ def _worker(rank, init_file, out_dir):
 
 def _cache():
     from kd2m.models import build_model
-    from kd2m.teacher_cache import FixedViews, build_teacher_cache
+    from kd2m.training.teacher_cache import FixedViews, build_teacher_cache
     g = torch.Generator().manual_seed(3)
     items = [(torch.randn(1, 8, 8, generator=g), i % 4) for i in range(15)]
     torch.manual_seed(1)

@@ -7,8 +7,8 @@ import json
 
 from torchvision import datasets
 
-from kd2m.cli import main
 from kd2m.data.torchvision_sets import CIFAR10_STATS
+from kd2m.harness.cli import main
 
 from helpers import REPO_ROOT, register_checksums, write_cifar  # the tiny-files writers of the data tests
 

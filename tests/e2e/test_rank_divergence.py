@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kd2m.config import RunConfig
+from kd2m.harness.config import RunConfig
 
 
 def _one_rank_nan_worker(rank, init_file, out_dir):
@@ -16,8 +16,8 @@ def _one_rank_nan_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from kd2m import tasks
     from kd2m.data import build_dataset
-    from kd2m.methods import Method
-    from kd2m.train import NonFiniteLossError, Trainer, build_student
+    from kd2m.harness.trainer import NonFiniteLossError, Trainer, build_student
+    from kd2m.training.methods import Method
     real, calls = tasks.Classification.supervised_loss, []
 
     def poisoned(self, logits, targets):
@@ -62,10 +62,10 @@ def _one_rank_nan_where_worker(rank, init_file, out_dir):
     """Two gloo ranks train a CE-only digits student; CE goes NaN on rank 1 only, at step 2."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from kd2m import tasks
-    from kd2m.config import RunConfig
     from kd2m.data import build_dataset
-    from kd2m.methods import Method
-    from kd2m.train import NonFiniteLossError, Trainer, build_student
+    from kd2m.harness.config import RunConfig
+    from kd2m.harness.trainer import NonFiniteLossError, Trainer, build_student
+    from kd2m.training.methods import Method
     real, calls = tasks.Classification.supervised_loss, []
 
     def poisoned(self, logits, targets):

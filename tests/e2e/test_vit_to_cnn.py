@@ -3,7 +3,7 @@ across widths (a learnable projector), and a token layer ↔ a conv layer with u
 the embedded digits. timm's `test_vit` with patch 2 reads 8×8 images as 16 tokens + a class token."""
 import json
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 CONFIG = """
 teacher: timm:test_vit

@@ -1,4 +1,4 @@
-"""`weight: auto`: λ calibrated on the initial student against CE (kd2m.auto_weight)."""
+"""`weight: auto`: λ calibrated on the initial student against CE (kd2m.training.auto_weight)."""
 import json
 import math
 
@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from kd2m.atomic_io import load_checkpoint
-from kd2m.cli import main
-from kd2m.config import ConfigError, RunConfig
 from kd2m.data import build_dataset
-from kd2m.methods import parse_weight
+from kd2m.harness.cli import main
+from kd2m.harness.config import ConfigError, RunConfig
+from kd2m.harness.trainer import Trainer, freeze
 from kd2m.models import build_model
-from kd2m.train import Trainer, freeze
+from kd2m.training.methods import parse_weight
 
 
 def test_parse_weight():
@@ -132,7 +132,7 @@ def test_auto_every_resumes_with_the_last_recalibrated_lambda(tmp_path, monkeypa
     """auto_every=2 over 4 epochs, killed in epoch 4 (not a recalibration epoch): the resumed run
     trains that epoch with the λ recalibrated at epoch 3 (kept in the checkpoint), so it ends
     bit-identical to the uninterrupted run. Reading the initial λ back instead changes the weights."""
-    from kd2m.train import fit
+    from kd2m.harness.trainer import fit
     bundle = build_dataset("digits")
     cfg = RunConfig(metrics=["cw2"], baselines=[], weights={"cw2": "auto"}, epochs=4, auto_every=2,
                     progress=False, diagnostics=False).resolved()
@@ -184,7 +184,7 @@ def test_a_term_that_goes_flat_mid_run_is_that_runs_divergence_not_the_grids_err
     whose features collapsed under the term's pull: seen at auto*10 on the digits, MMD's gradient
     exactly 0). That is the run's divergence, recorded, and the grid trains its other students;
     before, the calibration's ConfigError ended the whole grid at that run."""
-    import kd2m.train as train_module
+    import kd2m.harness.trainer as train_module
     real, real_epoch = train_module.calibrate, Trainer._epoch
     now = {"epoch": 0}
 
@@ -215,7 +215,7 @@ def test_a_recalibrated_student_compares_with_the_ce_only_student(tmp_path, caps
     """auto_every is how a student's λ is set, its method's own setting like its terms: `kd2m
     compare cw2:ce` pairs it with the CE-only student (which has no auto term, so no auto_every),
     and still refuses a pair that differs in anything else. Before, it refused the pair."""
-    from kd2m.results import settings_difference
+    from kd2m.harness.results import settings_difference
     out = tmp_path / "g"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: 2\nbaselines: [ce]\nmetrics: [cw2]\n"

@@ -1,7 +1,7 @@
 """`kd2m bench CONFIG --dry-run`: the reproduction card — every method's effective settings and
 where each comes from — printed without training or writing anything."""
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 from helpers import REPO_ROOT
 

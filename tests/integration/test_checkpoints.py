@@ -49,7 +49,7 @@ def test_pickle_that_runs_code_is_refused_as_pretrained_student(tmp_path, capsys
 
 def test_pickle_that_runs_code_is_refused_as_a_run_checkpoint(tmp_path, capsys):
     marker = tmp_path / "PWNED"
-    from kd2m.rundir import RunDir
+    from kd2m.harness.rundir import RunDir
     RunDir(tmp_path / "o").mark()
     run_dir = tmp_path / "o" / "cw2" / "seed0"
     run_dir.mkdir(parents=True)
@@ -65,7 +65,7 @@ def test_pickle_that_runs_code_is_refused_as_a_run_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", None], ids=["empty", "bad-pickle", "random"])
 def test_corrupt_run_checkpoint_is_a_clear_error(tmp_path, capsys, content):
-    from kd2m.rundir import RunDir
+    from kd2m.harness.rundir import RunDir
     RunDir(tmp_path / "o").mark()  # a kd2m output directory whose run checkpoint got corrupted
     run_dir = tmp_path / "o" / "cw2" / "seed0"
     run_dir.mkdir(parents=True)

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from kd2m.config import load_yaml
-from kd2m.methods import TermConfig, method_label, parse_schedule, term_from_entry
+from kd2m.harness.config import load_yaml
+from kd2m.training.methods import TermConfig, method_label, parse_schedule, term_from_entry
 
 from helpers import REPO_ROOT
 

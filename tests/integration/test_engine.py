@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kd2m.atomic_io import load_checkpoint
-from kd2m.cli import main
-from kd2m.config import PAPER_METRICS, RunConfig, load_yaml
+from kd2m.harness.cli import main
+from kd2m.harness.config import PAPER_METRICS, RunConfig, load_yaml
 
 from helpers import ENV, REPO_ROOT, kd2m_cmd, read_csv
 
@@ -36,8 +36,8 @@ def test_run_one_epoch_every_paper_metric(tmp_path, capsys):
 
 def test_accuracy_is_counted_over_all_test_samples(tmp_path):
     from kd2m.data import build_dataset
+    from kd2m.harness.trainer import evaluate
     from kd2m.models import build_model
-    from kd2m.train import evaluate
     bundle = build_dataset("digits")
     model = build_model("digits_mlp", bundle.num_classes, bundle.in_channels, bundle.image_size)
     loader = torch.utils.data.DataLoader(bundle.test, batch_size=97)  # uneven last batch
@@ -50,7 +50,7 @@ def test_accuracy_is_counted_over_all_test_samples(tmp_path):
 
 def test_students_share_initialisation_and_teacher_is_reused(tmp_path, monkeypatch):
     from kd2m.data import build_dataset
-    from kd2m.train import build_student
+    from kd2m.harness.trainer import build_student
     cfg = RunConfig().resolved()
     bundle = build_dataset("digits")
     a, b = build_student(cfg, bundle, 0), build_student(cfg, bundle, 0)
@@ -61,10 +61,10 @@ def test_students_share_initialisation_and_teacher_is_reused(tmp_path, monkeypat
     out = tmp_path / "r"
     main(["run", "--epochs", "1", "--seeds", "1", "--metrics", "cw2", "--out", str(out), "--no-progress"])
     stamp = (out / "teacher/seed0/model.pt").stat().st_mtime_ns
-    import kd2m.train
+    import kd2m.harness.trainer
     loaded = []
-    real_load = kd2m.train.load_checkpoint
-    monkeypatch.setattr(kd2m.train, "load_checkpoint", lambda p: loaded.append(p) or real_load(p))
+    real_load = kd2m.harness.trainer.load_checkpoint
+    monkeypatch.setattr(kd2m.harness.trainer, "load_checkpoint", lambda p: loaded.append(p) or real_load(p))
     main(["run", "--epochs", "1", "--seeds", "1", "--metrics", "cw2,w2", "--out", str(out), "--no-progress"])
     assert (out / "teacher/seed0/model.pt").stat().st_mtime_ns == stamp
     # of the finished runs only the teacher's weights are read back (students' results come from final.json)
@@ -77,7 +77,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("dataset: digits\nmetrics: [w2, gauss_kl]\nepochs: 7\nseeds: [3, 4]\nweight: 0.5\n"
                         "metric_options:\n  gauss_kl: {diagonal: true}\n")
-    from kd2m.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser, config_from_args
     args = build_parser().parse_args(["run", "--config", str(cfg_file), "--epochs", "2", "--metrics", "cw2,w2"])
     cfg = config_from_args(args)
     assert cfg.epochs == 2 and cfg.metrics == ["cw2", "w2"] and cfg.seeds == [3, 4] and cfg.weight == 0.5

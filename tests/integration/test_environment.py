@@ -1,12 +1,12 @@
-"""OUT/env.json: every grid records where it ran (kd2m.environment), beside config.json."""
+"""OUT/env.json: every grid records where it ran (kd2m.harness.environment), beside config.json."""
 import json
 import re
 
 import torch
 
-from kd2m.cli import main
-from kd2m.environment import cpu_model, describe_environment, git_commit
-from kd2m.rundir import RunDir
+from kd2m.harness.cli import main
+from kd2m.harness.environment import cpu_model, describe_environment, git_commit
+from kd2m.harness.rundir import RunDir
 
 KEYS = {"kd2m_version", "git_commit", "cpu_model", "cpu_count", "torch_version", "cpu_capability", "torch_threads",
         "cuda", "python_version", "platform"}

@@ -1,4 +1,4 @@
-"""Training you can watch (kd2m.monitor): diagnostics in log.jsonl, TensorBoard event files, the report figure."""
+"""Training you can watch (kd2m.harness.monitor): diagnostics in log.jsonl, TensorBoard event files, the report figure."""
 import json
 import re
 import sys
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from kd2m.cli import main
-from kd2m.config import RunConfig
 from kd2m.data import build_dataset
-from kd2m.methods import Method
-from kd2m.monitor import FeatureGapProbe, plan_mass
+from kd2m.harness.cli import main
+from kd2m.harness.config import RunConfig
+from kd2m.harness.monitor import FeatureGapProbe, plan_mass
+from kd2m.training.methods import Method
 
 TINY = ["--epochs", "2", "--teacher-epochs", "1", "--seeds", "1", "--baselines", "ce", "--metrics", "cw2",
         "--no-progress"]
@@ -59,7 +59,7 @@ def test_plan_mass_matches_pot_emd():
 
 
 def test_probe_matches_bound_terms_and_skips_w2_across_widths():
-    from kd2m.bound import bound_terms
+    from kd2m.harness.bound import bound_terms
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(6, generator=g), int(i % 3)) for i in range(20)]
     teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -87,7 +87,7 @@ def test_probe_matches_bound_terms_and_skips_w2_across_widths():
 
 # ----------------------------------------------------------------------------- changes nothing
 def _fit(tmp: Path, diagnostics: bool, student: str):
-    from kd2m.train import build_student, build_teacher, fit, freeze
+    from kd2m.harness.trainer import build_student, build_teacher, fit, freeze
     cfg = RunConfig(dataset="digits", epochs=2, metrics=["w2"], baselines=[], seeds=[0], student=student,
                     progress=False, diagnostics=diagnostics).resolved()
     bundle = build_dataset("digits")
@@ -166,14 +166,14 @@ def test_tensorboard_holds_every_logged_value(tiny_run):
 
 
 def test_report_draws_the_diagnostics(tiny_run):
-    from kd2m.report import make_report
+    from kd2m.harness.report import make_report
     path = make_report(tiny_run, embedding=False, device="cpu")
     assert (path.parent / "diagnostics.png").stat().st_size > 10_000
     assert "![W2 to the teacher and same-class plan mass per epoch](diagnostics.png)" in path.read_text()
 
 
 def test_diagnostic_curves_are_means_over_seeds():
-    from kd2m.report import diagnostic_curves, plot_diagnostics
+    from kd2m.harness.report import diagnostic_curves, plot_diagnostics
     logs = {"w2": [[{"epoch": 1, "diag": {"w2": 2.0}}, {"epoch": 2, "diag": {"w2": 1.0}}],
                    [{"epoch": 1, "diag": {"w2": 4.0}}, {"epoch": 2, "diag": {"w2": 3.0}}]],
             "teacher": [[{"epoch": 1}]]}
@@ -182,7 +182,7 @@ def test_diagnostic_curves_are_means_over_seeds():
 
 
 def test_resumed_run_writes_each_step_once(tmp_path, monkeypatch):
-    import kd2m.train as T
+    import kd2m.harness.trainer as T
     calls = {"n": 0}
     real = T.Trainer._evaluate
 
@@ -225,7 +225,7 @@ def test_missing_tensorboard_is_one_line_before_training(tmp_path, monkeypatch, 
 
 
 def test_diagnostics_flag_from_the_command_line():
-    from kd2m.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser, config_from_args
     assert config_from_args(build_parser().parse_args(["run"])).diagnostics is True
     assert config_from_args(build_parser().parse_args(["run", "--no-diagnostics"])).diagnostics is False
     assert config_from_args(build_parser().parse_args(["run", "--tensorboard"])).tensorboard is True

@@ -1,12 +1,12 @@
 """Tables, results.md, the printed table and the report's plots read the figure of the grid's task
 (:class:`kd2m.tasks.Task`): its name, unit and direction (accuracy in %, higher is better;
-perplexity, lower is better), and bold a best by one rule (:func:`kd2m.results.best_separated`)."""
+perplexity, lower is better), and bold a best by one rule (:func:`kd2m.harness.results.best_separated`)."""
 import json
 
 import pytest
 
-from kd2m import results as R
-from kd2m.cli import main
+from kd2m.harness import results as R
+from kd2m.harness.cli import main
 
 SEEDS = 4
 NOISE = [0.3, -0.2, 0.1, -0.4]
@@ -64,7 +64,7 @@ def test_table_bolds_the_lowest_perplexity_and_its_columns_name_the_figure(tmp_p
 
 
 def test_report_plots_the_tasks_figure_in_its_direction_without_a_cap_at_100(tmp_path):
-    from kd2m.report import plot_accuracy
+    from kd2m.harness.report import plot_accuracy
     fig = plot_accuracy(lm_rows(), tmp_path / "accuracy.png")
     bars, deltas = fig.axes
     assert bars.get_ylabel() == "test perplexity (lower is better)"
@@ -90,7 +90,7 @@ def test_report_md_of_a_language_model_grid_names_perplexity(tmp_path):
 
 
 def _plot_bold(rows, tmp_path) -> list[str]:
-    from kd2m.report import plot_accuracy
+    from kd2m.harness.report import plot_accuracy
     fig = plot_accuracy(rows, tmp_path / "accuracy.png")
     bold = sorted({t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_fontweight() == "bold"})
     assert ("not separated from the runner-up" in fig.axes[0].get_xlabel()) == (not bold)
@@ -109,8 +109,8 @@ def test_every_output_bolds_the_same_row(tmp_path, capsys, monkeypatch, which):
     table = capsys.readouterr().out
     assert main(["report", str(d), "--no-embedding"]) == 0
     report_md = (d / "report" / "report.md").read_text()
-    import kd2m.grid
-    monkeypatch.setattr(kd2m.grid, "run_grid", lambda cfg, sweep=None, log=print: rows)  # the trained grid
+    import kd2m.harness.grid
+    monkeypatch.setattr(kd2m.harness.grid, "run_grid", lambda cfg, sweep=None, log=print: rows)  # the trained grid
     capsys.readouterr()
     assert main(["run", "--dataset", dataset, "--out", str(tmp_path / "run"), "--seeds", str(SEEDS),
                  "--select-k", "none"]) == 0
@@ -138,7 +138,7 @@ def test_wins_and_verdicts_of_a_perplexity_grid_count_a_fall_as_better():
 
 
 def test_the_k_pilot_breaks_a_perplexity_tie_towards_the_smaller_k():
-    from kd2m.select_k import choose
+    from kd2m.harness.select_k import choose
 
     def pilot(ppl: dict, acc: bool = False):
         key = "test_acc" if acc else "test_ppl"
@@ -170,7 +170,7 @@ def test_table_names_a_diverged_run_as_results_md_does(tmp_path, capsys):
 def test_a_sweep_of_a_language_model_grid_plots_perplexity(tmp_path):
     """plot_sweep drew test accuracy (token accuracy, in %) under "test accuracy (%)" for a text
     grid, whose figure is perplexity."""
-    from kd2m.grid import plot_sweep
+    from kd2m.harness.grid import plot_sweep
     rows = [{"dataset": "python_docs", "method": m, "seed": s, "test_acc": 0.3, "test_ppl": p}
             for s in (0, 1) for m, p in (("ce", 120.0), ("fkl@0.1", 110.0), ("fkl@1", 130.0))]
     ax = plot_sweep(rows, "weight", tmp_path / "sweep.png").axes[0]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kd2m import results as R
-from kd2m.cli import main
+from kd2m.harness import results as R
+from kd2m.harness.cli import main
 
 from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 

@@ -3,12 +3,12 @@ import os
 import subprocess
 import sys
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 # 6 ---------------------------------------------------------------------------------------------
 HOLD = """
 import sys, time
-from kd2m.rundir import RunDir
+from kd2m.harness.rundir import RunDir
 with RunDir(sys.argv[1]).locked():
     print("locked", flush=True)
     time.sleep(120)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 from helpers import REPO_ROOT, one_line_exit_2
 
@@ -48,7 +48,7 @@ def test_multistep_schedule_decays_at_the_milestones(tmp_path):
 def test_term_schedules_warmup_and_linear():
     """λ_k(epoch): DKD's warm-up min((e+1)/w, 1) (epochs counted from 1, as mdistiller), then
     linear growth or decay over the run; the engine logs exactly these per epoch."""
-    from kd2m.methods import TermConfig
+    from kd2m.training.methods import TermConfig
     dkd = TermConfig("dkd", 2.0)  # registered warm-up: 20 epochs
     assert [dkd.weight_at(e, 240) for e in (0, 9, 19, 100)] == pytest.approx([0.1, 1.0, 2.0, 2.0])
     up = TermConfig("cw2", 1.0, schedule="linear_up")
@@ -78,7 +78,7 @@ def test_the_authors_dkd_warmup_is_scaled_to_a_shorter_run(tmp_path, capsys):
     at 0.75 of its value in the last epoch, and the card said "warm-up 20 epochs (authors'
     default)". Now the same share of the run (1 of 15), said on the card, in config.json and the
     run's settings, and trained with."""
-    from kd2m.config import RunConfig
+    from kd2m.harness.config import RunConfig
     assert main(["bench", str(REPO_ROOT / "configs/paper/cifar100.yaml"), "--baselines", "ce,dkd", "--dry-run",
                  "--out", str(tmp_path / "never")]) == 0
     row = _dkd_row(capsys.readouterr().out)
@@ -98,7 +98,7 @@ def test_the_authors_dkd_warmup_is_scaled_to_a_shorter_run(tmp_path, capsys):
 
 
 def test_the_crd_configs_keep_the_authors_warmup_of_their_240_epochs():
-    from kd2m.config import load_yaml
+    from kd2m.harness.config import load_yaml
     for path in sorted((REPO_ROOT / "configs/crd").glob("*.yaml")):
         cfg = load_yaml(path).resolved()
         warmups = {m.key: t.warmup_epochs for m in cfg.methods() for t in m.terms if t.name == "dkd"}

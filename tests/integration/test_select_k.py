@@ -1,14 +1,14 @@
-"""λ chosen on a holdout of the training split (`--holdout`, `--select-k`, kd2m.select_k)."""
+"""λ chosen on a holdout of the training split (`--holdout`, `--select-k`, kd2m.harness.select_k)."""
 import json
 
 import pytest
 import torch
 
-from kd2m.cli import main
-from kd2m.config import ConfigError, RunConfig
 from kd2m.data import build_dataset
 from kd2m.data.registry import holdout_split
-from kd2m.select_k import choose
+from kd2m.harness.cli import main
+from kd2m.harness.config import ConfigError, RunConfig
+from kd2m.harness.select_k import choose
 
 from helpers import REPO_ROOT
 
@@ -160,7 +160,7 @@ def test_the_reproduction_card_says_the_lambda_will_be_chosen(capsys):
 def test_a_bare_auto_is_chosen_by_default_and_auto_k_written_out_is_kept(tmp_path, capsys):
     """`weight: auto` in a grid means K chosen on the holdout among DEFAULT_K, with no option
     given; a term at `auto*K` written out keeps its K (no pilot of its own)."""
-    from kd2m.select_k import DEFAULT_K
+    from kd2m.harness.select_k import DEFAULT_K
     cfg, out = _cfg(tmp_path, "select_seeds: [100]\nweights: {w2: auto*1}\n")
     cfg.write_text(cfg.read_text().replace("metrics: [cw2]", "metrics: [cw2, w2]").replace("baselines: [kd]",
                                                                                               "baselines: [ce]"))
@@ -195,7 +195,7 @@ def test_select_k_none_keeps_auto_at_one_calibration(tmp_path, off):
 
 
 def test_plan_names_the_terms_and_the_candidates():
-    from kd2m.select_k import DEFAULT_K, plan
+    from kd2m.harness.select_k import DEFAULT_K, plan
     base = dict(metrics=["cw2", "w2", "mmd_rbf"], baselines=["ce", "kd", "dkd", "dist"], weight="auto",
                 weights={"w2": "auto*3", "mmd_rbf": 10.0, "kd": "auto", "dkd": "auto*1"})
     cfg = RunConfig(**base).resolved()

@@ -1,10 +1,10 @@
-"""What the λ selection pilot (`weight: auto` in a grid, kd2m.select_k) and the dry-run card say
+"""What the λ selection pilot (`weight: auto` in a grid, kd2m.harness.select_k) and the dry-run card say
 is what trains: named students, K = 0, sweeps, torchrun, and the inputs refused before training."""
 import json
 
 import pytest
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 
 def _write(tmp_path, extra: str = "", name: str = "c.yaml"):
@@ -118,7 +118,7 @@ def test_selection_inputs_that_would_mislead_are_refused_before_anything_is_writ
 
 
 def test_select_seeds_reads_a_bare_number_alike_on_the_command_line_and_in_yaml(tmp_path):
-    from kd2m.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser, config_from_args
     cfg = tmp_path / "c.yaml"
     cfg.write_text("select_seeds: 2\n")
     from_yaml = config_from_args(build_parser().parse_args(["bench", str(cfg)])).resolved().select_seeds
@@ -191,7 +191,7 @@ def test_the_card_says_what_k_0_and_named_students_train_at(capsys):
 def test_a_run_made_with_other_settings_names_the_nested_field_that_differs(tmp_path):
     """The settings diff cut each value to 60 characters: a term's description ended before its
     weight, so the refusal hid the one field that differed."""
-    from kd2m.config import ConfigError
+    from kd2m.harness.config import ConfigError
     from kd2m.training.state import check_settings
     term = {"term": "cw2", "weight": 0.3, "options": {"max_tokens": 256, "token_seed": 0},
             "student_layer": "penultimate", "teacher_layer": "penultimate", "unit": "batch", "warmup": 0,

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from kd2m.config import RunConfig
 from kd2m.errors import ConfigError
+from kd2m.harness.config import RunConfig
 from kd2m.losses.sparse_teacher import SparseTeacher
 from kd2m.models import build_model
-from kd2m.teacher_cache import FixedViews, SparseTable, build_teacher_cache
 from kd2m.training.teacher import CachedTeacher, teacher_cache
+from kd2m.training.teacher_cache import FixedViews, SparseTable, build_teacher_cache
 
 pytest.importorskip("transformers")
 
@@ -186,6 +186,6 @@ def test_a_student_of_a_divergence_and_a_distance_trains_on_the_top_k_cache(tmp_
 
 
 def test_the_card_states_the_bytes_per_token():
-    from kd2m.card import reproduction_card
+    from kd2m.harness.card import reproduction_card
     card = reproduction_card(_cfg(baselines=["ce", "jsd"], metrics=[]))
     assert "| teacher_topk | 8 (100 bytes per token; every logit: 4·V) | config |" in card

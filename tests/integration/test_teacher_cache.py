@@ -6,13 +6,13 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from kd2m.config import ConfigError, RunConfig
 from kd2m.data import DataBundle, build_dataset
 from kd2m.features import FeatureTap
-from kd2m.methods import Method, TermConfig
+from kd2m.harness.config import ConfigError, RunConfig
+from kd2m.harness.trainer import Trainer, fit, freeze
 from kd2m.models import build_model
-from kd2m.teacher_cache import FixedViews, ViewSampler, build_teacher_cache
-from kd2m.train import Trainer, fit, freeze
+from kd2m.training.methods import Method, TermConfig
+from kd2m.training.teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 
 from helpers import REPO_ROOT
 

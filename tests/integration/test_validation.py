@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--no-progress"]
 
@@ -76,7 +76,7 @@ def test_lr_sweep_trains_the_ce_student_at_every_lr(tmp_path):
     assert keys == ["ce@lr=0.05", "ce@lr=0.1", "cw2@lr=0.05", "cw2@lr=0.1", "teacher"]
     md = (out / "results.md").read_text()
     assert "student (CE only) (lr=0.05)" in md and "CW2 (E) (lr=0.1)" in md
-    from kd2m import results as R
+    from kd2m.harness import results as R
     stats = {s["method"]: s for s in R.summarize(R.read_rows(out / "results.csv"))}
     for lr in ("0.05", "0.1"):
         want = stats[f"cw2@lr={lr}"]["mean"] - stats[f"ce@lr={lr}"]["mean"]
@@ -113,19 +113,19 @@ def test_kill_windows_are_repaired_by_a_rerun(tmp_path):
     log.write_text(lines[0] + "\n")
     # rebuild the last checkpoint by rerunning from scratch into a twin directory and copying it
     twin = tmp_path / "twin"
-    import kd2m.train
+    import kd2m.harness.trainer
 
-    real_finish = kd2m.train.Trainer._finish
+    real_finish = kd2m.harness.trainer.Trainer._finish
 
     def stop_before_final(self, net, history, elapsed):
         if self.method.key != "cw2":
             return real_finish(self, net, history, elapsed)
         raise KeyboardInterrupt
-    kd2m.train.Trainer._finish = stop_before_final
+    kd2m.harness.trainer.Trainer._finish = stop_before_final
     try:
         assert main(base + ["--out", str(twin)]) == 130  # interrupted after the last checkpoint
     finally:
-        kd2m.train.Trainer._finish = real_finish
+        kd2m.harness.trainer.Trainer._finish = real_finish
     (run / "checkpoint.pt").write_bytes((twin / "cw2/seed0/checkpoint.pt").read_bytes())
     assert main(args) == 0
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [1, 2]
@@ -141,7 +141,7 @@ def test_map_terms_and_the_teacher_cache(tmp_path, capsys):
     """The digits default the one-view teacher cache, which stores no maps: with a map term in the
     grid the default falls back to the online teacher for every student (alike); an explicit
     --teacher-cache is refused before training."""
-    from kd2m.config import RunConfig
+    from kd2m.harness.config import RunConfig
     assert RunConfig(student="digits_cnn", baselines=["ce", "at"], metrics=[]).resolved().teacher_cache == 0
     assert RunConfig(baselines=["ce", "kd"], metrics=["cw2"]).resolved().teacher_cache == 1
     out = tmp_path / "o"

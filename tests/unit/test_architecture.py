@@ -94,3 +94,66 @@ def test_low_homes_import_nothing_of_kd2m():
     """errors and catalog are what every refusing module imports: they must stay at the bottom."""
     graph = import_graph()
     assert graph["kd2m.errors"] == set() and graph["kd2m.catalog"] == set()
+
+
+# ------------------------------------------------------------------ the layers: library < engine < harness
+#: the package's layers, bottom up; a module is in the first layer whose prefix it starts with
+#: (the library is everything else: metrics, losses, feature taps, projectors, models, data, tasks)
+ENGINE, INTEGRATIONS, HARNESS = "kd2m.training", "kd2m.integrations", "kd2m.harness"
+#: what each layer may import besides the library and itself
+MAY_IMPORT = {"library": set(), ENGINE: set(), INTEGRATIONS: {ENGINE}, HARNESS: {ENGINE}}
+#: the package's own entry points: the lazy front door and ``python -m kd2m``
+ENTRY_POINTS = {"kd2m", "kd2m.__main__"}
+
+
+def layer_of(module: str) -> str:
+    for layer in (ENGINE, INTEGRATIONS, HARNESS):
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return "library"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every arrow that goes up a layer or sideways into another, and every import of the CLI."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        if module in ENTRY_POINTS:
+            continue
+        mine = layer_of(module)
+        for target in sorted(targets):
+            theirs = layer_of(target)
+            if target == f"{HARNESS}.cli":
+                bad.append(f"{module} imports the command line ({target})")
+            elif theirs not in ("library", mine) and theirs not in MAY_IMPORT[mine]:
+                bad.append(f"{module} ({mine}) imports {target} ({theirs})")
+    return bad
+
+
+def test_the_library_imports_neither_the_engine_nor_the_harness_and_nothing_imports_the_cli():
+    assert layer_violations(import_graph()) == []
+
+
+def test_the_layer_rule_finds_an_arrow_up_and_an_import_of_the_cli(tmp_path):
+    pkg = tmp_path / "kd2m"
+    for sub in ("training", "harness", "metrics"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "metrics" / "w2.py").write_text("def f():\n    from ..training import step\n")
+    (pkg / "training" / "step.py").write_text("from ..metrics import w2\n")          # down: fine
+    (pkg / "harness" / "cli.py").write_text("from ..training import step\n")
+    (pkg / "harness" / "grid.py").write_text("from . import cli\n")
+    assert layer_violations(import_graph(pkg)) == [
+        "kd2m.harness.grid imports the command line (kd2m.harness.cli)",
+        "kd2m.metrics.w2 (library) imports kd2m.training.step (kd2m.training)"]
+
+
+def test_the_library_loads_without_the_engine_or_the_harness():
+    """Importing every library module (torch, POT and all) loads no module of the engine or harness."""
+    import subprocess
+    import sys
+    library = sorted(m for m in import_graph() if layer_of(m) == "library" and m not in ENTRY_POINTS)
+    code = (f"import importlib, sys\nfor m in {library!r}:\n    importlib.import_module(m)\n"
+            f"print(sorted(m for m in sys.modules if m.startswith(('{ENGINE}', '{INTEGRATIONS}', '{HARNESS}'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

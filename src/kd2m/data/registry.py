@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from ..catalog import EVAL_BATCH_SIZE, EVAL_LOGITS_MIB
 from ..registry import registrar
 
 #: Where datasets live when no ``data_root`` is given (``$KD2M_DATA_ROOT`` overrides it).
@@ -49,6 +50,20 @@ class DataBundle:
     name: str
     classes: list[str] | None = None  # class names in label order, where the data has them
     task: str = "classification"      # how its batches are learned and scored (kd2m.tasks)
+
+
+def eval_batch_size(bundle: DataBundle, limit: int = EVAL_BATCH_SIZE) -> int:
+    """Items per held-out batch: ``limit``, fewer where one item's float32 logits (a text block's
+    ``image_size`` positions × ``num_classes`` tokens) would make a batch's logits exceed
+    :data:`~kd2m.catalog.EVAL_LOGITS_MIB`; at least 1."""
+    positions = bundle.image_size if bundle.task == "lm" else 1
+    return logits_batch_size(positions * bundle.num_classes, limit)
+
+
+def logits_batch_size(logits_per_item: int, limit: int = EVAL_BATCH_SIZE) -> int:
+    """At most ``limit`` items, and no more than keep ``logits_per_item`` float32 logits each under
+    :data:`~kd2m.catalog.EVAL_LOGITS_MIB` a batch; at least 1."""
+    return max(1, min(limit, EVAL_LOGITS_MIB * 2**20 // (4 * max(1, logits_per_item))))
 
 
 def dataset_labels(dataset: Dataset) -> Tensor | None:

@@ -45,7 +45,7 @@ class TokenBlocks(Dataset):
     """Items ``(x, y)``: ``x = block[:-1]``, ``y = block[1:]`` of each row of ``blocks`` (N, block + 1)."""
 
     #: an item is the same whatever the random stream (no augmentation): a teacher cache of these
-    #: items is the same for every seed (:class:`~kd2m.teacher_cache.FixedViews`)
+    #: items is the same for every seed (:class:`~kd2m.training.teacher_cache.FixedViews`)
     draws_randomness = False
 
     def __init__(self, blocks: Tensor):

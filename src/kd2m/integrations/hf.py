@@ -68,9 +68,9 @@ except ImportError:
 
 from .. import distributed as dist_ctx
 from ..features import PENULTIMATE
-from ..methods import TermConfig
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
+from ..training.methods import TermConfig
 
 __all__ = ["DISTILLER_FILE", "CausalLMLogits", "DistillerTrainerMixin", "KD2MTrainer", "KD2MTrainingArguments",
            "causal_targets", "on_adapter", "parse_term_list"]
@@ -287,7 +287,7 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
             ``train_dataset=`` …).
         teacher: the causal LM to learn from (same vocabulary as the student); frozen here.
         terms: the term entries (default: ``args.kd2m_terms`` of a :class:`KD2MTrainingArguments`,
-            else none); names, mappings or :class:`~kd2m.methods.TermConfig`.
+            else none); names, mappings or :class:`~kd2m.training.methods.TermConfig`.
         ce_weight: ``w_CE`` (default: ``args.kd2m_ce_weight``, else 1).
         example: a batch (a mapping with ``input_ids``, or the ``input_ids`` tensor) the terms'
             projectors are sized on (default: the first two samples of ``train_dataset`` through

@@ -1,7 +1,7 @@
 """The 13 KD²M distances of :mod:`kd2m.metrics` as loss terms (family ``"kd2m"``).
 
 Each metric's facts (label, class-conditional or not, memory factor) are on its ``@metric``
-line; this module only makes them terms: a :class:`~kd2m.loss.KD2MLoss` with weight 1 (the
+line; this module only makes them terms: a :class:`~kd2m.losses.distance_loss.KD2MLoss` with weight 1 (the
 engine applies λ), a learnable projector when the student's and teacher's widths (or grids)
 differ, and two options next to the metric's own: ``match`` (global-batch matching under
 torchrun) and ``unit`` (what one sample is: ``"batch"``, ``"spatial"``, ``"class"``).
@@ -13,8 +13,8 @@ import functools
 from torch import Tensor
 
 from .. import metrics
-from ..loss import KD2MLoss
 from ..metrics import batched
+from .distance_loss import KD2MLoss
 from .registry import Term, TermContext, TermSpec, add_spec, spec
 
 #: options every distance term takes besides its metric's own
@@ -29,7 +29,7 @@ class MetricTerm(Term):
 
     ``unit``: ``"batch"`` (pooled ``(n, d)`` features, the paper), ``"spatial"`` (per image,
     the positions of a map ``(n, c, h, w)`` or its tokens ``(n, L, d)``; D averaged over the
-    images) or ``"class"`` (class-conditional metrics); see :class:`kd2m.loss.KD2MLoss`.
+    images) or ``"class"`` (class-conditional metrics); see :class:`kd2m.losses.distance_loss.KD2MLoss`.
     A projector is built from ``ctx.student_shape`` / ``ctx.teacher_shape`` when widths (or,
     spatial maps, grids) differ (:mod:`kd2m.projectors`). :attr:`needs` says what the engine
     must pass: ``"maps"`` (raw per-position features) instead of ``"feats"`` when spatial.

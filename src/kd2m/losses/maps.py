@@ -241,7 +241,7 @@ class WKDFeature(Term):
     Not part of this value, as elsewhere in kd2m: the layer (WKD's ``HINT_LAYER: -1``, the last
     stage of both networks, :func:`kd2m.models.stages`) is the engine's; WKD's cosine decay of
     ``WKD_FEAT_WEIGHT`` after epoch 150 is the schedule ``cosine_after:150`` on λ
-    (:class:`kd2m.methods.TermConfig`). WKD computes the networks under autocast and this loss
+    (:class:`kd2m.training.methods.TermConfig`). WKD computes the networks under autocast and this loss
     in float32; here it is float32 at least (float64 when given float64).
 
     Cost: the projector's convolution plus O(n c_t h_t w_t).

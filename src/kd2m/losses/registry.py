@@ -153,7 +153,7 @@ def register_term(name: str, *, label: str, needs, pairwise_factor: int = 0, fam
     ``warmup``: a schedule, not part of the term's value: the engine multiplies the term's λ by
     ``min(epoch / warmup, 1)`` (epochs counted from 1, as mdistiller's trainer does); 0: no warm-up.
     ``warmup_of``: the length in epochs of the authors' schedule their ``warmup`` belongs to; a
-    run of another length (:meth:`kd2m.config.RunConfig.resolved`) gets the same share of its own
+    run of another length (:meth:`kd2m.harness.config.RunConfig.resolved`) gets the same share of its own
     epochs (:meth:`TermSpec.warmup_for`). 0: ``warmup`` is a number of epochs whatever the run.
 
     ``layers``: a map term's default layers, as its authors' code feeds it (:data:`LAYER_DEFAULTS`).

@@ -1,4 +1,4 @@
-"""The engine's pieces, each in its own module; :mod:`kd2m.train` puts them together in one loop.
+"""The engine's pieces, each in its own module; :mod:`kd2m.harness.trainer` puts them together in one loop.
 
 - :mod:`~kd2m.training.build`: the seed's networks (the same initial weights for every method),
   the data loaders (seeded order, the teacher cache's views);

@@ -9,9 +9,9 @@ from .. import losses
 from ..errors import ConfigError
 from ..features import PENULTIMATE, FeatureTap, last_linear_name, last_map_layer, to_matrix
 from ..losses.sparse_teacher import SparseTeacher
-from ..methods import Method, TermConfig
 from ..models import stages
 from ..runtime import fork_rng
+from .methods import Method, TermConfig
 
 __all__ = ["BoundTerm", "bind_terms", "term_keys", "Taps", "wanted_layers", "default_layers"]
 

@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .. import distributed as dist_ctx
-from ..catalog import EVAL_BATCH_SIZE
+from ..data.registry import eval_batch_size
 from ..models import build_model, load_pretrained
 from ..models.hf import is_hf, is_hf_pretrained, load_hf_pretrained
-from ..teacher_cache import FixedViews, ViewSampler
+from .teacher_cache import FixedViews, ViewSampler
 
 __all__ = ["IndexedDataset", "make_loaders", "build_net", "build_student", "build_teacher", "build_referenced",
            "freeze"]
@@ -21,7 +21,7 @@ __all__ = ["IndexedDataset", "make_loaders", "build_net", "build_student", "buil
 
 class IndexedDataset(Dataset):
     """``(x, y)`` items as ``(x, y, index)``: the key the engine passes on (CRD's memory bank),
-    the same item shape as :class:`~kd2m.teacher_cache.FixedViews` (whose key is ``index·K + view``)."""
+    the same item shape as :class:`~kd2m.training.teacher_cache.FixedViews` (whose key is ``index·K + view``)."""
 
     def __init__(self, base: Dataset):
         self.base = base
@@ -54,10 +54,10 @@ def make_loaders(bundle, cfg, seed: int, device: torch.device, views: FixedViews
         from torch.utils.data.distributed import DistributedSampler
         sampler = DistributedSampler(bundle.train, shuffle=True, seed=seed)
         test_sampler = DistributedSampler(bundle.test, shuffle=False, drop_last=False)
-        test = DataLoader(bundle.test, batch_size=EVAL_BATCH_SIZE, sampler=test_sampler, **common)
+        test = DataLoader(bundle.test, batch_size=eval_batch_size(bundle), sampler=test_sampler, **common)
     else:
         sampler = RandomSampler(bundle.train, generator=g)  # what shuffle=True builds
-        test = DataLoader(bundle.test, batch_size=EVAL_BATCH_SIZE, shuffle=False, **common)
+        test = DataLoader(bundle.test, batch_size=eval_batch_size(bundle), shuffle=False, **common)
     if views is not None:
         train = DataLoader(views, batch_size=cfg.batch_size, sampler=ViewSampler(sampler, views.views, views.seed),
                            generator=g, **common)
@@ -90,7 +90,7 @@ def build_net(cfg, bundle, seed: int, role: str) -> nn.Module:
 
 def build_referenced(reference: dict, name: str, bundle, options: dict | None = None) -> nn.Module:
     """The network of a run whose final.json references a pretrained file in place of a
-    ``model.pt`` of its own (a teacher no epoch trained: :meth:`kd2m.train.Trainer._finish`),
+    ``model.pt`` of its own (a teacher no epoch trained: :meth:`kd2m.harness.trainer.Trainer._finish`),
     built as :func:`build_net` built it. A file gone, or changed since the run (its content
     digest, ``reference["identity"]``), is refused, never another teacher scored as the run's."""
     from ..models.pretrained import weights_identity

@@ -14,7 +14,7 @@ terms, composed as ``w_CE · supervised + Σ_k λ_k · term_k``.
 
 It is kd2m's own engine step (:class:`~kd2m.training.step.Step`, the terms bound to their layers
 by :func:`~kd2m.training.binding.bind_terms`, the teacher run by
-:class:`~kd2m.training.teacher.OnlineTeacher`): :class:`kd2m.train.Trainer` builds one for every
+:class:`~kd2m.training.teacher.OnlineTeacher`): :class:`kd2m.harness.trainer.Trainer` builds one for every
 run, so a user's loop and ``kd2m run`` compute the same loss.
 
 What belongs to whom: the teacher is frozen (``eval()``, no gradients) by construction and stays
@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from .. import tasks
 from ..features import last_linear_name
-from ..methods import Method, TermConfig, term_from_entry
 from .binding import BoundTerm, Taps, bind_terms, wanted_layers
+from .methods import Method, TermConfig, term_from_entry
 from .step import Step
 from .teacher import OnlineTeacher, TeacherOutputs
 
@@ -64,7 +64,7 @@ class DistillerOutput:
 
 
 def parse_terms(terms: Iterable[str | Mapping | TermConfig]) -> tuple[TermConfig, ...]:
-    """:class:`~kd2m.methods.TermConfig` of each entry: a name (``"cw2"``: the term's default λ),
+    """:class:`~kd2m.training.methods.TermConfig` of each entry: a name (``"cw2"``: the term's default λ),
     a mapping with the keys of a config's term entry (``term``, ``weight`` — a number, ``"auto"``
     or ``"auto*K"`` —, ``options``, ``student_layer``, ``teacher_layer``, ``unit``, ``warmup``,
     ``schedule``), or a ready TermConfig. ValueError naming the entry otherwise."""
@@ -87,7 +87,7 @@ class Distiller(nn.Module):
     Args:
         student: the network to train; returns logits ``(n, C)`` (or ``(B, L, V)`` for ``task="lm"``).
         teacher: the network to learn from; frozen here (``eval()``, ``requires_grad_(False)``).
-        terms: names, config-style mappings or :class:`~kd2m.methods.TermConfig` (:func:`parse_terms`).
+        terms: names, config-style mappings or :class:`~kd2m.training.methods.TermConfig` (:func:`parse_terms`).
         example: a batch of inputs ``(n ≥ 2, …)`` on the networks' device: one forward of each
             network (eval mode, RNG and batch-norm statistics untouched) gives the shapes the
             terms' projectors are built for.
@@ -132,7 +132,7 @@ class Distiller(nn.Module):
                    task, device: torch.device, *, teacher_out: TeacherOutputs | None = None, views: int = 1,
                    amp=None) -> Distiller:
         """A Distiller over terms the engine has bound already, reading the teacher from
-        ``teacher_out`` (a cache) when given: how :class:`kd2m.train.Trainer` builds its step."""
+        ``teacher_out`` (a cache) when given: how :class:`kd2m.harness.trainer.Trainer` builds its step."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._build(student, teacher, method, bound, task, device, teacher_out=teacher_out, views=views, amp=amp)
@@ -167,9 +167,9 @@ class Distiller(nn.Module):
 
     def calibrate(self, train_set, batch_size: int) -> list[float]:
         """Set the λ of ``auto`` terms against CE on the student as it is now (its first batches of
-        ``train_set``, a dataset of ``(x, y)``: :func:`kd2m.auto_weight.calibrate`); returns each
+        ``train_set``, a dataset of ``(x, y)``: :func:`kd2m.training.auto_weight.calibrate`); returns each
         term's scale (1 for the others)."""
-        from ..auto_weight import calibrate
+        from .auto_weight import calibrate
         self.scales = calibrate(self.step, train_set, batch_size, DISTILLER_KEY)
         self.calibrated = True
         return list(self.scales)

@@ -1,5 +1,5 @@
 """The teacher's outputs for a batch: its features by layer and its logits, run online or looked
-up in a :class:`~kd2m.teacher_cache.TeacherCache`."""
+up in a :class:`~kd2m.training.teacher_cache.TeacherCache`."""
 from __future__ import annotations
 
 import torch
@@ -8,10 +8,10 @@ from torch import Tensor, nn
 from .. import distributed as dist_ctx
 from ..errors import ConfigError
 from ..losses.fused_head import DIVERGENCES
-from ..methods import cache_problem
 from ..runtime import amp_dtype, fork_rng
-from ..teacher_cache import FixedViews, build_teacher_cache
 from .binding import Taps
+from .methods import cache_problem
+from .teacher_cache import FixedViews, build_teacher_cache
 
 __all__ = ["TeacherOutputs", "OnlineTeacher", "CachedTeacher", "cached_layer", "teacher_cache", "sparse_temperature"]
 
@@ -46,7 +46,7 @@ class OnlineTeacher(TeacherOutputs):
 
 
 class CachedTeacher(TeacherOutputs):
-    """Looks the teacher's outputs up by key in a :class:`~kd2m.teacher_cache.TeacherCache`
+    """Looks the teacher's outputs up by key in a :class:`~kd2m.training.teacher_cache.TeacherCache`
     (``raw``: its features are per position, for terms with a per-position unit)."""
 
     online = False

@@ -163,8 +163,8 @@ def test_a_model_that_sees_later_tokens_is_refused_in_one_line(tmp_path, capsys)
 # ---------------------------------------------------------------------- model options
 def test_n_positions_is_honoured_and_recorded_and_fewer_than_a_block_refused(tmp_path, capsys):
     cfg = _config(tmp_path, teacher_options={**TINY, "n_positions": 32})
-    from kd2m.config import load_yaml
     from kd2m.data import build_dataset
+    from kd2m.harness.config import load_yaml
     from kd2m.training.build import build_teacher
     c = load_yaml(cfg).resolved()
     teacher = build_teacher(c, build_dataset(c.dataset, image_size=16), 0)
@@ -180,7 +180,7 @@ def test_a_bad_integer_model_option_is_one_line(value, said, tmp_path, capsys):
 
 
 def test_hf_bert_without_options_builds_with_the_options_it_takes(tmp_path, capsys):
-    from kd2m.config import RunConfig
+    from kd2m.harness.config import RunConfig
     c = RunConfig(task="lm", teacher="hf:bert").resolved()
     assert c.teacher_options == {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4}
     assert c.student_options == {"n_layer": 1, "n_embd": 64, "n_head": 2}   # GPT-2's own names stay

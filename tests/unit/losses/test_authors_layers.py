@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from kd2m.errors import ConfigError
-from kd2m.methods import Method, term_from_entry
 from kd2m.models import build_model
 from kd2m.training.binding import bind_terms
+from kd2m.training.methods import Method, term_from_entry
 
 PAIRS = {  # student ← teacher: the stage modules AT/NST read (feat[1:-1]) and FitNets' hint (feat[2])
     ("resnet8x4", "resnet32x4"): (["layer1", "layer2", "layer3"], "layer2"),

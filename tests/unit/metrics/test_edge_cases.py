@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kd2m import metrics
-from kd2m.loss import KD2MLoss
+from kd2m.losses.distance_loss import KD2MLoss
 from kd2m.metrics.memory import pairwise_bytes
 
 ALL = metrics.available()

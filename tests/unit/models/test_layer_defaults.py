@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from kd2m.methods import Method, term_from_entry
 from kd2m.models import build_model
 from kd2m.models.stage_info import Stage
 from kd2m.training.binding import bind_terms
+from kd2m.training.methods import Method, term_from_entry
 
 
 def _spatial_pairs(model, x, name="gauss_w2"):

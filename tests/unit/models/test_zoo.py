@@ -255,7 +255,7 @@ CRD_PAIRS = [("resnet32x4", "resnet8x4"), ("resnet56", "resnet20"), ("resnet110"
 
 
 def test_crd_configs_follow_the_protocol():
-    from kd2m.config import load_yaml
+    from kd2m.harness.config import load_yaml
     files = sorted((CONFIGS / "crd").glob("*.yaml"))
     assert sorted(f.stem for f in files) == sorted(f"{t}_{s}" for t, s in CRD_PAIRS)
     for teacher, student in CRD_PAIRS:
@@ -267,7 +267,7 @@ def test_crd_configs_follow_the_protocol():
 
 
 def test_imagenet_config_is_the_torchvision_recipe():
-    from kd2m.config import load_yaml
+    from kd2m.harness.config import load_yaml
     c = load_yaml(CONFIGS / "imagenet" / "resnet34_resnet18.yaml")
     c.pretrained_teacher = "resnet34.pth"  # the config expects the released teacher on the command line
     c = c.resolved()
@@ -276,9 +276,9 @@ def test_imagenet_config_is_the_torchvision_recipe():
     assert (c.lr_schedule, c.lr_milestones, c.lr_gamma, c.weight_decay) == ("multistep", [30, 60], 0.1, 1e-4)
 
 
-# ------------------------------------------------ kd2m.published
+# ------------------------------------------------ kd2m.harness.published
 def test_published_numbers_cover_the_crd_pairs():
-    from kd2m.published import CIFAR100, METHODS, missing
+    from kd2m.harness.published import CIFAR100, METHODS, missing
     assert sorted(CIFAR100) == sorted(CRD_PAIRS)
     for pair, numbers in CIFAR100.items():
         assert {"teacher", "student", "kd", "crd", "dkd"} <= set(numbers) <= set(METHODS), pair

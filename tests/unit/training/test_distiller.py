@@ -10,8 +10,8 @@ from torch import nn
 
 import kd2m
 from kd2m import metrics, tasks
-from kd2m.methods import Method
 from kd2m.training.binding import Taps, bind_terms, wanted_layers
+from kd2m.training.methods import Method
 from kd2m.training.step import Step
 from kd2m.training.teacher import OnlineTeacher
 

@@ -1,11 +1,11 @@
-"""Configs (kd2m.config): YAML read strictly (duplicate keys, alias bombs, merge keys, exponent numbers),
+"""Configs (kd2m.harness.config): YAML read strictly (duplicate keys, alias bombs, merge keys, exponent numbers),
 errors quoting bounded values, student entries and weights resolved as written, ce_weight checked."""
 import time
 
 import pytest
 
 from kd2m import losses
-from kd2m.config import ConfigError, RunConfig, from_mapping, load_yaml
+from kd2m.harness.config import ConfigError, RunConfig, from_mapping, load_yaml
 
 from helpers import alias_bomb, bench_yaml, one_line_error, run_cli
 
@@ -28,7 +28,7 @@ def test_config_errors_quote_a_bounded_part_of_the_value(tmp_path, capsys):
 
 
 def test_yaml_anchors_of_a_real_config_still_work(tmp_path):
-    from kd2m.config import load_yaml
+    from kd2m.harness.config import load_yaml
     p = tmp_path / "c.yaml"
     p.write_text("metrics: [gauss_kl, gauss_ckl]\nmetric_options: {gauss_kl: &r {ridge: 0.1}, gauss_ckl: *r}\n"
                  "seeds: [0, 1]\n")
@@ -115,7 +115,7 @@ def test_weight_sets_the_distances_lambda_only():
     ([0.1], "expected a mapping of student names"),
 ])
 def test_bad_ce_weights_are_refused(ce_weights, message):
-    from kd2m.config import ConfigError, RunConfig
+    from kd2m.harness.config import ConfigError, RunConfig
     with pytest.raises(ConfigError, match=message):
         RunConfig(ce_weights=ce_weights).resolved()
 
@@ -125,7 +125,7 @@ def test_ce_weight_defaults():
     its swept KD λ = 1, and drops both the moment the user sets their own `weights:`. `--weight` sets
     the distances' λ only: the baselines keep their λ and CE weights (it used to turn KD's CE weight
     1 into 0.1 and DKD's λ 0.1 into 1 on the digits)."""
-    from kd2m.config import RunConfig
+    from kd2m.harness.config import RunConfig
     assert (losses.spec("kd").weight, losses.spec("kd").ce_weight) == (0.9, 0.1)
     assert {losses.spec(n).ce_weight for n in losses.available() if n != "kd"} == {1.0}
 
@@ -144,8 +144,8 @@ def test_ce_weight_defaults():
 def test_an_auto_weight_sweep_sweeps_the_baselines_at_auto_alike():
     """The baselines get the distances' sweep budget and rule — `--sweep auto_weight=…`
     varies K of every term at `auto` (MNIST-1D's baselines), and leaves a baseline at a number alone."""
-    from kd2m.config import RunConfig
-    from kd2m.grid import sweep_variants
+    from kd2m.harness.config import RunConfig
+    from kd2m.harness.grid import sweep_variants
     cfg = RunConfig(dataset="mnist1d", metrics=["cw2"], baselines=["ce", "kd", "dkd"], seeds=[100],
                     weights={"kd": "auto", "dkd": 0.1}).resolved()
     got = {m.key: [(t.weight, t.auto) for t in m.terms] for _, m in sweep_variants(cfg, ("auto_weight", [0.3, 3.0]))}

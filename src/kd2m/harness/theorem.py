@@ -11,8 +11,8 @@ For a teacher :math:`h_T\circ g_T` and a student :math:`h_S\circ g_S`, on held-o
 * :math:`\|g_S - g_T\|_{L^2(\hat P)} = \sqrt{\frac1N\sum_i \|g_S(x_i) - g_T(x_i)\|^2}` on the
   **same** subset, and whether :math:`W_2 \le \|g_S - g_T\|_{L^2(\hat P)}` holds.
 
-The ``kd2m bound`` command (:mod:`kd2m.bound`) runs this for every student × seed of a run
-directory; the per-epoch diagnostics (:mod:`kd2m.monitor`) run it on a fixed held-out batch.
+The ``kd2m bound`` command (:mod:`kd2m.harness.bound`) runs this for every student × seed of a run
+directory; the per-epoch diagnostics (:mod:`kd2m.harness.monitor`) run it on a fixed held-out batch.
 
 What the estimate checks, and what it does not
 ----------------------------------------------
@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import metrics
-from .catalog import EVAL_BATCH_SIZE
-from .features import FeatureTap
+from .. import metrics
+from ..catalog import EVAL_BATCH_SIZE
+from ..features import FeatureTap
 
 __all__ = ["bound_terms", "model_outputs", "terms_from_outputs", "ModelOutputs", "TOL"]
 
@@ -176,7 +176,7 @@ def terms_from_outputs(teacher: ModelOutputs, student: ModelOutputs, w2_sq: floa
     """Theorem 1's terms from two :func:`model_outputs` on the same data (see :func:`bound_terms`).
 
     ``w2_sq``: the exact W2² of the two feature sets when the caller has already solved their
-    transport plan (:mod:`kd2m.monitor` reads the plan itself); solved here otherwise."""
+    transport plan (:mod:`kd2m.harness.monitor` reads the plan itself); solved here otherwise."""
     if teacher.n != student.n or not torch.equal(teacher.labels, student.labels):
         raise ValueError("bound_terms: teacher and student outputs are not on the same held-out data")
     if not torch.equal(teacher.subset, student.subset):

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 from helpers import TINY_GRID, alias_bomb, bench_yaml, one_line_error, run_cli
 
@@ -97,11 +97,11 @@ def test_unknown_names_are_refused_before_anything_is_written(tmp_path, capsys, 
 
 
 def test_pairwise_memory_refusal_is_fast_and_suggests_linear_metrics(tmp_path, capsys, monkeypatch):
-    import kd2m.grid
+    import kd2m.harness.grid
 
     def no_data(*a, **k):
         raise AssertionError("the dataset was loaded before the memory check")
-    monkeypatch.setattr(kd2m.grid, "build_dataset", no_data)
+    monkeypatch.setattr(kd2m.harness.grid, "build_dataset", no_data)
     t0 = time.perf_counter()
     code, _, err = run_cli(["run", "--metrics", "w2", "--batch-size", "4096", "--max-pairwise-mb", "100",
                             "--out", tmp_path / "o", "--no-progress"], capsys)
@@ -123,8 +123,8 @@ def test_pairwise_memory_refusal_is_fast_and_suggests_linear_metrics(tmp_path, c
 ], ids=["bad-int", "unknown-option", "unknown-command", "no-command", "missing-value", "negative-threads",
         "negative-workers"])
 def test_bad_command_line_is_one_line_exit_2(argv, needles, capsys, tmp_path, monkeypatch):
-    import kd2m.grid
-    monkeypatch.setattr(kd2m.grid, "run_grid", lambda *a, **k: pytest.fail("the grid started"))
+    import kd2m.harness.grid
+    monkeypatch.setattr(kd2m.harness.grid, "run_grid", lambda *a, **k: pytest.fail("the grid started"))
     with pytest.raises(SystemExit) as info:
         main(argv + ["--out", str(tmp_path / "o")] if argv[:1] in (["run"], ["bench"]) and "--sweep" not in argv
              else argv)
@@ -144,22 +144,22 @@ def test_help_still_prints_usage(capsys):
                                                                               "allocate 20.00 GiB\nmore")],
                          ids=["MemoryError", "cuda-OOM"])
 def test_out_of_memory_is_one_line_with_advice(error, capsys, monkeypatch):
-    import kd2m.cli
+    import kd2m.harness.cli
 
     def oom(args):
         raise error
-    monkeypatch.setattr(kd2m.cli, "cmd_metrics", oom)
+    monkeypatch.setattr(kd2m.harness.cli, "cmd_metrics", oom)
     code, _, err = run_cli(["metrics"], capsys)
     assert code == 2
     one_line_error(code, err, "out of memory", type(error).__name__, "smaller --batch-size")
 
 
 def test_error_messages_are_capped(capsys, monkeypatch):
-    import kd2m.cli
+    import kd2m.harness.cli
 
     def huge(args):
         raise ValueError("seeds: got [" + "x, " * 1_000_000 + "]")
-    monkeypatch.setattr(kd2m.cli, "cmd_metrics", huge)
+    monkeypatch.setattr(kd2m.harness.cli, "cmd_metrics", huge)
     code, _, err = run_cli(["metrics"], capsys)
     line = one_line_error(code, err, "seeds: got [x, x")
     assert code == 2 and len(line) <= len("kd2m: error: ") + 300 and line.endswith("…")

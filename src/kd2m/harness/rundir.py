@@ -1,6 +1,6 @@
 """The output directory of a kd2m grid: where every file lives, and who may write there.
 
-One home for the layout (the engine, :mod:`kd2m.bench`, :mod:`kd2m.bound` and :mod:`kd2m.report`
+One home for the layout (the engine, :mod:`kd2m.bench`, :mod:`kd2m.harness.bound` and :mod:`kd2m.harness.report`
 all ask :class:`RunDir`)::
 
     OUT/
@@ -57,7 +57,7 @@ SWEEP_PNG = "sweep.png"
 BOUND_JSON = "bound.json"
 BOUND_MD = "bound.md"
 REPORT_DIR = "report"
-SELECT_DIR = "select-k"           # kd2m.select_k's pilot grid
+SELECT_DIR = "select-k"           # kd2m.harness.select_k's pilot grid
 #: The marker that says "this directory is a kd2m output", its lock and the lock holder's description.
 MARKER = ".kd2m"
 LOCK = ".kd2m.lock"
@@ -130,7 +130,7 @@ class RunDir:
     results_md = property(lambda self: self.root / RESULTS_MD, doc="the Markdown table")
     results_json = property(lambda self: self.root / RESULTS_JSON, doc="rows and summary as JSON")
     config_json = property(lambda self: self.root / CONFIG_JSON, doc="the resolved RunConfig")
-    env_json = property(lambda self: self.root / ENV_JSON, doc="where the grid ran (kd2m.environment)")
+    env_json = property(lambda self: self.root / ENV_JSON, doc="where the grid ran (kd2m.harness.environment)")
     sweep_png = property(lambda self: self.root / SWEEP_PNG, doc="the --sweep plot")
     bound_json = property(lambda self: self.root / BOUND_JSON, doc="`kd2m bound` results")
     bound_md = property(lambda self: self.root / BOUND_MD, doc="`kd2m bound` table")
@@ -192,8 +192,8 @@ class RunDir:
     def mark(self) -> None:
         """Write the marker (once; an existing one is kept)."""
         if not self.marker.exists():
-            from . import __version__
-            from .atomic_io import atomic_write_json
+            from .. import __version__
+            from ..atomic_io import atomic_write_json
             atomic_write_json(self.marker, {"format": "kd2m-output", "version": LAYOUT_VERSION,
                                             "kd2m": __version__})
 
@@ -228,7 +228,7 @@ class RunDir:
             raise OutputDirInUseError(f"{self.root} is in use by {self._holder()}; wait for it or use another "
                                       "--out") from None
         try:
-            from .atomic_io import atomic_write_json
+            from ..atomic_io import atomic_write_json
             atomic_write_json(self.lock_info, {"pid": os.getpid(), "host": socket.gethostname(),
                                                "command": _command_line()})
             self.mark()

@@ -1,7 +1,7 @@
-"""``kd2m bound RUN_DIR``: Theorem 1's terms (:mod:`kd2m.theorem`) for every student × seed of a
+"""``kd2m bound RUN_DIR``: Theorem 1's terms (:mod:`kd2m.harness.theorem`) for every student × seed of a
 run directory against that seed's teacher, written to ``RUN_DIR/bound.json`` and
 ``RUN_DIR/bound.md`` (CLI: ``kd2m bound RUN_DIR --samples N``). The mathematics, and what the
-estimate checks and what it does not, are in :mod:`kd2m.theorem`.
+estimate checks and what it does not, are in :mod:`kd2m.harness.theorem`.
 """
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 
 from torch import nn
 
+from .. import tasks
+from ..atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
+from ..catalog import EVAL_BATCH_SIZE, TEACHER
+from ..runtime import resolve_device
 from . import results as R
-from . import tasks
-from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
-from .catalog import EVAL_BATCH_SIZE, TEACHER
 from .rundir import FINAL_JSON, MODEL_PT, RunDir
-from .runtime import resolve_device
 from .theorem import TOL, ModelOutputs, bound_terms, model_outputs, terms_from_outputs  # noqa: F401 (the API)
 
 __all__ = ["bound_terms", "model_outputs", "terms_from_outputs", "evaluate_run", "ModelOutputs", "TOL"]
@@ -46,13 +46,13 @@ def load_model(run_dir: Path, row: dict, name: str, bundle, device, options: dic
     ``student_options``: a ViT built with ``patch_size: 2`` has other weights than the default
     one) and load the weights of the results row ``row``: its ``model.pt``, or the pretrained
     file its final.json references in place of one (a teacher no epoch trained)."""
-    from .models import build_model
+    from ..models import build_model
     run = RunDir(run_dir).run_of_row(row)
     path = run / MODEL_PT
     if not path.is_file():
         result = read_json(run / FINAL_JSON, "rerun the grid's command") if (run / FINAL_JSON).is_file() else None
         if isinstance(result, dict) and isinstance(result.get("weights"), dict):
-            from .training.build import build_referenced
+            from ..training.build import build_referenced
             return build_referenced(result["weights"], name, bundle, options).to(device).eval()
         raise FileNotFoundError(f"{path} not found (the run of {row['method']} seed {row['seed']} has no weights)")
     model = build_model(name, bundle.num_classes, bundle.in_channels, bundle.image_size, **(options or {}))
@@ -118,10 +118,10 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
     Writes ``run_dir/bound.json`` (every pair, the per-method summary, the settings) and
     ``run_dir/bound.md``; returns (the Markdown table, the path of bound.json).
     """
-    from .data import build_dataset
+    from ..data import build_dataset
     run_dir = Path(run_dir)
     cfg, rows = load_run(run_dir)
-    from .data import dataset_task
+    from ..data import dataset_task
     task = tasks.get(dataset_task(cfg["dataset"]))
     if not task.diagnostics:  # Theorem 1 is about a classifier's risk on pooled features (Task.diagnostics)
         raise ValueError(f"kd2m bound: Theorem 1 bounds a classifier's risk; {run_dir} trained a {task.name} task "

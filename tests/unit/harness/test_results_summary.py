@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from kd2m import results as R
+from kd2m.harness import results as R
 
 
 def test_a_student_diverging_on_every_seed_gets_a_row_saying_so():
@@ -14,7 +14,7 @@ def test_a_student_diverging_on_every_seed_gets_a_row_saying_so():
 
 
 def test_a_diverged_note_is_attached_to_its_own_row():
-    from kd2m import results as R
+    from kd2m.harness import results as R
     rows = [{"method": m, "label": lab, "seed": s, "test_acc": 0.9}
             for m, lab in (("ce", "student (CE only)"), ("cw2_a", "CW2 (E) [cw2_a]")) for s in range(2)]
     rows += [{"method": "cw2_b", "label": "CW2 (E) [cw2_b]", "seed": 0, "test_acc": 0.8}]

@@ -16,23 +16,23 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist_ctx
+from .. import distributed as dist_ctx
+from .. import tasks
+from ..atomic_io import atomic_write_json
+from ..catalog import CE, TEACHER
+from ..data import build_dataset, dataset_labels
+from ..errors import ConfigError, NonFiniteLossError
+from ..runtime import fork_rng, resolve_device
+from ..training.binding import Taps, bind_terms, wanted_layers
+from ..training.build import build_student, build_teacher, freeze
+from ..training.methods import Method, method_label, parse_weight
+from ..training.step import Step, TermFailure
+from ..training.teacher import OnlineTeacher
 from . import results as R
-from . import tasks
-from .atomic_io import atomic_write_json
-from .catalog import CE, TEACHER
 from .config import RunConfig
-from .data import build_dataset, dataset_labels
 from .environment import describe_environment
-from .errors import ConfigError, NonFiniteLossError
-from .methods import Method, method_label, parse_weight
 from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
-from .runtime import fork_rng, resolve_device
-from .train import Trainer, fit
-from .training.binding import Taps, bind_terms, wanted_layers
-from .training.build import build_student, build_teacher, freeze
-from .training.step import Step, TermFailure
-from .training.teacher import OnlineTeacher
+from .trainer import Trainer, fit
 
 #: keys ``--sweep`` may vary, and the check each value must pass
 SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
@@ -82,7 +82,7 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
 def check_memory(cfg: RunConfig, students: list[tuple[RunConfig, Method]]) -> None:
     """Refuse a term whose O(n²) buffers at the global batch would exceed ``max_pairwise_mb``
     (before any data is loaded: fail fast, not when the OS kills us)."""
-    from .metrics.memory import pairwise_bytes
+    from ..metrics.memory import pairwise_bytes
     n = cfg.batch_size * (dist_ctx.world_size() if cfg.match == "global" else 1)
     for _, method in students:  # before loading any weights: fail fast
         for t in method.terms:
@@ -532,7 +532,7 @@ def _weights_text(methods: list) -> str:
 
 
 def plot_sweep(rows: list[dict], key: str, path: Path):
-    """The task's test figure (:func:`kd2m.results.figure_of`: accuracy in %, or perplexity), mean
+    """The task's test figure (:func:`kd2m.harness.results.figure_of`: accuracy in %, or perplexity), mean
     ± std over seeds, against the swept value, one line per metric. Returns the figure drawn."""
     # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -21,7 +21,7 @@ per pair). Only numbers read in the sources below are here; :func:`missing` list
   "KD+Ours" and "DKD+Ours", L90, L94, L103, L107): KD and DKD with logit standardization (Sun et
   al., *Logit Standardization in Knowledge Distillation*, CVPR 2024).
 
-    >>> from kd2m.published import CIFAR100
+    >>> from kd2m.harness.published import CIFAR100
     >>> CIFAR100[("resnet32x4", "resnet8x4")]["crd"].accuracy
     75.51
 """

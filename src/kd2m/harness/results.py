@@ -18,10 +18,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import losses, tasks
-from .atomic_io import atomic_write_json, atomic_write_text, read_json
-from .catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
-from .methods import method_label
+from .. import losses, tasks
+from ..atomic_io import atomic_write_json, atomic_write_text, read_json
+from ..catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
+from ..training.methods import method_label
 from .published import CIFAR100, KD2M_PAPER
 from .rundir import RESULTS_CSV, RESULTS_JSON, RESULTS_MD, SUMMARY_CSV
 
@@ -58,7 +58,7 @@ def task_of(rows: list[dict]):
     """The task ``rows`` were trained for: their dataset's (:func:`kd2m.data.dataset_task`) where
     they name one known dataset, else the task whose own figure every row records (only a language
     model's rows hold perplexity; every task's rows hold accuracy); classification otherwise."""
-    from .data import dataset_task, is_dataset
+    from ..data import dataset_task, is_dataset
     names = {r.get("dataset") for r in rows} - {None, ""}
     if len(names) == 1:
         name = next(iter(names))
@@ -259,7 +259,7 @@ def reference_numbers(dataset: str, teacher: str | None = None, student: str | N
 
     The KD²M paper's one-seed table for its datasets (svhn, cifar10, cifar100 with its ResNets);
     for a CIFAR-100 pair of the RepDistiller zoo, the field's published numbers of that pair
-    (:mod:`kd2m.published`: teacher, student, KD, DKD, CRD, DIST where found)."""
+    (:mod:`kd2m.harness.published`: teacher, student, KD, DKD, CRD, DIST where found)."""
     if dataset == "cifar100" and (teacher, student) in CIFAR100:
         pub = CIFAR100[(teacher, student)]
         return {"title": "published", "numbers": {(CE if m == "student" else m): v.accuracy for m, v in pub.items()}}

@@ -8,10 +8,10 @@ every option, and the layers it reads (resolved on the real models where they ca
 each value marked with its source:
 
 - ``config``: the YAML file or the command line;
-- ``dataset default``: :func:`kd2m.config.defaults_for` (``DATASET_DEFAULTS``, ``LM_DEFAULTS`` or ``IMAGE_DEFAULTS``);
+- ``dataset default``: :func:`kd2m.harness.config.defaults_for` (``DATASET_DEFAULTS``, ``LM_DEFAULTS`` or ``IMAGE_DEFAULTS``);
 - ``authors' default``: the term's registration, which carries its authors' value
   (:func:`kd2m.losses.spec`); its docstring names the file it was read from;
-- ``kd2m default``: a field of :class:`kd2m.config.RunConfig` nobody set.
+- ``kd2m default``: a field of :class:`kd2m.harness.config.RunConfig` nobody set.
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ import inspect
 
 import torch
 
-from . import metrics
-from .catalog import CE
+from .. import metrics
+from ..catalog import CE
+from ..data import DatasetNotFoundError, build_dataset
+from ..data.torchvision_sets import SHAPES
+from ..models import build_model
+from ..training.binding import default_layers
+from ..training.methods import Method
 from .config import RunConfig, defaults_for
-from .data import DatasetNotFoundError, build_dataset
-from .data.torchvision_sets import SHAPES
-from .methods import Method
-from .models import build_model
-from .training.binding import default_layers
 
 __all__ = ["reproduction_card"]
 
@@ -54,10 +54,10 @@ def _field_source(user: RunConfig, key: str, given: set = frozenset()) -> str:
 
 def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
     """``DIR/config.json`` where a role's model and options are those of its ``save_pretrained``
-    directory (:func:`kd2m.config.RunConfig.resolved` names them after it), ``FILE.gguf (its
+    directory (:func:`kd2m.harness.config.RunConfig.resolved` names them after it), ``FILE.gguf (its
     metadata)`` where those of a GGUF file, ``FILE.gguf (its own tokenizer)`` for the tokenizer a
     GGUF file holds, else None."""
-    from .models.hf import is_gguf
+    from ..models.hf import is_gguf
     if key == "tokenizer":
         own = [w for w in (cfg.pretrained_teacher, cfg.pretrained_student) if is_gguf(w) and w == cfg.tokenizer]
         return f"{own[0]} (its own tokenizer)" if own else None
@@ -73,13 +73,13 @@ def _pretrained_source(cfg: RunConfig, key: str) -> str | None:
 def _hf_directory(cfg: RunConfig, role: str) -> bool:
     """Whether ``role`` is built from a ``save_pretrained`` directory or a GGUF file (as
     :func:`kd2m.training.build.build_net` builds it)."""
-    from .models.hf import is_hf, is_hf_pretrained
+    from ..models.hf import is_hf, is_hf_pretrained
     return is_hf(getattr(cfg, role)) and is_hf_pretrained(getattr(cfg, f"pretrained_{role}"))
 
 
 def _pretrained_value(cfg: RunConfig, key: str, value):
     """A GGUF file's path with how it stores its weights and the dtype the model computes in."""
-    from .models.hf import GGUF_DTYPE, gguf_storage, is_gguf
+    from ..models.hf import GGUF_DTYPE, gguf_storage, is_gguf
     if key not in ("pretrained_teacher", "pretrained_student") or not is_gguf(value):
         return value
     return f"{value} (GGUF, stored as {gguf_storage(value)}; dequantised, computes in {str(GGUF_DTYPE)[6:]})"
@@ -144,7 +144,7 @@ def _schedule(term, entry: dict, user: RunConfig) -> str:
     if term.warmup_epochs:
         where = "config" if "warmup" in entry or "warmup" in opts else "authors' default"
         epochs, spec = user.resolved().epochs, term.spec
-        if where != "config" and spec.warmup_of and epochs != spec.warmup_of:  # kd2m.config._scale_warmups
+        if where != "config" and spec.warmup_of and epochs != spec.warmup_of:  # kd2m.harness.config._scale_warmups
             where = f"the authors' {spec.warmup} of {spec.warmup_of} epochs, scaled to this run's {epochs}"
         parts.append(f"warm-up {term.warmup_epochs} epochs ({where})")
     if term.schedule != "constant":
@@ -169,7 +169,7 @@ def _models(cfg: RunConfig):
 
     def build(role: str):
         if _hf_directory(cfg, role):  # its own architecture, as a grid builds it
-            from .models.hf import load_hf_pretrained
+            from ..models.hf import load_hf_pretrained
             return load_hf_pretrained(getattr(cfg, f"pretrained_{role}"), classes, size)
         return build_model(getattr(cfg, role), classes, channels, size, **(getattr(cfg, f"{role}_options") or {}))
 

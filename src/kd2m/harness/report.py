@@ -7,7 +7,7 @@
   the teacher and the CE-only student drawn apart (dark / hatched bars, dashed reference lines);
 - ``curves.png``: that figure per epoch and the distillation loss D per epoch (log scale),
   mean over seeds, one line per method;
-- ``diagnostics.png`` (when the runs logged them, :mod:`kd2m.monitor`): per epoch, the exact W2
+- ``diagnostics.png`` (when the runs logged them, :mod:`kd2m.harness.monitor`): per epoch, the exact W2
   between student and teacher features on a fixed test batch, and the share of its optimal
   plan's mass that pairs samples of the same class (chance level dashed), mean over seeds;
 - ``embedding.png``: a joint 2-D embedding (UMAP if ``umap`` is importable, else scikit-learn's
@@ -15,7 +15,7 @@
   distilled student (highest mean accuracy among the feature-distillation methods), first
   seed, on a fixed subset of ≤ 500 test samples, coloured by label; one panel per model,
   the three fitted together so the panels share coordinates;
-- ``report.md``: the results table (:func:`kd2m.results.markdown_table`) and the figures
+- ``report.md``: the results table (:func:`kd2m.harness.results.markdown_table`) and the figures
   (and Theorem 1's table when ``kd2m bound`` has written ``RUN_DIR/bound.md``).
 
 Figures are drawn with matplotlib's Agg canvas on ``Figure`` objects (no pyplot, no global
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic_io import atomic_write_text, read_jsonl
+from ..catalog import CE, TEACHER
 from . import results as R
-from .atomic_io import atomic_write_text, read_jsonl
-from .catalog import CE, TEACHER
 from .rundir import LOG_JSONL, RunDir
 
 __all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_diagnostics", "plot_embedding", "embedding_features",
@@ -58,14 +58,14 @@ def _figure(figsize):
 def _save(fig, path: Path) -> None:
     import io
 
-    from .atomic_io import atomic_write_bytes
+    from ..atomic_io import atomic_write_bytes
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _order(methods: list[str]) -> list[str]:
-    """The tables' order (:func:`kd2m.results.table_order`), so plots and tables agree."""
+    """The tables' order (:func:`kd2m.harness.results.table_order`), so plots and tables agree."""
     return R.table_order(methods)
 
 
@@ -85,12 +85,12 @@ def _colors(methods: list[str]) -> dict[str, str]:
 
 
 def plot_accuracy(rows: list[dict], path: Path, title: str = ""):
-    """Left: bar per method, the task's figure (:func:`kd2m.results.figure_of`: test accuracy in %,
+    """Left: bar per method, the task's figure (:func:`kd2m.harness.results.figure_of`: test accuracy in %,
     test perplexity) as mean ± sample std over seeds, seeds as dots, zoomed y-range (capped at 100
     for a percentage only). Right: the paired Δ vs the CE-only student with its 95% interval per
     method (the numbers of summary.csv), in the figure's unit; an interval clear of 0 is drawn
     solid, one that crosses 0 hollow. The axes say which direction is better. The best student
-    by :func:`kd2m.results.best_separated` (the tables' rule) has its label in bold; without one,
+    by :func:`kd2m.harness.results.best_separated` (the tables' rule) has its label in bold; without one,
     the x axis says why.
 
     Returns the matplotlib figure drawn (also saved to ``path``)."""
@@ -369,9 +369,9 @@ def plot_embedding(panels: list[tuple[str, np.ndarray]], labels: np.ndarray, pat
 def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: str,
                samples: int = EMBED_SAMPLES) -> str:
     """Draw embedding.png; returns a one-line description for report.md."""
+    from ..data import build_dataset
+    from ..runtime import resolve_device
     from .bound import load_model
-    from .data import build_dataset
-    from .runtime import resolve_device
     dev = resolve_device(device)
     best = best_distilled(rows)
     seeds = sorted({r["seed"] for r in rows if r["method"] == TEACHER})
@@ -433,7 +433,7 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     if diagnostics is None:
         (out / "diagnostics.png").unlink(missing_ok=True)  # not left over from an earlier report
     embed_text = None
-    from .data import DatasetNotFoundError, dataset_task
+    from ..data import DatasetNotFoundError, dataset_task
     if embedding and dataset_task(cfg["dataset"]) == "lm":
         embedding, embed_text = False, "embedding: not drawn for language models (a t-SNE of token features)"
     if embedding:

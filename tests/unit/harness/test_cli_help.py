@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import kd2m
-from kd2m.cli import main
+from kd2m.harness.cli import main
 
 from helpers import REPO_ROOT
 
@@ -26,11 +26,11 @@ def run_python(code: str) -> str:
 
 LIGHT = """
 import contextlib, io, json, sys
-import kd2m.cli
+import kd2m.harness.cli
 out, err = io.StringIO(), io.StringIO()
 try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = kd2m.cli.main({argv!r})
+        code = kd2m.harness.cli.main({argv!r})
 except SystemExit as e:
     code = e.code
 print(json.dumps({{"code": code, "out": out.getvalue(), "err": err.getvalue(),
@@ -116,8 +116,8 @@ def test_help_states_the_defaults_a_run_resolves(command, capsys, monkeypatch):
     has 10)."""
     import dataclasses
 
-    from kd2m.config import RunConfig
     from kd2m.data import available_datasets
+    from kd2m.harness.config import RunConfig
     monkeypatch.setenv("COLUMNS", "2000")          # one line per option: nothing wrapped
     with pytest.raises(SystemExit):
         main([command, "--help"])

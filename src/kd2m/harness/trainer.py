@@ -1,6 +1,6 @@
 """The engine: one training loop for teachers, CE-only students and distilled students.
 
-A run optimises ``w_CE · supervised + Σ_k λ_k(epoch) · term_k`` (:class:`~kd2m.methods.Method`,
+A run optimises ``w_CE · supervised + Σ_k λ_k(epoch) · term_k`` (:class:`~kd2m.training.methods.Method`,
 terms from the one registry :mod:`kd2m.losses`, the supervised loss and the held-out figures
 from the run's task, :mod:`kd2m.tasks`). Every student of a seed shares the same initial
 weights, data order, optimizer and schedule; only the terms differ. Each epoch ends with an
@@ -21,23 +21,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed as dist_ctx
+from .. import distributed as dist_ctx
+from .. import tasks, value_checks
+from ..atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json, save_checkpoint
+from ..data import dataset_labels
+from ..errors import ConfigError, NonFiniteLossError
+from ..runtime import amp_dtype, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
+from ..training.auto_weight import calibrate
+from ..training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_layers  # noqa: F401 (the engine's API)
+from ..training.build import IndexedDataset, build_net, build_student, build_teacher, freeze, make_loaders  # noqa: F401
+from ..training.distiller import Distiller
+from ..training.methods import Method
+from ..training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
+from ..training.step import EpochTally, TermFailure, zero_nonfinite_gradients
+from ..training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, sparse_temperature, teacher_cache  # noqa: F401
+from ..training.teacher_cache import FixedViews
 from . import monitor as watch
-from . import tasks, value_checks
-from .atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json, save_checkpoint
-from .auto_weight import calibrate
-from .data import dataset_labels
-from .errors import ConfigError, NonFiniteLossError
-from .methods import Method
 from .rundir import CHECKPOINT_PT, DIVERGED_JSON, FINAL_JSON, LOG_JSONL, MODEL_PT
-from .runtime import amp_dtype, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
-from .teacher_cache import FixedViews
-from .training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_layers  # noqa: F401 (the engine's API)
-from .training.build import IndexedDataset, build_net, build_student, build_teacher, freeze, make_loaders  # noqa: F401
-from .training.distiller import Distiller
-from .training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
-from .training.step import EpochTally, TermFailure, zero_nonfinite_gradients
-from .training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, sparse_temperature, teacher_cache  # noqa: F401
 
 __all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
            "bind_terms", "Taps", "OnlineTeacher", "CachedTeacher"]
@@ -61,7 +61,7 @@ class Trainer:
         self.run_dir, self.device, self.desc = Path(run_dir), device, desc
         self.task = tasks.get(getattr(bundle, "task", "classification"))
         self.teacher = teacher if method.uses_teacher else None
-        self.reference_teacher = teacher  # what kd2m.monitor compares every student with (CE-only included)
+        self.reference_teacher = teacher  # what kd2m.harness.monitor compares every student with (CE-only included)
         self.epochs = cfg.epochs if epochs is None else epochs
         self.teacher_caches = teacher_caches
         self.settings = run_settings(cfg, method, seed, self.epochs, self.teacher,
@@ -122,7 +122,7 @@ class Trainer:
         self.distiller.scales, self.distiller.calibrated = list(value), True
 
     def _calibrate(self) -> list[float]:
-        """The λ scale of each term (:func:`kd2m.auto_weight.calibrate`) on the student as it is now."""
+        """The λ scale of each term (:func:`kd2m.training.auto_weight.calibrate`) on the student as it is now."""
         cfg = self.cfg
         return calibrate(self.step, self.bundle.train, cfg.batch_size, self.method.key, cfg.channels_last)
 
@@ -175,7 +175,7 @@ class Trainer:
             figures = self._evaluate(net)
             elapsed += time.perf_counter() - t0
             history.append({"epoch": epoch + 1, **figures, "lr": lr, "seconds": elapsed, **sums})
-            if self.monitor is not None:  # kd2m.monitor: adds row["diag"] (before the checkpoint), TensorBoard
+            if self.monitor is not None:  # kd2m.harness.monitor: adds row["diag"] (before the checkpoint), TensorBoard
                 self.monitor.epoch_end(self.model, history[-1])
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(score=self.task.describe(figures), loss=f"{sums['loss']:.3f}")
@@ -296,7 +296,7 @@ class Trainer:
         try:
             self._setup()
             history, start, elapsed = self._resume()
-            # kd2m.monitor: diagnostics into each row, TensorBoard; None when neither is wanted
+            # kd2m.harness.monitor: diagnostics into each row, TensorBoard; None when neither is wanted
             self.monitor = watch.Monitor.for_run(self.cfg, "teacher" if self.method.is_teacher else "student",
                                                  self.run_dir, self._title(), self.settings, history,
                                                  self.reference_teacher, self.bundle.test, self.device, self.task)
@@ -394,8 +394,8 @@ class Trainer:
         path = self.cfg.pretrained_teacher
         if not (self.method.is_teacher and self.epochs == 0 and path):
             return None
-        from .models.hf import gguf_storage, is_gguf
-        from .models.pretrained import weights_identity
+        from ..models.hf import gguf_storage, is_gguf
+        from ..models.pretrained import weights_identity
         dtype = next(self.model.parameters()).dtype
         reference = {"file": os.path.abspath(path), "identity": weights_identity(path),
                      "dtype": str(dtype).removeprefix("torch.")}
@@ -419,14 +419,14 @@ def fit(model: nn.Module, bundle, cfg, method: Method, seed: int, run_dir: Path,
     Writes ``run_dir/checkpoint.pt`` (every epoch, atomically), ``run_dir/log.jsonl`` (one line per
     epoch: the held-out figures, the lr it trained with, loss = w_CE·ce + distill, each term's unweighted value
     under ``terms`` and its λ under ``weights``; a student's feature gap to its teacher under ``diag``,
-    see :mod:`kd2m.monitor`), ``run_dir/model.pt`` (final weights) and
+    see :mod:`kd2m.harness.monitor`), ``run_dir/model.pt`` (final weights) and
     ``run_dir/final.json`` (the result: last- and best-epoch figures; its presence marks the run
     finished). Returns the result dict.
 
     A finished run is not retrained: its result is returned, and its weights are loaded into
     ``model`` when ``load_finished`` (a teacher that students need; a missing ``model.pt`` is then
     an error, never a random teacher). With ``cfg.teacher_cache`` = K > 0 the teacher's outputs
-    come from a :class:`~kd2m.teacher_cache.TeacherCache`; ``teacher_caches`` (a dict) lets
+    come from a :class:`~kd2m.training.teacher_cache.TeacherCache`; ``teacher_caches`` (a dict) lets
     several runs of one teacher share it.
     """
     return Trainer(model, bundle, cfg, method, seed, run_dir, device, teacher, epochs, desc,

@@ -33,11 +33,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from . import distributed as dist_ctx
-from .catalog import EVAL_BATCH_SIZE
-from .features import FeatureTap
-from .losses.sparse_teacher import SparseTeacher, check_k
-from .runtime import autocast, progress, to_device
+from .. import distributed as dist_ctx
+from ..catalog import EVAL_BATCH_SIZE
+from ..data.registry import logits_batch_size
+from ..features import FeatureTap
+from ..losses.sparse_teacher import SparseTeacher, check_k
+from ..runtime import autocast, progress, to_device
 
 _M64 = 2**64 - 1
 
@@ -205,6 +206,7 @@ def build_teacher_cache(teacher: nn.Module, views: FixedViews, layer: str, devic
         if topk is not None:
             check_k(topk, out.shape[-1])
         _check_size(views, f[0], out[0], topk, max_mb)
+        batch_size = logits_batch_size(out[0].numel(), batch_size)  # a large vocabulary: fewer items a batch
         feats = torch.zeros(n, *f.shape[1:], device=device)
         logits = _empty_logits(n, out.shape[1:], topk, temperature, device)
         world, rank = dist_ctx.world_size(), dist_ctx.rank()

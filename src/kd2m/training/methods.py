@@ -1,7 +1,7 @@
 """What a run optimises: ``w_CE · CE + Σ_k λ_k(epoch) · term_k``, described as data.
 
 A :class:`Method` is a named list of :class:`TermConfig` (empty for the CE-only student); the
-grid builds one student per method, and the engine (:mod:`kd2m.train`) composes the loss from
+grid builds one student per method, and the engine (:mod:`kd2m.harness.trainer`) composes the loss from
 it, so "CW2 + KD" or "DKD + W2 (G)" is a config entry, not code::
 
     students:
@@ -15,13 +15,13 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from . import losses
-from .catalog import CE, TEACHER
+from .. import losses
+from ..catalog import CE, TEACHER
 
 #: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
 #: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
 SCHEDULES = ("constant", "linear_up", "linear_down", "cosine_after:E")
-#: what one sample of a distance's distribution is (kd2m.loss.KD2MLoss): an image or sequence
+#: what one sample of a distance's distribution is (kd2m.losses.distance_loss.KD2MLoss): an image or sequence
 #: (pooled), the positions of each one ("spatial"; "sequence" for token models), or every position
 #: of the batch ("tokens")
 UNITS = ("batch", "spatial", "sequence", "tokens")
@@ -41,10 +41,10 @@ class TermConfig:
     ``"spatial"`` / ``"sequence"``: a position or token of one image's map or one sequence;
     ``"tokens"``: a position of the batch, all of them in one distribution). ``warmup``: epochs over which λ grows
     linearly from 0 (DKD's schedule; ``None`` = the term's registered default, which
-    :meth:`kd2m.config.RunConfig.resolved` scales to its run's epochs). ``schedule``:
+    :meth:`kd2m.harness.config.RunConfig.resolved` scales to its run's epochs). ``schedule``:
     ``"constant"``, ``"linear_up"`` (0 → λ over the run), ``"linear_down"`` (λ → 0) or
     ``"cosine_after:E"`` (λ until epoch E, then a half cosine to 0 at the last epoch: WKD's decay).
-    ``auto``: λ is ``weight`` × a scale calibrated on the initial student (:mod:`kd2m.auto_weight`):
+    ``auto``: λ is ``weight`` × a scale calibrated on the initial student (:mod:`kd2m.training.auto_weight`):
     at initialisation the term then pulls the student's weights ``weight`` times as hard as CE.
     """
     name: str

@@ -7,7 +7,7 @@ Two things a run can do each epoch, neither of which changes what it trains:
   every method and seed), :class:`FeatureGapProbe` measures the exact
   :math:`W_2` between the student's and the teacher's features, where the optimal plan puts its
   mass (:func:`plan_mass`: same class? same input?) and the rest of Theorem 1's terms exactly as
-  ``kd2m bound`` computes them (:func:`kd2m.theorem.terms_from_outputs`). The values land in the
+  ``kd2m bound`` computes them (:func:`kd2m.harness.theorem.terms_from_outputs`). The values land in the
   epoch's ``log.jsonl`` row under ``diag``; ``kd2m report`` draws them (``diagnostics.png``).
 * **TensorBoard** (``RunConfig.tensorboard``) — :class:`TensorBoardLog` writes every value of
   the epoch's ``log.jsonl`` row (accuracy, losses, each term's raw value and its λ, the learning
@@ -20,7 +20,7 @@ with a teacher feature of another class, the loss pulls the student towards the 
 region; ``same_class_mass`` is the share of the plan that does not. ``chance_same_class``
 (:math:`\sum_c p_c^2`) is what a random pairing would give.
 
-:class:`Monitor` is what the engine (:class:`kd2m.train.Trainer`) holds: it exists on the main
+:class:`Monitor` is what the engine (:class:`kd2m.harness.trainer.Trainer`) holds: it exists on the main
 process only, and only when one of the two is wanted.
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import distributed as dist_ctx
-from .atomic_io import read_jsonl
-from .errors import ConfigError
-from .metrics.exact import exact_plan
+from .. import distributed as dist_ctx
+from ..atomic_io import read_jsonl
+from ..errors import ConfigError
+from ..metrics.exact import exact_plan
+from ..runtime import fork_rng
 from .rundir import LOG_JSONL
-from .runtime import fork_rng
 from .theorem import model_outputs, terms_from_outputs
 
 __all__ = ["plan_mass", "fixed_batch", "FeatureGapProbe", "TensorBoardLog", "Monitor", "backfill_tensorboard",
@@ -109,7 +109,7 @@ class FeatureGapProbe:
 
     The teacher's outputs are computed once (it is frozen); :meth:`__call__` runs the student in
     eval mode on the batch and returns the ``diag`` dict of a ``log.jsonl`` row:
-    :func:`kd2m.bound.terms_from_outputs`'s keys (``w2``, ``w2_sq``, ``l2``, ``risk_*``, ``ce_*``,
+    :func:`kd2m.harness.bound.terms_from_outputs`'s keys (``w2``, ``w2_sq``, ``l2``, ``risk_*``, ``ce_*``,
     ``coupling_holds``, ``skipped``, ...; risks on these N samples only), :func:`plan_mass`'s
     shares, and ``seconds`` (its own wall time).
 

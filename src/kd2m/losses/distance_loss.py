@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import metrics
-from .metrics import batched
-from .projectors import build_projector
+from .. import metrics
+from ..metrics import batched
+from ..projectors import build_projector
 
 UNITS = ("batch", "spatial", "sequence", "tokens", "class")
 #: unit="tokens": positions kept per step (exact OT is O(n³) in them), and the seed that picks them
@@ -122,7 +122,7 @@ class KD2MLoss(nn.Module):
             student_feats, teacher_feats, labels = self._tokens(student_feats, teacher_feats, labels)
             student_logits = teacher_logits = None  # per sample, not per position
         if self.match == "global":
-            from .distributed import gather_batch
+            from ..distributed import gather_batch
             student_feats, teacher_feats, labels, student_logits, teacher_logits = gather_batch(
                 student_feats, teacher_feats, labels, student_logits, teacher_logits)
         # Distances are computed in at least float32 even under autocast: OT plans and matrix
@@ -221,6 +221,6 @@ def hinton_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     KL(teacher ‖ student) — the direction of the original paper (the reference code of KD²M used
     the reverse).
     """
-    from .losses.logit import kd  # here, not at the top: kd2m.losses imports this module
+    from .logit import kd  # here, not at the top: kd2m.losses imports this module
     return kd(student_logits=student_logits.float(), teacher_logits=teacher_logits.detach().float(),
               temperature=temperature)

@@ -3,7 +3,7 @@
 The distances differ by orders of magnitude in scale (W2² in the hundreds on the digits
 features, MMD below 1), so one λ means something different for every metric, layer and
 dataset. With ``weight: auto*K`` (in one run, ``auto`` = ``auto*1``; a grid first chooses K for a
-bare ``auto`` on a holdout: :mod:`kd2m.select_k`) the engine sets, before the first step,
+bare ``auto`` on a holdout: :mod:`kd2m.harness.select_k`) the engine sets, before the first step,
 
     λ_k = K · w_CE · E_b ‖∇_θ CE(b)‖ / E_b ‖∇_θ term_k(b)‖
 
@@ -31,10 +31,10 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from . import distributed as dist_ctx
-from .errors import ConfigError
-from .runtime import fork_rng, to_device
-from .training.build import IndexedDataset
+from .. import distributed as dist_ctx
+from ..errors import ConfigError
+from ..runtime import fork_rng, to_device
+from .build import IndexedDataset
 
 #: training batches the calibration averages over
 CALIBRATION_BATCHES = 4

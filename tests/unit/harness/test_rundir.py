@@ -1,4 +1,4 @@
-"""The output-directory contract (kd2m.rundir): layout, ownership, the lock, leftover temp files."""
+"""The output-directory contract (kd2m.harness.rundir): layout, ownership, the lock, leftover temp files."""
 import json
 import os
 import signal
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kd2m.rundir import LOCK, LOCK_INFO, MARKER, OutputDirError, OutputDirInUseError, RunDir, clean_temp_files
+from kd2m.harness.rundir import LOCK, LOCK_INFO, MARKER, OutputDirError, OutputDirInUseError, RunDir, clean_temp_files
 
 
 def test_layout_paths(tmp_path):
@@ -101,7 +101,7 @@ def test_unwritable_directory_names_it(tmp_path):
 
 HOLD = """
 import sys, time
-from kd2m.rundir import RunDir
+from kd2m.harness.rundir import RunDir
 with RunDir(sys.argv[1]).locked():
     print("locked", flush=True)
     time.sleep(120)
@@ -146,15 +146,15 @@ def test_a_killed_holder_does_not_block(tmp_path):
 
 def test_cli_error_line_for_a_busy_directory(tmp_path, capsys, monkeypatch):
     """The engine's grid runs inside locked(); the CLI turns the refusal into one line, exit 2."""
-    import kd2m.cli
+    import kd2m.harness.cli
     out = tmp_path / "o"
     proc = _start_holder(out)
     try:
         def grid(args):
             with RunDir(str(out)).locked():
                 return 0
-        monkeypatch.setattr(kd2m.cli, "cmd_metrics", grid)
-        code = kd2m.cli.main(["metrics"])
+        monkeypatch.setattr(kd2m.harness.cli, "cmd_metrics", grid)
+        code = kd2m.harness.cli.main(["metrics"])
         err = capsys.readouterr().err
         assert code == 2
         assert err.startswith(f"kd2m: error: {out} is in use by pid {proc.pid} on ") and err.count("\n") == 1

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import yaml
 
-from . import losses, rundir
-from .catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
-from .data import available_datasets, dataset_task, is_dataset
-from .errors import ConfigError
-from .features import PENULTIMATE
-from .methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
-from .models import available_models
-from .models.user import is_user_factory, load_factory
+from .. import losses
+from ..catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
+from ..data import available_datasets, dataset_task, is_dataset
+from ..errors import ConfigError
+from ..features import PENULTIMATE
+from ..models import available_models
+from ..models.user import is_user_factory, load_factory
+from ..training.methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
+from . import rundir
 from .monitor import require_tensorboard
 
 #: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
@@ -53,7 +54,7 @@ DATASET_DEFAULTS = {
     # MNIST-1D (Greydanus & Kobak): the paper's 1-D CNN teacher and MLP student, 4000 training
     # signals, no augmentation (so the teacher cache with one view is exact and saves the
     # teacher's forward pass every step). No λ was tuned here: every term uses `weight: auto`, its K
-    # chosen on a holdout (kd2m.select_k; the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
+    # chosen on a holdout (kd2m.harness.select_k; the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
     "mnist1d": dict(teacher="mnist1d_cnn", student="mnist1d_mlp", epochs=60, teacher_epochs=60, lr=0.05,
                     batch_size=100, weight="auto", num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
                     weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0}),
@@ -66,7 +67,7 @@ IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs
 #: (weight decay: the run's, 5e-4 by default), a
 #: 2-layer teacher (width 128, lr 1e-3, 2 epochs) and a 1-layer student (width 64, lr 3e-3, 2
 #: epochs), the teacher read from the exact one-view cache; the LLM field's divergences at λ 1 and
-#: every paper distance at `weight: auto` (its K chosen on a holdout: kd2m.select_k) on the final
+#: every paper distance at `weight: auto` (its K chosen on a holdout: kd2m.harness.select_k) on the final
 #: hidden states, a token of the batch being one sample (unit tokens) and its next token its label.
 #: The recipe was chosen on tuning seed 100 (teacher lr 3e-3 left no gap to the student: perplexity
 #: 8.45 against 8.78; 1e-3 gave 6.58), and the teacher's epochs (2, not 3) so that the grid fits 15
@@ -193,7 +194,7 @@ class RunConfig:
                                       "torchrun, whatever is given); results are the same as "
                                       "sequential runs at the same thread count: each worker uses --threads "
                                       "(0: 1 thread), and a CPU run's thread count is part of its stored settings")
-    # kd2m.monitor (neither changes what a run trains, so neither is part of a run's settings)
+    # kd2m.harness.monitor (neither changes what a run trains, so neither is part of a run's settings)
     tensorboard: bool = _opt(False, "TensorBoard event files for every run in <run_dir>/tb/ (tensorboard --logdir "
                                     "OUT); needs pip install -e \".[tensorboard]\"", flag=True)
     diagnostics: bool = _opt(True, "each epoch, a student's exact W2 to its teacher, the share of the OT plan "
@@ -357,7 +358,7 @@ def _fill_hf_models(c: RunConfig, given: set) -> None:
     text defaults' GPT-2 options go to another model type under the names its config takes
     (``hidden_size`` …), only those it has. A GGUF file is a directory's like (its metadata is
     its config), and its tokenizer is the data's unless ``tokenizer`` is given."""
-    from .models.hf import hf_directory_config, hf_gguf_config, is_gguf, is_hf
+    from ..models.hf import hf_directory_config, hf_gguf_config, is_gguf, is_hf
     for role in ("teacher", "student"):
         name, weights, key = getattr(c, role), getattr(c, f"pretrained_{role}"), f"{role}_options"
         if not is_hf(name):
@@ -582,8 +583,8 @@ def _check_topk(c: RunConfig) -> None:
     if not c.teacher_cache:
         raise ConfigError("teacher_topk: the top-K teacher is what the teacher cache keeps, and teacher_cache is 0 "
                           "(the online teacher); give --teacher-cache 1, or leave teacher_topk out")
-    from .losses.fused_head import DIVERGENCES
-    from .training.teacher import sparse_temperature
+    from ..losses.fused_head import DIVERGENCES
+    from ..training.teacher import sparse_temperature
     for method in c.methods():
         dense = [t.name for t in method.terms if t.reads_logits and t.name not in DIVERGENCES]
         if dense:
@@ -615,7 +616,7 @@ def _entry_name(entry):
 
 def _check_entry_name(entry, where: str) -> None:
     """A term entry is a name or a mapping whose ``term`` is a name (the rest is checked by
-    :func:`kd2m.methods.term_from_entry`)."""
+    :func:`kd2m.training.methods.term_from_entry`)."""
     name = _entry_name(entry)
     if not isinstance(entry, (str, dict)):
         raise ConfigError(f"{where}: a term is a name or a mapping with a 'term' key, got {_quote(entry)}")

@@ -68,8 +68,8 @@ DEFAULT_IN_WORDS = frozenset({"dataset", "task", "out"})
 def resolved_defaults() -> dict:
     """{dataset: the RunConfig a run on it resolves with no option given}: the one source of the
     defaults that the options' help states (:func:`default_help`)."""
+    from ..data import available_datasets
     from .config import RunConfig
-    from .data import available_datasets
     names = sorted(available_datasets(), key=lambda d: (d != "digits", d != "mnist1d", d))  # the grids' first
     return {d: RunConfig(dataset=d).resolved() for d in names}
 
@@ -139,7 +139,7 @@ def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
     """The ``kd2m`` parser. ``run_options=False`` leaves out the options of ``run``/``bench`` (the
     fields of RunConfig): ``kd2m --help``, ``--version`` and the other commands then parse without
     importing torch."""
-    from . import __version__
+    from .. import __version__
     p = Parser(prog="kd2m", description="Knowledge distillation through distribution matching.")
     p.add_argument("--version", action="version", version=f"kd2m {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -209,15 +209,15 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
         # --weight is every distance's λ, as it is over a dataset's defaults (config._fill_defaults): a
         # config file's λ per distance silently won over it (`kd2m bench configs/digits.yaml --weight
         # auto` trained the swept λ); its baselines' λ stay
-        from . import losses
+        from .. import losses
         cfg.weights = {k: w for k, w in cfg.weights.items() if k not in losses.available("kd2m")}
     return cfg
 
 
 def _selected(cfg, names, values):
     """``cfg`` (resolved) with each term of ``names`` at the K among ``values`` that its pilot grid
-    chose (kd2m.select_k: what ``weight: auto`` means in a grid)."""
-    from . import distributed as dist_ctx
+    chose (kd2m.harness.select_k: what ``weight: auto`` means in a grid)."""
+    from .. import distributed as dist_ctx
     from .select_k import check_reused, check_selection, select_k, with_chosen
     check_selection(cfg, names, values, cfg.select_seeds)
     check_reused(cfg, {n: list(values) for n in names})  # a finished run no candidate K can reuse
@@ -243,7 +243,7 @@ def parse_sweep(text: str | None):
 
 
 def cmd_run(args) -> int:
-    from . import distributed as dist_ctx
+    from .. import distributed as dist_ctx
     from .grid import run_grid
     given: set = set()
     cfg = config_from_args(args, given)
@@ -315,7 +315,7 @@ def cmd_bound(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .atomic_io import atomic_write_text
+    from ..atomic_io import atomic_write_text
     from .results import paper_table, read_reported, summarize
     runs, notes = {}, []
     for d in args.run_dirs:
@@ -345,7 +345,7 @@ def cmd_table(args) -> int:
 
 def _final_json(run_dir: Path) -> dict:
     """A run's final.json; a missing or unreadable one is a ValueError naming the file."""
-    from .atomic_io import read_json
+    from ..atomic_io import read_json
     path = run_dir / FINAL_JSON
     if not path.exists():
         raise ValueError(f"{path} does not exist: the row of results.csv names a run that is not there; rerun "
@@ -357,7 +357,7 @@ def _final_json(run_dir: Path) -> dict:
 
 
 def cmd_compare(args) -> int:
-    from .atomic_io import atomic_write_text
+    from ..atomic_io import atomic_write_text
     from .results import compare_table, read_rows
     csv_path = RunDir(args.run_dir).results_csv  # every run of the directory: the pairs are named explicitly
     if not csv_path.exists():
@@ -389,13 +389,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from . import losses
-    from .data import available_datasets
-    from .models import available_models
+    from .. import losses
+    from ..data import available_datasets
+    from ..models import available_models
     print("distances (--metrics): " + ", ".join(losses.available("kd2m")))
     print("baselines (--baselines): ce, " + ", ".join(losses.available("baseline")))
     if args.models:
-        from .models import describe_models
+        from ..models import describe_models
         print(describe_models())
     else:
         print("models: " + ", ".join(available_models()) + " (and timm:NAME, torchvision:NAME; kd2m metrics --models)")

@@ -51,7 +51,7 @@ def describe_environment() -> dict:
     """kd2m and torch versions, the git commit, CPU model, torch's CPU kernel path, threads, Python, platform."""
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     try:
         capability = torch.backends.cpu.get_cpu_capability()

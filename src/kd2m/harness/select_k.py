@@ -6,7 +6,7 @@ what a careful researcher does by hand instead, done by the tool, on data that d
 reported. A term left at a bare ``auto`` gets its K of ``auto*K`` chosen among :data:`DEFAULT_K`;
 ``select_k: [...]`` (``--select-k``) names other candidates and chooses for every distance and
 every baseline at ``auto``; ``auto*K`` written out, a ``--sweep``, or ``select_k: none`` choose
-nothing (``auto`` is then ``auto*1``: the calibration of :mod:`kd2m.auto_weight` alone):
+nothing (``auto`` is then ``auto*1``: the calibration of :mod:`kd2m.training.auto_weight` alone):
 
 1. **pilot grid**: every `auto` term's students at ``auto*K`` for each candidate K, on the
    selection seeds (default 100–102, never reported), trained on the training split minus a
@@ -33,12 +33,12 @@ import dataclasses
 import math
 from pathlib import Path
 
-from . import distributed as dist_ctx
-from .atomic_io import atomic_write_json
-from .catalog import CE
+from .. import distributed as dist_ctx
+from ..atomic_io import atomic_write_json
+from ..catalog import CE
+from ..errors import NonFiniteLossError
+from ..training.methods import parse_weight
 from .config import SELECT_SEEDS, ConfigError, RunConfig
-from .errors import NonFiniteLossError
-from .methods import parse_weight
 from .results import figure_of, read_reported
 from .rundir import SELECT_DIR, RunDir  # where the pilot grid lives, inside the output directory
 
@@ -110,7 +110,7 @@ def check_reused(cfg: RunConfig, candidates: dict[str, list[float]], chosen: boo
     (other settings) only once its turn came. Called before the pilot grid trains (the candidates:
     a run no candidate can reuse is refused before anything trains) and after it has chosen
     (``chosen``: each term's K), before the reported grid trains; the message names the field."""
-    from .atomic_io import read_json
+    from ..atomic_io import read_json
     from .rundir import FINAL_JSON
     out = RunDir(cfg.out)
     for name, values in candidates.items():
@@ -165,8 +165,8 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
     """Run (or resume) the pilot grid of ``cfg`` (resolved; scored on its ``select_holdout``) for
     the terms ``names`` (of :func:`plan`) and return :func:`choose`'s choice, also written to
     ``OUT/select-k/selected.json``."""
+    from ..runtime import resolve_device
     from .grid import run_grid
-    from .runtime import resolve_device
     # the process group first (under torchrun): only rank 0 may hold the output directory, and
     # before it exists every rank is rank 0 (each would find the lock held by the other)
     dist_ctx.setup(resolve_device(cfg.device))
