@@ -228,3 +228,25 @@ def test_compare_grids_pairs_one_method_across_two_grids(tmp_path, capsys):
     (tmp_path / "b" / "results.json").write_text(json.dumps({"rows": rows}))
     with pytest.raises(SystemExit, match="CE-only students differ"):
         load("compare_grids").main([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_topk_error_is_zero_at_the_whole_vocabulary_and_a_lower_bound_below_it(tmp_path, capsys):
+    # a tiny byte-level grid (vocabulary 257): at k = V the sparse teacher is the full one; below it,
+    # merging the tail into one ghost token can only lower an f-divergence (error ≥ 0)
+    from helpers import run_cli
+    corpus = tmp_path / "corpus.txt"
+    from pydoc_data.topics import topics
+    corpus.write_text("".join(topics[k] for k in sorted(topics))[:6000])
+    grid = tmp_path / "grid"
+    rc, _, err = run_cli(["run", "--task", "lm", "--dataset", f"text:{corpus}", "--baselines", "ce", "--metrics", "",
+                          "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--image-size", "16",
+                          "--parallel", "1", "--no-progress", "--out", grid], capsys)
+    assert rc == 0, err
+    table = load("topk_error").main([str(grid), "--ks", "4,257", "--tokens", "200", "--out", str(tmp_path / "t.md")])
+    rows = {line.split("|")[1].strip().split(" (")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    for name in ("fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd"):
+        at_4, at_v = [float(cell.strip(" %")) for cell in rows[name].split("|")[2:4]]
+        assert abs(at_v) < 1e-3 and at_4 >= -1e-3, rows[name]
+    mass = [float(c) for c in rows["teacher mass kept"].split("|")[2:4]]
+    assert 0 < mass[0] < 1 and mass[1] == 1.0
+    assert "200 held-out positions" in table and (tmp_path / "t.md").read_text().startswith("Sparse top-k")
