@@ -38,7 +38,8 @@ from ..atomic_io import atomic_write_json
 from ..catalog import CE
 from ..errors import NonFiniteLossError
 from ..training.methods import parse_weight
-from .config import SELECT_SEEDS, ConfigError, RunConfig
+from .config import ConfigError, RunConfig
+from .recipes import SELECT_SEEDS
 from .results import figure_of, read_reported
 from .rundir import SELECT_DIR, RunDir  # where the pilot grid lives, inside the output directory
 
