@@ -184,7 +184,8 @@ def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, given: set | None = None):
     """The RunConfig of a command line (its YAML file, then its options over it); ``given``, a set,
     receives the names of the fields they set."""
-    from .config import RunConfig, from_mapping, given_keys, read_yaml_mapping
+    from .config import RunConfig, from_mapping, given_keys
+    from .config_yaml import read_yaml_mapping
     cfg = RunConfig()
     config_file = getattr(args, "config_file", None) or getattr(args, "config", None)
     if getattr(args, "config_file", None) and getattr(args, "config", None):

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from .. import losses
 from ..catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
@@ -27,6 +23,8 @@ from ..models import available_models
 from ..models.user import is_user_factory, load_factory
 from ..training.methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
 from . import rundir
+from .config_values import float_list, int_list, quote, seed_list, str_list
+from .config_yaml import read_yaml_mapping
 from .monitor import require_tensorboard
 from .recipes import SELECT_SEEDS, fill_defaults
 
@@ -278,7 +276,7 @@ def _check_lm(c: RunConfig) -> None:
 def _check_lists_and_numbers(c: RunConfig) -> None:
     if not str(c.out).strip():
         raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
-    c.seeds = _seed_list(c.seeds)
+    c.seeds = seed_list(c.seeds)
     def off(v) -> bool:  # `select_k: none`, `off` (YAML reads it as False), `--select-k none` (a list of one)
         return v is False or (isinstance(v, str) and v.strip().lower() in ("none", "off"))
     if off(c.select_k) or (isinstance(c.select_k, list) and len(c.select_k) == 1 and off(c.select_k[0])):
@@ -286,12 +284,12 @@ def _check_lists_and_numbers(c: RunConfig) -> None:
     elif c.select_k is True:
         raise ConfigError("select_k: a comma list of K (e.g. 0,0.3,1,3,10), or none; got true")
     elif c.select_k is not None:
-        c.select_k = _float_list("select_k", c.select_k)
-    c.select_seeds = list(SELECT_SEEDS) if c.select_seeds is None else _seed_list(c.select_seeds, "select_seeds")
-    c.metrics = _str_list("metrics", c.metrics)
-    c.baselines = _str_list("baselines", c.baselines)
+        c.select_k = float_list("select_k", c.select_k)
+    c.select_seeds = list(SELECT_SEEDS) if c.select_seeds is None else seed_list(c.select_seeds, "select_seeds")
+    c.metrics = str_list("metrics", c.metrics)
+    c.baselines = str_list("baselines", c.baselines)
     if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
-        c.lr_milestones = _int_list("lr_milestones", ",".join(c.lr_milestones))
+        c.lr_milestones = int_list("lr_milestones", ",".join(c.lr_milestones))
     _check_numbers(c)
 
 
@@ -475,12 +473,12 @@ def _check_entry_name(entry, where: str) -> None:
     :func:`kd2m.training.methods.term_from_entry`)."""
     name = _entry_name(entry)
     if not isinstance(entry, (str, dict)):
-        raise ConfigError(f"{where}: a term is a name or a mapping with a 'term' key, got {_quote(entry)}")
+        raise ConfigError(f"{where}: a term is a name or a mapping with a 'term' key, got {quote(entry)}")
     if name is None:
-        raise ConfigError(f"{where}: the entry {_quote(entry)} names no term; give term: NAME "
+        raise ConfigError(f"{where}: the entry {quote(entry)} names no term; give term: NAME "
                           f"(e.g. {{term: cw2, weight: 0.1}})")
     if not isinstance(name, str):
-        raise ConfigError(f"{where}: term must be one name (a string), got {_quote(name)}; one entry per term")
+        raise ConfigError(f"{where}: term must be one name (a string), got {quote(name)}; one entry per term")
 
 
 #: Names in an output directory that a student's directory must not take (or climb out of it).
@@ -494,38 +492,9 @@ def _check_student_name(name, where: str) -> None:
     taken = _RESERVED_NAMES | {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str)}
     ok = isinstance(name, str) and bool(name) and all(ch.isalnum() or ch in "_+-=.," for ch in name)
     if not ok or name in taken or name.startswith("."):
-        raise ConfigError(f"{where}: {_quote(name)} cannot name a student (it names its directory in the output "
+        raise ConfigError(f"{where}: {quote(name)} cannot name a student (it names its directory in the output "
                           "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
                           "uses there (teacher, ce, results.csv, config.json, report, select-k, …)")
-
-
-def _seed_list(seeds, key: str = "seeds") -> list:
-    if isinstance(seeds, bool):
-        raise ConfigError(f"{key}: expected a count or a list of integers, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ConfigError(f"{key}: a count must be at least 1, got {seeds} "
-                              f"(to run one seed N alone give a list: --{key.replace('_', '-')} N, — with the comma — "
-                              f"or {key}: [N])")
-        return list(range(seeds))
-    if isinstance(seeds, str):
-        seeds = _int_list(key, seeds)
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"{key}: expected a count or a non-empty list of integers, got {seeds!r:.60}")
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{key}: expected distinct integers ≥ 0, got {seeds!r:.60}")
-    return seeds
-
-
-def _float_list(key: str, value) -> list:
-    """A comma list (command line) or a YAML list of numbers, as floats."""
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        if not isinstance(items, list) or any(isinstance(v, bool) for v in items):
-            raise ValueError
-        return [float(v) for v in items if not (isinstance(v, str) and not v.strip())]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: a comma list of numbers (e.g. 0,0.3,1,3,10), got {value!r:.60}") from None
 
 
 def _check_fraction(key: str, v, zero: bool) -> None:
@@ -580,21 +549,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 ALIASES = {"metric_options": "term_options"}
 
 
-def _str_list(key, value) -> list:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of names or a comma list, got {_quote(value)}")
-    return value
-
-
-def _int_list(key, value: str) -> list:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{key}: expected integers, got {value!r}") from None
-
-
 def _expected_types(name: str) -> tuple:
     hint = typing.get_type_hints(RunConfig)[name]
     args = typing.get_args(hint) or (hint,)
@@ -613,16 +567,16 @@ def _check_value(name: str, value):
     types = _expected_types(name)
     if name == "select_k" and isinstance(value, str) and not value.replace(",", "").strip():
         # an empty comma list would read as [], which is `none`: nothing chosen, silently
-        raise ConfigError(f"select_k: no K in {_quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
+        raise ConfigError(f"select_k: no K in {quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
                           "to choose nothing")
     if list in types and isinstance(value, str):  # "w2,cw2" from the command line
-        value = _str_list(name, value)
+        value = str_list(name, value)
     if value is None and type(None) in types:
         return value
     if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{name}: expected {_type_names(types)}, got a boolean {_quote(value)}")
+        raise ConfigError(f"{name}: expected {_type_names(types)}, got a boolean {quote(value)}")
     if not isinstance(value, types):
-        raise ConfigError(f"{name}: expected {_type_names(types)}, got {type(value).__name__} {_quote(value)}")
+        raise ConfigError(f"{name}: expected {_type_names(types)}, got {type(value).__name__} {quote(value)}")
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, float) and math.isnan(value):
@@ -630,22 +584,8 @@ def _check_value(name: str, value):
     if name == "seeds" and isinstance(value, list) and any(isinstance(s, bool) or not isinstance(s, int)
                                                            for s in value):
         # bool is an int in Python: [true] would silently run seed 1
-        raise ConfigError(f"seeds: a list must hold integers, got {_quote(value)}")
+        raise ConfigError(f"seeds: a list must hold integers, got {quote(value)}")
     return value
-
-
-#: How much of a value an error message quotes: a few items, a few levels, short strings.
-_QUOTE = reprlib.Repr()  # (keyword arguments need Python 3.12)
-_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 60, 60
-_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
-MAX_QUOTE_CHARS = 100
-
-
-def _quote(value) -> str:
-    """``repr(value)`` for an error message, bounded in time and length (never the whole of a huge
-    value: a YAML alias bomb's repr runs to gigabytes)."""
-    text = _QUOTE.repr(value)
-    return text if len(text) <= MAX_QUOTE_CHARS else text[:MAX_QUOTE_CHARS - 1] + "…"
 
 
 def _type_names(types) -> str:
@@ -659,98 +599,17 @@ def from_mapping(values: dict, base: RunConfig | None = None, source: str = "con
         key = str(raw_key).replace("-", "_")
         key = ALIASES.get(key, key)
         if key not in FIELDS:
-            raise ConfigError(f"{source}: unknown key {_quote(raw_key)}; valid keys: {', '.join(FIELDS)}")
+            raise ConfigError(f"{source}: unknown key {quote(raw_key)}; valid keys: {', '.join(FIELDS)}")
         setattr(cfg, key, _check_value(key, value))
     return cfg
-
-
-#: A kd2m config is a few hundred bytes and nodes; these bounds are far above any real one.
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_NODES = 10_000
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a document whose aliases expand it beyond
-    :data:`MAX_YAML_NODES` nodes, or that refers to itself, before constructing anything.
-
-    An alias (``*a``) is a reference to an anchored node, so a 444-byte file of nested aliases
-    (``a: &a [x, x, ...]``, ``b: &b [*a, *a, ...]``, …) composes to a small graph that expands
-    to billions of nodes: cheap to load, but any walk over it (a deep copy, an error message's
-    ``repr``) runs out of memory. The size is counted on the composed graph, each shared node
-    once (memoised): O(graph size), not O(expansion).
-    """
-
-    def construct_document(self, node):
-        _check_expansion(node, MAX_YAML_NODES)
-        return super().construct_document(node)
-
-    def construct_mapping(self, node, deep=False):
-        """Refuses a key given twice in one mapping (YAML would keep the last silently), naming it
-        and both lines; keys brought in by a merge (``<<: *base``) may be overridden, as YAML says."""
-        if isinstance(node, yaml.MappingNode):
-            lines: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = self.construct_object(key_node)
-                line = key_node.start_mark.line + 1
-                if key in lines:
-                    raise ConfigError(f"key {_quote(key)} is given twice in one mapping (lines {lines[key]} and "
-                                      f"{line}); YAML would keep only the last: keep one")
-                lines[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 (PyYAML) reads 1e-2 and 5e+3 as strings: its float needs a dot. Every other YAML
-# parser (1.2) reads them as numbers, and so does the command line's --lr 1e-2; so does this one.
-_BoundedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _children(node) -> list:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def _check_expansion(root, limit: int) -> int:
-    """Number of nodes of ``root`` with every alias expanded; a ConfigError beyond ``limit`` or on
-    a cycle. Iterative depth-first walk (no recursion limit), each distinct node sized once."""
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        key = id(node)
-        if finished:
-            on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
-            if sizes[key] > limit:
-                raise ConfigError(f"the YAML's aliases (*name) expand it to more than {limit} values "
-                                  f"(at line {node.start_mark.line + 1}); a kd2m config needs far fewer: "
-                                  "write the values out")
-            continue
-        if key in sizes:
-            continue
-        if key in on_path:
-            raise ConfigError(f"a YAML alias at line {node.start_mark.line + 1} refers to a value that contains "
-                              "it (a recursive structure); write the values out")
-        on_path.add(key)
-        stack.append((node, True))
-        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
-    return sizes[id(root)]
 
 
 def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """``base`` updated from the YAML mapping in ``path`` (see :func:`from_mapping`).
 
-    Refuses, with a ConfigError naming ``path``: a missing file, one over :data:`MAX_YAML_BYTES`,
-    invalid YAML, aliases that expand beyond :data:`MAX_YAML_NODES` values (an alias bomb), a
-    document that is not a mapping, unknown keys and wrongly typed values.
+    Refuses, with a ConfigError naming ``path``: what :func:`kd2m.harness.config_yaml.read_yaml_mapping`
+    refuses (a missing file, one over its size limit, invalid YAML, aliases that expand beyond its
+    node limit (an alias bomb), a document that is not a mapping), unknown keys and wrongly typed values.
     """
     return from_mapping(read_yaml_mapping(path), base, source=str(path))
 
@@ -758,24 +617,3 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 def given_keys(values: dict) -> set[str]:
     """The RunConfig fields a mapping (a YAML file's, the command line's) sets, by their field names."""
     return {ALIASES.get(str(k).replace("-", "_"), str(k).replace("-", "_")) for k in values}
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """The mapping in the YAML file ``path``, with :func:`load_yaml`'s refusals (keys not checked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is not a kd2m config (the limit is {MAX_YAML_BYTES} bytes)")
-    try:
-        data = yaml.load(path.read_bytes(), Loader=_BoundedLoader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError(f"{path}: nested too deeply to be a kd2m config") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return data
