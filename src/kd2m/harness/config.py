@@ -18,15 +18,14 @@ from .. import losses
 from ..catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
 from ..data import available_datasets, dataset_task, is_dataset
 from ..errors import ConfigError
-from ..features import PENULTIMATE
 from ..models import available_models
 from ..models.user import is_user_factory, load_factory
-from ..training.methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
-from . import rundir
+from ..training.methods import UNITS, cache_problem, parse_weight
 from .config_values import float_list, int_list, quote, seed_list, str_list
 from .config_yaml import read_yaml_mapping
 from .monitor import require_tensorboard
 from .recipes import SELECT_SEEDS, fill_defaults
+from .students import build_methods, build_term, entry_name, named_students
 
 
 def _opt(default, help: str, **kw):
@@ -158,7 +157,7 @@ class RunConfig:
         _check_models(c)
         _check_lists_and_numbers(c)
         _check_terms(c)
-        c.students = _named_students(c)
+        c.students = named_students(c)
         _scale_warmups(c)
         _check_ce_weights(c)
         _check_methods(c, cache_by_default)
@@ -188,50 +187,12 @@ class RunConfig:
 
     def term(self, name: str):
         """The single-term entry of a ``metrics`` or ``baselines`` name with this config's λ, options, layers."""
-        opts, schedule = _split_schedule(self.options_for(name))
-        entry = {"term": name, "weight": self.weight_for(name), **schedule}
-        if losses.spec(name).family == "kd2m":
-            unit = self.unit or "batch"
-            entry["unit"] = unit
-            # per-position units read their model's last map or tokens unless a layer is named
-            for key in ("student_layer", "teacher_layer"):
-                if unit == "batch" or getattr(self, key) != PENULTIMATE:
-                    entry[key] = getattr(self, key)
-        return term_from_entry(entry, name, options=opts)
+        return build_term(self, name)
 
     def methods(self) -> list:
-        """The students of this configuration, in table order: baselines, metrics, named students."""
-        out = [Method(CE) if b == CE else self._method(b, (self.term(b),)) for b in self.baselines]
-        out += [self._method(m, (self.term(m),)) for m in self.metrics]
-        for name, entries in (self.students or {}).items():
-            terms = []
-            for i, e in enumerate(entries):
-                tname = _entry_name(e)
-                # the run's layers for a distance on pooled features; a spatial one defaults to the
-                # last stage's map (kd2m.training.binding.default_layers), not the pooled penultimate
-                spatial = isinstance(e, dict) and e.get("unit", "batch") != "batch"
-                defaults = dict(student_layer=self.student_layer, teacher_layer=self.teacher_layer) \
-                    if isinstance(tname, str) and tname in _kd2m_names() and not spatial else {}
-                known = isinstance(tname, str) and tname in _all_names()
-                opts, schedule = _split_schedule(self.options_for(tname) if known else {})
-                entry = {**defaults, **schedule, **({"term": e} if isinstance(e, str) else e)}
-                if known and "weight" not in entry:
-                    entry["weight"] = self.weight_for(tname)
-                terms.append(term_from_entry(entry, f"students: {name}[{i}]", options=opts))
-            out.append(self._method(name, tuple(terms)))
-        return distinct_labels(out)
-
-    def _method(self, key: str, terms: tuple):
-        """A distilled student: its terms and its CE weight (``ce_weights``, else the authors' CE
-        weight of its only term, else 1)."""
-        given = self.ce_weights or {}
-        if key in given:
-            ce_weight = given[key]
-        elif len(terms) == 1:
-            ce_weight = terms[0].spec.ce_weight
-        else:
-            ce_weight = 1.0
-        return Method(key, terms, float(ce_weight))
+        """The students of this configuration, in table order: baselines, metrics, named students
+        (:mod:`kd2m.harness.students`)."""
+        return build_methods(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -331,31 +292,6 @@ def _check_terms(c: RunConfig) -> None:
             raise ConfigError(f"term_options: options of {m!r} must be a mapping, got {opts!r:.60}")
 
 
-def _named_students(c: RunConfig) -> dict:
-    """``students:`` and the one ``distill:`` student, checked: {name: entries}."""
-    if c.students is not None and not isinstance(c.students, dict):
-        raise ConfigError("students: expected a mapping of names to lists of terms")
-    students = dict(c.students or {})
-    for name, entries in students.items():
-        _check_student_name(name, "students")
-        if not isinstance(entries, list) or not entries:
-            raise ConfigError(f"students: {name}: expected a non-empty list of terms")
-        for i, e in enumerate(entries):
-            _check_entry_name(e, f"students: {name}[{i}]")
-    if c.distill is not None:
-        if not isinstance(c.distill, list) or not c.distill:
-            raise ConfigError("distill: expected a non-empty list of terms")
-        for i, e in enumerate(c.distill):
-            _check_entry_name(e, f"distill[{i}]")
-        name = "+".join(_entry_name(e) for e in c.distill)
-        if name in students:
-            # the distill: student would silently replace (or be replaced by) that one
-            raise ConfigError(f"distill: its student is named {name!r} after its terms, and students: has a "
-                              f"student {name!r} too; rename that one, or move distill's terms under students:")
-        students[name] = c.distill
-    return students
-
-
 def _scale_warmups(c: RunConfig) -> None:
     """Warm-ups against the run's length. A term's registered warm-up is its authors' for their
     schedule (DKD: 20 of mdistiller's 240 epochs, :meth:`kd2m.losses.TermSpec.warmup_for`): where
@@ -363,7 +299,7 @@ def _scale_warmups(c: RunConfig) -> None:
     ``term_options`` so that config.json holds what runs. A warm-up given (``term_options`` or a
     student's term entry) that reaches the run's epochs is refused: λ would reach its value only
     in the last epoch, or never (a warm-up of 1 ramps nothing and is kept)."""
-    used = set(c.metrics) | set(c.baselines) | {_entry_name(e) for es in c.students.values() for e in es}
+    used = set(c.metrics) | set(c.baselines) | {entry_name(e) for es in c.students.values() for e in es}
     used = sorted(n for n in used if isinstance(n, str) and n in losses.available())
     given = [(f"term_options: {n}", n, c.term_options[n]["warmup"]) for n in used
              if "warmup" in c.term_options.get(n, {})]
@@ -446,55 +382,6 @@ def _check_topk(c: RunConfig) -> None:
                               f"which a top-{k} cache does not keep (only {', '.join(DIVERGENCES)} read it); "
                               "drop the term, or leave teacher_topk out (every logit)")
         sparse_temperature(method)
-
-
-def _split_schedule(opts: dict) -> tuple[dict, dict]:
-    """A term's options without the schedule keys (``warmup``, ``schedule``) that may be given among them."""
-    sched = {k: opts.pop(k) for k in ("warmup", "schedule") if k in opts}
-    return opts, sched
-
-
-def _kd2m_names():
-    return losses.available("kd2m")
-
-
-def _all_names():
-    return losses.available()
-
-
-def _entry_name(entry):
-    if isinstance(entry, dict):
-        return entry.get("term", entry.get("metric"))
-    return entry
-
-
-def _check_entry_name(entry, where: str) -> None:
-    """A term entry is a name or a mapping whose ``term`` is a name (the rest is checked by
-    :func:`kd2m.training.methods.term_from_entry`)."""
-    name = _entry_name(entry)
-    if not isinstance(entry, (str, dict)):
-        raise ConfigError(f"{where}: a term is a name or a mapping with a 'term' key, got {quote(entry)}")
-    if name is None:
-        raise ConfigError(f"{where}: the entry {quote(entry)} names no term; give term: NAME "
-                          f"(e.g. {{term: cw2, weight: 0.1}})")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}: term must be one name (a string), got {quote(name)}; one entry per term")
-
-
-#: Names in an output directory that a student's directory must not take (or climb out of it).
-_RESERVED_NAMES = {".", "..", TEACHER, CE, "report", "tb"}
-
-
-def _check_student_name(name, where: str) -> None:
-    """A student's name is its directory under ``out`` and its results key: a plain file name
-    (letters, digits and ``_+-=.,``), not '.', '..', a name kd2m uses in ``out`` (``teacher``,
-    ``ce``, ``results.csv`` …), and no '@' (the key's variant separator)."""
-    taken = _RESERVED_NAMES | {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str)}
-    ok = isinstance(name, str) and bool(name) and all(ch.isalnum() or ch in "_+-=.," for ch in name)
-    if not ok or name in taken or name.startswith("."):
-        raise ConfigError(f"{where}: {quote(name)} cannot name a student (it names its directory in the output "
-                          "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
-                          "uses there (teacher, ce, results.csv, config.json, report, select-k, …)")
 
 
 def _check_fraction(key: str, v, zero: bool) -> None:
