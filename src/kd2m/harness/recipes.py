@@ -14,7 +14,8 @@ from ..catalog import CE
 from ..data import dataset_task
 from ..errors import ConfigError
 
-__all__ = ["DATASET_DEFAULTS", "IMAGE_DEFAULTS", "LM_DEFAULTS", "SELECT_SEEDS", "defaults_for", "fill_defaults"]
+__all__ = ["DATASET_DEFAULTS", "IMAGE_DEFAULTS", "LM_DEFAULTS", "SELECT_SEEDS", "defaults_for", "fill_defaults",
+           "without_distance_weights"]
 
 #: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
 #: configs/mnist1d.yaml write these out; tests/integration/test_engine.py checks that they agree.
@@ -75,21 +76,30 @@ def defaults_for(dataset: str) -> dict:
     return LM_DEFAULTS if dataset_task(dataset) == "lm" else IMAGE_DEFAULTS
 
 
+def without_distance_weights(weights: dict) -> dict:
+    """The entries of ``weights`` (λ per term name) that a given ``weight`` leaves: the baselines'.
+
+    ``weight`` is every KD²M distance's λ, so where it is given it drops the distances' λ per term
+    written below it (a dataset's defaults, a config file's ``weights`` under ``--weight``) and
+    keeps the baselines' (DKD's λ, KD's CE weight): ``weight`` only ever sets the distances'.
+    """
+    distances = losses.available("kd2m")
+    return {k: w for k, w in weights.items() if k not in distances}
+
+
 def fill_defaults(c) -> None:
     """The dataset's defaults where the user left a field of ``c`` (a RunConfig) unset (None)."""
     defaults = {"batch_size": 128, "teacher_cache": 0, "seeds": 3, "parallel": 1, "optimizer": "sgd",
                 "unit": "batch", "baselines": [CE, "kd", "dkd", "dist"], **defaults_for(c.dataset)}
     defaults["task"] = dataset_task(c.dataset)
-    # Per-term λ defaults apply only while the user set no `weights:`; an explicit --weight means
-    # "this λ for every distance", so it drops the distances' defaults and keeps the baselines'
-    # (its help says it sets the distances' λ: it must not move DKD's λ or KD's CE weight).
+    # Per-term λ defaults apply only while the user set no `weights:`, and a given weight drops the
+    # distances' among them (without_distance_weights)
     default_weights = defaults.pop("weights", {})
     default_ce = defaults.pop("ce_weights", {})  # swept together with the λ of `weights`: they go together
     if c.ce_weights is None:
         c.ce_weights = dict(default_ce) if c.weights is None else {}
     if c.weights is None:
-        c.weights = {k: w for k, w in default_weights.items()
-                     if c.weight is None or losses.spec(k).family != "kd2m"}
+        c.weights = dict(default_weights) if c.weight is None else without_distance_weights(default_weights)
     default_options = defaults.pop("term_options", {})
     given_models = {k for k in ("teacher", "student", "teacher_options", "student_options")
                     if getattr(c, k) is not None}
