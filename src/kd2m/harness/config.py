@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import losses
 from ..catalog import PAPER_METRICS
 from ..errors import ConfigError
+from ..features import PENULTIMATE
 from .config_checks import resolve
 from .config_values import quote, str_list
 from .config_yaml import read_yaml_mapping
@@ -108,8 +109,8 @@ class RunConfig:
     unit: str | None = _opt(None, "what one sample of the metrics' distributions is: batch (an image), "
                                   "spatial (each map's positions), sequence (each sequence's tokens), tokens (every "
                                   "token of the batch)")
-    student_layer: str = _opt("penultimate", "student layer the distances match (module path)")
-    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path)")
+    student_layer: str = _opt(PENULTIMATE, "student layer the distances match (module path)")
+    teacher_layer: str = _opt(PENULTIMATE, "teacher layer the distances match (module path)")
     match: str = _opt("global", "global (gather features over ranks) or local")
     amp: str = _opt("none", "none, bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
     channels_last: bool = _opt(False, "channels_last memory format", flag=True)
