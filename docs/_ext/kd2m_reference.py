@@ -2,7 +2,8 @@
 
 - ``_generated/cli.md``: every command's ``--help``, from :func:`kd2m.harness.cli.build_parser`;
 - ``_generated/config.md``: every configuration key with its default and help, from
-  :class:`kd2m.harness.config.RunConfig`'s fields and the datasets' defaults;
+  :class:`kd2m.harness.config.RunConfig`'s fields and the datasets' defaults
+  (:mod:`kd2m.harness.recipes`);
 - ``_generated/terms.md``: the distances and the field's methods, from the term and metric
   registries' own facts;
 - ``_generated/digits_headline.md`` and ``_generated/digits_results.md``: the digits experiment's
@@ -45,7 +46,7 @@ def _cell(value) -> str:
 
 
 def config_page() -> str:
-    from kd2m.harness import config
+    from kd2m.harness import config, recipes
     out = ["# Configuration keys", "",
            "Every key of a YAML config (`kd2m bench CONFIG`) is also a command-line option of `kd2m run` "
            "and `kd2m bench` (with `-` for `_`), except those marked *YAML only*. Generated from "
@@ -64,8 +65,8 @@ def config_page() -> str:
         out.append(f"| `{f.name}`{where} | {_cell(default)} | {_cell(meta.get('help', ''))} |")
     out += ["", "## Defaults per dataset", "",
             "A key left unset takes its dataset's default:", ""]
-    for name, values in [*config.DATASET_DEFAULTS.items(), ("other images", config.IMAGE_DEFAULTS),
-                         ("text", config.LM_DEFAULTS)]:
+    for name, values in [*recipes.DATASET_DEFAULTS.items(), ("other images", recipes.IMAGE_DEFAULTS),
+                         ("text", recipes.LM_DEFAULTS)]:
         out.append(f"- **{name}**: " + ", ".join(f"`{k}` {_cell(v)}" for k, v in values.items()))
     return "\n".join(out) + "\n"
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from kd2m.harness.config import PAPER_METRICS
+from kd2m.catalog import PAPER_METRICS
 
 from helpers import ENV, kd2m_cmd, read_csv
 

@@ -289,7 +289,8 @@ def test_a_kd2m_term_in_a_transformers_trainer(tmp_path):
 
 
 def test_task_lm_picks_the_text_benchmark_and_refuses_an_image_dataset():
-    from kd2m.harness.config import ConfigError, RunConfig
+    from kd2m.errors import ConfigError
+    from kd2m.harness.config import RunConfig
     cfg = RunConfig(task="lm").resolved()
     assert (cfg.dataset, cfg.teacher, cfg.optimizer, cfg.unit, cfg.baselines) == \
         ("python_docs", "hf:gpt2", "adamw", "tokens", ["ce", "fkl", "rkl", "jsd"])

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from kd2m.atomic_io import load_checkpoint
 from kd2m.data import build_dataset
+from kd2m.errors import ConfigError
 from kd2m.harness.cli import main
-from kd2m.harness.config import ConfigError, RunConfig
+from kd2m.harness.config import RunConfig
 from kd2m.harness.trainer import Trainer, freeze
 from kd2m.models import build_model
 from kd2m.training.methods import parse_weight

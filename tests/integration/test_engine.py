@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kd2m.atomic_io import load_checkpoint
+from kd2m.catalog import PAPER_METRICS
 from kd2m.harness.cli import main
-from kd2m.harness.config import PAPER_METRICS, RunConfig, load_yaml
+from kd2m.harness.config import RunConfig, load_yaml
 
 from helpers import ENV, REPO_ROOT, kd2m_cmd, read_csv
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kd2m import metrics
-from kd2m.harness.config import ConfigError
+from kd2m.errors import ConfigError
 
 from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 

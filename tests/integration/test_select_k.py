@@ -6,8 +6,9 @@ import torch
 
 from kd2m.data import build_dataset
 from kd2m.data.registry import holdout_split
+from kd2m.errors import ConfigError
 from kd2m.harness.cli import main
-from kd2m.harness.config import ConfigError, RunConfig
+from kd2m.harness.config import RunConfig
 from kd2m.harness.select_k import choose
 
 from helpers import REPO_ROOT

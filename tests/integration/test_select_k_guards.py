@@ -191,7 +191,7 @@ def test_the_card_says_what_k_0_and_named_students_train_at(capsys):
 def test_a_run_made_with_other_settings_names_the_nested_field_that_differs(tmp_path):
     """The settings diff cut each value to 60 characters: a term's description ended before its
     weight, so the refusal hid the one field that differed."""
-    from kd2m.harness.config import ConfigError
+    from kd2m.errors import ConfigError
     from kd2m.training.state import check_settings
     term = {"term": "cw2", "weight": 0.3, "options": {"max_tokens": 256, "token_seed": 0},
             "student_layer": "penultimate", "teacher_layer": "penultimate", "unit": "batch", "warmup": 0,

@@ -7,8 +7,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from kd2m.data import DataBundle, build_dataset
+from kd2m.errors import ConfigError
 from kd2m.features import FeatureTap
-from kd2m.harness.config import ConfigError, RunConfig
+from kd2m.harness.config import RunConfig
 from kd2m.harness.trainer import Trainer, fit, freeze
 from kd2m.models import build_model
 from kd2m.training.methods import Method, TermConfig

@@ -8,7 +8,7 @@ every option, and the layers it reads (resolved on the real models where they ca
 each value marked with its source:
 
 - ``config``: the YAML file or the command line;
-- ``dataset default``: :func:`kd2m.harness.config.defaults_for` (``DATASET_DEFAULTS``, ``LM_DEFAULTS`` or ``IMAGE_DEFAULTS``);
+- ``dataset default``: :func:`kd2m.harness.recipes.defaults_for` (``DATASET_DEFAULTS``, ``LM_DEFAULTS`` or ``IMAGE_DEFAULTS``);
 - ``authors' default``: the term's registration, which carries its authors' value
   (:func:`kd2m.losses.spec`); its docstring names the file it was read from;
 - ``kd2m default``: a field of :class:`kd2m.harness.config.RunConfig` nobody set.
@@ -27,7 +27,8 @@ from ..data.torchvision_sets import SHAPES
 from ..models import build_model
 from ..training.binding import default_layers
 from ..training.methods import Method
-from .config import RunConfig, defaults_for
+from .config import RunConfig
+from .recipes import defaults_for
 
 __all__ = ["reproduction_card"]
 
@@ -144,7 +145,7 @@ def _schedule(term, entry: dict, user: RunConfig) -> str:
     if term.warmup_epochs:
         where = "config" if "warmup" in entry or "warmup" in opts else "authors' default"
         epochs, spec = user.resolved().epochs, term.spec
-        if where != "config" and spec.warmup_of and epochs != spec.warmup_of:  # kd2m.harness.config._scale_warmups
+        if where != "config" and spec.warmup_of and epochs != spec.warmup_of:  # kd2m.harness.config_checks._scale_warmups
             where = f"the authors' {spec.warmup} of {spec.warmup_of} epochs, scaled to this run's {epochs}"
         parts.append(f"warm-up {term.warmup_epochs} epochs ({where})")
     if term.schedule != "constant":

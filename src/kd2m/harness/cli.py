@@ -184,7 +184,8 @@ def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, given: set | None = None):
     """The RunConfig of a command line (its YAML file, then its options over it); ``given``, a set,
     receives the names of the fields they set."""
-    from .config import RunConfig, from_mapping, given_keys, read_yaml_mapping
+    from .config import RunConfig, from_mapping, given_keys
+    from .config_yaml import read_yaml_mapping
     cfg = RunConfig()
     config_file = getattr(args, "config_file", None) or getattr(args, "config", None)
     if getattr(args, "config_file", None) and getattr(args, "config", None):
@@ -206,11 +207,10 @@ def config_from_args(args: argparse.Namespace, given: set | None = None):
         given |= set(overrides)
     cfg = from_mapping(overrides, cfg, source="command line")
     if "weight" in overrides and cfg.weights:
-        # --weight is every distance's λ, as it is over a dataset's defaults (config._fill_defaults): a
-        # config file's λ per distance silently won over it (`kd2m bench configs/digits.yaml --weight
-        # auto` trained the swept λ); its baselines' λ stay
-        from .. import losses
-        cfg.weights = {k: w for k, w in cfg.weights.items() if k not in losses.available("kd2m")}
+        # over a config file's `weights` too (else `kd2m bench configs/digits.yaml --weight auto`
+        # trains the file's swept λ per distance)
+        from .recipes import without_distance_weights
+        cfg.weights = without_distance_weights(cfg.weights)
     return cfg
 
 

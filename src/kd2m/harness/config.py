@@ -10,82 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .. import losses
-from ..catalog import BASELINE_ORDER, CE, PAPER_METRICS, TEACHER
-from ..data import available_datasets, dataset_task, is_dataset
+from ..catalog import PAPER_METRICS
 from ..errors import ConfigError
 from ..features import PENULTIMATE
-from ..models import available_models
-from ..models.user import is_user_factory, load_factory
-from ..training.methods import UNITS, Method, cache_problem, distinct_labels, parse_weight, term_from_entry
-from . import rundir
-from .monitor import require_tensorboard
+from .config_checks import resolve
+from .config_values import quote, str_list
+from .config_yaml import read_yaml_mapping
+from .students import build_methods, build_term
 
-#: Per-dataset defaults, used where the user left a field unset (None). configs/digits.yaml and
-#: configs/mnist1d.yaml write these out; tests/integration/test_engine.py checks that they agree.
-DATASET_DEFAULTS = {
-    # Tiny models: one CPU thread is as fast as two when idle and 10-100x faster when the cores
-    # are shared (OpenMP barriers spin against the other load).
-    # The student trains 10 epochs against a 30-epoch teacher: a budget-limited student, the
-    # regime where a teacher has something to add. λ per term (distances differ by orders of
-    # magnitude in scale; DKD's authors' λ = 1 diverges on this MLP) was picked by
-    # `kd2m bench --sweep weight=...` (and per-baseline sweeps) on seeds 100-102, which are never
-    # reported; gauss_kl gets ridge 0.1 because the teacher has dead ReLU channels that make
-    # KL(N_S‖N_T) ~1e5 with the library's 1e-5 ridge. Seeds 0-9 are the reported ones.
-    # No augmentation on the digits: the teacher cache with one view is exact and saves the
-    # teacher's forward pass every step (about 40% of a distilled student's time).
-    "digits": dict(teacher="digits_cnn", student="digits_mlp", epochs=10, teacher_epochs=30, lr=0.05,
-                   weight=0.01, num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
-                   weights={"w2": 0.01, "cw2": 0.1, "jw2": 0.001, "gauss_w2": 0.01, "gauss_cw2": 0.1,
-                            "gauss_kl": 0.03, "gauss_ckl": 0.03, "mmd_rbf": 10.0, "cmmd_rbf": 10.0,
-                            "kd": 1.0, "dkd": 0.1, "dist": 1.0},
-                   # KD's λ = 1 was swept with CE at weight 1 (the authors' CIFAR loss is 0.1·CE + 0.9·KD)
-                   ce_weights={"kd": 1.0},
-                   # (DKD's warm-up, 20 of mdistiller's 240 epochs, is scaled to the run: 1 of 10)
-                   term_options={"gauss_kl": {"ridge": 0.1}, "gauss_ckl": {"ridge": 0.1}}),
-    # MNIST-1D (Greydanus & Kobak): the paper's 1-D CNN teacher and MLP student, 4000 training
-    # signals, no augmentation (so the teacher cache with one view is exact and saves the
-    # teacher's forward pass every step). No λ was tuned here: every term uses `weight: auto`, its K
-    # chosen on a holdout (kd2m.harness.select_k; the baselines' CIFAR λ do not transfer: DKD's λ = 1 diverged).
-    "mnist1d": dict(teacher="mnist1d_cnn", student="mnist1d_mlp", epochs=60, teacher_epochs=60, lr=0.05,
-                    batch_size=100, weight="auto", num_workers=0, threads=1, seeds=10, teacher_cache=1, parallel=2,
-                    weights={"kd": "auto", "dkd": "auto", "dist": "auto", "pkt": "auto"}, ce_weights={"kd": 1.0}),
-}
-#: seeds of a ``select_k`` pilot grid unless given: the repository's tuning seeds, never reported
-SELECT_SEEDS = (100, 101, 102)
-IMAGE_DEFAULTS = dict(teacher="cifar_resnet34", student="cifar_resnet18", epochs=15, lr=1e-2, weight=1e-4,
-                      num_workers=2, threads=0, seeds=3, batch_size=128, teacher_cache=0)
-#: Text (``python_docs``, ``text:PATH``): byte-level GPT-2s trained from scratch here with AdamW
-#: (weight decay: the run's, 5e-4 by default), a
-#: 2-layer teacher (width 128, lr 1e-3, 2 epochs) and a 1-layer student (width 64, lr 3e-3, 2
-#: epochs), the teacher read from the exact one-view cache; the LLM field's divergences at λ 1 and
-#: every paper distance at `weight: auto` (its K chosen on a holdout: kd2m.harness.select_k) on the final
-#: hidden states, a token of the batch being one sample (unit tokens) and its next token its label.
-#: The recipe was chosen on tuning seed 100 (teacher lr 3e-3 left no gap to the student: perplexity
-#: 8.45 against 8.78; 1e-3 gave 6.58), and the teacher's epochs (2, not 3) so that the grid fits 15
-#: minutes on 2 cores at 6 seeds without the choice of K (README "Language models").
-LM_DEFAULTS = dict(teacher="hf:gpt2", student="hf:gpt2",
-                   teacher_options={"n_layer": 2, "n_embd": 128, "n_head": 4},
-                   student_options={"n_layer": 1, "n_embd": 64, "n_head": 2},
-                   epochs=2, teacher_epochs=2, lr=3e-3, teacher_lr=1e-3, optimizer="adamw",
-                   batch_size=32, image_size=64, weight="auto", unit="tokens", num_workers=0, threads=1, seeds=6,
-                   parallel=2, teacher_cache=1, baselines=["ce", "fkl", "rkl", "jsd"])
-
-
-def defaults_for(dataset: str) -> dict:
-    """The defaults of ``dataset``: its entry of :data:`DATASET_DEFAULTS`, :data:`LM_DEFAULTS` for
-    text, else :data:`IMAGE_DEFAULTS`."""
-    if dataset in DATASET_DEFAULTS:
-        return DATASET_DEFAULTS[dataset]
-    return LM_DEFAULTS if dataset_task(dataset) == "lm" else IMAGE_DEFAULTS
+__all__ = ["RunConfig", "FIELDS", "ALIASES", "from_mapping", "load_yaml", "given_keys"]
 
 
 def _opt(default, help: str, **kw):
@@ -171,8 +109,8 @@ class RunConfig:
     unit: str | None = _opt(None, "what one sample of the metrics' distributions is: batch (an image), "
                                   "spatial (each map's positions), sequence (each sequence's tokens), tokens (every "
                                   "token of the batch)")
-    student_layer: str = _opt("penultimate", "student layer the distances match (module path)")
-    teacher_layer: str = _opt("penultimate", "teacher layer the distances match (module path)")
+    student_layer: str = _opt(PENULTIMATE, "student layer the distances match (module path)")
+    teacher_layer: str = _opt(PENULTIMATE, "teacher layer the distances match (module path)")
     match: str = _opt("global", "global (gather features over ranks) or local")
     amp: str = _opt("none", "none, bf16 or fp16 autocast for the networks (distances stay fp32/fp64)")
     channels_last: bool = _opt(False, "channels_last memory format", flag=True)
@@ -203,26 +141,10 @@ class RunConfig:
 
     # ------------------------------------------------------------------
     def resolved(self) -> RunConfig:
-        """A copy with dataset-dependent defaults filled in and every value checked."""
+        """A copy with dataset-dependent defaults filled in and every value checked
+        (:func:`kd2m.harness.config_checks.resolve`)."""
         c = dataclasses.replace(self)
-        if c.dataset is None:  # --task lm alone: the offline text benchmark
-            c.dataset = "python_docs" if c.task == "lm" else "digits"
-        if not is_dataset(c.dataset):  # checked before anything is written or loaded
-            raise ConfigError(f"dataset: unknown {c.dataset!r}; available: {', '.join(available_datasets())}")
-        if c.task is not None and c.task != dataset_task(c.dataset):
-            raise ConfigError(f"task: {c.task!r}, but dataset {c.dataset!r} is for {dataset_task(c.dataset)}; text "
-                              "datasets (python_docs, text:PATH) are for lm, the others for classification")
-        cache_by_default = c.teacher_cache is None
-        _fill_defaults(c)
-        _check_models(c)
-        _check_lists_and_numbers(c)
-        _check_terms(c)
-        c.students = _named_students(c)
-        _scale_warmups(c)
-        _check_ce_weights(c)
-        _check_methods(c, cache_by_default)
-        _check_topk(c)
-        _check_lm(c)
+        resolve(c)
         return c
 
     def teacher_config(self) -> RunConfig:
@@ -247,496 +169,20 @@ class RunConfig:
 
     def term(self, name: str):
         """The single-term entry of a ``metrics`` or ``baselines`` name with this config's λ, options, layers."""
-        opts, schedule = _split_schedule(self.options_for(name))
-        entry = {"term": name, "weight": self.weight_for(name), **schedule}
-        if losses.spec(name).family == "kd2m":
-            unit = self.unit or "batch"
-            entry["unit"] = unit
-            # per-position units read their model's last map or tokens unless a layer is named
-            for key in ("student_layer", "teacher_layer"):
-                if unit == "batch" or getattr(self, key) != PENULTIMATE:
-                    entry[key] = getattr(self, key)
-        return term_from_entry(entry, name, options=opts)
+        return build_term(self, name)
 
     def methods(self) -> list:
-        """The students of this configuration, in table order: baselines, metrics, named students."""
-        out = [Method(CE) if b == CE else self._method(b, (self.term(b),)) for b in self.baselines]
-        out += [self._method(m, (self.term(m),)) for m in self.metrics]
-        for name, entries in (self.students or {}).items():
-            terms = []
-            for i, e in enumerate(entries):
-                tname = _entry_name(e)
-                # the run's layers for a distance on pooled features; a spatial one defaults to the
-                # last stage's map (kd2m.training.binding.default_layers), not the pooled penultimate
-                spatial = isinstance(e, dict) and e.get("unit", "batch") != "batch"
-                defaults = dict(student_layer=self.student_layer, teacher_layer=self.teacher_layer) \
-                    if isinstance(tname, str) and tname in _kd2m_names() and not spatial else {}
-                known = isinstance(tname, str) and tname in _all_names()
-                opts, schedule = _split_schedule(self.options_for(tname) if known else {})
-                entry = {**defaults, **schedule, **({"term": e} if isinstance(e, str) else e)}
-                if known and "weight" not in entry:
-                    entry["weight"] = self.weight_for(tname)
-                terms.append(term_from_entry(entry, f"students: {name}[{i}]", options=opts))
-            out.append(self._method(name, tuple(terms)))
-        return distinct_labels(out)
-
-    def _method(self, key: str, terms: tuple):
-        """A distilled student: its terms and its CE weight (``ce_weights``, else the authors' CE
-        weight of its only term, else 1)."""
-        given = self.ce_weights or {}
-        if key in given:
-            ce_weight = given[key]
-        elif len(terms) == 1:
-            ce_weight = terms[0].spec.ce_weight
-        else:
-            ce_weight = 1.0
-        return Method(key, terms, float(ce_weight))
+        """The students of this configuration, in table order: baselines, metrics, named students
+        (:mod:`kd2m.harness.students`)."""
+        return build_methods(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------- RunConfig.resolved's phases
-def _fill_defaults(c: RunConfig) -> None:
-    """The dataset's defaults where the user left a field unset (None)."""
-    defaults = {"batch_size": 128, "teacher_cache": 0, "seeds": 3, "parallel": 1, "optimizer": "sgd",
-                "unit": "batch", "baselines": [CE, "kd", "dkd", "dist"], **defaults_for(c.dataset)}
-    defaults["task"] = dataset_task(c.dataset)
-    # Per-term λ defaults apply only while the user set no `weights:`; an explicit --weight means
-    # "this λ for every distance", so it drops the distances' defaults and keeps the baselines'
-    # (its help says it sets the distances' λ: it must not move DKD's λ or KD's CE weight).
-    default_weights = defaults.pop("weights", {})
-    default_ce = defaults.pop("ce_weights", {})  # swept together with the λ of `weights`: they go together
-    if c.ce_weights is None:
-        c.ce_weights = dict(default_ce) if c.weights is None else {}
-    if c.weights is None:
-        c.weights = {k: w for k, w in default_weights.items()
-                     if c.weight is None or losses.spec(k).family != "kd2m"}
-    default_options = defaults.pop("term_options", {})
-    given_models = {k for k in ("teacher", "student", "teacher_options", "student_options")
-                    if getattr(c, k) is not None}
-    if c.baselines is None:
-        c.baselines = list(defaults["baselines"])
-    if c.term_options is None:
-        c.term_options = {m: dict(o) for m, o in default_options.items() if m in c.metrics or m in c.baselines}
-    for key, value in defaults.items():
-        if getattr(c, key) is None:
-            setattr(c, key, value)
-    _fill_hf_models(c, given_models)
-    if c.teacher_epochs is None:
-        c.teacher_epochs = c.epochs
-    if c.out is None:
-        c.out = str(Path("runs") / c.dataset)
-    if c.weight is None:
-        c.weight = 1.0
-
-
-def _check_models(c: RunConfig) -> None:
-    for key in ("teacher", "student"):
-        name = getattr(c, key)
-        if is_user_factory(name):
-            try:
-                load_factory(name)  # an import error is said now, not after the teacher trained
-            except ValueError as e:
-                raise ConfigError(f"{key}: {e}") from None
-            continue
-        if not (name in available_models() or str(name).startswith(("timm:", "torchvision:", "hf:"))):
-            raise ConfigError(f"{key}: unknown model {getattr(c, key)!r}; available: "
-                              f"{', '.join(available_models())} (or timm:NAME, torchvision:NAME, hf:MODEL_TYPE, "
-                              "package.module:factory for your own)")
-
-
-#: the text defaults' GPT-2 options by the names every transformers config answers to
-_HF_COMMON_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads"}
-
-
-def _fill_hf_models(c: RunConfig, given: set) -> None:
-    """What each ``hf:`` network really is. A ``save_pretrained`` directory given as
-    ``pretrained_<role>`` decides its architecture: the role is named after its ``model_type`` and
-    its options are its config (what config.json, the card and every run's settings then record);
-    options or another model type given with it are refused, as they would be ignored. Else the
-    text defaults' GPT-2 options go to another model type under the names its config takes
-    (``hidden_size`` …), only those it has. A GGUF file is a directory's like (its metadata is
-    its config), and its tokenizer is the data's unless ``tokenizer`` is given."""
-    from ..models.hf import hf_directory_config, hf_gguf_config, is_gguf, is_hf
-    for role in ("teacher", "student"):
-        name, weights, key = getattr(c, role), getattr(c, f"pretrained_{role}"), f"{role}_options"
-        if not is_hf(name):
-            continue
-        source = "its metadata" if is_gguf(weights) else "its config.json"
-        if is_gguf(weights):
-            try:  # a missing, corrupt or unloadable file is refused now, before any data is read
-                directory = hf_gguf_config(weights)
-            except (ValueError, OSError) as e:
-                raise ConfigError(f"pretrained_{role}: {e}") from None
-            if c.tokenizer is None:
-                c.tokenizer = weights  # its own vocabulary: the tokenizer its model was trained with
-        else:
-            directory = hf_directory_config(weights) if weights and Path(weights).is_dir() else None
-        if directory is not None:
-            built = f"hf:{directory['model_type']}"
-            if role in given and name != built:
-                raise ConfigError(f"{role}: {name}, but pretrained_{role} {weights} holds a {built} model ({source}); "
-                                  f"give {role}: {built}, or leave {role} out")
-            if key in given and getattr(c, key) and getattr(c, key) != directory:
-                raise ConfigError(f"{key}: pretrained_{role} {weights} holds its own architecture ({source}), "
-                                  f"so these options would be ignored; leave {key} out")
-            setattr(c, role, built)
-            setattr(c, key, directory)
-        elif key not in given and name != LM_DEFAULTS[role] and getattr(c, key):
-            setattr(c, key, _hf_defaults_for(name, getattr(c, key)))
-
-
-def _hf_defaults_for(name: str, options: dict) -> dict:
-    """The default GPT-2 ``options`` for model ``name`` (``hf:MODEL_TYPE``): those its config has,
-    under their common names; {} where transformers or the type is unknown (the build says why)."""
-    try:
-        from transformers import AutoConfig
-        config = AutoConfig.for_model(name[len("hf:"):])
-    except (ImportError, ValueError):
-        return {}
-    renamed = {_HF_COMMON_NAMES.get(k, k): v for k, v in options.items()}
-    return {k: v for k, v in renamed.items() if hasattr(config, k)}
-
-
-def _check_lm(c: RunConfig) -> None:
-    """Language models read text, and text's distances need a next token per sample: ``hf:``
-    models only on text datasets; no distance pooled per sequence (unit batch) on text."""
-    lm = dataset_task(c.dataset) == "lm"
-    for role in ("teacher", "student"):
-        if str(getattr(c, role)).startswith("hf:") and not lm:
-            raise ConfigError(f"{role}: {getattr(c, role)} is a language model, for text datasets (python_docs, "
-                              f"text:PATH); {c.dataset!r} is for {dataset_task(c.dataset)}: choose another {role}")
-    if not lm:
-        return
-    valid = "tokens (every token of the batch a sample: the text default) or sequence (each sequence's tokens)"
-    for method in c.methods():
-        for t in method.terms:
-            if t.spec.family == "kd2m" and t.unit == "batch":
-                where = "unit: batch" if method.key in (c.metrics or []) else \
-                    f"students: {method.key}: {t.name} has unit batch (an entry's default when it gives none)"
-                raise ConfigError(f"{where}: a sequence pooled into one sample has no next-token label to match on "
-                                  f"text; give unit {valid}")
-
-
-def _check_lists_and_numbers(c: RunConfig) -> None:
-    if not str(c.out).strip():
-        raise ConfigError("out: an empty output directory; give a directory, e.g. --out runs/mine")
-    c.seeds = _seed_list(c.seeds)
-    def off(v) -> bool:  # `select_k: none`, `off` (YAML reads it as False), `--select-k none` (a list of one)
-        return v is False or (isinstance(v, str) and v.strip().lower() in ("none", "off"))
-    if off(c.select_k) or (isinstance(c.select_k, list) and len(c.select_k) == 1 and off(c.select_k[0])):
-        c.select_k = []  # nothing chosen: auto is auto*1
-    elif c.select_k is True:
-        raise ConfigError("select_k: a comma list of K (e.g. 0,0.3,1,3,10), or none; got true")
-    elif c.select_k is not None:
-        c.select_k = _float_list("select_k", c.select_k)
-    c.select_seeds = list(SELECT_SEEDS) if c.select_seeds is None else _seed_list(c.select_seeds, "select_seeds")
-    c.metrics = _str_list("metrics", c.metrics)
-    c.baselines = _str_list("baselines", c.baselines)
-    if all(isinstance(m, str) for m in c.lr_milestones):  # "150,180,210" from the command line
-        c.lr_milestones = _int_list("lr_milestones", ",".join(c.lr_milestones))
-    _check_numbers(c)
-
-
-def _check_terms(c: RunConfig) -> None:
-    """The names in metrics/baselines/weights/term_options, and every λ as written."""
-    kd2m_terms, baseline_terms = losses.available("kd2m"), losses.available("baseline")
-    for m in c.metrics:
-        if m not in kd2m_terms:
-            hint = " (a baseline: put it in baselines)" if m in baseline_terms else ""
-            raise ConfigError(f"metrics: unknown distance {m!r}{hint}; available: {', '.join(kd2m_terms)}")
-    for b in c.baselines:
-        if b != CE and b not in baseline_terms:
-            hint = " (a KD²M distance: put it in metrics)" if b in kd2m_terms else ""
-            order = [n for n in BASELINE_ORDER if n in baseline_terms] + \
-                [n for n in baseline_terms if n not in BASELINE_ORDER]
-            raise ConfigError(f"baselines: unknown {b!r}{hint}; valid: ce, {', '.join(order)}")
-    try:
-        if parse_weight(c.weight)[1]:
-            c.weight = str(c.weight).strip().lower().replace(" ", "")
-        else:
-            c.weight = parse_weight(c.weight)[0]
-    except ValueError:
-        raise ConfigError(f"weight: must be a finite number ≥ 0, 'auto' or 'auto*K', got {c.weight!r:.40}") from None
-    for m, w in c.weights.items():
-        if m not in losses.available():
-            raise ConfigError(f"weights: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
-        try:
-            parse_weight(w)
-        except ValueError:
-            raise ConfigError(f"weights: λ for {m!r} must be a finite number ≥ 0, 'auto' or 'auto*K', "
-                              f"got {w!r:.40}") from None
-    # Options for a registered term no student runs are kept, not refused: a config file's
-    # settings stay valid when the command line narrows --baselines/--metrics (typos of a
-    # term's name are refused here, typos of an option name when it is built).
-    for m, opts in c.term_options.items():
-        if m not in losses.available():
-            raise ConfigError(f"term_options: {m!r} is not a loss term; valid: {', '.join(losses.available())}")
-        if not isinstance(opts, dict):
-            raise ConfigError(f"term_options: options of {m!r} must be a mapping, got {opts!r:.60}")
-
-
-def _named_students(c: RunConfig) -> dict:
-    """``students:`` and the one ``distill:`` student, checked: {name: entries}."""
-    if c.students is not None and not isinstance(c.students, dict):
-        raise ConfigError("students: expected a mapping of names to lists of terms")
-    students = dict(c.students or {})
-    for name, entries in students.items():
-        _check_student_name(name, "students")
-        if not isinstance(entries, list) or not entries:
-            raise ConfigError(f"students: {name}: expected a non-empty list of terms")
-        for i, e in enumerate(entries):
-            _check_entry_name(e, f"students: {name}[{i}]")
-    if c.distill is not None:
-        if not isinstance(c.distill, list) or not c.distill:
-            raise ConfigError("distill: expected a non-empty list of terms")
-        for i, e in enumerate(c.distill):
-            _check_entry_name(e, f"distill[{i}]")
-        name = "+".join(_entry_name(e) for e in c.distill)
-        if name in students:
-            # the distill: student would silently replace (or be replaced by) that one
-            raise ConfigError(f"distill: its student is named {name!r} after its terms, and students: has a "
-                              f"student {name!r} too; rename that one, or move distill's terms under students:")
-        students[name] = c.distill
-    return students
-
-
-def _scale_warmups(c: RunConfig) -> None:
-    """Warm-ups against the run's length. A term's registered warm-up is its authors' for their
-    schedule (DKD: 20 of mdistiller's 240 epochs, :meth:`kd2m.losses.TermSpec.warmup_for`): where
-    none is given, the term gets the same share of this run's epochs, written into
-    ``term_options`` so that config.json holds what runs. A warm-up given (``term_options`` or a
-    student's term entry) that reaches the run's epochs is refused: λ would reach its value only
-    in the last epoch, or never (a warm-up of 1 ramps nothing and is kept)."""
-    used = set(c.metrics) | set(c.baselines) | {_entry_name(e) for es in c.students.values() for e in es}
-    used = sorted(n for n in used if isinstance(n, str) and n in losses.available())
-    given = [(f"term_options: {n}", n, c.term_options[n]["warmup"]) for n in used
-             if "warmup" in c.term_options.get(n, {})]
-    given += [(f"students: {s}[{i}]", e.get("term"), e["warmup"]) for s, es in c.students.items()
-              for i, e in enumerate(es) if isinstance(e, dict) and "warmup" in e]
-    for where, name, w in given:
-        if isinstance(w, int) and not isinstance(w, bool) and 1 < w and w >= c.epochs:
-            spec = losses.spec(name) if name in losses.available() else None
-            scaled = (f" (the authors' {spec.warmup} of {spec.warmup_of} epochs, scaled to this run: "
-                      f"{spec.warmup_for(c.epochs)})") if spec is not None and spec.warmup_of else ""
-            reach = "its value only in the last epoch" if w == c.epochs else \
-                f"only {c.epochs / w:.2g} of its value, in the last epoch"
-            raise ConfigError(f"{where}: warmup {w} reaches the run's {c.epochs} epochs: λ of {name!r} would get to "
-                              f"{reach}; give a warmup below {c.epochs}, or leave it out{scaled}")
-    for n in used:
-        spec, opts = losses.spec(n), c.term_options.get(n, {})
-        if spec.warmup_of and "warmup" not in opts:
-            c.term_options = {**c.term_options, n: {**opts, "warmup": spec.warmup_for(c.epochs)}}
-
-
-def _check_ce_weights(c: RunConfig) -> None:
-    if not isinstance(c.ce_weights, dict):
-        raise ConfigError(f"ce_weights: expected a mapping of student names to CE weights, got {c.ce_weights!r:.60}")
-    for k, w in c.ce_weights.items():
-        if k in (CE, TEACHER):
-            raise ConfigError(f"ce_weights: {k!r} trains on CE alone (its weight would only rescale the learning "
-                              "rate); give weights of distilled students")
-        if k not in losses.available() and k not in c.students:
-            raise ConfigError(f"ce_weights: {k!r} names no student (a loss term's name, or a name under "
-                              f"students:); valid: {', '.join(losses.available() + sorted(c.students))}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-            raise ConfigError(f"ce_weights: the CE weight of {k!r} must be a finite number > 0, got {w!r:.40}")
-
-
-def _check_methods(c: RunConfig, cache_by_default: bool) -> None:
-    """The students as built: distinct names, something to train, a teacher cache they can read
-    (dropped where it was only the dataset's default), TensorBoard installed when asked for, a
-    teacher to learn from."""
-    try:
-        methods = c.methods()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    keys = [m.key for m in methods]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise ConfigError(f"students: {', '.join(dup)} named twice (metrics, baselines and students share names)")
-    if not methods:
-        raise ConfigError("nothing to train: metrics, baselines and students are all empty")
-    if c.teacher_cache:
-        problems = [p for p in map(cache_problem, methods) if p]
-        if problems and cache_by_default:
-            c.teacher_cache = 0  # the dataset's default, not asked for: every student runs online alike
-        elif problems:
-            raise ConfigError(f"teacher_cache: {problems[0]}")
-    if c.tensorboard:  # refused now, not after the teacher has trained
-        require_tensorboard()
-    if c.teacher_epochs == 0 and not c.pretrained_teacher and any(m.uses_teacher for m in methods):
-        raise ConfigError("teacher_epochs: 0 trains no teacher, and no --pretrained-teacher was given: the "
-                          "students would learn from a random network; give --pretrained-teacher FILE or "
-                          "--teacher-epochs N")
-
-
-def _check_topk(c: RunConfig) -> None:
-    """``teacher_topk``: an integer ≥ 1, with the teacher cache it belongs to, and students whose
-    terms read the teacher's logits only through the token divergences (at one temperature)."""
-    k = c.teacher_topk
-    if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"teacher_topk: must be an integer ≥ 1 (the teacher's tokens kept per position), got {k!r}")
-    if not c.teacher_cache:
-        raise ConfigError("teacher_topk: the top-K teacher is what the teacher cache keeps, and teacher_cache is 0 "
-                          "(the online teacher); give --teacher-cache 1, or leave teacher_topk out")
-    from ..losses.fused_head import DIVERGENCES
-    from ..training.teacher import sparse_temperature
-    for method in c.methods():
-        dense = [t.name for t in method.terms if t.reads_logits and t.name not in DIVERGENCES]
-        if dense:
-            raise ConfigError(f"teacher_topk: {method.key}: {', '.join(dense)} read(s) the teacher's full logits, "
-                              f"which a top-{k} cache does not keep (only {', '.join(DIVERGENCES)} read it); "
-                              "drop the term, or leave teacher_topk out (every logit)")
-        sparse_temperature(method)
-
-
-def _split_schedule(opts: dict) -> tuple[dict, dict]:
-    """A term's options without the schedule keys (``warmup``, ``schedule``) that may be given among them."""
-    sched = {k: opts.pop(k) for k in ("warmup", "schedule") if k in opts}
-    return opts, sched
-
-
-def _kd2m_names():
-    return losses.available("kd2m")
-
-
-def _all_names():
-    return losses.available()
-
-
-def _entry_name(entry):
-    if isinstance(entry, dict):
-        return entry.get("term", entry.get("metric"))
-    return entry
-
-
-def _check_entry_name(entry, where: str) -> None:
-    """A term entry is a name or a mapping whose ``term`` is a name (the rest is checked by
-    :func:`kd2m.training.methods.term_from_entry`)."""
-    name = _entry_name(entry)
-    if not isinstance(entry, (str, dict)):
-        raise ConfigError(f"{where}: a term is a name or a mapping with a 'term' key, got {_quote(entry)}")
-    if name is None:
-        raise ConfigError(f"{where}: the entry {_quote(entry)} names no term; give term: NAME "
-                          f"(e.g. {{term: cw2, weight: 0.1}})")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}: term must be one name (a string), got {_quote(name)}; one entry per term")
-
-
-#: Names in an output directory that a student's directory must not take (or climb out of it).
-_RESERVED_NAMES = {".", "..", TEACHER, CE, "report", "tb"}
-
-
-def _check_student_name(name, where: str) -> None:
-    """A student's name is its directory under ``out`` and its results key: a plain file name
-    (letters, digits and ``_+-=.,``), not '.', '..', a name kd2m uses in ``out`` (``teacher``,
-    ``ce``, ``results.csv`` …), and no '@' (the key's variant separator)."""
-    taken = _RESERVED_NAMES | {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str)}
-    ok = isinstance(name, str) and bool(name) and all(ch.isalnum() or ch in "_+-=.," for ch in name)
-    if not ok or name in taken or name.startswith("."):
-        raise ConfigError(f"{where}: {_quote(name)} cannot name a student (it names its directory in the output "
-                          "directory): use letters, digits and _+-=., not starting with '.', and no name kd2m "
-                          "uses there (teacher, ce, results.csv, config.json, report, select-k, …)")
-
-
-def _seed_list(seeds, key: str = "seeds") -> list:
-    if isinstance(seeds, bool):
-        raise ConfigError(f"{key}: expected a count or a list of integers, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ConfigError(f"{key}: a count must be at least 1, got {seeds} "
-                              f"(to run one seed N alone give a list: --{key.replace('_', '-')} N, — with the comma — "
-                              f"or {key}: [N])")
-        return list(range(seeds))
-    if isinstance(seeds, str):
-        seeds = _int_list(key, seeds)
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"{key}: expected a count or a non-empty list of integers, got {seeds!r:.60}")
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{key}: expected distinct integers ≥ 0, got {seeds!r:.60}")
-    return seeds
-
-
-def _float_list(key: str, value) -> list:
-    """A comma list (command line) or a YAML list of numbers, as floats."""
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        if not isinstance(items, list) or any(isinstance(v, bool) for v in items):
-            raise ValueError
-        return [float(v) for v in items if not (isinstance(v, str) and not v.strip())]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: a comma list of numbers (e.g. 0,0.3,1,3,10), got {value!r:.60}") from None
-
-
-def _check_fraction(key: str, v, zero: bool) -> None:
-    """A share of the training split: a number in [0, 1) (``zero``) or (0, 1)."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v if zero else 0 < v) and v < 1
-    if not ok:
-        raise ConfigError(f"{key}: a fraction of the training split in {'[' if zero else '('}0, 1) (e.g. 0.2), "
-                          f"got {v!r}")
-
-
-def _check_numbers(c: RunConfig) -> None:
-    """Every number in range, NaN and inf refused (NaN passes every `x < 0` check)."""
-    for key, low in (("epochs", 1), ("teacher_epochs", 0), ("batch_size", 1), ("teacher_cache", 0),
-                     ("num_workers", 0), ("threads", 0), ("parallel", 1), ("auto_every", 0)):
-        v = getattr(c, key)
-        if v is not None and v < low:
-            raise ConfigError(f"{key}: must be ≥ {low}, got {v}")
-    _check_fraction("holdout", c.holdout, zero=True)          # 0: score on the test split
-    _check_fraction("select_holdout", c.select_holdout, zero=False)
-    if c.image_size is not None and c.image_size < 1:
-        raise ConfigError(f"image_size: must be ≥ 1, got {c.image_size}")
-    for key in ("lr", "teacher_lr", "lr_min", "max_pairwise_mb", "max_cache_mb", "momentum", "weight_decay",
-                "lr_gamma", "kd_temperature"):
-        v = getattr(c, key)
-        if v is None:
-            continue
-        if not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{key}: must be a finite number ≥ 0, got {v}")
-    if c.kd_temperature <= 0:
-        raise ConfigError(f"kd_temperature: must be > 0, got {c.kd_temperature}")
-    if c.lr is not None and c.lr <= 0:
-        raise ConfigError(f"lr: must be > 0, got {c.lr}")
-    if c.lr_schedule not in ("cosine", "multistep"):
-        raise ConfigError(f"lr_schedule: 'cosine' or 'multistep', got {c.lr_schedule!r}")
-    if c.lr_schedule == "multistep":
-        ms = c.lr_milestones
-        if not (ms and all(isinstance(m, int) and not isinstance(m, bool) and 0 < m for m in ms)
-                and ms == sorted(set(ms))):
-            raise ConfigError(f"lr_milestones: expected increasing epochs ≥ 1 for lr_schedule multistep, got {ms!r}")
-    if c.match not in ("global", "local"):
-        raise ConfigError(f"match: 'global' or 'local', got {c.match!r}")
-    if c.amp not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"amp: 'none', 'bf16' or 'fp16', got {c.amp!r}")
-    if c.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"optimizer: 'sgd' or 'adamw', got {c.optimizer!r}")
-    if c.unit not in UNITS:
-        raise ConfigError(f"unit: one of {', '.join(UNITS)}, got {c.unit!r}")
-
-
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 #: older key names still read from YAML files
 ALIASES = {"metric_options": "term_options"}
-
-
-def _str_list(key, value) -> list:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of names or a comma list, got {_quote(value)}")
-    return value
-
-
-def _int_list(key, value: str) -> list:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{key}: expected integers, got {value!r}") from None
 
 
 def _expected_types(name: str) -> tuple:
@@ -757,16 +203,16 @@ def _check_value(name: str, value):
     types = _expected_types(name)
     if name == "select_k" and isinstance(value, str) and not value.replace(",", "").strip():
         # an empty comma list would read as [], which is `none`: nothing chosen, silently
-        raise ConfigError(f"select_k: no K in {_quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
+        raise ConfigError(f"select_k: no K in {quote(value)}; give a comma list of K (e.g. 0,0.3,1,3,10), or none "
                           "to choose nothing")
     if list in types and isinstance(value, str):  # "w2,cw2" from the command line
-        value = _str_list(name, value)
+        value = str_list(name, value)
     if value is None and type(None) in types:
         return value
     if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{name}: expected {_type_names(types)}, got a boolean {_quote(value)}")
+        raise ConfigError(f"{name}: expected {_type_names(types)}, got a boolean {quote(value)}")
     if not isinstance(value, types):
-        raise ConfigError(f"{name}: expected {_type_names(types)}, got {type(value).__name__} {_quote(value)}")
+        raise ConfigError(f"{name}: expected {_type_names(types)}, got {type(value).__name__} {quote(value)}")
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, float) and math.isnan(value):
@@ -774,22 +220,8 @@ def _check_value(name: str, value):
     if name == "seeds" and isinstance(value, list) and any(isinstance(s, bool) or not isinstance(s, int)
                                                            for s in value):
         # bool is an int in Python: [true] would silently run seed 1
-        raise ConfigError(f"seeds: a list must hold integers, got {_quote(value)}")
+        raise ConfigError(f"seeds: a list must hold integers, got {quote(value)}")
     return value
-
-
-#: How much of a value an error message quotes: a few items, a few levels, short strings.
-_QUOTE = reprlib.Repr()  # (keyword arguments need Python 3.12)
-_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 3, 60, 60
-_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
-MAX_QUOTE_CHARS = 100
-
-
-def _quote(value) -> str:
-    """``repr(value)`` for an error message, bounded in time and length (never the whole of a huge
-    value: a YAML alias bomb's repr runs to gigabytes)."""
-    text = _QUOTE.repr(value)
-    return text if len(text) <= MAX_QUOTE_CHARS else text[:MAX_QUOTE_CHARS - 1] + "…"
 
 
 def _type_names(types) -> str:
@@ -803,98 +235,17 @@ def from_mapping(values: dict, base: RunConfig | None = None, source: str = "con
         key = str(raw_key).replace("-", "_")
         key = ALIASES.get(key, key)
         if key not in FIELDS:
-            raise ConfigError(f"{source}: unknown key {_quote(raw_key)}; valid keys: {', '.join(FIELDS)}")
+            raise ConfigError(f"{source}: unknown key {quote(raw_key)}; valid keys: {', '.join(FIELDS)}")
         setattr(cfg, key, _check_value(key, value))
     return cfg
-
-
-#: A kd2m config is a few hundred bytes and nodes; these bounds are far above any real one.
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_NODES = 10_000
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a document whose aliases expand it beyond
-    :data:`MAX_YAML_NODES` nodes, or that refers to itself, before constructing anything.
-
-    An alias (``*a``) is a reference to an anchored node, so a 444-byte file of nested aliases
-    (``a: &a [x, x, ...]``, ``b: &b [*a, *a, ...]``, …) composes to a small graph that expands
-    to billions of nodes: cheap to load, but any walk over it (a deep copy, an error message's
-    ``repr``) runs out of memory. The size is counted on the composed graph, each shared node
-    once (memoised): O(graph size), not O(expansion).
-    """
-
-    def construct_document(self, node):
-        _check_expansion(node, MAX_YAML_NODES)
-        return super().construct_document(node)
-
-    def construct_mapping(self, node, deep=False):
-        """Refuses a key given twice in one mapping (YAML would keep the last silently), naming it
-        and both lines; keys brought in by a merge (``<<: *base``) may be overridden, as YAML says."""
-        if isinstance(node, yaml.MappingNode):
-            lines: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = self.construct_object(key_node)
-                line = key_node.start_mark.line + 1
-                if key in lines:
-                    raise ConfigError(f"key {_quote(key)} is given twice in one mapping (lines {lines[key]} and "
-                                      f"{line}); YAML would keep only the last: keep one")
-                lines[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 (PyYAML) reads 1e-2 and 5e+3 as strings: its float needs a dot. Every other YAML
-# parser (1.2) reads them as numbers, and so does the command line's --lr 1e-2; so does this one.
-_BoundedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _children(node) -> list:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def _check_expansion(root, limit: int) -> int:
-    """Number of nodes of ``root`` with every alias expanded; a ConfigError beyond ``limit`` or on
-    a cycle. Iterative depth-first walk (no recursion limit), each distinct node sized once."""
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        key = id(node)
-        if finished:
-            on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
-            if sizes[key] > limit:
-                raise ConfigError(f"the YAML's aliases (*name) expand it to more than {limit} values "
-                                  f"(at line {node.start_mark.line + 1}); a kd2m config needs far fewer: "
-                                  "write the values out")
-            continue
-        if key in sizes:
-            continue
-        if key in on_path:
-            raise ConfigError(f"a YAML alias at line {node.start_mark.line + 1} refers to a value that contains "
-                              "it (a recursive structure); write the values out")
-        on_path.add(key)
-        stack.append((node, True))
-        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
-    return sizes[id(root)]
 
 
 def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """``base`` updated from the YAML mapping in ``path`` (see :func:`from_mapping`).
 
-    Refuses, with a ConfigError naming ``path``: a missing file, one over :data:`MAX_YAML_BYTES`,
-    invalid YAML, aliases that expand beyond :data:`MAX_YAML_NODES` values (an alias bomb), a
-    document that is not a mapping, unknown keys and wrongly typed values.
+    Refuses, with a ConfigError naming ``path``: what :func:`kd2m.harness.config_yaml.read_yaml_mapping`
+    refuses (a missing file, one over its size limit, invalid YAML, aliases that expand beyond its
+    node limit (an alias bomb), a document that is not a mapping), unknown keys and wrongly typed values.
     """
     return from_mapping(read_yaml_mapping(path), base, source=str(path))
 
@@ -902,24 +253,3 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 def given_keys(values: dict) -> set[str]:
     """The RunConfig fields a mapping (a YAML file's, the command line's) sets, by their field names."""
     return {ALIASES.get(str(k).replace("-", "_"), str(k).replace("-", "_")) for k in values}
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """The mapping in the YAML file ``path``, with :func:`load_yaml`'s refusals (keys not checked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    size = path.stat().st_size
-    if size > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is not a kd2m config (the limit is {MAX_YAML_BYTES} bytes)")
-    try:
-        data = yaml.load(path.read_bytes(), Loader=_BoundedLoader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0][:200]})") from None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError(f"{path}: nested too deeply to be a kd2m config") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return data

@@ -36,9 +36,10 @@ from pathlib import Path
 from .. import distributed as dist_ctx
 from ..atomic_io import atomic_write_json
 from ..catalog import CE
-from ..errors import NonFiniteLossError
+from ..errors import ConfigError, NonFiniteLossError
 from ..training.methods import parse_weight
-from .config import SELECT_SEEDS, ConfigError, RunConfig
+from .config import RunConfig
+from .recipes import SELECT_SEEDS
 from .results import figure_of, read_reported
 from .rundir import SELECT_DIR, RunDir  # where the pilot grid lives, inside the output directory
 

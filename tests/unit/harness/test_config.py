@@ -5,7 +5,8 @@ import time
 import pytest
 
 from kd2m import losses
-from kd2m.harness.config import ConfigError, RunConfig, from_mapping, load_yaml
+from kd2m.errors import ConfigError
+from kd2m.harness.config import RunConfig, from_mapping, load_yaml
 
 from helpers import alias_bomb, bench_yaml, one_line_error, run_cli
 
@@ -115,7 +116,8 @@ def test_weight_sets_the_distances_lambda_only():
     ([0.1], "expected a mapping of student names"),
 ])
 def test_bad_ce_weights_are_refused(ce_weights, message):
-    from kd2m.harness.config import ConfigError, RunConfig
+    from kd2m.errors import ConfigError
+    from kd2m.harness.config import RunConfig
     with pytest.raises(ConfigError, match=message):
         RunConfig(ce_weights=ce_weights).resolved()
 
