@@ -66,9 +66,9 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if not is_distributed():
         return x
     n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    gathered = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(gathered, n)
+    sizes = [int(s) for s in gathered]
     biggest = max(sizes)
     if biggest != x.shape[0]:
         pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))

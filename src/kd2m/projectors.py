@@ -21,6 +21,8 @@ No projector is built when the metric compares across widths (``gw2``).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,8 +48,10 @@ class MapProjector(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, size: tuple[int, int] | None = None):
         super().__init__()
-        self.size = tuple(size) if size is not None else None
-        self.conv = self.bn = None
+        # cast: tuple() of the (h, w) pair is typed tuple[int, ...]
+        self.size = cast("tuple[int, int]", tuple(size)) if size is not None else None
+        self.conv: nn.Conv2d | None = None
+        self.bn: nn.BatchNorm2d | None = None
         if in_channels != out_channels:
             self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
             self.bn = nn.BatchNorm2d(out_channels)
@@ -59,7 +63,7 @@ class MapProjector(nn.Module):
                 x = F.adaptive_avg_pool2d(x, self.size)
             else:
                 x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        if self.conv is not None:
+        if self.conv is not None and self.bn is not None:  # both or neither
             x = self.bn(self.conv(x))
         return x
 

@@ -50,7 +50,7 @@ def _load(path: str, mode: str) -> Image.Image:
     file is a ValueError naming it."""
     try:
         with open(path, "rb") as f:
-            im = Image.open(f)
+            im: Image.Image = Image.open(f)
             if im.mode in UNSCALED_MODES:
                 raise ValueError(f"{path}: a {im.mode!r} (floating-point) image has no stated value range; "
                                  "convert it to 8- or 16-bit integers")
@@ -102,7 +102,8 @@ def common_shape(paths: list[str], sample: int = SHAPE_SAMPLE) -> tuple[tuple[in
         Ties go to the size seen first.
     """
     step = max(1, -(-len(paths) // sample))
-    sizes, modes = collections.Counter(), collections.Counter()
+    sizes: collections.Counter[tuple[int, int]] = collections.Counter()
+    modes: collections.Counter[str] = collections.Counter()
     for path in paths[::step]:
         with Image.open(path) as im:
             sizes[im.size] += 1
@@ -161,4 +162,4 @@ def imagefolder(data_root=None, download=False, augment=True, image_size: int | 
                       image_size=size, name="imagefolder", classes=list(train.classes))
 
 
-imagefolder.options = ("image_size",)  # build_dataset passes these through
+imagefolder.options = ("image_size",)  # type: ignore[attr-defined]  # a function attribute: build_dataset passes these through

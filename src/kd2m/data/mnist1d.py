@@ -25,6 +25,7 @@ import io
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 #: ``mnist1d.data.get_dataset_args()`` of mnist1d 0.0.2 (the paper's dataset), ``url`` dropped
 #: (never used); pinned so a cache hit needs no import of the package. A test checks the
 #: package still publishes these values.
-GENERATION_ARGS = {
+GENERATION_ARGS: dict[str, Any] = {
     "num_samples": 5000, "train_split": 0.8, "template_len": 12, "padding": [36, 60], "scale_coeff": 0.4,
     "max_translation": 48, "corr_noise_scale": 0.25, "iid_noise_scale": 2e-2, "shear_scale": 0.75,
     "shuffle_seq": False, "final_seq_length": 40, "seed": 42,
@@ -100,7 +101,7 @@ def load_arrays(data_root=None, args: dict = GENERATION_ARGS) -> dict[str, np.nd
     if arrays is None:
         arrays = generate(args)
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # mypy matches **arrays to allow_pickle: bool too; its keys are ARRAYS
         atomic_write_bytes(path, buffer.getvalue())
     return arrays
 

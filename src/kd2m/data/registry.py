@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ def dataset_labels(dataset: Dataset) -> Tensor | None:
         if values is None:
             continue
         labels = torch.as_tensor(np.asarray(values))
-        if labels.shape == (len(dataset),) and not labels.is_floating_point() and labels.dtype != torch.bool:
+        if labels.shape == (len(cast(Sized, dataset)),) and not labels.is_floating_point() and labels.dtype != torch.bool:
             return labels.long()
     return None
 

@@ -238,8 +238,8 @@ def python_docs(data_root=None, download=False, augment=True, image_size: int | 
     return text_bundle("python_docs", python_docs_documents(), image_size, tokenizer)
 
 
-python_docs.options = ("image_size", "tokenizer")  # build_dataset passes these through
-python_docs.task = "lm"
+python_docs.options = ("image_size", "tokenizer")  # type: ignore[attr-defined]  # a function attribute: build_dataset passes these through
+python_docs.task = "lm"  # type: ignore[attr-defined]  # a function attribute, read by dataset_task
 
 
 @register_dataset_prefix("text:")

@@ -118,11 +118,11 @@ class _FusedHead(torch.autograd.Function):
                 value = spec.ce_scale * ce + spec.divergence_scale * div
             if z.requires_grad:
                 g, = torch.autograd.grad(value, z)
-                if need_h:
+                if grad_h is not None:  # allocated where need_h, need_w, need_b
                     grad_h[i:i + chunk_size] = g @ w
-                if need_w:
+                if grad_w is not None:
                     grad_w.addmm_(g.T, h)
-                if need_b:
+                if grad_b is not None:
                     grad_b += g.sum(0)
             ce_sum += ce.detach()
             div_sum += div.detach()
@@ -266,12 +266,13 @@ def _over_chunks(hidden, weight, bias, labels, teacher, divergences, chunk_size,
                                    divergences)
             g = torch.autograd.grad((coef * values).sum(), z)[0] if coef is not None else None
         sums += values.detach()
-        if grads[0] is not None:
-            grads[0][i:i + chunk_size] = g @ w
-        if grads[1] is not None:
-            grads[1].addmm_(g.T, h)
-        if grads[2] is not None:
-            grads[2] += g.sum(0)
+        if g is not None:  # coef given: the grads asked for are allocated
+            if grads[0] is not None:
+                grads[0][i:i + chunk_size] = g @ w
+            if grads[1] is not None:
+                grads[1].addmm_(g.T, h)
+            if grads[2] is not None:
+                grads[2] += g.sum(0)
     return sums, grads
 
 

@@ -267,6 +267,8 @@ class WKDLogit(Term):
     training set before training.
     """
 
+    cost: Tensor  # buffer (C, C), registered in __init__
+
     def __init__(self, ctx: TermContext, *, temperature: float = 8.0, gamma: float = 600.0,
                  sinkhorn_reg: float = 0.05, sinkhorn_iter: int = 10, sharpen: float = 1.0, target: bool = True):
         super().__init__(ctx)
@@ -319,7 +321,7 @@ class WKDLogit(Term):
         m = F.relu(self.cost.to(zs.dtype)) + WKD_EPS
         k = torch.exp(-m / self.sinkhorn_reg)
         u = (~target).to(zs.dtype) / (c - 1)
-        for _ in range(self.sinkhorn_iter):
+        for _iteration in range(self.sinkhorn_iter):
             v = b / (u @ k + WKD_EPS)            # (Kᵀu)_j = Σ_i u_i K_ij
             u = a / (v @ k.t() + WKD_EPS)        # (K v)_i = Σ_j K_ij v_j
         transport = ((u @ (k * m)) * v).sum(1)   # Σ_ij u_i K_ij M_ij v_j

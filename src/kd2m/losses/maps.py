@@ -22,11 +22,12 @@ def _map_shape(who: str, shape, term: str = "fitnet") -> tuple[int, int, int]:
         raise ValueError(f"loss term {term!r} needs (n, c, h, w) feature maps; the {who} has no 4-D layer here "
                          f"(TermContext.{who}_shape = {shape!r}, expected (c, h, w)). Tap a convolutional layer "
                          f"of the {who}, or use a pooled-feature term (pkt, rkd, crd) or a logit term")
-    return tuple(int(v) for v in shape)
+    c, h, w = shape
+    return int(c), int(h), int(w)
 
 
 def conv_regressor(student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int],
-                   term: str = "fitnet") -> nn.Module:
+                   term: str = "fitnet") -> nn.Sequential:
     """FitNets' learnable regressor from the student's map ``(c_s, h_s, w_s)`` to the teacher's
     ``(c_t, h_t, w_t)``: a convolution, BatchNorm and ReLU.
 
@@ -36,6 +37,7 @@ def conv_regressor(student_shape: tuple[int, int, int], teacher_shape: tuple[int
     otherwise a ValueError (mdistiller raises too).
     """
     (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
+    conv: nn.Conv2d | nn.ConvTranspose2d
     if hs == 2 * ht:
         conv = nn.Conv2d(cs, ct, kernel_size=3, stride=2, padding=1)
     elif hs * 2 == ht:
@@ -77,7 +79,7 @@ class FitNet(Term):
             if tuple(x.shape[1:]) != want:
                 raise ValueError(f"loss term 'fitnet': {who} maps have shape {tuple(x.shape[1:])} per sample but "
                                  f"the regressor was built for {want} (TermContext.{who}_shape)")
-        dtype = self.regressor[0].weight.dtype
+        dtype = next(self.regressor.parameters()).dtype  # its first convolution's weight
         return F.mse_loss(self.regressor(s.to(dtype)), t.detach().to(dtype))
 
     def extra_repr(self) -> str:
@@ -192,7 +194,7 @@ def diagonal_gaussians(feats: Tensor, grid: int = 1, eps: float = 1e-5) -> tuple
 
 
 def wkd_projector(student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int],
-                  kind: str = "conv1x1") -> nn.Module:
+                  kind: str = "conv1x1") -> nn.Sequential:
     """WKD-F's learnable projector of the student map onto the teacher's channels and size.
 
     ``"conv1x1"`` (every CIFAR-100 config of WKD): their ``ConvReg(use_relu=True, use_bn=True)``,
@@ -277,7 +279,7 @@ class WKDFeature(Term):
             if tuple(x.shape[1:]) != want:
                 raise ValueError(f"loss term 'wkd_f': {who} maps have shape {tuple(x.shape[1:])} per sample but "
                                  f"the projector was built for {want} (TermContext.{who}_shape)")
-        dtype = self.projector[0].weight.dtype
+        dtype = next(self.projector.parameters()).dtype  # its first convolution's weight
         mean_s, std_s = diagonal_gaussians(self.projector(s.to(dtype)), self.spatial_grid, self.eps)
         mean_t, std_t = diagonal_gaussians(t.detach().to(dtype), self.spatial_grid, self.eps)
         per = self.spatial_grid ** 2 * s.shape[0]

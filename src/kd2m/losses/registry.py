@@ -133,7 +133,7 @@ _TERMS: dict[str, TermSpec] = {}
 
 
 def _keyword_options(obj) -> tuple[tuple[str, object], ...]:
-    fn = obj.__init__ if isinstance(obj, type) else obj
+    fn = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]  # the class's own __init__, read for its signature
     params = inspect.signature(fn).parameters.values()
     return tuple((p.name, p.default) for p in params if p.kind is p.KEYWORD_ONLY
                  and (isinstance(obj, type) or p.name not in ("student_feats", "teacher_feats", "labels",

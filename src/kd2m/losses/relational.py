@@ -180,6 +180,13 @@ class CRD(Term):
     rows costs O(nK·feat_dim) arithmetic but copies n·(K+1)·feat_dim floats).
     """
 
+    # buffers, registered in __init__ (train_labels only for negatives="other_class")
+    train_labels: Tensor
+    memory_s: Tensor
+    memory_t: Tensor
+    z_s: Tensor
+    z_t: Tensor
+
     def __init__(self, ctx: TermContext, *, feat_dim: int = 128, nce_k: int = 16384, nce_t: float = 0.07,
                  nce_m: float = 0.5, negatives: str = "other_class"):
         super().__init__(ctx)

@@ -139,7 +139,7 @@ def metric(name: str, *, needs_labels: bool = False, same_dim: bool = True, labe
 
         add_entry(_REGISTRY, "metric", name, MetricSpec(name, checked, needs_labels, same_dim, options,
                                                         label or name, pairwise_factor, label_free))
-        checked.metric_name = name
+        checked.metric_name = name  # type: ignore[attr-defined]  # a function attribute
         return checked
     return decorate
 

@@ -45,7 +45,7 @@ def build_external(name: str, num_classes: int, in_channels: int = 3, image_size
         model = _timm(arch, num_classes, in_channels, image_size, **options)
     else:
         model = _torchvision(arch, num_classes, in_channels, image_size, **options)
-    model.feature_dim = classifier_width(model, name)
+    model.feature_dim = classifier_width(model, name)  # type: ignore[assignment]  # Module.__setattr__'s stub: Tensor | Module only
     return model
 
 
@@ -93,7 +93,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
             break
     else:
         raise ValueError(f"{type(model).__name__} has no Conv2d stem to adapt to {in_channels} input channels")
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+    # _ConvNd types kernel_size, stride, padding and dilation as tuple[int, ...]; a Conv2d's are pairs
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
                     groups=1, bias=conv.bias is not None, padding_mode=conv.padding_mode)
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

@@ -72,6 +72,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     from .external import build_external, is_external
     from .hf import build_hf, is_hf
     from .user import build_user, is_user_factory
+    builder: Callable[..., nn.Module]
     if is_external(name):
         builder = functools.partial(build_external, name)
     elif is_user_factory(name):

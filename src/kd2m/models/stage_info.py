@@ -82,6 +82,6 @@ def _torchvision_resnet(model: nn.Module) -> list[Stage]:
     return out
 
 
-def _stride(module: nn.Module) -> int:
+def _stride(module: nn.Conv2d | nn.MaxPool2d) -> int:
     s = module.stride
     return int(s[0] if isinstance(s, tuple) else s)

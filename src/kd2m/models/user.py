@@ -72,5 +72,5 @@ def build_user(name: str, num_classes: int, in_channels: int = 3, image_size: in
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r}: the factory returned {type(model).__name__!r}, not an nn.Module")
     if not isinstance(getattr(model, "feature_dim", None), int):
-        model.feature_dim = classifier_width(model, name)
+        model.feature_dim = classifier_width(model, name)  # type: ignore[assignment]  # Module.__setattr__'s stub: Tensor | Module only
     return model

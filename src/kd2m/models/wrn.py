@@ -47,7 +47,7 @@ class WideBasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a = self.relu1(self.bn1(x))
         out = self.conv2(self.relu2(self.bn2(self.conv1(a))))
-        return out + (x if self.equal_in_out else self.convShortcut(a))
+        return out + (x if self.convShortcut is None else self.convShortcut(a))  # None: equal_in_out
 
 
 class NetworkBlock(nn.Module):

@@ -179,7 +179,7 @@ def _probe(model: nn.Module, x: Tensor, wanted: set) -> tuple[dict, Tensor]:
 
 
 def bind_terms(method: Method, student: nn.Module, teacher: nn.Module | None, example: Tensor,
-               num_classes: int, num_data: int, match: str = "global",
+               num_classes: int | None, num_data: int, match: str = "global",
                train_labels: Tensor | None = None) -> list[BoundTerm]:
     """Build ``method``'s term modules with the shapes they need (from one probe forward on
     ``example``), each with its resolved layers; any error names the method and the term.

@@ -103,6 +103,10 @@ class Distiller(nn.Module):
             allows (:mod:`kd2m.training.head`; an ``hf:`` model); False: from its logits.
     """
 
+    # set in _build with object.__setattr__: plain attributes, not submodules
+    student: nn.Module
+    teacher: nn.Module | None
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None, terms: Sequence = (), *, example: Tensor,
                  ce_weight: float = 1.0, task: str = "classification", num_classes: int | None = None,
                  num_data: int | None = None, train_labels: Tensor | None = None, match: str = "global",
