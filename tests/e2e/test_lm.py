@@ -1,4 +1,4 @@
-"""Language models (issue 19): the LLM field's divergences against their formulas, Hugging Face
+"""Language models: the LLM field's divergences against their formulas, Hugging Face
 causal LMs by name and from a local directory, text data, the lm task end to end, and a kd2m term
 in a transformers.Trainer."""
 import json

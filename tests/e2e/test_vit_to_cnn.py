@@ -1,4 +1,4 @@
-"""A ViT teacher → CNN student end to end through the CLI (issue #11): penultimate ↔ penultimate
+"""A ViT teacher → CNN student end to end through the CLI: penultimate ↔ penultimate
 across widths (a learnable projector), and a token layer ↔ a conv layer with unit spatial, on
 the embedded digits. timm's `test_vit` with patch 2 reads 8×8 images as 16 tokens + a class token."""
 import json

@@ -10,7 +10,7 @@ ROOT = REPO_ROOT
 
 def test_throughput_rows_per_term_and_mode(tmp_path):
     """A row per distance and baseline, online and cached; map terms and spatial distances online only
-    (the cache holds pooled features); the cached-row goals of issue #10 (CRD reported, not held)."""
+    (the cache holds pooled features); cached rows (CRD reported, not held)."""
     out = tmp_path / "t.md"
     load("throughput").main(["--student", "digits_cnn", "--teacher", "digits_cnn", "--image-size", "8",
                              "--channels", "1", "--metrics", "w2,gauss_w2", "--baselines", "dkd,crd,at",

@@ -1,4 +1,4 @@
-"""configs/crd/: each method run as its authors' released configs run that pair (issue 20).
+"""configs/crd/: each method run as its authors' released configs run that pair.
 
 The table below is written out from the authors' files (commits as in the configs' comments):
 mdistiller configs/cifar100/dkd/*.yaml + mdistiller/engine/cfg.py (DKD), image_classification_sota

@@ -202,7 +202,7 @@ def test_resumed_run_writes_each_step_once(tmp_path, monkeypatch):
     monkeypatch.setattr(T.Trainer, "_evaluate", real)
     assert main(args) == 0
     assert [r["epoch"] for r in _log(run)] == [1, 2, 3]
-    assert len(list((run / "tb").iterdir())) == 1  # the resumed session rewrote the history into one file
+    assert len(list((run / "tb").iterdir())) == 1  # the resumed run rewrote the history into one file
     _check_board(run)
 
 

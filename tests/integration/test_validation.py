@@ -1,5 +1,5 @@
 """Refuse, never guess: everything a grid needs is checked before the first epoch, so nothing
-fails after the teacher trained, and nothing ever runs on a silently wrong setting (issue #14).
+fails after the teacher trained, and nothing ever runs on a silently wrong setting.
 Each case must fail with one line, exit 2, and leave no trained teacher behind."""
 import json
 

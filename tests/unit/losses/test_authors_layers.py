@@ -1,4 +1,4 @@
-"""Map terms read their authors' layers by default (issue 20): AT and NST every stage after the
+"""Map terms read their authors' layers by default: AT and NST every stage after the
 stem, summed (RepDistiller's ``feat[1:-1]``), FitNets stage 2 (``--hint_layer 2``), WKD-F the last
 stage; spatial distances the last post-activation map. Values are checked against the formulas
 written out here, applied to the stage outputs read with plain forward hooks."""

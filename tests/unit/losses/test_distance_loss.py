@@ -154,7 +154,7 @@ def test_public_api():
     assert len(kd2m.metrics.available()) >= 13
 
 
-# --- layouts: tokens, channels-first sequences, tuple/dict outputs (issue #11) ---
+# --- layouts: tokens, channels-first sequences, tuple/dict outputs ---
 
 def _tiny_vit(**kw):
     from torchvision.models import VisionTransformer
