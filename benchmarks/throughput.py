@@ -28,7 +28,7 @@ keys are its samples' indices in that table; CRD's memory bank has one row per t
 (``num_data``), so at the default 50 000 (CIFAR's training set) it draws its full 16 384
 negatives per sample, as in training.
 
-The goal column is the target of the cached rows (issue #10): ≥ 0.9× plain for every logit and
+The goal column is the target of the cached rows: ≥ 0.9× plain for every logit and
 pooled-feature term, ≥ 0.8× for exact OT; CRD's cost is reported, not held to it. Online rows
 pay the teacher's forward; compare them with the × CE+teacher column.
 """
