@@ -232,6 +232,15 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     except ValueError:
         raise ValueError(f"{where}: schedule of {name!r} must be one of {', '.join(SCHEDULES)} (E an epoch, "
                          f"e.g. cosine_after:150), got {schedule!r:.40}") from None
+    s_l, t_l = _entry_layers(entry, where, name, spec, unit)
+    return TermConfig(name, float(weight), tuple(sorted(opts.items())), s_l, t_l, unit, warmup, schedule, auto)
+
+
+def _entry_layers(entry: dict, where: str, name: str, spec, unit: str) -> tuple:
+    """The ``(student_layer, teacher_layer)`` of a term entry (:func:`term_from_entry`): each a
+    module path, a tuple of them (a list as written, paired in order with the other side's) or
+    None. Raises ValueError naming ``where`` for anything else, for a list of layers on pooled
+    features, and for lists of two lengths."""
     layers = {}
     for key in ("student_layer", "teacher_layer"):
         value = entry.get(key)
@@ -250,7 +259,7 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
         if s_l is not None and t_l is not None and n_s != n_t:
             raise ValueError(f"{where}: {name!r} pairs student_layer and teacher_layer in order; give lists of one "
                              f"length (got {n_s} and {n_t})")
-    return TermConfig(name, float(weight), tuple(sorted(opts.items())), s_l, t_l, unit, warmup, schedule, auto)
+    return s_l, t_l
 
 
 def parse_weight(value) -> tuple[float, bool]:
