@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import losses
 from ..catalog import CE, TEACHER
+from ..features import PENULTIMATE
 
 #: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
 #: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
@@ -286,7 +287,7 @@ def cache_problem(method: Method) -> str | None:
     if maps:
         return (f"{method.key}: {', '.join(maps)} read feature maps, which the teacher cache does not store; use "
                 "teacher_cache: 0 (the online teacher)")
-    layers = {(t.teacher_layer or "penultimate", t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
+    layers = {(t.teacher_layer or PENULTIMATE, t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
     if len(layers) > 1:
         names = sorted({f"{layer} ({'per position' if raw else 'pooled'})" for layer, raw in layers})
         return (f"{method.key}: its terms read teacher layers {', '.join(names)}; the teacher cache holds "
