@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 
 from .. import losses
 from ..catalog import CE, TEACHER
+from ..catalog import UNITS as DISTANCE_UNITS
 from ..features import PENULTIMATE
 
 #: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
 #: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
 SCHEDULES = ("constant", "linear_up", "linear_down", "cosine_after:E")
-#: what one sample of a distance's distribution is (kd2m.losses.distance_loss.KD2MLoss): an image or sequence
-#: (pooled), the positions of each one ("spatial"; "sequence" for token models), or every position
-#: of the batch ("tokens")
-UNITS = ("batch", "spatial", "sequence", "tokens")
+#: the units a term entry takes (what one sample of a distance's distribution is, kd2m.catalog.UNITS):
+#: all but "class", which the class-conditional distances already are on pooled features
+UNITS = tuple(u for u in DISTANCE_UNITS if u != "class")
 #: the keys a term entry may have in a config
 TERM_KEYS = ("term", "weight", "options", "student_layer", "teacher_layer", "unit", "warmup", "schedule")
 
