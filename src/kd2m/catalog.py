@@ -1,5 +1,6 @@
 """Facts the whole package shares, each in one place: the method keys of a grid, the order of
-its tables, and the evaluation batch size. Pure data: nothing here imports the rest of kd2m.
+its tables, the evaluation batch size, and the units a distance's samples can be. Pure data:
+nothing here imports the rest of kd2m.
 """
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ EVAL_BATCH_SIZE = 512
 #: ... at most as many items as keep a batch's logits under this many MiB: a language model's item
 #: is a block of positions × its vocabulary (512 blocks of 128 tokens at V = 49 152 would be 12 GiB)
 EVAL_LOGITS_MIB = 256
+
+#: What one sample of a distance's distribution is (:class:`kd2m.losses.distance_loss.KD2MLoss`): an
+#: image or sequence, pooled ("batch"); the positions of each one ("spatial"; "sequence" for token
+#: models); every position of the batch ("tokens"); or one distribution per class ("class", what
+#: the class-conditional distances already are on pooled features).
+UNITS = ("batch", "spatial", "sequence", "tokens", "class")
+#: The units whose samples are positions of a map or tokens: their distances read raw
+#: per-position features (maps ``(n, c, h, w)`` or tokens ``(n, L, d)``), not pooled ones.
+PER_POSITION_UNITS = ("spatial", "sequence", "tokens")

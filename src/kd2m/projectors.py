@@ -26,6 +26,8 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .catalog import PER_POSITION_UNITS
+
 
 def feature_width(shape: tuple[int, ...]) -> int:
     """The channel width of a per-sample shape: d of (d,), c of (c, h, w), d of (L, d)."""
@@ -81,7 +83,7 @@ def build_projector(student_shape, teacher_shape, unit: str = "batch") -> nn.Mod
         return None
     s, t = tuple(int(v) for v in student_shape), tuple(int(v) for v in teacher_shape)
     ws, wt = feature_width(s), feature_width(t)
-    if unit not in ("spatial", "sequence", "tokens"):
+    if unit not in PER_POSITION_UNITS:
         return nn.Linear(ws, wt, bias=False) if ws != wt else None
     for who, shape in (("student", s), ("teacher", t)):
         if len(shape) == 1:

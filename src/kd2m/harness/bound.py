@@ -13,6 +13,7 @@ from torch import nn
 from .. import tasks
 from ..atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json
 from ..catalog import EVAL_BATCH_SIZE, TEACHER
+from ..features import PENULTIMATE
 from ..runtime import resolve_device
 from . import results as R
 from .rundir import FINAL_JSON, MODEL_PT, RunDir
@@ -130,7 +131,7 @@ def evaluate_run(run_dir: str | Path, samples: int = 1000, device: str = "auto",
     bundle = build_dataset(cfg["dataset"], data_root=data_root or cfg.get("data_root"), download=False,
                            augment=False, image_size=cfg.get("image_size"), holdout=cfg.get("holdout") or 0.0)
     loader = test_loader(bundle, cfg)
-    t_layer, s_layer = cfg.get("teacher_layer", "penultimate"), cfg.get("student_layer", "penultimate")
+    t_layer, s_layer = cfg.get("teacher_layer", PENULTIMATE), cfg.get("student_layer", PENULTIMATE)
     teachers = {r["seed"]: r for r in rows if r["method"] == TEACHER}
     pairs = []
     for seed in sorted({r["seed"] for r in rows}):

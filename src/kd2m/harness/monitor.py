@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .. import distributed as dist_ctx
 from ..atomic_io import read_jsonl
 from ..errors import ConfigError
+from ..features import PENULTIMATE
 from ..metrics.exact import exact_plan
 from ..runtime import fork_rng
 from .rundir import LOG_JSONL
@@ -123,8 +124,8 @@ class FeatureGapProbe:
     assignment of size N (N = 256: a few ms on a CPU).
     """
 
-    def __init__(self, teacher: nn.Module, test_set, device: torch.device, student_layer: str = "penultimate",
-                 teacher_layer: str = "penultimate", samples: int = DIAG_SAMPLES):
+    def __init__(self, teacher: nn.Module, test_set, device: torch.device, student_layer: str = PENULTIMATE,
+                 teacher_layer: str = PENULTIMATE, samples: int = DIAG_SAMPLES):
         self.device, self.student_layer = torch.device(device), student_layer
         with self._quiet():  # reading items may draw randomness (a dataset that augments): none leaks out
             x, y = fixed_batch(test_set, samples)

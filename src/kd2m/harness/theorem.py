@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..catalog import EVAL_BATCH_SIZE
-from ..features import FeatureTap
+from ..features import PENULTIMATE, FeatureTap
 
 __all__ = ["bound_terms", "model_outputs", "terms_from_outputs", "ModelOutputs", "TOL"]
 
@@ -128,7 +128,7 @@ def _subset(n: int, samples: int) -> Tensor:
 
 @torch.no_grad()
 def model_outputs(model: nn.Module, data, samples: int = 1000, device: str | torch.device = "cpu",
-                  layer: str = "penultimate") -> ModelOutputs:
+                  layer: str = PENULTIMATE) -> ModelOutputs:
     """One pass of ``model`` (in eval mode) over held-out ``data``.
 
     Args:
@@ -203,8 +203,8 @@ def terms_from_outputs(teacher: ModelOutputs, student: ModelOutputs, w2_sq: floa
 
 
 def bound_terms(teacher: nn.Module, student: nn.Module, loader_or_tensors, samples: int = 1000, *,
-                device: str | torch.device = "cpu", teacher_layer: str = "penultimate",
-                student_layer: str = "penultimate") -> dict:
+                device: str | torch.device = "cpu", teacher_layer: str = PENULTIMATE,
+                student_layer: str = PENULTIMATE) -> dict:
     r"""Estimate Theorem 1's terms for one trained pair on held-out data.
 
     Args:

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import metrics
+from ..catalog import UNITS
 from ..metrics import batched
 from ..projectors import build_projector
 
-UNITS = ("batch", "spatial", "sequence", "tokens", "class")
 #: unit="tokens": positions kept per step (exact OT is O(n³) in them), and the seed that picks them
 MAX_TOKENS = 256
+TOKEN_SEED = 0
 
 
 class KD2MLoss(nn.Module):
@@ -39,7 +40,7 @@ class KD2MLoss(nn.Module):
       ``(n, L, d)`` form a distribution, D averaged over the n sequences.
     - ``"tokens"``: every position of every sample of the batch is one sample of one distribution
       (a language model's tokens ``(n, L, d)``, or the positions of maps ``(n, c, h, w)``), the
-      batch's ``n·L`` positions subsampled to at most ``max_tokens`` (default 256) by a fixed
+      batch's ``n·L`` positions subsampled to at most ``max_tokens`` (default :data:`MAX_TOKENS`) by a fixed
       seeded choice (``token_seed``; the same positions every step, so training stays
       deterministic and exact OT stays cheap); labels ``(n·L,)`` (a language model's next tokens)
       or ``(n,)`` (each position takes its sample's label) make the label-aware distances
@@ -71,7 +72,7 @@ class KD2MLoss(nn.Module):
     def __init__(self, metric: str = "cw2", weight: float = 1.0, *, unit: str = "batch",
                  student_dim: int | None = None, teacher_dim: int | None = None,
                  student_shape: tuple[int, ...] | None = None, teacher_shape: tuple[int, ...] | None = None,
-                 match: str = "global", max_tokens: int = MAX_TOKENS, token_seed: int = 0, **metric_options):
+                 match: str = "global", max_tokens: int = MAX_TOKENS, token_seed: int = TOKEN_SEED, **metric_options):
         super().__init__()
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")

@@ -13,12 +13,13 @@ import functools
 from torch import Tensor
 
 from .. import metrics
+from ..catalog import PER_POSITION_UNITS
 from ..metrics import batched
-from .distance_loss import KD2MLoss
+from .distance_loss import MAX_TOKENS, TOKEN_SEED, KD2MLoss
 from .registry import Term, TermContext, TermSpec, add_spec, spec
 
 #: options every distance term takes besides its metric's own
-COMMON_OPTIONS = (("match", "global"), ("unit", "batch"), ("max_tokens", 256), ("token_seed", 0))
+COMMON_OPTIONS = (("match", "global"), ("unit", "batch"), ("max_tokens", MAX_TOKENS), ("token_seed", TOKEN_SEED))
 
 #: options only some terms take, beyond their metric's own (WKD-F's conventions, unit="spatial")
 EXTRA_OPTIONS = {"gauss_w2": tuple(batched.GAUSS_W2_SET_OPTIONS.items())}
@@ -36,13 +37,13 @@ class MetricTerm(Term):
     """
 
     def __init__(self, ctx: TermContext, *, metric: str, match: str = "global", unit: str = "batch",
-                 max_tokens: int = 256, token_seed: int = 0, **metric_options):
+                 max_tokens: int = MAX_TOKENS, token_seed: int = TOKEN_SEED, **metric_options):
         super().__init__(ctx)
         self.loss = KD2MLoss(metric, 1.0, unit=unit, student_shape=ctx.student_shape,
                              teacher_shape=ctx.teacher_shape, match=match, max_tokens=max_tokens,
                              token_seed=token_seed, **metric_options)
         base = spec(metric).needs
-        self.needs = (base - {"feats"}) | {"maps"} if unit in ("spatial", "sequence", "tokens") else base
+        self.needs = (base - {"feats"}) | {"maps"} if unit in PER_POSITION_UNITS else base
 
     @property
     def unit(self) -> str:

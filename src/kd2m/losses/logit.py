@@ -132,7 +132,14 @@ def dkd(*, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha
     zt = zt.detach()
     if standardize:
         zs, zt = standardize_logits(zs), standardize_logits(zt)
-    t = float(temperature)
+    tckd, nckd = _dkd_parts(zs, zt, y, float(temperature))
+    return alpha * tckd + beta * nckd
+
+
+def _dkd_parts(zs: Tensor, zt: Tensor, y: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    """DKD's (TCKD, NCKD) of logits ``zs``, ``zt`` (n, C) at temperature ``t`` for labels ``y``
+    (:func:`dkd`), each summed over the batch and divided by n, times T², as mdistiller's ``dkd_loss``."""
+    n = zs.shape[0]
     # scatter, not F.one_hot: one_hot reads the labels' range back to the host on every call
     target = torch.zeros_like(zs).scatter_(1, y[:, None], 1.0)
     other = 1.0 - target
@@ -146,7 +153,7 @@ def dkd(*, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha
     log_q_s = F.log_softmax(zs / t - _DKD_MASK * target, dim=1)
     q_t = F.softmax(zt / t - _DKD_MASK * target, dim=1)
     nckd = F.kl_div(log_q_s, q_t, reduction="sum") * (t * t) / n
-    return alpha * tckd + beta * nckd
+    return tckd, nckd
 
 
 #: DIST's eps in the cosine similarity's denominator (hunto/DIST_KD ``cosine_similarity``)

@@ -8,7 +8,7 @@ plain documented function in its module. ``available()`` lists the names.
     >>> loss = d(student_feats, teacher_feats, labels)          # doctest: +SKIP
 
 Modules, one family each: ``exact`` (exact optimal transport: w2, cw2, jw2),
-``gromov`` (gw2), ``entropic`` (sinkhorn), ``sliced`` (sliced_w2),
+``gromov`` (gw2), ``entropic`` (sinkhorn; its solver is ``sinkhorn_solver``), ``sliced`` (sliced_w2),
 ``gaussian`` (gauss_w2, gauss_cw2, gauss_kl, gauss_ckl), ``mmd`` (mmd_linear, mmd_rbf, cmmd_rbf).
 """
 from . import entropic, exact, gaussian, gromov, mmd, sliced  # noqa: F401  (registers the metrics)

@@ -17,7 +17,8 @@ refused). Needs the optional extra: ``pip install -e ".[lm]"``.
 Every model is causal: position ``i``'s logits depend on tokens ``0..i`` only. Encoder families
 that ``transformers`` also builds as causal LMs (``bert``, ``roberta`` …) see the whole sequence
 unless their config says ``is_decoder``; kd2m sets it, and refuses any model whose logits still
-change when a later token does (:func:`check_causal`), since it would be scored on tokens it sees.
+change when a later token does (:func:`~kd2m.models.hf_logits.check_causal`), since it would be
+scored on tokens it sees.
 
 A local model directory (``save_pretrained``'s layout: ``config.json`` and weights) given as
 ``--pretrained-teacher DIR`` / ``--pretrained-student DIR`` is loaded with
@@ -37,6 +38,11 @@ subclass whose ``forward(input_ids)`` returns the logits tensor ``(B, L, V)`` in
 them), every ``state_dict`` key is the library's (``save_pretrained`` directories load), and the
 engine, which calls ``model(x)`` and reads a tensor of logits, needs no special case.
 ``feature_dim`` is the width of the final hidden states (the ``lm_head``'s input).
+
+Where each part lives: this module holds the names (:func:`is_hf`) and the local files (a
+``save_pretrained`` directory, a GGUF file); :mod:`kd2m.models.hf_build` builds ``hf:MODEL_TYPE``
+from its config; :mod:`kd2m.models.hf_logits` swaps the class and probes the built model
+(causal, positions for a block, fused output layer).
 """
 from __future__ import annotations
 
@@ -48,25 +54,32 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from .hf_logits import checked_positions
+
+__all__ = ["PREFIX", "INSTALL_HINT", "SAVE_KEYS", "WEIGHT_SUFFIXES", "is_hf", "import_transformers",
+           "hf_directory_config", "load_hf_directory", "TOKENIZER_FILES", "has_tokenizer_files",
+           "GGUF_SUFFIX", "GGUF_DTYPE", "GGUF_INSTALL_HINT", "GGUF_SAVE_KEYS", "is_gguf", "is_hf_pretrained",
+           "hf_pretrained_config", "load_hf_pretrained", "gguf_storage", "hf_gguf_config", "load_hf_gguf",
+           "describe_hf"]
 
 PREFIX = "hf:"
 INSTALL_HINT = 'pip install -e ".[lm]"'
-#: the options that set the longest sequence (GPT-2's config maps one onto the other)
-LENGTH_OPTIONS = ("n_positions", "max_position_embeddings")
 #: config.json keys that describe how a directory was saved, not the architecture
 SAVE_KEYS = ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
 #: the weights files a save_pretrained directory may hold
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-_LOGITS_CLASSES: dict[type, type] = {}
-
 
 def is_hf(name) -> bool:
+    """Whether ``name`` is an ``"hf:MODEL_TYPE"`` model name."""
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
-def _transformers():
+def import_transformers():
+    """The ``transformers`` package, quietened (no config advice, no progress bars); a ValueError
+    with the install hint when the optional extra is missing."""
     try:
         import transformers
     except ImportError:
@@ -74,175 +87,6 @@ def _transformers():
     transformers.logging.set_verbosity_error()  # its advice on unused config keys is not the user's concern here
     transformers.logging.disable_progress_bar()  # a bar per directory loaded: stderr keeps kd2m's lines only
     return transformers
-
-
-def _logits_forward(self, input_ids: Tensor, last_hidden: bool = False, **kwargs) -> Tensor:
-    """``input_ids`` (B, L) -> next-token logits (B, L, V): the ``ModelOutput``'s ``logits``.
-    ``last_hidden``: the final hidden states (B, L, d) instead, the output layer's input, its
-    logits never built (the engine's fused head, :func:`fused_output_layer`)."""
-    if last_hidden:
-        return self.base_model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-    return super(type(self), self).forward(input_ids=input_ids, use_cache=False, **kwargs).logits
-
-
-def fused_output_layer(model: nn.Module) -> nn.Linear | None:
-    """The output layer of a kd2m ``hf:`` model whose logits are exactly that layer applied to
-    ``model(ids, last_hidden=True)`` (GPT-2's, Llama's: tied embeddings included), else None: a
-    model that scales or caps its logits after the head (Gemma-2's soft cap, Cohere's scale), or
-    any other model. Checked on a fixed probe sequence (eval mode, no gradients, no random draw)."""
-    if type(model) not in _LOGITS_CLASSES.values():
-        return None
-    head = model.get_output_embeddings()  # type: ignore[operator]  # a PreTrainedModel method; Module.__getattr__'s stub: Tensor | Module
-    if not isinstance(head, nn.Linear):
-        return None
-    vocab = head.weight.shape[0]
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 8
-    length = max(1, min(8, positions - _position_offset(model)))  # within the positions it holds
-    ids = ((torch.arange(length) * 7 + 1) % vocab).unsqueeze(0).to(head.weight.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits, hidden = model(ids), model(ids, last_hidden=True)
-            same = hidden.shape[-1] == head.in_features and torch.allclose(head(hidden), logits, rtol=1e-5,
-                                                                           atol=1e-6)
-    finally:
-        model.train(was_training)
-    return head if same else None
-
-
-def returning_logits(model: nn.Module) -> nn.Module:
-    """``model`` (a ``transformers`` causal LM), its class swapped for one whose forward returns the
-    logits tensor (see the module docstring); ``feature_dim`` set. In place; returns ``model``."""
-    cls = type(model)
-    if cls not in _LOGITS_CLASSES.values():
-        if cls not in _LOGITS_CLASSES:
-            _LOGITS_CLASSES[cls] = type(f"{cls.__name__}Logits", (cls,), {"forward": _logits_forward,
-                                                                          "__module__": __name__})
-        model.__class__ = _LOGITS_CLASSES[cls]
-    head = model.get_output_embeddings()  # type: ignore[operator]  # a PreTrainedModel method; Module.__getattr__'s stub: Tensor | Module
-    model.feature_dim = int(head.in_features if isinstance(head, nn.Linear) else head.weight.shape[1])  # type: ignore[assignment]  # Module.__setattr__'s stub: Tensor | Module only
-    return model
-
-
-def check_causal(model: nn.Module, name: str, length: int = 8) -> None:
-    """ValueError unless ``model`` is causal: on a probe sequence of ``length`` tokens, replacing its
-    second half leaves the logits of its first half unchanged. A model that sees the token it must
-    predict would train and score as if it could read the answer (perplexity near 1).
-
-    The probe's ids are fixed (no random draw: the runs' RNG is untouched), and the model is run
-    in eval mode (no dropout) without gradients, then put back in its mode."""
-    vocab = model.get_output_embeddings().weight.shape[0]  # type: ignore[operator]  # a PreTrainedModel method; Module.__getattr__'s stub: Tensor | Module
-    half = max(length // 2, 1)
-    ids = (torch.arange(2 * half) * 7 + 1) % vocab
-    later = ids.clone()
-    later[half:] = (later[half:] + 1) % vocab
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            a, b = (model(input_ids=x.unsqueeze(0).to(device)) for x in (ids, later))
-            a, b = (getattr(z, "logits", z).float() for z in (a, b))
-    finally:
-        model.train(was_training)
-    leak = float((a[:, :half] - b[:, :half]).abs().max())
-    if not leak <= 1e-6 * (1 + float(a.abs().max())):
-        raise ValueError(f"model {name}: not causal (a position's logits change by {leak:.2g} when a later token "
-                         "does): it would see the tokens it must predict; use a decoder model (hf:gpt2, hf:llama, "
-                         "…) or leave is_decoder out of its options")
-
-
-def _check_options(name: str, config, options: dict) -> None:
-    """Each option the type of the config's own default: integers (layers, widths, heads, positions)
-    whole and ≥ 1 (≥ 0 for token ids and where the default is 0), numbers numbers, flags booleans."""
-    for key, value in options.items():
-        default = getattr(config, key, None)
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            low = 0 if key.endswith("_id") or default == 0 else 1
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-            want = f"an integer ≥ {low}"
-        elif isinstance(default, float):
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"model {name!r}: option {key} must be {want} (its default is {default!r}), got "
-                             f"{value!r:.40}")
-
-
-def build_hf(name: str, num_classes: int, in_channels: int = 1, image_size: int = 64, **options) -> nn.Module:
-    """A freshly initialised ``"hf:MODEL_TYPE"`` causal LM for a vocabulary of ``num_classes``
-    tokens and sequences of up to ``image_size`` tokens (see the module docstring)."""
-    transformers = _transformers()
-    model_type = name[len(PREFIX):]
-    if not model_type:
-        raise ValueError(f"model {name!r}: give a transformers model type after 'hf:', e.g. 'hf:gpt2'")
-    try:
-        config = transformers.AutoConfig.for_model(model_type)
-    except ValueError:
-        raise ValueError(f"unknown Hugging Face model type {model_type!r} (hf:{model_type}); e.g. hf:gpt2, "
-                         "hf:llama") from None
-    if options.get("model_type", model_type) != model_type:
-        raise ValueError(f"model {name!r}: option model_type {options['model_type']!r} is another model; give "
-                         f"hf:{options['model_type']}")
-    options.pop("model_type", None)  # a save_pretrained config as options (a run's recorded teacher_options)
-    vocab = options.pop("vocab_size", num_classes)
-    if vocab != num_classes:
-        raise ValueError(f"model {name!r}: vocab_size {vocab} is not the data's vocabulary ({num_classes} tokens); "
-                         "leave vocab_size out (the data's is used) or use the model's tokenizer for the data")
-    unknown = sorted(k for k in options if not hasattr(config, k))
-    if unknown:
-        raise ValueError(f"model {name!r} takes no option {unknown[0]!r} (not a field of "
-                         f"{type(config).__name__})")
-    _check_options(name, config, options)
-    given = {k: options[k] for k in LENGTH_OPTIONS if k in options}
-    # the block length where no length option is given: one given is honoured (GPT-2 reads
-    # max_position_embeddings as n_positions, so injecting the other would replace it)
-    lengths = {} if given else {k: image_size for k in LENGTH_OPTIONS if hasattr(config, k)}
-    # token ids inside the vocabulary where the defaults (e.g. GPT-2's 50256) are not; a default of
-    # None stays None: a pad id is the embedding's padding_idx (Llama's), a row frozen at zero, and
-    # every id of the data's vocabulary is a real token
-    ids = {k: 0 for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-           if isinstance(getattr(config, k, None), int) and getattr(config, k) >= num_classes}
-    decoder = {"is_decoder": True} if hasattr(config, "is_decoder") else {}  # encoder families: causal
-    if in_channels != 1:
-        raise ValueError(f"model {name!r} reads token ids (one channel); the data has {in_channels} channels")
-
-    def build(lengths: dict):
-        try:
-            built = transformers.AutoConfig.for_model(model_type, vocab_size=num_classes,
-                                                      **{**lengths, **ids, **decoder, **options})
-            return transformers.AutoModelForCausalLM.from_config(built)
-        except Exception as e:  # noqa: BLE001 (transformers' own validation errors: one line, with the model's name)
-            reason = str(e).strip().splitlines()
-            raise ValueError(f"model {name!r}: its options do not build a {type(config).__name__} "
-                             f"({' '.join(reason[:2])[:160] or type(e).__name__})") from None
-
-    model = build(lengths)
-    offset = _position_offset(model)
-    if lengths and offset:  # RoBERTa's family numbers positions from pad_token_id + 1: a block needs more
-        model = build({k: v + offset for k, v in lengths.items()})
-    for key, value in given.items():  # honoured, so it must hold a block
-        if value < image_size + offset:
-            numbered = f", numbered from {offset}" if offset else ""
-            raise ValueError(f"model {name!r}: {key} {value} is fewer positions than a block of the data needs "
-                             f"({image_size} tokens{numbered}); give {key} ≥ {image_size + offset}, or leave it out "
-                             "(the block length)")
-    check_causal(model, name, min(8, image_size))
-    return returning_logits(model)
-
-
-def _position_offset(model: nn.Module) -> int:
-    """How many positions a model numbers before its first token: ``padding_idx + 1`` where its
-    position embedding has a padding index (RoBERTa and its kin), else 0."""
-    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
-    positions = getattr(embeddings, "position_embeddings", None)
-    pad = getattr(positions, "padding_idx", None)
-    return pad + 1 if isinstance(positions, nn.Embedding) and pad is not None else 0
 
 
 def hf_directory_config(path: str | os.PathLike) -> dict | None:
@@ -265,7 +109,7 @@ def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None,
     """The causal LM saved in the local directory ``path`` (``config.json`` + weights), never from a
     hub (``local_files_only=True``); its vocabulary must be the data's (``num_classes``), and its
     positions, where its config counts them, must hold a block of ``block`` tokens."""
-    transformers = _transformers()
+    transformers = import_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; a Hugging Face model directory (save_pretrained's "
@@ -287,21 +131,7 @@ def load_hf_directory(path: str | os.PathLike, num_classes: int | None = None,
                 f"{path} holds no tokenizer files: give the data (tokenizer: DIR) the tokenizer this model was "
                 "trained with")
         raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's {num_classes}; {hint}")
-    return _checked_positions(model, path, block, "its config.json")
-
-
-def _checked_positions(model: nn.Module, path: Path, block: int | None, where: str) -> nn.Module:
-    """``model``, causal and with positions (where its config counts them) for a block of ``block``
-    tokens, returning logits; ValueError naming ``path`` otherwise."""
-    length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    offset = _position_offset(model)
-    if block is not None and length is not None and length < block + offset:
-        # learned positions would fail on a block; rotary ones would run past what the model was trained on
-        numbered = f", numbered from {offset}" if offset else ""
-        raise ValueError(f"{path}: {where} holds {length} positions, fewer than a block of the data needs "
-                         f"({block} tokens{numbered}); give --image-size {length - offset} or less")
-    check_causal(model, f"in {path}", min(8, int(length or 8)))
-    return returning_logits(model)
+    return checked_positions(model, path, block, "its config.json")
 
 
 # ------------------------------------------------------------------------------- GGUF files
@@ -408,7 +238,7 @@ def _read_gguf_config(path: str | os.PathLike) -> dict:
     reader = _gguf_reader(path)  # a corrupt or cut file is said as such, before transformers' own message
     field = reader.fields.get("general.architecture")
     architecture = field.contents() if field is not None else None
-    transformers = _transformers()
+    transformers = import_transformers()
     path = Path(path)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -428,7 +258,7 @@ def load_hf_gguf(path: str | os.PathLike, num_classes: int | None = None, block:
     :data:`GGUF_DTYPE`; its vocabulary must be the data's (``num_classes``) and its positions hold
     a block of ``block`` tokens."""
     hf_gguf_config(path)  # readable, and an architecture transformers loads: said as such
-    transformers = _transformers()
+    transformers = import_transformers()
     path = Path(path)
     try:
         # its dequantising bar is a bare tqdm on stderr, which disable_progress_bar does not reach
@@ -444,7 +274,7 @@ def load_hf_gguf(path: str | os.PathLike, num_classes: int | None = None, block:
         raise ValueError(f"{path}: its vocabulary has {vocab} tokens, the data's tokenizer {num_classes}; leave "
                          f"--tokenizer out (the file's own tokenizer is used) or give the tokenizer this model was "
                          "trained with")
-    return _checked_positions(model, path, block, "its metadata")
+    return checked_positions(model, path, block, "its metadata")
 
 
 def describe_hf() -> str:

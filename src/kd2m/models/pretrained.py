@@ -44,6 +44,30 @@ def weights_identity(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict stored at ``path`` (:func:`load_pretrained`): read with ``weights_only=True``,
+    taken from under ``"model"`` or ``"state_dict"`` where it is nested there, a ``"module."``
+    prefix on every key stripped. FileNotFoundError or ValueError naming the file otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} do not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: the file is not a safe checkpoint
+        from ..atomic_io import describe_load_error
+        raise ValueError(f"{path}: not a readable PyTorch weights file; {describe_load_error(err)}") from None
+    if isinstance(obj, dict):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state_dict (names → tensors), optionally under 'model' or 'state_dict'")
+    state = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[str] = (),
                     new_head: str | bool | None = None, on_new_head=None) -> nn.Module:
     """Copy the weights stored at ``path`` into ``model`` (in place) and return ``model``.
@@ -69,23 +93,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, ignore: Sequence[
             the file and the first missing, unexpected and shape-mismatched keys).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike: the file is not a safe checkpoint
-        from ..atomic_io import describe_load_error
-        raise ValueError(f"{path}: not a readable PyTorch weights file; {describe_load_error(err)}") from None
-    if isinstance(obj, dict):
-        for key in NESTED_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state_dict (names → tensors), optionally under 'model' or 'state_dict'")
-    state = {str(k): v for k, v in obj.items()}
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _read_state_dict(path)
 
     if new_head is True:
         from ..features import last_linear_name

@@ -70,7 +70,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         ValueError: unknown ``name`` or a non-positive size.
     """
     from .external import build_external, is_external
-    from .hf import build_hf, is_hf
+    from .hf import is_hf
+    from .hf_build import build_hf
     from .user import build_user, is_user_factory
     builder: Callable[..., nn.Module]
     if is_external(name):

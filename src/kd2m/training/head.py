@@ -3,7 +3,7 @@
 A causal LM's training step would build the student's logits ``(B, L, V)``, then the next-token
 cross-entropy and each token divergence from them; at V = 49 152 the logits of 8 192 tokens are
 1.5 GiB in float32, and their softmaxes and gradient as much again each. Where the student
-exposes its last hidden states and a plain output layer (:func:`kd2m.models.hf.fused_output_layer`:
+exposes its last hidden states and a plain output layer (:func:`kd2m.models.hf_logits.fused_output_layer`:
 every ``hf:`` model whose logits are that layer of those states), :class:`FusedHead` has the step
 run ``net(x, last_hidden=True)`` instead and computes the cross-entropy and every term among
 ``fkl rkl jsd skew_kl skew_rkl tvd`` with :func:`kd2m.losses.fused_head.fused_head_terms`, chunk
@@ -37,7 +37,7 @@ class FusedHead:
         """The fused head of ``net`` under ``terms`` for ``task``, or None (the plain step)."""
         if not getattr(task, "fuses_head", False):
             return None
-        from ..models.hf import fused_output_layer
+        from ..models.hf_logits import fused_output_layer
         if any(b.config.reads_logits and b.config.name not in DIVERGENCES for b in terms):
             return None  # a term reads the full logits: built anyway
         head = fused_output_layer(net)

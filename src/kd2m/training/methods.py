@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 
 from .. import losses
 from ..catalog import CE, TEACHER
+from ..catalog import UNITS as DISTANCE_UNITS
+from ..features import PENULTIMATE
 
 #: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
 #: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
 SCHEDULES = ("constant", "linear_up", "linear_down", "cosine_after:E")
-#: what one sample of a distance's distribution is (kd2m.losses.distance_loss.KD2MLoss): an image or sequence
-#: (pooled), the positions of each one ("spatial"; "sequence" for token models), or every position
-#: of the batch ("tokens")
-UNITS = ("batch", "spatial", "sequence", "tokens")
+#: the units a term entry takes (what one sample of a distance's distribution is, kd2m.catalog.UNITS):
+#: all but "class", which the class-conditional distances already are on pooled features
+UNITS = tuple(u for u in DISTANCE_UNITS if u != "class")
 #: the keys a term entry may have in a config
 TERM_KEYS = ("term", "weight", "options", "student_layer", "teacher_layer", "unit", "warmup", "schedule")
 
@@ -232,6 +233,15 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
     except ValueError:
         raise ValueError(f"{where}: schedule of {name!r} must be one of {', '.join(SCHEDULES)} (E an epoch, "
                          f"e.g. cosine_after:150), got {schedule!r:.40}") from None
+    s_l, t_l = _entry_layers(entry, where, name, spec, unit)
+    return TermConfig(name, float(weight), tuple(sorted(opts.items())), s_l, t_l, unit, warmup, schedule, auto)
+
+
+def _entry_layers(entry: dict, where: str, name: str, spec, unit: str) -> tuple:
+    """The ``(student_layer, teacher_layer)`` of a term entry (:func:`term_from_entry`): each a
+    module path, a tuple of them (a list as written, paired in order with the other side's) or
+    None. Raises ValueError naming ``where`` for anything else, for a list of layers on pooled
+    features, and for lists of two lengths."""
     layers = {}
     for key in ("student_layer", "teacher_layer"):
         value = entry.get(key)
@@ -250,7 +260,7 @@ def term_from_entry(entry, where: str, default_weight: float | None = None, opti
         if s_l is not None and t_l is not None and n_s != n_t:
             raise ValueError(f"{where}: {name!r} pairs student_layer and teacher_layer in order; give lists of one "
                              f"length (got {n_s} and {n_t})")
-    return TermConfig(name, float(weight), tuple(sorted(opts.items())), s_l, t_l, unit, warmup, schedule, auto)
+    return s_l, t_l
 
 
 def parse_weight(value) -> tuple[float, bool]:
@@ -277,7 +287,7 @@ def cache_problem(method: Method) -> str | None:
     if maps:
         return (f"{method.key}: {', '.join(maps)} read feature maps, which the teacher cache does not store; use "
                 "teacher_cache: 0 (the online teacher)")
-    layers = {(t.teacher_layer or "penultimate", t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
+    layers = {(t.teacher_layer or PENULTIMATE, t.uses_maps) for t in method.terms if t.spec.needs & {"feats", "maps"}}
     if len(layers) > 1:
         names = sorted({f"{layer} ({'per position' if raw else 'pooled'})" for layer, raw in layers})
         return (f"{method.key}: its terms read teacher layers {', '.join(names)}; the teacher cache holds "

@@ -364,11 +364,11 @@ def test_sinkhorn_small_eps_unequal_clusters_converges(case, monkeypatch):
     of the floating-point kernels (case 7 took 4593 iterations on one CPU and 6035 on an
     AVX-512 Xeon, where an absolute budget of 6000 failed), while plain alternation's is a
     property of the problem (28892 and > 40000 here)."""
-    from kd2m.metrics import entropic
+    from kd2m.metrics import sinkhorn_solver
     C, eps = _clusters(*case)
-    _, it, err = entropic._potentials(C, eps, 100_000, 1e-6, False)
-    monkeypatch.setattr(entropic, "ANDERSON_MEMORY", 0)
-    _, _, err_plain = entropic._potentials(C, eps, 2 * it, 1e-6, False)
+    _, it, err = sinkhorn_solver.potentials(C, eps, 100_000, 1e-6, False)
+    monkeypatch.setattr(sinkhorn_solver, "ANDERSON_MEMORY", 0)
+    _, _, err_plain = sinkhorn_solver.potentials(C, eps, 2 * it, 1e-6, False)
     assert err <= 1e-6 and it < 100_000
     assert err_plain > 1e-6      # plain alternation has not converged in twice as many
 
@@ -380,18 +380,18 @@ def test_sinkhorn_is_never_much_slower_than_plain_alternation(case, monkeypatch)
     """Anderson is used only while it beats plain alternation: iterations at most those of plain
     alternation plus the probing overhead, and the same converged potential. (Case 112, found
     by a random search: pure Anderson 2109 iterations, plain 1103, raced 1165.)"""
-    from kd2m.metrics import entropic
+    from kd2m.metrics import sinkhorn_solver
     C, eps = _clusters(*case)
-    g, it, err = entropic._potentials(C, eps, 20000, 1e-6, False)
-    monkeypatch.setattr(entropic, "ANDERSON_MEMORY", 0)
-    g_plain, it_plain, err_plain = entropic._potentials(C, eps, 20000, 1e-6, False)
+    g, it, err = sinkhorn_solver.potentials(C, eps, 20000, 1e-6, False)
+    monkeypatch.setattr(sinkhorn_solver, "ANDERSON_MEMORY", 0)
+    g_plain, it_plain, err_plain = sinkhorn_solver.potentials(C, eps, 20000, 1e-6, False)
     assert err <= 1e-6 and err_plain <= 1e-6
     assert it <= 1.25 * it_plain + 100
     # potentials are defined up to a constant; the semi-dual values agree
-    from kd2m.metrics.entropic import _softmin
+    from kd2m.metrics.sinkhorn_solver import softmin
     n_s, n_t = C.shape
     log_b = torch.full((n_t,), -np.log(n_t), dtype=F64)
-    val = lambda pot: float(_softmin(eps, C, log_b + pot / eps).mean() + pot.mean())  # noqa: E731
+    val = lambda pot: float(softmin(eps, C, log_b + pot / eps).mean() + pot.mean())  # noqa: E731
     assert val(g) == pytest.approx(val(g_plain), rel=1e-8)
 
 
@@ -433,13 +433,13 @@ def test_sinkhorn_matches_geomloss_correlated(dtype):
 
 @pytest.mark.parametrize("eps", [2.0, 0.5, 0.01])
 def test_sinkhorn_c_transforms_match_logsumexp(eps):
-    """_CTransform (a kernel product at moderate ε, logsumexp at small ε: 0.01 here has a
+    """CTransform (a kernel product at moderate ε, logsumexp at small ε: 0.01 here has a
     span of ~1e3 > 600) against logsumexp written out, for both directions and the plan."""
     from kd2m.metrics._base import sqdist
-    from kd2m.metrics.entropic import _CTransform
+    from kd2m.metrics.sinkhorn_solver import CTransform
     x, y = randn(30, 3, seed=0), randn(20, 3, seed=1, shift=0.5)
     C = sqdist(x, y)
-    T = _CTransform(C, eps)
+    T = CTransform(C, eps)
     assert T.use_kernel == (float((C - C.amin(1)[:, None]).max()) / eps <= 600)
     h_b = torch.log(torch.full((20,), 1 / 20, dtype=F64)) + randn(20, seed=2)
     h_a = torch.log(torch.full((30,), 1 / 30, dtype=F64)) + randn(30, seed=3)

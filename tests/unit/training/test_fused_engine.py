@@ -121,7 +121,7 @@ def test_the_fused_step_reads_a_sparse_teacher_as_the_divergences_do():
 
 
 def test_the_head_is_fused_only_where_the_logits_are_the_output_layer_of_the_hidden_states():
-    from kd2m.models.hf import fused_output_layer
+    from kd2m.models.hf_logits import fused_output_layer
     torch.manual_seed(0)
     short = build_model("hf:gpt2", V, 1, 4, n_layer=1, n_embd=8, n_head=2)  # 4 positions: the probe fits them
     assert fused_output_layer(short) is short.lm_head
