@@ -17,6 +17,12 @@ states and the output layer included) and tokens / second (the fastest of ``--re
 timings on a shared machine are noisy). Ratios are fused over unfused,
 measured side by side in one run.
 
+JSD against a dense teacher given as its hidden states and output layer (TRL's
+``DistillationTrainer`` setting): the same measurement for both models' whole logits, kd2m's fused
+head with a :class:`~kd2m.losses.fused_head.LinearTeacher`, and TRL's chunked divergence
+(``trl.trainer.distillation_trainer._chunked_divergence_loss``, where TRL is installed; equal in
+value and gradient, ``tests/unit/losses/test_fused_head.py``).
+
 Sparse-teacher error: a random model with a Zipfian unigram prior (teacher logits
 ``hW_Tᵀ − 1.5·log(rank)``, the student's a perturbed copy), V = 49 152; each divergence's relative
 error (full − sparse) / full of the ghost-token estimate at several k, and for comparison the
@@ -51,15 +57,37 @@ def sparse_teacher(tokens: int, vocab: int, k: int, generator):
 
 
 def step(method: str, h, w, labels, teacher):
-    """One loss of CE + forward KL, fused or from whole logits."""
+    """One loss: CE + forward KL against a sparse teacher, fused or from whole logits; or (``jsd-*``)
+    GKD's JSD against a teacher given as hidden states and output layer (TRL's setting), from both
+    models' whole logits, kd2m's fused head, or TRL's chunked divergence."""
     import torch.nn.functional as F
 
     from kd2m import losses
-    from kd2m.losses.fused_head import fused_head_loss
+    from kd2m.losses.fused_head import LinearTeacher, fused_head_loss
+    if method == "jsd-unfused":
+        return losses.get("jsd")(student_logits=h @ w.T, teacher_logits=teacher.hidden @ teacher.weight.T)
+    if method == "jsd-fused":
+        return fused_head_loss(h, w, labels, LinearTeacher(*teacher), kind="jsd", ce_weight=0.0).loss
+    if method == "jsd-trl":
+        import torch
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+        return _chunked_divergence_loss(h[None], teacher.hidden[None], w, teacher.weight,
+                                        torch.ones(1, h.shape[0]), beta=0.5)[0]
     if method == "fused":
         return fused_head_loss(h, w, labels, teacher, kind="fkl").loss
     z = h @ w.T
     return F.cross_entropy(z, labels) + losses.get("fkl")(student_logits=z, teacher_logits=teacher, labels=labels)
+
+
+def teacher_for(method: str, tokens: int, vocab: int, dim: int, k: int, generator):
+    """A sparse top-k teacher, or (``jsd-*`` rows) a LinearTeacher: hidden states and an output layer."""
+    if not method.startswith("jsd-"):
+        return sparse_teacher(tokens, vocab, k, generator)
+    import torch
+
+    from kd2m.losses.fused_head import LinearTeacher
+    return LinearTeacher(torch.randn(tokens, dim, generator=generator),
+                         torch.randn(vocab, dim, generator=generator) / dim ** 0.5)
 
 
 def child(method: str, tokens: int, vocab: int, dim: int, k: int, repeats: int) -> None:
@@ -67,11 +95,11 @@ def child(method: str, tokens: int, vocab: int, dim: int, k: int, repeats: int) 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     small = (torch.randn(8, 16, requires_grad=True), torch.randn(32, 16, requires_grad=True))
-    step(method, *small, torch.randint(0, 32, (8,)), sparse_teacher(8, 32, 4, g)).backward()  # imports, set-up
+    step(method, *small, torch.randint(0, 32, (8,)), teacher_for(method, 8, 32, 16, 4, g)).backward()  # imports
     h = torch.randn(tokens, dim, generator=g).requires_grad_()
     w = (torch.randn(vocab, dim, generator=g) / dim ** 0.5).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), generator=g)
-    teacher = sparse_teacher(tokens, vocab, k, g)
+    teacher = teacher_for(method, tokens, vocab, dim, k, g)
     release_freed_memory()
     before = reset_peak()
     seconds = []
@@ -113,6 +141,25 @@ def speed_table(tokens: int, dim: int, k: int, repeats: int, vocabs=VOCABS) -> l
                      f"{plain['tokens_per_s']:.0f} | {fused['peak_mib']:.0f} | {fused['tokens_per_s']:.0f} | "
                      f"{fused['peak_mib'] / plain['peak_mib']:.2f} | "
                      f"{fused['tokens_per_s'] / plain['tokens_per_s']:.2f} |")
+    return lines
+
+
+def trl_table(tokens: int, dim: int, repeats: int, vocabs=VOCABS) -> list[str]:
+    """GKD's JSD (β = 0.5) against a teacher given as its hidden states and output layer: both
+    models' whole logits, kd2m's fused head (``LinearTeacher``), and TRL's chunked divergence
+    (its ``DistillationTrainer``'s loss), where TRL is installed."""
+    try:
+        import trl.trainer.distillation_trainer  # noqa: F401
+        methods = ("jsd-unfused", "jsd-fused", "jsd-trl")
+    except ImportError:
+        methods = ("jsd-unfused", "jsd-fused")
+    lines = [f"{tokens} tokens, d = {dim} (student and teacher), GKD JSD β = 0.5 against the teacher's hidden states "
+             f"and output layer, float32, forward + backward, one thread, best of {repeats} steps", "",
+             "| V | " + " | ".join(f"{m[4:]}: peak MiB | {m[4:]}: tok/s" for m in methods) + " |",
+             "|---|" + "---|---|" * len(methods)]
+    for vocab in vocabs:
+        rows = [measure(m, tokens, vocab, dim, 0, repeats) for m in methods]
+        lines.append(f"| {vocab} | " + " | ".join(f"{r['peak_mib']:.0f} | {r['tokens_per_s']:.0f}" for r in rows) + " |")
     return lines
 
 
@@ -171,7 +218,8 @@ def main(argv=None) -> str:
     repeats = a.repeats or (1 if a.quick else 2)
     vocabs = [int(v) for v in a.vocabs.split(",") if v]
     ks = [k for k in ks if k <= vocabs[0]]
-    lines = speed_table(tokens, dim, a.k, repeats, vocabs) + [""] + error_table(32 if a.quick else 64, vocabs[0], ks)
+    lines = speed_table(tokens, dim, a.k, repeats, vocabs) + [""] + trl_table(tokens, dim, repeats, vocabs) + [""] \
+        + error_table(32 if a.quick else 64, vocabs[0], ks)
     return emit("\n".join(lines), a.out)
 
 

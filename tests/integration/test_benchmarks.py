@@ -134,11 +134,19 @@ def test_startup_benchmark_rows(tmp_path):
 def test_fused_head_benchmark_rows(tmp_path):
     """benchmarks/fused_head.py: an unfused and a fused measurement per vocabulary in fresh
     processes, and the sparse teacher's error per divergence, at tiny sizes."""
-    table = load("fused_head").main(["--quick", "--tokens", "16", "--dim", "8", "--k", "4", "--vocabs", "600,900",
+    table = load("fused_head").main(["--quick", "--tokens", "16", "--dim", "8", "--k", "4", "--vocabs", "600",
                                      "--out", str(tmp_path / "f.md")])
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in table.splitlines() if line.startswith("| ")}
-    assert float(rows["600"][1]) >= 0 and float(rows["900"][3]) >= 0 and float(rows["900"][6]) > 0
+    speed, trl, error = table.split("\n\n")[1::2]  # three tables, each after its caption
+
+    def cells(part):
+        return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                for line in part.splitlines() if line.startswith("| ")}
+    rows = cells(speed)
+    assert float(rows["600"][1]) >= 0 and float(rows["600"][3]) >= 0 and float(rows["600"][6]) > 0
+    # JSD against hidden states + output layer: whole logits, kd2m's fused head, TRL's chunked divergence
+    assert "fused: peak MiB" in trl and "trl: peak MiB" in trl
+    assert all(len(r) == 6 and all(float(c) >= 0 for c in r) for r in cells(trl).values() if r[0][0].isdigit())
+    rows = cells(error)
     errors = [float(c) for c in rows["fkl (" + next(r for r in rows if r.startswith("fkl (")).split("(")[1]]]
     assert len(errors) == 4 and all(0 <= e <= 1 for e in errors) and errors == sorted(errors, reverse=True)
 

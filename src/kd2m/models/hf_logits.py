@@ -40,7 +40,7 @@ def fused_output_layer(model: nn.Module) -> nn.Linear | None:
     any other model. Checked on a fixed probe sequence (eval mode, no gradients, no random draw)."""
     if type(model) not in _LOGITS_CLASSES.values():
         return None
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[operator]  # a PreTrainedModel method; Module.__getattr__'s stub: Tensor | Module
     if not isinstance(head, nn.Linear):
         return None
     vocab = head.weight.shape[0]
@@ -69,8 +69,8 @@ def returning_logits(model: nn.Module) -> nn.Module:
             _LOGITS_CLASSES[cls] = type(f"{cls.__name__}Logits", (cls,), {"forward": _logits_forward,
                                                                           "__module__": __name__})
         model.__class__ = _LOGITS_CLASSES[cls]
-    head = model.get_output_embeddings()
-    model.feature_dim = int(head.in_features if isinstance(head, nn.Linear) else head.weight.shape[1])
+    head = model.get_output_embeddings()  # type: ignore[operator]  # a PreTrainedModel method; Module.__getattr__'s stub: Tensor | Module
+    model.feature_dim = int(head.in_features if isinstance(head, nn.Linear) else head.weight.shape[1])  # type: ignore[assignment]  # Module.__setattr__'s stub: Tensor | Module only
     return model
 
 
@@ -81,7 +81,7 @@ def check_causal(model: nn.Module, name: str, length: int = 8) -> None:
 
     The probe's ids are fixed (no random draw: the runs' RNG is untouched), and the model is run
     in eval mode (no dropout) without gradients, then put back in its mode."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]  # type: ignore[operator]  # a PreTrainedModel method; Module.__getattr__'s stub: Tensor | Module
     half = max(length // 2, 1)
     ids = (torch.arange(2 * half) * 7 + 1) % vocab
     later = ids.clone()

@@ -127,3 +127,26 @@ def test_fused_head_keeps_the_inputs_dtypes_and_checks_its_inputs():
         fused_head_loss(h, w, labels, zt, chunk_size=0)
     with pytest.raises(ValueError, match="labels"):
         fused_head_loss(h, w, labels[:5], zt)
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.5, 1.0), (0.0, 2.0), (1.0, 1.0), (0.3, 0.7)])
+def test_fused_jsd_against_a_linear_teacher_equals_trl_s_chunked_divergence(beta, temperature):
+    # TRL's DistillationTrainer computes its generalised JSD from both models' last hidden states and
+    # output layers, tile by tile: the same quantity as fused_head_loss(kind="jsd", ce_weight=0) with a
+    # LinearTeacher, in value and in gradient (masked positions ignored by both; TRL's tiles compute in
+    # float32 whatever the inputs, so the agreement is float32's)
+    trl = pytest.importorskip("trl.trainer.distillation_trainer")
+    g = torch.Generator().manual_seed(3)
+    n, d_s, d_t, vocab = 14, 8, 12, 301
+    hs = torch.randn(1, n, d_s, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(vocab, d_s, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(1, n, d_t, generator=g, dtype=torch.float64), torch.randn(vocab, d_t, generator=g, dtype=torch.float64)
+    mask = torch.ones(1, n)
+    mask[0, :4] = 0
+    labels = torch.randint(0, vocab, (n,), generator=g).masked_fill(mask[0] == 0, -100)
+    theirs = trl._chunked_divergence_loss(hs, ht, ws, wt, mask, beta=beta, temperature=temperature)[0]
+    ours = fused_head_loss(hs[0], ws, labels, LinearTeacher(ht[0], wt), kind="jsd", beta=beta,
+                           temperature=temperature, ce_weight=0.0).loss
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-6, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(ours, (hs, ws)), torch.autograd.grad(theirs, (hs, ws))):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-7)
