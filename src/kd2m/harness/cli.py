@@ -271,12 +271,10 @@ def cmd_run(args) -> int:
     try:
         rows = run_grid(cfg, sweep=sweep, log=lambda m: dist_ctx.is_main() and print(m, flush=True))
         if dist_ctx.is_main():
-            from .results import markdown_table
+            from .tables import markdown_table, note, reference_numbers
             print()
-            from .results import reference_numbers
             print(markdown_table(rows, resolved.dataset, len(resolved.seeds),
                                  reference_numbers(resolved.dataset, resolved.teacher, resolved.student)))
-            from .results import note
             print(note(rows))
             if chosen:  # the table's rows do not show λ: which K each chosen term trained at
                 labels = {m.key: m.label for m in resolved.methods()}
@@ -316,7 +314,9 @@ def cmd_bound(args) -> int:
 
 def cmd_table(args) -> int:
     from ..atomic_io import atomic_write_text
-    from .results import paper_table, read_reported, summarize
+    from .paired import summarize
+    from .results import read_reported
+    from .tables import paper_table
     runs, notes = {}, []
     for d in args.run_dirs:
         rows, meta = read_reported(d)  # the rows each results.md was made from
@@ -358,7 +358,8 @@ def _final_json(run_dir: Path) -> dict:
 
 def cmd_compare(args) -> int:
     from ..atomic_io import atomic_write_text
-    from .results import compare_table, read_rows
+    from .results import read_rows
+    from .tables import compare_table
     csv_path = RunDir(args.run_dir).results_csv  # every run of the directory: the pairs are named explicitly
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path} does not exist: is {args.run_dir} a kd2m run directory?")

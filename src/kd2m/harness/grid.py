@@ -32,6 +32,7 @@ from . import results as R
 from .config import RunConfig
 from .environment import describe_environment
 from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
+from .tables import reference_numbers, write_reports
 from .trainer import Trainer, fit
 
 #: keys ``--sweep`` may vary, and the check each value must pass
@@ -272,8 +273,8 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log, shared: d
         if seeds:
             diverged[m.key] = {"label": m.label, "seeds": seeds}
     if dist_ctx.is_main():
-        R.write_reports(out.root, own, cfg.dataset, header=_header(cfg, students, sweep), expected_seeds=len(cfg.seeds),
-                        reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
+        write_reports(out.root, own, cfg.dataset, header=_header(cfg, students, sweep), expected_seeds=len(cfg.seeds),
+                      reference=reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
         if sweep is not None:
             plot_sweep(own, sweep[0], out.sweep_png)
     if failures:  # every other run has finished and the tables are written: now the one-line error (exit 2)

@@ -15,7 +15,7 @@
   distilled student (highest mean accuracy among the feature-distillation methods), first
   seed, on a fixed subset of ≤ 500 test samples, coloured by label; one panel per model,
   the three fitted together so the panels share coordinates;
-- ``report.md``: the results table (:func:`kd2m.harness.results.markdown_table`) and the figures
+- ``report.md``: the results table (:func:`kd2m.harness.tables.markdown_table`) and the figures
   (and Theorem 1's table when ``kd2m bound`` has written ``RUN_DIR/bound.md``).
 
 Figures are drawn with matplotlib's Agg canvas on ``Figure`` objects (no pyplot, no global
@@ -34,7 +34,9 @@ import torch
 from ..atomic_io import atomic_write_text, read_jsonl
 from ..catalog import CE, TEACHER
 from . import results as R
+from .paired import best_separated, summarize, verdict
 from .rundir import LOG_JSONL, RunDir
+from .tables import markdown_table, note
 
 __all__ = ["make_report", "plot_accuracy", "plot_curves", "plot_diagnostics", "plot_embedding", "embedding_features",
            "best_distilled", "EMBED_SAMPLES"]
@@ -90,14 +92,14 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = ""):
     for a percentage only). Right: the paired Δ vs the CE-only student with its 95% interval per
     method (the numbers of summary.csv), in the figure's unit; an interval clear of 0 is drawn
     solid, one that crosses 0 hollow. The axes say which direction is better. The best student
-    by :func:`kd2m.harness.results.best_separated` (the tables' rule) has its label in bold; without one,
+    by :func:`kd2m.harness.paired.best_separated` (the tables' rule) has its label in bold; without one,
     the x axis says why.
 
     Returns the matplotlib figure drawn (also saved to ``path``)."""
     fig_ = R.figure_of(rows)
-    summary = R.summarize(rows)
+    summary = summarize(rows)
     stats = {s["method"]: s for s in summary}
-    best, why_not = R.best_separated(rows, summary, fig_)
+    best, why_not = best_separated(rows, summary, fig_)
     methods = _order(list(stats))
     colors = _colors(methods)
     width = max(5.0, 0.8 * len(methods) + 2)
@@ -153,7 +155,7 @@ def _plot_deltas(ax, stats: dict, methods: list[str], colors: dict, fig_: R.Figu
     for x, m in enumerate(methods):
         s = stats[m]
         lo, hi = s["delta_ci_low"], s["delta_ci_high"]
-        clear = R.verdict(s) != "—"
+        clear = verdict(s) != "—"
         if math.isnan(lo):
             ax.plot([x], [s["delta"]], "o", color=colors[m])
             continue
@@ -296,7 +298,7 @@ def _diagnostics_text(logs: dict[str, list[list[dict]]]) -> str:
 def best_distilled(rows: list[dict]) -> str | None:
     """The feature-distillation method (a row with a ``metric``) with the best mean of the task's
     figure (the highest accuracy, the lowest perplexity); else ``kd``."""
-    stats = R.summarize(rows)
+    stats = summarize(rows)
     fig_ = R.figure_of(rows)
     metric_methods = {r["method"] for r in rows if r.get("metric")}
     cands = [s for s in stats if s["method"] in metric_methods] or [s for s in stats if s["method"] == "kd"]
@@ -388,7 +390,7 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     g = torch.Generator().manual_seed(EMBED_SEED)
     idx = torch.randperm(n, generator=g)[:min(samples, n)].sort().values
     labels = np.array([int(bundle.test[int(i)][1]) for i in idx])
-    accs = {s["method"]: s for s in R.summarize([r for r in rows if r["seed"] == seed])}
+    accs = {s["method"]: s for s in summarize([r for r in rows if r["seed"] == seed])}
     panels = []
     for m in chosen:
         arch = cfg["teacher"] if m == TEACHER else cfg["student"]
@@ -447,8 +449,8 @@ def make_report(run_dir, embedding: bool = True, device: str = "auto", embed_sam
     header = (meta.get("header") or f"# kd2m results: {dataset}").split("\n", 1)[-1].strip()
     md = [f"# kd2m report: {dataset}", "", header, "",
           "## Results", "",
-          R.markdown_table(rows, dataset, meta.get("expected_seeds"), meta.get("reference"), meta.get("diverged")),
-          R.note(rows), "",
+          markdown_table(rows, dataset, meta.get("expected_seeds"), meta.get("reference"), meta.get("diverged")),
+          note(rows), "",
           f"![test {fig_.name} per method and paired Δ vs CE ({fig_.direction})](accuracy.png)", "",
           "## Training curves", "",
           (f"Test {fig_.name} ({fig_.direction}) and the distillation loss D (per training sample, log scale) per "
