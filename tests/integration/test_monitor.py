@@ -173,7 +173,7 @@ def test_report_draws_the_diagnostics(tiny_run):
 
 
 def test_diagnostic_curves_are_means_over_seeds():
-    from kd2m.harness.report import diagnostic_curves, plot_diagnostics
+    from kd2m.harness.plots import diagnostic_curves, plot_diagnostics
     logs = {"w2": [[{"epoch": 1, "diag": {"w2": 2.0}}, {"epoch": 2, "diag": {"w2": 1.0}}],
                    [{"epoch": 1, "diag": {"w2": 4.0}}, {"epoch": 2, "diag": {"w2": 3.0}}]],
             "teacher": [[{"epoch": 1}]]}

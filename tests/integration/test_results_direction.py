@@ -65,7 +65,7 @@ def test_table_bolds_the_lowest_perplexity_and_its_columns_name_the_figure(tmp_p
 
 
 def test_report_plots_the_tasks_figure_in_its_direction_without_a_cap_at_100(tmp_path):
-    from kd2m.harness.report import plot_accuracy
+    from kd2m.harness.plots import plot_accuracy
     fig = plot_accuracy(lm_rows(), tmp_path / "accuracy.png")
     bars, deltas = fig.axes
     assert bars.get_ylabel() == "test perplexity (lower is better)"
@@ -91,7 +91,7 @@ def test_report_md_of_a_language_model_grid_names_perplexity(tmp_path):
 
 
 def _plot_bold(rows, tmp_path) -> list[str]:
-    from kd2m.harness.report import plot_accuracy
+    from kd2m.harness.plots import plot_accuracy
     fig = plot_accuracy(rows, tmp_path / "accuracy.png")
     bold = sorted({t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_fontweight() == "bold"})
     assert ("not separated from the runner-up" in fig.axes[0].get_xlabel()) == (not bold)
@@ -171,7 +171,7 @@ def test_table_names_a_diverged_run_as_results_md_does(tmp_path, capsys):
 def test_a_sweep_of_a_language_model_grid_plots_perplexity(tmp_path):
     """plot_sweep drew test accuracy (token accuracy, in %) under "test accuracy (%)" for a text
     grid, whose figure is perplexity."""
-    from kd2m.harness.grid import plot_sweep
+    from kd2m.harness.plots import plot_sweep
     rows = [{"dataset": "python_docs", "method": m, "seed": s, "test_acc": 0.3, "test_ppl": p}
             for s in (0, 1) for m, p in (("ce", 120.0), ("fkl@0.1", 110.0), ("fkl@1", 130.0))]
     ax = plot_sweep(rows, "weight", tmp_path / "sweep.png").axes[0]

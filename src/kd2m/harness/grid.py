@@ -12,25 +12,25 @@ import dataclasses
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 from .. import distributed as dist_ctx
 from .. import tasks
 from ..atomic_io import atomic_write_json
-from ..catalog import CE, TEACHER
+from ..catalog import TEACHER
 from ..data import build_dataset, dataset_labels
 from ..errors import ConfigError, NonFiniteLossError
 from ..runtime import fork_rng, resolve_device
 from ..training.binding import Taps, bind_terms, wanted_layers
 from ..training.build import build_student, build_teacher, freeze
-from ..training.methods import Method, method_label, parse_weight
+from ..training.methods import Method, parse_weight
 from ..training.step import Step, TermFailure
 from ..training.teacher import OnlineTeacher
 from . import results as R
 from .config import RunConfig
 from .environment import describe_environment
+from .plots import plot_sweep
 from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
 from .tables import reference_numbers, write_reports
 from .trainer import Trainer, fit
@@ -530,41 +530,3 @@ def _weights_text(methods: list) -> str:
     if len(lams) == 1:
         return lams.pop()
     return ", ".join(parts)
-
-
-def plot_sweep(rows: list[dict], key: str, path: Path):
-    """The task's test figure (:func:`kd2m.harness.results.figure_of`: accuracy in %, or perplexity), mean
-    ± std over seeds, against the swept value, one line per metric. Returns the figure drawn."""
-    # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = R.figure_of(rows)
-    lines: dict[str, dict[float, list[float]]] = {}
-    ce = [figure.scale * r[figure.key] for r in rows if r["method"] == CE]
-    for r in rows:
-        base, _, val = r["method"].partition("@")
-        if not val:
-            continue
-        v = float(val.split("=")[-1].replace("auto*", ""))
-        lines.setdefault(base, {}).setdefault(v, []).append(figure.scale * r[figure.key])
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    import statistics
-    for base, pts in sorted(lines.items()):
-        xs = sorted(pts)
-        ys = [statistics.fmean(pts[x]) for x in xs]
-        es = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method_label(base))
-    if ce:
-        ax.axhline(statistics.fmean(ce), color="gray", ls="--", label="student (CE only)")
-    ax.set_xscale("log")
-    ax.set_xlabel(key if key != "weight" else "λ (distillation weight)")
-    ax.set_ylabel(f"test {figure.name} ({figure.direction})")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return fig

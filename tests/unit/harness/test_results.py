@@ -70,7 +70,7 @@ def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from kd2m.harness.grid import plot_sweep
+    from kd2m.harness.plots import plot_sweep
     rows = [{"method": m, "seed": s, "test_acc": a} for s in (0, 1)
             for m, a in (("ce", 0.90), ("cw2@1e-05", 0.91 + s / 100), ("cw2@0.001", 0.93))]
     before = matplotlib.get_backend()
