@@ -225,7 +225,8 @@ def test_missing_tensorboard_is_one_line_before_training(tmp_path, monkeypatch, 
 
 
 def test_diagnostics_flag_from_the_command_line():
-    from kd2m.harness.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser
+    from kd2m.harness.commands import config_from_args
     assert config_from_args(build_parser().parse_args(["run"])).diagnostics is True
     assert config_from_args(build_parser().parse_args(["run", "--no-diagnostics"])).diagnostics is False
     assert config_from_args(build_parser().parse_args(["run", "--tensorboard"])).tensorboard is True
