@@ -10,8 +10,9 @@ from kd2m.atomic_io import load_checkpoint
 from kd2m.data import build_dataset
 from kd2m.harness.cli import main
 from kd2m.harness.config import ConfigError, RunConfig
-from kd2m.harness.trainer import Trainer, freeze
+from kd2m.harness.trainer import Trainer
 from kd2m.models import build_model
+from kd2m.training.build import freeze
 from kd2m.training.methods import parse_weight
 
 

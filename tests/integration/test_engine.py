@@ -50,7 +50,7 @@ def test_accuracy_is_counted_over_all_test_samples(tmp_path):
 
 def test_students_share_initialisation_and_teacher_is_reused(tmp_path, monkeypatch):
     from kd2m.data import build_dataset
-    from kd2m.harness.trainer import build_student
+    from kd2m.training.build import build_student
     cfg = RunConfig().resolved()
     bundle = build_dataset("digits")
     a, b = build_student(cfg, bundle, 0), build_student(cfg, bundle, 0)

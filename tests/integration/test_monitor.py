@@ -87,7 +87,8 @@ def test_probe_matches_bound_terms_and_skips_w2_across_widths():
 
 # ----------------------------------------------------------------------------- changes nothing
 def _fit(tmp: Path, diagnostics: bool, student: str):
-    from kd2m.harness.trainer import build_student, build_teacher, fit, freeze
+    from kd2m.harness.trainer import fit
+    from kd2m.training.build import build_student, build_teacher, freeze
     cfg = RunConfig(dataset="digits", epochs=2, metrics=["w2"], baselines=[], seeds=[0], student=student,
                     progress=False, diagnostics=diagnostics).resolved()
     bundle = build_dataset("digits")
