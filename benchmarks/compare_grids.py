@@ -6,11 +6,11 @@
 ``--select-k`` in one, hand-swept in the other) hold that method under the same key, so they live
 in two directories; this pairs them. For each method both grids hold: A − B, A − CE (A's CE-only
 student) and B − CE, each a paired mean over the seeds both have with its 95% Student-t interval
-(:func:`kd2m.harness.results.paired_delta`); then, per seed, the mean over those methods of A − B, and
+(:func:`kd2m.harness.paired.paired_delta`); then, per seed, the mean over those methods of A − B, and
 the mean Δ vs CE of each grid. Accuracy in points, or perplexity (lower is better) for text.
 A and B must be the same benchmark, each method trained alike in both but for how its λ was set:
 every run of a shared seed is checked against its counterpart by its stored settings (final.json),
-as ``kd2m compare`` checks a pair (:func:`kd2m.harness.results.settings_difference`), allowing only each
+as ``kd2m compare`` checks a pair (:func:`kd2m.harness.paired.settings_difference`), allowing only each
 term's λ (``weight``, ``auto``) and ``auto_every`` to differ — the teacher's settings are checked
 too, which the CE-only student, trained without a teacher, cannot show; and the two grids' CE-only
 runs must agree exactly. Otherwise the pairing means nothing, and is refused, naming the difference.
@@ -24,16 +24,8 @@ from pathlib import Path
 
 from kd2m.atomic_io import read_json
 from kd2m.catalog import CE, TEACHER
-from kd2m.harness.results import (
-    figure_of,
-    fmt_delta,
-    label,
-    paired_delta,
-    per_seed_figures,
-    read_reported,
-    settings_difference,
-    verdict,
-)
+from kd2m.harness.paired import fmt_delta, paired_delta, settings_difference, verdict
+from kd2m.harness.results import figure_of, label, per_seed_figures, read_reported
 from kd2m.harness.rundir import FINAL_JSON
 
 #: what a method's runs in the two grids may differ in: how its λ was set (each term's weight and

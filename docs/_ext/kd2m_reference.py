@@ -112,7 +112,8 @@ DIGITS = Path("experiments") / "digits"
 
 
 def digits_headline(root: Path) -> str:
-    from kd2m.harness.results import headline_table, read_summary
+    from kd2m.harness.results import read_summary
+    from kd2m.harness.tables import headline_table
     return headline_table(read_summary(root / DIGITS / "summary.csv"), top=3)
 
 

@@ -16,7 +16,9 @@ def _one_rank_nan_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from kd2m import tasks
     from kd2m.data import build_dataset
-    from kd2m.harness.trainer import NonFiniteLossError, Trainer, build_student
+    from kd2m.errors import NonFiniteLossError
+    from kd2m.harness.trainer import Trainer
+    from kd2m.training.build import build_student
     from kd2m.training.methods import Method
     real, calls = tasks.Classification.supervised_loss, []
 
@@ -63,8 +65,10 @@ def _one_rank_nan_where_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from kd2m import tasks
     from kd2m.data import build_dataset
+    from kd2m.errors import NonFiniteLossError
     from kd2m.harness.config import RunConfig
-    from kd2m.harness.trainer import NonFiniteLossError, Trainer, build_student
+    from kd2m.harness.trainer import Trainer
+    from kd2m.training.build import build_student
     from kd2m.training.methods import Method
     real, calls = tasks.Classification.supervised_loss, []
 

@@ -11,8 +11,9 @@ from kd2m.data import build_dataset
 from kd2m.errors import ConfigError
 from kd2m.harness.cli import main
 from kd2m.harness.config import RunConfig
-from kd2m.harness.trainer import Trainer, freeze
+from kd2m.harness.trainer import Trainer
 from kd2m.models import build_model
+from kd2m.training.build import freeze
 from kd2m.training.methods import parse_weight
 
 
@@ -216,7 +217,7 @@ def test_a_recalibrated_student_compares_with_the_ce_only_student(tmp_path, caps
     """auto_every is how a student's λ is set, its method's own setting like its terms: `kd2m
     compare cw2:ce` pairs it with the CE-only student (which has no auto term, so no auto_every),
     and still refuses a pair that differs in anything else. Before, it refused the pair."""
-    from kd2m.harness.results import settings_difference
+    from kd2m.harness.paired import settings_difference
     out = tmp_path / "g"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"out: {out}\nepochs: 1\nteacher_epochs: 1\nseeds: 2\nbaselines: [ce]\nmetrics: [cw2]\n"

@@ -163,8 +163,9 @@ def test_feature_balance_is_the_ratio_of_gradient_norms_at_the_features(tmp_path
     from kd2m import FeatureTap, metrics
     from kd2m.data import build_dataset
     from kd2m.harness.config import RunConfig
-    from kd2m.harness.trainer import Trainer, freeze
+    from kd2m.harness.trainer import Trainer
     from kd2m.models import build_model
+    from kd2m.training.build import freeze
     fb = load("feature_balance")
     bundle = build_dataset("digits")
     cfg = RunConfig(metrics=["cw2"], baselines=[], weights={"cw2": "auto"}, epochs=1, progress=False).resolved()

@@ -81,7 +81,7 @@ def test_compare_grids_refuses_grids_distilled_from_different_teachers(tmp_path,
 def test_a_settings_difference_names_the_nested_entry_that_differs():
     """A difference inside a mapping or list of settings (the teacher's options, a term's options)
     is named down to its entry, not cut at 40 characters of the whole value."""
-    from kd2m.harness.results import settings_difference
+    from kd2m.harness.paired import settings_difference
     a = {"teacher_options": {"n_layer": 2, "n_embd": 128, "n_head": 4, "resid_pdrop": 0.1}}
     b = {"teacher_options": {"n_layer": 2, "n_embd": 128, "n_head": 4, "resid_pdrop": 0.0}}
     assert settings_difference(a, b) == ["teacher_options.resid_pdrop 0.1 vs 0.0"]

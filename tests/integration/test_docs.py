@@ -135,7 +135,8 @@ def test_the_paper_is_cited_by_title_authors_and_venue():
 def test_readme_headline_table_is_the_experiments_summary():
     """Every row of the README's headline table equals the row that kd2m.harness.results renders from
     experiments/digits/summary.csv, and the table shows the teacher, CE and the best students."""
-    from kd2m.harness.results import headline_table, read_summary
+    from kd2m.harness.results import read_summary
+    from kd2m.harness.tables import headline_table
     summary = read_summary(EXPERIMENT / "summary.csv")
     text = README.read_text()
     shown = text.split("<!-- headline: experiments/digits/summary.csv", 1)[1]

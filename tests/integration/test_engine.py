@@ -51,7 +51,7 @@ def test_accuracy_is_counted_over_all_test_samples(tmp_path):
 
 def test_students_share_initialisation_and_teacher_is_reused(tmp_path, monkeypatch):
     from kd2m.data import build_dataset
-    from kd2m.harness.trainer import build_student
+    from kd2m.training.build import build_student
     cfg = RunConfig().resolved()
     bundle = build_dataset("digits")
     a, b = build_student(cfg, bundle, 0), build_student(cfg, bundle, 0)
@@ -78,7 +78,8 @@ def test_yaml_config_and_command_line_override(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("dataset: digits\nmetrics: [w2, gauss_kl]\nepochs: 7\nseeds: [3, 4]\nweight: 0.5\n"
                         "metric_options:\n  gauss_kl: {diagonal: true}\n")
-    from kd2m.harness.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser
+    from kd2m.harness.commands import config_from_args
     args = build_parser().parse_args(["run", "--config", str(cfg_file), "--epochs", "2", "--metrics", "cw2,w2"])
     cfg = config_from_args(args)
     assert cfg.epochs == 2 and cfg.metrics == ["cw2", "w2"] and cfg.seeds == [3, 4] and cfg.weight == 0.5

@@ -15,8 +15,9 @@ from torch.utils.data import SequentialSampler
 from kd2m.data import build_dataset
 from kd2m.data.registry import holdout_split
 from kd2m.harness.config import RunConfig
-from kd2m.harness.trainer import Trainer, build_student, build_teacher, freeze
+from kd2m.harness.trainer import Trainer
 from kd2m.losses.relational import CRD
+from kd2m.training.build import build_student, build_teacher, freeze
 from kd2m.training.step import Step
 from kd2m.training.teacher_cache import ViewSampler
 

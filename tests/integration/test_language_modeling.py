@@ -67,7 +67,8 @@ def test_a_runs_best_perplexity_is_its_lowest_epoch(tmp_path):
     """final.json's best_ppl / best_epoch are those of the epoch with the lowest test_ppl in the log
     (a task calling a higher perplexity better reports the worst epoch as the best)."""
     from kd2m.harness.config import RunConfig
-    from kd2m.harness.trainer import Trainer, build_student
+    from kd2m.harness.trainer import Trainer
+    from kd2m.training.build import build_student
     path, _ = _corpus(tmp_path, 40)
     cfg = RunConfig(task="lm", dataset=f"text:{path}", image_size=7, epochs=3, seeds=[0], baselines=["ce"], metrics=[],
                     student_options={"n_layer": 1, "n_embd": 16, "n_head": 2}, batch_size=8, lr=3e-3,

@@ -87,7 +87,8 @@ def test_probe_matches_bound_terms_and_skips_w2_across_widths():
 
 # ----------------------------------------------------------------------------- changes nothing
 def _fit(tmp: Path, diagnostics: bool, student: str):
-    from kd2m.harness.trainer import build_student, build_teacher, fit, freeze
+    from kd2m.harness.trainer import fit
+    from kd2m.training.build import build_student, build_teacher, freeze
     cfg = RunConfig(dataset="digits", epochs=2, metrics=["w2"], baselines=[], seeds=[0], student=student,
                     progress=False, diagnostics=diagnostics).resolved()
     bundle = build_dataset("digits")
@@ -173,7 +174,7 @@ def test_report_draws_the_diagnostics(tiny_run):
 
 
 def test_diagnostic_curves_are_means_over_seeds():
-    from kd2m.harness.report import diagnostic_curves, plot_diagnostics
+    from kd2m.harness.plots import diagnostic_curves, plot_diagnostics
     logs = {"w2": [[{"epoch": 1, "diag": {"w2": 2.0}}, {"epoch": 2, "diag": {"w2": 1.0}}],
                    [{"epoch": 1, "diag": {"w2": 4.0}}, {"epoch": 2, "diag": {"w2": 3.0}}]],
             "teacher": [[{"epoch": 1}]]}
@@ -225,7 +226,8 @@ def test_missing_tensorboard_is_one_line_before_training(tmp_path, monkeypatch, 
 
 
 def test_diagnostics_flag_from_the_command_line():
-    from kd2m.harness.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser
+    from kd2m.harness.commands import config_from_args
     assert config_from_args(build_parser().parse_args(["run"])).diagnostics is True
     assert config_from_args(build_parser().parse_args(["run", "--no-diagnostics"])).diagnostics is False
     assert config_from_args(build_parser().parse_args(["run", "--tensorboard"])).tensorboard is True

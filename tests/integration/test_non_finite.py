@@ -66,7 +66,7 @@ def test_nan_metric_at_epoch_two_keeps_the_epoch_one_checkpoint(tmp_path, capsys
 
 def test_non_finite_student_features_name_the_epoch_and_step(tmp_path, capsys, monkeypatch):
     """Features that blow up reach the engine's check (with epoch and step), not the metric's."""
-    from kd2m.harness.trainer import Taps
+    from kd2m.training.binding import Taps
     real = Taps.features
 
     def poisoned(self):
@@ -91,7 +91,7 @@ def test_finite_features_too_large_for_a_float32_cost_read_as_a_non_finite_loss(
     for name in ("w2", "cw2", "jw2"):
         value = metrics.get(name)(s * 1e20, t, torch.arange(16) % 2)
         assert torch.isinf(value), name   # ~1e41 overflows the float32 result: inf, not a solver error
-    from kd2m.harness.trainer import Taps
+    from kd2m.training.binding import Taps
     real = Taps.features
 
     def huge(self):

@@ -9,7 +9,7 @@ from helpers import ONE_EPOCH_GRID, one_line_error, run_cli
 
 
 def test_a_model_with_tuple_outputs_or_a_too_small_input_is_refused_before_training():
-    from kd2m.harness.grid import check_training_forward
+    from kd2m.harness.preflight import check_training_forward
 
     class Aux(torch.nn.Module):
         def __init__(self):

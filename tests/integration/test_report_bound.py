@@ -17,6 +17,7 @@ from torch import nn
 
 from kd2m.data import build_dataset
 from kd2m.harness import results as R
+from kd2m.harness import tables
 from kd2m.harness.bound import bound_terms, evaluate_run, load_model, load_run
 from kd2m.harness.cli import main
 from kd2m.harness.config import load_yaml
@@ -81,7 +82,7 @@ def test_report_writes_figures_and_markdown(run_dir, single_thread):
         assert f"]({name})" in path.read_text()
     md = path.read_text()
     rows = R.read_rows(run_dir / "results.csv")
-    assert R.markdown_table(rows, "digits") in md
+    assert tables.markdown_table(rows, "digits") in md
     assert "150 fixed test samples" in md
 
 

@@ -1,10 +1,11 @@
 """Tables, results.md, the printed table and the report's plots read the figure of the grid's task
 (:class:`kd2m.tasks.Task`): its name, unit and direction (accuracy in %, higher is better;
-perplexity, lower is better), and bold a best by one rule (:func:`kd2m.harness.results.best_separated`)."""
+perplexity, lower is better), and bold a best by one rule (:func:`kd2m.harness.paired.best_separated`)."""
 import json
 
 import pytest
 
+from kd2m.harness import paired, tables
 from kd2m.harness import results as R
 from kd2m.harness.cli import main
 
@@ -36,7 +37,7 @@ def grid_dir(tmp_path, rows, dataset):
     d = tmp_path / dataset
     d.mkdir()
     R.write_rows(d / "results.csv", rows)
-    R.write_reports(d, rows, dataset, expected_seeds=SEEDS)
+    tables.write_reports(d, rows, dataset, expected_seeds=SEEDS)
     (d / "config.json").write_text(json.dumps({"dataset": dataset, "teacher": "t", "student": "s"}))
     return d
 
@@ -64,7 +65,7 @@ def test_table_bolds_the_lowest_perplexity_and_its_columns_name_the_figure(tmp_p
 
 
 def test_report_plots_the_tasks_figure_in_its_direction_without_a_cap_at_100(tmp_path):
-    from kd2m.harness.report import plot_accuracy
+    from kd2m.harness.plots import plot_accuracy
     fig = plot_accuracy(lm_rows(), tmp_path / "accuracy.png")
     bars, deltas = fig.axes
     assert bars.get_ylabel() == "test perplexity (lower is better)"
@@ -90,7 +91,7 @@ def test_report_md_of_a_language_model_grid_names_perplexity(tmp_path):
 
 
 def _plot_bold(rows, tmp_path) -> list[str]:
-    from kd2m.harness.report import plot_accuracy
+    from kd2m.harness.plots import plot_accuracy
     fig = plot_accuracy(rows, tmp_path / "accuracy.png")
     bold = sorted({t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_fontweight() == "bold"})
     assert ("not separated from the runner-up" in fig.axes[0].get_xlabel()) == (not bold)
@@ -126,14 +127,14 @@ def test_every_output_bolds_the_same_row(tmp_path, capsys, monkeypatch, which):
 
 # ---------------------------------------------------------------- lower is better, pinned
 def test_wins_and_verdicts_of_a_perplexity_grid_count_a_fall_as_better():
-    stats = {s["method"]: s for s in R.summarize(lm_rows())}
+    stats = {s["method"]: s for s in paired.summarize(lm_rows())}
     assert stats["fkl"]["delta"] == pytest.approx(-10.05) and stats["fkl"]["wins"] == SEEDS
     assert stats["rkl"]["delta"] == pytest.approx(19.95) and stats["rkl"]["wins"] == 0
-    assert R.verdict(stats["fkl"]) == "better" and R.verdict(stats["rkl"]) == "worse"
-    md = R.markdown_table(lm_rows(), "python_docs")
+    assert paired.verdict(stats["fkl"]) == "better" and paired.verdict(stats["rkl"]) == "worse"
+    md = tables.markdown_table(lm_rows(), "python_docs")
     assert table_row(md, "FKL").endswith(f"| {SEEDS}/{SEEDS} | better |")
     assert table_row(md, "RKL").endswith(f"| 0/{SEEDS} | worse |")
-    best, note = R.best_separated(lm_rows())
+    best, note = paired.best_separated(lm_rows())
     assert best == "fkl" and note == ""
 
 
@@ -159,8 +160,8 @@ def test_table_names_a_diverged_run_as_results_md_does(tmp_path, capsys):
     rows = [r for r in digits_close_rows() if not (r["method"] == "gauss_cw2" and r["seed"] == 3)]
     d = tmp_path / "digits"
     d.mkdir()
-    R.write_reports(d, rows, "digits", expected_seeds=SEEDS,
-                    diverged={"gauss_cw2": {"label": "CW2 (G)", "seeds": [3]}})
+    tables.write_reports(d, rows, "digits", expected_seeds=SEEDS,
+                         diverged={"gauss_cw2": {"label": "CW2 (G)", "seeds": [3]}})
     assert main(["table", str(d)]) == 0
     out = capsys.readouterr().out
     assert "(!) digits: CW2 (G) diverged on seed 3 (left out of its mean)" in out
@@ -170,7 +171,7 @@ def test_table_names_a_diverged_run_as_results_md_does(tmp_path, capsys):
 def test_a_sweep_of_a_language_model_grid_plots_perplexity(tmp_path):
     """plot_sweep drew test accuracy (token accuracy, in %) under "test accuracy (%)" for a text
     grid, whose figure is perplexity."""
-    from kd2m.harness.grid import plot_sweep
+    from kd2m.harness.plots import plot_sweep
     rows = [{"dataset": "python_docs", "method": m, "seed": s, "test_acc": 0.3, "test_ppl": p}
             for s in (0, 1) for m, p in (("ce", 120.0), ("fkl@0.1", 110.0), ("fkl@1", 130.0))]
     ax = plot_sweep(rows, "weight", tmp_path / "sweep.png").axes[0]

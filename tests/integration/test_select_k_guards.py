@@ -118,7 +118,8 @@ def test_selection_inputs_that_would_mislead_are_refused_before_anything_is_writ
 
 
 def test_select_seeds_reads_a_bare_number_alike_on_the_command_line_and_in_yaml(tmp_path):
-    from kd2m.harness.cli import build_parser, config_from_args
+    from kd2m.harness.cli import build_parser
+    from kd2m.harness.commands import config_from_args
     cfg = tmp_path / "c.yaml"
     cfg.write_text("select_seeds: 2\n")
     from_yaml = config_from_args(build_parser().parse_args(["bench", str(cfg)])).resolved().select_seeds

@@ -10,8 +10,9 @@ from kd2m.data import DataBundle, build_dataset
 from kd2m.errors import ConfigError
 from kd2m.features import FeatureTap
 from kd2m.harness.config import RunConfig
-from kd2m.harness.trainer import Trainer, fit, freeze
+from kd2m.harness.trainer import Trainer, fit
 from kd2m.models import build_model
+from kd2m.training.build import freeze
 from kd2m.training.methods import Method, TermConfig
 from kd2m.training.teacher_cache import FixedViews, ViewSampler, build_teacher_cache
 

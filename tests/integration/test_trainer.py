@@ -9,7 +9,8 @@ from kd2m.data import build_dataset
 from kd2m.features import FeatureTap
 from kd2m.harness.cli import main
 from kd2m.harness.config import RunConfig
-from kd2m.harness.trainer import Trainer, build_student, build_teacher, freeze
+from kd2m.harness.trainer import Trainer
+from kd2m.training.build import build_student, build_teacher, freeze
 
 from helpers import ONE_EPOCH_GRID, run_cli
 
@@ -31,7 +32,8 @@ def test_two_same_name_terms_on_one_layer_get_their_own_log_keys(tmp_path, capsy
 
 def test_a_cpu_runs_thread_count_is_part_of_its_settings(tmp_path):
     from kd2m.data import build_dataset
-    from kd2m.harness.trainer import Trainer, build_student
+    from kd2m.harness.trainer import Trainer
+    from kd2m.training.build import build_student
     cfg = RunConfig(epochs=1, progress=False, metrics=[], baselines=["ce"]).resolved()
     bundle = build_dataset("digits")
     before = torch.get_num_threads()
@@ -163,7 +165,8 @@ def test_the_engine_builds_distances_with_the_configured_match(tmp_path, match):
     """--match local reached the config but not the terms (they always gathered the global batch)."""
     from kd2m.data import build_dataset
     from kd2m.harness.config import RunConfig
-    from kd2m.harness.trainer import Trainer, build_student, build_teacher
+    from kd2m.harness.trainer import Trainer
+    from kd2m.training.build import build_student, build_teacher
     cfg = RunConfig(metrics=["cw2"], baselines=[], match=match, epochs=1, progress=False).resolved()
     bundle = build_dataset("digits")
     tr = Trainer(build_student(cfg, bundle, 0), bundle, cfg, cfg.methods()[0], 0, tmp_path / "r",
@@ -179,7 +182,8 @@ def test_the_engine_gives_crd_the_training_labels_it_draws_negatives_by(tmp_path
     global RNG, so resumes replay them)."""
     from kd2m.data import build_dataset
     from kd2m.harness.config import RunConfig
-    from kd2m.harness.trainer import Trainer, build_student, build_teacher
+    from kd2m.harness.trainer import Trainer
+    from kd2m.training.build import build_student, build_teacher
     cfg = RunConfig(baselines=["crd"], metrics=[], epochs=1, progress=False,
                     term_options={"crd": {"negatives": negatives, "nce_k": 50}}).resolved()
     bundle = build_dataset("digits")

@@ -76,8 +76,9 @@ def test_lr_sweep_trains_the_ce_student_at_every_lr(tmp_path):
     assert keys == ["ce@lr=0.05", "ce@lr=0.1", "cw2@lr=0.05", "cw2@lr=0.1", "teacher"]
     md = (out / "results.md").read_text()
     assert "student (CE only) (lr=0.05)" in md and "CW2 (E) (lr=0.1)" in md
+    from kd2m.harness import paired
     from kd2m.harness import results as R
-    stats = {s["method"]: s for s in R.summarize(R.read_rows(out / "results.csv"))}
+    stats = {s["method"]: s for s in paired.summarize(R.read_rows(out / "results.csv"))}
     for lr in ("0.05", "0.1"):
         want = stats[f"cw2@lr={lr}"]["mean"] - stats[f"ce@lr={lr}"]["mean"]
         assert stats[f"cw2@lr={lr}"]["delta"] == pytest.approx(want)

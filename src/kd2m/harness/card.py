@@ -202,18 +202,10 @@ def _layers(term, models, entry: dict, user: RunConfig, given_keys: set) -> str:
     return text + f" ({sides[0][1]})"
 
 
-def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set = frozenset(), sweep=None) -> str:
-    """The card (Markdown) of the grid ``user`` describes: ``user`` as loaded (defaults unfilled),
-    so each value's source can be told; ``given``: the fields the config file and the command
-    line set (a value equal to kd2m's default is then still "config"). Builds the models to
-    resolve default layers (no data is needed for datasets of known shape); trains and writes
-    nothing."""
-    from .grid import sweep_variants
-    cfg = user.resolved()
-    students = sweep_variants(cfg, sweep)  # exactly the runs the grid trains
+def _recipe(user: RunConfig, cfg: RunConfig, given: set, sweep) -> list[str]:
+    """The card's recipe table: every setting of :data:`RECIPE` the run uses, and where it comes from."""
     sweep_key = sweep[0] if sweep is not None else None
-    lines = [f"# Reproduction card: what `{command}` would run (nothing is trained)", "",
-             "## Recipe (teacher and every student)", "", "| setting | value | from |", "|---|---|---|"]
+    lines = ["## Recipe (teacher and every student)", "", "| setting | value | from |", "|---|---|---|"]
     for key in RECIPE:
         value = getattr(cfg, key)
         if value is None or value == {} or (key == "lr_milestones" and cfg.lr_schedule != "multistep"):
@@ -229,8 +221,12 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
             continue
         lines.append(f"| {key} | {_pretrained_value(cfg, key, value)} | "
                      f"{_pretrained_source(cfg, key) or _field_source(user, key, given)} |")
-    models = _models(cfg)
-    lines += ["", "## Students", ""]
+    return lines
+
+
+def _students_intro(cfg: RunConfig, sweep) -> list[str]:
+    """What the Students section says before the students: how a λ chosen on a holdout, and a sweep, show."""
+    lines = []
     from .select_k import plan
     selection = plan(cfg, sweep)
     if selection:
@@ -242,35 +238,56 @@ def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set =
                   "what they would train at without it (`--select-k none`). A term chosen at K = 0 trains as the "
                   "CE-only student (CE weight 1), the student its pilot was; named students keep their λ.", ""]
     if sweep is not None:
-        lines += [f"`--sweep {sweep_key}={','.join(f'{v:g}' for v in sweep[1])}`: one student per swept value "
+        lines += [f"`--sweep {sweep[0]}={','.join(f'{v:g}' for v in sweep[1])}`: one student per swept value "
                   "(`KEY@value`), as listed; what the sweep does not vary runs once.", ""]
+    return lines
+
+
+def _student(user: RunConfig, vcfg: RunConfig, method: Method, sweep, models, given: set) -> list[str]:
+    """One student's section of the card: its CE weight and, per term, λ, schedule, options and layers."""
+    sweep_key = sweep[0] if sweep is not None else None
+    key = method.key.partition("@")[0]  # the student's name in the config (a swept one is `name@value`)
+    varied = "@" in method.key
+    swept = [] if not varied or sweep_key in ("weight", "auto_weight") else \
+        [f"{sweep_key} {getattr(vcfg, sweep_key):g} (--sweep)."]
+    if key == CE:
+        return [f"### {method.key} — {method.label}", "", "CE only (weight 1).", *swept, ""]
+    given_ce = key in (user.ce_weights or {})
+    ce_from = "config" if given_ce else (
+        "dataset default" if user.ce_weights is None and key in
+        defaults_for(user.resolved().dataset).get("ce_weights", {}) and user.weights is None
+        else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
+        else "kd2m default")
+    lines = [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", *swept,
+             "", "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
+    for i, t in enumerate(method.terms):
+        entry = _entry_of(user, dataclasses.replace(method, key=key), i)
+        lam = ("auto×" if t.auto else "") + f"{t.weight:g}"
+        lam_from = _weight_source(user, t, entry, swept=varied and sweep_key in ("weight", "auto_weight"))
+        options = _option_sources(user, t, entry, sweep_key if varied else None)
+        lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({lam_from}) | "
+                     f"{_schedule(t, entry, user)} | {'; '.join(options) or '—'} | "
+                     f"{_layers(t, models, entry, user, given)} |")
+    lines.append("")
+    return lines
+
+
+def reproduction_card(user: RunConfig, command: str = "kd2m bench", given: set = frozenset(), sweep=None) -> str:
+    """The card (Markdown) of the grid ``user`` describes: ``user`` as loaded (defaults unfilled),
+    so each value's source can be told; ``given``: the fields the config file and the command
+    line set (a value equal to kd2m's default is then still "config"). Builds the models to
+    resolve default layers (no data is needed for datasets of known shape); trains and writes
+    nothing."""
+    from .grid import sweep_variants
+    cfg = user.resolved()
+    students = sweep_variants(cfg, sweep)  # exactly the runs the grid trains
+    lines = [f"# Reproduction card: what `{command}` would run (nothing is trained)", "",
+             *_recipe(user, cfg, given, sweep)]
+    models = _models(cfg)
+    lines += ["", "## Students", "", *_students_intro(cfg, sweep)]
     for vcfg, method in students:
-        key = method.key.partition("@")[0]  # the student's name in the config (a swept one is `name@value`)
-        varied = "@" in method.key
-        swept = [] if not varied or sweep_key in ("weight", "auto_weight") else \
-            [f"{sweep_key} {getattr(vcfg, sweep_key):g} (--sweep)."]
-        if key == CE:
-            lines += [f"### {method.key} — {method.label}", "", "CE only (weight 1).", *swept, ""]
-            continue
-        given_ce = key in (user.ce_weights or {})
-        ce_from = "config" if given_ce else (
-            "dataset default" if user.ce_weights is None and key in
-            defaults_for(user.resolved().dataset).get("ce_weights", {}) and user.weights is None
-            else "authors' default" if len(method.terms) == 1 and method.terms[0].spec.family == "baseline"
-            else "kd2m default")
-        lines += [f"### {method.key} — {method.label}", "", f"CE weight {method.ce_weight:g} ({ce_from}).", *swept,
-                  "", "| term | λ | schedule | options | layers (student ← teacher) |", "|---|---|---|---|---|"]
-        for i, t in enumerate(method.terms):
-            entry = _entry_of(user, dataclasses.replace(method, key=key), i)
-            lam = ("auto×" if t.auto else "") + f"{t.weight:g}"
-            lam_from = _weight_source(user, t, entry, swept=varied and sweep_key in ("weight", "auto_weight"))
-            options = _option_sources(user, t, entry, sweep_key if varied else None)
-            lines.append(f"| {t.name} ({t.spec.paper or 'kd2m'}) | {lam} ({lam_from}) | "
-                         f"{_schedule(t, entry, user)} | {'; '.join(options) or '—'} | "
-                         f"{_layers(t, models, entry, user, given)} |")
-        lines.append("")
+        lines += _student(user, vcfg, method, sweep, models, given)
     if models is None:
         lines.append(f"(Default layers are named by rule only: {cfg.dataset}'s files are not here to build the "
                      "models on.)")
     return "\n".join(lines).rstrip() + "\n"
-

@@ -1,9 +1,11 @@
 """The experiment grid: seeds × (teacher, then one student per method of the configuration).
 
 Used by ``kd2m run`` (defaults: the embedded digits data) and ``kd2m bench CONFIG`` (a grid from
-a YAML file). Everything the grid will need is checked before the first epoch (:func:`preflight`);
-finished runs are skipped (their ``final.json`` is the marker), and every finished run is written
-to ``results.csv`` at once, so a killed grid resumes where it stopped.
+a YAML file). Everything the grid will need is checked before the first epoch
+(:mod:`kd2m.harness.preflight`); finished runs are skipped (their ``final.json`` is the marker),
+and every finished run is written to ``results.csv`` at once, so a killed grid resumes where it
+stopped. One seed's runs are :mod:`kd2m.harness.seeds`'; with ``--parallel``, seeds train in the
+worker processes of :mod:`kd2m.harness.workers`.
 """
 from __future__ import annotations
 
@@ -12,27 +14,29 @@ import dataclasses
 import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 from .. import distributed as dist_ctx
 from .. import tasks
 from ..atomic_io import atomic_write_json
-from ..catalog import CE, TEACHER
-from ..data import build_dataset, dataset_labels
+from ..catalog import TEACHER
+from ..data import build_dataset
 from ..errors import ConfigError, NonFiniteLossError
-from ..runtime import fork_rng, resolve_device
-from ..training.binding import Taps, bind_terms, wanted_layers
-from ..training.build import build_student, build_teacher, freeze
-from ..training.methods import Method, method_label, parse_weight
-from ..training.step import Step, TermFailure
-from ..training.teacher import OnlineTeacher
+from ..runtime import resolve_device
+from ..training.methods import Method, parse_weight
 from . import results as R
 from .config import RunConfig
 from .environment import describe_environment
-from .rundir import DIVERGED_JSON, FINAL_JSON, RunDir, clean_temp_files
-from .trainer import Trainer, fit
+from .plots import plot_sweep
+from .preflight import check_holdout_sizes, check_memory, preflight
+from .rundir import DIVERGED_JSON, RunDir, clean_temp_files
+from .seeds import train_seed
+from .tables import reference_numbers, write_reports
+from .workers import parallel_seeds
+
+__all__ = ["SWEEPABLE", "sweep_variants", "run_grid"]
+
 
 #: keys ``--sweep`` may vary, and the check each value must pass
 SWEEPABLE = {"weight": (lambda v: v >= 0, "≥ 0"), "auto_weight": (lambda v: v >= 0, "≥ 0"), "lr": (lambda v: v > 0, "> 0"),
@@ -79,144 +83,14 @@ def sweep_variants(cfg: RunConfig, sweep: tuple[str, list] | None) -> list[tuple
     return out
 
 
-def check_memory(cfg: RunConfig, students: list[tuple[RunConfig, Method]]) -> None:
-    """Refuse a term whose O(n²) buffers at the global batch would exceed ``max_pairwise_mb``
-    (before any data is loaded: fail fast, not when the OS kills us)."""
-    from ..metrics.memory import pairwise_bytes
-    n = cfg.batch_size * (dist_ctx.world_size() if cfg.match == "global" else 1)
-    for _, method in students:  # before loading any weights: fail fast
-        for t in method.terms:
-            need = pairwise_bytes(t.name, n) / 2**20
-            if need > cfg.max_pairwise_mb:
-                raise ValueError(
-                    f"{method.key}: term {t.name!r} at global batch n={n} needs ~{need:.0f} MiB of O(n²) buffers, "
-                    f"over --max-pairwise-mb {cfg.max_pairwise_mb:g}; use a smaller --batch-size, --match local, or "
-                    "a linear-memory metric: sliced_w2, or the Gaussian ones (gauss_w2, gauss_cw2, gauss_kl, "
-                    "gauss_ckl); sinkhorn is no lighter here (it also holds n×n matrices)")
-
-
-def preflight(cfg: RunConfig, students: list[tuple[RunConfig, Method]], bundle, device,
-              shared: dict | None = None) -> None:
-    """Check, before anything trains, what would otherwise fail after the teacher trained: the
-    pretrained files load into the models, every term's layers exist and have the shape it needs,
-    its options build, and it gives a finite value on a probe batch. Draws no randomness the runs see.
-    ``shared``: where a teacher that no seed trains is kept for the seeds (:func:`_teacher_of`)."""
-    seed = cfg.seeds[0]
-    with fork_rng(device):
-        teacher = _teacher_of(cfg, bundle, seed, shared).to(device).eval()  # shared: kept for the seeds
-        built: dict = {}
-
-        def student_for(vcfg: RunConfig):
-            """One network per distinct student spec: every method of a grid probes the same one
-            (the probes run in eval mode without gradients and leave it unchanged)."""
-            key = (vcfg.student, vcfg.pretrained_student, repr(vcfg.student_options))
-            if key not in built:
-                built[key] = build_student(vcfg, bundle, seed).to(device).eval()
-            return built[key]
-
-        k = min(8, len(bundle.train))
-        items = [bundle.train[i] for i in range(k)]
-        x = torch.stack([it[0] for it in items]).to(device)
-        y = torch.stack([torch.as_tensor(it[1]) for it in items]).to(device)
-        task = tasks.get(bundle.task)
-        for vcfg in [cfg] + [v for v, _ in students]:
-            if (vcfg.teacher_topk or 0) > bundle.num_classes:
-                raise ConfigError(f"teacher_topk: {vcfg.teacher_topk} is more than the data's vocabulary "
-                                  f"({bundle.num_classes} tokens); give at most {bundle.num_classes}")
-        check_training_forward(teacher, x, bundle.num_classes, "teacher", cfg.teacher, task)
-        for vcfg in {v.student: v for v, _ in students}.values() or [cfg]:
-            check_training_forward(student_for(vcfg), x, bundle.num_classes, "student", vcfg.student, task)
-        student_for(cfg)  # its pretrained file is checked even when no student has a term
-        if not any(m.terms for _, m in students):
-            return
-        labels = dataset_labels(bundle.train)
-        for vcfg, method in students:
-            if not method.terms:
-                continue
-            student = student_for(vcfg)
-            bound = bind_terms(method, student, teacher, x[:2], bundle.num_classes, len(bundle.train), vcfg.match,
-                               labels)
-            _probe_values(method, bound, student, teacher, x, y, task)
-
-
-def check_training_forward(net: torch.nn.Module, x: torch.Tensor, num_classes: int, role: str, name: str,
-                           task=None) -> None:
-    """The training step's forward on a copy of ``net`` (train mode, then eval mode, as training and
-    evaluation run it): it must give what ``task`` trains on (default classification: one (batch,
-    classes) tensor of logits). Models that give a tuple
-    in train mode (torchvision's googlenet and inception_v3: auxiliary classifiers) or that refuse
-    the data's image size are refused here, not at the first step after the teacher has trained."""
-    import copy
-    task = task or tasks.get("classification")
-    probe = copy.deepcopy(net)
-    fix = f"{role}_options: {{aux_logits: false}}" if role in ("teacher", "student") else ""
-    for mode in ("train", "eval"):
-        probe.train(mode == "train")
-        try:
-            with torch.no_grad():
-                out = probe(x[:2])
-        except Exception as e:  # noqa: BLE001 (any model's own error: said in one line, with its name)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{role} {name}: fails on a batch of this dataset's {tuple(x.shape[1:])} inputs in "
-                              f"{mode} mode ({reason[:160]}); choose a model for this input size (or --image-size)") \
-                from None
-        problem = task.check_outputs(out, 2, num_classes)
-        if problem is not None:
-            hint = f" in {mode} mode (auxiliary outputs); turn them off, e.g. {fix} in the config" \
-                if not isinstance(out, torch.Tensor) else ""
-            raise ConfigError(f"{role} {name}: {problem}{hint}")
-
-
-def _probe_values(method: Method, bound, student, teacher, x, y, task) -> None:
-    """Every term of ``method`` on a probe batch through the training step's forward (eval mode,
-    no gradients, the terms' value checks on): an error, or a non-finite value, names the term."""
-    s_taps = Taps(student, wanted_layers(bound, "student"))
-    t_out = OnlineTeacher(teacher, wanted_layers(bound, "teacher"))
-    step = Step(student, bound, task, teacher_out=t_out, s_taps=s_taps, device=x.device, amp=None,
-                ce_weight=method.ce_weight)
-    try:
-        with torch.no_grad():
-            try:
-                out = step.forward(x, y, torch.arange(x.shape[0], device=x.device))
-            except TermFailure as f:
-                e = f.error
-                raise ConfigError(f"{method.key}: term {f.term.config.name!r} fails on a probe batch: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-            for b, v in zip(bound, out.values):
-                if not torch.isfinite(v).all():
-                    raise ConfigError(f"{method.key}: term {b.config.name!r} with options {b.config.option_dict} "
-                                      f"gives {float(v):g} on a probe batch; check its options")
-    finally:
-        s_taps.remove()
-        t_out.remove()
-
-
-def check_holdout_sizes(bundle, fraction: float, batch_size: int, key: str = "holdout") -> None:
-    """ConfigError when a holdout of ``fraction`` (the option ``key``) leaves a part too small to
-    train on or to score on: under one item per class (classification: a part without some class
-    teaches or scores nothing about it; one held-out image scores 0% or 100%) or under one batch
-    of blocks (text, whose classes are the vocabulary)."""
-    if not fraction:
-        return
-    n_train, n_held = len(bundle.train), len(bundle.test)
-    n = n_train + n_held
-    lm = bundle.task == "lm"
-    need, why = (batch_size, "one batch of blocks") if lm else (bundle.num_classes, "one per class")
-    if min(n_train, n_held) >= need:
-        return
-    lo, hi = math.ceil(1000 * need / n) / 1000, math.floor(1000 * (n - need) / n) / 1000
-    fix = f"give {key} between {lo:g} and {hi:g}" if lo <= hi else "use a larger dataset"
-    raise ConfigError(f"{key} {fraction:g} leaves {n_train} training and {n_held} held-out items of the {n} in the "
-                      f"training split; each part needs at least {need} ({why}): {fix}")
-
-
 def run_grid(cfg: RunConfig, sweep: tuple[str, list] | None = None, log=print, holdout_key: str = "holdout") -> list[dict]:
     """Run (or resume) the whole grid; return the results rows of this configuration.
 
     Everything is checked before anything is written (the config, the memory guard, the data,
-    :func:`preflight`); rank 0 then holds the output directory's lock for the whole grid, so a
-    second process into the same ``--out`` is refused at once. ``holdout_key``: the option that
-    set ``cfg.holdout``, for the message refusing it (the pilot grid's is ``select_holdout``)."""
+    :func:`kd2m.harness.preflight.preflight`); rank 0 then holds the output directory's lock for
+    the whole grid, so a second process into the same ``--out`` is refused at once.
+    ``holdout_key``: the option that set ``cfg.holdout``, for the message refusing it (the pilot
+    grid's is ``select_holdout``)."""
     cfg = cfg.resolved()
     out = RunDir(cfg.out)
     if cfg.threads:  # 0 = torch's default
@@ -257,11 +131,11 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log, shared: d
         # CPU thread each; this process alone writes results.csv and holds the directory's lock.
         # each worker's first seed calibrates its `weight: auto` students before training any
         jobs = {seed: (cfg, students, seed, str(out.root), str(device), i < workers) for i, seed in enumerate(cfg.seeds)}
-        fresh = _collect(_parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
+        fresh = _collect(parallel_seeds(jobs, workers), rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     else:
         shared = {} if shared is None else shared  # a teacher that no seed trains, built once for all of them
-        results = ((seed, _train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0],
-                                      shared=shared))
+        results = ((seed, train_seed(cfg, students, bundle, device, out, seed, precheck_auto=seed == cfg.seeds[0],
+                                     shared=shared))
                    for seed in cfg.seeds)
         fresh = _collect(results, rows, csv_path, t_start, log, failures, tasks.get(bundle.task))
     own = _settle_rows(csv_path, fresh, {TEACHER} | {m.key for _, m in students}, cfg.seeds) \
@@ -272,8 +146,8 @@ def _run_seeds(cfg, students, bundle, device, out: RunDir, sweep, log, shared: d
         if seeds:
             diverged[m.key] = {"label": m.label, "seeds": seeds}
     if dist_ctx.is_main():
-        R.write_reports(out.root, own, cfg.dataset, header=_header(cfg, students, sweep), expected_seeds=len(cfg.seeds),
-                        reference=R.reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
+        write_reports(out.root, own, cfg.dataset, header=_header(cfg, students, sweep), expected_seeds=len(cfg.seeds),
+                      reference=reference_numbers(cfg.dataset, cfg.teacher, cfg.student), diverged=diverged)
         if sweep is not None:
             plot_sweep(own, sweep[0], out.sweep_png)
     if failures:  # every other run has finished and the tables are written: now the one-line error (exit 2)
@@ -312,192 +186,6 @@ def _settle_rows(csv_path, fresh: list[dict], keys: set, seeds: list) -> list[di
     return fresh
 
 
-def _parallel_seeds(jobs: dict, workers: int):
-    """(seed, runs) of every job, as each finishes, computed by ``workers`` spawned processes.
-
-    Each worker takes one seed at a time over its own pipe, so the parent always knows which seed
-    a worker holds: a worker that dies without answering (SIGKILL, the OOM killer) ends the grid
-    with one line naming that seed — ``multiprocessing.Pool`` would wait for it forever. An
-    exception inside a worker is raised here as it was raised there."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-    ctx = mp.get_context("spawn")
-    todo = list(jobs)
-    procs = []
-    try:
-        for _ in range(min(workers, len(todo))):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
-            p.start()
-            child.close()
-            procs.append([p, parent, None])
-        for w in procs:
-            w[2] = todo.pop(0)
-            w[1].send(jobs[w[2]])
-        while any(w[2] is not None for w in procs):
-            busy = [w for w in procs if w[2] is not None]
-            ready = wait([w[1] for w in busy] + [w[0].sentinel for w in busy])
-            for w in busy:
-                p, conn, seed = w
-                try:
-                    if conn in ready or conn.poll():
-                        status, value = conn.recv()
-                    elif p.sentinel in ready:
-                        status, value = "died", None
-                    else:
-                        continue
-                except (EOFError, OSError):  # a killed worker's pipe: EOF, or ECONNRESET mid-message
-                    status, value = "died", None
-                if status == "died":
-                    p.join(1)
-                    how = f"killed by signal {-p.exitcode}" if (p.exitcode or 0) < 0 else f"exit code {p.exitcode}"
-                    raise WorkerDiedError(
-                        f"the worker training seed {seed} died ({how}; SIGKILL is what the out-of-memory killer "
-                        "sends); the runs that finished are kept: rerun the same command to resume, with "
-                        "--parallel 1 if memory is short")
-                if status == "error":
-                    raise value
-                w[2] = todo.pop(0) if todo else None
-                if w[2] is not None:
-                    conn.send(jobs[w[2]])
-                yield seed, value
-    finally:
-        for p, conn, _ in procs:
-            with contextlib.suppress(OSError):
-                conn.send(None)
-            p.join(0.5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-
-
-class WorkerDiedError(RuntimeError):
-    """A --parallel seed worker died without a result; the message names the seed."""
-
-
-def _worker_loop(conn) -> None:
-    """A seed worker: one job at a time from ``conn`` (None: stop), its result or error back."""
-    _worker_init()
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        try:
-            conn.send(("ok", _seed_worker(job)))
-        except BaseException as e:  # noqa: BLE001 (sent back to be raised in the grid's process)
-            conn.send(("error", _sendable(e)))
-
-
-def _sendable(e: BaseException) -> BaseException:
-    """``e`` if it survives a pickle round trip (what the grid's process receives), else a
-    RuntimeError with its type and text: an exception whose constructor takes other arguments
-    than its message pickles but fails to unpickle, which would replace the worker's error with
-    a TypeError about that constructor."""
-    import pickle
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001 (any failure to pickle or unpickle)
-        return RuntimeError(f"{type(e).__name__}: {e}")
-
-
-def check_auto_weights(students, bundle, device, out: RunDir, seed: int, teacher, caches: dict) -> None:
-    """Calibrate every unfinished ``weight: auto`` student of ``seed`` against the trained teacher
-    before any student trains, so that a term calibration refuses (a zero or vanishing gradient)
-    ends the grid now, not when that student's turn comes after the others have trained. Draws no
-    randomness the runs see; changes no weights (calibration restores what it touches)."""
-    for vcfg, method in students:
-        if not any(t.auto for t in method.terms) or (out.run(method.key, seed) / FINAL_JSON).exists():
-            continue
-        with fork_rng(device):
-            trainer = Trainer(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, out.run(method.key, seed),
-                              device, teacher=teacher, teacher_caches=caches)
-            try:
-                trainer._setup()
-            finally:
-                trainer.remove_hooks()
-
-
-def _teacher_of(cfg, bundle, seed: int, shared: dict | None) -> torch.nn.Module:
-    """The seed's teacher. A pretrained one that no epoch trains is its file's weights whatever
-    the seed: built once and shared by the seeds of this process (``shared``; frozen, so no seed
-    changes it), not loaded again per seed."""
-    if shared is None or not (cfg.pretrained_teacher and cfg.teacher_epochs == 0):
-        return build_teacher(cfg, bundle, seed)
-    if "teacher" not in shared:
-        shared["teacher"] = build_teacher(cfg, bundle, seed)
-    return shared["teacher"]
-
-
-def _train_seed(cfg, students, bundle, device, out: RunDir, seed: int,
-                precheck_auto: bool = True, shared: dict | None = None) -> list[tuple[dict | str, str, bool]]:
-    """Teacher, then every student of one seed; (results row, label, finished earlier) per run.
-
-    Every run goes through fit(): a finished one returns its final.json at once after checking
-    that it was made with the same settings (so a resumed grid redoes nothing, and a changed
-    config never silently reuses old results). A student whose loss goes non-finite is recorded
-    (its ``diverged.json``; the row is the reason, a string) and the grid goes on: in a λ sweep
-    the largest λ diverging is a result, not the end of the sweep. A diverging teacher stops it."""
-    teacher = _teacher_of(cfg, bundle, seed, shared)
-    # the teacher's outputs, built once for all the students that read them (teacher_cache > 0): a
-    # teacher shared by the seeds shares its tables too (their key holds the views' seed where it matters)
-    caches: dict = shared.setdefault("caches", {}) if shared is not None and shared.get("teacher") is teacher else {}
-    runs = []
-    for vcfg, method in [(cfg, Method(TEACHER))] + students:
-        if not method.is_teacher and precheck_auto:
-            precheck_auto = False
-            check_auto_weights(students, bundle, device, out, seed, teacher, caches)
-        run_dir = out.run(method.key, seed)
-        earlier = (run_dir / FINAL_JSON).exists()
-        if method.is_teacher:
-            res = fit(teacher, bundle, cfg.teacher_config(), method, seed, run_dir, device,
-                      epochs=cfg.teacher_epochs, desc=f"teacher s{seed}")
-            freeze(teacher)
-        else:
-            try:
-                res = fit(build_student(vcfg, bundle, seed), bundle, vcfg, method, seed, run_dir, device,
-                          teacher=teacher, desc=f"{method.key} s{seed}", load_finished=False,
-                          teacher_caches=caches)
-            except NonFiniteLossError as e:
-                runs.append((str(e), method.label, False))
-                continue
-        # keyed by where the run lives in this grid, not by the key its final.json was written under
-        # (a run directory copied under a sweep variant's name, e.g. `cw2` → `cw2@auto*1`, is that variant)
-        row = {**res, "method": method.key, "dataset": cfg.dataset, "label": method.label,
-               "run_dir": str(run_dir.relative_to(out.root))}
-        runs.append((row, method.label, earlier))
-    return runs
-
-
-def _worker_init() -> None:
-    """A seed worker dies with the grid's process (Linux): a killed grid leaves no orphan writing
-    into the output directory while a rerun holds its lock."""
-    import signal
-    import sys
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-def _seed_worker(job) -> list[tuple[dict, str, bool]]:
-    cfg, students, seed, root, device, precheck_auto = job
-    torch.set_num_threads(max(cfg.threads or 1, 1))
-    bundle = build_dataset(cfg.dataset, data_root=cfg.data_root, download=False, image_size=cfg.image_size,
-                           tokenizer=cfg.tokenizer, holdout=cfg.holdout)
-    cfg = dataclasses.replace(cfg, progress=False)
-    students = [(dataclasses.replace(v, progress=False), m) for v, m in students]
-    return _train_seed(cfg, students, bundle, torch.device(device), RunDir(root), seed, precheck_auto,
-                       shared=_WORKER_SHARED)
-
-
-#: a seed worker's teacher shared by the seeds it trains (:func:`_teacher_of`); a worker serves one grid
-_WORKER_SHARED: dict = {}
-
-
 def _csv_view(row: dict) -> dict:
     """``row`` as results.csv reads it back (its columns, numbers as numbers)."""
     return R.typed_row({k: row.get(k) for k in R.FIELDS + R.LM_FIELDS})
@@ -529,41 +217,3 @@ def _weights_text(methods: list) -> str:
     if len(lams) == 1:
         return lams.pop()
     return ", ".join(parts)
-
-
-def plot_sweep(rows: list[dict], key: str, path: Path):
-    """The task's test figure (:func:`kd2m.harness.results.figure_of`: accuracy in %, or perplexity), mean
-    ± std over seeds, against the swept value, one line per metric. Returns the figure drawn."""
-    # A Figure on its own Agg canvas: no pyplot, so the caller's matplotlib backend (a notebook's) is untouched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = R.figure_of(rows)
-    lines: dict[str, dict[float, list[float]]] = {}
-    ce = [figure.scale * r[figure.key] for r in rows if r["method"] == CE]
-    for r in rows:
-        base, _, val = r["method"].partition("@")
-        if not val:
-            continue
-        v = float(val.split("=")[-1].replace("auto*", ""))
-        lines.setdefault(base, {}).setdefault(v, []).append(figure.scale * r[figure.key])
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    import statistics
-    for base, pts in sorted(lines.items()):
-        xs = sorted(pts)
-        ys = [statistics.fmean(pts[x]) for x in xs]
-        es = [statistics.stdev(pts[x]) if len(pts[x]) > 1 else 0.0 for x in xs]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method_label(base))
-    if ce:
-        ax.axhline(statistics.fmean(ce), color="gray", ls="--", label="student (CE only)")
-    ax.set_xscale("log")
-    ax.set_xlabel(key if key != "weight" else "λ (distillation weight)")
-    ax.set_ylabel(f"test {figure.name} ({figure.direction})")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return fig

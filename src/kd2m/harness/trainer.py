@@ -26,21 +26,21 @@ from .. import tasks, value_checks
 from ..atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json, save_checkpoint
 from ..data import dataset_labels
 from ..errors import ConfigError, NonFiniteLossError
-from ..runtime import amp_dtype, progress, resolve_device, seed_everything, to_device  # noqa: F401 (resolve_device: re-exported)
+from ..runtime import amp_dtype, progress, seed_everything, to_device
 from ..training.auto_weight import calibrate
-from ..training.binding import BoundTerm, Taps, bind_terms, term_keys, wanted_layers  # noqa: F401 (the engine's API)
-from ..training.build import IndexedDataset, build_net, build_student, build_teacher, freeze, make_loaders  # noqa: F401
+from ..training.binding import bind_terms, wanted_layers
+from ..training.build import make_loaders
 from ..training.distiller import Distiller
 from ..training.methods import Method
 from ..training.state import check_settings, make_optimizer, make_scheduler, rng_state, run_settings, set_rng_state
 from ..training.step import EpochTally, TermFailure, zero_nonfinite_gradients
-from ..training.teacher import CachedTeacher, OnlineTeacher, TeacherOutputs, cached_layer, sparse_temperature, teacher_cache  # noqa: F401
+from ..training.teacher import CachedTeacher, OnlineTeacher, cached_layer, sparse_temperature, teacher_cache
 from ..training.teacher_cache import FixedViews
 from . import monitor as watch
+from .divergence import diverged_error, nonfinite_where, term_failure
 from .rundir import CHECKPOINT_PT, DIVERGED_JSON, FINAL_JSON, LOG_JSONL, MODEL_PT
 
-__all__ = ["Trainer", "fit", "evaluate", "NonFiniteLossError", "build_student", "build_teacher", "freeze",
-           "bind_terms", "Taps", "OnlineTeacher", "CachedTeacher"]
+__all__ = ["Trainer", "fit", "evaluate"]
 
 
 def evaluate(model: nn.Module, loader, device, channels_last: bool = False) -> float:
@@ -208,7 +208,7 @@ class Trainer:
                 try:
                     out = self.step.forward(x, y, key, net=net, lam=lam)
                 except TermFailure as f:
-                    raise self._term_failure(f, epoch, step) from None
+                    raise term_failure(f, epoch, step, self.s_taps) from None
                 loss, distill = self.step.loss(out, lam)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -220,7 +220,7 @@ class Trainer:
                 tally.add(step, out, loss, distill, grads_finite)
         totals = tally.read()
         if totals["bad_steps"]:
-            raise NonFiniteLossError(self._nonfinite_where(epoch, totals))
+            raise NonFiniteLossError(nonfinite_where(epoch, totals, self.terms, self.param_names))
         mean = dict(zip(["loss", "ce", "distill"] + [b.key for b in self.terms], totals["means"]))
         row = {k: mean[k] for k in ("loss", "ce", "distill")}
         if self.terms:
@@ -228,48 +228,9 @@ class Trainer:
             row["weights"] = {b.key: w for b, w in zip(self.terms, lam)}
         return row
 
-    def _term_failure(self, failure: TermFailure, epoch: int, step: int) -> Exception:
-        """What a term's error during training means. Inside the engine the terms skip their value
-        checks (no host reads per step), so non-finite features reach them, and a solver may fail
-        on them (an eigensolver that does not converge on NaN) before the loss could read NaN: the
-        run diverged, said as such (the grid records it and goes on). Looked at here, on the
-        failure path only; any other error is the term's own, raised as it was."""
-        at = f"at epoch {epoch + 1}, step {step + 1}"
-        taps = self.s_taps.features() if self.s_taps is not None else {}
-        if any(not bool(torch.isfinite(v).all()) for v in taps.values() if v.is_floating_point()):
-            return NonFiniteLossError(f"non-finite student features {at}")
-        if isinstance(failure.error, torch.linalg.LinAlgError):
-            # finite but extreme features (a student blowing up under a large λ) can still defeat a
-            # ridge-regularised eigensolver: the run diverged, named with the solver's own words
-            reason = str(failure.error).splitlines()[0][:120]
-            return NonFiniteLossError(f"term {failure.term.config.name!r} could not be computed on the student's "
-                                      f"features {at} ({reason})")
-        return failure.error
-
     def _evaluate(self, net: nn.Module) -> dict:
         """The task's held-out figures of ``net`` (e.g. ``{"test_acc": …}``)."""
         return self.task.evaluate(net, self.test_loader, self.device, self.cfg.channels_last)
-
-    def _nonfinite_where(self, epoch: int, totals: dict) -> str:
-        """Where an epoch went non-finite: its first bad step, and what was non-finite there —
-        the student's or the teacher's features, the loss (its values), or, the loss being finite,
-        the gradients (which); under torchrun, the rank whose loss it was when it was another's
-        (its NaN reaches this rank's gradients through DDP's all-reduce)."""
-        at = f"at epoch {epoch + 1}, step {totals['first_bad'] + 1}"
-        others = [r for r in totals["nonfinite_loss_ranks"] or () if r != dist_ctx.rank()]
-        if not totals["first_is_local"] or (others and not totals["first_loss_nonfinite"]):
-            return f"non-finite loss {at} (on {'rank ' + ', '.join(map(str, others)) if others else 'another rank'})"
-        if totals["first_student_nonfinite"]:
-            return f"non-finite student features {at}"
-        if totals["first_teacher_nonfinite"]:
-            return f"non-finite teacher features {at}"
-        ce, *values = totals["first_values"]
-        parts = ", ".join([f"ce={ce:.4g}"] + [f"{b.key}={v:.4g}" for b, v in zip(self.terms, values)])
-        if totals["first_loss_nonfinite"] or totals["first_bad_gradient"] is None:
-            return f"non-finite loss {at} ({parts})"
-        name = self.param_names[totals["first_bad_gradient"]]
-        return (f"non-finite gradient {at} (in {totals['bad_gradients']} of {len(self.param_names)} parameters, "
-                f"the first {name}; the loss was finite: {parts})")
 
     def _checkpoint(self, history: list, epoch: int, elapsed: float) -> None:
         save_checkpoint(self.ckpt_path, {
@@ -305,7 +266,7 @@ class Trainer:
         except NonFiniteLossError as e:  # say which run diverged and how to go on
             if dist_ctx.is_main():  # recorded: the same settings diverge the same way (training is deterministic)
                 atomic_write_json(self.diverged_path, {"where": e.where, "settings": self.settings})
-            raise self._diverged(e.where) from None
+            raise diverged_error(self.desc or self.run_dir, self.run_dir, self.ckpt_path, e.where) from None
         finally:
             self.remove_hooks()
             if self.monitor is not None:
@@ -337,16 +298,6 @@ class Trainer:
             _remove(self.ckpt_path)
         self.model.to(self.device)
         return result
-
-    def _diverged(self, where: str) -> NonFiniteLossError:
-        if self.ckpt_path.exists():
-            # a lower λ or lr changes the run's settings, which a resume refuses: say so
-            # the fix first, one path: the error line is capped at 300 characters and run paths can be long
-            advice = (f"to lower --weight or --lr, delete {self.run_dir} first; else the same command resumes from "
-                      "its last good checkpoint, kept there")
-        else:
-            advice = "no checkpoint was written yet: lower --lr or --weight and rerun"
-        return NonFiniteLossError(f"{self.desc or self.run_dir}: {where}; {advice}", where)
 
     def _title(self) -> str:
         return f"{self.method.label} ({self.method.key}), seed {self.seed}"

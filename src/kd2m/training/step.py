@@ -6,7 +6,7 @@ beside it under the run's autocast), the student's logits and taps, the task's s
 (:mod:`kd2m.tasks`) and each bound term's unweighted value; :meth:`Step.loss` composes them.
 Training (:meth:`kd2m.harness.trainer.Trainer._epoch`), the ``weight: auto`` calibration
 (:func:`kd2m.training.auto_weight.calibrate`) and the grid's probe of every term before training
-(:func:`kd2m.harness.grid.preflight`) all run it, so they cannot disagree about what a term sees. A
+(:func:`kd2m.harness.preflight.preflight`) all run it, so they cannot disagree about what a term sees. A
 causal language model's step computes its cross-entropy and token divergences from its last
 hidden states and output layer, never building its logits (:mod:`kd2m.training.head`).
 

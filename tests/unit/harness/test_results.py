@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 
+from kd2m.harness import paired, tables
 from kd2m.harness import results as R
 from kd2m.harness.cli import main
 
@@ -14,7 +15,7 @@ def rows(dataset, accs):
 
 
 def test_summary_is_mean_and_sample_std_in_percent():
-    stats = {s["method"]: s for s in R.summarize(rows("x", {"ce": [0.90, 0.92, 0.97]}))}
+    stats = {s["method"]: s for s in paired.summarize(rows("x", {"ce": [0.90, 0.92, 0.97]}))}
     assert stats["ce"]["mean"] == pytest.approx(93.0)
     assert stats["ce"]["std"] == pytest.approx(statistics.stdev([90.0, 92.0, 97.0]))
 
@@ -22,7 +23,7 @@ def test_summary_is_mean_and_sample_std_in_percent():
 def test_paper_table_has_datasets_as_columns_and_bold_best_student():
     runs = {"cifar10": rows("cifar10", {"teacher": [0.99, 0.99], "ce": [0.80, 0.82], "cw2": [0.85, 0.87]}),
             "svhn": rows("svhn", {"teacher": [0.97, 0.97], "ce": [0.93, 0.95], "cw2": [0.90, 0.92]})}
-    table = R.paper_table(runs)
+    table = tables.paper_table(runs)
     lines = table.strip().splitlines()
     assert lines[0] == ("| method | cifar10 (ours): test accuracy (%) | svhn (ours): test accuracy (%) | "
                         "cifar10 (paper): test accuracy (%) | svhn (paper): test accuracy (%) |")
@@ -54,14 +55,14 @@ def test_results_json_holds_numbers_and_valid_json(tmp_path):
            "test_acc": 0.9583, "epochs": 10, "seconds": 1.25, "run_dir": "cw2/seed0"}
     R.write_rows(tmp_path / "results.csv", [row, {**row, "method": "teacher", "metric": "", "weight": "",
                                                    "seed": 1}])
-    R.write_reports(tmp_path, R.read_rows(tmp_path / "results.csv"), "digits")
+    tables.write_reports(tmp_path, R.read_rows(tmp_path / "results.csv"), "digits")
     text = (tmp_path / "results.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert data["rows"][0] == {**row, "best_acc": None, "best_epoch": None}
     assert data["rows"][1]["weight"] == 0.0 and data["rows"][1]["seed"] == 1
     assert data["summary"][0]["std"] is None and data["summary"][0]["mean"] == pytest.approx(95.83)
     with pytest.raises(ValueError, match="epochs 'ten' is not an integer"):
-        R.write_reports(tmp_path, [{**row, "epochs": "ten"}], "digits")
+        tables.write_reports(tmp_path, [{**row, "epochs": "ten"}], "digits")
 
 
 def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
@@ -69,7 +70,7 @@ def test_plot_sweep_leaves_the_matplotlib_backend_alone(tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt
 
-    from kd2m.harness.grid import plot_sweep
+    from kd2m.harness.plots import plot_sweep
     rows = [{"method": m, "seed": s, "test_acc": a} for s in (0, 1)
             for m, a in (("ce", 0.90), ("cw2@1e-05", 0.91 + s / 100), ("cw2@0.001", 0.93))]
     before = matplotlib.get_backend()
@@ -92,10 +93,10 @@ def _rows(means: dict, deltas: dict, n=6):
 def test_the_best_is_bold_only_when_a_paired_interval_separates_it_from_the_runner_up():
     noise = [0.3, -0.2, 0.1, -0.4, 0.2, 0.0]
     clear = _rows({"ce": 90.0, "kd": 91.0, "cw2": 92.0}, {"cw2": noise})      # cw2 − kd: +1 ± small spread
-    md = R.markdown_table(clear, "digits")
+    md = tables.markdown_table(clear, "digits")
     assert "| CW2 (E) | **92.00 ± 0.26** |" in md and "No student is in bold" not in md
     close = _rows({"ce": 90.0, "kd": 91.0, "cw2": 91.05}, {"cw2": noise})      # +0.05: inside the interval
-    md = R.markdown_table(close, "digits")
+    md = tables.markdown_table(close, "digits")
     assert "**" not in md
     assert "No student is in bold: the best mean, CW2 (E), is not separated from the runner-up, KD" in md
 
@@ -103,14 +104,14 @@ def test_the_best_is_bold_only_when_a_paired_interval_separates_it_from_the_runn
 def test_compare_says_how_many_seeds_a_difference_of_that_size_needs():
     from scipy import stats
     d = [0.5, -0.3, 0.8, 0.1, -0.2, 0.6, 0.4, -0.1]
-    n = R.seeds_for_power(d)
+    n = paired.seeds_for_power(d)
     mean, sd = sum(d) / len(d), statistics.stdev(d)
 
     def enough(k):  # the criterion written out
         return abs(mean) >= (stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.8, k - 1)) * sd / math.sqrt(k)
     assert enough(n) and not enough(n - 1)
-    assert R.seeds_for_power([0.2]) is None and R.seeds_for_power([0.0, 0.0, 0.0]) is None
-    assert R.seeds_for_power([0.2, 0.2]) == 2
+    assert paired.seeds_for_power([0.2]) is None and paired.seeds_for_power([0.0, 0.0, 0.0]) is None
+    assert paired.seeds_for_power([0.2, 0.2]) == 2
     rows = _rows({"kd": 91.0, "cw2": 91.0}, {"cw2": d, "kd": [0.0] * 8}, n=8)
-    text = R.compare_table(rows, [("cw2", "kd")])
+    text = tables.compare_table(rows, [("cw2", "kd")])
     assert f"needs about {n} seeds for an 80% chance" in text and "(this comparison has 8)" in text

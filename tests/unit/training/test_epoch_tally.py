@@ -15,7 +15,8 @@ import torch
 from kd2m.data import build_dataset
 from kd2m.errors import NonFiniteLossError
 from kd2m.harness.config import RunConfig
-from kd2m.harness.trainer import Trainer, build_student, build_teacher, freeze
+from kd2m.harness.trainer import Trainer
+from kd2m.training.build import build_student, build_teacher, freeze
 from kd2m.training.step import EpochTally, Step, StepOutputs, zero_nonfinite_gradients
 
 CPU = torch.device("cpu")

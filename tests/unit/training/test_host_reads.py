@@ -16,7 +16,8 @@ import torch
 
 from kd2m.data import build_dataset
 from kd2m.harness.config import RunConfig
-from kd2m.harness.trainer import Trainer, build_student, build_teacher, freeze
+from kd2m.harness.trainer import Trainer
+from kd2m.training.build import build_student, build_teacher, freeze
 
 #: Tensor methods that read values back to the host
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu")

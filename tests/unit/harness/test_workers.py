@@ -7,7 +7,7 @@ def test_an_error_that_does_not_unpickle_reaches_the_grid_as_its_text():
     unpickle: the grid's process got a TypeError about that constructor instead of the error."""
     import pickle
 
-    from kd2m.harness.grid import _sendable
+    from kd2m.harness.workers import _sendable
     from kd2m.training.step import TermFailure
     e = TermFailure(object(), ValueError("bad option"))
     with pytest.raises(TypeError):
