@@ -45,3 +45,14 @@ def test_the_default_grid_card_names_its_dataset_defaults(tmp_path, capsys):
     assert "0.1 (dataset default)" in _row(card, "cw2", "cw2")
     assert "ridge=0.1 (dataset default)" in _row(card, "gauss_kl", "gauss_kl")
     assert "penultimate ← penultimate (kd2m default)" in _row(card, "w2", "w2")
+
+
+def test_a_per_token_distance_s_default_layer_is_named_as_the_hidden_states_it_reads(tmp_path, capsys):
+    # a language model's distances read the last hidden states token by token, not a feature map
+    card = _card(["run", "--task", "lm", "--metrics", "gauss_w2", "--baselines", "ce", "--select-k", "none",
+                  "--dry-run", "--out", str(tmp_path / "never")], capsys)
+    assert _row(card, "gauss_w2", "gauss_w2").endswith("| penultimate ← penultimate (last hidden states, per token: "
+                                                       "default) |")
+    digits = _card(["run", "--metrics", "gauss_w2", "--unit", "spatial", "--baselines", "ce", "--dry-run",
+                    "--out", str(tmp_path / "never")], capsys)
+    assert "(last post-activation map: default) |" in _row(digits, "gauss_w2", "gauss_w2")

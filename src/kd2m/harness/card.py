@@ -24,6 +24,7 @@ from .. import metrics
 from ..catalog import CE
 from ..data import DatasetNotFoundError, build_dataset
 from ..data.torchvision_sets import SHAPES
+from ..features import PENULTIMATE
 from ..models import build_model
 from ..training.binding import default_layers
 from ..training.methods import Method
@@ -195,7 +196,8 @@ def _layers(term, models, entry: dict, user: RunConfig, given_keys: set) -> str:
             sides.append(("+".join(default_layers(models[k], models[2], term)), "default"))
     rule = {"intermediate_stages": "stages after the stem", "hint": "stage 2 (hint)",
             "last_stage": "last stage"}[term.spec.layers] if term.spec.needs_maps else \
-        ("last post-activation map" if term.uses_maps else "penultimate")
+        ("last post-activation map" if term.unit == "spatial" else "last hidden states, per token"
+         if term.uses_maps else PENULTIMATE)
     text = f"{sides[0][0]} ← {sides[1][0]}"
     if "default" in (sides[0][1], sides[1][1]):
         return text + f" ({rule}: default)"

@@ -32,6 +32,7 @@ import torch
 
 from ..atomic_io import atomic_write_text, read_jsonl
 from ..catalog import CE, TEACHER
+from ..features import PENULTIMATE
 from . import results as R
 from .paired import summarize
 from .plots import EMBED_SEED, plot_accuracy, plot_curves, plot_diagnostics, plot_embedding
@@ -80,7 +81,7 @@ def best_distilled(rows: list[dict]) -> str | None:
     return pick(cands, key=lambda s: s["mean"])["method"] if cands else None
 
 
-def embedding_features(model, dataset, indices, device, layer: str = "penultimate") -> np.ndarray:
+def embedding_features(model, dataset, indices, device, layer: str = PENULTIMATE) -> np.ndarray:
     """Features of ``model`` (eval mode) at ``layer`` for ``dataset[indices]``, as an (N, d) float32 array."""
     from torch.utils.data import Subset
 
@@ -116,13 +117,13 @@ def _embedding(run_dir: Path, cfg: dict, rows: list[dict], out: Path, device: st
     panels = []
     for m in chosen:
         arch = cfg["teacher"] if m == TEACHER else cfg["student"]
-        layer = cfg.get("teacher_layer" if m == TEACHER else "student_layer") or "penultimate"
+        layer = cfg.get("teacher_layer" if m == TEACHER else "student_layer") or PENULTIMATE
         options = cfg.get("teacher_options" if m == TEACHER else "student_options")
         model = load_model(run_dir, by_key[(m, seed)], arch, bundle, dev, options)
         feats = embedding_features(model, bundle.test, idx, dev, layer)
         role = "teacher" if m == TEACHER else "CE-only student" if m == CE else f"{R.label(m)} student"
         panels.append((f"{role} ({arch})\nacc {accs[m]['mean']:.2f}%", feats))
-    layers = {cfg.get("teacher_layer") or "penultimate", cfg.get("student_layer") or "penultimate"}
+    layers = {cfg.get("teacher_layer") or PENULTIMATE, cfg.get("student_layer") or PENULTIMATE}
     what = f"{'/'.join(sorted(layers))} features"
     method = plot_embedding(panels, labels, out / "embedding.png", bundle.classes, what)
     text = (f"{method} of the {what} of {', '.join(R.label(m) for m in chosen)} (seed {seed}, "
