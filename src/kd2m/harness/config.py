@@ -87,7 +87,8 @@ class RunConfig:
     select_seeds: typing.Any = _opt(None, "seeds of the select_k pilot grid, never the reported ones, read as "
                                           "--seeds: a count (3: seeds 0,1,2) or a comma list (one seed: 100,)")
     select_holdout: float = _opt(0.2, "the share of the training split the select_k pilot grid is scored on")
-    kd_temperature: float = _opt(4.0, "temperature of the kd baseline")
+    kd_temperature: float = _opt(dict(losses.spec("kd").defaults)["temperature"],
+                                 "temperature of the kd baseline (its own option's default: mdistiller's 4)")
     epochs: int | None = _opt(None, "student epochs")
     teacher_epochs: int | None = _opt(None, "teacher epochs (0 = use --pretrained-teacher as is; unset: --epochs)")
     seeds: typing.Any = _opt(None, "number of seeds (e.g. 3: seeds 0,1,2) or a comma list (e.g. 5,7; one seed: 5,)")
