@@ -59,7 +59,7 @@ def test_plan_mass_matches_pot_emd():
 
 
 def test_probe_matches_bound_terms_and_skips_w2_across_widths():
-    from kd2m.harness.bound import bound_terms
+    from kd2m.harness.theorem import bound_terms
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(6, generator=g), int(i % 3)) for i in range(20)]
     teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))

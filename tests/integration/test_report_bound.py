@@ -18,10 +18,11 @@ from torch import nn
 from kd2m.data import build_dataset
 from kd2m.harness import results as R
 from kd2m.harness import tables
-from kd2m.harness.bound import bound_terms, evaluate_run, load_model, load_run
+from kd2m.harness.bound import evaluate_run, load_model, load_run
 from kd2m.harness.cli import main
 from kd2m.harness.config import load_yaml
 from kd2m.harness.report import make_report
+from kd2m.harness.theorem import bound_terms
 
 from helpers import REPO_ROOT
 
@@ -218,7 +219,7 @@ def _emd2(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_terms_from_outputs_w2_is_the_exact_ot_value():
     """`kd2m bound`'s W2 is the exact OT value (ot.emd2), not the sample-wise (identity) coupling,
     which equals ‖g_S − g_T‖ and was caught only by an accuracy threshold."""
-    from kd2m.harness.bound import ModelOutputs, terms_from_outputs
+    from kd2m.harness.theorem import ModelOutputs, terms_from_outputs
     g = torch.Generator().manual_seed(0)
     n = 60
     labels = torch.arange(n) % 4

@@ -17,9 +17,9 @@ from ..features import PENULTIMATE
 from ..runtime import resolve_device
 from . import results as R
 from .rundir import FINAL_JSON, MODEL_PT, RunDir
-from .theorem import TOL, ModelOutputs, bound_terms, model_outputs, terms_from_outputs  # noqa: F401 (the API)
+from .theorem import TOL, model_outputs, terms_from_outputs
 
-__all__ = ["bound_terms", "model_outputs", "terms_from_outputs", "evaluate_run", "ModelOutputs", "TOL"]
+__all__ = ["evaluate_run", "load_run", "load_model", "summarize", "markdown"]
 
 
 # ----------------------------------------------------------------------------- a run directory

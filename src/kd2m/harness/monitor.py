@@ -110,7 +110,7 @@ class FeatureGapProbe:
 
     The teacher's outputs are computed once (it is frozen); :meth:`__call__` runs the student in
     eval mode on the batch and returns the ``diag`` dict of a ``log.jsonl`` row:
-    :func:`kd2m.harness.bound.terms_from_outputs`'s keys (``w2``, ``w2_sq``, ``l2``, ``risk_*``, ``ce_*``,
+    :func:`kd2m.harness.theorem.terms_from_outputs`'s keys (``w2``, ``w2_sq``, ``l2``, ``risk_*``, ``ce_*``,
     ``coupling_holds``, ``skipped``, ...; risks on these N samples only), :func:`plan_mass`'s
     shares, and ``seconds`` (its own wall time).
 
