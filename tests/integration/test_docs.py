@@ -146,15 +146,38 @@ def test_readme_headline_table_is_the_experiments_summary():
     assert f"| {best['label']} | {best['mean']:.2f} ± {best['std']:.2f} | {best['n']} | {best['delta']:+.2f} [" in text
 
 
-def test_experiment_folder_holds_the_tools_files_and_no_weights():
-    names = {p.name for p in EXPERIMENT.iterdir()}
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_folder_holds_the_tools_files_and_no_weights(folder):
+    names = {p.name for p in folder.iterdir()}
     assert {"README.md", "results.csv", "summary.csv", "results.md", "results.json", "config.json",
             "env.json"} <= names
-    assert not [p for p in EXPERIMENT.rglob("*") if p.suffix in (".pt", ".pth")]
-    assert sum(p.stat().st_size for p in EXPERIMENT.rglob("*") if p.is_file()) < 500_000
+    assert not [p for p in folder.rglob("*") if p.suffix in (".pt", ".pth")]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 500_000
     import json
-    env = json.loads((EXPERIMENT / "env.json").read_text())
+    env = json.loads((folder / "env.json").read_text())
     assert env["cpu_capability"] and env["torch_version"] and env["kd2m_version"]
+
+
+@pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_tables_reproduce_from_its_rows(folder, tmp_path):
+    """results.md and summary.csv are what kd2m's own writer makes of the rows in results.json
+    (which are results.csv's): no table in an experiment folder was edited by hand."""
+    import json
+
+    from kd2m.harness.tables import write_reports
+    saved = json.loads((folder / "results.json").read_text())
+    write_reports(tmp_path, saved["rows"], saved["dataset"], saved["header"], saved["expected_seeds"],
+                  saved["reference"], saved["diverged"])
+    assert (tmp_path / "results.md").read_text() == (folder / "results.md").read_text()
+    assert (tmp_path / "summary.csv").read_text() == (folder / "summary.csv").read_text()
+    import csv
+    by_csv = {(r["method"], int(r["seed"])): float(r.get("test_ppl") or r["test_acc"])
+              for r in csv.DictReader((folder / "results.csv").open())}
+    by_json = {(r["method"], int(r["seed"])): float(r.get("test_ppl") or r["test_acc"]) for r in saved["rows"]}
+    assert by_csv == by_json
 
 
 def test_readme_whats_inside_names_every_registered_distance_and_divergence():
@@ -167,11 +190,12 @@ def test_readme_whats_inside_names_every_registered_distance_and_divergence():
     assert divergences and divergences <= set(losses.available())
 
 
-def test_intervals_quoted_beside_the_digits_tables_are_the_runs():
-    """Every "Δ [low, high]" that the experiment's README and the README quote is in the run's own
-    results.md (written by `kd2m run`; minus signs typeset either way)."""
-    table = (EXPERIMENT / "results.md").read_text()
-    for path in (EXPERIMENT / "README.md", README):
+@pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
+def test_intervals_quoted_beside_an_experiment_s_tables_are_the_runs(folder):
+    """Every "Δ [low, high]" that the experiment's README (and, for the digits, the README) quotes
+    is in the run's own results.md (written by kd2m; minus signs typeset either way)."""
+    table = (folder / "results.md").read_text()
+    for path in (folder / "README.md", *([README] if folder == EXPERIMENT else [])):
         quoted = re.findall(r"[+−-]\d+\.\d\d \[[+−-]\d+\.\d\d, [+−-]\d+\.\d\d\]", path.read_text())
         assert quoted, path
         for q in quoted:
