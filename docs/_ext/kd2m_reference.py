@@ -6,9 +6,10 @@
   (:mod:`kd2m.harness.recipes`);
 - ``_generated/terms.md``: the distances and the field's methods, from the term and metric
   registries' own facts;
-- ``_generated/digits_headline.md`` and ``_generated/digits_results.md``: the digits experiment's
-  headline table and its full table, from the tool's own files in ``experiments/digits/``
-  (:func:`kd2m.harness.results.read_summary`, ``results.md``), never copied by hand.
+- ``_generated/digits_headline.md``, and for every folder of :data:`EXPERIMENTS`
+  ``_generated/NAME_results.md`` and ``_generated/NAME_env.md``: an experiment's headline table,
+  its full table and where it ran, from the tool's own files in ``experiments/NAME/``
+  (:func:`kd2m.harness.results.read_summary`, ``results.md``, ``env.json``), never copied by hand.
 
 Nothing here is typed twice: a new option, key or term appears on the next build.
 """
@@ -107,31 +108,39 @@ def terms_page() -> str:
     return "\n".join(out) + "\n"
 
 
-#: the experiment folder whose tables the results pages show (relative to the repository root)
-DIGITS = Path("experiments") / "digits"
+#: the experiment folders whose tables the results pages show (under ``experiments/`` at the
+#: repository's root): each gives ``_generated/NAME_results.md`` (its ``results.md``) and
+#: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``)
+EXPERIMENTS = ("digits",)
 
 
-def digits_headline(root: Path) -> str:
-    from kd2m.harness.results import read_summary
-    from kd2m.harness.tables import headline_table
-    return headline_table(read_summary(root / DIGITS / "summary.csv"), top=3)
+def headline(name: str):
+    def page(root: Path) -> str:
+        from kd2m.harness.results import read_summary
+        from kd2m.harness.tables import headline_table
+        return headline_table(read_summary(root / "experiments" / name / "summary.csv"), top=3)
+    return page
 
 
-def digits_results(root: Path) -> str:
+def results_page(name: str):
     """``results.md`` as the run wrote it, less its title line (the page has its own)."""
-    lines = (root / DIGITS / "results.md").read_text().splitlines()
-    if lines and lines[0].startswith("# "):
-        lines = lines[1:]
-    return "\n".join(lines).strip() + "\n"
+    def page(root: Path) -> str:
+        lines = (root / "experiments" / name / "results.md").read_text().splitlines()
+        if lines and lines[0].startswith("# "):
+            lines = lines[1:]
+        return "\n".join(lines).strip() + "\n"
+    return page
 
 
-def env_line(root: Path) -> str:
-    import json
-    env = json.loads((root / DIGITS / "env.json").read_text())
-    return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
-            f"`{env['cpu_capability']}` kernels, {env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''} "
-            f"per process, Python "
-            f"{env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
+def env_line(name: str):
+    def page(root: Path) -> str:
+        import json
+        env = json.loads((root / "experiments" / name / "env.json").read_text())
+        threads = env["torch_threads"]
+        return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
+                f"`{env['cpu_capability']}` kernels, {threads} thread{'s' if threads != 1 else ''} per process, "
+                f"Python {env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
+    return page
 
 
 #: every generated page (``_generated/NAME.md``) and what writes it from the repository's root
@@ -139,9 +148,9 @@ PAGES = {
     "cli": lambda root: cli_page(),
     "config": lambda root: config_page(),
     "terms": lambda root: terms_page(),
-    "digits_headline": digits_headline,
-    "digits_results": digits_results,
-    "digits_env": env_line,
+    "digits_headline": headline("digits"),
+    **{f"{name}_results": results_page(name) for name in EXPERIMENTS},
+    **{f"{name}_env": env_line(name) for name in EXPERIMENTS},
 }
 
 

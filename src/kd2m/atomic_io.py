@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["atomic_write_bytes", "fsync_directory", "atomic_write_text", "atomic_write_json", "read_json", "read_jsonl",
+           "save_checkpoint", "load_checkpoint", "describe_load_error"]
+
 
 def _current_umask() -> int:
     mask = os.umask(0)

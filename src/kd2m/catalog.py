@@ -4,6 +4,9 @@ nothing here imports the rest of kd2m.
 """
 from __future__ import annotations
 
+__all__ = ["TEACHER", "CE", "PAPER_METRICS", "BASELINE_ORDER", "EVAL_BATCH_SIZE", "EVAL_LOGITS_MIB", "UNITS",
+           "PER_POSITION_UNITS"]
+
 #: Method key of a grid's teacher runs (also their directory name under ``--out``).
 TEACHER = "teacher"
 #: Method key of the CE-only student (trained on its supervised loss alone).

@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+__all__ = ["is_distributed", "rank", "world_size", "is_main", "launched_by_torchrun", "gather_with_grad", "gather_batch",
+           "all_reduce_sum", "all_reduce_tensor", "average_gradients", "barrier", "setup", "teardown"]
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

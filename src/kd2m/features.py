@@ -40,6 +40,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+__all__ = ["PENULTIMATE", "POOLS", "LAYOUTS", "last_linear_name", "output_tensor", "infer_layout", "to_matrix",
+           "FeatureTap", "last_map_layer"]
+
 PENULTIMATE = "penultimate"
 POOLS = ("avg", "cls", "flatten", "none")
 LAYOUTS = ("tokens", "channels_first")

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from .catalog import PER_POSITION_UNITS
 
+__all__ = ["feature_width", "MapProjector", "build_projector"]
+
 
 def feature_width(shape: tuple[int, ...]) -> int:
     """The channel width of a per-sample shape: d of (d,), c of (c, h, w), d of (L, d)."""

@@ -11,6 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["AMP_DTYPES", "DEVICE_CHOICES", "resolve_device", "seed_everything", "fork_rng", "amp_dtype", "autocast",
+           "to_device", "progress"]
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: What ``--device`` accepts, for the error message.
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+__all__ = ["eager", "deferred", "check_labels"]
+
 _STATE = threading.local()
 
 

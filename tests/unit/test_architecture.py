@@ -227,3 +227,50 @@ def test_the_size_rules_count_from_def_to_last_line_nested_and_methods_included(
                               "class C:\n    def m(self):\n        return 1\n")
     assert function_lines(pkg) == {"kd2m.a.f": 4, "kd2m.a.f.g": 2, "kd2m.a.C.m": 2}
     assert module_lines(pkg) == {"kd2m": 0, "kd2m.a": 10}
+
+
+def _module_level_names(tree: ast.Module) -> set[str]:
+    bound = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                bound |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try)):
+            bound |= _module_level_names(ast.Module(body=[*node.body, *getattr(node, "orelse", [])], type_ignores=[]))
+    return bound
+
+
+def test_every_module_says_what_it_exports_and_exports_what_it_defines():
+    """``__all__`` in every module of the package (``python -m kd2m`` aside), naming only what the
+    module binds; its public functions and classes are listed (the API reference follows it)."""
+    assert export_problems() == []
+
+
+def export_problems() -> list[str]:
+    problems = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        exported = next((node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                         and any(getattr(t, "id", None) == "__all__"
+                                 for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))), None)
+        name = _module_name(path, ROOT)
+        if exported is None:
+            problems.append(f"{name}: no __all__")
+            continue
+        names = set(ast.literal_eval(exported))
+        bound = _module_level_names(tree)
+        lazy = {"__version__"} | set(ast.literal_eval(next((n.value for n in tree.body if isinstance(n, ast.Assign)
+                                                              and getattr(n.targets[0], "id", "") == "_HOMES"),
+                                                             ast.Constant({}))) or {})
+        problems += [f"{name}: __all__ names {n!r}, which it does not define" for n in sorted(names - bound - lazy)
+                     if not (path.name == "__init__.py" and (path.parent / f"{n}.py").exists() or
+                             (path.parent / n).is_dir())]
+        public = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+        problems += [f"{name}: public {n!r} is not in __all__" for n in sorted(public - names)]
+    return problems

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset
 
 from .registry import DataBundle, register_dataset
 
+__all__ = ["SPLIT_SEED", "TEST_FRACTION", "TensorImageDataset", "digits"]
+
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 

@@ -28,6 +28,9 @@ from torchvision import transforms as T
 from .registry import DataBundle, DatasetNotFoundError, register_dataset
 from .torchvision_sets import image_transforms
 
+__all__ = ["STATS_SAMPLE", "SHAPE_SAMPLE", "GRAYSCALE_MODES", "LAYOUT", "WIDE_MODES", "UNSCALED_MODES", "check_images",
+           "ImageSizeWarning", "common_shape", "channel_stats", "imagefolder"]
+
 #: How many training images the mean/std are computed from (evenly spaced, deterministic).
 STATS_SAMPLE = 512
 #: How many training images' headers the size and channels are read from (evenly spaced).

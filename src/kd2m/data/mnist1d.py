@@ -34,6 +34,8 @@ from ..atomic_io import atomic_write_bytes
 from .digits import TensorImageDataset
 from .registry import DataBundle, register_dataset, resolve_root
 
+__all__ = ["FORMAT_VERSION", "GENERATION_ARGS", "ARRAYS", "cache_path", "generate", "load_arrays", "mnist1d"]
+
 #: Bump when the cached file's content or layout changes.
 FORMAT_VERSION = 1
 #: ``mnist1d.data.get_dataset_args()`` of mnist1d 0.0.2 (the paper's dataset), ``url`` dropped

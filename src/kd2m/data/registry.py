@@ -27,6 +27,10 @@ from torch.utils.data import Dataset, Subset
 from ..catalog import EVAL_BATCH_SIZE, EVAL_LOGITS_MIB
 from ..registry import registrar
 
+__all__ = ["DEFAULT_DATA_ROOT", "DatasetNotFoundError", "DataBundle", "eval_batch_size", "logits_batch_size",
+           "dataset_labels", "register_dataset_prefix", "available_datasets", "dataset_task", "is_dataset",
+           "resolve_root", "build_dataset", "HOLDOUT_SEED", "holdout_split"]
+
 #: Where datasets live when no ``data_root`` is given (``$KD2M_DATA_ROOT`` overrides it).
 DEFAULT_DATA_ROOT = Path("~/.cache/kd2m/data")
 

@@ -32,6 +32,10 @@ from torch.utils.data import Dataset
 
 from .registry import DataBundle, DatasetNotFoundError, register_dataset, register_dataset_prefix
 
+__all__ = ["BYTE_VOCAB", "END_OF_DOCUMENT", "DEFAULT_BLOCK", "TokenBlocks", "ByteTokenizer", "HFTokenizer",
+           "tokenizer_for", "text_files", "text_identity", "read_documents", "pack", "text_bundle",
+           "python_docs_documents", "python_docs", "user_text"]
+
 #: the byte-level vocabulary: 256 byte values and one end-of-document token
 BYTE_VOCAB = 257
 END_OF_DOCUMENT = 256

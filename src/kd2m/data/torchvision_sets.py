@@ -14,6 +14,8 @@ from torchvision import transforms as T
 
 from .registry import DataBundle, DatasetNotFoundError, register_dataset, resolve_root
 
+__all__ = ["CIFAR10_STATS", "CIFAR100_STATS", "SVHN_STATS", "image_transforms", "SHAPES", "cifar10", "cifar100", "svhn"]
+
 # Per-channel pixel mean/std of each train split (values in [0, 1]).
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))

@@ -19,7 +19,7 @@ from . import results as R
 from .rundir import FINAL_JSON, MODEL_PT, RunDir
 from .theorem import TOL, model_outputs, terms_from_outputs
 
-__all__ = ["evaluate_run", "load_run", "load_model", "summarize", "markdown"]
+__all__ = ["evaluate_run", "load_run", "load_model", "test_loader", "summarize", "markdown"]
 
 
 # ----------------------------------------------------------------------------- a run directory

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = ["KD2M_PAPER", "METHODS", "REPDISTILLER_SAME", "REPDISTILLER_DIFF", "MDISTILLER", "MDISTILLER_SHUFFLEV2",
+           "DIST", "WKD", "LS_SAME", "LS_DIFF", "Published", "CIFAR100", "missing"]
+
 #: The KD²M paper's reported accuracies (%), one seed (Montesuma, GSI 2025, its Table; restated in shared/PAPER.md):
 #: torchvision ResNet-34 → ResNet-18, ImageNet-pretrained, 15 epochs. Keys are kd2m's method keys.
 KD2M_PAPER = {

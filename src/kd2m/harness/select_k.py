@@ -43,6 +43,9 @@ from .recipes import SELECT_SEEDS
 from .results import figure_of, read_reported
 from .rundir import SELECT_DIR, RunDir  # where the pilot grid lives, inside the output directory
 
+__all__ = ["SELECTED_JSON", "DEFAULT_K", "is_bare_auto", "auto_terms", "plan", "check_selection", "check_reused",
+           "choose", "select_k", "with_chosen"]
+
 SELECTED_JSON = "selected.json"
 #: the candidate K of a bare ``weight: auto`` (0: the term off). Capped at 10, the top of the
 #: README's MNIST-1D sweep: with 30 among them the digits' pilot picked K = 30 for CW2, a cliff

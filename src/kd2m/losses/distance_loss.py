@@ -15,6 +15,8 @@ from ..catalog import UNITS
 from ..metrics import batched
 from ..projectors import build_projector
 
+__all__ = ["MAX_TOKENS", "TOKEN_SEED", "KD2MLoss", "spatial_sets", "hinton_kd"]
+
 #: unit="tokens": positions kept per step (exact OT is O(n³) in them), and the seed that picks them
 MAX_TOKENS = 256
 TOKEN_SEED = 0

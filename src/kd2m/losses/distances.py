@@ -18,6 +18,8 @@ from ..metrics import batched
 from .distance_loss import MAX_TOKENS, TOKEN_SEED, KD2MLoss
 from .registry import Term, TermContext, TermSpec, add_spec, spec
 
+__all__ = ["COMMON_OPTIONS", "EXTRA_OPTIONS", "MetricTerm"]
+
 #: options every distance term takes besides its metric's own
 COMMON_OPTIONS = (("match", "global"), ("unit", "batch"), ("max_tokens", MAX_TOKENS), ("token_seed", TOKEN_SEED))
 

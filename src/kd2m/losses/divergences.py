@@ -54,6 +54,9 @@ from .inputs import check_positive, in_full_precision
 from .registry import register_term
 from .sparse_teacher import SparseTeacher, ghost_log_probs
 
+__all__ = ["CHUNK_ELEMENTS", "rows", "per_position", "against_teacher", "from_log_probs", "token_divergence",
+           "check_sparse_temperature", "fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd"]
+
 #: logits per chunk when ``chunk_size`` is not given (see the module docstring)
 CHUNK_ELEMENTS = 1 << 22
 

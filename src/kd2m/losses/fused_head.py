@@ -39,6 +39,8 @@ from .divergences import CHUNK_ELEMENTS, against_teacher, check_sparse_temperatu
 from .inputs import check_nonnegative, check_positive
 from .sparse_teacher import SparseTeacher
 
+__all__ = ["DIVERGENCES", "LinearTeacher", "HeadLoss", "fused_head_loss", "TokenDivergence", "fused_head_terms"]
+
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd")
 
 

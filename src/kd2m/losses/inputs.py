@@ -15,6 +15,9 @@ from torch import Tensor
 
 from .. import value_checks
 
+__all__ = ["check_logits", "check_labels", "check_feats", "check_maps", "check_index", "check_positive",
+           "check_nonnegative", "check_flag", "in_full_precision"]
+
 
 def _present(term: str, name: str, x) -> Tensor:
     if x is None:

@@ -13,6 +13,9 @@ from torch import Tensor
 from .inputs import check_flag, check_labels, check_logits, check_nonnegative, check_positive, in_full_precision
 from .registry import Term, TermContext, register_term
 
+__all__ = ["STANDARDIZE_EPS", "standardize_logits", "kd", "dkd", "DIST_EPS", "pearson_rows", "dist", "WKD_EPS",
+           "class_cost_from_head", "WKDLogit"]
+
 #: added to the per-sample std in logit standardization (Sun et al.'s ``normalize``)
 STANDARDIZE_EPS = 1e-7
 

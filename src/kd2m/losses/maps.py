@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from .inputs import check_maps, check_nonnegative, check_positive, in_full_precision
 from .registry import Term, TermContext, register_term
 
+__all__ = ["conv_regressor", "FitNet", "attention_map", "at", "nst", "WKD_BOTTLENECK_WIDTH", "WKD_PROJECTORS",
+           "grid_cells", "diagonal_gaussians", "wkd_projector", "WKDFeature"]
+
 
 def _map_shape(who: str, shape, term: str = "fitnet") -> tuple[int, int, int]:
     if shape is None or len(shape) != 3:

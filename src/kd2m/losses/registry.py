@@ -38,6 +38,9 @@ from torch import Tensor, nn
 
 from ..registry import add_entry
 
+__all__ = ["INPUTS", "LAYER_DEFAULTS", "TermContext", "TermSpec", "Term", "FunctionTerm", "register_term", "add_spec",
+           "available", "spec", "check_options", "get"]
+
 #: what a term may ask the engine for (see the module docstring)
 INPUTS = ("feats", "maps", "logits", "labels", "index")
 

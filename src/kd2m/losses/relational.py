@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from .inputs import check_feats, check_flag, check_index, check_nonnegative, check_positive, in_full_precision
 from .registry import Term, TermContext, register_term
 
+__all__ = ["pkt", "rkd_pairwise_distances", "rkd", "CRD_EPS", "NEGATIVES", "CRD"]
+
 
 def _cosine_conditional(x: Tensor, eps: float) -> Tensor:
     """PKT's conditional probabilities from the cosine kernel: rows of ((cos + 1)/2) normalised to sum 1."""

@@ -26,6 +26,8 @@ from torch import Tensor
 
 from .. import value_checks
 
+__all__ = ["SparseTeacher", "check_k", "ghost_log_probs"]
+
 
 @dataclass(frozen=True, eq=False)
 class SparseTeacher:

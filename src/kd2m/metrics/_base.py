@@ -23,6 +23,9 @@ from torch import Tensor
 from .. import value_checks
 from ..registry import add_entry
 
+__all__ = ["MetricSpec", "NonFiniteInputError", "check_inputs", "at_least_float32", "metric", "Metric", "available",
+           "get", "spec", "class_indices", "sqdist"]
+
 _REGISTRY: dict[str, MetricSpec] = {}
 
 

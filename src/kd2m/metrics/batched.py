@@ -36,6 +36,9 @@ from .linalg import DEFAULT_RIDGE, TAU_FLOOR, bures_trace, gaussian_kl
 from .mmd import _check_options
 from .sliced import _quantile_pairs, random_projections
 
+__all__ = ["GAUSS_W2_SET_OPTIONS", "set_gauss_w2", "set_gauss_kl", "set_mmd_linear", "set_mmd_rbf", "set_sliced_w2",
+           "is_batched", "check_set_metric", "spatial_distance"]
+
 #: options of the spatial ``gauss_w2`` beyond the metric's own (WKD-F's conventions; see
 #: :func:`set_gauss_w2`), with their defaults (which give exactly ``metrics.gauss_w2`` per set)
 GAUSS_W2_SET_OPTIONS = {"mean_weight": 1.0, "correction": 0, "abs_ridge": None}

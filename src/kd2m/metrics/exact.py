@@ -44,7 +44,7 @@ from torch import Tensor
 from .. import value_checks
 from ._base import class_indices, metric
 
-__all__ = ["exact_plan", "plan_cost", "w2", "cw2", "jw2", "LABEL_COSTS"]
+__all__ = ["exact_plan", "plan_cost", "feature_plan", "feature_plans", "w2", "cw2", "jw2", "LABEL_COSTS"]
 
 LABEL_COSTS = ("labels", "sqeuclidean", "kl")
 
@@ -158,7 +158,7 @@ def feature_plan(s: Tensor, t: Tensor, extra=None) -> tuple[Tensor, Tensor, Tens
     ~1e-7 relative, which can only swap near-tied assignments whose costs agree to that
     precision: the value moves by less than the float32 rounding of the result.
 
-    Finite features whose products overflow float32 (|x| ≳ 1e18, e.g. a student diverging) get
+    Finite features whose products overflow float32 (entries of about 1e18 or more, e.g. a student diverging) get
     their cost in float64 (checked on the host copy the solver reads anyway: one read per call):
     the plan stays exact, and an overflowing loss then reads inf, which the engine reports with
     its epoch and step (the solver would refuse an inf cost instead).

@@ -43,6 +43,8 @@ from .linalg import (
     singular_covariance_message,
 )
 
+__all__ = ["gauss_w2", "gauss_cw2", "gauss_kl", "gauss_ckl"]
+
 
 def _prepare(name: str, s: Tensor, t: Tensor, diagonal, ridge) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
     if not isinstance(diagonal, bool):

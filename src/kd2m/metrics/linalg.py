@@ -19,6 +19,9 @@ from torch.autograd.function import once_differentiable
 
 from .. import value_checks
 
+__all__ = ["DEFAULT_RIDGE", "TAU_FLOOR", "LOWRANK_FRACTION", "ridge_scale", "gaussian_factor", "class_gaussian_factors",
+           "singular_covariance_message", "bures_trace", "gaussian_kl"]
+
 DEFAULT_RIDGE = 1e-5
 """Default relative ridge ρ: Σ + ρ·τ·I with τ the mean per-channel variance of the batch."""
 

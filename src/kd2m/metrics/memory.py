@@ -22,6 +22,8 @@ solvers (w2, cw2, jw2, gw2) still run on the host.
 """
 from __future__ import annotations
 
+__all__ = ["pairwise_bytes"]
+
 
 def pairwise_bytes(name: str, n: int) -> int:
     """Bytes of n×n buffers for term ``name`` at batch ``n`` (0 for linear-memory terms).

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from ._base import metric, sqdist
 
+__all__ = ["mmd_linear", "median_bandwidth", "mmd_rbf", "cmmd_rbf"]
+
 
 @metric("mmd_linear", label="MMD (linear)")
 def mmd_linear(student_feats: Tensor, teacher_feats: Tensor, labels=None, student_logits=None,

@@ -11,6 +11,8 @@ import math
 
 from torch import nn
 
+__all__ = ["init_like_authors"]
+
 
 def init_like_authors(model: nn.Module, linear: str | float = "default") -> None:
     """Initialise ``model`` in place.

@@ -21,6 +21,8 @@ from .authors_init import init_like_authors
 from .registry import register_family
 from .stage_info import Stage
 
+__all__ = ["conv3x3", "BasicBlock", "CifarResNet", "THIN", "WIDE", "CIFAR_RESNETS"]
+
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)

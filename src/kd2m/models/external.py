@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
+__all__ = ["PREFIXES", "is_external", "build_external", "classifier_width", "describe_external"]
+
 PREFIXES = ("timm:", "torchvision:")
 
 

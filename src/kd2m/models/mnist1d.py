@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from .registry import register_model
 from .stage_info import Stage
 
+__all__ = ["CHANNELS", "HIDDEN", "conv_length", "MNIST1DConvNet", "MNIST1DMLP", "mnist1d_cnn", "mnist1d_mlp"]
+
 CHANNELS = 25
 HIDDEN = 100
 

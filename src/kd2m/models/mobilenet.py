@@ -23,6 +23,8 @@ from .authors_init import init_like_authors
 from .registry import register_model
 from .stage_info import Stage
 
+__all__ = ["STAGES", "LAST_CHANNELS", "STAGE_BLOCKS", "conv_bn_relu", "InvertedResidual", "MobileNetV2", "mobilenet_v2"]
+
 #: (expansion t, output channels c, blocks n, first stride s) before width scaling.
 STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 LAST_CHANNELS = 1280

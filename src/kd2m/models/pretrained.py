@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+__all__ = ["NESTED_KEYS", "SHOWN", "weights_identity", "load_pretrained"]
+
 #: Wrapper keys under which checkpoints commonly nest the weights.
 NESTED_KEYS = ("model", "state_dict")
 SHOWN = 5  # how many offending keys an error message lists

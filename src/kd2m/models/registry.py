@@ -30,6 +30,8 @@ from torch import nn
 
 from ..registry import registrar
 
+__all__ = ["register_family", "available_models", "build_model", "describe_models"]
+
 Builder = Callable[..., nn.Module]
 _MODELS: dict[str, Builder] = {}
 

@@ -14,6 +14,8 @@ from torchvision.models import resnet34 as tv_resnet34
 
 from .registry import register_model
 
+__all__ = ["FEATURE_DIM", "resnet18", "resnet34", "cifar_resnet18", "cifar_resnet34"]
+
 FEATURE_DIM = 512
 
 

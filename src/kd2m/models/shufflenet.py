@@ -26,6 +26,9 @@ from torch.nn import functional as F
 from .registry import register_model
 from .stage_info import Stage
 
+__all__ = ["STEM", "channel_shuffle", "ShuffleV1Bottleneck", "ShuffleNetV1", "ShuffleV2Block", "ShuffleV2DownBlock",
+           "ShuffleNetV2", "shuffle_v1", "shuffle_v2"]
+
 STEM = 24
 
 

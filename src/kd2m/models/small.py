@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from .registry import register_model
 from .stage_info import Stage
 
+__all__ = ["FEATURE_DIM", "MAX_GRID", "DigitsCNN", "DigitsMLP", "digits_cnn", "digits_mlp"]
+
 FEATURE_DIM = 64
 MAX_GRID = 4  # the CNN's conv map is pooled to at most 4×4 before its linear layer
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+__all__ = ["Stage", "stages"]
+
 
 @dataclass(frozen=True)
 class Stage:

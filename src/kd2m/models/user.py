@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+__all__ = ["is_user_factory", "load_factory", "build_user"]
+
 #: ``package.module:factory``: dotted module path, a colon, a Python name
 _PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 #: prefixes kd2m reads itself (``timm:NAME`` is not a module called timm)

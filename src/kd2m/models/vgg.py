@@ -24,6 +24,8 @@ from .authors_init import init_like_authors
 from .registry import register_family
 from .stage_info import Stage
 
+__all__ = ["VGG_CONFIGS", "FEATURE_DIM", "CifarVGG"]
+
 #: Per-block conv widths (RepDistiller's ``cfg`` "S" and "B").
 VGG_CONFIGS = {"vgg8": [[64], [128], [256], [512], [512]],
                "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]}

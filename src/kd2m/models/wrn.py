@@ -24,6 +24,8 @@ from .authors_init import init_like_authors
 from .registry import register_family
 from .stage_info import Stage
 
+__all__ = ["WideBasicBlock", "NetworkBlock", "WideResNet", "WIDE_RESNETS"]
+
 
 class WideBasicBlock(nn.Module):
     """Pre-activation block: ``conv2(relu(bn2(conv1(a)))) + shortcut`` with ``a = relu(bn1(x))``.

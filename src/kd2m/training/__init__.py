@@ -11,3 +11,5 @@
   + Σ_k λ_k·term_k``, used by training, λ calibration and the preflight, and the epoch's
   on-device tally.
 """
+
+__all__ = []

@@ -36,6 +36,8 @@ from ..errors import ConfigError
 from ..runtime import fork_rng, to_device
 from .build import IndexedDataset
 
+__all__ = ["CALIBRATION_BATCHES", "MAX_AUTO_SCALE", "calibrate", "grad_norm"]
+
 #: training batches the calibration averages over
 CALIBRATION_BATCHES = 4
 #: The largest λ multiplier calibration gives. A term whose pull at initialisation is under a

@@ -20,6 +20,9 @@ from ..catalog import CE, TEACHER
 from ..catalog import UNITS as DISTANCE_UNITS
 from ..features import PENULTIMATE
 
+__all__ = ["SCHEDULES", "UNITS", "TERM_KEYS", "TermConfig", "Method", "parse_schedule", "distinct_labels", "term_label",
+           "method_label", "term_from_entry", "parse_weight", "cache_problem"]
+
 #: how λ_k moves over the epochs (per term), after the optional warm-up; ``cosine_after:E`` (E an
 #: epoch) keeps λ until epoch E, then decays it to 0 along a half cosine (WKD's ``COSINE_DECAY_EPOCH``)
 SCHEDULES = ("constant", "linear_up", "linear_down", "cosine_after:E")

@@ -29,6 +29,8 @@ from ..metrics._base import at_least_float32
 from ..runtime import autocast
 from .head import FusedHead
 
+__all__ = ["StepOutputs", "TermFailure", "Step", "zero_nonfinite_gradients", "EpochTally"]
+
 
 @dataclass
 class StepOutputs:

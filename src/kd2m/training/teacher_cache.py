@@ -40,6 +40,9 @@ from ..features import FeatureTap
 from ..losses.sparse_teacher import SparseTeacher, check_k
 from ..runtime import autocast, progress, to_device
 
+__all__ = ["view_seed", "FixedViews", "ViewSampler", "SparseTable", "bytes_per_token", "TeacherCache",
+           "build_teacher_cache"]
+
 _M64 = 2**64 - 1
 
 
