@@ -200,3 +200,19 @@ def test_intervals_quoted_beside_an_experiment_s_tables_are_the_runs(folder):
         assert quoted, path
         for q in quoted:
             assert q.replace("−", "-") in table, f"{path.relative_to(ROOT)}: {q} is not in results.md"
+
+
+def test_every_source_or_test_file_the_docs_name_exists():
+    """A path like `kd2m/harness/grid.py` or `tests/unit/...py` in the README, the docs pages, the
+    configs' comments or CONTRIBUTING names a file of this checkout (the how-to's example of a new
+    file, `losses/mine.py`, aside)."""
+    texts = [README, ROOT / "CONTRIBUTING.md", *(ROOT / "docs").glob("**/*.md"), *(ROOT / "configs").glob("**/*.yaml")]
+    missing = set()
+    for path in texts:
+        if "_build" in path.parts or "_generated" in path.parts:
+            continue
+        for found in re.findall(r"(?:src/)?(?:kd2m|tests)/[\w/]+\.py", path.read_text()):
+            file = ROOT / found if found.startswith(("src/", "tests/")) else ROOT / "src" / found
+            if not file.exists() and not found.endswith("losses/mine.py"):
+                missing.add(f"{path.relative_to(ROOT)}: {found}")
+    assert sorted(missing) == []
