@@ -29,7 +29,8 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 # pages that other pages include (the registries' tables, the experiments' tables): not pages of their own
-exclude_patterns = ["_build", "api/_autosummary_templates", "_generated/terms.md", "_generated/digits_*.md"]
+exclude_patterns = ["_build", "api/_autosummary_templates", "_generated/terms.md", "_generated/*_results.md", "_generated/*_env.md",
+                    "_generated/digits_headline.md"]
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 
