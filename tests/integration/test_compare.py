@@ -88,3 +88,21 @@ def test_a_settings_difference_names_the_nested_entry_that_differs():
     terms = [{"term": "dkd", "options": {"beta": 8}}]
     assert settings_difference({"terms": terms}, {"terms": [{"term": "dkd", "options": {"beta": 2}}]},
                                own=frozenset()) == ["terms[0].options.beta 8 vs 2"]
+
+
+def test_a_top_k_student_compares_with_the_ce_only_student_that_reads_no_teacher():
+    # the CE-only student records no teacher settings; every one that only a teacher-reading run
+    # records (teacher_topk included) is left out of the comparison, as the grid's own table does
+    from types import SimpleNamespace
+
+    from kd2m.harness.config import RunConfig
+    from kd2m.harness.paired import settings_difference
+    from kd2m.training.methods import Method
+    from kd2m.training.state import TEACHER_SETTINGS, run_settings
+    cfg = RunConfig(dataset="python_docs", task="lm", teacher_topk=8, teacher_cache=1, metrics=[], baselines=["ce", "fkl"])
+    cfg = cfg.resolved()
+    fkl = next(m for m in cfg.methods() if m.key == "fkl")
+    with_teacher = run_settings(cfg, fkl, 0, 1, teacher=SimpleNamespace())
+    ce_only = run_settings(cfg, Method("ce"), 0, 1, teacher=SimpleNamespace())
+    assert set(with_teacher) - set(ce_only) <= TEACHER_SETTINGS | {"terms"}
+    assert with_teacher["teacher_topk"] == 8 and settings_difference(with_teacher, ce_only) == []

@@ -15,9 +15,10 @@ import math
 import statistics
 
 from ..catalog import CE, TEACHER
+from ..training.state import TEACHER_SETTINGS
 from .results import Figure, figure_of, label, per_seed_figures, table_order
 
-__all__ = ["summarize", "paired_delta", "verdict", "fmt_delta", "best_separated", "OWN_SETTINGS", "TEACHER_SETTINGS",
+__all__ = ["summarize", "paired_delta", "verdict", "fmt_delta", "best_separated", "OWN_SETTINGS",
            "settings_difference", "seeds_for_power"]
 
 
@@ -138,8 +139,6 @@ def best_separated(rows: list[dict], stats: list[dict] | None = None,
 OWN_SETTINGS = frozenset({"terms", "ce_weight", "seed", "auto_every"})
 
 
-TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "pretrained_teacher", "teacher_lr",
-                              "match", "teacher_cache"})
 
 
 def settings_difference(a: dict, b: dict, own: frozenset = OWN_SETTINGS) -> list[str]:

@@ -14,7 +14,13 @@ from .. import distributed as dist_ctx
 from ..errors import ConfigError
 from ..models.pretrained import weights_identity
 
-__all__ = ["run_settings", "check_settings", "make_optimizer", "make_scheduler", "rng_state", "set_rng_state"]
+__all__ = ["TEACHER_SETTINGS", "run_settings", "check_settings", "make_optimizer", "make_scheduler", "rng_state", "set_rng_state"]
+
+
+#: the settings :func:`run_settings` records only for a run that reads a teacher (the CE-only
+#: student has none of them): a comparison of such a run with one that reads none skips them
+TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "pretrained_teacher", "teacher_lr",
+                              "match", "teacher_cache", "teacher_topk"})
 
 
 def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int | None = None) -> dict:
