@@ -111,7 +111,7 @@ def terms_page() -> str:
 #: the experiment folders whose tables the results pages show (under ``experiments/`` at the
 #: repository's root): each gives ``_generated/NAME_results.md`` (its ``results.md``) and
 #: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``)
-EXPERIMENTS = ("digits", "mnist1d-swept")
+EXPERIMENTS = ("digits", "mnist1d-swept", "lm-smollm2")
 
 
 def headline(name: str):
