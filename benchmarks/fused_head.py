@@ -41,7 +41,6 @@ from host_memory import reset_peak, status_kib
 from table_output import emit
 
 VOCABS = (49_152, 128_256)
-DIVERGENCES = ("fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd")
 MiB = 2**20
 
 
@@ -168,6 +167,7 @@ def error_table(tokens: int, vocab: int, ks: list[int]) -> list[str]:
     import torch
 
     from kd2m import losses
+    from kd2m.losses.fused_head import DIVERGENCES
     from kd2m.losses.sparse_teacher import SparseTeacher
     g = torch.Generator().manual_seed(1)
     h = torch.randn(tokens, 64, generator=g, dtype=torch.float64)

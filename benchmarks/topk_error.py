@@ -22,7 +22,7 @@ from pathlib import Path
 
 from table_output import emit
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd")
+from kd2m.losses.fused_head import DIVERGENCES  # the six token divergences a top-k teacher serves
 
 
 def load_pair(grid: Path, student: str, seed: int):
@@ -62,16 +62,15 @@ def sums(teacher, student, bundle, tokens: int, ks: list[int], blocks_at_once: i
             lp_t, lp_s = torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)
             entropy -= float((lp_t.exp() * lp_t).sum())
             batch = {}  # this block's means, weighted by its positions below
-            add = batch.__setitem__
             for name in DIVERGENCES:
-                add((name, None, "full"), losses.get(name)(student_logits=zs, teacher_logits=zt))
+                batch[name, None, "full"] = losses.get(name)(student_logits=zs, teacher_logits=zt)
             for k in ks:
                 sparse = SparseTeacher.from_logits(zt, k)
                 for name in DIVERGENCES:
-                    add((name, k, "ghost"), losses.get(name)(student_logits=zs, teacher_logits=sparse))
+                    batch[name, k, "ghost"] = losses.get(name)(student_logits=zs, teacher_logits=sparse)
                 q = sparse.logprobs - sparse.logprobs.logsumexp(-1, keepdim=True)  # renormalised top k
-                add(("fkl", k, "dropped"), (q.exp() * (q - lp_s.gather(-1, sparse.ids))).sum(-1).mean())
-                add(("mass", k, "kept"), sparse.logprobs.exp().sum(-1).mean())
+                batch["fkl", k, "dropped"] = (q.exp() * (q - lp_s.gather(-1, sparse.ids))).sum(-1).mean()
+                batch["mass", k, "kept"] = sparse.logprobs.exp().sum(-1).mean()
             for key, value in batch.items():
                 total[key] = total.get(key, 0.0) + float(value) * n
             seen += n

@@ -109,6 +109,14 @@ def fail_writes(monkeypatch, match, fail_on=2):
     return calls
 
 
+def python_docs_text(path, chars: int = 6000):
+    """Write the first ``chars`` characters of Python's own documentation (``pydoc_data``'s topics,
+    in key order: real English with code, the same on every run) to ``path``; returns ``path``."""
+    from pydoc_data.topics import topics
+    path.write_text("".join(topics[k] for k in sorted(topics))[:chars])
+    return path
+
+
 def load_benchmark(name):
     """``benchmarks/NAME.py`` as a module, with benchmarks/ on sys.path as ``python benchmarks/NAME.py``
     has it (for its sibling helpers, e.g. host_memory), whichever test loads a benchmark first."""

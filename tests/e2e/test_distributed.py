@@ -180,9 +180,8 @@ def test_torchrun_two_processes_on_a_language_model_through_the_fused_head(tmp_p
     """A causal LM student under torchrun trains through the fused head (its cross-entropy and
     forward KL from its hidden states and output layer) against a top-k teacher cache that each
     rank builds half of, with a distance on the hidden states matched over the global batch."""
-    from pydoc_data.topics import topics
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(topics[k] for k in sorted(topics))[:8000])
+    from helpers import python_docs_text
+    corpus = python_docs_text(tmp_path / "corpus.txt", 8000)
     out = tmp_path / "ddp_lm"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

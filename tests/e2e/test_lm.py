@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kd2m import losses
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, python_docs_text
 
 pytest.importorskip("transformers")
 
@@ -203,9 +203,7 @@ def test_text_is_packed_into_blocks_with_a_deterministic_held_out_split(tmp_path
 
 
 def _tiny_lm_config(tmp_path, **extra) -> Path:
-    from pydoc_data.topics import topics
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(topics[k] for k in sorted(topics))[:24_000])   # real text, ~290 blocks of 80 bytes
+    corpus = python_docs_text(tmp_path / "corpus.txt", 24_000)   # real text, ~290 blocks of 80 bytes
     cfg = {"task": "lm", "dataset": f"text:{corpus}", "image_size": 80, "epochs": 1, "teacher_epochs": 2, "seeds": [0],
            "teacher_options": {"n_layer": 2, "n_embd": 32, "n_head": 2},
            "student_options": {"n_layer": 1, "n_embd": 16, "n_head": 2},

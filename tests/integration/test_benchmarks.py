@@ -242,10 +242,8 @@ def test_compare_grids_pairs_one_method_across_two_grids(tmp_path, capsys):
 def test_topk_error_is_zero_at_the_whole_vocabulary_and_a_lower_bound_below_it(tmp_path, capsys):
     # a tiny byte-level grid (vocabulary 257): at k = V the sparse teacher is the full one; below it,
     # merging the tail into one ghost token can only lower an f-divergence (error ≥ 0)
-    from helpers import run_cli
-    corpus = tmp_path / "corpus.txt"
-    from pydoc_data.topics import topics
-    corpus.write_text("".join(topics[k] for k in sorted(topics))[:6000])
+    from helpers import python_docs_text, run_cli
+    corpus = python_docs_text(tmp_path / "corpus.txt", 6000)
     grid = tmp_path / "grid"
     rc, _, err = run_cli(["run", "--task", "lm", "--dataset", f"text:{corpus}", "--baselines", "ce", "--metrics", "",
                           "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--image-size", "16",

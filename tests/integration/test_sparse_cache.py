@@ -18,6 +18,8 @@ from kd2m.models import build_model
 from kd2m.training.teacher import CachedTeacher, teacher_cache
 from kd2m.training.teacher_cache import FixedViews, SparseTable, build_teacher_cache
 
+from helpers import python_docs_text
+
 pytest.importorskip("transformers")
 
 V, L = 31, 8
@@ -139,9 +141,7 @@ def test_what_cannot_read_a_top_k_cache_is_refused_in_the_config():
 
 
 def _corpus_config(tmp_path, **extra):
-    from pydoc_data.topics import topics
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(topics[k] for k in sorted(topics))[:6_000])
+    corpus = python_docs_text(tmp_path / "corpus.txt", 6_000)
     cfg = {"task": "lm", "dataset": f"text:{corpus}", "image_size": 40, "epochs": 1, "teacher_epochs": 1,
            "seeds": [0], "teacher_options": {"n_layer": 1, "n_embd": 16, "n_head": 2},
            "student_options": {"n_layer": 1, "n_embd": 8, "n_head": 2}, "select_k": "none",

@@ -11,23 +11,17 @@ import torch
 pytest.importorskip("transformers")
 
 
-from helpers import one_line_exit_2, run_cli
+from helpers import one_line_exit_2, python_docs_text, run_cli
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 TINY_HF = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
-
-
-def _corpus(path, chars=6000):
-    from pydoc_data.topics import topics
-    path.write_text("".join(topics[k] for k in sorted(topics))[:chars])   # real text, ~350 blocks of 17 bytes
-    return path
 
 
 def _config(tmp_path, **extra):
     """A tiny lm grid: 16-token blocks, one-layer GPT-2s of width 16, one epoch, the CE student."""
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
-        _corpus(corpus)
+        python_docs_text(corpus)
     cfg = {"task": "lm", "dataset": f"text:{corpus}", "image_size": 16, "epochs": 1, "teacher_epochs": 1,
            "seeds": [0], "teacher_options": TINY, "student_options": TINY, "metrics": [], "baselines": ["ce"],
            "parallel": 1, "progress": False, "diagnostics": False, "out": str(tmp_path / "out"), **extra}
@@ -66,10 +60,10 @@ def test_edited_text_is_other_settings_not_the_old_teacher(tmp_path, capsys):
     cfg = _config(tmp_path)
     rc, _, err = _kd2m(capsys, "bench", cfg)
     assert rc == 0, err
-    _corpus(tmp_path / "corpus.txt", chars=7000)            # the same name, other text
+    python_docs_text(tmp_path / "corpus.txt", chars=7000)            # the same name, other text
     rc, _, err = _kd2m(capsys, "bench", cfg)
     assert rc == 2 and "other settings" in err and "text" in err, err
-    _corpus(tmp_path / "corpus.txt")                        # the first text again: the grid's runs are its own
+    python_docs_text(tmp_path / "corpus.txt")                        # the first text again: the grid's runs are its own
     rc, _, err = _kd2m(capsys, "bench", cfg)
     assert rc == 0, err
     final = json.loads((tmp_path / "out/teacher/seed0/final.json").read_text())

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from helpers import one_line_exit_2, run_cli  # noqa: E402 (after the optional imports' skips)
+from helpers import one_line_exit_2, python_docs_text, run_cli  # noqa: E402 (after the optional imports' skips)
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 MERGES = ["Ġ t", "e r", "Ġ a", "i n", "o n"]
@@ -71,12 +71,6 @@ def write_gguf(path, arch="llama", layers=2, hidden=16, heads=2, ff=32, context=
     return path
 
 
-def _corpus(path, chars=6000):
-    from pydoc_data.topics import topics
-    path.write_text("".join(topics[k] for k in sorted(topics))[:chars])
-    return path
-
-
 def _kd2m(capsys, *args):
     """``kd2m ARGS`` in this process: (exit status, stdout, stderr)."""
     return run_cli(args, capsys)
@@ -86,7 +80,7 @@ def _lm_run(tmp_path, teacher, *extra, seeds="0,1"):
     """``kd2m run`` of a tiny lm grid distilling from the pretrained ``teacher`` (no teacher epoch)."""
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
-        _corpus(corpus)
+        python_docs_text(corpus)
     return ["run", "--task", "lm", "--dataset", f"text:{corpus}", "--pretrained-teacher", teacher,
             "--teacher-epochs", "0", "--baselines", "ce,fkl", "--metrics", "", "--epochs", "1", "--seeds", seeds,
             "--image-size", "16", "--batch-size", "16", "--parallel", "1", "--no-progress",
