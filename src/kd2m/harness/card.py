@@ -194,14 +194,24 @@ def _layers(term, models, entry: dict, user: RunConfig, given_keys: set) -> str:
             sides.append(("(default; the data is not here to resolve it)", "default"))
         else:
             sides.append(("+".join(default_layers(models[k], models[2], term)), "default"))
-    rule = {"intermediate_stages": "stages after the stem", "hint": "stage 2 (hint)",
-            "last_stage": "last stage"}[term.spec.layers] if term.spec.needs_maps else \
-        ("last post-activation map" if term.unit == "spatial" else "last hidden states, per token"
-         if term.uses_maps else PENULTIMATE)
     text = f"{sides[0][0]} ← {sides[1][0]}"
     if "default" in (sides[0][1], sides[1][1]):
-        return text + f" ({rule}: default)"
+        return text + f" ({_default_rule(term)}: default)"
     return text + f" ({sides[0][1]})"
+
+
+def _default_rule(term) -> str:
+    """What a term reads where no layer is named: its authors' stages (map terms), the last map
+    (unit spatial), the last hidden states token by token (tokens, sequence), else the pooled
+    penultimate features."""
+    if term.spec.needs_maps:
+        return {"intermediate_stages": "stages after the stem", "hint": "stage 2 (hint)",
+                "last_stage": "last stage"}[term.spec.layers]
+    if term.unit == "spatial":
+        return "last post-activation map"
+    if term.uses_maps:
+        return "last hidden states, per token"
+    return PENULTIMATE
 
 
 def _recipe(user: RunConfig, cfg: RunConfig, given: set, sweep) -> list[str]:
