@@ -5,7 +5,7 @@ nothing here imports the rest of kd2m.
 from __future__ import annotations
 
 __all__ = ["TEACHER", "CE", "PAPER_METRICS", "BASELINE_ORDER", "EVAL_BATCH_SIZE", "EVAL_LOGITS_MIB", "UNITS",
-           "PER_POSITION_UNITS"]
+           "PER_POSITION_UNITS", "TEACHER_SETTINGS"]
 
 #: Method key of a grid's teacher runs (also their directory name under ``--out``).
 TEACHER = "teacher"
@@ -33,3 +33,9 @@ UNITS = ("batch", "spatial", "sequence", "tokens", "class")
 #: The units whose samples are positions of a map or tokens: their distances read raw
 #: per-position features (maps ``(n, c, h, w)`` or tokens ``(n, L, d)``), not pooled ones.
 PER_POSITION_UNITS = ("spatial", "sequence", "tokens")
+
+#: The run settings recorded only for a run that reads a teacher (the CE-only student has none of
+#: them; :func:`kd2m.training.state.run_settings` writes them): a comparison of such a run with one
+#: that reads none skips them (:func:`kd2m.harness.paired.settings_difference`).
+TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "pretrained_teacher", "teacher_lr",
+                              "match", "teacher_cache", "teacher_topk"})

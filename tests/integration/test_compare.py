@@ -95,10 +95,11 @@ def test_a_top_k_student_compares_with_the_ce_only_student_that_reads_no_teacher
     # records (teacher_topk included) is left out of the comparison, as the grid's own table does
     from types import SimpleNamespace
 
+    from kd2m.catalog import TEACHER_SETTINGS
     from kd2m.harness.config import RunConfig
     from kd2m.harness.paired import settings_difference
     from kd2m.training.methods import Method
-    from kd2m.training.state import TEACHER_SETTINGS, run_settings
+    from kd2m.training.state import run_settings
     cfg = RunConfig(dataset="python_docs", task="lm", teacher_topk=8, teacher_cache=1, metrics=[], baselines=["ce", "fkl"])
     cfg = cfg.resolved()
     fkl = next(m for m in cfg.methods() if m.key == "fkl")

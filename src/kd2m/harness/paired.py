@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from ..catalog import CE, TEACHER
-from ..training.state import TEACHER_SETTINGS
+from ..catalog import CE, TEACHER, TEACHER_SETTINGS
 from .results import Figure, figure_of, label, per_seed_figures, table_order
 
 __all__ = ["summarize", "paired_delta", "verdict", "fmt_delta", "best_separated", "OWN_SETTINGS",

@@ -14,13 +14,7 @@ from .. import distributed as dist_ctx
 from ..errors import ConfigError
 from ..models.pretrained import weights_identity
 
-__all__ = ["TEACHER_SETTINGS", "run_settings", "check_settings", "make_optimizer", "make_scheduler", "rng_state", "set_rng_state"]
-
-
-#: the settings :func:`run_settings` records only for a run that reads a teacher (the CE-only
-#: student has none of them): a comparison of such a run with one that reads none skips them
-TEACHER_SETTINGS = frozenset({"teacher", "teacher_options", "teacher_epochs", "pretrained_teacher", "teacher_lr",
-                              "match", "teacher_cache", "teacher_topk"})
+__all__ = ["run_settings", "check_settings", "make_optimizer", "make_scheduler", "rng_state", "set_rng_state"]
 
 
 def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int | None = None) -> dict:
@@ -35,7 +29,7 @@ def run_settings(cfg, method, seed: int, epochs: int, teacher=None, threads: int
          "lr_schedule": cfg.lr_schedule, "lr_milestones": cfg.lr_milestones, "lr_gamma": cfg.lr_gamma,
          "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "amp": cfg.amp, "seed": seed,
          "world_size": dist_ctx.world_size(), "image_size": cfg.image_size}
-    if teacher is not None and method.uses_teacher:
+    if teacher is not None and method.uses_teacher:  # the keys of catalog.TEACHER_SETTINGS
         s.update(teacher=cfg.teacher, teacher_options=cfg.teacher_options, teacher_epochs=cfg.teacher_epochs,
                  pretrained_teacher=_weights_id(cfg.pretrained_teacher), teacher_lr=cfg.teacher_lr,
                  match=cfg.match, terms=[t.describe() for t in method.terms])
