@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     debug = args.debug or os.environ.get("KD2M_DEBUG") == "1"
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # restored on the way out: a caller in the same process (a notebook, pytest) keeps its own SIGTERM handling
+    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"run": cmd_run, "bench": cmd_run, "report": cmd_report, "bound": cmd_bound,
                "table": cmd_table, "compare": cmd_compare, "metrics": cmd_metrics}[args.command]
     try:
@@ -238,6 +239,8 @@ def main(argv=None) -> int:
         msg = one_line(str(e)) or type(e).__name__
         print(f"kd2m: error: {msg}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, TypeError, OSError, KeyError)) else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -163,3 +163,23 @@ def test_error_messages_are_capped(capsys, monkeypatch):
     code, _, err = run_cli(["metrics"], capsys)
     line = one_line_error(code, err, "seeds: got [x, x")
     assert code == 2 and len(line) <= len("kd2m: error: ") + 300 and line.endswith("…")
+
+
+def test_main_gives_the_callers_sigterm_handler_back(capsys):
+    """`main` handles SIGTERM only while it runs: a caller in the same process (pytest, a notebook)
+    finds its own handler in place afterwards, after a success and after an error alike."""
+    import signal
+
+    from kd2m.harness.cli import main
+
+    def own(signum, frame):
+        pass
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        assert main(["metrics"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+        assert main(["compare", "/nonexistent/run-dir", "a:b"]) == 2
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    capsys.readouterr()
