@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from kd2m.atomic_io import read_json
+from kd2m.atomic_io import atomic_write_text, read_json
 from kd2m.catalog import CE, TEACHER
 from kd2m.harness.paired import fmt_delta, paired_delta, settings_difference, verdict
 from kd2m.harness.results import figure_of, label, per_seed_figures, read_reported
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--methods", help="comma list (default: every method both grids hold, CE and teacher aside)")
+    p.add_argument("--out", help="also write the Markdown table to this file (it writes nothing else)")
     args = p.parse_args(argv)
     rows_a, rows_b = read_reported(args.a)[0], read_reported(args.b)[0]
     fig = figure_of(rows_a)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{label(m)} seed {s} was trained with other settings in the two grids "
                                      f"({'; '.join(diff)}), not only another λ: its runs cannot be paired")
     better = fig.higher_is_better
-    print("| method | A − B | A − CE | B − CE |\n|---|---|---|---|")
+    lines = ["| method | A − B | A − CE | B − CE |", "|---|---|---|---|"]
     per_seed = {s: [] for s in shared}
     mean_a, mean_b = [], []
     for m in methods:
@@ -96,15 +97,19 @@ def main(argv=None) -> int:
         ma = {s: a[m][s] for s in shared if s in a[m] and s in b[m]}
         mb = {s: b[m][s] for s in ma}
         da, db = paired_delta(ma, a[CE], better), paired_delta(mb, b[CE], better)
-        print(f"| {label(m)} | {fmt(paired_delta(ma, mb, better))} | {fmt(da)} | {fmt(db)} |")
+        lines.append(f"| {label(m)} | {fmt(paired_delta(ma, mb, better))} | {fmt(da)} | {fmt(db)} |")
         for s in ma:
             per_seed[s].append(ma[s] - mb[s])
         mean_a.append(da["delta"])
         mean_b.append(db["delta"])
     whole = {s: statistics.fmean(v) for s, v in per_seed.items() if len(v) == len(methods)}
-    print(f"\nmean over the {len(methods)} methods of A − B, per seed ({len(whole)} seeds): "
-          + fmt(paired_delta(whole, {s: 0.0 for s in whole}, better)))
-    print(f"mean Δ vs CE: A {statistics.fmean(mean_a):+.2f}, B {statistics.fmean(mean_b):+.2f}")
+    lines += ["", f"mean over the {len(methods)} methods of A − B, per seed ({len(whole)} seeds): "
+              + fmt(paired_delta(whole, {s: 0.0 for s in whole}, better)), "",
+              f"mean Δ vs CE: A {statistics.fmean(mean_a):+.2f}, B {statistics.fmean(mean_b):+.2f}"]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        atomic_write_text(args.out, text)
     return 0
 
 

@@ -226,8 +226,9 @@ def test_compare_grids_pairs_one_method_across_two_grids(tmp_path, capsys):
             (tmp_path / name / r["run_dir"]).mkdir(parents=True)
             (tmp_path / name / r["run_dir"] / "final.json").write_text(json.dumps({"settings": {"epochs": 1}}))
         (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
-    assert load("compare_grids").main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert load("compare_grids").main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab.md")]) == 0
     out = capsys.readouterr().out
+    assert (tmp_path / "ab.md").read_text() == out  # --out keeps what was printed
     d = [1.0, 3.0, 0.0]  # A − B in points
     half = stats.t.ppf(0.975, 2) * (sum((x - 4 / 3) ** 2 for x in d) / 2) ** 0.5 / 3 ** 0.5
     assert f"| CW2 (E) | +1.33 [{4 / 3 - half:+.2f}, {4 / 3 + half:+.2f}] |" in out
