@@ -136,6 +136,10 @@ def test_what_cannot_read_a_top_k_cache_is_refused_in_the_config():
              ).resolved()
     with pytest.raises(ConfigError, match="teacher_topk: must be an integer ≥ 1"):
         _cfg(teacher_topk=0).resolved()
+    # a named student's distance with no unit (so unit batch) is refused for its unit, the real
+    # problem, not for reading the full logits (which only its unit batch made it do)
+    with pytest.raises(ConfigError, match="students: pooled: w2 has unit batch"):
+        _cfg(baselines=["ce"], metrics=[], students={"pooled": [{"term": "w2"}]}).resolved()
     # the six divergences and the distances per token read it
     _cfg(baselines=["ce", "fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd"], metrics=["gauss_w2"]).resolved()
 

@@ -40,8 +40,8 @@ def resolve(c) -> None:
     _scale_warmups(c)
     _check_ce_weights(c)
     _check_methods(c, cache_by_default)
+    _check_lm(c)  # before the top-k check: a distance's unit decides whether it reads the full logits
     _check_topk(c)
-    _check_lm(c)
 
 
 def _check_dataset(c) -> None:
