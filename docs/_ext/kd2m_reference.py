@@ -6,6 +6,9 @@
   (:mod:`kd2m.harness.recipes`);
 - ``_generated/terms.md``: the distances and the field's methods, from the term and metric
   registries' own facts;
+- ``_generated/crd_pairs.md``: the CIFAR-100 protocol's per-pair settings, from ``configs/crd/``;
+- ``_generated/NAME_selected.md``: the K of ``weight: auto`` a pilot grid chose, per term, with
+  every candidate's holdout score (``select-k/selected.json``);
 - ``_generated/digits_headline.md``, and for every folder of :data:`EXPERIMENTS`
   ``_generated/NAME_results.md`` and ``_generated/NAME_env.md``: an experiment's headline table,
   its full table and where it ran, from the tool's own files in ``experiments/NAME/``
@@ -108,10 +111,50 @@ def terms_page() -> str:
     return "\n".join(out) + "\n"
 
 
+#: what a CRD-protocol config's comments say when a value is not the authors' own for that pair
+NO_WKD_CONFIG, NO_LS_RUN = "ships no config for this pair", "it logs no run of this pair"
+
+
+def crd_pairs_page(root: Path) -> str:
+    """The per-pair settings of ``configs/crd/*.yaml``, read from the configs themselves: the
+    student's lr, DKD's β, and the LS and WKD students' values; ``\\*`` where WKD ships no config
+    for the pair, ``\\*\\*`` where logit standardization logs no run of it (the configs' comments)."""
+    import yaml
+
+    from kd2m import losses
+    dkd_beta = dict(losses.spec("dkd").defaults)["beta"]  # a config that sets no β runs the registered default
+
+    def g(*values) -> str:
+        return ", ".join(f"{v:g}" for v in values)
+    rows = []
+    for path in sorted((root / "configs" / "crd").glob("*.yaml")):
+        text = path.read_text()
+        c = yaml.safe_load(text)
+        wkd = "\\*" if NO_WKD_CONFIG in " ".join(text.split()) else ""
+        ls = "\\*\\*" if NO_LS_RUN in " ".join(text.split()) else ""
+        students, options = c["students"], c.get("term_options", {})
+        kd, dkd = students["ls_kd"][0], students["ls_dkd"][0]["options"]
+        wl, lf = students["wkd_l"][1], students["wkd_l+wkd_f"]
+        wf = options["wkd_f"]
+        cells = [g(c["lr"]), g(options.get("dkd", {}).get("beta", dkd_beta)),
+                 g(kd["options"]["temperature"], kd["weight"]) + ls,
+                 g(dkd["temperature"], dkd["alpha"], dkd["beta"] / dkd["alpha"]) + ls,
+                 g(wl["weight"], wl["options"]["temperature"]) + wkd,
+                 g(c["weights"]["wkd_f"], wf["mean_cov_ratio"], wf["spatial_grid"]) + wkd,
+                 f"{g(lf[1]['weight'], lf[1]['options']['temperature'])}; "
+                 f"{g(lf[2]['weight'], lf[2]['options']['mean_cov_ratio'], lf[2]['options']['spatial_grid'])}" + wkd]
+        rows.append((-c["lr"], f"| {c['teacher']} → {c['student']} | " + " | ".join(cells) + " |"))
+    head = ["| teacher → student | lr | DKD β | LS-KD T, w | LS-DKD T, w, β | WKD-L γ, T | WKD-F λ, ratio, grid | "
+            "WKD-L+F γ, T; λ, ratio, grid |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + [row for _, row in sorted(rows, key=lambda r: r[0])]) + "\n"
+
+
 #: the experiment folders whose tables the results pages show (under ``experiments/`` at the
 #: repository's root): each gives ``_generated/NAME_results.md`` (its ``results.md``) and
 #: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``)
 EXPERIMENTS = ("digits", "mnist1d-swept", "lm-smollm2")
+#: the experiments whose λ were chosen by a pilot grid (``select-k/``): ``_generated/NAME_selected.md``
+SELECTED: tuple[str, ...] = ()
 
 
 def headline(name: str):
@@ -143,14 +186,42 @@ def env_line(name: str):
     return page
 
 
+def selected_k_page(name: str):
+    """The K each term's pilot grid chose (``select-k/selected.json``, written by the grid) and the
+    mean holdout score of every candidate K, the chosen one in bold."""
+    def page(root: Path) -> str:
+        import json
+
+        from kd2m.harness.results import label
+        chosen = json.loads((root / "experiments" / name / "select-k" / "selected.json").read_text())
+        ks = [f"{k:g}" for k in chosen["candidates"]]
+        percent = all(v is None or v <= 1 for c in chosen["chosen"].values() for v in c["means"].values())
+        figure = "holdout accuracy (%)" if percent else "holdout perplexity"
+
+        def cell(c, k):
+            v = c["means"].get(k)
+            text = "diverged" if v is None else f"{100 * v:.2f}" if percent else f"{v:.3f}"
+            return f"**{text}**" if k == f"{c['k']:g}" else text
+        out = [f"| term | K chosen | {' | '.join(f'K = {k}' for k in ks)} |", "|---|---|" + "---|" * len(ks)]
+        for term, c in chosen["chosen"].items():
+            out.append(f"| {label(term)} | {c['k']:g} | {' | '.join(cell(c, k) for k in ks)} |")
+        seeds = ", ".join(map(str, chosen["seeds"]))
+        return ("\n".join(out) + f"\n\nMean {figure} over the selection seeds {seeds}, on a holdout of "
+                f"{chosen['holdout']:g} of the training split (K = 0: the CE-only student; "
+                f"`select-k/selected.json`).\n")
+    return page
+
+
 #: every generated page (``_generated/NAME.md``) and what writes it from the repository's root
 PAGES = {
     "cli": lambda root: cli_page(),
     "config": lambda root: config_page(),
     "terms": lambda root: terms_page(),
+    "crd_pairs": crd_pairs_page,
     "digits_headline": headline("digits"),
     **{f"{name}_results": results_page(name) for name in EXPERIMENTS},
     **{f"{name}_env": env_line(name) for name in EXPERIMENTS},
+    **{f"{name}_selected": selected_k_page(name) for name in SELECTED},
 }
 
 
