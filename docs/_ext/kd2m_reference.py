@@ -152,9 +152,9 @@ def crd_pairs_page(root: Path) -> str:
 #: the experiment folders whose tables the results pages show (under ``experiments/`` at the
 #: repository's root): each gives ``_generated/NAME_results.md`` (its ``results.md``) and
 #: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``)
-EXPERIMENTS = ("digits", "digits-default-kernels", "mnist1d-swept", "lm-smollm2")
+EXPERIMENTS = ("digits", "digits-default-kernels", "mnist1d-auto", "mnist1d-swept", "lm-smollm2")
 #: the experiments whose λ were chosen by a pilot grid (``select-k/``): ``_generated/NAME_selected.md``
-SELECTED: tuple[str, ...] = ()
+SELECTED = ("mnist1d-auto",)
 
 
 def headline(name: str):
@@ -193,7 +193,10 @@ def selected_k_page(name: str):
         import json
 
         from kd2m.harness.results import label
-        chosen = json.loads((root / "experiments" / name / "select-k" / "selected.json").read_text())
+        folder = root / "experiments" / name
+        chosen = json.loads((folder / "select-k" / "selected.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        order = [*config["metrics"], *config["baselines"]]  # the grid's own order, as results.md lists them
         ks = [f"{k:g}" for k in chosen["candidates"]]
         percent = all(v is None or v <= 1 for c in chosen["chosen"].values() for v in c["means"].values())
         figure = "holdout accuracy (%)" if percent else "holdout perplexity"
@@ -203,7 +206,7 @@ def selected_k_page(name: str):
             text = "diverged" if v is None else f"{100 * v:.2f}" if percent else f"{v:.3f}"
             return f"**{text}**" if k == f"{c['k']:g}" else text
         out = [f"| term | K chosen | {' | '.join(f'K = {k}' for k in ks)} |", "|---|---|" + "---|" * len(ks)]
-        for term, c in chosen["chosen"].items():
+        for term, c in sorted(chosen["chosen"].items(), key=lambda kv: order.index(kv[0])):
             out.append(f"| {label(term)} | {c['k']:g} | {' | '.join(cell(c, k) for k in ks)} |")
         seeds = ", ".join(map(str, chosen["seeds"]))
         return ("\n".join(out) + f"\n\nMean {figure} over the selection seeds {seeds}, on a holdout of "
