@@ -54,6 +54,20 @@ def test_k_0_reports_the_student_the_pilot_scored(off_grid):
     assert kd["test_acc"] == ce["test_acc"]
 
 
+def test_a_grid_run_again_for_some_terms_keeps_the_other_terms_choice(off_grid, tmp_path):
+    """More seeds of a few students, into the same directory (a grid of a subset of its terms):
+    selected.json kept only that subset's choice, and the record of the others was lost."""
+    import shutil
+    again = tmp_path / "g"
+    shutil.copytree(off_grid, again)
+    cfg, out = _write(tmp_path, "metrics: [cw2]\nbaselines: [ce]\nweight: auto\nselect_k: [0, 1000000]\n")
+    assert out == again
+    assert main(["bench", str(cfg)]) == 0
+    chosen = json.loads((again / "select-k/selected.json").read_text())["chosen"]
+    assert set(chosen) == {"cw2", "kd"} and chosen["kd"]["k"] == 0
+    assert chosen == json.loads((off_grid / "select-k/selected.json").read_text())["chosen"]
+
+
 @pytest.mark.parametrize("weight, sweep, lam", [("auto", "auto_weight=0.3,3", (1.0, True)),
                                                 ("0.05", "weight=0.01,0.1", (0.05, False))])
 def test_a_sweep_of_lambda_trains_a_named_student_at_its_own_lambda(tmp_path, weight, sweep, lam):

@@ -19,7 +19,8 @@ nothing (``auto`` is then ``auto*1``: the calibration of :mod:`kd2m.training.aut
    random stream: then it differs by that only), so a term that helps at no K is not forced on
    the student; a term chosen at K = 0 then trains as that student (CE at weight 1, whatever the
    term's own CE weight). Named students are never chosen for (``auto`` is ``auto*1`` there).
-   Written to ``select-k/selected.json`` with every K's mean;
+   Written to ``select-k/selected.json`` with every K's mean (a later grid of some of the terms, on the
+   same holdout, seeds and candidates, keeps the others' choice there);
 3. **reported grid**: the configuration as given, each of those terms at its ``auto*K``, on the
    reported seeds (which must not overlap the selection seeds).
 
@@ -34,7 +35,7 @@ import math
 from pathlib import Path
 
 from .. import distributed as dist_ctx
-from ..atomic_io import atomic_write_json
+from ..atomic_io import atomic_write_json, read_json
 from ..catalog import CE
 from ..errors import ConfigError, NonFiniteLossError
 from ..training.methods import parse_weight
@@ -193,8 +194,8 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
     rows = read_reported(pilot_out)[0]
     chosen = choose(rows, names, values, list(seeds))
     if dist_ctx.is_main():
-        atomic_write_json(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
-                                                      "candidates": [float(v) for v in values], "chosen": chosen})
+        _record_choice(pilot_out / SELECTED_JSON, {"holdout": pilot.holdout, "seeds": list(seeds),
+                                                   "candidates": [float(v) for v in values], "chosen": chosen})
     lost = [n for n, c in chosen.items() if c is None]
     if lost:
         raise NonFiniteLossError(f"select_k: every K diverged in the pilot grid for {', '.join(lost)} "
@@ -205,6 +206,17 @@ def select_k(cfg: RunConfig, names: list[str], values: list[float], seeds: list[
                 " (the smallest candidate above 0: smaller K were not tried)" if 0 < c["k"] == min(values) else "")
         log(f"kd2m: {n}: {cells} → auto*{c['k']:g}{edge}")
     return chosen
+
+
+def _record_choice(path: Path, record: dict) -> None:
+    """Write ``record`` to ``selected.json``, keeping the choices already there for other terms when
+    they were made on the same holdout, seeds and candidates: a grid run again into the directory
+    for a subset of its terms (more seeds of a few students) would otherwise erase the record of
+    the rest, whose pilot runs are still there and whose choice still holds."""
+    earlier = read_json(path) if path.exists() else None
+    if isinstance(earlier, dict) and all(earlier.get(key) == record[key] for key in ("holdout", "seeds", "candidates")):
+        record = {**record, "chosen": {**earlier.get("chosen", {}), **record["chosen"]}}
+    atomic_write_json(path, record)
 
 
 def with_chosen(cfg: RunConfig, chosen: dict) -> RunConfig:
