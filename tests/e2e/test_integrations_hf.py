@@ -121,6 +121,29 @@ def _one_sgd_step(tmp_path, batch, accumulate):
     return {k: v.detach().clone() for k, v in student.named_parameters()}
 
 
+def test_max_grad_norm_clips_the_student_and_the_projectors_by_one_norm(tmp_path):
+    """One SGD step of lr η with max_grad_norm c, a distance whose projector maps the student's 16
+    features to the teacher's 32: the whole update, student and projector together, has norm η·c
+    (the gradient's norm is far above c here). The Trainer's own clipping took the student's alone,
+    so the projector stepped by its full gradient."""
+    student, teacher = _gpt2(1, 16, 0, dropout=0.0), _gpt2(2, 32, 1)
+    lr, clip = 0.5, 1e-3
+    args = _args(tmp_path, kd2m_terms=[{"term": "gauss_w2", "weight": 1.0, "unit": "tokens"}], max_steps=1,
+                 per_device_train_batch_size=4, optim="sgd", learning_rate=lr, lr_scheduler_type="constant",
+                 weight_decay=0.0, max_grad_norm=clip)
+    trainer = KD2MTrainer(model=student, args=args, train_dataset=_data(4), teacher=teacher)
+    before = {k: v.detach().clone() for k, v in student.named_parameters()}
+    proj = dict(trainer.distiller.named_parameters())
+    assert proj, "the widths differ: the term has a projector"
+    proj_before = {k: v.detach().clone() for k, v in proj.items()}
+    trainer.train()
+    step = [v.detach() - before[k] for k, v in student.named_parameters()]
+    proj_step = [v.detach() - proj_before[k] for k, v in proj.items()]
+    total = torch.sqrt(sum((d.double() ** 2).sum() for d in step + proj_step))
+    assert float(total) == pytest.approx(lr * clip, rel=1e-3)
+    assert float(torch.sqrt(sum((d.double() ** 2).sum() for d in proj_step))) > 0
+
+
 def test_gradient_accumulation_gives_the_gradient_of_one_batch(tmp_path):
     """2 micro-batches of 2 and one batch of 4 (equal lengths, no padding): one SGD step of
     0.5·CE + 2·fkl lands on the same weights."""
@@ -139,11 +162,11 @@ DDP_SCRIPT = textwrap.dedent('''
     from test_integrations_hf import _args, _data, _gpt2
     from kd2m.integrations.hf import KD2MTrainer
 
-    out, batch = sys.argv[1], int(sys.argv[2])
+    out, batch, clip = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     student, teacher = _gpt2(1, 16, 0, dropout=0.0), _gpt2(2, 32, 1)
     terms = [{"term": "fkl", "weight": 2.0}, {"term": "gauss_w2", "weight": 0.1, "unit": "tokens"}]
     args = _args(out, kd2m_terms=terms, max_steps=1, per_device_train_batch_size=batch, optim="sgd",
-                 learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                 learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=clip,
                  ddp_backend="gloo" if "RANK" in os.environ else None)
     trainer = KD2MTrainer(model=student, args=args, train_dataset=_data(4), teacher=teacher)
     seen = []   # the number of tokens the global distance is taken on, per call
@@ -171,9 +194,12 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_two_gloo_processes_train_as_one_process_on_the_doubled_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clip", ["0", "1"])
+def test_two_gloo_processes_train_as_one_process_on_the_doubled_batch(tmp_path, monkeypatch, clip):
     """torchrun, 2 ranks × 2 sequences vs 1 process × 4: CE + fkl + a global-batch distance
-    (its projector's gradient averaged over ranks) give the same weights after one SGD step."""
+    (its projector's gradient averaged over ranks) give the same weights after one SGD step, also
+    when max_grad_norm clips (1: below the gradient's norm here), student and projector together
+    by the norm of the averaged gradients."""
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TEST_DIR": str(Path(__file__).parent),
@@ -181,10 +207,10 @@ def test_two_gloo_processes_train_as_one_process_on_the_doubled_batch(tmp_path, 
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "two"), "2"]
+           str(tmp_path / "two"), "2", clip]
     ranks = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     monkeypatch.setenv("TEST_DIR", env["TEST_DIR"])
-    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one"), "4"])
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one"), "4", clip])
     runpy.run_path(str(script), run_name="__main__")   # the one process, here, while the ranks run
     _, err = ranks.communicate(timeout=300)
     assert ranks.returncode == 0, err[-3000:]

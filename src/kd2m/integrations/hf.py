@@ -32,7 +32,7 @@ How the pieces meet:
   :data:`DISTILLER_FILE` (in every checkpoint too) and loaded back by
   ``train(resume_from_checkpoint=…)``. Under torchrun their gradients are averaged over ranks
   before each optimiser step, as DDP does for the student's; ``max_grad_norm`` clips the
-  student's parameters only, as the Trainer does;
+  student's parameters and the projectors together, by one global norm;
 - gradient accumulation: the returned loss is already scaled for it (``loss_is_scaled_for_ga``):
   CE is weighted by this micro-batch's share of the kept tokens of the whole accumulated
   (and, with ``average_tokens_across_devices``, all ranks') batch, as the Trainer's own causal-LM
@@ -51,6 +51,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -196,16 +197,24 @@ class _DistillerCallback(TrainerCallback):
 
     def __init__(self, distiller: Distiller):
         self.distiller = distiller
+        self.averaged = False  # this step's gradients already averaged (before clipping)
+
+    def average(self) -> None:
+        """Average the Distiller's gradients over ranks, once per optimiser step."""
+        if not self.averaged:
+            dist_ctx.average_gradients(self.distiller)
+            self.averaged = True
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         epochs = max(math.ceil(state.num_train_epochs or args.num_train_epochs or 1), 1)
         self.distiller.set_epoch(min(int(state.epoch or 0), epochs - 1), epochs)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        dist_ctx.average_gradients(self.distiller)
+        self.average()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.distiller.zero_grad(set_to_none=True)
+        self.averaged = False
 
 
 class DistillerTrainerMixin:
@@ -214,6 +223,35 @@ class DistillerTrainerMixin:
     the optimiser, saved beside the student and restored on resume. Mixed in before the Trainer."""
 
     distiller: Distiller
+    _distiller_callback: _DistillerCallback
+
+    def _attach_distiller(self, distiller: Distiller) -> None:
+        """Own ``distiller``: its epoch, its gradients' averaging over ranks and clearing (a callback)."""
+        self.distiller = distiller
+        self._distiller_callback = _DistillerCallback(distiller)
+        self.add_callback(self._distiller_callback)
+        if self.args.max_grad_norm and any(True for _ in distiller.parameters()) and \
+                not hasattr(Trainer, "_clip_grad_norm"):  # older transformers clip inside the loop
+            warnings.warn(f"{type(self).__name__}: this transformers version clips the student's gradients only "
+                          "(max_grad_norm), not the terms' projectors'; upgrade transformers to clip both",
+                          stacklevel=3)
+
+    # -- clipping: one norm over everything the optimiser steps -----------------------------------
+    def _clip_grad_norm(self, model):
+        """``max_grad_norm`` over the student's parameters and the terms' projectors together, one
+        global norm, as if the projectors were part of the model (the Trainer's own clips the
+        model's alone, which left the projectors' steps unbounded and changed the ratio between
+        the two). The projectors' gradients are averaged over ranks first, so every rank takes
+        the same norm. Sharded set-ups (FSDP, DeepSpeed, …) keep the Trainer's own clipping."""
+        from accelerate.utils import DistributedType
+        projectors = [p for p in self.distiller.parameters() if p.grad is not None]
+        plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                      DistributedType.MULTI_GPU)
+        if not projectors or not plain:
+            return super()._clip_grad_norm(model)
+        self._distiller_callback.average()
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *projectors],
+                                                self.args.max_grad_norm)
 
     # -- the projectors' sizes ------------------------------------------------------------------
     def _example_ids(self, example) -> Tensor:
@@ -324,12 +362,11 @@ class KD2MTrainer(DistillerTrainerMixin, Trainer):
         self.student_lm = CausalLMLogits(self.model)
         self.teacher_lm = CausalLMLogits(teacher)
         with fork_rng(device):  # sizing the projectors must not shift what training draws
-            self.distiller = Distiller(self.student_lm, self.teacher_lm, parsed, example=ids,
-                                       ce_weight=float(ce_weight), task="lm")
+            self._attach_distiller(Distiller(self.student_lm, self.teacher_lm, parsed, example=ids,
+                                             ce_weight=float(ce_weight), task="lm"))
         self.last_output = None
         self._term_sums: dict = {}
         self._term_count = 0
-        self.add_callback(_DistillerCallback(self.distiller))
 
     # -- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,

@@ -41,7 +41,7 @@ except ImportError:
 
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
-from .hf import CausalLMLogits, DistillerTrainerMixin, _DistillerCallback, causal_targets, on_adapter, parse_term_list
+from .hf import CausalLMLogits, DistillerTrainerMixin, causal_targets, on_adapter, parse_term_list
 
 __all__ = ["KD2MGKDTrainer"]
 
@@ -83,13 +83,12 @@ class KD2MGKDTrainer(DistillerTrainerMixin, GKDTrainer):
         self.student_lm = CausalLMLogits(self.model)
         self.teacher_lm = CausalLMLogits(teacher)
         with fork_rng(device):  # sizing the projectors must not shift what training draws
-            self.distiller = Distiller(self.student_lm, self.teacher_lm, parsed, example=ids, ce_weight=0.0,
-                                       task="lm")
+            self._attach_distiller(Distiller(self.student_lm, self.teacher_lm, parsed, example=ids, ce_weight=0.0,
+                                             task="lm"))
         self.last_terms: dict = {}
         # the teacher's logits of GKD's own forward, for the terms that also take logits
         self._teacher_logits: list = [None]
         teacher.register_forward_hook(lambda module, args, out: self._teacher_logits.__setitem__(0, out.logits))
-        self.add_callback(_DistillerCallback(self.distiller))
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None):
