@@ -41,7 +41,8 @@ except ImportError:
 
 from ..runtime import fork_rng
 from ..training.distiller import Distiller, parse_terms
-from .hf import CausalLMLogits, DistillerTrainerMixin, causal_targets, on_adapter, parse_term_list
+from .distiller_trainer import DistillerTrainerMixin
+from .hf import CausalLMLogits, causal_targets, on_adapter, parse_term_list
 
 __all__ = ["KD2MGKDTrainer"]
 
