@@ -152,9 +152,9 @@ def crd_pairs_page(root: Path) -> str:
 #: the experiment folders whose tables the results pages show (under ``experiments/`` at the
 #: repository's root): each gives ``_generated/NAME_results.md`` (its ``results.md``) and
 #: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``)
-EXPERIMENTS = ("digits", "digits-default-kernels", "mnist1d-auto", "mnist1d-swept", "lm-smollm2")
+EXPERIMENTS = ("digits", "digits-default-kernels", "mnist1d-auto", "mnist1d-swept", "lm-bytes", "lm-smollm2")
 #: the experiments whose λ were chosen by a pilot grid (``select-k/``): ``_generated/NAME_selected.md``
-SELECTED = ("mnist1d-auto",)
+SELECTED = ("mnist1d-auto", "lm-bytes")
 
 
 def headline(name: str):
