@@ -130,8 +130,9 @@ def crd_pairs_page(root: Path) -> str:
     for path in sorted((root / "configs" / "crd").glob("*.yaml")):
         text = path.read_text()
         c = yaml.safe_load(text)
-        wkd = "\\*" if NO_WKD_CONFIG in " ".join(text.split()) else ""
-        ls = "\\*\\*" if NO_LS_RUN in " ".join(text.split()) else ""
+        words = " ".join(text.split())  # the comments' sentences, across their line breaks
+        wkd = "\\*" if NO_WKD_CONFIG in words else ""
+        ls = "\\*\\*" if NO_LS_RUN in words else ""
         students, options = c["students"], c.get("term_options", {})
         kd, dkd = students["ls_kd"][0], students["ls_dkd"][0]["options"]
         wl, lf = students["wkd_l"][1], students["wkd_l+wkd_f"]
@@ -149,12 +150,14 @@ def crd_pairs_page(root: Path) -> str:
     return "\n".join(head + [row for _, row in sorted(rows, key=lambda r: r[0])]) + "\n"
 
 
-#: the experiment folders whose tables the results pages show (under ``experiments/`` at the
-#: repository's root): each gives ``_generated/NAME_results.md`` (its ``results.md``) and
-#: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``)
-EXPERIMENTS = ("digits", "digits-default-kernels", "mnist1d-auto", "mnist1d-swept", "lm-bytes", "lm-smollm2")
-#: the experiments whose λ were chosen by a pilot grid (``select-k/``): ``_generated/NAME_selected.md``
-SELECTED = ("mnist1d-auto", "lm-bytes")
+#: the repository's ``experiments/`` folder: one folder per grid the pages quote
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+#: every experiment folder: each gives ``_generated/NAME_results.md`` (its ``results.md``) and
+#: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``); a new folder needs no entry here
+EXPERIMENTS = tuple(sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if p.is_dir()))
+#: the experiments whose λ were chosen by a pilot grid (``select-k/selected.json``):
+#: ``_generated/NAME_selected.md``
+SELECTED = tuple(n for n in EXPERIMENTS if (EXPERIMENTS_DIR / n / "select-k" / "selected.json").is_file())
 
 
 def headline(name: str):
@@ -192,24 +195,24 @@ def selected_k_page(name: str):
     def page(root: Path) -> str:
         import json
 
-        from kd2m.harness.results import label
+        from kd2m.harness.results import figure_of, label
         folder = root / "experiments" / name
         chosen = json.loads((folder / "select-k" / "selected.json").read_text())
         config = json.loads((folder / "config.json").read_text())
         order = [*config["metrics"], *config["baselines"]]  # the grid's own order, as results.md lists them
         ks = [f"{k:g}" for k in chosen["candidates"]]
-        percent = all(v is None or v <= 1 for c in chosen["chosen"].values() for v in c["means"].values())
-        figure = "holdout accuracy (%)" if percent else "holdout perplexity"
+        figure = figure_of(json.loads((folder / "select-k" / "results.json").read_text())["rows"])
+        places = 2 if figure.scale != 1 else 3  # percent as the tables print it; perplexity one place finer
 
         def cell(c, k):
             v = c["means"].get(k)
-            text = "diverged" if v is None else f"{100 * v:.2f}" if percent else f"{v:.3f}"
+            text = "diverged" if v is None else f"{figure.scale * v:.{places}f}"
             return f"**{text}**" if k == f"{c['k']:g}" else text
         out = [f"| term | K chosen | {' | '.join(f'K = {k}' for k in ks)} |", "|---|---|" + "---|" * len(ks)]
         for term, c in sorted(chosen["chosen"].items(), key=lambda kv: order.index(kv[0])):
             out.append(f"| {label(term)} | {c['k']:g} | {' | '.join(cell(c, k) for k in ks)} |")
         seeds = ", ".join(map(str, chosen["seeds"]))
-        return ("\n".join(out) + f"\n\nMean {figure} over the selection seeds {seeds}, on a holdout of "
+        return ("\n".join(out) + f"\n\nMean holdout {figure.name} over the selection seeds {seeds}, on a holdout of "
                 f"{chosen['holdout']:g} of the training split (K = 0: the CE-only student; "
                 f"`select-k/selected.json`).\n")
     return page

@@ -6,6 +6,7 @@ Convention: a ```python block preceded by the line ``<!-- test: run -->`` runs a
 with tiny stand-ins for the names a user brings (``student``, ``teacher``, ``loader``, ``opt``);
 other blocks are run by the tests named beside them on their pages, or are fragments.
 """
+import functools
 import re
 import sys
 import unicodedata
@@ -198,7 +199,7 @@ def test_readme_whats_inside_names_every_registered_distance_and_divergence():
 def test_intervals_quoted_beside_an_experiment_s_tables_are_the_runs(folder):
     """Every "Δ [low, high]" that the experiment's README quotes is in a table kd2m wrote into that
     folder (results.md, or a `kd2m compare --out` table; minus signs typeset either way)."""
-    tables = "\n".join(p.read_text() for p in folder.rglob("*.md") if p.name != "README.md").replace("−", "-")
+    tables = tool_tables((folder,))
     quoted = INTERVAL.findall((folder / "README.md").read_text())
     assert quoted, folder
     for q in quoted:
@@ -208,10 +209,11 @@ def test_intervals_quoted_beside_an_experiment_s_tables_are_the_runs(folder):
 INTERVAL = re.compile(r"[+−-]\d+\.\d\d \[[+−-]\d+\.\d\d, [+−-]\d+\.\d\d\]")
 
 
-def tool_tables() -> str:
-    """Every Markdown file the tool wrote into an experiment folder (results.md, `kd2m compare
+@functools.cache
+def tool_tables(folders: tuple[Path, ...] = tuple(EXPERIMENTS)) -> str:
+    """Every Markdown file the tool wrote into the experiment ``folders`` (results.md, `kd2m compare
     --out`, `kd2m bound`, `kd2m report`, the benchmarks' `--out`), minus signs typeset one way."""
-    return "\n".join(p.read_text() for folder in EXPERIMENTS for p in sorted(folder.rglob("*.md"))
+    return "\n".join(p.read_text() for folder in folders for p in sorted(folder.rglob("*.md"))
                      if p.name != "README.md").replace("−", "-")
 
 
