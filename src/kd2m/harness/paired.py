@@ -138,8 +138,6 @@ def best_separated(rows: list[dict], stats: list[dict] | None = None,
 OWN_SETTINGS = frozenset({"terms", "ce_weight", "seed", "auto_every"})
 
 
-
-
 def settings_difference(a: dict, b: dict, own: frozenset = OWN_SETTINGS) -> list[str]:
     """The settings two runs differ in, other than ``own`` (by default their methods' own: terms, CE
     weight, seed) and the teacher's settings where only one of them has a teacher:
