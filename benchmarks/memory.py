@@ -31,6 +31,7 @@ import sys
 import time
 
 from host_memory import reset_peak, status_kib
+from table_output import emit
 
 QUADRATIC = ["w2", "cw2", "jw2", "gw2", "sinkhorn", "mmd_rbf", "cmmd_rbf"]
 LINEAR = ["sliced_w2", "gauss_w2"]
@@ -138,10 +139,8 @@ def main(argv=None) -> int:
         line = f"| {name} | {peak} | {model:.0f} | {ratio} | {secs} |"
         lines.append(line)
         print(line, flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    if args.out:  # the rows were printed as they came
+        emit("\n".join(lines), args.out)
     return 0
 
 

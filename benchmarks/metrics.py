@@ -50,6 +50,7 @@ from collections.abc import Callable
 
 import ot
 import torch
+from table_output import emit
 
 from kd2m import metrics
 
@@ -286,11 +287,7 @@ def main(argv=None) -> int:
                 row = f"| {label} | {n} | {cells[0]} | {cells[1]} | {cells[2]} |"
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
-    table = header + "\n" + "\n".join(rows) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(table)
+    emit(header + "\n" + "\n".join(rows) + "\n", args.out)
     return 0
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from host_memory import reset_peak, status_kib
+from table_output import emit
 
 CASES = [("gauss_w2", {}), ("gauss_w2", {"diagonal": True}), ("mmd_rbf", {}), ("sliced_w2", {})]
 MiB = 2**20
@@ -92,11 +93,8 @@ def main(argv=None) -> None:
         rows.append(f"| {label} | {b['seconds']:.3f} | {lp['seconds']:.3f} | {lp['seconds'] / b['seconds']:.1f}× | "
                     f"{b['peak_mib']:.0f} | {lp['peak_mib']:.0f} |")
         print(rows[-1], flush=True)
-    text = "\n".join(rows)
-    print("\n" + text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    print()
+    emit("\n".join(rows), a.out)
 
 
 if __name__ == "__main__":
