@@ -25,7 +25,8 @@ import time
 from host_memory import reset_peak, status_kib
 from table_output import emit
 
-DEFAULT = ["fkl", "rkl", "jsd", "skew_kl", "skew_rkl", "tvd"]
+from kd2m.losses.fused_head import DIVERGENCES  # the six token divergences, one list for every benchmark
+
 MiB = 2**20
 
 
@@ -56,7 +57,7 @@ def measure(name: str, tokens: int, vocab: int, chunk: int) -> dict:
 
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--terms", default=",".join(DEFAULT))
+    p.add_argument("--terms", default=",".join(DIVERGENCES))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--chunk", type=int, default=None, help="positions per chunk of the chunked rows (default: "
