@@ -13,6 +13,7 @@ one run.
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def main(argv=None) -> str:
         for name, cmd in COMMANDS.items():
             times[name].append(seconds(cmd))
     ref = statistics.median(times[REFERENCE])
-    lines = [f"Start-up, median of {args.repeats} fresh interpreters (interleaved), {sys.executable}", "",
+    lines = [f"Start-up, median of {args.repeats} fresh interpreters (interleaved), "
+             f"Python {platform.python_version()}", "",
              "| command | median s | × the full import |", "|---|---|---|"]
     for name, ts in times.items():
         med = statistics.median(ts)
