@@ -131,6 +131,22 @@ def test_startup_benchmark_rows(tmp_path):
     assert (tmp_path / "s.md").read_text() == table
 
 
+def test_a_kept_table_carries_the_command_machine_and_load_it_ran_under(tmp_path, monkeypatch):
+    """``--out DIR/NAME.md`` writes ``DIR/NAME.env.json``: the grid's environment fields, the command as
+    run (script named from the repository's root), OMP_NUM_THREADS and the load before and after."""
+    import json
+    monkeypatch.setattr("sys.argv", ["/somewhere/benchmarks/startup.py", "--repeats", "1", "--out", "x.md"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "bench-x" / "startup.md"
+    load("startup").main(["--repeats", "1", "--out", str(out)])
+    env = json.loads((tmp_path / "bench-x" / "startup.env.json").read_text())
+    from kd2m.harness.environment import describe_environment
+    assert set(describe_environment()) < set(env)
+    assert env["command"] == "python benchmarks/startup.py --repeats 1 --out x.md"
+    assert env["omp_num_threads"] == "1" and env["wall_seconds"] > 0
+    assert env["load_average_1min_start"] >= 0 and env["load_average_1min_end"] >= 0
+
+
 def test_fused_head_benchmark_rows(tmp_path):
     """benchmarks/fused_head.py: an unfused and a fused measurement per vocabulary in fresh
     processes, and the sparse teacher's error per divergence, at tiny sizes."""
