@@ -13,6 +13,9 @@
   ``_generated/NAME_results.md`` and ``_generated/NAME_env.md``: an experiment's headline table,
   its full table and where it ran, from the tool's own files in ``experiments/NAME/``
   (:func:`kd2m.harness.results.read_summary`, ``results.md``, ``env.json``), never copied by hand.
+- ``_generated/FOLDER_NAME.md`` for every benchmark table ``experiments/FOLDER/NAME.md`` kept beside
+  its ``NAME.env.json``: the table as its script wrote it, then the command, machine and load it
+  ran under.
 
 Nothing here is typed twice: a new option, key or term appears on the next build.
 """
@@ -152,9 +155,14 @@ def crd_pairs_page(root: Path) -> str:
 
 #: the repository's ``experiments/`` folder: one folder per grid the pages quote
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-#: every experiment folder: each gives ``_generated/NAME_results.md`` (its ``results.md``) and
-#: ``_generated/NAME_env.md`` (where it ran, from its ``env.json``); a new folder needs no entry here
-EXPERIMENTS = tuple(sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if p.is_dir()))
+#: every grid's folder (it holds the grid's ``results.md``): each gives ``_generated/NAME_results.md``
+#: (its ``results.md``) and ``_generated/NAME_env.md`` (where it ran, from its ``env.json``); a new
+#: folder needs no entry here
+EXPERIMENTS = tuple(sorted(p.name for p in EXPERIMENTS_DIR.iterdir() if (p / "results.md").is_file()))
+#: every benchmark table kept as ``FOLDER/NAME.md`` beside the ``FOLDER/NAME.env.json`` its script wrote
+#: (``benchmarks/table_output.py``): each gives ``_generated/FOLDER_NAME.md``, the table and where it ran
+BENCHMARK_TABLES = tuple(sorted(f"{p.parent.name}/{p.name.removesuffix('.env.json')}"
+                                for p in EXPERIMENTS_DIR.glob("*/*.env.json")))
 #: the experiments whose λ were chosen by a pilot grid (``select-k/selected.json``):
 #: ``_generated/NAME_selected.md``
 SELECTED = tuple(n for n in EXPERIMENTS if (EXPERIMENTS_DIR / n / "select-k" / "selected.json").is_file())
@@ -186,6 +194,24 @@ def env_line(name: str):
         return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
                 f"`{env['cpu_capability']}` kernels, {threads} thread{'s' if threads != 1 else ''} per process, "
                 f"Python {env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
+    return page
+
+
+def benchmark_page(table: str):
+    """A benchmark's table as its script wrote it, then the command, machine and load it ran under."""
+    def page(root: Path) -> str:
+        import json
+        folder, name = table.split("/")
+        env = json.loads((root / "experiments" / folder / f"{name}.env.json").read_text())
+        threads = env["torch_threads"]
+        omp = f"OMP_NUM_THREADS={env['omp_num_threads']} " if env.get("omp_num_threads") else ""
+        commit = (env.get("git_commit") or "unknown")[:10]
+        text = (root / "experiments" / folder / f"{name}.md").read_text().rstrip("\n")
+        return (f"{text}\n\nMeasured by `{omp}{env['command']}` in {env['wall_seconds']:.0f} s on "
+                f"{env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
+                f"`{env['cpu_capability']}` kernels, {threads} thread{'s' if threads != 1 else ''}, commit {commit}; "
+                f"the machine's one-minute load average was {env['load_average_1min_start']:.2f} when it started "
+                f"and {env['load_average_1min_end']:.2f} when it ended (`{table}.env.json`, written by the script).\n")
     return page
 
 
@@ -228,6 +254,7 @@ PAGES = {
     **{f"{name}_results": results_page(name) for name in EXPERIMENTS},
     **{f"{name}_env": env_line(name) for name in EXPERIMENTS},
     **{f"{name}_selected": selected_k_page(name) for name in SELECTED},
+    **{table.replace("/", "_"): benchmark_page(table) for table in BENCHMARK_TABLES},
 }
 
 

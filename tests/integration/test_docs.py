@@ -147,7 +147,10 @@ def test_readme_headline_table_is_the_experiments_summary():
     assert f"| {best['label']} | {best['mean']:.2f} ± {best['std']:.2f} | {best['n']} | {best['delta']:+.2f} [" in text
 
 
-EXPERIMENTS = sorted(p for p in (ROOT / "experiments").iterdir() if p.is_dir())
+#: the grids kept as data (each folder holds the grid's results.md) and the benchmarks' folders (tables
+#: written by ``benchmarks/*.py --out``, each beside its NAME.env.json)
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").iterdir() if (p / "results.md").is_file())
+BENCHMARKS = sorted(p for p in (ROOT / "experiments").iterdir() if p.is_dir() and p not in EXPERIMENTS)
 
 
 @pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
@@ -217,12 +220,12 @@ def tool_tables(folders: tuple[Path, ...] = tuple(EXPERIMENTS)) -> str:
                      if p.name != "README.md").replace("−", "-")
 
 
-#: the one page allowed to quote figures that no experiment folder holds: the dated notes of how
-#: the λ rule was chosen, which tell what earlier grids gave
-HISTORY = DOCS / "history" / "choosing-lambda.md"
+#: the pages allowed to quote figures that no experiment folder holds: the dated notes of how the λ
+#: rule was chosen and of what earlier code measured, which tell what earlier runs gave
+HISTORY = tuple(sorted((DOCS / "history").glob("*.md")))
 
 
-@pytest.mark.parametrize("page", [p for p in pages() if p != HISTORY and p.parent.parent != ROOT / "experiments"],
+@pytest.mark.parametrize("page", [p for p in pages() if p not in HISTORY and p.parent.parent != ROOT / "experiments"],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_intervals_a_page_quotes_are_in_an_experiment_s_tables(page):
     """Every "Δ [low, high]" the README or a page of the site quotes is in a table the tool wrote
@@ -230,6 +233,82 @@ def test_intervals_a_page_quotes_are_in_an_experiment_s_tables(page):
     tables = tool_tables()
     for q in INTERVAL.findall(page.read_text()):
         assert q.replace("−", "-") in tables, f"{page.relative_to(ROOT)}: {q} is in no experiment's tables"
+
+
+def benchmark_tables(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.md") if p.name != "README.md")
+
+
+@pytest.mark.parametrize("folder", BENCHMARKS, ids=lambda p: p.name)
+def test_a_benchmark_folder_keeps_each_table_with_the_command_that_wrote_it(folder):
+    """Each kept benchmark table has the NAME.env.json its script wrote (benchmarks/table_output.py),
+    whose command names a script of this checkout and writes that very file, and the folder's README
+    gives that command as it ran."""
+    import json
+    readme = (folder / "README.md").read_text()
+    assert benchmark_tables(folder), folder
+    for table in benchmark_tables(folder):
+        env = json.loads(table.with_name(table.stem + ".env.json").read_text())
+        command = env["command"].split()
+        assert command[0] == "python" and (ROOT / command[1]).is_file() and command[1].startswith("benchmarks/")
+        assert command[command.index("--out") + 1] == f"experiments/{folder.name}/{table.name}"
+        omp = f"OMP_NUM_THREADS={env['omp_num_threads']} " if env["omp_num_threads"] else ""
+        assert omp + env["command"] in readme, f"{folder.name}/README.md does not give {table.name}'s command"
+        assert env["cpu_capability"] and env["git_commit"] and env["wall_seconds"] > 0
+
+
+def table_headers(text: str) -> set[str]:
+    """The header row of every Markdown table in ``text`` (the row above a ``|---`` line)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return {a for a, b in zip(lines, lines[1:]) if a.startswith("|") and b.startswith("|-")}
+
+
+def test_benchmark_tables_are_shown_from_their_files_never_typed():
+    """A page shows a benchmark's table through the site's generated copy of the kept file
+    (``_generated/FOLDER_NAME.md``), never typed out, and every kept table is shown somewhere."""
+    kept = {p: table_headers(p.read_text()) for folder in BENCHMARKS for p in benchmark_tables(folder)}
+    shown = "\n".join(p.read_text() for p in pages())
+    for table, headers in kept.items():
+        assert f"_generated/{table.parent.name}_{table.stem}.md" in shown, f"{table} is on no page"
+        for page in pages():
+            if page not in HISTORY:
+                typed = headers & table_headers(page.read_text())
+                assert not typed, f"{page.relative_to(ROOT)} types a table of {table.relative_to(ROOT)}"
+
+
+def ratio_cells(text: str) -> set[str]:
+    """The cells of every ratio column ("× plain", "ours/POT", "peak ratio", "speed-up", ...) of the
+    Markdown tables in ``text``, without their "×"."""
+    found: set[str] = set()
+    header: list[str] | None = None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells is None:
+            header = None
+        elif header is None:
+            header = cells
+        elif not set(line) <= set("|-: "):
+            found |= {c.rstrip("×") for h, c in zip(header, cells)
+                      if re.search(r"×|ratio|speed-up|ours/POT|model / peak", h)}
+    return found
+
+
+def test_ratios_a_page_quotes_beside_benchmark_tables_are_in_them():
+    """A page that shows benchmark tables quotes, in its own words, only ratios ("0.22×") that a ratio
+    column of those tables holds: the prose cannot drift from the numbers it reads."""
+    checked = 0
+    for page in pages():
+        text = page.read_text()
+        shown = re.findall(r"_generated/([a-z0-9-]+)_([\w-]+)\.md", text)
+        kept = [ROOT / "experiments" / folder / f"{name}.md" for folder, name in shown
+                if (ROOT / "experiments" / folder / f"{name}.env.json").is_file()]
+        if page in HISTORY or not kept:
+            continue
+        ratios = set().union(*(ratio_cells(p.read_text()) for p in kept))
+        for ratio in re.findall(r"(?<![\d.])(\d+\.\d+)×", text):
+            assert ratio in ratios, f"{page.relative_to(ROOT)}: {ratio}× is in no ratio column of the tables it shows"
+            checked += 1
+    assert checked
 
 
 def test_figures_on_the_site_are_an_experiment_s():
