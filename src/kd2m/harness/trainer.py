@@ -26,7 +26,7 @@ from .. import tasks, value_checks
 from ..atomic_io import atomic_write_json, atomic_write_text, load_checkpoint, read_json, save_checkpoint
 from ..data import dataset_labels
 from ..errors import ConfigError, NonFiniteLossError
-from ..runtime import amp_dtype, progress, seed_everything, to_device
+from ..runtime import amp_dtype, fork_rng, progress, seed_everything, to_device
 from ..training.auto_weight import calibrate
 from ..training.binding import bind_terms, wanted_layers
 from ..training.build import make_loaders
@@ -83,8 +83,15 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         example = self.bundle.train[0][0].unsqueeze(0).repeat(2, *([1] * self.bundle.train[0][0].dim()))
         example = to_device(example, device, cfg.channels_last)
-        self.terms = bind_terms(self.method, model, self.teacher, example, self.bundle.num_classes,
-                                len(self.bundle.train), cfg.match, dataset_labels(self.bundle.train))
+        # The terms' own parameters (a projector to the teacher's width) are drawn from the seed
+        # alone, aside from the run's stream: every rank starts from the same projector (its
+        # gradients are averaged, so it must start equal to stay equal), and the student draws
+        # the same dropout masks as the CE-only student of its seed, a term at weight 0 leaving it
+        # that student exactly.
+        with fork_rng():  # the CPU generator, where modules are initialised; a CUDA stream is left alone
+            torch.default_generator.manual_seed(self.seed)
+            self.terms = bind_terms(self.method, model, self.teacher, example, self.bundle.num_classes,
+                                    len(self.bundle.train), cfg.match, dataset_labels(self.bundle.train))
         for b in self.terms:
             b.module.to(device)
         self.views = 1
