@@ -186,14 +186,20 @@ def results_page(name: str):
     return page
 
 
+def machine(env: dict) -> str:
+    """The CPU, torch and its kernel path and the thread count of an ``env.json`` (a grid's or a
+    benchmark's), in words."""
+    threads = env["torch_threads"]
+    return (f"{env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
+            f"`{env['cpu_capability']}` kernels, {threads} thread{'s' if threads != 1 else ''}")
+
+
 def env_line(name: str):
     def page(root: Path) -> str:
         import json
         env = json.loads((root / "experiments" / name / "env.json").read_text())
-        threads = env["torch_threads"]
-        return (f"Measured on {env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
-                f"`{env['cpu_capability']}` kernels, {threads} thread{'s' if threads != 1 else ''} per process, "
-                f"Python {env['python_version']}, kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
+        return (f"Measured on {machine(env)} per process, Python {env['python_version']}, "
+                f"kd2m {env['kd2m_version']} (`env.json`, written by the run).\n")
     return page
 
 
@@ -203,13 +209,11 @@ def benchmark_page(table: str):
         import json
         folder, name = table.split("/")
         env = json.loads((root / "experiments" / folder / f"{name}.env.json").read_text())
-        threads = env["torch_threads"]
         omp = f"OMP_NUM_THREADS={env['omp_num_threads']} " if env.get("omp_num_threads") else ""
         commit = (env.get("git_commit") or "unknown")[:10]
         text = (root / "experiments" / folder / f"{name}.md").read_text().rstrip("\n")
         return (f"{text}\n\nMeasured by `{omp}{env['command']}` in {env['wall_seconds']:.0f} s on "
-                f"{env['cpu_model']} ({env['cpu_count']} CPUs), torch {env['torch_version']} on its "
-                f"`{env['cpu_capability']}` kernels, {threads} thread{'s' if threads != 1 else ''}, commit {commit}; "
+                f"{machine(env)}, commit {commit}; "
                 f"the machine's one-minute load average was {env['load_average_1min_start']:.2f} when it started "
                 f"and {env['load_average_1min_end']:.2f} when it ended (`{table}.env.json`, written by the script).\n")
     return page
