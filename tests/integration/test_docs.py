@@ -235,6 +235,12 @@ def test_intervals_a_page_quotes_are_in_an_experiment_s_tables(page):
         assert q.replace("−", "-") in tables, f"{page.relative_to(ROOT)}: {q} is in no experiment's tables"
 
 
+def env_path(table: Path) -> Path:
+    """Where ``benchmarks/table_output.py`` keeps the environment of the table at ``table``."""
+    from helpers import load_benchmark
+    return load_benchmark("table_output").env_path(table)
+
+
 def benchmark_tables(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.md") if p.name != "README.md")
 
@@ -248,7 +254,7 @@ def test_a_benchmark_folder_keeps_each_table_with_the_command_that_wrote_it(fold
     readme = (folder / "README.md").read_text()
     assert benchmark_tables(folder), folder
     for table in benchmark_tables(folder):
-        env = json.loads(table.with_name(table.stem + ".env.json").read_text())
+        env = json.loads(env_path(table).read_text())
         command = env["command"].split()
         assert command[0] == "python" and (ROOT / command[1]).is_file() and command[1].startswith("benchmarks/")
         assert command[command.index("--out") + 1] == f"experiments/{folder.name}/{table.name}"
@@ -300,8 +306,8 @@ def test_ratios_a_page_quotes_beside_benchmark_tables_are_in_them():
     for page in pages():
         text = page.read_text()
         shown = re.findall(r"_generated/([a-z0-9-]+)_([\w-]+)\.md", text)
-        kept = [ROOT / "experiments" / folder / f"{name}.md" for folder, name in shown
-                if (ROOT / "experiments" / folder / f"{name}.env.json").is_file()]
+        kept = [table for folder, name in shown
+                if env_path(table := ROOT / "experiments" / folder / f"{name}.md").is_file()]
         if page in HISTORY or not kept:
             continue
         ratios = set().union(*(ratio_cells(p.read_text()) for p in kept))

@@ -231,7 +231,7 @@ def test_ce_weight_scales_ce_in_the_loss_and_is_part_of_a_runs_settings(tmp_path
     assert "ce_weight 0.1 there, 0.2 now" in capsys.readouterr().err
 
 
-def _tiny_lm(tmp_path):
+def _lm_corpus(tmp_path):
     """A small text corpus: under the LM defaults a byte-level GPT-2 student (width 64, dropout on)
     learns it from a teacher of width 128, so its distances need a projector."""
     from helpers import python_docs_text
@@ -242,7 +242,7 @@ def test_a_distance_at_weight_0_leaves_the_ce_only_student_exactly(tmp_path, cap
     """A term's projector was initialised from the run's random stream, so a student with dropout drew
     other masks than the CE-only student of its seed: at weight 0 a W2 student ended 32.334 in
     perplexity where CE ended 32.379. Its weights are now the CE-only student's, bit for bit."""
-    corpus = _tiny_lm(tmp_path)
+    corpus = _lm_corpus(tmp_path)
     out = tmp_path / "grid"
     rc, _, err = run_cli(["run", "--task", "lm", "--dataset", f"text:{corpus}", "--baselines", "ce", "--metrics", "w2",
                           "--weight", "0", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1",
@@ -258,7 +258,7 @@ def test_every_rank_starts_from_the_same_projector(tmp_path, monkeypatch):
     """Under torchrun each rank seeds its stream with seed + 1000·rank, and the projector was drawn
     from it: each rank trained its own projector (their gradients are averaged, so they never met)."""
     from kd2m import distributed as dist_ctx
-    corpus = _tiny_lm(tmp_path)
+    corpus = _lm_corpus(tmp_path)
     cfg = RunConfig(task="lm", dataset=f"text:{corpus}", metrics=["w2"], baselines=[], weights={"w2": 1.0},
                     epochs=1, image_size=16, teacher_cache=0, progress=False).resolved()
     bundle = build_dataset(cfg.dataset, image_size=cfg.image_size, tokenizer=cfg.tokenizer)
